@@ -1,0 +1,1 @@
+"""Snakepit for Kubernetes."""

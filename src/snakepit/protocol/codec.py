@@ -1,0 +1,251 @@
+"""Value codec: Python values to and from the wire's typed ``Value`` message.
+
+Small values travel as JSON (the stdlib encoder, which writes NaN and +/-Infinity as the tokens
+``NaN``, ``Infinity`` and ``-Infinity`` and reads them back); bytes travel raw; tensors and
+embeddings from ``threshold`` bytes up travel as dtype + shape + little-endian C-order bytes and
+decode to a read-only numpy view of the received buffer, without a copy. Containers that hold
+bytes or arrays travel element by element so each element keeps its form. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidArgument
+from . import value_types as vt
+from .wire import (
+    WIRE_LEN,
+    WireMessage,
+    iter_fields,
+    read_packed_int64,
+    varint,
+)
+
+DEFAULT_BINARY_THRESHOLD = int(os.environ.get("SNAKEPIT_BINARY_THRESHOLD", 10 * 1024))
+
+# Value fields.
+_TYPE, _JSON, _TENSOR, _RAW, _LIST, _MAP = 1, 2, 3, 4, 5, 6
+# Tensor fields.
+_DTYPE, _SHAPE, _DATA = 1, 2, 3
+
+_JSON_ENCODER = json.JSONEncoder(allow_nan=True, separators=(",", ":"), default=None)
+
+
+class _NotJson(Exception):
+    """Raised from the JSON encoder's hook when a container must travel element by element."""
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic) and not isinstance(obj, np.complexfloating):
+        return obj.item()
+    raise _NotJson
+
+
+_CONTAINER_ENCODER = json.JSONEncoder(allow_nan=True, separators=(",", ":"), default=_json_default)
+
+
+def encode_value(value: Any, type_name: str | None = None, *, threshold: int | None = None) -> bytes:
+    """Serialise ``value`` as a ``snakepit.bridge.v1.Value`` message."""
+    return build_value(value, type_name, threshold).to_bytes()
+
+
+def build_value(value: Any, type_name: str | None = None, threshold: int | None = None) -> WireMessage:
+    """The ``Value`` message of ``value`` as chunks, for embedding in a larger message."""
+    if type_name is None:
+        type_name = vt.infer_type(value)
+    else:
+        value = vt.coerce(value, type_name)
+    limit = DEFAULT_BINARY_THRESHOLD if threshold is None else threshold
+    msg = WireMessage()
+    msg.add_str(_TYPE, type_name)
+    if type_name == vt.TENSOR or type_name == vt.EMBEDDING:
+        _add_array(msg, value, type_name, limit)
+    elif type_name == vt.BYTES:
+        msg.add_bytes(_RAW, bytes(value))
+    elif type_name == vt.LIST or type_name == vt.MAP:
+        _add_container(msg, value, type_name, limit)
+    elif type_name == vt.NULL:
+        msg.add_bytes(_JSON, b"null")
+    else:
+        if isinstance(value, np.generic):
+            value = value.item()
+        msg.add_bytes(_JSON, _JSON_ENCODER.encode(value).encode())
+    return msg
+
+
+def _add_array(msg: WireMessage, value: Any, type_name: str, threshold: int) -> None:
+    array = vt.tensor_array(value) if type_name == vt.TENSOR else vt.embedding_array(value)
+    if array.nbytes >= threshold or array.dtype.kind == "c":
+        msg.add_message(_TENSOR, tensor_message(array))
+    else:
+        payload = {"dtype": array.dtype.name, "shape": list(array.shape), "data": array.ravel().tolist()}
+        msg.add_bytes(_JSON, _JSON_ENCODER.encode(payload).encode())
+
+
+def tensor_message(array: np.ndarray) -> WireMessage:
+    """A ``Tensor`` message whose data chunk is a view of ``array`` when already in wire order."""
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    array = np.ascontiguousarray(array)
+    tensor = WireMessage()
+    tensor.add_str(_DTYPE, array.dtype.name)
+    if array.shape:
+        packed = b"".join(varint(dim) for dim in array.shape)
+        tensor.add_bytes(_SHAPE, packed)
+    data = memoryview(array).cast("B") if array.size else b""
+    tensor.add_bytes(_DATA, data)
+    return tensor
+
+
+def _add_container(msg: WireMessage, value: Any, type_name: str, threshold: int) -> None:
+    try:
+        msg.add_bytes(_JSON, _CONTAINER_ENCODER.encode(value).encode())
+        return
+    except _NotJson:
+        pass
+    except TypeError as exc:
+        raise InvalidArgument(f"cannot encode {type_name}: {exc}") from exc
+    body = WireMessage()
+    if type_name == vt.LIST:
+        for item in value:
+            body.add_message(1, build_value(item, None, threshold))
+        msg.add_message(_LIST, body)
+        return
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise InvalidArgument(f"map keys must be strings, got {type(key).__name__} {key!r}")
+        entry = WireMessage()
+        entry.add_str(1, key)
+        entry.add_message(2, build_value(item, None, threshold))
+        body.add_message(1, entry)
+    msg.add_message(_MAP, body)
+
+
+def decode_value(data: bytes | memoryview) -> Any:
+    """Decode a serialised ``Value``; arrays are read-only views of ``data``."""
+    buf = memoryview(data)
+    return read_value(buf, 0, len(buf))
+
+
+def read_value(buf: memoryview, start: int, stop: int) -> Any:
+    type_name = ""
+    kind = 0
+    p_start = p_stop = 0
+    for field, wire_type, a, b in iter_fields(buf, start, stop):
+        if wire_type != WIRE_LEN:
+            continue
+        if field == _TYPE:
+            type_name = str(buf[a:b], "utf-8")
+        elif _JSON <= field <= _MAP:
+            kind, p_start, p_stop = field, a, b
+    if not type_name:
+        raise InvalidArgument("malformed value: no type")
+    vt.check_type_name(type_name)
+    if kind == 0:
+        raise InvalidArgument(f"malformed value of type {type_name}: no payload")
+    if kind == _JSON:
+        return _from_json(buf[p_start:p_stop], type_name)
+    if kind == _RAW:
+        _expect(type_name, (vt.BYTES,), "raw")
+        return bytes(buf[p_start:p_stop])
+    if kind == _TENSOR:
+        _expect(type_name, (vt.TENSOR, vt.EMBEDDING), "tensor")
+        array = read_tensor(buf, p_start, p_stop)
+        return vt.embedding_array(array) if type_name == vt.EMBEDDING else array
+    if kind == _LIST:
+        _expect(type_name, (vt.LIST,), "list")
+        return [read_value(buf, a, b) for _, wt, a, b in iter_fields(buf, p_start, p_stop) if wt == WIRE_LEN]
+    _expect(type_name, (vt.MAP,), "map")
+    return dict(_read_map_entry(buf, a, b) for _, wt, a, b in iter_fields(buf, p_start, p_stop) if wt == WIRE_LEN)
+
+
+def _read_map_entry(buf: memoryview, start: int, stop: int) -> tuple[str, Any]:
+    key = ""
+    value_range: tuple[int, int] | None = None
+    for field, wire_type, a, b in iter_fields(buf, start, stop):
+        if wire_type != WIRE_LEN:
+            continue
+        if field == 1:
+            key = str(buf[a:b], "utf-8")
+        elif field == 2:
+            value_range = (a, b)
+    if value_range is None:
+        raise InvalidArgument(f"malformed value: map entry {key!r} has no value")
+    return key, read_value(buf, *value_range)
+
+
+def _expect(type_name: str, allowed: tuple[str, ...], payload: str) -> None:
+    if type_name not in allowed:
+        raise InvalidArgument(f"malformed value: type {type_name} cannot have a {payload} payload")
+
+
+def read_tensor(buf: memoryview, start: int, stop: int) -> np.ndarray:
+    dtype_name = ""
+    shape: list[int] = []
+    data = buf[0:0]
+    for field, wire_type, a, b in iter_fields(buf, start, stop):
+        if wire_type != WIRE_LEN:
+            continue
+        if field == _DTYPE:
+            dtype_name = str(buf[a:b], "utf-8")
+        elif field == _SHAPE:
+            shape = read_packed_int64(buf, a, b)
+        elif field == _DATA:
+            data = buf[a:b]
+    return array_from_buffer(dtype_name, shape, data)
+
+
+def array_from_buffer(dtype_name: str, shape: list[int], data: bytes | memoryview) -> np.ndarray:
+    if dtype_name not in vt.TENSOR_DTYPES:
+        raise InvalidArgument(f"malformed tensor: unknown dtype {dtype_name!r}")
+    if any(dim < 0 for dim in shape):
+        raise InvalidArgument(f"malformed tensor: negative extent in shape {shape}")
+    dtype = np.dtype(dtype_name).newbyteorder("<")
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise InvalidArgument(
+            f"malformed tensor: {len(data)} bytes of data, but shape {shape} of {dtype_name} "
+            f"needs {expected}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _from_json(payload: memoryview, type_name: str) -> Any:
+    try:
+        value = json.loads(bytes(payload))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"malformed value of type {type_name}: bad JSON payload ({exc})") from exc
+    if type_name == vt.TENSOR or type_name == vt.EMBEDDING:
+        return _array_from_json(value, type_name)
+    return vt.coerce(value, type_name, "value")
+
+
+def _array_from_json(value: Any, type_name: str) -> np.ndarray:
+    if not isinstance(value, Mapping) or not {"dtype", "shape", "data"} <= value.keys():
+        raise InvalidArgument(f"malformed {type_name}: JSON form needs dtype, shape and data")
+    dtype_name, shape, flat = value["dtype"], value["shape"], value["data"]
+    if dtype_name not in vt.TENSOR_DTYPES:
+        raise InvalidArgument(f"malformed {type_name}: unknown dtype {dtype_name!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise InvalidArgument(f"malformed {type_name}: shape must be a list of extents, got {shape!r}")
+    if not isinstance(flat, list) or len(flat) != math.prod(shape):
+        raise InvalidArgument(
+            f"malformed {type_name}: {len(flat) if isinstance(flat, list) else 'no'} elements "
+            f"for shape {shape}"
+        )
+    try:
+        array = np.array(flat, dtype=dtype_name).reshape(shape)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidArgument(f"malformed {type_name}: {exc}") from exc
+    return vt.embedding_array(array) if type_name == vt.EMBEDDING else array
+
+
+def encode_double(value: float) -> bytes:
+    return struct.pack("<d", value)

@@ -1,0 +1,96 @@
+"""Errors on the wire: a gRPC status code plus an ``ErrorDetail`` in trailing metadata.
+
+Servers turn exceptions into that pair with ``error_metadata``/``status_of``; clients turn it back
+into a ``snakepit.errors`` exception with ``error_from_rpc``. The router forwards trailing metadata
+unchanged, so a worker's error reaches the client as the worker raised it.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from ..bridge.v1 import bridge_pb2 as pb
+from ..errors import SnakepitError, error_class_for
+
+SESSION_ID_KEY = "snakepit-session-id"
+CORRELATION_ID_KEY = "snakepit-correlation-id"
+WORKER_ID_KEY = "snakepit-worker-id"
+ERROR_DETAIL_KEY = "snakepit-error-bin"
+
+Metadata = Sequence[tuple[str, str | bytes]]
+
+
+def detail_of(exc: BaseException, worker_id: str = "", *, with_traceback: bool = True) -> pb.ErrorDetail:
+    if isinstance(exc, SnakepitError):
+        return pb.ErrorDetail(
+            type=exc.remote_type or type(exc).__name__,
+            message=exc.message,
+            traceback=exc.remote_traceback or "",
+            worker_id=exc.worker_id or worker_id,
+            not_started=exc.not_started,
+        )
+    tb = "".join(traceback.format_exception(exc)) if with_traceback else ""
+    return pb.ErrorDetail(type=type(exc).__name__, message=str(exc), traceback=tb, worker_id=worker_id)
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    """The status code an exception travels with: its own for ours, INTERNAL for a tool's."""
+    if isinstance(exc, SnakepitError):
+        return exc.code
+    return grpc.StatusCode.INTERNAL
+
+
+def error_metadata(detail: pb.ErrorDetail) -> tuple[tuple[str, bytes]]:
+    return ((ERROR_DETAIL_KEY, detail.SerializeToString()),)
+
+
+def find_metadata(metadata: Any, key: str) -> str | bytes | None:
+    for item in metadata or ():
+        if item[0] == key:
+            return item[1]  # type: ignore[no-any-return]
+    return None
+
+
+def error_from_status(
+    code: grpc.StatusCode, details: str | None, trailing: Any, *, from_tool_default: bool = False
+) -> SnakepitError:
+    """Rebuild the exception a server raised from what crossed the wire."""
+    raw = find_metadata(trailing, ERROR_DETAIL_KEY)
+    detail = pb.ErrorDetail()
+    if isinstance(raw, bytes):
+        try:
+            detail.ParseFromString(raw)
+        except Exception:  # a garbled detail must not hide the status itself
+            detail.Clear()
+    from_tool = bool(detail.traceback) or from_tool_default
+    cls = error_class_for(code, from_tool=from_tool)
+    remote_type = detail.type or None
+    if remote_type == cls.__name__:
+        remote_type = None
+    return cls(
+        detail.message or details or code.name,
+        remote_type=remote_type,
+        remote_traceback=detail.traceback or None,
+        worker_id=detail.worker_id or None,
+        not_started=detail.not_started,
+        code=code,
+    )
+
+
+def error_from_rpc(exc: grpc.RpcError) -> SnakepitError:
+    """Turn a grpc (sync or aio) RpcError into the matching ``snakepit.errors`` exception."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    return error_from_status(code, details, trailing)
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, worker_id: str = "") -> None:
+    """End an aio call with ``exc``'s status code and its ErrorDetail; never returns."""
+    detail = detail_of(exc, worker_id, with_traceback=not isinstance(exc, SnakepitError))
+    context.set_trailing_metadata(error_metadata(detail))
+    await context.abort(status_of(exc), detail.message or type(exc).__name__)

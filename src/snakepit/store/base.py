@@ -1,0 +1,233 @@
+"""The session store contract every backend keeps (memory, Redis, remote through the router).
+
+Semantics shared by all backends, which the contract tests in ``tests/integration/test_store_*``
+hold them to:
+
+- A session has a sliding TTL: every operation on it (including reads of its variables) moves its
+  expiry to ``now + ttl``. When it expires, it and all its variables disappear together.
+- At most ``max_sessions`` live sessions; creating one more raises ResourceExhausted.
+- Every variable has a declared type (given, or inferred from its first value) and optional
+  constraints. A write that breaks them raises InvalidArgument and leaves the stored value as it was.
+- Every write bumps the variable's version by one; ``expected_version`` turns a write into a
+  compare-and-set that raises FailedPrecondition when the version moved.
+- Multi-variable writes are all-or-nothing. ``increment`` is atomic.
+- Operations on an unknown or expired session raise NotFound; an unknown variable raises NotFound.
+- A backend that cannot reach its server raises Unavailable, never returns stale or empty data.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from ..protocol import Constraints, from_pb, pb, to_pb
+from ..protocol.constraints import EMPTY
+
+DEFAULT_SESSION_TTL = 3600.0
+DEFAULT_MAX_SESSIONS = 10_000
+
+_EMPTY_MAP: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    session_id: str
+    created_at: float
+    last_accessed_at: float
+    expires_at: float
+    ttl_seconds: float
+    last_worker_id: str = ""
+    metadata: Mapping[str, str] = field(default_factory=lambda: _EMPTY_MAP)
+    variable_count: int = 0
+
+    def to_proto(self) -> pb.Session:
+        return pb.Session(
+            session_id=self.session_id,
+            created_at=self.created_at,
+            last_accessed_at=self.last_accessed_at,
+            expires_at=self.expires_at,
+            ttl_seconds=self.ttl_seconds,
+            last_worker_id=self.last_worker_id,
+            metadata=dict(self.metadata),
+            variable_count=self.variable_count,
+        )
+
+    @classmethod
+    def from_proto(cls, msg: pb.Session) -> SessionInfo:
+        return cls(
+            session_id=msg.session_id,
+            created_at=msg.created_at,
+            last_accessed_at=msg.last_accessed_at,
+            expires_at=msg.expires_at,
+            ttl_seconds=msg.ttl_seconds,
+            last_worker_id=msg.last_worker_id,
+            metadata=dict(msg.metadata),
+            variable_count=msg.variable_count,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    name: str
+    type: str
+    value: Any
+    version: int
+    created_at: float
+    updated_at: float
+    constraints: Constraints = EMPTY
+    metadata: Mapping[str, str] = field(default_factory=lambda: _EMPTY_MAP)
+
+    def to_proto(self) -> pb.Variable:
+        return pb.Variable(
+            name=self.name,
+            type=self.type,
+            value=to_pb(self.value, self.type),
+            constraints=self.constraints.to_proto(),
+            version=self.version,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            metadata=dict(self.metadata),
+        )
+
+    @classmethod
+    def from_proto(cls, msg: pb.Variable) -> Variable:
+        return cls(
+            name=msg.name,
+            type=msg.type,
+            value=from_pb(msg.value),
+            version=msg.version,
+            created_at=msg.created_at,
+            updated_at=msg.updated_at,
+            constraints=Constraints.from_proto(msg.constraints),
+            metadata=dict(msg.metadata),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class VariableChange:
+    """One entry of a session's change feed. ``kind``: "set", "deleted" or "expired"."""
+
+    session_id: str
+    name: str
+    kind: str
+    variable: Variable | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    backend: str
+    sessions: int
+    max_sessions: int
+    default_ttl: float
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class SessionStore(ABC):
+    """Sessions and their typed variables; see the module docstring for the shared semantics."""
+
+    backend: str = "abstract"
+
+    def __init__(
+        self,
+        *,
+        default_ttl: float = DEFAULT_SESSION_TTL,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        clock: Any = time.time,
+    ) -> None:
+        self.default_ttl = default_ttl
+        self.max_sessions = max_sessions
+        self.clock = clock
+
+    # Sessions ------------------------------------------------------------------------------
+    @abstractmethod
+    async def create_session(
+        self,
+        session_id: str | None = None,
+        *,
+        ttl: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        get_or_create: bool = False,
+    ) -> tuple[SessionInfo, bool]:
+        """Create a session (a random id when none is given); ``(info, created)``.
+
+        An existing id raises AlreadyExists unless ``get_or_create``, which returns it touched.
+        """
+
+    @abstractmethod
+    async def get_session(self, session_id: str) -> SessionInfo: ...
+
+    @abstractmethod
+    async def touch_session(self, session_id: str, *, worker_id: str | None = None) -> SessionInfo:
+        """Slide the session's expiry; record the worker that served it last when given."""
+
+    @abstractmethod
+    async def delete_session(self, session_id: str) -> bool: ...
+
+    @abstractmethod
+    async def list_sessions(self) -> list[SessionInfo]: ...
+
+    # Variables -----------------------------------------------------------------------------
+    @abstractmethod
+    async def register_variable(
+        self,
+        session_id: str,
+        name: str,
+        type_name: str,
+        value: Any,
+        *,
+        constraints: Constraints = EMPTY,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Variable:
+        """Declare (or re-declare) a variable's type and constraints, with its value."""
+
+    @abstractmethod
+    async def get_variable(self, session_id: str, name: str) -> Variable: ...
+
+    @abstractmethod
+    async def get_variables(self, session_id: str, names: Sequence[str]) -> dict[str, Variable]:
+        """Several variables in one round trip; NotFound names the first missing one."""
+
+    @abstractmethod
+    async def set_variable(
+        self,
+        session_id: str,
+        name: str,
+        value: Any,
+        *,
+        expected_version: int | None = None,
+        type_name: str | None = None,
+    ) -> Variable:
+        """Write a value. A missing variable is created with ``type_name`` or the inferred type."""
+
+    @abstractmethod
+    async def set_variables(self, session_id: str, values: Mapping[str, Any]) -> dict[str, Variable]:
+        """Write several values, all or none."""
+
+    @abstractmethod
+    async def delete_variable(self, session_id: str, name: str) -> bool: ...
+
+    @abstractmethod
+    async def list_variables(self, session_id: str) -> list[Variable]: ...
+
+    @abstractmethod
+    async def increment(self, session_id: str, name: str, by: int | float = 1) -> Variable:
+        """Atomically add ``by`` to a numeric variable (created as ``by`` when missing)."""
+
+    @abstractmethod
+    def watch(self, session_id: str, names: Sequence[str] | None = None) -> AsyncIterator[VariableChange]:
+        """Every change to the session's variables from now on, in order, until it ends."""
+
+    # Housekeeping ---------------------------------------------------------------------------
+    @abstractmethod
+    async def stats(self) -> StoreStats: ...
+
+    async def ping(self) -> None:
+        """Raise Unavailable when the store cannot be reached."""
+        await self.stats()
+
+    async def close(self) -> None:
+        return None
