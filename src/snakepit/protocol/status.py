@@ -94,3 +94,20 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
     detail = detail_of(exc, worker_id, with_traceback=not isinstance(exc, SnakepitError))
     context.set_trailing_metadata(error_metadata(detail))
     await context.abort(status_of(exc), detail.message or type(exc).__name__)
+
+
+_CONNECT_FAILURES = ("failed to connect", "connection refused", "connections to all backends failing")
+
+
+def never_started(error: SnakepitError) -> bool:
+    """True when the failed call certainly never ran, so sending it elsewhere is safe.
+
+    Either the server said so (``not_started``: draining, at its limit, unknown tool) or the
+    connection was never made. A call cut off mid-flight (the worker died while running it) is
+    not retried: running a tool twice is worse than one clear UNAVAILABLE.
+    """
+    if error.not_started:
+        return True
+    return error.code == grpc.StatusCode.UNAVAILABLE and any(
+        marker in error.message.lower() for marker in _CONNECT_FAILURES
+    )

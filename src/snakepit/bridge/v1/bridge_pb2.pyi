@@ -1093,11 +1093,12 @@ class ToolSpec(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     STREAMING_FIELD_NUMBER: _builtins.int
-    NEEDS_SESSION_FIELD_NUMBER: _builtins.int
+    USES_CONTEXT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
     streaming: _builtins.bool
-    needs_session: _builtins.bool
+    uses_context: _builtins.bool
+    """The tool takes a SessionContext (it may read session variables or call other tools)."""
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterSpec]: ...
     def __init__(
@@ -1107,11 +1108,11 @@ class ToolSpec(_message.Message):
         description: _builtins.str = ...,
         parameters: _abc.Iterable[Global___ParameterSpec] | None = ...,
         streaming: _builtins.bool = ...,
-        needs_session: _builtins.bool = ...,
+        uses_context: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "needs_session", b"needs_session", "parameters", b"parameters", "streaming", b"streaming"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters", b"parameters", "streaming", b"streaming", "uses_context", b"uses_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

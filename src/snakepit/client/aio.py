@@ -1,0 +1,217 @@
+"""The asyncio client: ``async with AsyncClient(target) as client: await client.execute(...)``.
+
+Same operations as ``Client`` (they are built by ``ops``); only the transport is grpc.aio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any, TypeVar
+
+import grpc
+
+from ..grpc_options import DEFAULT_MAX_MESSAGE_MB, channel_options
+from ..protocol import method_path
+from ..protocol.status import error_from_rpc, never_started
+from ..store.base import SessionInfo, Variable, VariableChange
+from . import ops
+from .direct import MAX_ATTEMPTS, DirectRoutes
+from .ops import MISSING, Op, ToolInfo
+
+T = TypeVar("T")
+
+
+class AsyncClient:
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        direct: bool = False,
+        timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+        binary_threshold: int | None = None,
+    ) -> None:
+        self.target = target
+        self.direct = direct
+        self.timeout = timeout
+        self.binary_threshold = binary_threshold
+        self._metadata = tuple((metadata or {}).items())
+        self._options = channel_options(max_message_mb)
+        self._channel = grpc.aio.insecure_channel(target, options=self._options)
+        self._worker_channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[tuple[int, str, bool], Any] = {}
+        self._routes: DirectRoutes | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for channel in self._worker_channels.values():
+            await channel.close()
+        await self._channel.close()
+
+    # Pool -----------------------------------------------------------------------------------
+    async def ping(self) -> dict[str, Any]:
+        return await self._send(ops.ping())
+
+    async def status(self) -> dict[str, Any]:
+        return await self._send(ops.pool_status())
+
+    async def routing_table(self) -> dict[str, Any]:
+        return ops.table_dict(await self._send(ops.routing_table()))
+
+    async def list_tools(self) -> list[ToolInfo]:
+        return await self._send(ops.list_tools())
+
+    # Tools ----------------------------------------------------------------------------------
+    async def execute(self, tool: str, /, *, args: Mapping[str, Any] | None = None, timeout: float | None = None, **kwargs: Any) -> Any:
+        return await self.call_tool(tool, ops.merge_arguments(args, kwargs), timeout=timeout)
+
+    def stream(self, tool: str, /, *, args: Mapping[str, Any] | None = None, timeout: float | None = None, **kwargs: Any) -> AsyncIterator[Any]:
+        return self._stream(ops.stream(tool, ops.merge_arguments(args, kwargs), threshold=self.binary_threshold), timeout)
+
+    async def call_tool(self, tool: str, arguments: Mapping[str, Any], *, session_id: str = "", timeout: float | None = None) -> Any:
+        return await self._send(ops.execute(tool, arguments, session_id, self.binary_threshold), timeout)
+
+    # Sessions -------------------------------------------------------------------------------
+    async def session(
+        self,
+        session_id: str | None = None,
+        *,
+        ttl: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        keep: bool = False,
+    ) -> AsyncSession:
+        info = await self._send(ops.initialize_session(session_id, ttl, metadata))
+        return AsyncSession(self, info.session_id, keep=keep)
+
+    # Transport ------------------------------------------------------------------------------
+    def _stub(self, channel: grpc.aio.Channel, method: str, streaming: bool) -> Any:
+        key = (id(channel), method, streaming)
+        stub = self._stubs.get(key)
+        if stub is None:
+            factory = channel.unary_stream if streaming else channel.unary_unary
+            stub = self._stubs[key] = factory(method_path(method))
+        return stub
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return timeout if timeout is not None else self.timeout
+
+    async def _call(self, channel: grpc.aio.Channel, op: Op[Any], timeout: float | None) -> bytes:
+        stub = self._stub(channel, op.method, False)
+        return await stub(op.request, timeout=self._deadline(timeout), metadata=op.metadata(self._metadata))  # type: ignore[no-any-return]
+
+    async def _send(self, op: Op[T], timeout: float | None = None) -> T:
+        if op.is_tool and self.direct:
+            tried: list[str] = []
+            while (picked := await self._pick_worker(op, tried)) is not None:
+                worker, channel, routes = picked
+                try:
+                    raw = await self._call(channel, op, timeout)
+                except grpc.RpcError as exc:
+                    error = error_from_rpc(exc)
+                    if not never_started(error):
+                        return op.recover(error)
+                    self._routes = None
+                    continue
+                finally:
+                    routes.release(worker)
+                return op.parse(raw)
+        try:
+            raw = await self._call(self._channel, op, timeout)
+        except grpc.RpcError as exc:
+            return op.recover(error_from_rpc(exc))
+        return op.parse(raw)
+
+    async def _stream(self, op: Op[T], timeout: float | None = None) -> AsyncIterator[T]:
+        picked = await self._pick_worker(op, []) if op.is_tool and self.direct else None
+        channel = picked[1] if picked else self._channel
+        call = self._stub(channel, op.method, True)(
+            op.request, timeout=self._deadline(timeout), metadata=op.metadata(self._metadata)
+        )
+        try:
+            async for raw in call:
+                yield op.parse(raw)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        finally:
+            call.cancel()
+            if picked:
+                picked[2].release(picked[0])
+
+    async def _pick_worker(self, op: Op[Any], tried: list[str]) -> tuple[str, grpc.aio.Channel, DirectRoutes] | None:
+        if len(tried) >= MAX_ATTEMPTS:
+            return None
+        if self._routes is None or self._routes.stale:
+            self._routes = DirectRoutes(await self._send(ops.routing_table()))
+        routes = self._routes
+        worker = routes.acquire(op.session_id, tried)
+        if worker is None:
+            return None
+        tried.append(worker)
+        address = routes.addresses[worker]
+        channel = self._worker_channels.get(address)
+        if channel is None:
+            channel = self._worker_channels[address] = grpc.aio.insecure_channel(address, options=self._options)
+        return worker, channel, routes
+
+
+class AsyncSession:
+    def __init__(self, client: AsyncClient, session_id: str, *, keep: bool = False) -> None:
+        self.client = client
+        self.id = session_id
+        self.keep = keep
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self.keep:
+            await self.close()
+
+    async def close(self) -> bool:
+        return await self.client._send(ops.cleanup_session(self.id))
+
+    async def info(self) -> SessionInfo:
+        return await self.client._send(ops.get_session(self.id))
+
+    async def heartbeat(self) -> SessionInfo:
+        return await self.client._send(ops.heartbeat(self.id))
+
+    async def execute(self, tool: str, /, *, args: Mapping[str, Any] | None = None, timeout: float | None = None, **kwargs: Any) -> Any:
+        return await self.client.call_tool(tool, ops.merge_arguments(args, kwargs), session_id=self.id, timeout=timeout)
+
+    def stream(self, tool: str, /, *, args: Mapping[str, Any] | None = None, timeout: float | None = None, **kwargs: Any) -> AsyncIterator[Any]:
+        op = ops.stream(tool, ops.merge_arguments(args, kwargs), self.id, self.client.binary_threshold)
+        return self.client._stream(op, timeout)
+
+    async def set(self, name: str, value: Any, *, type: str | None = None, constraints: Mapping[str, Any] | None = None, expected_version: int | None = None) -> Variable:
+        return await self.client._send(ops.set_variable(self.id, name, value, type, constraints, expected_version))
+
+    async def get(self, name: str, default: Any = MISSING) -> Any:
+        return await self.client._send(ops.get_variable(self.id, name, default))
+
+    async def variable(self, name: str) -> Variable:
+        return await self.client._send(ops.variable(self.id, name))
+
+    async def get_many(self, names: Iterable[str]) -> dict[str, Any]:
+        return await self.client._send(ops.get_variables(self.id, names))
+
+    async def set_many(self, values: Mapping[str, Any]) -> dict[str, Variable]:
+        return await self.client._send(ops.set_variables(self.id, values))
+
+    async def list(self) -> dict[str, Any]:
+        return await self.client._send(ops.list_variables(self.id))
+
+    async def delete(self, name: str) -> bool:
+        return await self.client._send(ops.delete_variable(self.id, name))
+
+    async def increment(self, name: str, by: float = 1) -> Any:
+        return await self.client._send(ops.increment(self.id, name, by))
+
+    def watch(self, names: Iterable[str] | None = None, *, timeout: float | None = None) -> AsyncIterator[VariableChange]:
+        return self.client._stream(ops.watch(self.id, names), timeout)

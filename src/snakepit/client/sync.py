@@ -1,0 +1,229 @@
+"""The blocking client: ``with Client("localhost:50051") as client: client.execute("add", a=1, b=2)``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from ..grpc_options import DEFAULT_MAX_MESSAGE_MB, channel_options
+from ..protocol import method_path
+from ..protocol.status import error_from_rpc, never_started
+from ..store.base import SessionInfo, Variable, VariableChange
+from . import ops
+from .direct import MAX_ATTEMPTS, DirectRoutes
+from .ops import MISSING, Op, ToolInfo
+
+T = TypeVar("T")
+
+
+class Client:
+    """A connection to a pool's router (or, with ``direct=True``, to its workers as well).
+
+    Keyword arguments of ``execute``/``stream`` are the tool's arguments, except ``timeout`` (the
+    call's deadline, in seconds); pass colliding names through ``args={...}``.
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        direct: bool = False,
+        timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+        binary_threshold: int | None = None,
+    ) -> None:
+        self.target = target
+        self.direct = direct
+        self.timeout = timeout
+        self.binary_threshold = binary_threshold
+        self._metadata = tuple((metadata or {}).items())
+        self._options = channel_options(max_message_mb)
+        self._channel = grpc.insecure_channel(target, options=self._options)
+        self._worker_channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[tuple[int, str, bool], Any] = {}
+        self._routes: DirectRoutes | None = None
+
+    # Lifecycle ------------------------------------------------------------------------------
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for channel in self._worker_channels.values():
+            channel.close()
+        self._channel.close()
+
+    # Pool -----------------------------------------------------------------------------------
+    def ping(self) -> dict[str, Any]:
+        return self._send(ops.ping())
+
+    def status(self) -> dict[str, Any]:
+        return self._send(ops.pool_status())
+
+    def routing_table(self) -> dict[str, Any]:
+        """The router's worker ring, as direct mode uses it."""
+        return ops.table_dict(self._send(ops.routing_table()))
+
+    def list_tools(self) -> list[ToolInfo]:
+        return self._send(ops.list_tools())
+
+    # Tools ----------------------------------------------------------------------------------
+    def execute(self, tool: str, /, *, args: Mapping[str, Any] | None = None, timeout: float | None = None, **kwargs: Any) -> Any:
+        return self.call_tool(tool, ops.merge_arguments(args, kwargs), timeout=timeout)
+
+    def stream(self, tool: str, /, *, args: Mapping[str, Any] | None = None, timeout: float | None = None, **kwargs: Any) -> Iterator[Any]:
+        return self._stream(ops.stream(tool, ops.merge_arguments(args, kwargs), threshold=self.binary_threshold), timeout)
+
+    def call_tool(self, tool: str, arguments: Mapping[str, Any], *, session_id: str = "", timeout: float | None = None) -> Any:
+        """``execute`` with an explicit argument mapping and session."""
+        return self._send(ops.execute(tool, arguments, session_id, self.binary_threshold), timeout)
+
+    # Sessions -------------------------------------------------------------------------------
+    def session(
+        self,
+        session_id: str | None = None,
+        *,
+        ttl: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        keep: bool = False,
+    ) -> Session:
+        """Open (or join) a session; leaving its ``with`` block deletes it unless ``keep``."""
+        info = self._send(ops.initialize_session(session_id, ttl, metadata))
+        return Session(self, info.session_id, keep=keep)
+
+    # Transport ------------------------------------------------------------------------------
+    def _stub(self, channel: grpc.Channel, method: str, streaming: bool) -> Any:
+        key = (id(channel), method, streaming)
+        stub = self._stubs.get(key)
+        if stub is None:
+            factory = channel.unary_stream if streaming else channel.unary_unary
+            stub = self._stubs[key] = factory(method_path(method))
+        return stub
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return timeout if timeout is not None else self.timeout
+
+    def _call(self, channel: grpc.Channel, op: Op[Any], timeout: float | None) -> bytes:
+        stub = self._stub(channel, op.method, False)
+        return stub(op.request, timeout=self._deadline(timeout), metadata=op.metadata(self._metadata))  # type: ignore[no-any-return]
+
+    def _send(self, op: Op[T], timeout: float | None = None) -> T:
+        if op.is_tool and self.direct:
+            tried: list[str] = []
+            while (picked := self._pick_worker(op, tried)) is not None:
+                worker, channel, routes = picked
+                try:
+                    raw = self._call(channel, op, timeout)
+                except grpc.RpcError as exc:
+                    error = error_from_rpc(exc)
+                    if not never_started(error):
+                        return op.recover(error)
+                    self._routes = None
+                    continue
+                finally:
+                    routes.release(worker)
+                return op.parse(raw)
+        try:
+            raw = self._call(self._channel, op, timeout)
+        except grpc.RpcError as exc:
+            return op.recover(error_from_rpc(exc))
+        return op.parse(raw)
+
+    def _stream(self, op: Op[T], timeout: float | None = None) -> Iterator[T]:
+        picked = self._pick_worker(op, []) if op.is_tool and self.direct else None
+        channel = picked[1] if picked else self._channel
+        call = self._stub(channel, op.method, True)(
+            op.request, timeout=self._deadline(timeout), metadata=op.metadata(self._metadata)
+        )
+        try:
+            for raw in call:
+                yield op.parse(raw)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        finally:
+            call.cancel()
+            if picked:
+                picked[2].release(picked[0])
+
+    def _pick_worker(self, op: Op[Any], tried: list[str]) -> tuple[str, grpc.Channel, DirectRoutes] | None:
+        """The next worker to try for a direct tool call, or None to go through the router."""
+        if len(tried) >= MAX_ATTEMPTS:
+            return None
+        if self._routes is None or self._routes.stale:
+            self._routes = DirectRoutes(self._send(ops.routing_table()))
+        routes = self._routes
+        worker = routes.acquire(op.session_id, tried)
+        if worker is None:
+            return None
+        tried.append(worker)
+        address = routes.addresses[worker]
+        channel = self._worker_channels.get(address)
+        if channel is None:
+            channel = self._worker_channels[address] = grpc.insecure_channel(address, options=self._options)
+        return worker, channel, routes
+
+
+class Session:
+    """A session: typed variables kept in the pool's store, and calls routed with affinity."""
+
+    def __init__(self, client: Client, session_id: str, *, keep: bool = False) -> None:
+        self.client = client
+        self.id = session_id
+        self.keep = keep
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if not self.keep:
+            self.close()
+
+    def close(self) -> bool:
+        """Delete the session and its variables from the store."""
+        return self.client._send(ops.cleanup_session(self.id))
+
+    def info(self) -> SessionInfo:
+        return self.client._send(ops.get_session(self.id))
+
+    def heartbeat(self) -> SessionInfo:
+        return self.client._send(ops.heartbeat(self.id))
+
+    def execute(self, tool: str, /, *, args: Mapping[str, Any] | None = None, timeout: float | None = None, **kwargs: Any) -> Any:
+        return self.client.call_tool(tool, ops.merge_arguments(args, kwargs), session_id=self.id, timeout=timeout)
+
+    def stream(self, tool: str, /, *, args: Mapping[str, Any] | None = None, timeout: float | None = None, **kwargs: Any) -> Iterator[Any]:
+        op = ops.stream(tool, ops.merge_arguments(args, kwargs), self.id, self.client.binary_threshold)
+        return self.client._stream(op, timeout)
+
+    def set(self, name: str, value: Any, *, type: str | None = None, constraints: Mapping[str, Any] | None = None, expected_version: int | None = None) -> Variable:
+        return self.client._send(ops.set_variable(self.id, name, value, type, constraints, expected_version))
+
+    def get(self, name: str, default: Any = MISSING) -> Any:
+        return self.client._send(ops.get_variable(self.id, name, default))
+
+    def variable(self, name: str) -> Variable:
+        return self.client._send(ops.variable(self.id, name))
+
+    def get_many(self, names: Iterable[str]) -> dict[str, Any]:
+        return self.client._send(ops.get_variables(self.id, names))
+
+    def set_many(self, values: Mapping[str, Any]) -> dict[str, Variable]:
+        return self.client._send(ops.set_variables(self.id, values))
+
+    def list(self) -> dict[str, Any]:
+        return self.client._send(ops.list_variables(self.id))
+
+    def delete(self, name: str) -> bool:
+        return self.client._send(ops.delete_variable(self.id, name))
+
+    def increment(self, name: str, by: float = 1) -> Any:
+        return self.client._send(ops.increment(self.id, name, by))
+
+    def watch(self, names: Iterable[str] | None = None, *, timeout: float | None = None) -> Iterator[VariableChange]:
+        return self.client._stream(ops.watch(self.id, names), timeout)

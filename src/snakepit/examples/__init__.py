@@ -1,0 +1,1 @@
+"""Adapters that ship with snakepit: the showcase the demo and the tests rely on."""

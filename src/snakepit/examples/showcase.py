@@ -1,0 +1,61 @@
+"""The built-in showcase adapter: a small tool of each kind, a contract for the demo and tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+
+from snakepit import Adapter, SessionContext, tool
+
+
+class ShowcaseAdapter(Adapter):
+    @tool(description="Return the value unchanged, whatever its type")
+    def echo(self, value: Any) -> Any:
+        return value
+
+    @tool(description="Add two numbers")
+    def add(self, a: float, b: float) -> float:
+        return a + b
+
+    @tool(description="Which worker process served this call")
+    def whoami(self) -> dict[str, Any]:
+        return {"worker_id": self.worker_id, "pid": os.getpid()}
+
+    @tool(description="Sleep for a number of seconds, then return them")
+    async def sleep(self, seconds: float) -> float:
+        await asyncio.sleep(seconds)
+        return seconds
+
+    @tool(description="Stream the integers 0..n-1")
+    async def count(self, n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+    @tool(description="Raise ValueError(message)")
+    def fail(self, message: str = "failure requested") -> None:
+        raise ValueError(message)
+
+    @tool(description="Kill this worker process (for fault tests)")
+    def crash(self) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    @tool(description="Atomically add `by` to a session variable and return the new value")
+    async def counter_increment(self, ctx: SessionContext, name: str = "counter", by: int = 1) -> Any:
+        return await ctx.aincrement(name, by)
+
+    @tool(description="Sum of all elements of an array")
+    def tensor_sum(self, x: np.ndarray) -> float:
+        return float(np.sum(x))
+
+    @tool(description="Multiply an array by a factor")
+    def tensor_scale(self, x: np.ndarray, factor: float) -> np.ndarray:
+        return x * factor
+
+    @tool(description="Add two numbers by calling the add tool through the router")
+    async def nested_add(self, ctx: SessionContext, a: float, b: float) -> Any:
+        return await ctx.acall_tool("add", a=a, b=b)

@@ -1,0 +1,45 @@
+"""gRPC channel and server options shared by every component.
+
+Message limits are raised for tensors; SO_REUSEPORT is off so two processes can never share a
+port silently; keepalive pings let a router notice a worker that stopped answering without
+waiting for a call's deadline, and servers accept those pings.
+"""
+
+from __future__ import annotations
+
+MB = 1024 * 1024
+DEFAULT_MAX_MESSAGE_MB = 256
+
+Options = list[tuple[str, int | str]]
+
+
+def server_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> Options:
+    limit = max_message_mb * MB
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
+def channel_options(
+    max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, *, keepalive_ms: int | None = None
+) -> Options:
+    limit = max_message_mb * MB
+    options: Options = [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        # Each client and router replica keeps its own connections, even to the same target.
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    if keepalive_ms:
+        options += [
+            ("grpc.keepalive_time_ms", keepalive_ms),
+            ("grpc.keepalive_timeout_ms", keepalive_ms),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+    return options

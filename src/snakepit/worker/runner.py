@@ -1,0 +1,53 @@
+"""Running one tool call: sync tools in a bounded thread pool, async tools on the loop.
+
+Streaming tools are pulled one item at a time, only when the previous item has been handed to
+gRPC, so a slow client slows the generator down instead of filling memory; closing the returned
+iterator (a cancelled call) closes the tool's generator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .tools import ToolDef
+
+_DONE = object()
+
+
+class ToolRunner:
+    def __init__(self, threads: int) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="snakepit-tool")
+
+    async def call(self, tool: ToolDef, kwargs: dict[str, Any]) -> Any:
+        if tool.is_async:
+            return await tool.fn(**kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(tool.fn, **kwargs))
+
+    async def stream(self, tool: ToolDef, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
+        if tool.is_async:
+            agen = tool.fn(**kwargs)
+            try:
+                async for item in agen:
+                    yield item
+            finally:
+                await agen.aclose()
+            return
+        gen: Iterator[Any] = tool.fn(**kwargs)
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                item = await loop.run_in_executor(self.executor, next, gen, _DONE)
+                if item is _DONE:
+                    return
+                yield item
+        finally:
+            # The generator may be mid-step in a thread; close it there once that step ends.
+            loop.run_in_executor(self.executor, gen.close)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

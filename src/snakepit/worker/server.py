@@ -1,0 +1,352 @@
+"""The worker process: a grpc.aio server that runs one adapter's tools.
+
+It is stateless: session variables live in the session store. It answers Ping, ListTools and the
+two tool RPCs, and ``grpc.health.v1`` (NOT_SERVING until the adapter is initialised and again
+while draining). It refuses calls beyond its concurrency limit (RESOURCE_EXHAUSTED) and while
+draining (UNAVAILABLE), both marked ``not_started`` so a router may retry them elsewhere.
+SIGTERM, or reaching a recycling limit, drains in-flight calls and exits; the supervisor (the
+``snakepit serve`` process or Kubernetes) starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from .. import __version__, logs
+from ..errors import DeadlineExceeded, Internal, NotFound, ResourceExhausted, Unavailable
+from ..grpc_options import DEFAULT_MAX_MESSAGE_MB, server_options
+from ..protocol import SERVICE_NAME, pb
+from ..protocol.messages import ToolRequest, decode_request, encode_chunk, encode_result
+from ..protocol.status import CORRELATION_ID_KEY, WORKER_ID_KEY, abort_with
+from ..store.base import SessionStore
+from .adapter import Adapter, load_adapter_class
+from .context import SessionContext
+from .runner import ToolRunner
+from .tools import ToolDef, discover
+
+log = logging.getLogger("snakepit.worker")
+
+DEFAULT_ADAPTER = "snakepit.examples.showcase:ShowcaseAdapter"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class WorkerConfig:
+    adapter: str = DEFAULT_ADAPTER
+    host: str = "0.0.0.0"
+    port: int = 50052
+    worker_id: str = ""
+    concurrency: int = 4
+    store_url: str = ""
+    router_address: str = ""
+    max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
+    max_requests: int = 0
+    max_age: float = 0.0
+    max_rss_mb: float = 0.0
+    drain_timeout: float = 25.0
+    session_ttl: float = 3600.0
+
+
+def default_worker_id() -> str:
+    return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerServer:
+    def __init__(self, config: WorkerConfig, adapter: Adapter | None = None) -> None:
+        self.config = config
+        self.worker_id = config.worker_id or default_worker_id()
+        self.adapter = adapter if adapter is not None else load_adapter_class(config.adapter)()
+        self.adapter.worker_id = self.worker_id
+        self.tools: dict[str, ToolDef] = discover(self.adapter)
+        self.tool_list = pb.ListToolsResponse(
+            tools=[t.spec for t in self.tools.values()], worker_id=self.worker_id
+        )
+        self.runner = ToolRunner(threads=config.concurrency)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.store: SessionStore | None = None
+        self._router_client: Any = None
+        self.in_flight = 0
+        self.served = 0
+        self.failed = 0
+        self.started_at = time.monotonic()
+        self.draining = False
+        self._drained = asyncio.Event()
+        self._background: set[asyncio.Task[Any]] = set()
+        self.port = 0
+
+    # Lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> int:
+        """Serve; return the bound port. Health says SERVING only once the adapter is ready."""
+        await self.health.set("", NOT_SERVING)
+        await self.health.set(SERVICE_NAME, NOT_SERVING)
+        server = grpc.aio.server(options=server_options(self.config.max_message_mb))
+        server.add_generic_rpc_handlers((self._handlers(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        address = f"{self.config.host}:{self.config.port}"
+        self.port = server.add_insecure_port(address)
+        if not self.port:
+            raise RuntimeError(f"cannot listen on {address}")
+        await server.start()
+        self.server = server
+        await self._connect_store()
+        result = self.adapter.initialize()
+        if asyncio.iscoroutine(result):
+            await result
+        await self.health.set("", SERVING)
+        await self.health.set(SERVICE_NAME, SERVING)
+        self._spawn(self._watch_limits())
+        log.info(
+            "worker serving",
+            extra={"port": self.port, "tools": sorted(self.tools), "concurrency": self.config.concurrency},
+        )
+        return self.port
+
+    async def _connect_store(self) -> None:
+        url = self.config.store_url
+        if not url:
+            return
+        from ..store import open_store
+
+        if url == "router":
+            if not self.config.router_address:
+                raise ValueError("--store router needs --router HOST:PORT")
+            url = f"grpc://{self.config.router_address}"
+        self.store = open_store(url, default_ttl=self.config.session_ttl)
+
+    async def drain(self, reason: str) -> None:
+        """Refuse new calls, let in-flight ones finish (up to drain_timeout), then stop."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("worker draining", extra={"reason": reason, "in_flight": self.in_flight})
+        await self.health.enter_graceful_shutdown()
+        deadline = time.monotonic() + self.config.drain_timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        try:
+            result = self.adapter.shutdown()
+            if asyncio.iscoroutine(result):
+                await result
+        finally:
+            self.runner.shutdown()
+            if self.store is not None:
+                await self.store.close()
+            if self._router_client is not None:
+                await self._router_client.close()
+            log.info("worker stopped", extra={"served": self.served, "failed": self.failed})
+            self._drained.set()
+
+    async def wait_closed(self) -> None:
+        await self._drained.wait()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _watch_limits(self) -> None:
+        """Recycle on age or memory; checked off the call path, once a second."""
+        config = self.config
+        while not self.draining:
+            await asyncio.sleep(1.0)
+            if config.max_age and time.monotonic() - self.started_at > config.max_age:
+                self._spawn(self.drain(f"max age {config.max_age:g}s reached"))
+            elif config.max_rss_mb and rss_mb() > config.max_rss_mb:
+                self._spawn(self.drain(f"memory above {config.max_rss_mb:g} MB"))
+
+    def _after_call(self) -> None:
+        limit = self.config.max_requests
+        if limit and self.served + self.failed >= limit and not self.draining:
+            self._spawn(self.drain(f"max requests {limit} reached"))
+
+    # RPC handlers --------------------------------------------------------------------------
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        handlers = {
+            "Ping": grpc.unary_unary_rpc_method_handler(
+                self._ping,
+                request_deserializer=pb.PingRequest.FromString,
+                response_serializer=pb.PingResponse.SerializeToString,
+            ),
+            "ListTools": grpc.unary_unary_rpc_method_handler(
+                self._list_tools,
+                request_deserializer=pb.ListToolsRequest.FromString,
+                response_serializer=pb.ListToolsResponse.SerializeToString,
+            ),
+            "ExecuteTool": grpc.unary_unary_rpc_method_handler(self._execute),
+            "ExecuteStreamingTool": grpc.unary_stream_rpc_method_handler(self._execute_stream),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+    async def _ping(self, request: pb.PingRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.PingResponse:
+        return pb.PingResponse(
+            message=request.message or "pong",
+            server_id=self.worker_id,
+            role="worker",
+            version=__version__,
+            server_time=time.time(),
+        )
+
+    async def _list_tools(
+        self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListToolsResponse:
+        return self.tool_list
+
+    def _admit(self) -> None:
+        if self.draining:
+            raise Unavailable(f"worker {self.worker_id} is draining", not_started=True)
+        if self.in_flight >= self.config.concurrency:
+            raise ResourceExhausted(
+                f"worker {self.worker_id} is at its concurrency limit ({self.config.concurrency})",
+                not_started=True,
+            )
+
+    def _prepare(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[ToolDef, dict[str, Any], SessionContext | None]:
+        request = decode_request(raw)
+        tool = self.tools.get(request.tool_name)
+        if tool is None:
+            known = ", ".join(sorted(self.tools))
+            raise NotFound(f"unknown tool {request.tool_name!r} (tools: {known})", not_started=True)
+        kwargs = tool.bind(request.arguments)
+        ctx = None
+        if tool.context_param is not None:
+            ctx = self._session_context(request, context)
+            kwargs[tool.context_param] = ctx
+        return tool, kwargs, ctx
+
+    def _session_context(self, request: ToolRequest, context: grpc.aio.ServicerContext[Any, Any]) -> SessionContext:
+        remaining = context.time_remaining()
+        return SessionContext(
+            session_id=request.session_id,
+            metadata=request.metadata,
+            worker_id=self.worker_id,
+            store=self.store,
+            loop=asyncio.get_running_loop(),
+            tool_caller=self._call_tool if self.config.router_address else None,
+            deadline=None if remaining is None else time.monotonic() + remaining,
+        )
+
+    async def _call_tool(self, name: str, arguments: dict[str, Any], session_id: str, timeout: float | None) -> Any:
+        if self._router_client is None:
+            from ..client import AsyncClient
+
+            self._router_client = AsyncClient(self.config.router_address)
+        return await self._router_client.call_tool(name, arguments, session_id=session_id, timeout=timeout)
+
+    async def _execute(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        try:
+            self._admit()
+        except Exception as exc:
+            await abort_with(context, exc, self.worker_id)
+        self.in_flight += 1
+        started = time.perf_counter()
+        ctx: SessionContext | None = None
+        token = logs.correlation_id.set(_correlation(context))
+        try:
+            tool, kwargs, ctx = self._prepare(raw, context)
+            async with asyncio.timeout(context.time_remaining()):
+                if tool.streaming:
+                    value: Any = [item async for item in self.runner.stream(tool, kwargs)]
+                else:
+                    value = await self.runner.call(tool, kwargs)
+            try:
+                payload = encode_result(value, self.worker_id, (time.perf_counter() - started) * 1000)
+            except Exception as exc:
+                raise Internal(f"tool {tool.name!r} returned a value that cannot be sent: {exc}") from exc
+            self.served += 1
+            return payload
+        except asyncio.CancelledError:
+            if ctx is not None:
+                ctx.cancelled = True
+            self.failed += 1
+            raise
+        except Exception as exc:
+            self.failed += 1
+            await self._fail(context, exc)
+            raise  # unreachable: _fail aborts the call
+        finally:
+            self.in_flight -= 1
+            logs.correlation_id.reset(token)
+            self._after_call()
+
+    async def _execute_stream(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        try:
+            self._admit()
+        except Exception as exc:
+            await abort_with(context, exc, self.worker_id)
+        self.in_flight += 1
+        ctx: SessionContext | None = None
+        token = logs.correlation_id.set(_correlation(context))
+        try:
+            tool, kwargs, ctx = self._prepare(raw, context)
+            await context.send_initial_metadata(((WORKER_ID_KEY, self.worker_id),))
+            async with asyncio.timeout(context.time_remaining()):
+                if tool.streaming:
+                    seq = 0
+                    async for item in self.runner.stream(tool, kwargs):
+                        yield encode_chunk(item, seq)
+                        seq += 1
+                else:
+                    yield encode_chunk(await self.runner.call(tool, kwargs), 0)
+            self.served += 1
+        except (asyncio.CancelledError, GeneratorExit):
+            if ctx is not None:
+                ctx.cancelled = True
+            self.failed += 1
+            raise
+        except Exception as exc:
+            self.failed += 1
+            await self._fail(context, exc)
+        finally:
+            self.in_flight -= 1
+            logs.correlation_id.reset(token)
+            self._after_call()
+
+    async def _fail(self, context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+        if isinstance(exc, TimeoutError):
+            exc = DeadlineExceeded("the call's deadline passed while the tool was running")
+        log.warning("call failed", extra={"error": type(exc).__name__, "detail": str(exc)})
+        await abort_with(context, exc, self.worker_id)
+
+
+def _correlation(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == CORRELATION_ID_KEY:
+            return str(value)
+    return ""
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+
+
+async def serve(config: WorkerConfig) -> int:
+    """Run a worker until SIGTERM/SIGINT or a recycling limit; return the exit code."""
+    logs.setup("worker", config.worker_id or default_worker_id())
+    worker = WorkerServer(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: worker._spawn(worker.drain(signal.Signals(s).name)))
+    try:
+        await worker.start()
+    except Exception:
+        log.exception("worker failed to start")
+        return 1
+    await worker.wait_closed()
+    return 0
+
