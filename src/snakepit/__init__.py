@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .worker import Adapter, Embedding, SessionContext, tool  # noqa: E402
+from .worker import Adapter, Embedding, SessionContext, tool
 
 __all__ = ["Adapter", "AsyncClient", "Client", "Embedding", "SessionContext", "__version__", "tool"]
 

@@ -26,7 +26,10 @@ def server_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> Options:
 
 
 def channel_options(
-    max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, *, keepalive_ms: int | None = None
+    max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+    *,
+    keepalive_ms: int | None = None,
+    max_reconnect_ms: int | None = None,
 ) -> Options:
     limit = max_message_mb * MB
     options: Options = [
@@ -41,5 +44,11 @@ def channel_options(
             ("grpc.keepalive_timeout_ms", keepalive_ms),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
+        ]
+    if max_reconnect_ms:
+        options += [
+            ("grpc.initial_reconnect_backoff_ms", min(100, max_reconnect_ms)),
+            ("grpc.min_reconnect_backoff_ms", min(100, max_reconnect_ms)),
+            ("grpc.max_reconnect_backoff_ms", max_reconnect_ms),
         ]
     return options

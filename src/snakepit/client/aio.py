@@ -68,14 +68,42 @@ class AsyncClient:
         return await self._send(ops.list_tools())
 
     # Tools ----------------------------------------------------------------------------------
-    async def execute(self, tool: str, /, *, args: Mapping[str, Any] | None = None, timeout: float | None = None, **kwargs: Any) -> Any:
+    async def execute(
+        self,
+        tool: str,
+        /,
+        *,
+        args: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
         return await self.call_tool(tool, ops.merge_arguments(args, kwargs), timeout=timeout)
 
-    def stream(self, tool: str, /, *, args: Mapping[str, Any] | None = None, timeout: float | None = None, **kwargs: Any) -> AsyncIterator[Any]:
-        return self._stream(ops.stream(tool, ops.merge_arguments(args, kwargs), threshold=self.binary_threshold), timeout)
+    def stream(
+        self,
+        tool: str,
+        /,
+        *,
+        args: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[Any]:
+        return self._stream(
+            ops.stream(tool, ops.merge_arguments(args, kwargs), threshold=self.binary_threshold),
+            timeout,
+        )
 
-    async def call_tool(self, tool: str, arguments: Mapping[str, Any], *, session_id: str = "", timeout: float | None = None) -> Any:
-        return await self._send(ops.execute(tool, arguments, session_id, self.binary_threshold), timeout)
+    async def call_tool(
+        self,
+        tool: str,
+        arguments: Mapping[str, Any],
+        *,
+        session_id: str = "",
+        timeout: float | None = None,
+    ) -> Any:
+        return await self._send(
+            ops.execute(tool, arguments, session_id, self.binary_threshold), timeout
+        )
 
     # Sessions -------------------------------------------------------------------------------
     async def session(
@@ -103,7 +131,8 @@ class AsyncClient:
 
     async def _call(self, channel: grpc.aio.Channel, op: Op[Any], timeout: float | None) -> bytes:
         stub = self._stub(channel, op.method, False)
-        return await stub(op.request, timeout=self._deadline(timeout), metadata=op.metadata(self._metadata))  # type: ignore[no-any-return]
+        raw: bytes = await stub(op.request, timeout=self._deadline(timeout), metadata=op.metadata(self._metadata))
+        return raw
 
     async def _send(self, op: Op[T], timeout: float | None = None) -> T:
         if op.is_tool and self.direct:
@@ -143,7 +172,9 @@ class AsyncClient:
             if picked:
                 picked[2].release(picked[0])
 
-    async def _pick_worker(self, op: Op[Any], tried: list[str]) -> tuple[str, grpc.aio.Channel, DirectRoutes] | None:
+    async def _pick_worker(
+        self, op: Op[Any], tried: list[str]
+    ) -> tuple[str, grpc.aio.Channel, DirectRoutes] | None:
         if len(tried) >= MAX_ATTEMPTS:
             return None
         if self._routes is None or self._routes.stale:
@@ -156,7 +187,9 @@ class AsyncClient:
         address = routes.addresses[worker]
         channel = self._worker_channels.get(address)
         if channel is None:
-            channel = self._worker_channels[address] = grpc.aio.insecure_channel(address, options=self._options)
+            channel = self._worker_channels[address] = grpc.aio.insecure_channel(
+                address, options=self._options
+            )
         return worker, channel, routes
 
 
@@ -182,15 +215,45 @@ class AsyncSession:
     async def heartbeat(self) -> SessionInfo:
         return await self.client._send(ops.heartbeat(self.id))
 
-    async def execute(self, tool: str, /, *, args: Mapping[str, Any] | None = None, timeout: float | None = None, **kwargs: Any) -> Any:
-        return await self.client.call_tool(tool, ops.merge_arguments(args, kwargs), session_id=self.id, timeout=timeout)
+    async def execute(
+        self,
+        tool: str,
+        /,
+        *,
+        args: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        return await self.client.call_tool(
+            tool, ops.merge_arguments(args, kwargs), session_id=self.id, timeout=timeout
+        )
 
-    def stream(self, tool: str, /, *, args: Mapping[str, Any] | None = None, timeout: float | None = None, **kwargs: Any) -> AsyncIterator[Any]:
-        op = ops.stream(tool, ops.merge_arguments(args, kwargs), self.id, self.client.binary_threshold)
+    def stream(
+        self,
+        tool: str,
+        /,
+        *,
+        args: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[Any]:
+        op = ops.stream(
+            tool, ops.merge_arguments(args, kwargs), self.id, self.client.binary_threshold
+        )
         return self.client._stream(op, timeout)
 
-    async def set(self, name: str, value: Any, *, type: str | None = None, constraints: Mapping[str, Any] | None = None, expected_version: int | None = None) -> Variable:
-        return await self.client._send(ops.set_variable(self.id, name, value, type, constraints, expected_version))
+    async def set(
+        self,
+        name: str,
+        value: Any,
+        *,
+        type: str | None = None,
+        constraints: Mapping[str, Any] | None = None,
+        expected_version: int | None = None,
+    ) -> Variable:
+        return await self.client._send(
+            ops.set_variable(self.id, name, value, type, constraints, expected_version)
+        )
 
     async def get(self, name: str, default: Any = MISSING) -> Any:
         return await self.client._send(ops.get_variable(self.id, name, default))
@@ -213,5 +276,7 @@ class AsyncSession:
     async def increment(self, name: str, by: float = 1) -> Any:
         return await self.client._send(ops.increment(self.id, name, by))
 
-    def watch(self, names: Iterable[str] | None = None, *, timeout: float | None = None) -> AsyncIterator[VariableChange]:
+    def watch(
+        self, names: Iterable[str] | None = None, *, timeout: float | None = None
+    ) -> AsyncIterator[VariableChange]:
         return self.client._stream(ops.watch(self.id, names), timeout)

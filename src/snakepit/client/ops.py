@@ -69,7 +69,9 @@ def _parser(message_type: type[Message], convert: Callable[[Any], T]) -> Callabl
 
 
 def _to_dict(message: Message) -> dict[str, Any]:
-    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 def _tool_info(spec: pb.ToolSpec) -> ToolInfo:
@@ -101,12 +103,18 @@ def merge_arguments(args: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -
     return merged
 
 
-def execute(tool: str, arguments: Mapping[str, Any], session_id: str = "", threshold: int | None = None) -> Op[Any]:
+def execute(
+    tool: str, arguments: Mapping[str, Any], session_id: str = "", threshold: int | None = None
+) -> Op[Any]:
     request = encode_request(tool, arguments, session_id, threshold=threshold)
-    return Op("ExecuteTool", request, lambda raw: decode_result(raw).value, session_id, is_tool=True)
+    return Op(
+        "ExecuteTool", request, lambda raw: decode_result(raw).value, session_id, is_tool=True
+    )
 
 
-def stream(tool: str, arguments: Mapping[str, Any], session_id: str = "", threshold: int | None = None) -> Op[Any]:
+def stream(
+    tool: str, arguments: Mapping[str, Any], session_id: str = "", threshold: int | None = None
+) -> Op[Any]:
     request = encode_request(tool, arguments, session_id, threshold=threshold)
     return Op("ExecuteStreamingTool", request, decode_chunk, session_id, is_tool=True)
 
@@ -122,15 +130,27 @@ def list_tools() -> Op[list[ToolInfo]]:
 
 # Pool -------------------------------------------------------------------------------------------
 def ping(message: str = "") -> Op[dict[str, Any]]:
-    return Op("Ping", pb.PingRequest(message=message).SerializeToString(), _parser(pb.PingResponse, _to_dict))
+    return Op(
+        "Ping",
+        pb.PingRequest(message=message).SerializeToString(),
+        _parser(pb.PingResponse, _to_dict),
+    )
 
 
 def pool_status() -> Op[dict[str, Any]]:
-    return Op("GetPoolStatus", pb.GetPoolStatusRequest().SerializeToString(), _parser(pb.PoolStatus, _to_dict))
+    return Op(
+        "GetPoolStatus",
+        pb.GetPoolStatusRequest().SerializeToString(),
+        _parser(pb.PoolStatus, _to_dict),
+    )
 
 
 def routing_table() -> Op[pb.RoutingTable]:
-    return Op("GetRoutingTable", pb.GetRoutingTableRequest().SerializeToString(), pb.RoutingTable.FromString)
+    return Op(
+        "GetRoutingTable",
+        pb.GetRoutingTableRequest().SerializeToString(),
+        pb.RoutingTable.FromString,
+    )
 
 
 def table_dict(table: pb.RoutingTable) -> dict[str, Any]:
@@ -146,9 +166,16 @@ def initialize_session(
     session_id: str | None, ttl: float | None, metadata: Mapping[str, str] | None
 ) -> Op[SessionInfo]:
     request = pb.InitializeSessionRequest(
-        session_id=session_id or "", ttl_seconds=ttl or 0, metadata=dict(metadata or {}), get_or_create=True
+        session_id=session_id or "",
+        ttl_seconds=ttl or 0,
+        metadata=dict(metadata or {}),
+        get_or_create=True,
     )
-    return Op("InitializeSession", request.SerializeToString(), _parser(pb.InitializeSessionResponse, _session))
+    return Op(
+        "InitializeSession",
+        request.SerializeToString(),
+        _parser(pb.InitializeSessionResponse, _session),
+    )
 
 
 def get_session(session_id: str) -> Op[SessionInfo]:
@@ -163,7 +190,11 @@ def heartbeat(session_id: str) -> Op[SessionInfo]:
 
 def cleanup_session(session_id: str) -> Op[bool]:
     request = pb.CleanupSessionRequest(session_id=session_id)
-    return Op("CleanupSession", request.SerializeToString(), _parser(pb.CleanupSessionResponse, lambda r: r.deleted))
+    return Op(
+        "CleanupSession",
+        request.SerializeToString(),
+        _parser(pb.CleanupSessionResponse, lambda r: r.deleted),
+    )
 
 
 # Variables --------------------------------------------------------------------------------------
@@ -198,7 +229,9 @@ def set_variable(
             constraints=declared.to_proto(),
         )
         return Op("RegisterVariable", register.SerializeToString(), parse, session_id)
-    request = pb.SetVariableRequest(session_id=session_id, name=name, value=to_pb(value), type=type_name or "")
+    request = pb.SetVariableRequest(
+        session_id=session_id, name=name, value=to_pb(value), type=type_name or ""
+    )
     if expected_version is not None:
         request.expected_version = expected_version
     return Op("SetVariable", request.SerializeToString(), parse, session_id)
@@ -217,22 +250,44 @@ def get_variable(session_id: str, name: str, default: Any = MISSING) -> Op[Any]:
 
 def variable(session_id: str, name: str) -> Op[Variable]:
     request = pb.GetVariableRequest(session_id=session_id, name=name)
-    return Op("GetVariable", request.SerializeToString(), _parser(pb.VariableResponse, _variable), session_id)
+    return Op(
+        "GetVariable",
+        request.SerializeToString(),
+        _parser(pb.VariableResponse, _variable),
+        session_id,
+    )
 
 
 def get_variables(session_id: str, names: Iterable[str]) -> Op[dict[str, Any]]:
     request = pb.GetVariablesRequest(session_id=session_id, names=list(names))
-    return Op("GetVariables", request.SerializeToString(), _parser(pb.VariablesResponse, _values), session_id)
+    return Op(
+        "GetVariables",
+        request.SerializeToString(),
+        _parser(pb.VariablesResponse, _values),
+        session_id,
+    )
 
 
 def set_variables(session_id: str, values: Mapping[str, Any]) -> Op[dict[str, Variable]]:
-    request = pb.SetVariablesRequest(session_id=session_id, values={k: to_pb(v) for k, v in values.items()})
-    return Op("SetVariables", request.SerializeToString(), _parser(pb.VariablesResponse, _variables), session_id)
+    request = pb.SetVariablesRequest(
+        session_id=session_id, values={k: to_pb(v) for k, v in values.items()}
+    )
+    return Op(
+        "SetVariables",
+        request.SerializeToString(),
+        _parser(pb.VariablesResponse, _variables),
+        session_id,
+    )
 
 
 def list_variables(session_id: str) -> Op[dict[str, Any]]:
     request = pb.ListVariablesRequest(session_id=session_id)
-    return Op("ListVariables", request.SerializeToString(), _parser(pb.VariablesResponse, _values), session_id)
+    return Op(
+        "ListVariables",
+        request.SerializeToString(),
+        _parser(pb.VariablesResponse, _values),
+        session_id,
+    )
 
 
 def delete_variable(session_id: str, name: str) -> Op[bool]:

@@ -74,13 +74,39 @@ class Client:
         return self._send(ops.list_tools())
 
     # Tools ----------------------------------------------------------------------------------
-    def execute(self, tool: str, /, *, args: Mapping[str, Any] | None = None, timeout: float | None = None, **kwargs: Any) -> Any:
+    def execute(
+        self,
+        tool: str,
+        /,
+        *,
+        args: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
         return self.call_tool(tool, ops.merge_arguments(args, kwargs), timeout=timeout)
 
-    def stream(self, tool: str, /, *, args: Mapping[str, Any] | None = None, timeout: float | None = None, **kwargs: Any) -> Iterator[Any]:
-        return self._stream(ops.stream(tool, ops.merge_arguments(args, kwargs), threshold=self.binary_threshold), timeout)
+    def stream(
+        self,
+        tool: str,
+        /,
+        *,
+        args: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Iterator[Any]:
+        return self._stream(
+            ops.stream(tool, ops.merge_arguments(args, kwargs), threshold=self.binary_threshold),
+            timeout,
+        )
 
-    def call_tool(self, tool: str, arguments: Mapping[str, Any], *, session_id: str = "", timeout: float | None = None) -> Any:
+    def call_tool(
+        self,
+        tool: str,
+        arguments: Mapping[str, Any],
+        *,
+        session_id: str = "",
+        timeout: float | None = None,
+    ) -> Any:
         """``execute`` with an explicit argument mapping and session."""
         return self._send(ops.execute(tool, arguments, session_id, self.binary_threshold), timeout)
 
@@ -111,7 +137,8 @@ class Client:
 
     def _call(self, channel: grpc.Channel, op: Op[Any], timeout: float | None) -> bytes:
         stub = self._stub(channel, op.method, False)
-        return stub(op.request, timeout=self._deadline(timeout), metadata=op.metadata(self._metadata))  # type: ignore[no-any-return]
+        raw: bytes = stub(op.request, timeout=self._deadline(timeout), metadata=op.metadata(self._metadata))
+        return raw
 
     def _send(self, op: Op[T], timeout: float | None = None) -> T:
         if op.is_tool and self.direct:
@@ -151,7 +178,9 @@ class Client:
             if picked:
                 picked[2].release(picked[0])
 
-    def _pick_worker(self, op: Op[Any], tried: list[str]) -> tuple[str, grpc.Channel, DirectRoutes] | None:
+    def _pick_worker(
+        self, op: Op[Any], tried: list[str]
+    ) -> tuple[str, grpc.Channel, DirectRoutes] | None:
         """The next worker to try for a direct tool call, or None to go through the router."""
         if len(tried) >= MAX_ATTEMPTS:
             return None
@@ -165,7 +194,9 @@ class Client:
         address = routes.addresses[worker]
         channel = self._worker_channels.get(address)
         if channel is None:
-            channel = self._worker_channels[address] = grpc.insecure_channel(address, options=self._options)
+            channel = self._worker_channels[address] = grpc.insecure_channel(
+                address, options=self._options
+            )
         return worker, channel, routes
 
 
@@ -180,7 +211,12 @@ class Session:
     def __enter__(self) -> Session:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if not self.keep:
             self.close()
 
@@ -194,15 +230,45 @@ class Session:
     def heartbeat(self) -> SessionInfo:
         return self.client._send(ops.heartbeat(self.id))
 
-    def execute(self, tool: str, /, *, args: Mapping[str, Any] | None = None, timeout: float | None = None, **kwargs: Any) -> Any:
-        return self.client.call_tool(tool, ops.merge_arguments(args, kwargs), session_id=self.id, timeout=timeout)
+    def execute(
+        self,
+        tool: str,
+        /,
+        *,
+        args: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        return self.client.call_tool(
+            tool, ops.merge_arguments(args, kwargs), session_id=self.id, timeout=timeout
+        )
 
-    def stream(self, tool: str, /, *, args: Mapping[str, Any] | None = None, timeout: float | None = None, **kwargs: Any) -> Iterator[Any]:
-        op = ops.stream(tool, ops.merge_arguments(args, kwargs), self.id, self.client.binary_threshold)
+    def stream(
+        self,
+        tool: str,
+        /,
+        *,
+        args: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Iterator[Any]:
+        op = ops.stream(
+            tool, ops.merge_arguments(args, kwargs), self.id, self.client.binary_threshold
+        )
         return self.client._stream(op, timeout)
 
-    def set(self, name: str, value: Any, *, type: str | None = None, constraints: Mapping[str, Any] | None = None, expected_version: int | None = None) -> Variable:
-        return self.client._send(ops.set_variable(self.id, name, value, type, constraints, expected_version))
+    def set(
+        self,
+        name: str,
+        value: Any,
+        *,
+        type: str | None = None,
+        constraints: Mapping[str, Any] | None = None,
+        expected_version: int | None = None,
+    ) -> Variable:
+        return self.client._send(
+            ops.set_variable(self.id, name, value, type, constraints, expected_version)
+        )
 
     def get(self, name: str, default: Any = MISSING) -> Any:
         return self.client._send(ops.get_variable(self.id, name, default))
@@ -225,5 +291,7 @@ class Session:
     def increment(self, name: str, by: float = 1) -> Any:
         return self.client._send(ops.increment(self.id, name, by))
 
-    def watch(self, names: Iterable[str] | None = None, *, timeout: float | None = None) -> Iterator[VariableChange]:
+    def watch(
+        self, names: Iterable[str] | None = None, *, timeout: float | None = None
+    ) -> Iterator[VariableChange]:
         return self.client._stream(ops.watch(self.id, names), timeout)

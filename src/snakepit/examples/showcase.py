@@ -45,7 +45,9 @@ class ShowcaseAdapter(Adapter):
         os.kill(os.getpid(), signal.SIGKILL)
 
     @tool(description="Atomically add `by` to a session variable and return the new value")
-    async def counter_increment(self, ctx: SessionContext, name: str = "counter", by: int = 1) -> Any:
+    async def counter_increment(
+        self, ctx: SessionContext, name: str = "counter", by: int = 1
+    ) -> Any:
         return await ctx.aincrement(name, by)
 
     @tool(description="Sum of all elements of an array")

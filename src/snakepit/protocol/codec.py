@@ -51,12 +51,16 @@ def _json_default(obj: Any) -> Any:
 _CONTAINER_ENCODER = json.JSONEncoder(allow_nan=True, separators=(",", ":"), default=_json_default)
 
 
-def encode_value(value: Any, type_name: str | None = None, *, threshold: int | None = None) -> bytes:
+def encode_value(
+    value: Any, type_name: str | None = None, *, threshold: int | None = None
+) -> bytes:
     """Serialise ``value`` as a ``snakepit.bridge.v1.Value`` message."""
     return build_value(value, type_name, threshold).to_bytes()
 
 
-def build_value(value: Any, type_name: str | None = None, threshold: int | None = None) -> WireMessage:
+def build_value(
+    value: Any, type_name: str | None = None, threshold: int | None = None
+) -> WireMessage:
     """The ``Value`` message of ``value`` as chunks, for embedding in a larger message."""
     if type_name is None:
         type_name = vt.infer_type(value)
@@ -85,7 +89,11 @@ def _add_array(msg: WireMessage, value: Any, type_name: str, threshold: int) -> 
     if array.nbytes >= threshold or array.dtype.kind == "c":
         msg.add_message(_TENSOR, tensor_message(array))
     else:
-        payload = {"dtype": array.dtype.name, "shape": list(array.shape), "data": array.ravel().tolist()}
+        payload = {
+            "dtype": array.dtype.name,
+            "shape": list(array.shape),
+            "data": array.ravel().tolist(),
+        }
         msg.add_bytes(_JSON, _JSON_ENCODER.encode(payload).encode())
 
 
@@ -93,13 +101,14 @@ def tensor_message(array: np.ndarray) -> WireMessage:
     """A ``Tensor`` message whose data chunk is a view of ``array`` when already in wire order."""
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    array = np.ascontiguousarray(array)
+    if not array.flags.c_contiguous:
+        array = array.copy(order="C")  # (np.ascontiguousarray would turn a 0-d array into 1-d)
     tensor = WireMessage()
     tensor.add_str(_DTYPE, array.dtype.name)
     if array.shape:
         packed = b"".join(varint(dim) for dim in array.shape)
         tensor.add_bytes(_SHAPE, packed)
-    data = memoryview(array).cast("B") if array.size else b""
+    data = array.data.cast("B") if array.size else b""
     tensor.add_bytes(_DATA, data)
     return tensor
 
@@ -161,9 +170,17 @@ def read_value(buf: memoryview, start: int, stop: int) -> Any:
         return vt.embedding_array(array) if type_name == vt.EMBEDDING else array
     if kind == _LIST:
         _expect(type_name, (vt.LIST,), "list")
-        return [read_value(buf, a, b) for _, wt, a, b in iter_fields(buf, p_start, p_stop) if wt == WIRE_LEN]
+        return [
+            read_value(buf, a, b)
+            for _, wt, a, b in iter_fields(buf, p_start, p_stop)
+            if wt == WIRE_LEN
+        ]
     _expect(type_name, (vt.MAP,), "map")
-    return dict(_read_map_entry(buf, a, b) for _, wt, a, b in iter_fields(buf, p_start, p_stop) if wt == WIRE_LEN)
+    return dict(
+        _read_map_entry(buf, a, b)
+        for _, wt, a, b in iter_fields(buf, p_start, p_stop)
+        if wt == WIRE_LEN
+    )
 
 
 def _read_map_entry(buf: memoryview, start: int, stop: int) -> tuple[str, Any]:
@@ -221,7 +238,9 @@ def _from_json(payload: memoryview, type_name: str) -> Any:
     try:
         value = json.loads(bytes(payload))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"malformed value of type {type_name}: bad JSON payload ({exc})") from exc
+        raise InvalidArgument(
+            f"malformed value of type {type_name}: bad JSON payload ({exc})"
+        ) from exc
     if type_name == vt.TENSOR or type_name == vt.EMBEDDING:
         return _array_from_json(value, type_name)
     return vt.coerce(value, type_name, "value")
@@ -234,7 +253,9 @@ def _array_from_json(value: Any, type_name: str) -> np.ndarray:
     if dtype_name not in vt.TENSOR_DTYPES:
         raise InvalidArgument(f"malformed {type_name}: unknown dtype {dtype_name!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise InvalidArgument(f"malformed {type_name}: shape must be a list of extents, got {shape!r}")
+        raise InvalidArgument(
+            f"malformed {type_name}: shape must be a list of extents, got {shape!r}"
+        )
     if not isinstance(flat, list) or len(flat) != math.prod(shape):
         raise InvalidArgument(
             f"malformed {type_name}: {len(flat) if isinstance(flat, list) else 'no'} elements "

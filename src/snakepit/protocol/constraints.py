@@ -63,7 +63,9 @@ class Constraints:
                 max_length=_opt(int, spec.get("max_length")),
                 choices=tuple(spec["choices"]) if spec.get("choices") is not None else None,
                 pattern=spec.get("pattern"),
-                shape=tuple(int(d) for d in spec["shape"]) if spec.get("shape") is not None else None,
+                shape=tuple(int(d) for d in spec["shape"])
+                if spec.get("shape") is not None
+                else None,
                 dtype=spec.get("dtype"),
                 dimensions=_opt(int, spec.get("dimensions")),
             )
@@ -71,7 +73,11 @@ class Constraints:
             raise InvalidArgument(f"malformed constraints {dict(spec)!r}: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if v is not None}
+        return {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in asdict(self).items()
+            if v is not None
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, allow_nan=True) if self else ""
@@ -138,12 +144,18 @@ class Constraints:
         if type_name in _SIZED:
             self._check_length(value, what)
         if self.choices is not None and value not in self.choices:
-            raise InvalidArgument(f"{what} {value!r} is not one of the allowed choices {list(self.choices)}")
+            raise InvalidArgument(
+                f"{what} {value!r} is not one of the allowed choices {list(self.choices)}"
+            )
         if self.pattern is not None and not _compiled(self.pattern).fullmatch(value):
             raise InvalidArgument(f"{what} {value!r} does not match pattern {self.pattern!r}")
 
     def _check_range(self, value: float, what: str) -> None:
-        if isinstance(value, float) and math.isnan(value) and (self.min is not None or self.max is not None):
+        if (
+            isinstance(value, float)
+            and math.isnan(value)
+            and (self.min is not None or self.max is not None)
+        ):
             raise InvalidArgument(f"{what} is NaN, outside the range [{self.min}, {self.max}]")
         if self.min is not None and value < self.min:
             raise InvalidArgument(f"{what} {value!r} is below the minimum {self.min:g}")
@@ -153,9 +165,13 @@ class Constraints:
     def _check_length(self, value: Any, what: str) -> None:
         length = len(value)
         if self.min_length is not None and length < self.min_length:
-            raise InvalidArgument(f"{what} has length {length}, below the minimum length {self.min_length}")
+            raise InvalidArgument(
+                f"{what} has length {length}, below the minimum length {self.min_length}"
+            )
         if self.max_length is not None and length > self.max_length:
-            raise InvalidArgument(f"{what} has length {length}, above the maximum length {self.max_length}")
+            raise InvalidArgument(
+                f"{what} has length {length}, above the maximum length {self.max_length}"
+            )
 
     def _check_array(self, array: np.ndarray, type_name: str, what: str) -> None:
         if self.dtype is not None and array.dtype.name != self.dtype:
@@ -164,7 +180,9 @@ class Constraints:
             len(self.shape) != array.ndim
             or any(want not in (-1, got) for want, got in zip(self.shape, array.shape, strict=True))
         ):
-            raise InvalidArgument(f"{what} has shape {list(array.shape)}, expected {list(self.shape)}")
+            raise InvalidArgument(
+                f"{what} has shape {list(array.shape)}, expected {list(self.shape)}"
+            )
         if self.dimensions is not None and array.shape != (self.dimensions,):
             raise InvalidArgument(
                 f"{what} has {array.shape[0] if array.ndim else 0} dimensions, expected {self.dimensions}"
@@ -174,9 +192,13 @@ class Constraints:
                 raise InvalidArgument(f"{what}: min/max do not apply to complex {type_name}s")
             low, high = float(array.min()), float(array.max())
             if self.min is not None and not low >= self.min:
-                raise InvalidArgument(f"{what} has an element {low!r} below the minimum {self.min:g}")
+                raise InvalidArgument(
+                    f"{what} has an element {low!r} below the minimum {self.min:g}"
+                )
             if self.max is not None and not high <= self.max:
-                raise InvalidArgument(f"{what} has an element {high!r} above the maximum {self.max:g}")
+                raise InvalidArgument(
+                    f"{what} has an element {high!r} above the maximum {self.max:g}"
+                )
 
 
 EMPTY = Constraints()
@@ -191,4 +213,6 @@ def _compiled(pattern: str) -> re.Pattern[str]:
     try:
         return re.compile(pattern)
     except re.error as exc:
-        raise InvalidArgument(f"constraint 'pattern' is not a valid regular expression: {exc}") from exc
+        raise InvalidArgument(
+            f"constraint 'pattern' is not a valid regular expression: {exc}"
+        ) from exc

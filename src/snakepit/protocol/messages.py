@@ -73,7 +73,9 @@ def decode_request(data: bytes) -> ToolRequest:
             request.session_id = str(buf[a:b], "utf-8")
         elif number == 4:
             key, value_range = _map_entry(buf, a, b)
-            request.metadata[key] = str(buf[value_range[0] : value_range[1]], "utf-8") if value_range else ""
+            request.metadata[key] = (
+                str(buf[value_range[0] : value_range[1]], "utf-8") if value_range else ""
+            )
     return request
 
 

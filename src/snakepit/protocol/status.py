@@ -24,7 +24,9 @@ ERROR_DETAIL_KEY = "snakepit-error-bin"
 Metadata = Sequence[tuple[str, str | bytes]]
 
 
-def detail_of(exc: BaseException, worker_id: str = "", *, with_traceback: bool = True) -> pb.ErrorDetail:
+def detail_of(
+    exc: BaseException, worker_id: str = "", *, with_traceback: bool = True
+) -> pb.ErrorDetail:
     if isinstance(exc, SnakepitError):
         return pb.ErrorDetail(
             type=exc.remote_type or type(exc).__name__,
@@ -34,7 +36,9 @@ def detail_of(exc: BaseException, worker_id: str = "", *, with_traceback: bool =
             not_started=exc.not_started,
         )
     tb = "".join(traceback.format_exception(exc)) if with_traceback else ""
-    return pb.ErrorDetail(type=type(exc).__name__, message=str(exc), traceback=tb, worker_id=worker_id)
+    return pb.ErrorDetail(
+        type=type(exc).__name__, message=str(exc), traceback=tb, worker_id=worker_id
+    )
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
@@ -89,14 +93,20 @@ def error_from_rpc(exc: grpc.RpcError) -> SnakepitError:
     return error_from_status(code, details, trailing)
 
 
-async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, worker_id: str = "") -> None:
+async def abort_with(
+    context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, worker_id: str = ""
+) -> None:
     """End an aio call with ``exc``'s status code and its ErrorDetail; never returns."""
     detail = detail_of(exc, worker_id, with_traceback=not isinstance(exc, SnakepitError))
     context.set_trailing_metadata(error_metadata(detail))
     await context.abort(status_of(exc), detail.message or type(exc).__name__)
 
 
-_CONNECT_FAILURES = ("failed to connect", "connection refused", "connections to all backends failing")
+_CONNECT_FAILURES = (
+    "failed to connect",
+    "connection refused",
+    "connections to all backends failing",
+)
 
 
 def never_started(error: SnakepitError) -> bool:

@@ -158,7 +158,9 @@ class SessionContext:
     async def acall_tool(self, name: str, /, **arguments: Any) -> Any:
         """Call another tool of the pool through the router, in this session, within this deadline."""
         if self._tool_caller is None:
-            raise FailedPrecondition("this worker has no router address, so tools cannot call tools")
+            raise FailedPrecondition(
+                "this worker has no router address, so tools cannot call tools"
+            )
         return await self._tool_caller(name, arguments, self.session_id, self.time_remaining())
 
     # Sync API (for sync tools running in worker threads) --------------------------------------

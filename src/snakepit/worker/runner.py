@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -37,7 +37,7 @@ class ToolRunner:
             finally:
                 await agen.aclose()
             return
-        gen: Iterator[Any] = tool.fn(**kwargs)
+        gen: Generator[Any, None, None] = tool.fn(**kwargs)
         loop = asyncio.get_running_loop()
         try:
             while True:

@@ -11,6 +11,7 @@ SIGTERM, or reaching a recycling limit, drains in-flight calls and exits; the su
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -102,15 +103,17 @@ class WorkerServer:
         await server.start()
         self.server = server
         await self._connect_store()
-        result = self.adapter.initialize()
-        if asyncio.iscoroutine(result):
-            await result
+        await _call_hook(self.adapter.initialize)
         await self.health.set("", SERVING)
         await self.health.set(SERVICE_NAME, SERVING)
         self._spawn(self._watch_limits())
         log.info(
             "worker serving",
-            extra={"port": self.port, "tools": sorted(self.tools), "concurrency": self.config.concurrency},
+            extra={
+                "port": self.port,
+                "tools": sorted(self.tools),
+                "concurrency": self.config.concurrency,
+            },
         )
         return self.port
 
@@ -133,15 +136,14 @@ class WorkerServer:
         self.draining = True
         log.info("worker draining", extra={"reason": reason, "in_flight": self.in_flight})
         await self.health.enter_graceful_shutdown()
-        deadline = time.monotonic() + self.config.drain_timeout
-        while self.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.drain_timeout):
+                while self.in_flight:
+                    await asyncio.sleep(0.02)  # noqa: ASYNC110 - the hot path keeps no Event
         if self.server is not None:
             await self.server.stop(grace=1.0)
         try:
-            result = self.adapter.shutdown()
-            if asyncio.iscoroutine(result):
-                await result
+            await _call_hook(self.adapter.shutdown)
         finally:
             self.runner.shutdown()
             if self.store is not None:
@@ -192,7 +194,9 @@ class WorkerServer:
         }
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
-    async def _ping(self, request: pb.PingRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.PingResponse:
+    async def _ping(
+        self, request: pb.PingRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PingResponse:
         return pb.PingResponse(
             message=request.message or "pong",
             server_id=self.worker_id,
@@ -215,12 +219,14 @@ class WorkerServer:
                 not_started=True,
             )
 
-    def _prepare(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[ToolDef, dict[str, Any], SessionContext | None]:
+    def _prepare(
+        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[ToolDef, dict[str, Any], SessionContext | None]:
         request = decode_request(raw)
         tool = self.tools.get(request.tool_name)
         if tool is None:
             known = ", ".join(sorted(self.tools))
-            raise NotFound(f"unknown tool {request.tool_name!r} (tools: {known})", not_started=True)
+            raise NotFound(f"unknown tool {request.tool_name!r} (tools: {known})")
         kwargs = tool.bind(request.arguments)
         ctx = None
         if tool.context_param is not None:
@@ -228,7 +234,9 @@ class WorkerServer:
             kwargs[tool.context_param] = ctx
         return tool, kwargs, ctx
 
-    def _session_context(self, request: ToolRequest, context: grpc.aio.ServicerContext[Any, Any]) -> SessionContext:
+    def _session_context(
+        self, request: ToolRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> SessionContext:
         remaining = context.time_remaining()
         return SessionContext(
             session_id=request.session_id,
@@ -240,12 +248,16 @@ class WorkerServer:
             deadline=None if remaining is None else time.monotonic() + remaining,
         )
 
-    async def _call_tool(self, name: str, arguments: dict[str, Any], session_id: str, timeout: float | None) -> Any:
+    async def _call_tool(
+        self, name: str, arguments: dict[str, Any], session_id: str, timeout: float | None
+    ) -> Any:
         if self._router_client is None:
             from ..client import AsyncClient
 
             self._router_client = AsyncClient(self.config.router_address)
-        return await self._router_client.call_tool(name, arguments, session_id=session_id, timeout=timeout)
+        return await self._router_client.call_tool(
+            name, arguments, session_id=session_id, timeout=timeout
+        )
 
     async def _execute(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         try:
@@ -264,9 +276,13 @@ class WorkerServer:
                 else:
                     value = await self.runner.call(tool, kwargs)
             try:
-                payload = encode_result(value, self.worker_id, (time.perf_counter() - started) * 1000)
+                payload = encode_result(
+                    value, self.worker_id, (time.perf_counter() - started) * 1000
+                )
             except Exception as exc:
-                raise Internal(f"tool {tool.name!r} returned a value that cannot be sent: {exc}") from exc
+                raise Internal(
+                    f"tool {tool.name!r} returned a value that cannot be sent: {exc}"
+                ) from exc
             self.served += 1
             return payload
         except asyncio.CancelledError:
@@ -283,7 +299,9 @@ class WorkerServer:
             logs.correlation_id.reset(token)
             self._after_call()
 
-    async def _execute_stream(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+    async def _execute_stream(
+        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
         try:
             self._admit()
         except Exception as exc:
@@ -323,6 +341,17 @@ class WorkerServer:
         await abort_with(context, exc, self.worker_id)
 
 
+async def _call_hook(hook: Any) -> None:
+    """Run an adapter hook: a coroutine on the loop, a plain function in a thread.
+
+    A thread keeps the loop free to answer health checks (NOT_SERVING) while a model loads.
+    """
+    if asyncio.iscoroutinefunction(hook):
+        await hook()
+    else:
+        await asyncio.get_running_loop().run_in_executor(None, hook)
+
+
 def _correlation(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == CORRELATION_ID_KEY:
@@ -340,8 +369,11 @@ async def serve(config: WorkerConfig) -> int:
     logs.setup("worker", config.worker_id or default_worker_id())
     worker = WorkerServer(config)
     loop = asyncio.get_running_loop()
+    def on_signal(sig: signal.Signals) -> None:
+        worker._spawn(worker.drain(sig.name))
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda s=sig: worker._spawn(worker.drain(signal.Signals(s).name)))
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         await worker.start()
     except Exception:
@@ -349,4 +381,3 @@ async def serve(config: WorkerConfig) -> int:
         return 1
     await worker.wait_closed()
     return 0
-

@@ -102,7 +102,9 @@ class ToolDef:
         for name, param in self.parameters.items():
             if name not in arguments:
                 if param.required:
-                    raise InvalidArgument(f"missing required argument {name!r} for tool {self.name!r}")
+                    raise InvalidArgument(
+                        f"missing required argument {name!r} for tool {self.name!r}"
+                    )
                 continue
             value = arguments[name]
             if value is None and param.nullable:

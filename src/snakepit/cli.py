@@ -1,0 +1,350 @@
+"""The ``snakepit`` command: serve, worker, router, operator, call, status.
+
+Every option can also come from the environment (``SNAKEPIT_`` + the option name in capitals,
+dashes as underscores), which is how pods are configured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .grpc_options import DEFAULT_MAX_MESSAGE_MB
+
+DEFAULT_TARGET = "localhost:50051"
+
+
+def _env(name: str, default: Any, conv: Callable[[str], Any] = str) -> Any:
+    raw = os.environ.get("SNAKEPIT_" + name.upper().replace("-", "_"))
+    return default if raw is None or raw == "" else conv(raw)
+
+
+def _add(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    default: Any,
+    conv: Callable[[str], Any] = str,
+    **kw: Any,
+) -> None:
+    name = flag.lstrip("-")
+    parser.add_argument(flag, default=_env(name, default, conv), type=conv, **kw)
+
+
+def _pool_options(parser: argparse.ArgumentParser) -> None:
+    _add(parser, "--worker-concurrency", 4, int, help="calls in flight per worker (default 4)")
+    _add(parser, "--queue-size", 1000, int, help="calls that may wait when every worker is busy")
+    _add(parser, "--queue-timeout", 30.0, float, help="seconds a call may wait in the queue")
+    _add(
+        parser,
+        "--affinity",
+        "hint",
+        choices=["hint", "strict"],
+        help="session affinity (default hint)",
+    )
+    _add(parser, "--session-ttl", 3600.0, float, help="seconds a session lives after its last use")
+    _add(parser, "--max-sessions", 10_000, int, help="live sessions the store accepts")
+    _add(parser, "--max-message-mb", DEFAULT_MAX_MESSAGE_MB, int, help="largest message accepted")
+
+
+def _pool_config(args: argparse.Namespace) -> Any:
+    from .router.pool import PoolConfig
+
+    return PoolConfig(
+        worker_concurrency=args.worker_concurrency,
+        queue_size=args.queue_size,
+        queue_timeout=args.queue_timeout,
+        affinity=args.affinity,
+        max_message_mb=args.max_message_mb,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="snakepit",
+        description="Pools of Python gRPC workers behind a session-affinity router.",
+        epilog="Start a local pool with `snakepit serve`, then `snakepit call add a=1 b=2`.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve", help="run a whole pool on this machine (router + workers + store)"
+    )
+    _add(
+        serve,
+        "--adapter",
+        "snakepit.examples.showcase:ShowcaseAdapter",
+        help="MOD:CLASS of your Adapter",
+    )
+    _add(serve, "--workers", 2, int, help="worker processes (default 2)")
+    _add(serve, "--host", "127.0.0.1", help="address the router listens on (default 127.0.0.1)")
+    _add(serve, "--port", 50051, int, help="router port (default 50051)")
+    serve.add_argument(
+        "--store",
+        default=_env("store-url", "memory"),
+        help="session store: memory or redis://[:password@]host:port/db",
+    )
+    _pool_options(serve)
+    serve.add_argument("--verbose", action="store_true", help="show the workers' JSON logs")
+
+    worker = sub.add_parser("worker", help="run one worker process (what worker pods run)")
+    _add(
+        worker,
+        "--adapter",
+        "snakepit.examples.showcase:ShowcaseAdapter",
+        help="MOD:CLASS of your Adapter",
+    )
+    _add(worker, "--host", "0.0.0.0")
+    _add(worker, "--port", 50052, int)
+    _add(worker, "--worker-id", "", help="id in the router's ring (default: $POD_NAME or host-pid)")
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        default=_env("worker-concurrency", 4, int),
+        help="calls in flight (default 4)",
+    )
+    worker.add_argument(
+        "--store",
+        default=_env("store-url", ""),
+        help="redis://… to reach the session store directly, or `router`",
+    )
+    worker.add_argument(
+        "--router", default=_env("router-address", ""), help="router HOST:PORT for ctx.call_tool"
+    )
+    _add(worker, "--session-ttl", 3600.0, float)
+    _add(worker, "--max-message-mb", DEFAULT_MAX_MESSAGE_MB, int)
+    _add(worker, "--max-requests", 0, int, help="recycle after this many calls (0: never)")
+    _add(worker, "--max-age", 0.0, float, help="recycle after this many seconds (0: never)")
+    _add(worker, "--max-rss-mb", 0.0, float, help="recycle above this resident memory (0: never)")
+    _add(worker, "--drain-timeout", 25.0, float, help="seconds to let calls finish on SIGTERM")
+
+    router = sub.add_parser("router", help="run the router (what router pods run)")
+    _add(router, "--host", "0.0.0.0")
+    _add(router, "--port", 50051, int)
+    router.add_argument("--store", default=_env("store-url", "memory"), help="memory or redis://…")
+    _add(router, "--workers", "", help="static workers: [ID=]HOST:PORT,…")
+    _add(
+        router,
+        "--workers-service",
+        "",
+        help="Kubernetes Service whose EndpointSlices list the workers",
+    )
+    _add(router, "--namespace", "", help="namespace of --workers-service (default $POD_NAMESPACE)")
+    _add(router, "--worker-port", 0, int, help="worker port (default: the Service's `grpc` port)")
+    _pool_options(router)
+
+    operator = sub.add_parser("operator", help="run the Kubernetes operator")
+    operator.add_argument(
+        "--namespace", action="append", default=None, help="watch this namespace (repeatable)"
+    )
+    operator.add_argument("--all-namespaces", action="store_true", help="watch every namespace")
+    _add(operator, "--liveness-port", 8080, int)
+
+    call = sub.add_parser("call", help="call a tool and print its result as JSON")
+    call.add_argument("tool")
+    call.add_argument(
+        "arguments",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="values are JSON when they parse as JSON, else strings",
+    )
+    call.add_argument("--session", default=None, help="run in this session (created if missing)")
+    _add(call, "--target", DEFAULT_TARGET)
+    call.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    call.add_argument(
+        "--stream", action="store_true", help="print each streamed item on its own line"
+    )
+
+    status = sub.add_parser("status", help="show the pool's workers, queue and totals")
+    _add(status, "--target", DEFAULT_TARGET)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def parse_arguments(pairs: Sequence[str]) -> dict[str, Any]:
+    arguments: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"snakepit call: arguments look like key=value, got {pair!r}")
+        try:
+            arguments[key] = json.loads(raw)
+        except ValueError:
+            arguments[key] = raw
+    return arguments
+
+
+def to_json(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return {"$bytes": base64.b64encode(value).decode()}
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json(v) for v in value]
+    return value
+
+
+def _cmd_call(args: argparse.Namespace) -> int:
+    from .client import Client
+    from .errors import SnakepitError
+
+    arguments = parse_arguments(args.arguments)
+    with Client(args.target, timeout=args.timeout) as client:
+        try:
+            if args.session:
+                session = client.session(args.session, keep=True)
+                if args.stream:
+                    for item in session.stream(args.tool, args=arguments):
+                        print(json.dumps(to_json(item)), flush=True)
+                    return 0
+                result = session.execute(args.tool, args=arguments)
+            elif args.stream:
+                for item in client.stream(args.tool, args=arguments):
+                    print(json.dumps(to_json(item)), flush=True)
+                return 0
+            else:
+                result = client.execute(args.tool, args=arguments)
+        except SnakepitError as exc:
+            print(f"error: {exc.code.name}: {exc}", file=sys.stderr)
+            if exc.remote_traceback:
+                print(exc.remote_traceback.rstrip(), file=sys.stderr)
+            return 1
+    print(json.dumps(to_json(result), indent=None))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .client import Client
+    from .errors import SnakepitError
+
+    with Client(args.target, timeout=10) as client:
+        try:
+            status = client.status()
+        except SnakepitError as exc:
+            print(f"error: {exc.code.name}: {exc}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(format_status(status))
+    return 0
+
+
+def format_status(status: dict[str, Any]) -> str:
+    lines = [
+        f"router {status['router_id']}  store {status['store']}  affinity {status['affinity']}  "
+        f"up {float(status['uptime_seconds']):.0f}s",
+        f"workers {status['workers_ready']}/{status['workers_total']} ready  busy {status['busy']}  "
+        f"in flight {status['in_flight']}  queued {status['queued']}/{status['queue_capacity']}  "
+        f"sessions {status['sessions']}",
+        f"calls {status['calls_total']} ({status['calls_failed']} failed)  latency p50 "
+        f"{status['latency_p50_ms']:.2f} ms  p90 {status['latency_p90_ms']:.2f} ms  p99 {status['latency_p99_ms']:.2f} ms",
+        "",
+        f"{'WORKER':<24} {'ADDRESS':<22} {'STATE':<12} {'IN FLIGHT':>9} {'SERVED':>8} {'FAILED':>7}",
+    ]
+    for w in status["workers"]:
+        lines.append(
+            f"{w['worker_id']:<24} {w['address']:<22} {w['state']:<12} "
+            f"{w['in_flight']:>4}/{w['capacity']:<4} {w['served']:>8} {w['failed']:>7}"
+        )
+    return "\n".join(lines)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeConfig, run
+
+    config = ServeConfig(
+        adapter=args.adapter,
+        workers=args.workers,
+        host=args.host,
+        port=args.port,
+        store=args.store,
+        session_ttl=args.session_ttl,
+        max_sessions=args.max_sessions,
+        pool=_pool_config(args),
+        max_message_mb=args.max_message_mb,
+        quiet=not args.verbose,
+    )
+    return asyncio.run(run(config))
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from .supervisor import die_with_parent
+    from .worker.server import WorkerConfig, serve
+
+    die_with_parent()
+    config = WorkerConfig(
+        adapter=args.adapter,
+        host=args.host,
+        port=args.port,
+        worker_id=args.worker_id,
+        concurrency=args.concurrency,
+        store_url=args.store,
+        router_address=args.router,
+        max_message_mb=args.max_message_mb,
+        max_requests=args.max_requests,
+        max_age=args.max_age,
+        max_rss_mb=args.max_rss_mb,
+        drain_timeout=args.drain_timeout,
+        session_ttl=args.session_ttl,
+    )
+    return asyncio.run(serve(config))
+
+
+def _cmd_router(args: argparse.Namespace) -> int:
+    from .router.main import RouterConfig, serve
+
+    config = RouterConfig(
+        host=args.host,
+        port=args.port,
+        store_url=args.store,
+        session_ttl=args.session_ttl,
+        max_sessions=args.max_sessions,
+        workers=[w for w in args.workers.split(",") if w],
+        workers_service=args.workers_service,
+        namespace=args.namespace,
+        worker_port=args.worker_port or None,
+        pool=_pool_config(args),
+        max_message_mb=args.max_message_mb,
+    )
+    return asyncio.run(serve(config))
+
+
+def _cmd_operator(args: argparse.Namespace) -> int:
+    from .operator.main import run
+
+    return run(
+        namespaces=args.namespace or [],
+        all_namespaces=args.all_namespaces,
+        liveness_port=args.liveness_port,
+    )
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": _cmd_serve,
+    "worker": _cmd_worker,
+    "router": _cmd_router,
+    "operator": _cmd_operator,
+    "call": _cmd_call,
+    "status": _cmd_status,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The router: session-affinity scheduling of tool calls over a pool of workers."""

@@ -1,0 +1,361 @@
+"""The router: the pool's front door.
+
+Tool calls are forwarded as opaque bytes (the session id comes from request metadata, so a 100 MB
+tensor argument is never parsed here) to the worker the pool picks; session and variable RPCs are
+served from the session store; Ping, GetPoolStatus and GetRoutingTable describe the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from .. import __version__
+from ..errors import SnakepitError, Unavailable
+from ..grpc_options import DEFAULT_MAX_MESSAGE_MB, server_options
+from ..protocol import SERVICE_NAME, pb
+from ..protocol.status import SESSION_ID_KEY, abort_with, error_from_rpc, never_started
+from ..store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL, SessionStore
+from .discovery import Discovery, StaticDiscovery
+from .pool import PoolConfig, WorkerPool
+from .workers import WorkerHandle
+
+log = logging.getLogger("snakepit.router")
+
+MAX_ATTEMPTS = 3
+_HOP_HEADERS = (
+    "user-agent",
+    "content-type",
+    "te",
+    "grpc-accept-encoding",
+    "grpc-encoding",
+    "grpc-timeout",
+)
+_TOUCH_INTERVAL = 5.0
+_TOUCH_MEMORY = 100_000
+
+
+@dataclass
+class RouterConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    router_id: str = ""
+    store_url: str = "memory"
+    session_ttl: float = DEFAULT_SESSION_TTL
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    workers: list[str] = field(default_factory=list)
+    workers_service: str = ""
+    namespace: str = ""
+    worker_port: int | None = None
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
+
+
+def default_router_id() -> str:
+    return os.environ.get("POD_NAME") or f"router-{socket.gethostname()}-{os.getpid()}"
+
+
+def forwardable(metadata: Sequence[Any] | None) -> tuple[tuple[str, Any], ...]:
+    return tuple(
+        (key, value)
+        for key, value in metadata or ()
+        if not key.startswith(":") and key not in _HOP_HEADERS
+    )
+
+
+def session_of(metadata: Sequence[Any] | None) -> str:
+    for key, value in metadata or ():
+        if key == SESSION_ID_KEY:
+            return str(value)
+    return ""
+
+
+class RouterServer:
+    def __init__(
+        self,
+        config: RouterConfig,
+        *,
+        store: SessionStore | None = None,
+        discovery: Discovery | None = None,
+    ) -> None:
+        self.config = config
+        self.router_id = config.router_id or default_router_id()
+        self.store = store
+        self.discovery = discovery
+        self.pool = WorkerPool(config.pool)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.started = time.monotonic()
+        self._touched: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # Lifecycle --------------------------------------------------------------------------------
+    async def start(self) -> int:
+        if self.store is None:
+            from ..store import open_store
+
+            self.store = open_store(
+                self.config.store_url,
+                default_ttl=self.config.session_ttl,
+                max_sessions=self.config.max_sessions,
+            )
+        if self.discovery is None:
+            self.discovery = self._default_discovery()
+        self._spawn(self.discovery.run(self.pool.set_workers))
+        server = grpc.aio.server(options=server_options(self.config.max_message_mb))
+        server.add_generic_rpc_handlers((self._handlers(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        address = f"{self.config.host}:{self.config.port}"
+        self.port = server.add_insecure_port(address)
+        if not self.port:
+            raise RuntimeError(f"cannot listen on {address}")
+        await server.start()
+        self.server = server
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        log.info("router serving", extra={"port": self.port, "store": self.store.backend})
+        return self.port
+
+    def _default_discovery(self) -> Discovery:
+        if self.config.workers_service:
+            from .discovery import EndpointSliceDiscovery
+
+            namespace = self.config.namespace or os.environ.get("POD_NAMESPACE") or "default"
+            return EndpointSliceDiscovery(
+                self.config.workers_service, namespace, self.config.worker_port
+            )
+        return StaticDiscovery(self.config.workers)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        for task in list(self._tasks):
+            task.cancel()
+        await self.pool.close()
+        if self.store is not None:
+            await self.store.close()
+
+    async def wait_closed(self) -> None:
+        if self.server is not None:
+            await self.server.wait_for_termination()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # Handlers ---------------------------------------------------------------------------------
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        from ..store.service import StoreService, store_handlers
+
+        assert self.store is not None
+        handlers: dict[str, grpc.RpcMethodHandler] = dict(store_handlers(StoreService(self.store)))
+        handlers.update(
+            ExecuteTool=grpc.unary_unary_rpc_method_handler(self._execute),
+            ExecuteStreamingTool=grpc.unary_stream_rpc_method_handler(self._execute_stream),
+            ListTools=grpc.unary_unary_rpc_method_handler(self._list_tools),
+            Ping=grpc.unary_unary_rpc_method_handler(
+                self._ping,
+                request_deserializer=pb.PingRequest.FromString,
+                response_serializer=pb.PingResponse.SerializeToString,
+            ),
+            GetPoolStatus=grpc.unary_unary_rpc_method_handler(
+                self._pool_status,
+                request_deserializer=pb.GetPoolStatusRequest.FromString,
+                response_serializer=pb.PoolStatus.SerializeToString,
+            ),
+            GetRoutingTable=grpc.unary_unary_rpc_method_handler(
+                self._routing_table,
+                request_deserializer=pb.GetRoutingTableRequest.FromString,
+                response_serializer=pb.RoutingTable.SerializeToString,
+            ),
+        )
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+    async def _execute(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        metadata = context.invocation_metadata()
+        session_id = session_of(metadata)
+        forwarded = forwardable(metadata)
+        tried: list[str] = []
+        started = time.perf_counter()
+        ok = False
+        try:
+            while True:
+                handle = await self._acquire(session_id, tried, context)
+                try:
+                    response: bytes = await handle.execute(
+                        raw, timeout=context.time_remaining(), metadata=forwarded
+                    )
+                    ok = True
+                    return response
+                except grpc.aio.AioRpcError as exc:
+                    if not self._may_retry(exc, handle, tried):
+                        await self._forward_error(context, exc)
+                finally:
+                    self.pool.release(handle, ok=ok)
+                    if session_id:
+                        self._note_session(session_id, handle.worker_id)
+        finally:
+            self.pool.record(ok=ok, started=started)
+
+    async def _execute_stream(
+        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        metadata = context.invocation_metadata()
+        session_id = session_of(metadata)
+        forwarded = forwardable(metadata)
+        tried: list[str] = []
+        started = time.perf_counter()
+        ok = sent = headers_sent = False
+        try:
+            while True:
+                handle = await self._acquire(session_id, tried, context)
+                call = handle.execute_stream(
+                    raw, timeout=context.time_remaining(), metadata=forwarded
+                )
+                try:
+                    headers = await call.initial_metadata()
+                    if headers and not headers_sent:
+                        await context.send_initial_metadata(forwardable(headers))
+                        headers_sent = True
+                    async for chunk in call:
+                        sent = True
+                        yield chunk
+                    ok = True
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    if sent or not self._may_retry(exc, handle, tried):
+                        await self._forward_error(context, exc)
+                finally:
+                    call.cancel()
+                    self.pool.release(handle, ok=ok)
+                    if session_id:
+                        self._note_session(session_id, handle.worker_id)
+        finally:
+            self.pool.record(ok=ok, started=started)
+
+    async def _acquire(
+        self, session_id: str, tried: list[str], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> WorkerHandle:
+        try:
+            return await self.pool.acquire(session_id, tried, context.time_remaining())
+        except SnakepitError as exc:
+            await abort_with(context, exc)
+            raise  # unreachable: abort raises
+
+    def _may_retry(self, exc: grpc.aio.AioRpcError, handle: WorkerHandle, tried: list[str]) -> bool:
+        """Retry calls that never reached a tool on another worker, a few times at most."""
+        if not never_started(error_from_rpc(exc)) or len(tried) + 1 >= MAX_ATTEMPTS:
+            return False
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            self.pool.mark_unreachable(handle)
+        tried.append(handle.worker_id)
+        return True
+
+    async def _forward_error(
+        self, context: grpc.aio.ServicerContext[Any, Any], exc: grpc.aio.AioRpcError
+    ) -> None:
+        """Pass a worker's failure on as it came: status, message and ErrorDetail."""
+        trailing = exc.trailing_metadata()
+        if trailing:
+            context.set_trailing_metadata(forwardable(trailing))
+        await context.abort(exc.code(), exc.details() or "")
+
+    def _note_session(self, session_id: str, worker_id: str) -> None:
+        """Slide the session's TTL and record its worker, at most every few seconds per session."""
+        self.pool.remember(session_id, worker_id)
+        now = time.monotonic()
+        last = self._touched.get(session_id)
+        if last is not None and last[0] == worker_id and now - last[1] < _TOUCH_INTERVAL:
+            return
+        self._touched[session_id] = (worker_id, now)
+        self._touched.move_to_end(session_id)
+        if len(self._touched) > _TOUCH_MEMORY:
+            self._touched.popitem(last=False)
+        self._spawn(self._touch(session_id, worker_id))
+
+    async def _touch(self, session_id: str, worker_id: str) -> None:
+        assert self.store is not None
+        # A call may name a session that was never opened in the store.
+        with contextlib.suppress(SnakepitError):
+            await self.store.touch_session(session_id, worker_id=worker_id)
+
+    async def _list_tools(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        handle = self.pool.any_ready()
+        if handle is None:
+            await abort_with(context, Unavailable("no worker is ready to list its tools"))
+            raise AssertionError("unreachable")
+        try:
+            response: bytes = await handle.list_tools(raw, timeout=context.time_remaining())
+            return response
+        except grpc.aio.AioRpcError as exc:
+            await self._forward_error(context, exc)
+            raise
+
+    async def _ping(
+        self, request: pb.PingRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PingResponse:
+        return pb.PingResponse(
+            message=request.message or "pong",
+            server_id=self.router_id,
+            role="router",
+            version=__version__,
+            server_time=time.time(),
+        )
+
+    async def _pool_status(
+        self, request: pb.GetPoolStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PoolStatus:
+        pool = self.pool
+        workers = pool.worker_statuses()
+        latencies = sorted(pool.latencies_ms)
+        sessions = 0
+        store_name = ""
+        if self.store is not None:
+            store_name = self.store.backend
+            try:
+                sessions = (await self.store.stats()).sessions
+            except SnakepitError:
+                sessions = -1
+        return pb.PoolStatus(
+            router_id=self.router_id,
+            workers=workers,
+            workers_total=len(workers),
+            workers_ready=sum(w.ready for w in workers),
+            busy=sum(w.in_flight >= w.capacity for w in workers),
+            in_flight=pool.in_flight,
+            queued=pool.queued,
+            queue_capacity=pool.config.queue_size,
+            calls_total=pool.calls_total,
+            calls_failed=pool.calls_failed,
+            latency_p50_ms=_percentile(latencies, 0.50),
+            latency_p90_ms=_percentile(latencies, 0.90),
+            latency_p99_ms=_percentile(latencies, 0.99),
+            sessions=sessions,
+            affinity=pool.config.affinity,
+            store=store_name,
+            uptime_seconds=time.monotonic() - self.started,
+        )
+
+    async def _routing_table(
+        self, request: pb.GetRoutingTableRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RoutingTable:
+        return self.pool.routing_table()
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

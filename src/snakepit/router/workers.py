@@ -1,0 +1,104 @@
+"""One worker as the router sees it: a channel, its health, and its call accounting.
+
+The router watches each worker's ``grpc.health.v1`` stream: SERVING puts it in the ring,
+NOT_SERVING (draining) takes it out while its in-flight calls finish, and a broken stream or
+connection marks it unreachable at once. Keepalive pings on the channel catch a worker that
+stops answering without closing its connection; grpc then fails the calls in flight on it with
+UNAVAILABLE instead of letting them wait for their deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ..grpc_options import channel_options
+from ..protocol import method_path
+
+log = logging.getLogger("snakepit.router")
+
+STARTING, READY, DRAINING, UNREACHABLE = "starting", "ready", "draining", "unreachable"
+KEEPALIVE_MS = 2000
+MAX_RECONNECT_MS = 1000
+
+
+class WorkerHandle:
+    def __init__(
+        self,
+        worker_id: str,
+        address: str,
+        max_message_mb: int,
+        on_state: Callable[[WorkerHandle], None],
+    ) -> None:
+        self.worker_id = worker_id
+        self.address = address
+        self.state = STARTING
+        self.in_flight = 0
+        self.served = 0
+        self.failed = 0
+        self.removed = False
+        self._on_state = on_state
+        self.channel = grpc.aio.insecure_channel(
+            address,
+            options=channel_options(
+                max_message_mb, keepalive_ms=KEEPALIVE_MS, max_reconnect_ms=MAX_RECONNECT_MS
+            ),
+        )
+        self.execute: Any = self.channel.unary_unary(method_path("ExecuteTool"))
+        self.execute_stream: Any = self.channel.unary_stream(method_path("ExecuteStreamingTool"))
+        self.list_tools: Any = self.channel.unary_unary(method_path("ListTools"))
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._watch_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+
+    @property
+    def ready(self) -> bool:
+        return self.state == READY and not self.removed
+
+    def set_state(self, state: str) -> None:
+        if state != self.state:
+            log.info(
+                "worker state",
+                extra={"worker": self.worker_id, "address": self.address, "state": state},
+            )
+            self.state = state
+            self._on_state(self)
+
+    async def _watch(self) -> None:
+        backoff = 0.05
+        request = health_pb2.HealthCheckRequest(service="")
+        while not self.removed:
+            call = self._health.Watch(request)
+            try:
+                async for response in call:
+                    backoff = 0.05
+                    serving = response.status == health_pb2.HealthCheckResponse.SERVING
+                    self.set_state(READY if serving else DRAINING)
+            except grpc.aio.AioRpcError:
+                pass
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            if self.removed:
+                return
+            self.set_state(UNREACHABLE)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_RECONNECT_MS / 1000)
+
+    async def close(self, grace: float = 30.0) -> None:
+        """Stop watching; close the channel once the calls in flight on it have finished."""
+        self.removed = True
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)  # noqa: ASYNC110 - the hot path keeps no Event
+        await self.channel.close()

@@ -1,0 +1,163 @@
+"""``snakepit serve``: a whole pool on one machine (router + N worker processes + a store).
+
+This is the embedded default: the router runs in this process with its session store (memory by
+default), workers are supervised child processes that reach the store through the router. The
+pool counts as ready only when every worker has answered a health check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+from . import logs
+from .grpc_options import DEFAULT_MAX_MESSAGE_MB
+from .router.discovery import StaticDiscovery
+from .router.pool import PoolConfig
+from .router.server import RouterConfig, RouterServer
+from .store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL
+from .supervisor import RestartPolicy, WorkerSlot
+from .worker.server import DEFAULT_ADAPTER
+
+log = logging.getLogger("snakepit.serve")
+
+
+@dataclass
+class ServeConfig:
+    adapter: str = DEFAULT_ADAPTER
+    workers: int = 2
+    host: str = "127.0.0.1"
+    port: int = 50051
+    store: str = "memory"
+    session_ttl: float = DEFAULT_SESSION_TTL
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
+    worker_args: list[str] = field(default_factory=list)
+    startup_timeout: float = 60.0
+    drain_timeout: float = 10.0
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    quiet: bool = False
+
+
+class LocalPool:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.router = RouterServer(
+            RouterConfig(
+                host=config.host,
+                port=config.port,
+                router_id="router",
+                store_url=config.store,
+                session_ttl=config.session_ttl,
+                max_sessions=config.max_sessions,
+                pool=config.pool,
+                max_message_mb=config.max_message_mb,
+            ),
+            discovery=StaticDiscovery([]),
+        )
+        self.slots: list[WorkerSlot] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _worker_argv(self, slot_id: str, router_port: int) -> list[str]:
+        config = self.config
+        return [
+            sys.executable, "-m", "snakepit", "worker",
+            "--adapter", config.adapter,
+            "--host", "127.0.0.1",
+            "--worker-id", slot_id,
+            "--concurrency", str(config.pool.worker_concurrency),
+            "--store", "router",
+            "--router", f"127.0.0.1:{router_port}",
+            "--max-message-mb", str(config.max_message_mb),
+            "--session-ttl", str(config.session_ttl),
+            *config.worker_args,
+        ]  # fmt: skip
+
+    def _publish(self, _slot: WorkerSlot | None = None) -> None:
+        self.router.pool.set_workers({s.worker_id: s.address for s in self.slots})
+
+    async def start(self) -> None:
+        """Start the router, then the workers; return once every worker is ready."""
+        router_port = await self.router.start()
+        for index in range(self.config.workers):
+            worker_id = f"worker-{index}"
+            base = self._worker_argv(worker_id, router_port)
+            slot = WorkerSlot(
+                worker_id,
+                base,
+                policy=self.config.restart,
+                on_address=self._publish,
+                env={"SNAKEPIT_LOG_LEVEL": "warning"} if self.config.quiet else None,
+            )
+            self.slots.append(slot)
+        self._publish()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(slot.run()) for slot in self.slots]
+        await self._wait_ready()
+
+    async def _wait_ready(self) -> None:
+        started = time.monotonic()
+        total = len(self.slots)
+        shown = -1
+        deadline = started + self.config.startup_timeout
+        while True:
+            ready = sum(w.ready for w in self.router.pool.workers.values())
+            if ready != shown and not self.config.quiet:
+                _progress(
+                    f"  workers ready: {ready}/{total} ({time.monotonic() - started:.2f} s)",
+                    done=ready == total,
+                )
+                shown = ready
+            if ready == total:
+                return
+            if time.monotonic() > deadline or all(s.given_up for s in self.slots):
+                raise RuntimeError(
+                    f"only {ready} of {total} workers became ready within {self.config.startup_timeout:g}s"
+                )
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        await self.router.stop(grace=1.0)
+        await asyncio.gather(*(slot.stop(self.config.drain_timeout) for slot in self.slots))
+        for task in self._tasks:
+            task.cancel()
+
+
+def _progress(line: str, *, done: bool) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + line + ("\n" if done else ""))
+    elif done:
+        sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+async def run(config: ServeConfig) -> int:
+    logs.setup("serve", "serve", level="warning")
+    pool = LocalPool(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(
+        f"snakepit: starting {config.workers} workers (adapter {config.adapter}, store {config.store})",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        await pool.start()
+    except Exception as exc:
+        print(f"snakepit: could not start the pool: {exc}", file=sys.stderr)
+        await pool.stop()
+        return 1
+    target = f"{'localhost' if config.host in ('127.0.0.1', '0.0.0.0') else config.host}:{pool.router.port}"
+    hint = "" if pool.router.port == 50051 else f" --target {target}"
+    print(f"snakepit: pool ready at {target} - try: snakepit call add a=1 b=2{hint}", flush=True)
+    await stop.wait()
+    print("snakepit: stopping", file=sys.stderr, flush=True)
+    await pool.stop()
+    return 0
