@@ -117,8 +117,17 @@ def _apply_manifests(cfg: Config) -> None:
     rendered = cfg.state_dir / "kube-dns.yaml"
     rendered.write_text(dns)
     for path in (MANIFESTS_DIR / "rbac.yaml", MANIFESTS_DIR / "storageclass.yaml", rendered):
-        wait_for(f"kubectl apply {path.name}", lambda p=path: kubectl(
-            cfg, "apply", "--server-side", "-f", str(p), check=False).returncode == 0, 60, 1)
+        errors: list[str] = []
+
+        def apply(p: Path = path) -> bool:
+            proc = kubectl(cfg, "apply", "--server-side", "-f", str(p), check=False)
+            errors.append(proc.stderr)
+            return proc.returncode == 0
+
+        try:
+            wait_for(f"kubectl apply {path.name}", apply, 30, 1)
+        except TimeoutError as exc:
+            raise RuntimeError(f"{exc}: {errors[-1] if errors else ''}") from None
 
 
 def _start_node(cfg: Config, timings: dict[str, float]) -> None:
