@@ -1,3 +1,3 @@
 """Fixtures shared by every test directory; each plugin module owns one kind of real component."""
 
-pytest_plugins = ["tests.fixtures.processes"]
+pytest_plugins = ["tests.fixtures.processes", "tests.fixtures.redis"]

@@ -7,7 +7,8 @@ hold them to:
   expiry to ``now + ttl``. When it expires, it and all its variables disappear together.
 - At most ``max_sessions`` live sessions; creating one more raises ResourceExhausted.
 - Every variable has a declared type (given, or inferred from its first value) and optional
-  constraints. A write that breaks them raises InvalidArgument and leaves the stored value as it was.
+  constraints. A write that breaks them raises InvalidArgument and leaves the stored value as
+  it was.
 - Every write bumps the variable's version by one; ``expected_version`` turns a write into a
   compare-and-set that raises FailedPrecondition when the version moved.
 - Multi-variable writes are all-or-nothing. ``increment`` is atomic.
@@ -117,6 +118,33 @@ class VariableChange:
     variable: Variable | None = None
 
 
+class ChangeFeed(AsyncIterator[VariableChange], ABC):
+    """What ``SessionStore.watch`` returns: an async iterator that can say when it subscribed.
+
+    ``ready()`` exists because "every change from now on" needs a "now" the caller can wait for:
+    a remote backend subscribes over the network, so without it a write issued right after
+    ``watch()`` could race the subscription.
+    """
+
+    @abstractmethod
+    async def ready(self) -> None:
+        """Subscribe (once); raise NotFound when the session does not exist."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Stop the feed and release what it holds; iteration then ends."""
+
+    def __aiter__(self) -> ChangeFeed:
+        return self
+
+    async def __aenter__(self) -> ChangeFeed:
+        await self.ready()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
 @dataclass(frozen=True, slots=True)
 class StoreStats:
     backend: str
@@ -204,7 +232,9 @@ class SessionStore(ABC):
         """Write a value. A missing variable is created with ``type_name`` or the inferred type."""
 
     @abstractmethod
-    async def set_variables(self, session_id: str, values: Mapping[str, Any]) -> dict[str, Variable]:
+    async def set_variables(
+        self, session_id: str, values: Mapping[str, Any]
+    ) -> dict[str, Variable]:
         """Write several values, all or none."""
 
     @abstractmethod
@@ -218,8 +248,13 @@ class SessionStore(ABC):
         """Atomically add ``by`` to a numeric variable (created as ``by`` when missing)."""
 
     @abstractmethod
-    def watch(self, session_id: str, names: Sequence[str] | None = None) -> AsyncIterator[VariableChange]:
-        """Every change to the session's variables from now on, in order, until it ends."""
+    def watch(self, session_id: str, names: Sequence[str] | None = None) -> ChangeFeed:
+        """Every change to the session's variables from now on, in order, until it ends.
+
+        The feed subscribes on ``await feed.ready()`` (or its first ``__anext__``); changes made
+        after ``ready()`` returns are all delivered. It ends with an "expired" change when the
+        session goes away, and raises ResourceExhausted if it fell too far behind to be complete.
+        """
 
     # Housekeeping ---------------------------------------------------------------------------
     @abstractmethod

@@ -1,0 +1,420 @@
+"""The in-memory session store of the embedded default (``snakepit serve``).
+
+Every operation runs to completion without awaiting, so it is atomic on its event loop without
+locks. Values are kept in their stored (codec) form, as in Redis: a caller can never mutate a
+stored value through a reference it passed in or got back, and tensors are kept binary.
+
+Expiry never scans: a heap holds one entry per session (its deadline when pushed). Touching a
+session only moves its ``expires_at``; when a heap entry comes due, a session that was touched
+since is pushed back with its new deadline, and one that was not is dropped. A single timer on
+the event loop fires at the earliest deadline so watchers hear of expiry without any traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
+from ..protocol import Constraints, decode_value
+from ..protocol.constraints import EMPTY
+from . import rules
+from .base import (
+    DEFAULT_MAX_SESSIONS,
+    DEFAULT_SESSION_TTL,
+    ChangeFeed,
+    SessionInfo,
+    SessionStore,
+    StoreStats,
+    Variable,
+    VariableChange,
+)
+
+# Changes a watcher may have queued before it counts as too slow to be complete.
+DEFAULT_WATCH_BACKLOG = 10_000
+_END = object()
+
+
+@dataclass(slots=True)
+class _Var:
+    decl: rules.Declaration
+    data: bytes
+    version: int
+    created_at: float
+    updated_at: float
+
+    def view(self, name: str) -> Variable:
+        return Variable(
+            name=name,
+            type=self.decl.type,
+            value=decode_value(self.data),
+            version=self.version,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            constraints=self.decl.constraints,
+            metadata=self.decl.metadata,
+        )
+
+
+@dataclass(slots=True)
+class _Session:
+    session_id: str
+    gen: int
+    created_at: float
+    accessed_at: float
+    ttl: float
+    metadata: dict[str, str]
+    worker_id: str = ""
+    variables: dict[str, _Var] = field(default_factory=dict)
+    feeds: list[_MemoryFeed] = field(default_factory=list)
+
+    @property
+    def expires_at(self) -> float:
+        return self.accessed_at + self.ttl
+
+    def info(self) -> SessionInfo:
+        return SessionInfo(
+            session_id=self.session_id,
+            created_at=self.created_at,
+            last_accessed_at=self.accessed_at,
+            expires_at=self.expires_at,
+            ttl_seconds=self.ttl,
+            last_worker_id=self.worker_id,
+            metadata=dict(self.metadata),
+            variable_count=len(self.variables),
+        )
+
+
+class MemoryStore(SessionStore):
+    backend = "memory"
+
+    def __init__(
+        self,
+        *,
+        default_ttl: float = DEFAULT_SESSION_TTL,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        clock: Any = time.time,
+        watch_backlog: int = DEFAULT_WATCH_BACKLOG,
+    ) -> None:
+        super().__init__(default_ttl=default_ttl, max_sessions=max_sessions, clock=clock)
+        self.watch_backlog = watch_backlog
+        self._sessions: dict[str, _Session] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._gens = itertools.count(1)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+
+    # Expiry ---------------------------------------------------------------------------------
+    def _expire_due(self) -> float:
+        """Drop sessions whose deadline passed; return the current time."""
+        now: float = self.clock()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, gen, sid = heapq.heappop(heap)
+            session = self._sessions.get(sid)
+            if session is None or session.gen != gen:
+                continue
+            if session.expires_at <= now:
+                self._drop(session)
+            else:
+                heapq.heappush(heap, (session.expires_at, gen, sid))
+        self._arm(now)
+        return now
+
+    def _arm(self, now: float) -> None:
+        """Keep one loop timer at the earliest deadline, so expiry happens without traffic."""
+        if not self._heap:
+            return
+        due = self._heap[0][0]
+        if self._timer is not None and self._timer_at <= due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = due
+        self._timer = loop.call_later(max(0.0, due - now), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        self._expire_due()
+
+    def _drop(self, session: _Session) -> None:
+        del self._sessions[session.session_id]
+        for feed in list(session.feeds):
+            feed.end(VariableChange(session.session_id, "", "expired"))
+        session.feeds.clear()
+
+    def _live(self, session_id: str, *, touch: bool = True) -> _Session:
+        """The session, slid forward unless ``touch`` is false; NotFound when gone."""
+        rules.check_session_id(session_id)
+        now = self._expire_due()
+        session = self._sessions.get(session_id)
+        if session is None or session.expires_at <= now:
+            if session is not None:
+                self._drop(session)
+            raise NotFound(f"session {session_id!r} not found (it may have expired)")
+        if touch:
+            session.accessed_at = now
+        return session
+
+    # Sessions -------------------------------------------------------------------------------
+    async def create_session(
+        self,
+        session_id: str | None = None,
+        *,
+        ttl: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        get_or_create: bool = False,
+    ) -> tuple[SessionInfo, bool]:
+        sid = rules.check_session_id(session_id) if session_id else rules.new_session_id()
+        ttl_s = rules.check_ttl(ttl, self.default_ttl)
+        meta = rules.check_metadata(metadata)
+        now = self._expire_due()
+        existing = self._sessions.get(sid)
+        if existing is not None:
+            if not get_or_create:
+                raise AlreadyExists(f"session {sid!r} already exists")
+            existing.accessed_at = now
+            return existing.info(), False
+        if len(self._sessions) >= self.max_sessions:
+            raise ResourceExhausted(
+                f"the session store holds its maximum of {self.max_sessions} sessions"
+            )
+        session = _Session(sid, next(self._gens), now, now, ttl_s, meta)
+        self._sessions[sid] = session
+        heapq.heappush(self._heap, (session.expires_at, session.gen, sid))
+        self._arm(now)
+        return session.info(), True
+
+    async def get_session(self, session_id: str) -> SessionInfo:
+        return self._live(session_id).info()
+
+    async def touch_session(self, session_id: str, *, worker_id: str | None = None) -> SessionInfo:
+        session = self._live(session_id)
+        if worker_id is not None:
+            session.worker_id = worker_id
+        return session.info()
+
+    async def delete_session(self, session_id: str) -> bool:
+        rules.check_session_id(session_id)
+        self._expire_due()
+        session = self._sessions.get(session_id)
+        if session is None:
+            return False
+        self._drop(session)
+        return True
+
+    async def list_sessions(self) -> list[SessionInfo]:
+        self._expire_due()
+        return [session.info() for session in self._sessions.values()]
+
+    # Variables ------------------------------------------------------------------------------
+    def _write(
+        self, session: _Session, name: str, decl: rules.Declaration, data: bytes
+    ) -> Variable:
+        now: float = self.clock()
+        old = session.variables.get(name)
+        if old is None:
+            var = _Var(decl, data, 1, now, now)
+            session.variables[name] = var
+        else:
+            var = old
+            var.decl, var.data, var.version, var.updated_at = decl, data, old.version + 1, now
+        view = var.view(name)
+        self._publish(session, VariableChange(session.session_id, name, "set", view))
+        return view
+
+    def _publish(self, session: _Session, change: VariableChange) -> None:
+        for feed in list(session.feeds):
+            feed.push(change)
+
+    def _var(self, session: _Session, name: str) -> _Var:
+        var = session.variables.get(rules.check_name(name))
+        if var is None:
+            raise NotFound(f"variable {name!r} not found in session {session.session_id!r}")
+        return var
+
+    async def register_variable(
+        self,
+        session_id: str,
+        name: str,
+        type_name: str,
+        value: Any,
+        *,
+        constraints: Constraints = EMPTY,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Variable:
+        rules.check_name(name)
+        decl = rules.Declaration.new(type_name, constraints, metadata)
+        _, data = decl.prepare(value, name)
+        return self._write(self._live(session_id), name, decl, data)
+
+    async def get_variable(self, session_id: str, name: str) -> Variable:
+        session = self._live(session_id)
+        return self._var(session, name).view(name)
+
+    async def get_variables(self, session_id: str, names: Sequence[str]) -> dict[str, Variable]:
+        session = self._live(session_id)
+        return {name: self._var(session, name).view(name) for name in names}
+
+    async def set_variable(
+        self,
+        session_id: str,
+        name: str,
+        value: Any,
+        *,
+        expected_version: int | None = None,
+        type_name: str | None = None,
+    ) -> Variable:
+        rules.check_name(name)
+        session = self._live(session_id)
+        old = session.variables.get(name)
+        if old is None:
+            if expected_version:
+                raise NotFound(f"variable {name!r} not found in session {session_id!r}")
+            decl = rules.inferred_declaration(value, type_name)
+        else:
+            if expected_version is not None and expected_version != old.version:
+                raise FailedPrecondition(
+                    f"variable {name!r} is at version {old.version}, not {expected_version}"
+                )
+            decl = old.decl
+        _, data = decl.prepare(value, name)
+        return self._write(session, name, decl, data)
+
+    async def set_variables(
+        self, session_id: str, values: Mapping[str, Any]
+    ) -> dict[str, Variable]:
+        session = self._live(session_id)
+        staged: list[tuple[str, rules.Declaration, bytes]] = []
+        for name, value in values.items():
+            rules.check_name(name)
+            old = session.variables.get(name)
+            decl = old.decl if old is not None else rules.inferred_declaration(value, None)
+            staged.append((name, decl, decl.prepare(value, name)[1]))
+        return {name: self._write(session, name, decl, data) for name, decl, data in staged}
+
+    async def delete_variable(self, session_id: str, name: str) -> bool:
+        session = self._live(session_id)
+        if session.variables.pop(rules.check_name(name), None) is None:
+            return False
+        self._publish(session, VariableChange(session_id, name, "deleted"))
+        return True
+
+    async def list_variables(self, session_id: str) -> list[Variable]:
+        session = self._live(session_id)
+        return [var.view(name) for name, var in session.variables.items()]
+
+    async def increment(self, session_id: str, name: str, by: int | float = 1) -> Variable:
+        rules.check_name(name)
+        session = self._live(session_id)
+        old = session.variables.get(name)
+        kind = rules.increment_type(by, name, old.decl.type if old else None)
+        if old is None:
+            decl = rules.Declaration.new(kind)
+            return self._write(session, name, decl, decl.prepare(by, name)[1])
+        total = rules.add(decode_value(old.data), by, kind)
+        return self._write(session, name, old.decl, old.decl.prepare(total, name)[1])
+
+    # Watch ----------------------------------------------------------------------------------
+    def watch(self, session_id: str, names: Sequence[str] | None = None) -> ChangeFeed:
+        return _MemoryFeed(self, session_id, names)
+
+    # Housekeeping ---------------------------------------------------------------------------
+    async def stats(self) -> StoreStats:
+        self._expire_due()
+        return StoreStats(
+            backend=self.backend,
+            sessions=len(self._sessions),
+            max_sessions=self.max_sessions,
+            default_ttl=self.default_ttl,
+            extra={"variables": sum(len(s.variables) for s in self._sessions.values())},
+        )
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for session in list(self._sessions.values()):
+            for feed in list(session.feeds):
+                feed.end(None)
+            session.feeds.clear()
+
+
+class _MemoryFeed(ChangeFeed):
+    """A subscriber's queue; the store pushes into it synchronously as changes happen."""
+
+    def __init__(self, store: MemoryStore, session_id: str, names: Sequence[str] | None) -> None:
+        self._store = store
+        self._session_id = session_id
+        self._names = frozenset(names) if names else None
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._session: _Session | None = None
+        self._started = False
+        self._closed = False
+        self._overflowed = False
+
+    async def ready(self) -> None:
+        if self._started or self._closed:
+            return
+        session = self._store._live(self._session_id, touch=False)
+        session.feeds.append(self)
+        self._session = session
+        self._started = True
+
+    def push(self, change: VariableChange) -> None:
+        if self._names is not None and change.name not in self._names:
+            return
+        if self._queue.qsize() >= self._store.watch_backlog:
+            self._overflowed = True
+            self._detach()
+            self._queue.put_nowait(_END)
+            return
+        self._queue.put_nowait(change)
+
+    def end(self, change: VariableChange | None) -> None:
+        """The session went away (``change`` says so) or the store closed (None)."""
+        if change is not None:
+            self._queue.put_nowait(change)
+        self._queue.put_nowait(_END)
+        self._session = None
+
+    def _detach(self) -> None:
+        if self._session is not None and self in self._session.feeds:
+            self._session.feeds.remove(self)
+        self._session = None
+
+    async def __anext__(self) -> VariableChange:
+        await self.ready()
+        if self._overflowed:
+            raise ResourceExhausted(
+                f"watch of session {self._session_id!r} fell more than "
+                f"{self._store.watch_backlog} changes behind"
+            )
+        item = await self._queue.get()
+        if item is _END:
+            self._closed = True
+            if self._overflowed:
+                raise ResourceExhausted(
+                    f"watch of session {self._session_id!r} fell more than "
+                    f"{self._store.watch_backlog} changes behind"
+                )
+            raise StopAsyncIteration
+        assert isinstance(item, VariableChange)
+        return item
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._detach()
+        self._queue.put_nowait(_END)

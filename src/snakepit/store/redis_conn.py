@@ -1,0 +1,139 @@
+"""Connecting to Redis: URL and password handling, pools, bounded retries and error mapping.
+
+redis-py itself is told not to retry (``Retry(NoBackoff(), 0)``): one retry policy, here, with
+exponential backoff and a time budget, so an operation against a server that is down fails
+with Unavailable after about ``retry_timeout`` seconds instead of an unbounded nest of
+connection-level and command-level retries. Retrying a write is safe because every write script
+carries an operation id that Redis remembers (see ``lua.py``), so a write that was applied
+before its reply got lost is not applied a second time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis import exceptions as rex
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
+
+from ..errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted, Unavailable
+
+T = TypeVar("T")
+
+PASSWORD_ENV = "SNAKEPIT_STORE_PASSWORD"
+SCHEMES = ("redis", "rediss", "unix")
+# Query parameters of a store URL that are ours, not redis-py's.
+_OWN_PARAMS = ("prefix",)
+_AUTH_ERRORS = (rex.AuthenticationError, rex.AuthorizationError, rex.NoPermissionError)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """Where a store URL points, with our own parameters taken out of it."""
+
+    url: str
+    where: str
+    prefix: str
+    password: str | None
+
+
+def parse_target(url: str, *, password: str | None = None, prefix: str = "sp") -> RedisTarget:
+    """Split a store URL; the password is, in order: argument, $SNAKEPIT_STORE_PASSWORD, URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES:
+        raise InvalidArgument(f"not a Redis URL: {url!r} (expected redis://, rediss:// or unix://)")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    own = {k: v for k, v in query if k in _OWN_PARAMS}
+    rest = [(k, v) for k, v in query if k not in _OWN_PARAMS]
+    chosen = password if password is not None else os.environ.get(PASSWORD_ENV) or None
+    if parts.scheme == "unix":
+        where = f"unix://{parts.path}"
+    else:
+        where = f"{parts.scheme}://{parts.hostname or 'localhost'}:{parts.port or 6379}"
+        if parts.path not in ("", "/"):
+            where += parts.path
+    clean = urlunsplit(parts._replace(query=urlencode(rest)))
+    return RedisTarget(clean, where, own.get("prefix", prefix), chosen)
+
+
+def make_client(
+    target: RedisTarget,
+    *,
+    socket_timeout: float,
+    connect_timeout: float,
+    max_connections: int | None,
+    pool_timeout: float,
+) -> aioredis.Redis:
+    """A client whose pool waits (up to ``pool_timeout``) for a free connection when full."""
+    kwargs: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": connect_timeout,
+        "socket_keepalive": True,
+        "retry": Retry(NoBackoff(), 0),
+        "decode_responses": False,
+        "client_name": "snakepit-store",
+    }
+    if target.password is not None:
+        kwargs["password"] = target.password
+    pool: aioredis.ConnectionPool
+    if max_connections is None:
+        pool = aioredis.ConnectionPool.from_url(target.url, **kwargs)
+    else:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            target.url, max_connections=max_connections, timeout=pool_timeout, **kwargs
+        )
+    return aioredis.Redis(connection_pool=pool)
+
+
+class Retrier:
+    """Runs one Redis operation with backoff until it succeeds or the time budget is spent."""
+
+    def __init__(self, where: str, timeout: float) -> None:
+        self.where = where
+        self.timeout = timeout
+        self._retry = Retry(
+            ExponentialBackoff(cap=0.5, base=0.02),
+            retries=-1,
+            supported_errors=(rex.ConnectionError, rex.TimeoutError),
+        )
+
+    async def run(self, op: Callable[[], Awaitable[T]]) -> T:
+        started = time.monotonic()
+        deadline = started + self.timeout
+
+        def retryable(exc: Exception) -> bool:
+            return not isinstance(exc, _AUTH_ERRORS) and time.monotonic() < deadline
+
+        try:
+            return await self._retry.call_with_retry(op, _ignore, is_retryable=retryable)
+        except rex.RedisError as exc:
+            raise self.translate(exc, time.monotonic() - started) from exc
+
+    def translate(self, exc: rex.RedisError, waited: float = 0.0) -> Exception:
+        """The ``snakepit.errors`` exception a caller should see for a Redis failure."""
+        if isinstance(exc, _AUTH_ERRORS):
+            return FailedPrecondition(
+                f"session store {self.where} refused authentication ({exc}); check the password "
+                f"in the store URL or ${PASSWORD_ENV}"
+            )
+        if isinstance(exc, rex.BusyLoadingError):
+            return Unavailable(f"session store {self.where} is still loading its data: {exc}")
+        if isinstance(exc, rex.ConnectionError | rex.TimeoutError):
+            return Unavailable(
+                f"session store {self.where} is unavailable (gave up after {waited:.1f}s): {exc}"
+            )
+        if isinstance(exc, rex.OutOfMemoryError):
+            return ResourceExhausted(f"session store {self.where} is out of memory: {exc}")
+        if isinstance(exc, rex.ReadOnlyError):
+            return Unavailable(f"session store {self.where} is a read-only replica: {exc}")
+        return Internal(f"session store {self.where} failed: {exc}")
+
+
+async def _ignore(_error: Exception) -> None:
+    """redis-py already dropped the broken connection; the next attempt takes a fresh one."""

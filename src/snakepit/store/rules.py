@@ -1,0 +1,154 @@
+"""The checks every backend makes the same way, so memory, Redis and remote refuse alike.
+
+A variable's *declaration* (type, constraints, metadata and a random token) is frozen into one
+string. Backends store that string next to the value: the Redis backend validates a write in
+Python against the declaration string it last saw and lets its Lua script refuse the write if
+the stored string differs, which keeps validation out of Lua and a write at one round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidArgument
+from ..protocol import Constraints, encode_value
+from ..protocol import value_types as vt
+from ..protocol.constraints import EMPTY
+
+MAX_ID_LENGTH = 256
+MAX_NAME_LENGTH = 256
+# Lua (and so the Redis backend) adds integers exactly only below this magnitude.
+EXACT_INT_LIMIT = 2**53
+_NO_METADATA: Mapping[str, str] = MappingProxyType({})
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex
+
+
+def check_session_id(session_id: str) -> str:
+    """Refuse ids that are empty, too long, or could alias another session's Redis keys."""
+    if not isinstance(session_id, str) or not session_id:
+        raise InvalidArgument("session id is empty")
+    if len(session_id) > MAX_ID_LENGTH:
+        raise InvalidArgument(f"session id is longer than {MAX_ID_LENGTH} characters")
+    if not session_id.isprintable() or "{" in session_id or "}" in session_id:
+        raise InvalidArgument(
+            f"session id {session_id!r} may only hold printable characters other than '{{' and '}}'"
+        )
+    return session_id
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument("variable name is empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidArgument(f"variable name is longer than {MAX_NAME_LENGTH} characters")
+    return name
+
+
+def check_ttl(ttl: float | None, default: float) -> float:
+    """A session's TTL in seconds: ``None`` or 0 means the store's default."""
+    if ttl is None or ttl == 0:
+        return default
+    if not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl < 0.001:
+        raise InvalidArgument(f"session TTL must be a positive number of seconds, got {ttl!r}")
+    return float(ttl)
+
+
+def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    if not metadata:
+        return {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidArgument(f"metadata must map strings to strings, got {key!r}: {value!r}")
+    return dict(metadata)
+
+
+def store_bytes(value: Any, type_name: str) -> bytes:
+    """The stored form of a checked value: codec bytes, arrays always binary (never JSON)."""
+    return encode_value(value, type_name, threshold=0)
+
+
+@dataclass(frozen=True, slots=True)
+class Declaration:
+    """A variable's type, constraints and metadata, plus a token naming this declaration."""
+
+    type: str
+    constraints: Constraints = EMPTY
+    metadata: Mapping[str, str] = field(default_factory=lambda: _NO_METADATA)
+    token: str = ""
+
+    @classmethod
+    def new(
+        cls,
+        type_name: str,
+        constraints: Constraints = EMPTY,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Declaration:
+        vt.check_type_name(type_name)
+        constraints.check_applies(type_name)
+        meta = MappingProxyType(check_metadata(metadata))
+        return cls(type_name, constraints, meta, secrets.token_hex(8))
+
+    def encode(self) -> str:
+        meta = json.dumps(dict(self.metadata), sort_keys=True) if self.metadata else ""
+        return f"{self.type}\n{self.token}\n{self.constraints.to_json()}\n{meta}"
+
+    def prepare(self, value: Any, name: str) -> tuple[Any, bytes]:
+        """Check ``value`` against this declaration: ``(coerced value, stored bytes)``."""
+        what = f"value of {name!r}"
+        coerced = vt.coerce(value, self.type, what)
+        self.constraints.validate(coerced, self.type, what)
+        return coerced, store_bytes(coerced, self.type)
+
+
+@lru_cache(maxsize=4096)
+def parse_declaration(text: str) -> Declaration:
+    """The declaration a stored string describes (cached: the same strings recur constantly)."""
+    try:
+        type_name, token, constraints, meta = text.split("\n", 3)
+    except ValueError as exc:
+        raise InvalidArgument(f"malformed variable declaration {text[:80]!r}") from exc
+    metadata = MappingProxyType(json.loads(meta)) if meta else _NO_METADATA
+    return Declaration(type_name, Constraints.from_json(constraints), metadata, token)
+
+
+def inferred_declaration(value: Any, type_name: str | None) -> Declaration:
+    """The declaration a write gives a variable that does not exist yet."""
+    return Declaration.new(type_name or vt.infer_type(value))
+
+
+def increment_type(by: Any, name: str, declared: str | None) -> str:
+    """The numeric type an increment of ``name`` by ``by`` works in, or InvalidArgument."""
+    if isinstance(by, bool | np.bool_) or not isinstance(
+        by, int | float | np.integer | np.floating
+    ):
+        raise InvalidArgument(f"increment of {name!r} needs a number, got {vt.describe(by)}")
+    integral = isinstance(by, int | np.integer)
+    if declared is None:
+        return vt.INTEGER if integral else vt.FLOAT
+    if declared == vt.INTEGER:
+        if not integral:
+            raise InvalidArgument(f"variable {name!r} is an integer; cannot add the float {by!r}")
+        return vt.INTEGER
+    if declared == vt.FLOAT:
+        return vt.FLOAT
+    raise InvalidArgument(
+        f"variable {name!r} has type {declared}; "
+        "only integer and float variables can be incremented"
+    )
+
+
+def add(current: Any, by: Any, kind: str) -> int | float:
+    return int(current) + int(by) if kind == vt.INTEGER else float(current) + float(by)
