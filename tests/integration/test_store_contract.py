@@ -316,7 +316,7 @@ async def test_increment_semantics(store: SessionStore) -> None:
     with pytest.raises(InvalidArgument, match="string"):
         await store.increment("s", "t")
     with pytest.raises(InvalidArgument, match="number"):
-        await store.increment("s", "n", True)  # type: ignore[arg-type]
+        await store.increment("s", "n", True)
     big = await store.set_variable("s", "big", 2**62)
     assert (await store.increment("s", "big", 5)).value == 2**62 + 5
     assert (await store.increment("s", "big", 2**62)).value == 2**63 + 5

@@ -58,8 +58,13 @@ def parse_target(url: str, *, password: str | None = None, prefix: str = "sp") -
         where = f"{parts.scheme}://{parts.hostname or 'localhost'}:{parts.port or 6379}"
         if parts.path not in ("", "/"):
             where += parts.path
-    clean = urlunsplit(parts._replace(query=urlencode(rest)))
-    return RedisTarget(clean, where, own.get("prefix", prefix), chosen)
+    parts = parts._replace(query=urlencode(rest))
+    if chosen is not None and parts.password is not None:
+        # redis-py lets a password in the URL win over the keyword: take it out.
+        user = parts.username or ""
+        host = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{user}@{host}" if user else host)
+    return RedisTarget(urlunsplit(parts), where, own.get("prefix", prefix), chosen)
 
 
 def make_client(
