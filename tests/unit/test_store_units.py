@@ -10,7 +10,13 @@ from snakepit.store import MemoryStore, open_store
 from snakepit.store.redis import RedisStore
 from snakepit.store.redis_conn import PASSWORD_ENV, parse_target
 from snakepit.store.remote import RemoteStore
-from snakepit.store.rules import Declaration, check_session_id, parse_declaration, store_bytes
+from snakepit.store.rules import (
+    Declaration,
+    check_session_id,
+    load_bytes,
+    parse_declaration,
+    store_bytes,
+)
 
 
 class FakeClock:
@@ -103,3 +109,26 @@ def test_stored_numbers_are_the_codec_form_lua_reads() -> None:
     assert store_bytes(0.5, "float") == b"\n\x05float\x12\x030.5"
     assert decode_value(b"\n\x05float\x12\x08Infinity") == float("inf")
     assert store_bytes(5, "integer") == encode_value(5, "integer")
+
+
+@pytest.mark.parametrize(
+    ("value", "type_name"),
+    [
+        (0, "integer"),
+        (-(2**63), "integer"),
+        (10**40, "integer"),
+        (0.1, "float"),
+        (-0.0, "float"),
+        (1e300, "float"),
+        (5e-324, "float"),
+        (float("nan"), "float"),
+        (float("-inf"), "float"),
+        (3.0, "float"),
+    ],
+)
+def test_scalar_fast_paths_match_the_codec(value: float, type_name: str) -> None:
+    data = store_bytes(value, type_name)
+    assert data == encode_value(value, type_name, threshold=0)
+    back = load_bytes(data)
+    assert type(back) is type(decode_value(data))
+    assert repr(back) == repr(decode_value(data))

@@ -1,41 +1,55 @@
 """The Lua scripts behind every Redis store operation; each runs atomically inside Redis.
 
 Keys of one session (``{sid}`` is a Redis Cluster hash tag, so they share a slot):
-  KEYS[1] ``P:{sid}``    hash  c created ms, a accessed ms, t ttl ms, w worker, m metadata JSON,
-                               q change counter, e last emitted q, l watcher lease (ms)
-  KEYS[2] ``P:{sid}:v``  hash  per variable NAME: d:NAME declaration, v:NAME value (codec bytes),
-                               s:NAME "version:created_ms:updated_ms"
-  KEYS[3] ``P:{sid}:w``  stream of changes, written only while a watcher holds the lease
-  KEYS[4] ``P:{sid}:o``  sorted set of recent write ids (score: ms), so a retried write that
-                               had been applied is not applied twice
-  KEYS[5] ``P:sessions`` sorted set sid -> expiry ms, to count and list live sessions
-ARGV[1] is always the session id. Every script slides all four session keys' TTL together and
-answers ``{status, ...}``; statuses other than "ok" are refusals the Python side turns into errors.
-Time is Redis's own clock (TIME), so clients with skewed clocks agree on expiry.
+  ``P:{sid}``    hash  c created ms, a accessed ms, t ttl ms, w worker, m metadata JSON,
+                       q number of the last change put in the stream, l watcher lease (ms),
+                       u last write (ms)
+  ``P:{sid}:v``  hash  per variable NAME: d:NAME declaration, v:NAME value (codec bytes),
+                       s:NAME "version:created_ms:updated_ms"
+  ``P:{sid}:w``  stream of changes, written only while a watcher holds the lease
+  ``P:{sid}:o``  sorted set of recent write ids (score: ms), so a retried write that had been
+                       applied is not applied twice
+  ``P:sessions`` sorted set sid -> expiry ms, to count and list live sessions
+KEYS[1] is ``P:{sid}`` and KEYS[2] the index; the other three are derived from KEYS[1] (same
+hash slot), which keeps every call two arguments shorter. ARGV[1] is always the session id.
+Every script slides the session keys' TTL together and answers ``{status, ...}``; statuses other
+than "ok" are refusals the Python side turns into errors. Time is Redis's own clock (TIME), so
+clients with skewed clocks agree on expiry.
 """
 
 from __future__ import annotations
 
 PRELUDE = r"""
-local SK, VK, WK, OK, IX = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local SK, IX = KEYS[1], KEYS[2]
+local VK, WK, OK = SK .. ':v', SK .. ':w', SK .. ':o'
 local SID = ARGV[1]
 local T = redis.call('TIME')
 local NOW = tonumber(T[1]) * 1000 + math.floor(tonumber(T[2]) / 1000)
 
 local function int(n) return string.format('%.0f', n) end
 
+local LEASE = 0
+
+-- The session's TTL in ms (nil when it does not exist); notes whether a watcher holds the lease.
 local function session_ttl()
-  local t = redis.call('HGET', SK, 't')
-  if t then return tonumber(t) end
-  return nil
+  local f = redis.call('HMGET', SK, 't', 'l')
+  if not f[1] then return nil end
+  LEASE = tonumber(f[2] or '0')
+  return tonumber(f[1])
 end
 
+local WROTE = false
+
 local function touch(ttl)
-  redis.call('HSET', SK, 'a', int(NOW))
+  if WROTE then
+    redis.call('HSET', SK, 'a', int(NOW), 'u', int(NOW))
+    redis.call('PEXPIRE', OK, ttl)
+  else
+    redis.call('HSET', SK, 'a', int(NOW))
+  end
   redis.call('PEXPIRE', SK, ttl)
   redis.call('PEXPIRE', VK, ttl)
-  redis.call('PEXPIRE', WK, ttl)
-  redis.call('PEXPIRE', OK, ttl)
+  if LEASE >= NOW then redis.call('PEXPIRE', WK, ttl) end
   redis.call('ZADD', IX, int(NOW + ttl), SID)
 end
 
@@ -56,16 +70,17 @@ local function seen(opid)
 end
 
 local function remember(opid, window)
-  redis.call('ZADD', OK, int(NOW), opid)
-  redis.call('ZREMRANGEBYSCORE', OK, '-inf', '(' .. int(NOW - window))
+  WROTE = true
+  if redis.call('ZADD', OK, int(NOW), opid) == 1 and redis.call('ZCARD', OK) % 64 == 0 then
+    redis.call('ZREMRANGEBYSCORE', OK, '-inf', '(' .. int(NOW - window))
+  end
 end
 
+-- Put a change in the stream when someone watches; unwatched sessions cost nothing here.
 local function emit(maxlen, ...)
-  local q = redis.call('HINCRBY', SK, 'q', 1)
-  local lease = tonumber(redis.call('HGET', SK, 'l') or '0')
-  if lease >= NOW then
+  if LEASE >= NOW then
+    local q = redis.call('HINCRBY', SK, 'q', 1)
     redis.call('XADD', WK, 'MAXLEN', '~', maxlen, '*', 'q', q, ...)
-    redis.call('HSET', SK, 'e', q)
   end
 end
 
@@ -92,7 +107,7 @@ end
 local n = redis.call('ZCARD', IX)
 if n >= tonumber(ARGV[7]) then return {'full', n} end
 redis.call('DEL', VK, WK, OK)
-redis.call('HSET', SK, 'c', int(NOW), 't', ARGV[4], 'm', ARGV[5], 'w', '', 'q', 0, 'e', 0)
+redis.call('HSET', SK, 'c', int(NOW), 't', ARGV[4], 'm', ARGV[5], 'w', '', 'q', 0)
 remember(ARGV[2], tonumber(ARGV[3]))
 touch(tonumber(ARGV[4]))
 return {'ok', 1, info()}
@@ -111,9 +126,8 @@ return {'ok', info()}
 DELETE_SESSION = r"""
 redis.call('ZREM', IX, SID)
 if not session_ttl() then return 0 end
-local lease = tonumber(redis.call('HGET', SK, 'l') or '0')
 redis.call('DEL', SK, VK, OK)
-if lease >= NOW then
+if LEASE >= NOW then
   redis.call('XADD', WK, '*', 'q', 0, 'k', 'expired')
   redis.call('PEXPIRE', WK, 60000)
 else
@@ -122,16 +136,19 @@ end
 return 1
 """
 
-# ARGV: sid, lease_ms. Takes (or renews) the watcher lease; tells where the feed stands.
+# ARGV: sid, lease_ms. Takes (or renews) the watcher lease; tells where the feed stands and
+# whether a write went unrecorded because the previous lease had lapsed.
 WATCH = r"""
 local ttl = session_ttl()
 if not ttl then return {'nf'} end
-local f = redis.call('HMGET', SK, 'q', 'e', 'c')
+local f = redis.call('HMGET', SK, 'q', 'c', 'u')
+local lapsed = 0
+if LEASE < NOW and tonumber(f[3] or '0') > LEASE then lapsed = 1 end
 redis.call('HSET', SK, 'l', int(NOW + tonumber(ARGV[2])))
 local last = redis.call('XREVRANGE', WK, '+', '-', 'COUNT', 1)
 local id = '0-0'
 if #last > 0 then id = last[1][1] end
-return {'ok', id, f[1], f[2], f[3], redis.call('PTTL', SK)}
+return {'ok', id, f[1] or '0', f[2], lapsed, redis.call('PTTL', SK)}
 """
 
 # ARGV: sid, name

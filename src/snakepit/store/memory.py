@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
-from ..protocol import Constraints, decode_value
+from ..protocol import Constraints
 from ..protocol.constraints import EMPTY
 from . import rules
 from .base import (
@@ -52,7 +52,7 @@ class _Var:
         return Variable(
             name=name,
             type=self.decl.type,
-            value=decode_value(self.data),
+            value=rules.load_bytes(self.data),
             version=self.version,
             created_at=self.created_at,
             updated_at=self.updated_at,
@@ -322,7 +322,7 @@ class MemoryStore(SessionStore):
         if old is None:
             decl = rules.Declaration.new(kind)
             return self._write(session, name, decl, decl.prepare(by, name)[1])
-        total = rules.add(decode_value(old.data), by, kind)
+        total = rules.add(rules.load_bytes(old.data), by, kind)
         return self._write(session, name, old.decl, old.decl.prepare(total, name)[1])
 
     # Watch ----------------------------------------------------------------------------------

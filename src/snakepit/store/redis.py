@@ -9,11 +9,15 @@ See docs/store.md for the key layout and why.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from redis import exceptions as rex
 
 from ..errors import (
     AlreadyExists,
@@ -22,7 +26,7 @@ from ..errors import (
     NotFound,
     ResourceExhausted,
 )
-from ..protocol import Constraints, decode_value
+from ..protocol import Constraints
 from ..protocol import value_types as vt
 from ..protocol.constraints import EMPTY
 from . import rules
@@ -60,7 +64,7 @@ class RedisStore(SessionStore):
         retry_timeout: float = 5.0,
         socket_timeout: float = 5.0,
         connect_timeout: float = 2.0,
-        max_connections: int = 64,
+        max_connections: int = 512,
         watch_maxlen: int = 256,
         watch_inline_limit: int = 64 * 1024,
         watch_lease: float = 30.0,
@@ -76,7 +80,6 @@ class RedisStore(SessionStore):
             socket_timeout=socket_timeout,
             connect_timeout=connect_timeout,
             max_connections=max_connections,
-            pool_timeout=retry_timeout,
         )
         # Blocking XREADs hold a connection each; they get their own, unbounded pool.
         self.watch_redis = make_client(
@@ -84,7 +87,6 @@ class RedisStore(SessionStore):
             socket_timeout=socket_timeout + RedisFeed.MAX_BLOCK,
             connect_timeout=connect_timeout,
             max_connections=None,
-            pool_timeout=retry_timeout,
         )
         self.watch_maxlen = watch_maxlen
         self.watch_inline_limit = watch_inline_limit
@@ -92,8 +94,11 @@ class RedisStore(SessionStore):
         # Write ids are remembered for longer than any retry of them can take.
         self._window_ms = str(int((retry_timeout + socket_timeout + connect_timeout + 5) * 1000))
         self._index = f"{self.prefix}:sessions"
-        self._scripts = {name: self.redis.register_script(src) for name, src in SCRIPTS.items()}
+        self._shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()}
         self._sessions_script = self.redis.register_script(SESSIONS)
+        # Write ids: unique per store instance and call, stable across retries of the call.
+        self._op_base = os.urandom(8)
+        self._op_count = itertools.count()
         self._decls: dict[tuple[str, str], str] = {}
 
     # Plumbing -------------------------------------------------------------------------------
@@ -101,12 +106,24 @@ class RedisStore(SessionStore):
         base = f"{self.prefix}:{{{session_id}}}"
         return [base, base + ":v", base + ":w", base + ":o", self._index]
 
+    def _script_keys(self, session_id: str) -> tuple[str, str]:
+        """What a script gets as KEYS: the session hash (it derives the rest) and the index."""
+        return f"{self.prefix}:{{{session_id}}}", self._index
+
     async def run(self, script: str, session_id: str, *args: Any) -> Any:
         """Run one of ``lua.SCRIPTS`` for a session; ``args`` follow the session id."""
-        keys = self.keys(session_id)
-        argv = (session_id, *args)
-        runner = self._scripts[script]
-        return await self.retrier.run(lambda: runner(keys=keys, args=argv))
+        words = (*self._script_keys(session_id), session_id, *args)
+        return await self.retrier.run(lambda: self._evalsha(script, words))
+
+    async def _evalsha(self, script: str, words: tuple[Any, ...]) -> Any:
+        try:
+            return await self.redis.evalsha(self._shas[script], 2, *words)
+        except rex.NoScriptError:  # a restarted server forgot its script cache
+            self._shas[script] = await self.redis.script_load(SCRIPTS[script])
+            return await self.redis.evalsha(self._shas[script], 2, *words)
+
+    def _opid(self) -> bytes:
+        return self._op_base + next(self._op_count).to_bytes(8, "little")
 
     def _remember(self, session_id: str, name: str, decl: bytes | str) -> None:
         text = decl.decode() if isinstance(decl, bytes) else decl
@@ -148,7 +165,7 @@ class RedisStore(SessionStore):
         reply = await self.run(
             "create",
             sid,
-            os.urandom(8),
+            self._opid(),
             self._window_ms,
             ttl_ms,
             json.dumps(meta) if meta else "",
@@ -220,7 +237,7 @@ class RedisStore(SessionStore):
         reply = await self.run(
             "register",
             session_id,
-            os.urandom(8),
+            self._opid(),
             self._window_ms,
             self.watch_maxlen,
             self._inline(data),
@@ -231,7 +248,7 @@ class RedisStore(SessionStore):
         if self._check(reply, session_id) == b"dup":
             return await self.get_variable(session_id, name)
         self._remember(session_id, name, text)
-        return variable(name, reply[1], decode_value(data), reply[2])
+        return variable(name, reply[1], rules.load_bytes(data), reply[2])
 
     async def get_variable(self, session_id: str, name: str) -> Variable:
         rules.check_session_id(session_id)
@@ -239,7 +256,7 @@ class RedisStore(SessionStore):
         if self._check(reply, session_id) == b"nv":
             raise self._no_variable(session_id, name)
         self._remember(session_id, name, reply[1])
-        return variable(name, reply[1], decode_value(reply[2]), reply[3])
+        return variable(name, reply[1], rules.load_bytes(reply[2]), reply[3])
 
     async def get_variables(self, session_id: str, names: Sequence[str]) -> dict[str, Variable]:
         rules.check_session_id(session_id)
@@ -251,7 +268,7 @@ class RedisStore(SessionStore):
         out: dict[str, Variable] = {}
         for i, name in enumerate(names):
             d, v, s = reply[1 + 3 * i : 4 + 3 * i]
-            out[name] = variable(name, d, decode_value(v), s)
+            out[name] = variable(name, d, rules.load_bytes(v), s)
         return out
 
     async def set_variable(
@@ -265,7 +282,7 @@ class RedisStore(SessionStore):
     ) -> Variable:
         rules.check_session_id(session_id)
         rules.check_name(name)
-        opid = os.urandom(8)
+        opid = self._opid()
         ev = "" if expected_version is None else str(int(expected_version))
         known = self._decls.get((session_id, name))
         for _ in range(_DECL_ATTEMPTS):
@@ -275,7 +292,7 @@ class RedisStore(SessionStore):
             else:
                 decl = rules.parse_declaration(known)
                 expected, create = known, ""
-            _, data = decl.prepare(value, name)
+            checked, data = decl.prepare(value, name)
             reply = await self.run(
                 "set",
                 session_id,
@@ -292,7 +309,8 @@ class RedisStore(SessionStore):
             status = self._check(reply, session_id)
             if status == b"ok":
                 self._remember(session_id, name, reply[1])
-                return variable(name, reply[1], decode_value(data), reply[2])
+                written = rules.written_value(checked, data, decl.type)
+                return variable(name, reply[1], written, reply[2])
             if status == b"decl":
                 known = reply[1].decode()
                 self._remember(session_id, name, known)
@@ -317,7 +335,7 @@ class RedisStore(SessionStore):
             await self.touch_session(session_id)
             return {}
         known = {name: self._decls.get((session_id, name)) for name, _ in items}
-        opid = os.urandom(8)
+        opid = self._opid()
         for _ in range(_DECL_ATTEMPTS):
             args: list[Any] = [opid, self._window_ms, self.watch_maxlen]
             stored: list[bytes] = []
@@ -339,7 +357,7 @@ class RedisStore(SessionStore):
                 for i, (name, _) in enumerate(items):
                     d, s = reply[1 + 2 * i], reply[2 + 2 * i]
                     self._remember(session_id, name, d)
-                    out[name] = variable(name, d, decode_value(stored[i]), s)
+                    out[name] = variable(name, d, rules.load_bytes(stored[i]), s)
                 return out
             if status == b"decl":
                 for j in range(1, len(reply), 2):
@@ -354,7 +372,7 @@ class RedisStore(SessionStore):
 
     async def delete_variable(self, session_id: str, name: str) -> bool:
         rules.check_session_id(session_id)
-        args = (os.urandom(8), self._window_ms, self.watch_maxlen, rules.check_name(name))
+        args = (self._opid(), self._window_ms, self.watch_maxlen, rules.check_name(name))
         reply = await self.run("delete", session_id, *args)
         self._check(reply, session_id)
         self._decls.pop((session_id, name), None)
@@ -370,7 +388,7 @@ class RedisStore(SessionStore):
             field = flat[i]
             parts.setdefault(field[2:], {})[field[:1]] = flat[i + 1]
         out = [
-            variable(name.decode(), p[b"d"], decode_value(p[b"v"]), p[b"s"])
+            variable(name.decode(), p[b"d"], rules.load_bytes(p[b"v"]), p[b"s"])
             for name, p in parts.items()
             if len(p) == 3
         ]
@@ -380,7 +398,7 @@ class RedisStore(SessionStore):
     async def increment(self, session_id: str, name: str, by: int | float = 1) -> Variable:
         rules.check_session_id(session_id)
         rules.check_name(name)
-        opid = os.urandom(8)
+        opid = self._opid()
         known = self._decls.get((session_id, name))
         for _ in range(_DECL_ATTEMPTS):
             decl = rules.parse_declaration(known) if known else None
@@ -414,7 +432,7 @@ class RedisStore(SessionStore):
             status = self._check(reply, session_id)
             if status == b"ok":
                 self._remember(session_id, name, reply[1])
-                return variable(name, reply[1], decode_value(reply[3]), reply[2])
+                return variable(name, reply[1], rules.load_bytes(reply[3]), reply[2])
             if status == b"decl":
                 known = reply[1].decode()
                 self._remember(session_id, name, known)

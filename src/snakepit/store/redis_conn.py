@@ -73,9 +73,9 @@ def make_client(
     socket_timeout: float,
     connect_timeout: float,
     max_connections: int | None,
-    pool_timeout: float,
 ) -> aioredis.Redis:
-    """A client whose pool waits (up to ``pool_timeout``) for a free connection when full."""
+    """A pooled client. A full pool raises a (retryable) connection error rather than queueing:
+    redis-py's blocking pool costs ~15 µs per command, which is a fifth of a round trip."""
     kwargs: dict[str, Any] = {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": connect_timeout,
@@ -83,17 +83,11 @@ def make_client(
         "retry": Retry(NoBackoff(), 0),
         "decode_responses": False,
         "client_name": "snakepit-store",
+        "max_connections": max_connections,
     }
     if target.password is not None:
         kwargs["password"] = target.password
-    pool: aioredis.ConnectionPool
-    if max_connections is None:
-        pool = aioredis.ConnectionPool.from_url(target.url, **kwargs)
-    else:
-        pool = aioredis.BlockingConnectionPool.from_url(
-            target.url, max_connections=max_connections, timeout=pool_timeout, **kwargs
-        )
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis(connection_pool=aioredis.ConnectionPool.from_url(target.url, **kwargs))
 
 
 class Retrier:
@@ -109,6 +103,14 @@ class Retrier:
         )
 
     async def run(self, op: Callable[[], Awaitable[T]]) -> T:
+        try:  # the common case, without the retry machinery
+            return await op()
+        except _AUTH_ERRORS as exc:
+            raise self.translate(exc) from exc
+        except (rex.ConnectionError, rex.TimeoutError):
+            pass
+        except rex.RedisError as exc:
+            raise self.translate(exc) from exc
         started = time.monotonic()
         deadline = started + self.timeout
 
@@ -126,6 +128,11 @@ class Retrier:
             return FailedPrecondition(
                 f"session store {self.where} refused authentication ({exc}); check the password "
                 f"in the store URL or ${PASSWORD_ENV}"
+            )
+        if isinstance(exc, rex.MaxConnectionsError):
+            return ResourceExhausted(
+                f"session store {self.where}: every pooled connection stayed busy for "
+                f"{waited:.1f}s ({exc})"
             )
         if isinstance(exc, rex.BusyLoadingError):
             return Unavailable(f"session store {self.where} is still loading its data: {exc}")

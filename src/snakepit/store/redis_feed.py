@@ -1,10 +1,11 @@
 """Watching a Redis session: a blocking XREAD on the session's change stream.
 
 Write scripts append to the stream only while some watcher holds the session's lease (so
-unwatched sessions cost no stream memory), and number every change of the session (``q``)
-whether or not they append it. The feed checks that the numbers it sees are consecutive: a gap
-means the stream was trimmed or the lease lapsed before it read on, and it raises
-ResourceExhausted rather than silently skipping changes.
+unwatched sessions cost no stream memory or time) and number what they append (``q``); every
+write also stamps the session's last-write time. The feed checks that the numbers it reads are
+consecutive (a gap means the capped stream was trimmed under it) and, when it renews a lease
+that had lapsed, whether a write happened meanwhile; either way it raises ResourceExhausted
+rather than silently skip changes.
 
 Values above the store's inline limit are not copied into the stream; the feed reads them when
 it delivers the change. If the variable was written again meanwhile, it delivers the newer
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import NotFound, ResourceExhausted
-from ..protocol import decode_value
+from . import rules
 from .base import ChangeFeed, VariableChange
 from .redis_records import variable
 
@@ -54,19 +55,19 @@ class RedisFeed(ChangeFeed):
         reply = await self._lease()
         if reply is None:
             raise NotFound(f"session {self._session_id!r} not found (it may have expired)")
-        self._last_id, q, _, self._created, _ = reply
-        self._q = int(q or 0)
+        self._last_id, q, self._created, _ = reply
+        self._q = int(q)
         self._started = True
 
-    async def _lease(self) -> tuple[bytes, bytes, bytes, bytes, int] | None:
-        """Take or renew the watcher lease: (last stream id, q, last emitted q, created, pttl)."""
+    async def _lease(self) -> tuple[bytes, bytes, bytes, bool] | None:
+        """Take or renew the watcher lease: (last stream id, q, created, lapsed with writes)."""
         reply = await self._store.run("watch", self._session_id, self._store.watch_lease_ms)
         self._renewed = time.monotonic()
         if reply[0] == b"nf":
             return None
-        _, last_id, q, emitted, created, pttl = reply
+        _, last_id, q, created, lapsed, pttl = reply
         self._block_ms = max(1, min(int(self.MAX_BLOCK * 1000), int(pttl) + 2))
-        return last_id, q, emitted, created, int(pttl)
+        return last_id, q, created, bool(lapsed)
 
     async def __anext__(self) -> VariableChange:
         await self.ready()
@@ -82,21 +83,20 @@ class RedisFeed(ChangeFeed):
 
     def _gap(self, missed: int) -> ResourceExhausted:
         self._ended = True
+        what = f"missed {missed} change(s)" if missed else "missed changes"
         return ResourceExhausted(
-            f"watch of session {self._session_id!r} missed {missed} change(s): it fell more than "
+            f"watch of session {self._session_id!r} {what}: it fell more than "
             f"{self._store.watch_maxlen} changes behind or stopped reading for longer than its "
             "lease"
         )
 
     async def _renew(self) -> None:
         reply = await self._lease()
-        if reply is None or reply[3] != self._created:
+        if reply is None or reply[2] != self._created:
             self._expire()
             return
-        _, q, emitted, _, _ = reply
-        latest, last_emitted = int(q or 0), int(emitted or 0)
-        if latest > max(last_emitted, self._q):
-            raise self._gap(latest - max(last_emitted, self._q))
+        if reply[3]:
+            raise self._gap(0)
 
     async def _poll(self) -> None:
         lease_ms = self._store.watch_lease_ms
@@ -164,7 +164,7 @@ class RedisFeed(ChangeFeed):
             decl, raw, state = current
             version = int(state.split(b":", 1)[0])
             self._delivered[name] = version
-        var = variable(name, decl, decode_value(raw), state)
+        var = variable(name, decl, rules.load_bytes(raw), state)
         return VariableChange(self._session_id, name, "set", var)
 
     async def aclose(self) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidArgument
-from ..protocol import Constraints, encode_value
+from ..protocol import Constraints, decode_value, encode_value
 from ..protocol import value_types as vt
 from ..protocol.constraints import EMPTY
 
@@ -75,9 +75,34 @@ def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return dict(metadata)
 
 
+_SCALAR_HEAD = {vt.INTEGER: b"\n\x07integer\x12", vt.FLOAT: b"\n\x05float\x12"}
+
+
 def store_bytes(value: Any, type_name: str) -> bytes:
-    """The stored form of a checked value: codec bytes, arrays always binary (never JSON)."""
+    """The stored form of a checked value: codec bytes, arrays always binary (never JSON).
+
+    Integers and finite floats, the bulk of session variables, are written directly: the same
+    bytes the codec writes, in a fifth of the time.
+    """
+    head = _SCALAR_HEAD.get(type_name)
+    if head is not None and type(value) in (int, float) and math.isfinite(value):
+        text = repr(value).encode()
+        if len(text) < 128:
+            return head + bytes((len(text),)) + text
     return encode_value(value, type_name, threshold=0)
+
+
+def load_bytes(data: bytes) -> Any:
+    """A stored value back: integers and floats read directly, the rest through the codec."""
+    if len(data) < 128 and data[:1] == b"\n":
+        n = data[1]
+        if data[2 + n : 4 + n] == bytes((0x12, len(data) - 4 - n)):
+            kind = data[2 : 2 + n]
+            if kind == b"integer":
+                return int(data[4 + n :])
+            if kind == b"float":
+                return float(data[4 + n :])
+    return decode_value(data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +147,15 @@ def parse_declaration(text: str) -> Declaration:
         raise InvalidArgument(f"malformed variable declaration {text[:80]!r}") from exc
     metadata = MappingProxyType(json.loads(meta)) if meta else _NO_METADATA
     return Declaration(type_name, Constraints.from_json(constraints), metadata, token)
+
+
+_IMMUTABLE = frozenset({vt.NULL, vt.BOOLEAN, vt.INTEGER, vt.FLOAT, vt.STRING, vt.BYTES})
+
+
+def written_value(coerced: Any, data: bytes, type_name: str) -> Any:
+    """The value a write returns: the checked value when immutable, else a decoded copy (so
+    the caller never holds an alias of what was stored)."""
+    return coerced if type_name in _IMMUTABLE else load_bytes(data)
 
 
 def inferred_declaration(value: Any, type_name: str | None) -> Declaration:
