@@ -144,11 +144,20 @@ async def measure(port: int, rounds: int, per_round: int) -> int:
     times: dict[tuple[str, str], list[float]] = {}
     for name in TARGETS:
         count = per_round if not name.endswith("100") else max(20, per_round // 10)
-        for side, ops in sides.items():  # warm up connections, script cache, caches
+        for ops in sides.values():  # warm up connections, script cache, caches
             await sample(ops[name], 20, [])
         for _ in range(rounds):
             for side, ops in sides.items():
                 await sample(ops[name], count, times.setdefault((side, name), []))
+    # The floor of any scripted operation: an empty script called with get_variable's arguments,
+    # against raw GET, interleaved the same way.
+    noop = raw.register_script("return 1")
+    keys, args = ["sp:{bench}", "sp:sessions"], ["bench", "x"]
+    floor: list[float] = []
+    floor_get: list[float] = []
+    for _ in range(rounds):
+        await sample(lambda: noop(keys=keys, args=args), per_round, floor)
+        await sample(sides["raw"]["get"], per_round, floor_get)
     await rstore.close()
     await raw.aclose()
 
@@ -170,6 +179,11 @@ async def measure(port: int, rounds: int, per_round: int) -> int:
             f"{pct(s, 0.99):10.0f} {ratio:8.2f}x {target:6.1f}x{'' if ok else '!'} "
             f"{pct(m, 0.5):11.1f} {pct(m, 0.99):11.1f}"
         )
+    floor_ratio = statistics.median(floor) / statistics.median(floor_get)
+    print(
+        f"floor: EVALSHA of an empty script with get's arguments, p50 {pct(floor, 0.5):.0f} us "
+        f"= {floor_ratio:.2f}x raw GET"
+    )
     print(f"samples per cell: {rounds} rounds of {per_round} (batches: {max(20, per_round // 10)})")
     return missed
 
