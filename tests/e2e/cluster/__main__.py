@@ -62,15 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         case "images":
             _require_root()
             names = args.names or list(images.PROJECT_IMAGES)
-            timings = images.build_images(cfg, names)
+            if not args.no_load and cluster.current_tier(cfg) != "node":
+                sys.exit("no node-tier cluster runs: `scripts/local-cluster up` first "
+                         "(or pass --no-load)")
+            archives, timings = images.build_images(cfg, names)
             if not args.no_load:
-                if cluster.current_tier(cfg) != "node":
-                    sys.exit("no node-tier cluster runs: `scripts/local-cluster up` first "
-                             "(or pass --no-load)")
-                timings["load"] = images.load_images(cfg, names)
+                timings["load"] = images.load_images(cfg, archives)
             log("images: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
-            for name in names:
-                print(f"{images.image_ref(name)}\t{images.archive_path(cfg, name)}")
+            for name, archive in archives.items():
+                print(f"{images.image_ref(name)}\t{archive}")
         case "build":
             timings = build.ensure_all(cfg)
             print(json.dumps({"built_now": timings, "stamps": build.build_report(cfg)}, indent=1))

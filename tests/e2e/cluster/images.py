@@ -18,7 +18,9 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
+import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -30,7 +32,10 @@ from .run import log, output, run
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = os.environ.get("SNAKEPIT_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
-BASE_REVISION = 1  # bump when the base recipe changes
+BASE_REVISION = 2  # bump when the base recipe changes
+# Trimmed from the debootstrap tree: documentation and translations no container reads.
+BASE_TRIM = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",
+             "var/cache/apt/archives", "var/lib/apt/lists", "var/log")
 BASE_IMAGE = "localhost/snakepit/base:dev"
 
 # name -> Dockerfile (relative to the repository root, which is the build context)
@@ -41,6 +46,16 @@ PROJECT_IMAGES = {
 }
 # Files the Python images copy from the context; their content is part of the cache key.
 CONTEXT_INPUTS = ("pyproject.toml", "README.md", "LICENSE", "src")
+# Wheels for Debian bookworm's CPython (3.11.2; environment markers such as redis's
+# `python_full_version < "3.11.3"` depend on the patch level) and glibc 2.36.
+BASE_PYTHON = "3.11.2"
+# `pip download` evaluates environment markers with the host's interpreter, not --python-version,
+# so requirements that only apply to the base's older patch release are named here.
+MARKER_ONLY_REQUIREMENTS = ("async-timeout>=4.0.3",)
+WHEEL_PLATFORMS = ("manylinux_2_36_x86_64", "manylinux_2_35_x86_64", "manylinux_2_34_x86_64",
+                   "manylinux_2_31_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x86_64",
+                   "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+                   "manylinux1_x86_64", "manylinux2010_x86_64", "linux_x86_64")
 
 
 def image_ref(name: str, prefix: str = "snakepit") -> str:
@@ -125,7 +140,7 @@ def _tree_digest(paths: Iterable[Path]) -> str:
 
 
 def base_key() -> str:
-    material = json.dumps([BASE_REVISION, DEBIAN_SUITE, DEBIAN_MIRROR, BASE_PACKAGES])
+    material = json.dumps([BASE_REVISION, DEBIAN_SUITE, DEBIAN_MIRROR, BASE_PACKAGES, BASE_TRIM])
     return hashlib.sha256(material.encode()).hexdigest()[:12]
 
 
@@ -152,12 +167,16 @@ def ensure_base(cfg: Config) -> float:
         log(f"debootstrap {DEBIAN_SUITE} ({', '.join(BASE_PACKAGES)}) from {DEBIAN_MIRROR}")
         run(["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
              DEBIAN_SUITE, work, DEBIAN_MIRROR], quiet=True)
-        for junk in ("var/cache/apt/archives", "var/lib/apt/lists", "var/log"):
+        for junk in BASE_TRIM:
             for p in (work / junk).glob("*"):
-                if p.is_file():
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
                     p.unlink()
         tmp = rootfs_tar.with_suffix(".tmp")
         run(["tar", "--numeric-owner", "-C", work, "-cf", tmp, "."])
+        for old in cfg.images_cache.glob(f"base-{DEBIAN_SUITE}-*.tar"):
+            old.unlink()
         os.replace(tmp, rootfs_tar)
         shutil.rmtree(work, ignore_errors=True)
     ctr = output(buildah_cmd(cfg, "from", "scratch")).strip()
@@ -174,6 +193,43 @@ def ensure_base(cfg: Config) -> float:
     return time.monotonic() - begin
 
 
+def python_requirements() -> list[str]:
+    """The project's runtime and operator dependencies, plus what its build backend needs."""
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    reqs = list(project["project"].get("dependencies", []))
+    reqs += project["project"].get("optional-dependencies", {}).get("operator", [])
+    reqs += project.get("build-system", {}).get("requires", [])
+    return sorted({*reqs, *MARKER_ONLY_REQUIREMENTS})
+
+
+def ensure_wheelhouse(cfg: Config) -> Path:
+    """Wheels of every dependency, downloaded by the host's pip (which knows this machine's
+    proxy and CA). Builds install from it with ``--no-index``: no image build needs the network
+    for Python packages, and reruns download nothing."""
+    reqs = python_requirements()
+    key = hashlib.sha256(json.dumps([reqs, BASE_PYTHON, WHEEL_PLATFORMS]).encode()).hexdigest()[:12]
+    house = cfg.cache_dir / "wheelhouse" / key
+    if (house / ".complete").exists():
+        return house
+    log(f"downloading {len(reqs)} requirements into the wheelhouse {house}")
+    house.mkdir(parents=True, exist_ok=True)
+    platforms = [arg for plat in WHEEL_PLATFORMS for arg in ("--platform", plat)]
+    run([sys.executable, "-m", "pip", "download", "--quiet", "--dest", house, "--only-binary=:all:",
+         "--python-version", BASE_PYTHON, "--implementation", "cp", "--abi", "cp311", *platforms,
+         *reqs], env={"PIP_FIND_LINKS": ""})
+    (house / ".complete").write_text("\n".join(reqs) + "\n")
+    for old in house.parent.iterdir():
+        if old != house:
+            shutil.rmtree(old, ignore_errors=True)
+    return house
+
+
+def _pip_conf(cfg: Config) -> Path:
+    conf = cfg.cache_dir / "wheelhouse" / "pip.conf"
+    conf.write_text("[global]\nno-index = true\nfind-links = /wheels\n")
+    return conf
+
+
 def image_key(name: str) -> str:
     dockerfile = REPO_ROOT / PROJECT_IMAGES[name]
     inputs = [dockerfile] if name == "redis" else [dockerfile, *(REPO_ROOT / p for p in CONTEXT_INPUTS)]
@@ -184,16 +240,23 @@ def archive_path(cfg: Config, name: str) -> Path:
     return cfg.images_cache / f"{name}-{image_key(name)}.tar"
 
 
-def build_image(cfg: Config, name: str) -> float:
-    """Build one project image into a docker archive in the cache, unless it is there already."""
+def build_image(cfg: Config, name: str) -> tuple[Path, float]:
+    """Build one project image into a docker archive in the cache, unless it is there already.
+
+    Returns the archive and the seconds spent. The key is computed once, here: the sources may
+    change while we build, and what gets loaded must be what was built.
+    """
     archive = archive_path(cfg, name)
     if archive.exists():
-        return 0.0
+        return archive, 0.0
     ensure_base(cfg)
     begin = time.monotonic()
     local = f"localhost/snakepit/{name}:dev"
     log(f"building {image_ref(name)} from {PROJECT_IMAGES[name]}")
-    run(buildah_cmd(cfg, "bud", "--isolation", "chroot", "--layers",
+    house = ensure_wheelhouse(cfg)
+    # pip inside the build reads /etc/pip.conf: install only from the mounted wheelhouse.
+    mounts = ["-v", f"{house}:/wheels:ro", "-v", f"{_pip_conf(cfg)}:/etc/pip.conf:ro"]
+    run(buildah_cmd(cfg, "bud", "--isolation", "chroot", "--layers", "--force-rm", *mounts,
                     "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
                     "-f", str(REPO_ROOT / PROJECT_IMAGES[name]), "-t", local, str(REPO_ROOT)),
         quiet=True)
@@ -205,22 +268,28 @@ def build_image(cfg: Config, name: str) -> float:
     os.replace(tmp, archive)
     seconds = time.monotonic() - begin
     log(f"built {image_ref(name)} in {seconds:.0f}s ({archive.stat().st_size >> 20} MiB)")
-    return seconds
+    return archive, seconds
 
 
-def build_images(cfg: Config, names: Iterable[str] = tuple(PROJECT_IMAGES)) -> dict[str, float]:
+def build_images(cfg: Config, names: Iterable[str] = tuple(PROJECT_IMAGES)
+                 ) -> tuple[dict[str, Path], dict[str, float]]:
+    """Build (or find cached) archives; return {name: archive} and {step: seconds}."""
     timings: dict[str, float] = {}
+    archives: dict[str, Path] = {}
     with build.cache_lock(cfg):
         cfg.images_cache.mkdir(parents=True, exist_ok=True)
+        # Working containers a crashed build left behind (they keep overlay mounts).
+        run(buildah_cmd(cfg, "rm", "--all"), check=False, quiet=True)
         timings["base"] = ensure_base(cfg)
         for name in names:
-            timings[name] = build_image(cfg, name)
+            archives[name], timings[name] = build_image(cfg, name)
     (cfg.images_cache / "last-build-timings.json").write_text(json.dumps(timings, indent=1))
-    return timings
+    return archives, timings
 
 
-def load_images(cfg: Config, names: Iterable[str] = tuple(PROJECT_IMAGES)) -> float:
+def load_images(cfg: Config, archives: dict[str, Path]) -> float:
+    """Import archives into the node's containerd under docker.io/snakepit/<name>:dev."""
     begin = time.monotonic()
-    for name in names:
-        import_archive(cfg, archive_path(cfg, name), f"docker.io/{image_ref(name)}")
+    for name, archive in archives.items():
+        import_archive(cfg, archive, f"docker.io/{image_ref(name)}")
     return time.monotonic() - begin
