@@ -1,12 +1,12 @@
 """Command line of the local cluster: ``scripts/local-cluster`` runs ``python -m tests.e2e.cluster``.
 
-    up [--tier control-plane|node]   start (or reuse) a cluster; last stdout line: export KUBECONFIG=…
-    down                             stop everything and restore the machine
-    images [--no-load] [NAME…]       build the project images; load them into the node's containerd
-    build                            build/cached binaries only, print their build times
-    status                           JSON: tier, processes, paths
-    path TOOL                        print the path of kubectl, helm, kind, etcd or coredns
-    leftovers                        JSON: whatever of a cluster remains on the machine
+up [--tier control-plane|node]   start (or reuse) a cluster; last stdout line: export KUBECONFIG=…
+down                             stop everything and restore the machine
+images [--no-load] [NAME…]       build the project images; load them into the node's containerd
+build                            build/cached binaries only, print their build times
+status                           JSON: tier, processes, paths
+path TOOL                        print the path of kubectl, helm, kind, etcd or coredns
+leftovers                        JSON: whatever of a cluster remains on the machine
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ def _require_root() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="local-cluster", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="local-cluster",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_up = sub.add_parser("up", help="start a cluster (idempotent)")
     p_up.add_argument("--tier", choices=TIERS, default="node")
@@ -50,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 cluster.up(cfg, args.tier)
             except BaseException:
-                log("start-up failed; logs are in " + str(cfg.log_dir) +
-                    " (run `scripts/local-cluster down` to clean up)")
+                log(
+                    "start-up failed; logs are in "
+                    + str(cfg.log_dir)
+                    + " (run `scripts/local-cluster down` to clean up)"
+                )
                 raise
             print(cluster.kubeconfig_export(cfg))
         case "down":
@@ -63,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             _require_root()
             names = args.names or list(images.PROJECT_IMAGES)
             if not args.no_load and cluster.current_tier(cfg) != "node":
-                sys.exit("no node-tier cluster runs: `scripts/local-cluster up` first "
-                         "(or pass --no-load)")
+                sys.exit(
+                    "no node-tier cluster runs: `scripts/local-cluster up` first "
+                    "(or pass --no-load)"
+                )
             archives, timings = images.build_images(cfg, names)
             if not args.no_load:
                 timings["load"] = images.load_images(cfg, archives)

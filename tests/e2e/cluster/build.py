@@ -108,9 +108,19 @@ RECIPE_REVISION = 1
 
 def recipe_key(component: Component) -> str:
     """Changes whenever what we would build changes: version, flags, binaries, pause source."""
-    material = json.dumps([RECIPE_REVISION, component.name, component.version, component.binaries,
-                           LDFLAGS, PAUSE_MAIN if component.name == "pause" else ""])
-    return f"{component.name}-{component.version}-{hashlib.sha256(material.encode()).hexdigest()[:12]}"
+    material = json.dumps(
+        [
+            RECIPE_REVISION,
+            component.name,
+            component.version,
+            component.binaries,
+            LDFLAGS,
+            PAUSE_MAIN if component.name == "pause" else "",
+        ]
+    )
+    return (
+        f"{component.name}-{component.version}-{hashlib.sha256(material.encode()).hexdigest()[:12]}"
+    )
 
 
 def is_built(cfg: Config, component: Component) -> bool:
@@ -164,8 +174,9 @@ def _replaced_modules(gomod: str) -> list[str]:
     return sorted(set(re.findall(r"^\s*(?:replace\s+)?(\S+)\s+=>\s+\.\.?/", gomod, re.MULTILINE)))
 
 
-def _write_wrapper(src: Path, module: str, version: str, replacements: dict[str, str],
-                   godebug: str | None) -> None:
+def _write_wrapper(
+    src: Path, module: str, version: str, replacements: dict[str, str], godebug: str | None
+) -> None:
     lines = ["module snakepit.local/build", "", "go 1.24.0", ""]
     if godebug:
         lines += [f"godebug {godebug}", ""]
@@ -180,12 +191,27 @@ def _build_kubernetes(cfg: Config, out: Path) -> None:
     staging = [m for m in _replaced_modules(gomod) if m.startswith("k8s.io/")]
     godebug = re.search(r"^godebug\s+(\S+)", gomod, re.MULTILINE)
     src = out.parent / "src"
-    _write_wrapper(src, "k8s.io/kubernetes", C.K8S_VERSION,
-                   {m: C.K8S_STAGING_VERSION for m in staging},
-                   godebug.group(1) if godebug else None)
+    _write_wrapper(
+        src,
+        "k8s.io/kubernetes",
+        C.K8S_VERSION,
+        {m: C.K8S_STAGING_VERSION for m in staging},
+        godebug.group(1) if godebug else None,
+    )
     pkgs = [f"k8s.io/kubernetes/cmd/{c}" for c in K8S_COMMANDS]
-    run(["go", "build", "-mod=mod", "-o", f"{out}/", f"-ldflags={_version_ldflags(C.K8S_VERSION)}",
-         *pkgs], env=go_env(cfg), cwd=src)
+    run(
+        [
+            "go",
+            "build",
+            "-mod=mod",
+            "-o",
+            f"{out}/",
+            f"-ldflags={_version_ldflags(C.K8S_VERSION)}",
+            *pkgs,
+        ],
+        env=go_env(cfg),
+        cwd=src,
+    )
 
 
 def _build_etcd(cfg: Config, out: Path) -> None:
@@ -195,21 +221,30 @@ def _build_etcd(cfg: Config, out: Path) -> None:
     src = out.parent / "src"
     _write_wrapper(src, module, C.ETCD_VERSION, {m: C.ETCD_VERSION for m in siblings}, None)
     ldflags = f"{LDFLAGS} -X go.etcd.io/etcd/api/v3/version.GitSHA=snakepit"
-    run(["go", "build", "-mod=mod", "-o", str(out / "etcd"), f"-ldflags={ldflags}", module],
-        env=go_env(cfg), cwd=src)
+    run(
+        ["go", "build", "-mod=mod", "-o", str(out / "etcd"), f"-ldflags={ldflags}", module],
+        env=go_env(cfg),
+        cwd=src,
+    )
 
 
 def _go_install(cfg: Config, out: Path, pkg: str) -> None:
-    run(["go", "install", f"-ldflags={LDFLAGS}", pkg], env={**go_env(cfg), "GOBIN": str(out)},
-        cwd=Path("/"))
+    run(
+        ["go", "install", f"-ldflags={LDFLAGS}", pkg],
+        env={**go_env(cfg), "GOBIN": str(out)},
+        cwd=Path("/"),
+    )
 
 
 def _build_pause(cfg: Config, out: Path) -> None:
     src = out.parent / "src"
     write_file(src / "go.mod", "module snakepit.local/pause\n\ngo 1.24.0\n")
     write_file(src / "main.go", PAUSE_MAIN)
-    run(["go", "build", "-o", str(out / "pause"), f"-ldflags={LDFLAGS}", "."], env=go_env(cfg),
-        cwd=src)
+    run(
+        ["go", "build", "-o", str(out / "pause"), f"-ldflags={LDFLAGS}", "."],
+        env=go_env(cfg),
+        cwd=src,
+    )
 
 
 def _build(cfg: Config, component: Component, out: Path) -> None:
@@ -239,7 +274,9 @@ def ensure_component(cfg: Config, name: str) -> float:
         if is_built(cfg, component):  # someone else built it while we waited
             return 0.0
         if not shutil.which("go"):
-            raise RuntimeError("the Go toolchain (go >= 1.24) is needed to build the cluster binaries")
+            raise RuntimeError(
+                "the Go toolchain (go >= 1.24) is needed to build the cluster binaries"
+            )
         out = component.dir(cfg) / "bin"
         tmp = component.dir(cfg) / "bin.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -250,14 +287,21 @@ def ensure_component(cfg: Config, name: str) -> float:
         seconds = round(time.monotonic() - start, 1)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
-        write_file(component.stamp(cfg), json.dumps({
-            "component": name,
-            "version": component.version,
-            "recipe": recipe_key(component),
-            "build_seconds": seconds,
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "go": output(["go", "version"]).strip(),
-        }, indent=2) + "\n")
+        write_file(
+            component.stamp(cfg),
+            json.dumps(
+                {
+                    "component": name,
+                    "version": component.version,
+                    "recipe": recipe_key(component),
+                    "build_seconds": seconds,
+                    "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "go": output(["go", "version"]).strip(),
+                },
+                indent=2,
+            )
+            + "\n",
+        )
         log(f"built {name} in {seconds}s")
         return seconds
 

@@ -35,11 +35,16 @@ def current_tier(cfg: Config) -> str | None:
     return cfg.tier_file.read_text().strip() or None
 
 
-def kubectl(cfg: Config, *args: str, check: bool = True, capture: bool = True,
-            timeout: float | None = 120) -> subprocess.CompletedProcess[str]:
+def kubectl(
+    cfg: Config, *args: str, check: bool = True, capture: bool = True, timeout: float | None = 120
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(cfg.kubectl_bin), f"--kubeconfig={cfg.admin_kubeconfig}", *args],
-        capture_output=capture, text=True, check=check, timeout=timeout)
+        capture_output=capture,
+        text=True,
+        check=check,
+        timeout=timeout,
+    )
 
 
 def _http_ok(url: str, ctx: ssl.SSLContext | None = None) -> bool:
@@ -93,26 +98,37 @@ def _start_control_plane(cfg: Config, timings: dict[str, float]) -> None:
 
     t = time.monotonic()
     procs.start(cfg, "etcd", components.etcd(cfg), env)
-    procs.wait_ready(cfg, "etcd", lambda: _http_ok(
-        f"http://127.0.0.1:{cfg.net.etcd_client_port}/health"), 60)
+    procs.wait_ready(
+        cfg, "etcd", lambda: _http_ok(f"http://127.0.0.1:{cfg.net.etcd_client_port}/health"), 60
+    )
     procs.start(cfg, "kube-apiserver", components.apiserver(cfg), env)
     admin = Kube.for_identity(cfg, "admin", timeout=3)
     procs.wait_ready(cfg, "kube-apiserver", lambda: admin.get("/readyz") == "ok", 120)
     timings["apiserver"] = time.monotonic() - t
     procs.start(cfg, "kube-controller-manager", components.controller_manager(cfg), env)
-    procs.wait_ready(cfg, "kube-controller-manager", lambda: _http_ok(
-        "https://127.0.0.1:10257/healthz", _insecure()), 60)
+    procs.wait_ready(
+        cfg,
+        "kube-controller-manager",
+        lambda: _http_ok("https://127.0.0.1:10257/healthz", _insecure()),
+        60,
+    )
     _apply_manifests(cfg)
     # Pods are refused until the ServiceAccount controller made `default`; tests would race it.
-    wait_for("the default ServiceAccount", lambda: admin.exists(
-        "/api/v1/namespaces/default/serviceaccounts/default"), 60)
+    wait_for(
+        "the default ServiceAccount",
+        lambda: admin.exists("/api/v1/namespaces/default/serviceaccounts/default"),
+        60,
+    )
     timings["control_plane"] = time.monotonic() - t
 
 
 def _apply_manifests(cfg: Config) -> None:
     dns = (MANIFESTS_DIR / "kube-dns.yaml.in").read_text()
-    for key, value in {"@DNS_IP@": cfg.net.dns_service_ip, "@DNS_PORT@": str(cfg.net.coredns_port),
-                       "@NODE_IP@": cfg.node_ip}.items():
+    for key, value in {
+        "@DNS_IP@": cfg.net.dns_service_ip,
+        "@DNS_PORT@": str(cfg.net.coredns_port),
+        "@NODE_IP@": cfg.node_ip,
+    }.items():
         dns = dns.replace(key, value)
     rendered = cfg.state_dir / "kube-dns.yaml"
     rendered.write_text(dns)
@@ -139,8 +155,12 @@ def _start_node(cfg: Config, timings: dict[str, float]) -> None:
     cfg.cni_ipam_dir.mkdir(parents=True, exist_ok=True)
     cfg.volumes_dir.mkdir(parents=True, exist_ok=True)
     procs.start(cfg, "containerd", components.containerd(cfg), env)
-    procs.wait_ready(cfg, "containerd", lambda: run(
-        images.ctr_cmd(cfg, "version"), quiet=True, check=False).returncode == 0, 60)
+    procs.wait_ready(
+        cfg,
+        "containerd",
+        lambda: run(images.ctr_cmd(cfg, "version"), quiet=True, check=False).returncode == 0,
+        60,
+    )
     images.load_pause(cfg)
     timings["containerd"] = time.monotonic() - t
 
@@ -150,8 +170,9 @@ def _start_node(cfg: Config, timings: dict[str, float]) -> None:
     procs.start(cfg, "kube-proxy", components.kube_proxy(cfg), env)
     procs.start(cfg, "coredns", components.coredns(cfg), env)
     procs.start(cfg, "provisioner", components.provisioner(cfg), components.provisioner_env(cfg))
-    procs.wait_ready(cfg, "kube-scheduler", lambda: _http_ok(
-        "https://127.0.0.1:10259/healthz", _insecure()), 60)
+    procs.wait_ready(
+        cfg, "kube-scheduler", lambda: _http_ok("https://127.0.0.1:10259/healthz", _insecure()), 60
+    )
     procs.wait_ready(cfg, "kube-proxy", lambda: _http_ok("http://127.0.0.1:10256/healthz"), 60)
     procs.wait_ready(cfg, "coredns", lambda: _http_ok("http://127.0.0.1:18181/ready"), 60)
     admin = Kube.for_identity(cfg, "admin", timeout=3)
@@ -173,26 +194,55 @@ def delete_workloads(cfg: Config, timeout: float = 90) -> None:
     if current_tier(cfg) != "node" or procs.read_pid(cfg, "kubelet") is None:
         return
     log("deleting workloads while the kubelet runs")
-    namespaces = kubectl(cfg, "get", "ns", "-o", "jsonpath={.items[*].metadata.name}",
-                         check=False).stdout.split()
-    user_ns = [n for n in namespaces if n not in ("default", "kube-system", "kube-public",
-                                                    "kube-node-lease")]
+    namespaces = kubectl(
+        cfg, "get", "ns", "-o", "jsonpath={.items[*].metadata.name}", check=False
+    ).stdout.split()
+    user_ns = [
+        n
+        for n in namespaces
+        if n not in ("default", "kube-system", "kube-public", "kube-node-lease")
+    ]
     kinds = "deployments,statefulsets,daemonsets,replicasets,jobs,cronjobs,pods"
-    kubectl(cfg, "delete", kinds, "--all", "--all-namespaces", "--wait=false",
-            "--grace-period=2", check=False, timeout=60)
+    kubectl(
+        cfg,
+        "delete",
+        kinds,
+        "--all",
+        "--all-namespaces",
+        "--wait=false",
+        "--grace-period=2",
+        check=False,
+        timeout=60,
+    )
     kubectl(cfg, "delete", "pvc", "--all", "--all-namespaces", "--wait=false", check=False)
     if user_ns:
         kubectl(cfg, "delete", "ns", *user_ns, "--wait=false", check=False)
     try:
-        wait_for("all pods to be gone", lambda: not kubectl(
-            cfg, "get", "pods", "-A", "-o", "name", check=False).stdout.strip(), timeout, 1)
+        wait_for(
+            "all pods to be gone",
+            lambda: not kubectl(cfg, "get", "pods", "-A", "-o", "name", check=False).stdout.strip(),
+            timeout,
+            1,
+        )
         # Volumes are reclaimed by the provisioner once their claims are gone.
-        wait_for("volumes to be reclaimed", lambda: not kubectl(
-            cfg, "get", "pv", "-o", "name", check=False).stdout.strip(), 30, 1)
+        wait_for(
+            "volumes to be reclaimed",
+            lambda: not kubectl(cfg, "get", "pv", "-o", "name", check=False).stdout.strip(),
+            30,
+            1,
+        )
     except TimeoutError as exc:
         log(f"{exc}; forcing the rest")
-        kubectl(cfg, "delete", "pods", "--all", "--all-namespaces", "--force",
-                "--grace-period=0", check=False)
+        kubectl(
+            cfg,
+            "delete",
+            "pods",
+            "--all",
+            "--all-namespaces",
+            "--force",
+            "--grace-period=0",
+            check=False,
+        )
 
 
 def down(cfg: Config) -> dict[str, object]:
@@ -210,8 +260,7 @@ def down(cfg: Config) -> dict[str, object]:
     images.kill_strays(cfg)
     proxy = cfg.k8s_bin / "kube-proxy"
     if proxy.exists():
-        run([proxy, "--cleanup"], check=False, quiet=True,
-            env=components.component_env(cfg))
+        run([proxy, "--cleanup"], check=False, quiet=True, env=components.component_env(cfg))
     found = hostnet.load_snapshot(cfg) or {}
     hostnet.clean_iptables()
     hostnet.clean_cgroups()
@@ -244,8 +293,11 @@ def leftovers(cfg: Config) -> dict[str, object]:
         "mounts": hostnet.cluster_mounts(cfg),
         "links": [n for n in hostnet.cluster_links(cfg) if n not in found.get("links", [])],
         "cgroups": [str(p) for p in hostnet.cgroup_dirs()],
-        "sysctls": {k: (v, now.get(k)) for k, v in sysctls.items()  # type: ignore[union-attr]
-                    if now.get(k) != v},
+        "sysctls": {
+            k: (v, now.get(k))
+            for k, v in sysctls.items()  # type: ignore[union-attr]
+            if now.get(k) != v
+        },
     }
 
 
@@ -255,8 +307,11 @@ def status(cfg: Config) -> dict[str, object]:
         "state_dir": str(cfg.state_dir),
         "kubeconfig": str(cfg.admin_kubeconfig) if cfg.admin_kubeconfig.exists() else None,
         "processes": procs.running(cfg),
-        "binaries": {"kubectl": str(cfg.kubectl_bin), "helm": str(cfg.helm_bin),
-                     "kind": str(cfg.kind_bin)},
+        "binaries": {
+            "kubectl": str(cfg.kubectl_bin),
+            "helm": str(cfg.helm_bin),
+            "kind": str(cfg.kind_bin),
+        },
     }
 
 
@@ -265,5 +320,10 @@ def kubeconfig_export(cfg: Config) -> str:
 
 
 def path_of(cfg: Config, tool: str) -> Path:
-    return {"kubectl": cfg.kubectl_bin, "helm": cfg.helm_bin, "kind": cfg.kind_bin,
-            "etcd": cfg.etcd_bin, "coredns": cfg.coredns_bin}[tool]
+    return {
+        "kubectl": cfg.kubectl_bin,
+        "helm": cfg.helm_bin,
+        "kind": cfg.kind_bin,
+        "etcd": cfg.etcd_bin,
+        "coredns": cfg.coredns_bin,
+    }[tool]

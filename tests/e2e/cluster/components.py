@@ -29,12 +29,18 @@ def etcd(cfg: Config) -> list[str]:
     n = cfg.net
     client, peer = f"http://127.0.0.1:{n.etcd_client_port}", f"http://127.0.0.1:{n.etcd_peer_port}"
     return [
-        str(cfg.etcd_bin), "--name=snakepit", f"--data-dir={cfg.state_dir / 'etcd'}",
-        f"--listen-client-urls={client}", f"--advertise-client-urls={client}",
-        f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
-        f"--initial-cluster=snakepit={peer}", "--initial-cluster-state=new",
+        str(cfg.etcd_bin),
+        "--name=snakepit",
+        f"--data-dir={cfg.state_dir / 'etcd'}",
+        f"--listen-client-urls={client}",
+        f"--advertise-client-urls={client}",
+        f"--listen-peer-urls={peer}",
+        f"--initial-advertise-peer-urls={peer}",
+        f"--initial-cluster=snakepit={peer}",
+        "--initial-cluster-state=new",
         # A throw-away test cluster: durability is not worth the fsync latency on a small VM.
-        "--unsafe-no-fsync=true", "--log-level=warn",
+        "--unsafe-no-fsync=true",
+        "--log-level=warn",
     ]
 
 
@@ -70,7 +76,8 @@ def controller_manager(cfg: Config) -> list[str]:
     kc = kubeconfig_path(cfg, "controller-manager")
     return [
         str(cfg.k8s_bin / "kube-controller-manager"),
-        f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
+        f"--kubeconfig={kc}",
+        f"--authentication-kubeconfig={kc}",
         f"--authorization-kubeconfig={kc}",
         "--bind-address=127.0.0.1",
         "--leader-elect=false",  # one instance; skips the lease wait at start
@@ -80,8 +87,10 @@ def controller_manager(cfg: Config) -> list[str]:
         f"--cluster-signing-cert-file={pki / 'ca.crt'}",
         f"--cluster-signing-key-file={pki / 'ca.key'}",
         # The single node gets pod_cidr, the subnet the CNI conflist names.
-        "--allocate-node-cidrs=true", f"--cluster-cidr={n.cluster_cidr}",
-        "--node-cidr-mask-size=24", f"--service-cluster-ip-range={n.service_cidr}",
+        "--allocate-node-cidrs=true",
+        f"--cluster-cidr={n.cluster_cidr}",
+        "--node-cidr-mask-size=24",
+        f"--service-cluster-ip-range={n.service_cidr}",
         "--profiling=false",
         "--v=1",
     ]
@@ -90,9 +99,14 @@ def controller_manager(cfg: Config) -> list[str]:
 def scheduler(cfg: Config) -> list[str]:
     kc = kubeconfig_path(cfg, "scheduler")
     return [
-        str(cfg.k8s_bin / "kube-scheduler"), f"--kubeconfig={kc}",
-        f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
-        "--bind-address=127.0.0.1", "--leader-elect=false", "--profiling=false", "--v=1",
+        str(cfg.k8s_bin / "kube-scheduler"),
+        f"--kubeconfig={kc}",
+        f"--authentication-kubeconfig={kc}",
+        f"--authorization-kubeconfig={kc}",
+        "--bind-address=127.0.0.1",
+        "--leader-elect=false",
+        "--profiling=false",
+        "--v=1",
     ]
 
 
@@ -101,8 +115,8 @@ def containerd_config(cfg: Config) -> Path:
     d = cfg.containerd_dir
     text = f"""# Written by tests/e2e/cluster (snakepit local cluster). containerd 1.6, config version 2.
 version = 2
-root = "{d / 'root'}"
-state = "{d / 'state'}"
+root = "{d / "root"}"
+state = "{d / "state"}"
 oom_score = 0
 disabled_plugins = [
   "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
@@ -119,7 +133,7 @@ disabled_plugins = [
   address = ""
 
 [plugins."io.containerd.internal.v1.opt"]
-  path = "{d / 'opt'}"
+  path = "{d / "opt"}"
 
 [plugins."io.containerd.grpc.v1.cri"]
   # The pause image is built here and imported before the kubelet starts; never pulled.
@@ -205,8 +219,12 @@ def kubelet_config(cfg: Config) -> Path:
         # Images are imported, never pulled: image GC must not delete them.
         "imageGCHighThresholdPercent": 100,
         "imageGCLowThresholdPercent": 99,
-        "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%",
-                         "imagefs.available": "1%", "nodefs.inodesFree": "1%"},
+        "evictionHard": {
+            "memory.available": "100Mi",
+            "nodefs.available": "1%",
+            "imagefs.available": "1%",
+            "nodefs.inodesFree": "1%",
+        },
         # Node Ready a few seconds sooner than the 10 s default.
         "nodeStatusUpdateFrequency": "4s",
         "syncFrequency": "10s",
@@ -244,11 +262,21 @@ def kube_proxy_config(cfg: Config) -> Path:
         "healthzBindAddress": "127.0.0.1:10256",
         "metricsBindAddress": "127.0.0.1:10249",
         # Zeroes mean "leave the kernel's conntrack settings alone".
-        "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s",
-                      "tcpCloseWaitTimeout": "0s", "udpTimeout": "0s", "udpStreamTimeout": "0s"},
+        "conntrack": {
+            "maxPerCore": 0,
+            "min": 0,
+            "tcpEstablishedTimeout": "0s",
+            "tcpCloseWaitTimeout": "0s",
+            "udpTimeout": "0s",
+            "udpStreamTimeout": "0s",
+        },
         # localhostNodePorts would flip net.ipv4.conf.all.route_localnet.
-        "iptables": {"localhostNodePorts": False, "masqueradeAll": False,
-                     "syncPeriod": "30s", "minSyncPeriod": "0s"},
+        "iptables": {
+            "localhostNodePorts": False,
+            "masqueradeAll": False,
+            "syncPeriod": "30s",
+            "minSyncPeriod": "0s",
+        },
     }
     return write_file(cfg.state_dir / "kube-proxy-config.yaml", json.dumps(conf, indent=2))
 
@@ -265,7 +293,7 @@ def corefile(cfg: Config) -> Path:
     health 127.0.0.1:18080
     ready 127.0.0.1:18181
     kubernetes cluster.local in-addr.arpa ip6.arpa {{
-        kubeconfig {kubeconfig_path(cfg, 'coredns')} snakepit-local
+        kubeconfig {kubeconfig_path(cfg, "coredns")} snakepit-local
         pods insecure
         fallthrough in-addr.arpa ip6.arpa
         ttl 5

@@ -58,11 +58,15 @@ class Network:
 class Config:
     """Where the cluster lives. ``SNAKEPIT_CACHE`` survives clusters; ``state_dir`` does not."""
 
-    cache_dir: Path = field(default_factory=lambda: _env_path("SNAKEPIT_CACHE", "/var/cache/snakepit"))
+    cache_dir: Path = field(
+        default_factory=lambda: _env_path("SNAKEPIT_CACHE", "/var/cache/snakepit")
+    )
     state_dir: Path = field(
         default_factory=lambda: _env_path("SNAKEPIT_CLUSTER_DIR", "/var/lib/snakepit-cluster")
     )
-    node_name: str = field(default_factory=lambda: os.environ.get("SNAKEPIT_NODE_NAME", "snakepit-node"))
+    node_name: str = field(
+        default_factory=lambda: os.environ.get("SNAKEPIT_NODE_NAME", "snakepit-node")
+    )
     net: Network = field(default_factory=Network)
 
     # ---- cache layout (outside the clone, keyed by version) ----
@@ -172,8 +176,12 @@ class Config:
         """
         if ip := os.environ.get("SNAKEPIT_NODE_IP"):
             return ip
-        addr = subprocess.run(["ip", "-o", "-4", "addr", "show", "dev", self.uplink],
-                              capture_output=True, text=True, check=True).stdout.split()
+        addr = subprocess.run(
+            ["ip", "-o", "-4", "addr", "show", "dev", self.uplink],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
         if "inet" not in addr:
             raise RuntimeError(f"no IPv4 address on {self.uplink}; set SNAKEPIT_NODE_IP")
         return addr[addr.index("inet") + 1].split("/")[0]
@@ -183,8 +191,12 @@ class Config:
         """Interface that carries the default route: the fence drops cluster traffic leaving on it."""
         if dev := os.environ.get("SNAKEPIT_UPLINK"):
             return dev
-        out = subprocess.run(["ip", "-o", "-4", "route", "show", "default"], capture_output=True,
-                             text=True, check=False).stdout.split()
+        out = subprocess.run(
+            ["ip", "-o", "-4", "route", "show", "default"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.split()
         return out[out.index("dev") + 1] if "dev" in out else "eth0"
 
     @property

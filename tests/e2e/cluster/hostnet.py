@@ -87,8 +87,11 @@ def write_sysctl(name: str, value: str) -> None:
 
 def iptables_binaries() -> list[str]:
     """Every iptables front end present: rules may land in the nft or the legacy backend."""
-    return [b for b in ("iptables", "ip6tables", "iptables-legacy", "ip6tables-legacy")
-            if shutil.which(b)]
+    return [
+        b
+        for b in ("iptables", "ip6tables", "iptables-legacy", "ip6tables-legacy")
+        if shutil.which(b)
+    ]
 
 
 def iptables_dump(binary: str) -> str:
@@ -99,8 +102,11 @@ def iptables_dump(binary: str) -> str:
 
 
 def _dump_without_counters(text: str) -> list[str]:
-    return sorted(line.split(" [", 1)[0] if line.startswith(":") else line
-                  for line in text.splitlines() if line and not line.startswith("#"))
+    return sorted(
+        line.split(" [", 1)[0] if line.startswith(":") else line
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    )
 
 
 def snapshot(cfg: Config) -> None:
@@ -158,8 +164,22 @@ def fence(cfg: Config) -> None:
         ["-d", net.cluster_cidr],
         ["-s", net.cluster_cidr],
     ):
-        run([*ipt, "-A", FENCE_CHAIN, "-o", dev, *rule, "-j", "DROP",
-             "-m", "comment", "--comment", "snakepit local cluster: stay on this machine"])
+        run(
+            [
+                *ipt,
+                "-A",
+                FENCE_CHAIN,
+                "-o",
+                dev,
+                *rule,
+                "-j",
+                "DROP",
+                "-m",
+                "comment",
+                "--comment",
+                "snakepit local cluster: stay on this machine",
+            ]
+        )
     if run([*ipt, "-C", "POSTROUTING", "-j", FENCE_CHAIN], check=False, quiet=True).returncode:
         run([*ipt, "-I", "POSTROUTING", "1", "-j", FENCE_CHAIN])
 
@@ -279,8 +299,9 @@ def clean_cgroups() -> None:
                 pass
         time.sleep(0.2)
     for top in cgroup_dirs():
-        dirs = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts),
-                      reverse=True)
+        dirs = sorted(
+            (p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+        )
         for d in [*dirs, top]:
             try:
                 d.rmdir()

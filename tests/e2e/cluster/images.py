@@ -34,8 +34,15 @@ DEBIAN_MIRROR = os.environ.get("SNAKEPIT_DEBIAN_MIRROR", "http://deb.debian.org/
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 BASE_REVISION = 2  # bump when the base recipe changes
 # Trimmed from the debootstrap tree: documentation and translations no container reads.
-BASE_TRIM = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",
-             "var/cache/apt/archives", "var/lib/apt/lists", "var/log")
+BASE_TRIM = (
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/locale",
+    "var/cache/apt/archives",
+    "var/lib/apt/lists",
+    "var/log",
+)
 BASE_IMAGE = "localhost/snakepit/base:dev"
 
 # name -> Dockerfile (relative to the repository root, which is the build context)
@@ -52,10 +59,20 @@ BASE_PYTHON = "3.11.2"
 # `pip download` evaluates environment markers with the host's interpreter, not --python-version,
 # so requirements that only apply to the base's older patch release are named here.
 MARKER_ONLY_REQUIREMENTS = ("async-timeout>=4.0.3",)
-WHEEL_PLATFORMS = ("manylinux_2_36_x86_64", "manylinux_2_35_x86_64", "manylinux_2_34_x86_64",
-                   "manylinux_2_31_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x86_64",
-                   "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-                   "manylinux1_x86_64", "manylinux2010_x86_64", "linux_x86_64")
+WHEEL_PLATFORMS = (
+    "manylinux_2_36_x86_64",
+    "manylinux_2_35_x86_64",
+    "manylinux_2_34_x86_64",
+    "manylinux_2_31_x86_64",
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_24_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+    "manylinux2010_x86_64",
+    "linux_x86_64",
+)
 
 
 def image_ref(name: str, prefix: str = "snakepit") -> str:
@@ -120,8 +137,16 @@ def kill_strays(cfg: Config) -> None:
 def buildah_cmd(cfg: Config, *args: str) -> list[str]:
     """buildah with its storage in the cache, so images survive clusters and stay off /var/lib."""
     root = cfg.buildah_root
-    return ["buildah", "--root", str(root / "storage"), "--runroot", str(root / "run"),
-            "--storage-driver", "overlay", *args]
+    return [
+        "buildah",
+        "--root",
+        str(root / "storage"),
+        "--runroot",
+        str(root / "run"),
+        "--storage-driver",
+        "overlay",
+        *args,
+    ]
 
 
 def _tree_digest(paths: Iterable[Path]) -> str:
@@ -130,9 +155,15 @@ def _tree_digest(paths: Iterable[Path]) -> str:
         if not top.exists():
             h.update(f"missing:{top.name}".encode())
             continue
-        files = [top] if top.is_file() else sorted(
-            p for p in top.rglob("*")
-            if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
+        files = (
+            [top]
+            if top.is_file()
+            else sorted(
+                p
+                for p in top.rglob("*")
+                if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+            )
+        )
         for f in files:
             h.update(str(f.relative_to(REPO_ROOT)).encode() + b"\0")
             h.update(hashlib.sha256(f.read_bytes()).digest())
@@ -145,8 +176,10 @@ def base_key() -> str:
 
 
 def _buildah_has(cfg: Config, ref: str) -> bool:
-    return run(buildah_cmd(cfg, "inspect", "--type", "image", ref), check=False,
-               quiet=True).returncode == 0
+    return (
+        run(buildah_cmd(cfg, "inspect", "--type", "image", ref), check=False, quiet=True).returncode
+        == 0
+    )
 
 
 def ensure_base(cfg: Config) -> float:
@@ -157,16 +190,27 @@ def ensure_base(cfg: Config) -> float:
         run(buildah_cmd(cfg, "tag", keyed, BASE_IMAGE), quiet=True)
         return 0.0
     if not shutil.which("debootstrap") or not shutil.which("buildah"):
-        raise RuntimeError("debootstrap and buildah are needed to build images "
-                           "(apt-get install debootstrap buildah)")
+        raise RuntimeError(
+            "debootstrap and buildah are needed to build images "
+            "(apt-get install debootstrap buildah)"
+        )
     begin = time.monotonic()
     rootfs_tar = cfg.images_cache / f"base-{DEBIAN_SUITE}-{key}.tar"
     if not rootfs_tar.exists():
         work = cfg.images_cache / f"base-{key}.rootfs"
         shutil.rmtree(work, ignore_errors=True)
         log(f"debootstrap {DEBIAN_SUITE} ({', '.join(BASE_PACKAGES)}) from {DEBIAN_MIRROR}")
-        run(["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
-             DEBIAN_SUITE, work, DEBIAN_MIRROR], quiet=True)
+        run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                f"--include={','.join(BASE_PACKAGES)}",
+                DEBIAN_SUITE,
+                work,
+                DEBIAN_MIRROR,
+            ],
+            quiet=True,
+        )
         for junk in BASE_TRIM:
             for p in (work / junk).glob("*"):
                 if p.is_dir() and not p.is_symlink():
@@ -182,9 +226,20 @@ def ensure_base(cfg: Config) -> float:
     ctr = output(buildah_cmd(cfg, "from", "scratch")).strip()
     try:
         run(buildah_cmd(cfg, "add", ctr, str(rootfs_tar), "/"), quiet=True)
-        run(buildah_cmd(cfg, "config", "--env", "LANG=C.UTF-8", "--env",
-                        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                        "--cmd", "/bin/bash", ctr), quiet=True)
+        run(
+            buildah_cmd(
+                cfg,
+                "config",
+                "--env",
+                "LANG=C.UTF-8",
+                "--env",
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "--cmd",
+                "/bin/bash",
+                ctr,
+            ),
+            quiet=True,
+        )
         run(buildah_cmd(cfg, "commit", "--rm", ctr, keyed), quiet=True)
     except Exception:
         run(buildah_cmd(cfg, "rm", ctr), check=False, quiet=True)
@@ -214,9 +269,27 @@ def ensure_wheelhouse(cfg: Config) -> Path:
     log(f"downloading {len(reqs)} requirements into the wheelhouse {house}")
     house.mkdir(parents=True, exist_ok=True)
     platforms = [arg for plat in WHEEL_PLATFORMS for arg in ("--platform", plat)]
-    run([sys.executable, "-m", "pip", "download", "--quiet", "--dest", house, "--only-binary=:all:",
-         "--python-version", BASE_PYTHON, "--implementation", "cp", "--abi", "cp311", *platforms,
-         *reqs], env={"PIP_FIND_LINKS": ""})
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--dest",
+            house,
+            "--only-binary=:all:",
+            "--python-version",
+            BASE_PYTHON,
+            "--implementation",
+            "cp",
+            "--abi",
+            "cp311",
+            *platforms,
+            *reqs,
+        ],
+        env={"PIP_FIND_LINKS": ""},
+    )
     (house / ".complete").write_text("\n".join(reqs) + "\n")
     for old in house.parent.iterdir():
         if old != house:
@@ -232,7 +305,9 @@ def _pip_conf(cfg: Config) -> Path:
 
 def image_key(name: str) -> str:
     dockerfile = REPO_ROOT / PROJECT_IMAGES[name]
-    inputs = [dockerfile] if name == "redis" else [dockerfile, *(REPO_ROOT / p for p in CONTEXT_INPUTS)]
+    inputs = (
+        [dockerfile] if name == "redis" else [dockerfile, *(REPO_ROOT / p for p in CONTEXT_INPUTS)]
+    )
     return hashlib.sha256((base_key() + _tree_digest(inputs)).encode()).hexdigest()[:16]
 
 
@@ -256,10 +331,25 @@ def build_image(cfg: Config, name: str) -> tuple[Path, float]:
     house = ensure_wheelhouse(cfg)
     # pip inside the build reads /etc/pip.conf: install only from the mounted wheelhouse.
     mounts = ["-v", f"{house}:/wheels:ro", "-v", f"{_pip_conf(cfg)}:/etc/pip.conf:ro"]
-    run(buildah_cmd(cfg, "bud", "--isolation", "chroot", "--layers", "--force-rm", *mounts,
-                    "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
-                    "-f", str(REPO_ROOT / PROJECT_IMAGES[name]), "-t", local, str(REPO_ROOT)),
-        quiet=True)
+    run(
+        buildah_cmd(
+            cfg,
+            "bud",
+            "--isolation",
+            "chroot",
+            "--layers",
+            "--force-rm",
+            *mounts,
+            "--build-arg",
+            f"BASE_IMAGE={BASE_IMAGE}",
+            "-f",
+            str(REPO_ROOT / PROJECT_IMAGES[name]),
+            "-t",
+            local,
+            str(REPO_ROOT),
+        ),
+        quiet=True,
+    )
     for old in cfg.images_cache.glob(f"{name}-*.tar"):
         old.unlink()
     tmp = archive.with_suffix(".tmp")
@@ -271,8 +361,9 @@ def build_image(cfg: Config, name: str) -> tuple[Path, float]:
     return archive, seconds
 
 
-def build_images(cfg: Config, names: Iterable[str] = tuple(PROJECT_IMAGES)
-                 ) -> tuple[dict[str, Path], dict[str, float]]:
+def build_images(
+    cfg: Config, names: Iterable[str] = tuple(PROJECT_IMAGES)
+) -> tuple[dict[str, Path], dict[str, float]]:
     """Build (or find cached) archives; return {name: archive} and {step: seconds}."""
     timings: dict[str, float] = {}
     archives: dict[str, Path] = {}
@@ -288,8 +379,23 @@ def build_images(cfg: Config, names: Iterable[str] = tuple(PROJECT_IMAGES)
 
 
 def load_images(cfg: Config, archives: dict[str, Path]) -> float:
-    """Import archives into the node's containerd under docker.io/snakepit/<name>:dev."""
+    """Import archives into the node's containerd under docker.io/snakepit/<name>:dev.
+
+    An archive already imported into this cluster's containerd is skipped (its file name carries
+    the content key), so a test session that calls `images` again pays nothing.
+    """
     begin = time.monotonic()
+    record = cfg.state_dir / "loaded-images.json"
+    try:
+        loaded: dict[str, str] = json.loads(record.read_text())
+    except (OSError, ValueError):
+        loaded = {}
+    present = set(containerd_images(cfg))
     for name, archive in archives.items():
-        import_archive(cfg, archive, f"docker.io/{image_ref(name)}")
+        ref = f"docker.io/{image_ref(name)}"
+        if loaded.get(name) == archive.name and ref in present:
+            continue
+        import_archive(cfg, archive, ref)
+        loaded[name] = archive.name
+        record.write_text(json.dumps(loaded, indent=1) + "\n")
     return time.monotonic() - begin

@@ -34,13 +34,16 @@ class Kube:
     @classmethod
     def for_identity(cls, cfg: Config, stem: str, timeout: float = 10.0) -> Kube:
         pki = cfg.pki_dir
-        return cls(cfg.server_url, pki / "ca.crt", pki / f"{stem}.crt", pki / f"{stem}.key",
-                   timeout)
+        return cls(
+            cfg.server_url, pki / "ca.crt", pki / f"{stem}.crt", pki / f"{stem}.key", timeout
+        )
 
-    def request(self, method: str, path: str, body: Any = None,
-                content_type: str = "application/json") -> Any:
-        conn = http.client.HTTPSConnection(self.host, self.port, context=self.ctx,
-                                           timeout=self.timeout)
+    def request(
+        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
+    ) -> Any:
+        conn = http.client.HTTPSConnection(
+            self.host, self.port, context=self.ctx, timeout=self.timeout
+        )
         try:
             data = json.dumps(body).encode() if body is not None else None
             headers = {"Accept": "application/json"}

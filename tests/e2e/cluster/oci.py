@@ -34,29 +34,53 @@ def single_binary_image(binary: Path, dest: Path, name: str, entrypoint: str) ->
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(dest, "w") as tar:
         layer_digest, layer_size = _blob(tar, layer_bytes)
-        config = json.dumps({
-            "architecture": "amd64", "os": "linux",
-            "config": {"Entrypoint": [entrypoint]},
-            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        }).encode()
+        config = json.dumps(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "config": {"Entrypoint": [entrypoint]},
+                "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+            }
+        ).encode()
         config_digest, config_size = _blob(tar, config)
-        manifest = json.dumps({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": config_digest, "size": config_size},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                        "digest": layer_digest, "size": layer_size}],
-        }).encode()
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": config_digest,
+                    "size": config_size,
+                },
+                "layers": [
+                    {
+                        "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": layer_digest,
+                        "size": layer_size,
+                    }
+                ],
+            }
+        ).encode()
         manifest_digest, manifest_size = _blob(tar, manifest)
         for fname, doc in (
             ("oci-layout", {"imageLayoutVersion": "1.0.0"}),
-            ("index.json", {"schemaVersion": 2, "manifests": [{
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": manifest_digest, "size": manifest_size,
-                "annotations": {"io.containerd.image.name": name,
-                                "org.opencontainers.image.ref.name": name.rsplit(":", 1)[1]},
-            }]}),
+            (
+                "index.json",
+                {
+                    "schemaVersion": 2,
+                    "manifests": [
+                        {
+                            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                            "digest": manifest_digest,
+                            "size": manifest_size,
+                            "annotations": {
+                                "io.containerd.image.name": name,
+                                "org.opencontainers.image.ref.name": name.rsplit(":", 1)[1],
+                            },
+                        }
+                    ],
+                },
+            ),
         ):
             raw = json.dumps(doc).encode()
             info = tarfile.TarInfo(fname)

@@ -37,17 +37,50 @@ def _subject(cn: str, orgs: tuple[str, ...]) -> str:
 
 def make_ca(pki: Path) -> None:
     pki.mkdir(parents=True, exist_ok=True)
-    run(["openssl", "req", "-x509", "-new", "-nodes", *CURVE, "-keyout", pki / "ca.key",
-         "-out", pki / "ca.crt", "-days", "3650", "-subj", "/CN=snakepit-local-ca",
-         "-addext", "basicConstraints=critical,CA:TRUE",
-         "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature"], quiet=True)
+    run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-new",
+            "-nodes",
+            *CURVE,
+            "-keyout",
+            pki / "ca.key",
+            "-out",
+            pki / "ca.crt",
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=snakepit-local-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+        ],
+        quiet=True,
+    )
     (pki / "ca.key").chmod(0o600)
 
 
 def make_cert(pki: Path, ident: Identity) -> None:
     key, csr, crt = (pki / f"{ident.stem}.{ext}" for ext in ("key", "csr", "crt"))
-    run(["openssl", "req", "-new", "-nodes", *CURVE, "-keyout", key, "-out", csr,
-         "-subj", _subject(ident.cn, ident.orgs)], quiet=True)
+    run(
+        [
+            "openssl",
+            "req",
+            "-new",
+            "-nodes",
+            *CURVE,
+            "-keyout",
+            key,
+            "-out",
+            csr,
+            "-subj",
+            _subject(ident.cn, ident.orgs),
+        ],
+        quiet=True,
+    )
     key.chmod(0o600)
     usage = "serverAuth,clientAuth" if ident.server else "clientAuth"
     ext = [
@@ -60,15 +93,36 @@ def make_cert(pki: Path, ident: Identity) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".cnf") as extfile:
         extfile.write("\n".join(ext) + "\n")
         extfile.flush()
-        run(["openssl", "x509", "-req", "-in", csr, "-CA", pki / "ca.crt", "-CAkey", pki / "ca.key",
-             "-set_serial", "0x" + secrets.token_hex(16), "-days", DAYS, "-out", crt,
-             "-extfile", extfile.name], quiet=True)
+        run(
+            [
+                "openssl",
+                "x509",
+                "-req",
+                "-in",
+                csr,
+                "-CA",
+                pki / "ca.crt",
+                "-CAkey",
+                pki / "ca.key",
+                "-set_serial",
+                "0x" + secrets.token_hex(16),
+                "-days",
+                DAYS,
+                "-out",
+                crt,
+                "-extfile",
+                extfile.name,
+            ],
+            quiet=True,
+        )
     csr.unlink()
 
 
 def make_service_account_keys(pki: Path) -> None:
-    run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", pki / "sa.key"],
-        quiet=True)
+    run(
+        ["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", pki / "sa.key"],
+        quiet=True,
+    )
     (pki / "sa.key").chmod(0o600)
     run(["openssl", "ec", "-in", pki / "sa.key", "-pubout", "-out", pki / "sa.pub"], quiet=True)
 
@@ -76,9 +130,15 @@ def make_service_account_keys(pki: Path) -> None:
 def identities(cfg: Config) -> list[Identity]:
     node, net = cfg.node_name, cfg.net
     apiserver_sans = (
-        "DNS:kubernetes", "DNS:kubernetes.default", "DNS:kubernetes.default.svc",
-        "DNS:kubernetes.default.svc.cluster.local", "DNS:localhost", f"DNS:{node}",
-        "IP:127.0.0.1", f"IP:{net.kubernetes_service_ip}", f"IP:{cfg.node_ip}",
+        "DNS:kubernetes",
+        "DNS:kubernetes.default",
+        "DNS:kubernetes.default.svc",
+        "DNS:kubernetes.default.svc.cluster.local",
+        "DNS:localhost",
+        f"DNS:{node}",
+        "IP:127.0.0.1",
+        f"IP:{net.kubernetes_service_ip}",
+        f"IP:{cfg.node_ip}",
     )
     return [
         Identity("apiserver", "kube-apiserver", sans=apiserver_sans, server=True),
@@ -88,8 +148,12 @@ def identities(cfg: Config) -> list[Identity]:
         Identity("scheduler", "system:kube-scheduler"),
         Identity("kube-proxy", "system:kube-proxy"),
         Identity("kubelet", f"system:node:{node}", ("system:nodes",)),
-        Identity("kubelet-serving", node, sans=(f"DNS:{node}", "DNS:localhost", "IP:127.0.0.1",
-                                                f"IP:{cfg.node_ip}"), server=True),
+        Identity(
+            "kubelet-serving",
+            node,
+            sans=(f"DNS:{node}", "DNS:localhost", "IP:127.0.0.1", f"IP:{cfg.node_ip}"),
+            server=True,
+        ),
         # Users bound by manifests/rbac.yaml to exactly what they need.
         Identity("coredns", "snakepit:coredns"),
         Identity("provisioner", "snakepit:provisioner"),
@@ -106,13 +170,27 @@ def kubeconfig(cfg: Config, stem: str) -> str:
     doc = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "snakepit-local", "cluster": {
-            "server": cfg.server_url, "certificate-authority-data": b64(pki / "ca.crt")}}],
-        "users": [{"name": stem, "user": {
-            "client-certificate-data": b64(pki / f"{stem}.crt"),
-            "client-key-data": b64(pki / f"{stem}.key")}}],
-        "contexts": [{"name": "snakepit-local", "context": {
-            "cluster": "snakepit-local", "user": stem}}],
+        "clusters": [
+            {
+                "name": "snakepit-local",
+                "cluster": {
+                    "server": cfg.server_url,
+                    "certificate-authority-data": b64(pki / "ca.crt"),
+                },
+            }
+        ],
+        "users": [
+            {
+                "name": stem,
+                "user": {
+                    "client-certificate-data": b64(pki / f"{stem}.crt"),
+                    "client-key-data": b64(pki / f"{stem}.key"),
+                },
+            }
+        ],
+        "contexts": [
+            {"name": "snakepit-local", "context": {"cluster": "snakepit-local", "user": stem}}
+        ],
         "current-context": "snakepit-local",
     }
     return json.dumps(doc, indent=2) + "\n"  # JSON is valid YAML; no PyYAML needed

@@ -88,16 +88,18 @@ def wait_ready(cfg: Config, name: str, probe: Callable[[], bool], timeout: float
     begin = time.monotonic()
     while True:
         if read_pid(cfg, name) is None:
-            raise RuntimeError(f"{name} exited during start-up; last log lines:\n"
-                               f"{log_tail(cfg, name)}")
+            raise RuntimeError(
+                f"{name} exited during start-up; last log lines:\n{log_tail(cfg, name)}"
+            )
         try:
             if probe():
                 return time.monotonic() - begin
         except Exception:  # not ready yet
             pass
         if time.monotonic() - begin > timeout:
-            raise TimeoutError(f"{name} not ready after {timeout:.0f}s; last log lines:\n"
-                               f"{log_tail(cfg, name)}")
+            raise TimeoutError(
+                f"{name} not ready after {timeout:.0f}s; last log lines:\n{log_tail(cfg, name)}"
+            )
         time.sleep(0.2)
 
 

@@ -61,13 +61,29 @@ class Provisioner:
                 "volumeMode": spec.get("volumeMode", "Filesystem"),
                 "persistentVolumeReclaimPolicy": sc.get("reclaimPolicy", "Delete"),
                 "storageClassName": sc["metadata"]["name"],
-                "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                             "namespace": meta["namespace"], "name": meta["name"],
-                             "uid": meta["uid"]},
+                "claimRef": {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "namespace": meta["namespace"],
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                },
                 "hostPath": {"path": str(path), "type": "DirectoryOrCreate"},
-                "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [{
-                    "key": "kubernetes.io/hostname", "operator": "In",
-                    "values": [self.cfg.node_name]}]}]}},
+                "nodeAffinity": {
+                    "required": {
+                        "nodeSelectorTerms": [
+                            {
+                                "matchExpressions": [
+                                    {
+                                        "key": "kubernetes.io/hostname",
+                                        "operator": "In",
+                                        "values": [self.cfg.node_name],
+                                    }
+                                ]
+                            }
+                        ]
+                    }
+                },
             },
         }
         self.kube.create("/api/v1/persistentvolumes", pv)
@@ -100,8 +116,11 @@ class Provisioner:
             self.provision(pvc, sc)
         for pv in self.kube.get("/api/v1/persistentvolumes")["items"]:
             ours = pv["metadata"].get("annotations", {}).get(PROVISIONED_BY) == self.name
-            if (ours and pv.get("status", {}).get("phase") == "Released"
-                    and pv["spec"].get("persistentVolumeReclaimPolicy") == "Delete"):
+            if (
+                ours
+                and pv.get("status", {}).get("phase") == "Released"
+                and pv["spec"].get("persistentVolumeReclaimPolicy") == "Delete"
+            ):
                 self.reclaim(pv)
 
 

@@ -1,0 +1,300 @@
+"""Cluster providers for the end-to-end suite, chosen by ``SNAKEPIT_E2E_CLUSTER``.
+
+- ``local`` (default): the single-node cluster this package builds on this machine
+  (``scripts/local-cluster``); needs root, Go, containerd, buildah and debootstrap.
+- ``kind``: a kind cluster (needs Docker, or podman with ``KIND_EXPERIMENTAL_PROVIDER=podman``);
+  images are built with ``docker build`` when Docker exists, else with buildah, and loaded with
+  ``kind load``.
+- ``existing``: the current kubeconfig (``KUBECONFIG`` or ~/.kube/config); the images must already
+  be reachable by the cluster under ``$SNAKEPIT_E2E_IMAGE_PREFIX/<name>:dev``.
+
+Every provider answers the same questions (kubeconfig, image names, pull policy, how the host
+reaches a Service), so the tests themselves never branch on the provider.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from .config import REPO_ROOT, Config
+from .images import PROJECT_IMAGES
+
+LOCAL_CLUSTER = REPO_ROOT / "scripts" / "local-cluster"
+KIND_CLUSTER_NAME = os.environ.get("SNAKEPIT_E2E_KIND_NAME", "snakepit-e2e")
+
+
+T = TypeVar("T")
+
+
+class ProviderError(RuntimeError):
+    """The cluster could not be provided; the message says why."""
+
+
+class MissingPrerequisite(ProviderError):
+    """This machine lacks something the provider needs (root, a tool); nothing was attempted."""
+
+
+@dataclass
+class KubeCluster:
+    """What a test needs to use a cluster, whichever provider made it."""
+
+    provider: str
+    kubeconfig: Path
+    kubectl: str
+    image_prefix: str = "snakepit"
+    pull_policy: str = "Never"
+    tier: str = "node"
+    # The host routes to ClusterIPs directly (local provider) instead of port-forwarding.
+    host_reaches_cluster_ips: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def image(self, name: str) -> str:
+        """Image reference a pod spec uses, e.g. ``snakepit/worker:dev``."""
+        return f"{self.image_prefix}/{name}:dev"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+
+    def kubectl_run(self, *args: str, check: bool = True, timeout: float = 120,
+                    input: str | None = None) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([self.kubectl, f"--kubeconfig={self.kubeconfig}", *args],
+                              capture_output=True, text=True, timeout=timeout, input=input)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def apply(self, manifest: str, namespace: str | None = None) -> None:
+        ns = ["-n", namespace] if namespace else []
+        self.kubectl_run(*ns, "apply", "-f", "-", input=manifest)
+
+    @contextmanager
+    def service_address(self, namespace: str, service: str, port: int) -> Iterator[str]:
+        """``host:port`` at which this machine reaches a Service: its ClusterIP when routable,
+        else a ``kubectl port-forward`` to a free local port."""
+        if self.host_reaches_cluster_ips:
+            ip = self.kubectl_run("-n", namespace, "get", "svc", service, "-o",
+                                  "jsonpath={.spec.clusterIP}").stdout.strip()
+            yield f"{ip}:{port}"
+            return
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            local = sock.getsockname()[1]
+        proc = subprocess.Popen([self.kubectl, f"--kubeconfig={self.kubeconfig}", "-n", namespace,
+                                 "port-forward", f"svc/{service}", f"{local}:{port}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()  # "Forwarding from 127.0.0.1:N -> P"
+            if "Forwarding" not in line:
+                raise AssertionError(f"port-forward failed: {line}")
+            yield f"127.0.0.1:{local}"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def _kubectl_binary(cfg: Config) -> str:
+    if cfg.kubectl_bin.exists():
+        return str(cfg.kubectl_bin)
+    if found := shutil.which("kubectl"):
+        return found
+    raise MissingPrerequisite("no kubectl: run `scripts/local-cluster build` or install kubectl")
+
+
+class Provider:
+    name = "base"
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def ensure(self, tier: str) -> KubeCluster:
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        """Remove what this provider created during the session (nothing by default)."""
+
+
+class LocalProvider(Provider):
+    """Runs ``scripts/local-cluster`` in subprocesses: exactly what a developer would type."""
+
+    name = "local"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.started = False  # we brought it up, so we take it down
+        self.images_loaded = False
+        self.log = cfg.cache_dir / "last-e2e-provider.log"
+
+    # Debian packages (apt-get install containerd runc containernetworking-plugins iptables
+    # conntrack buildah debootstrap) plus openssl; Go only when the binary cache is cold.
+    TOOLS = ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "iptables", "conntrack",
+             "buildah", "debootstrap", "openssl", "ip", "mount")
+
+    def check_prerequisites(self) -> None:
+        if os.geteuid() != 0:
+            raise MissingPrerequisite("the local cluster needs root (kubelet, containerd, iptables)")
+        path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+        missing = [t for t in self.TOOLS if not shutil.which(t, path=path)]
+        if not Path("/usr/lib/cni/bridge").exists():
+            missing.append("containernetworking-plugins (/usr/lib/cni)")
+        from .build import COMPONENTS, is_built
+
+        if not all(is_built(self.cfg, c) for c in COMPONENTS.values()) and not shutil.which("go"):
+            missing.append("go (the binary cache is cold)")
+        if missing:
+            raise MissingPrerequisite("the local cluster needs: " + ", ".join(missing))
+
+    def _script(self, *args: str, timeout: float = 3600) -> str:
+        self.check_prerequisites()
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("a") as log:
+            log.write(f"\n$ scripts/local-cluster {' '.join(args)}\n")
+            log.flush()
+            proc = subprocess.run([str(LOCAL_CLUSTER), *args], stdout=subprocess.PIPE,
+                                  stderr=log, text=True, timeout=timeout,
+                                  env={**os.environ, "SNAKEPIT_CACHE": str(self.cfg.cache_dir),
+                                       "SNAKEPIT_CLUSTER_DIR": str(self.cfg.state_dir)})
+        if proc.returncode != 0:
+            tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+            raise ProviderError(f"scripts/local-cluster {' '.join(args)} failed "
+                                f"({proc.returncode}); log {self.log}:\n{tail}")
+        return proc.stdout
+
+    def running_tier(self) -> str | None:
+        from .cluster import current_tier  # local import: keeps the plugin import light
+
+        return current_tier(self.cfg)
+
+    def ensure(self, tier: str) -> KubeCluster:
+        before = self.running_tier()
+        if not (before == "node" or before == tier):
+            out = self._script("up", "--tier", tier).strip().splitlines()
+            if not out or not out[-1].startswith("export KUBECONFIG="):
+                raise ProviderError(f"unexpected output of `up`: {out[-1:]}")
+            self.started = self.started or before is None
+        running = self.running_tier() or tier
+        if running == "node" and not self.images_loaded:
+            self._script("images")
+            self.images_loaded = True
+        return KubeCluster(provider=self.name, kubeconfig=self.cfg.admin_kubeconfig,
+                           kubectl=_kubectl_binary(self.cfg), tier=running,
+                           host_reaches_cluster_ips=True)
+
+    def down(self) -> None:
+        self._script("down")
+        self.images_loaded = False
+
+    def teardown(self) -> None:
+        if self.started and not os.environ.get("SNAKEPIT_E2E_KEEP"):
+            self.down()
+
+
+class KindProvider(Provider):
+    name = "kind"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.created = False
+        self.images_loaded = False
+        self.kubeconfig = cfg.cache_dir / f"kind-{KIND_CLUSTER_NAME}.kubeconfig"
+
+    def _kind(self) -> str:
+        if found := shutil.which("kind"):
+            return found
+        from .build import ensure_component
+
+        ensure_component(self.cfg, "kind")
+        return str(self.cfg.kind_bin)
+
+    def _run(self, *cmd: str, timeout: float = 900) -> str:
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise ProviderError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc.stdout
+
+    def ensure(self, tier: str) -> KubeCluster:
+        kind = self._kind()
+        if not (shutil.which("docker") or shutil.which("podman")):
+            raise ProviderError("the kind provider needs Docker (or podman)")
+        clusters = self._run(kind, "get", "clusters").split()
+        if KIND_CLUSTER_NAME not in clusters:
+            self._run(kind, "create", "cluster", "--name", KIND_CLUSTER_NAME, "--wait", "120s")
+            self.created = True
+        self.kubeconfig.parent.mkdir(parents=True, exist_ok=True)
+        self.kubeconfig.write_text(self._run(kind, "get", "kubeconfig", "--name",
+                                             KIND_CLUSTER_NAME))
+        if not self.images_loaded:
+            self._load_images(kind)
+            self.images_loaded = True
+        return KubeCluster(provider=self.name, kubeconfig=self.kubeconfig,
+                           kubectl=_kubectl_binary(self.cfg), pull_policy="Never", tier="node")
+
+    def _load_images(self, kind: str) -> None:
+        if shutil.which("docker"):
+            for name, dockerfile in PROJECT_IMAGES.items():
+                ref = f"snakepit/{name}:dev"
+                self._run("docker", "build", "-f", str(REPO_ROOT / dockerfile), "-t", ref,
+                          str(REPO_ROOT), timeout=1800)
+                self._run(kind, "load", "docker-image", ref, "--name", KIND_CLUSTER_NAME)
+            return
+        from .images import build_images  # buildah archives, as for the local provider
+
+        archives, _ = build_images(self.cfg)
+        for archive in archives.values():
+            self._run(kind, "load", "image-archive", str(archive), "--name", KIND_CLUSTER_NAME)
+
+    def teardown(self) -> None:
+        if self.created and not os.environ.get("SNAKEPIT_E2E_KEEP"):
+            self._run(self._kind(), "delete", "cluster", "--name", KIND_CLUSTER_NAME)
+
+
+class ExistingProvider(Provider):
+    name = "existing"
+
+    def ensure(self, tier: str) -> KubeCluster:
+        path = Path(os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+                    or Path.home() / ".kube" / "config")
+        if not path.exists():
+            raise ProviderError(f"SNAKEPIT_E2E_CLUSTER=existing but no kubeconfig at {path}")
+        prefix = os.environ.get("SNAKEPIT_E2E_IMAGE_PREFIX", "snakepit").rstrip("/")
+        return KubeCluster(provider=self.name, kubeconfig=path, kubectl=_kubectl_binary(self.cfg),
+                           image_prefix=prefix, pull_policy="IfNotPresent", tier="node")
+
+
+PROVIDERS: dict[str, type[Provider]] = {
+    "local": LocalProvider, "kind": KindProvider, "existing": ExistingProvider,
+}
+
+
+def make_provider(name: str, cfg: Config) -> Provider:
+    if name not in PROVIDERS:
+        raise ProviderError(f"SNAKEPIT_E2E_CLUSTER={name!r}: expected one of {sorted(PROVIDERS)}")
+    return PROVIDERS[name](cfg)
+
+
+def wait_until(what: str, probe: Callable[[], T], timeout: float = 120,
+               interval: float = 1.0) -> T:
+    """Poll ``probe`` until it returns something truthy; return it or raise AssertionError."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = probe()
+            if last:
+                return last
+        except Exception as exc:  # keep polling; report the last failure
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
