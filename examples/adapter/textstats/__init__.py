@@ -1,0 +1,1 @@
+"""An example Snakepit adapter: text statistics, with a per-session corpus."""

@@ -1,0 +1,150 @@
+"""The router Deployment, its Service, and the identity that lets it read EndpointSlices."""
+
+from __future__ import annotations
+
+from ..config import OperatorConfig
+from ..spec import JSON, ROUTER_PORT, Pool
+from .common import (
+    ROUTER,
+    STORE_SECRET_ANNOTATION,
+    TMP_MOUNT,
+    TMP_VOLUME,
+    Names,
+    container_security_context,
+    field_env,
+    grpc_probes,
+    labels,
+    metadata,
+    pod_security_context,
+    pull_secrets,
+    rolling_update,
+    selector,
+    spread_by_host,
+    store_password_env,
+    store_wiring,
+)
+
+# `snakepit router` waits this long for in-flight calls after SIGTERM (router/main.py).
+ROUTER_DRAIN_SECONDS = 10
+EXIT_MARGIN_SECONDS = 5
+
+# The only API access a router needs; the operator holds the same rule so it may grant it.
+ENDPOINTSLICE_RULE: JSON = {
+    "apiGroups": ["discovery.k8s.io"],
+    "resources": ["endpointslices"],
+    "verbs": ["get", "list", "watch"],
+}
+
+
+def router_args(pool: Pool) -> list[str]:
+    spec = pool.spec
+    return [
+        "router",
+        "--port",
+        str(ROUTER_PORT),
+        "--workers-service",
+        Names(pool.name).workers,
+        "--worker-concurrency",
+        str(spec.worker_concurrency),
+        "--session-ttl",
+        str(spec.session.ttl_seconds),
+        "--max-sessions",
+        str(spec.session.max_sessions),
+    ]
+
+
+def build_router_deployment(
+    pool: Pool, config: OperatorConfig, store_secret_uid: str | None = None
+) -> JSON:
+    spec = pool.spec
+    names = Names(pool.name)
+    wiring = store_wiring(pool)
+    container: JSON = {
+        "name": "router",
+        "image": config.router_image,
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["snakepit"],
+        "args": router_args(pool),
+        "env": [
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+            {"name": "SNAKEPIT_STORE_URL", "value": wiring.url},
+            *store_password_env(wiring),
+        ],
+        "ports": [{"name": "grpc", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
+        **grpc_probes(ROUTER_PORT),
+        "securityContext": container_security_context(),
+        "volumeMounts": [TMP_MOUNT],
+    }
+    if spec.router.resources:
+        container["resources"] = spec.router.resources
+    pod_spec: JSON = {
+        "serviceAccountName": names.router,
+        "automountServiceAccountToken": True,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": ROUTER_DRAIN_SECONDS + EXIT_MARGIN_SECONDS,
+        "securityContext": pod_security_context(),
+        "containers": [container],
+        "volumes": [TMP_VOLUME],
+        "topologySpreadConstraints": spread_by_host(pool, ROUTER),
+    }
+    if config.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = pull_secrets(config.image_pull_secrets)
+    template_meta: JSON = {"labels": labels(pool, ROUTER)}
+    if store_secret_uid:
+        template_meta["annotations"] = {STORE_SECRET_ANNOTATION: store_secret_uid}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(pool, names.router, ROUTER),
+        "spec": {
+            "replicas": spec.router.replicas,
+            "revisionHistoryLimit": 5,
+            "selector": {"matchLabels": selector(pool, ROUTER)},
+            "strategy": rolling_update(),
+            "template": {"metadata": template_meta, "spec": pod_spec},
+        },
+    }
+
+
+def build_router_service(pool: Pool) -> JSON:
+    router = pool.spec.router
+    port: JSON = {"name": "grpc", "port": router.port, "targetPort": "grpc", "protocol": "TCP"}
+    if router.node_port is not None and router.service_type != "ClusterIP":
+        port["nodePort"] = router.node_port
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(
+            pool, Names(pool.name).router, ROUTER, annotations=router.service_annotations
+        ),
+        "spec": {"type": router.service_type, "selector": selector(pool, ROUTER), "ports": [port]},
+    }
+
+
+def build_router_service_account(pool: Pool) -> JSON:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": metadata(pool, Names(pool.name).router, ROUTER),
+    }
+
+
+def build_router_role(pool: Pool) -> JSON:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": metadata(pool, Names(pool.name).router, ROUTER),
+        "rules": [ENDPOINTSLICE_RULE],
+    }
+
+
+def build_router_role_binding(pool: Pool) -> JSON:
+    name = Names(pool.name).router
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": metadata(pool, name, ROUTER),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": pool.namespace}],
+    }

@@ -1,0 +1,153 @@
+"""The managed session store: a one-replica Redis StatefulSet with AOF, its Service and Secret."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+
+from ..config import OperatorConfig
+from ..spec import JSON, REDIS_PORT, Pool
+from .common import (
+    STORE,
+    STORE_SECRET_ANNOTATION,
+    STORE_SECRET_KEY,
+    TMP_MOUNT,
+    TMP_VOLUME,
+    Names,
+    container_security_context,
+    labels,
+    metadata,
+    pod_security_context,
+    pull_secrets,
+    secret_env,
+    selector,
+)
+
+# The password goes into a config file on the /tmp emptyDir, never into argv (visible in ps).
+REDIS_SCRIPT = "\n".join(
+    [
+        "set -eu",
+        "umask 077",
+        "{",
+        '  printf \'requirepass "%s"\\n\' "$REDIS_PASSWORD"',
+        f"  echo 'port {REDIS_PORT}'",
+        "  echo 'bind * -::*'",
+        "  echo 'dir /data'",
+        "  echo 'appendonly yes'",
+        "  echo 'appendfsync everysec'",
+        "  echo 'save \"\"'",
+        "} > /tmp/redis.conf",
+        "exec redis-server /tmp/redis.conf",
+    ]
+)
+
+
+def new_password() -> str:
+    """URL-safe characters only, so it needs no quoting in a URL or a config file."""
+    return secrets.token_urlsafe(32)
+
+
+def build_store_secret(pool: Pool, password: str) -> JSON:
+    """Created once with POST, never applied: re-running the reconcile must not rotate it.
+
+    Immutable, so a rotation is an explicit delete; the operator then makes a new one and
+    rolls every pod (their templates carry the Secret's uid).
+    """
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata(pool, Names(pool.name).store_secret, STORE),
+        "type": "Opaque",
+        "immutable": True,
+        "data": {STORE_SECRET_KEY: base64.b64encode(password.encode()).decode()},
+    }
+
+
+def build_store_service(pool: Pool) -> JSON:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(pool, Names(pool.name).redis, STORE),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector(pool, STORE),
+            "ports": [
+                {"name": "redis", "port": REDIS_PORT, "targetPort": "redis", "protocol": "TCP"}
+            ],
+        },
+    }
+
+
+def build_store_statefulset(
+    pool: Pool, config: OperatorConfig, store_secret_uid: str | None = None
+) -> JSON:
+    """PVCs follow the StatefulSet (retention policy Delete), so deleting the pool frees them."""
+    store = pool.spec.session_store
+    names = Names(pool.name)
+    password = secret_env("REDIS_PASSWORD", names.store_secret, STORE_SECRET_KEY)
+    cli_auth = secret_env("REDISCLI_AUTH", names.store_secret, STORE_SECRET_KEY)
+    container: JSON = {
+        "name": "redis",
+        "image": store.image or config.redis_image,
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["sh", "-c", REDIS_SCRIPT],
+        "env": [password, cli_auth],
+        "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
+        "startupProbe": {
+            "tcpSocket": {"port": "redis"},
+            "periodSeconds": 2,
+            "failureThreshold": 60,
+        },
+        "readinessProbe": {
+            "exec": {"command": ["sh", "-c", "redis-cli -h 127.0.0.1 ping | grep -q PONG"]},
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+        },
+        "livenessProbe": {
+            "tcpSocket": {"port": "redis"},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
+        "securityContext": container_security_context(),
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}, TMP_MOUNT],
+    }
+    if store.resources:
+        container["resources"] = store.resources
+    pod_spec: JSON = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 30,
+        "securityContext": pod_security_context(fs_group=True),
+        "containers": [container],
+        "volumes": [TMP_VOLUME],
+    }
+    if config.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = pull_secrets(config.image_pull_secrets)
+    template_meta: JSON = {"labels": labels(pool, STORE)}
+    if store_secret_uid:
+        template_meta["annotations"] = {STORE_SECRET_ANNOTATION: store_secret_uid}
+    claim_spec: JSON = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": store.storage.size}},
+    }
+    if store.storage.storage_class_name is not None:
+        claim_spec["storageClassName"] = store.storage.storage_class_name
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": metadata(pool, names.redis, STORE),
+        "spec": {
+            "replicas": 1,
+            "serviceName": names.redis,
+            "selector": {"matchLabels": selector(pool, STORE)},
+            "updateStrategy": {"type": "RollingUpdate"},
+            "persistentVolumeClaimRetentionPolicy": {
+                "whenDeleted": "Delete",
+                "whenScaled": "Retain",
+            },
+            "template": {"metadata": template_meta, "spec": pod_spec},
+            "volumeClaimTemplates": [
+                {"metadata": {"name": "data", "labels": labels(pool, STORE)}, "spec": claim_spec}
+            ],
+        },
+    }

@@ -1,0 +1,41 @@
+"""Operator-wide settings that come from its environment (set by the Helm chart)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_WORKER_IMAGE = "snakepit/worker:dev"
+DEFAULT_ROUTER_IMAGE = "snakepit/operator:dev"
+DEFAULT_REDIS_IMAGE = "snakepit/redis:dev"
+FIELD_MANAGER = "snakepit-operator"
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Images the operator puts into pools whose spec does not name one.
+
+    Router pods run the operator's own image (it carries ``snakepit router``), so a chart
+    upgrade moves routers and operator to the same version together.
+    """
+
+    worker_image: str = DEFAULT_WORKER_IMAGE
+    router_image: str = DEFAULT_ROUTER_IMAGE
+    redis_image: str = DEFAULT_REDIS_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: tuple[str, ...] = ()
+    resync_seconds: float = 60.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
+        env = os.environ if env is None else env
+        secrets = env.get("SNAKEPIT_IMAGE_PULL_SECRETS", "")
+        return cls(
+            worker_image=env.get("SNAKEPIT_WORKER_IMAGE") or DEFAULT_WORKER_IMAGE,
+            router_image=env.get("SNAKEPIT_ROUTER_IMAGE") or DEFAULT_ROUTER_IMAGE,
+            redis_image=env.get("SNAKEPIT_REDIS_IMAGE") or DEFAULT_REDIS_IMAGE,
+            image_pull_policy=env.get("SNAKEPIT_IMAGE_PULL_POLICY") or "IfNotPresent",
+            image_pull_secrets=tuple(s.strip() for s in secrets.split(",") if s.strip()),
+            resync_seconds=float(env.get("SNAKEPIT_RESYNC_SECONDS") or 60.0),
+        )

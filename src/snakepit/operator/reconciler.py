@@ -1,0 +1,250 @@
+"""One reconcile pass of one pool: read it, apply every child, prune, write status.
+
+Level-based: the pass never asks what changed. It reads the pool as it is now, applies the
+complete desired state (server-side apply, so an unchanged child costs no write and a changed
+or deleted one is put back), and derives status from what the API server returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .builders import ChildKey, Names, build_children, build_store_secret, child_key, new_password
+from .children import Children, PoolKey, fingerprint
+from .config import OperatorConfig
+from .kube import ApiError, Kube, now_rfc3339
+from .spec import API_VERSION, JSON, KIND, Pool, SpecError, parse_pool
+from .status import (
+    DEGRADED,
+    PROGRESSING,
+    READY,
+    Observed,
+    Problem,
+    Transition,
+    compute_status,
+    event_for,
+    merge_conditions,
+    status_patch,
+)
+
+log = logging.getLogger("snakepit.operator")
+
+# Kinds the reconciler applies. The store password Secret is not among them: it stays until
+# the pool is deleted, so switching back to a managed store keeps the same password.
+PRUNABLE_KINDS = frozenset(
+    {
+        "Deployment",
+        "StatefulSet",
+        "Service",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+    }
+)
+
+
+def apply_waves(desired: Sequence[JSON]) -> list[list[JSON]]:
+    """Apply order: RoleBindings after everything else.
+
+    Binding a Role is checked against the Role's rules (RBAC escalation prevention), so the
+    Role must exist first; all other children are independent and applied concurrently.
+    """
+    first = [o for o in desired if o["kind"] != "RoleBinding"]
+    second = [o for o in desired if o["kind"] == "RoleBinding"]
+    return [wave for wave in (first, second) if wave]
+
+
+def _had_problems(status: Mapping[str, Any]) -> bool:
+    for cond in status.get("conditions") or ():
+        if cond.get("type") == DEGRADED and cond.get("reason") in ("ApplyFailed", "PruneFailed"):
+            return bool(cond.get("status") == "True")
+    return False
+
+
+class ReconcileError(Exception):
+    """The pass could not apply everything; the work queue retries it with backoff."""
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What one pass did, for logs and tests."""
+
+    applied: int
+    unchanged: int
+    pruned: int
+    problems: Sequence[Problem]
+    transitions: Sequence[Transition]
+
+
+class Reconciler:
+    def __init__(
+        self,
+        kube: Kube,
+        config: OperatorConfig,
+        children: Children,
+        clock: Callable[[], str] = now_rfc3339,
+        password: Callable[[], str] = new_password,
+    ) -> None:
+        self.kube = kube
+        self.config = config
+        self.children = children
+        self.clock = clock
+        self.password = password
+        # child -> (fingerprint of what we applied, fingerprint of what the server returned)
+        self._applied: dict[tuple[PoolKey, ChildKey], tuple[str, str]] = {}
+
+    async def reconcile(self, key: PoolKey) -> PassResult | None:
+        namespace, name = key
+        body = await self.kube.get(API_VERSION, KIND, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            self._forget(key)
+            return None  # gone or going: garbage collection removes the children
+        try:
+            pool = parse_pool(body)
+        except (SpecError, KeyError, TypeError, ValueError) as exc:
+            await self._report_invalid(body, str(exc))
+            return None
+        result = await self._converge(body, pool)
+        if result.problems:
+            raise ReconcileError("; ".join(p.message for p in result.problems))
+        return result
+
+    async def _converge(self, body: JSON, pool: Pool) -> PassResult:
+        problems: list[Problem] = []
+        secret_uid = None
+        if pool.spec.session_store.managed:
+            try:
+                secret_uid = await self._ensure_store_secret(pool)
+            except ApiError as exc:
+                problems.append(Problem("ApplyFailed", f"Secret: {exc.message}"))
+        desired = build_children(pool, self.config, secret_uid)
+        current: dict[ChildKey, JSON] = {}
+        applied = 0
+        for wave in apply_waves(desired):
+            results = await asyncio.gather(*(self._sync(pool, obj) for obj in wave))
+            for obj, (result, did_apply) in zip(wave, results, strict=True):
+                applied += did_apply
+                if isinstance(result, Problem):
+                    problems.append(result)
+                else:
+                    current[child_key(obj)] = result
+        pruned = await self._prune(pool, {child_key(o) for o in desired}, problems)
+        names = Names(pool.name)
+        observed = Observed(
+            workers=current.get(("apps/v1", "Deployment", names.workers)),
+            router=current.get(("apps/v1", "Deployment", names.router)),
+            store=current.get(("apps/v1", "StatefulSet", names.redis)),
+            router_service=current.get(("v1", "Service", names.router)),
+            problems=problems,
+        )
+        previous: Mapping[str, Any] = body.get("status") or {}
+        status, transitions = compute_status(pool, observed, previous, self.clock())
+        await self._write_status(body, previous, status, transitions)
+        if not problems and (
+            previous.get("observedGeneration") != pool.generation or _had_problems(previous)
+        ):
+            await self._event(body, "Normal", "Reconciled", f"applied generation {pool.generation}")
+        return PassResult(applied, len(desired) - applied, pruned, problems, transitions)
+
+    async def _sync(self, pool: Pool, obj: JSON) -> tuple[JSON | Problem, bool]:
+        """Apply ``obj`` unless the live child is exactly what our last apply left there.
+
+        The comparison is by fingerprint (status excluded): a child someone edited, deleted or
+        that a new spec changes differs and is applied; one whose only news is its status is
+        read from the watch index instead, which spares the API server most passes' writes.
+        """
+        pool_key = (pool.namespace, pool.name)
+        key = child_key(obj)
+        wanted = fingerprint(obj)
+        live = self.children.get(pool_key, key)
+        if live is not None and self._applied.get((pool_key, key)) == (wanted, live.content):
+            return (live.body or {}), False
+        try:
+            response = await self.kube.apply(obj)
+        except ApiError as exc:
+            self._applied.pop((pool_key, key), None)
+            problem = Problem(
+                "ApplyFailed", f"{obj['kind']} {obj['metadata']['name']}: {exc.message}"
+            )
+            return problem, True
+        self._applied[(pool_key, key)] = (wanted, fingerprint(response))
+        return response, True
+
+    def _forget(self, key: PoolKey) -> None:
+        for remembered in [k for k in self._applied if k[0] == key]:
+            del self._applied[remembered]
+
+    async def _ensure_store_secret(self, pool: Pool) -> str:
+        """The password Secret's uid; created when missing, never modified once it exists."""
+        name = Names(pool.name).store_secret
+        existing = await self.kube.get("v1", "Secret", pool.namespace, name)
+        if existing is None:
+            try:
+                existing = await self.kube.create(build_store_secret(pool, self.password()))
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+                existing = await self.kube.get("v1", "Secret", pool.namespace, name)
+        return str((existing or {}).get("metadata", {}).get("uid", ""))
+
+    async def _prune(self, pool: Pool, wanted: set[ChildKey], problems: list[Problem]) -> int:
+        """Delete children of this very pool (by uid) that the spec no longer asks for."""
+        pruned = 0
+        for child in self.children.of((pool.namespace, pool.name)):
+            if (child.api_version, child.kind, child.name) in wanted:
+                continue
+            if child.kind not in PRUNABLE_KINDS:
+                continue
+            if pool.uid not in child.owner_uids:
+                continue
+            try:
+                await self.kube.delete(
+                    child.api_version, child.kind, child.namespace, child.name, child.uid
+                )
+                pruned += 1
+            except ApiError as exc:
+                problems.append(Problem("PruneFailed", f"{child.kind} {child.name}: {exc.message}"))
+        return pruned
+
+    async def _write_status(
+        self,
+        body: JSON,
+        previous: Mapping[str, Any],
+        status: JSON,
+        transitions: Sequence[Transition],
+    ) -> None:
+        patch = status_patch(previous, status)
+        if patch:
+            await self.kube.patch_status(body, patch)
+        for transition in transitions:
+            event = event_for(transition)
+            if event is not None:
+                await self._event(body, *event)
+
+    async def _report_invalid(self, body: JSON, message: str) -> None:
+        previous: Mapping[str, Any] = body.get("status") or {}
+        generation = int(body["metadata"].get("generation", 1))
+        conditions, transitions = merge_conditions(
+            previous.get("conditions") or [],
+            {
+                READY: ("False", "InvalidSpec", message),
+                PROGRESSING: ("False", "InvalidSpec", message),
+                DEGRADED: ("True", "InvalidSpec", message),
+            },
+            generation,
+            self.clock(),
+        )
+        status = {**previous, "observedGeneration": generation, "conditions": conditions}
+        await self._write_status(body, previous, status, transitions)
+
+    async def _event(self, body: JSON, type_: str, reason: str, message: str) -> None:
+        try:
+            await self.kube.event(body, type_, reason, message)
+        except ApiError as exc:  # an event is a courtesy; never fail the pass over one
+            log.warning("could not post event %s: %s", reason, exc)

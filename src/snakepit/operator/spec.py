@@ -1,0 +1,226 @@
+"""The ``SnakepitPool`` resource as typed, defaulted Python values.
+
+The CRD's structural schema already defaults and validates what the API server stores; parsing
+defaults again here keeps the builders total for objects stored before a default existed and
+gives them plain attributes instead of nested dict lookups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+JSON = dict[str, Any]
+
+GROUP = "snakepit.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "SnakepitPool"
+PLURAL = "snakepitpools"
+
+DEFAULT_ADAPTER = "snakepit.examples.showcase:ShowcaseAdapter"
+WORKER_PORT = 50052
+ROUTER_PORT = 50051
+REDIS_PORT = 6379
+SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+
+
+class SpecError(ValueError):
+    """A pool spec the operator cannot build (normally refused earlier by the CRD schema)."""
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    replicas: int = 2
+    service_type: str = "ClusterIP"
+    port: int = ROUTER_PORT
+    node_port: int | None = None
+    resources: JSON = field(default_factory=dict)
+    service_annotations: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    ttl_seconds: int = 3600
+    max_sessions: int = 10_000
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    size: str = "1Gi"
+    storage_class_name: str | None = None
+
+
+@dataclass(frozen=True)
+class SecretKeyRef:
+    name: str
+    key: str = "password"
+
+
+@dataclass(frozen=True)
+class SessionStoreSpec:
+    managed: bool = True
+    url: str | None = None
+    password_secret_ref: SecretKeyRef | None = None
+    image: str | None = None
+    storage: StorageSpec = field(default_factory=StorageSpec)
+    resources: JSON = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PodTemplateOverrides:
+    """What a user may add to worker pods; everything else about them is the operator's."""
+
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[JSON] = field(default_factory=list)
+    affinity: JSON = field(default_factory=dict)
+    topology_spread_constraints: list[JSON] = field(default_factory=list)
+    service_account_name: str | None = None
+    priority_class_name: str | None = None
+    image_pull_secrets: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class NetworkPolicySpec:
+    enabled: bool = True
+    direct_clients: list[JSON] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    replicas: int = 2
+    image: str | None = None
+    image_pull_policy: str = "IfNotPresent"
+    adapter: str = DEFAULT_ADAPTER
+    worker_concurrency: int = 4
+    drain_timeout_seconds: int = 25
+    resources: JSON = field(default_factory=dict)
+    env: list[JSON] = field(default_factory=list)
+    env_from: list[JSON] = field(default_factory=list)
+    pod_template: PodTemplateOverrides = field(default_factory=PodTemplateOverrides)
+    router: RouterSpec = field(default_factory=RouterSpec)
+    session: SessionSpec = field(default_factory=SessionSpec)
+    session_store: SessionStoreSpec = field(default_factory=SessionStoreSpec)
+    network_policy: NetworkPolicySpec = field(default_factory=NetworkPolicySpec)
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Identity of one pool object plus its parsed spec."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    spec: PoolSpec
+
+
+def _map(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return [dict(v) if isinstance(v, Mapping) else v for v in value] if value else []
+
+
+def _str_map(value: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in _map(value).items()}
+
+
+def _parse_router(raw: Mapping[str, Any]) -> RouterSpec:
+    service_type = str(raw.get("serviceType", "ClusterIP"))
+    if service_type not in SERVICE_TYPES:
+        raise SpecError(f"spec.router.serviceType must be one of {', '.join(SERVICE_TYPES)}")
+    node_port = raw.get("nodePort")
+    return RouterSpec(
+        replicas=int(raw.get("replicas", 2)),
+        service_type=service_type,
+        port=int(raw.get("port", ROUTER_PORT)),
+        node_port=int(node_port) if node_port is not None else None,
+        resources=_map(raw.get("resources")),
+        service_annotations=_str_map(raw.get("serviceAnnotations")),
+    )
+
+
+def _parse_store(raw: Mapping[str, Any]) -> SessionStoreSpec:
+    managed = bool(raw.get("managed", True))
+    url = raw.get("url") or None
+    if not managed and not url:
+        raise SpecError("spec.sessionStore.url is required when sessionStore.managed is false")
+    ref_raw = raw.get("passwordSecretRef")
+    ref = None
+    if isinstance(ref_raw, Mapping) and ref_raw.get("name"):
+        ref = SecretKeyRef(name=str(ref_raw["name"]), key=str(ref_raw.get("key", "password")))
+    storage_raw = _map(raw.get("storage"))
+    class_name = storage_raw.get("storageClassName")
+    return SessionStoreSpec(
+        managed=managed,
+        url=str(url) if url else None,
+        password_secret_ref=ref,
+        image=str(raw["image"]) if raw.get("image") else None,
+        storage=StorageSpec(
+            size=str(storage_raw.get("size", "1Gi")),
+            storage_class_name=str(class_name) if class_name is not None else None,
+        ),
+        resources=_map(raw.get("resources")),
+    )
+
+
+def _parse_pod_template(raw: Mapping[str, Any]) -> PodTemplateOverrides:
+    meta = _map(raw.get("metadata"))
+    return PodTemplateOverrides(
+        labels=_str_map(meta.get("labels")),
+        annotations=_str_map(meta.get("annotations")),
+        node_selector=_str_map(raw.get("nodeSelector")),
+        tolerations=_list(raw.get("tolerations")),
+        affinity=_map(raw.get("affinity")),
+        topology_spread_constraints=_list(raw.get("topologySpreadConstraints")),
+        service_account_name=raw.get("serviceAccountName") or None,
+        priority_class_name=raw.get("priorityClassName") or None,
+        image_pull_secrets=[
+            str(s["name"]) for s in raw.get("imagePullSecrets") or () if s.get("name")
+        ],
+    )
+
+
+def parse_spec(raw: Mapping[str, Any]) -> PoolSpec:
+    """Defaulted, typed view of ``spec``; raises SpecError for what the builders cannot use."""
+    session = _map(raw.get("session"))
+    policy = _map(raw.get("networkPolicy"))
+    return PoolSpec(
+        replicas=int(raw.get("replicas", 2)),
+        image=str(raw["image"]) if raw.get("image") else None,
+        image_pull_policy=str(raw.get("imagePullPolicy", "IfNotPresent")),
+        adapter=str(raw.get("adapter") or DEFAULT_ADAPTER),
+        worker_concurrency=int(raw.get("workerConcurrency", 4)),
+        drain_timeout_seconds=int(raw.get("drainTimeoutSeconds", 25)),
+        resources=_map(raw.get("resources")),
+        env=_list(raw.get("env")),
+        env_from=_list(raw.get("envFrom")),
+        pod_template=_parse_pod_template(_map(raw.get("podTemplate"))),
+        router=_parse_router(_map(raw.get("router"))),
+        session=SessionSpec(
+            ttl_seconds=int(session.get("ttlSeconds", 3600)),
+            max_sessions=int(session.get("maxSessions", 10_000)),
+        ),
+        session_store=_parse_store(_map(raw.get("sessionStore"))),
+        network_policy=NetworkPolicySpec(
+            enabled=bool(policy.get("enabled", True)),
+            direct_clients=_list(policy.get("directClients")),
+        ),
+    )
+
+
+def parse_pool(body: Mapping[str, Any]) -> Pool:
+    """A ``Pool`` from a SnakepitPool object as the API server returns it."""
+    meta = _map(body.get("metadata"))
+    return Pool(
+        name=str(meta["name"]),
+        namespace=str(meta["namespace"]),
+        uid=str(meta["uid"]),
+        generation=int(meta.get("generation", 1)),
+        spec=parse_spec(_map(body.get("spec"))),
+    )

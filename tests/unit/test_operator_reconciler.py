@@ -1,0 +1,306 @@
+"""One reconcile pass against an in-memory API: what it applies, creates, prunes and reports.
+
+The real API server is exercised in tests/integration/test_operator_kube.py; here the fake
+only stores objects, so the pass's decisions can be checked precisely and fast.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from snakepit.operator.children import Children
+from snakepit.operator.config import OperatorConfig
+from snakepit.operator.controller import Controller, pool_needs_pass
+from snakepit.operator.kube import ApiError
+from snakepit.operator.reconciler import ReconcileError, Reconciler
+
+Key = tuple[str, str, str, str]  # apiVersion, kind, namespace, name
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.objects: dict[Key, dict[str, Any]] = {}
+        self.applied: list[str] = []
+        self.created: list[str] = []
+        self.deleted: list[str] = []
+        self.status_patches: list[dict[str, Any]] = []
+        self.events: list[tuple[str, str, str]] = []
+        self.refuse: set[str] = set()
+        self.uids = 0
+
+    @staticmethod
+    def key(obj: dict[str, Any]) -> Key:
+        meta = obj["metadata"]
+        return (obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+
+    def put(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self.uids += 1
+        stored = copy.deepcopy(obj)
+        stored["metadata"].setdefault("uid", f"uid-{self.uids}")
+        self.objects[self.key(stored)] = stored
+        return stored
+
+    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        name = f"{obj['kind']}/{obj['metadata']['name']}"
+        if name in self.refuse:
+            raise ApiError(422, "Invalid", f"{name} refused")
+        self.applied.append(name)
+        old = self.objects.get(self.key(obj))
+        stored = self.put(obj)
+        if old is not None:
+            stored["metadata"]["uid"] = old["metadata"]["uid"]
+            stored["status"] = old.get("status", {})
+        return stored
+
+    async def get(self, api_version: str, kind: str, ns: str, name: str) -> dict[str, Any] | None:
+        found = self.objects.get((api_version, kind, ns, name))
+        return copy.deepcopy(found) if found else None
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        if self.key(obj) in self.objects:
+            raise ApiError(409, "AlreadyExists", "exists")
+        self.created.append(f"{obj['kind']}/{obj['metadata']['name']}")
+        return self.put(obj)
+
+    async def delete(self, api_version: str, kind: str, ns: str, name: str, uid: str) -> None:
+        self.deleted.append(f"{kind}/{name}")
+        self.objects.pop((api_version, kind, ns, name), None)
+
+    async def patch_status(self, pool: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+        self.status_patches.append(patch)
+        stored = self.objects[self.key(pool)]
+        status = stored.setdefault("status", {})
+        for k, v in patch.items():
+            if v is None:
+                status.pop(k, None)
+            else:
+                status[k] = v
+        return stored
+
+    async def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason, message))
+
+
+def pool_body(spec: dict[str, Any] | None = None, generation: int = 1) -> dict[str, Any]:
+    return {
+        "apiVersion": "snakepit.dev/v1alpha1",
+        "kind": "SnakepitPool",
+        "metadata": {
+            "name": "demo",
+            "namespace": "ml",
+            "uid": "pool-uid",
+            "generation": generation,
+        },
+        "spec": spec or {},
+    }
+
+
+def setup(spec: dict[str, Any] | None = None) -> tuple[FakeKube, Reconciler, Children]:
+    kube = FakeKube()
+    kube.put(pool_body(spec))
+    children = Children()
+    reconciler = Reconciler(
+        kube,  # type: ignore[arg-type]
+        OperatorConfig(),
+        children,
+        clock=lambda: "2030-01-01T00:00:00Z",
+        password=lambda: "pw-" + str(kube.uids),
+    )
+    return kube, reconciler, children
+
+
+async def test_first_pass_creates_secret_applies_children_and_writes_status() -> None:
+    kube, reconciler, _ = setup()
+    result = await reconciler.reconcile(("ml", "demo"))
+    assert result is not None
+    assert kube.created == ["Secret/demo-redis-auth"]
+    assert "Deployment/demo-workers" in kube.applied
+    assert result.applied == 13
+    (patch,) = kube.status_patches
+    assert patch["observedGeneration"] == 1
+    assert {c["type"] for c in patch["conditions"]} == {"Ready", "Progressing", "Degraded"}
+    assert ("Normal", "Reconciled", "applied generation 1") in kube.events
+
+
+async def test_password_secret_is_never_regenerated_or_rewritten() -> None:
+    kube, reconciler, _ = setup()
+    await reconciler.reconcile(("ml", "demo"))
+    secret = await kube.get("v1", "Secret", "ml", "demo-redis-auth")
+    for _ in range(3):
+        await reconciler.reconcile(("ml", "demo"))
+    assert kube.created == ["Secret/demo-redis-auth"]
+    assert "Secret/demo-redis-auth" not in kube.applied
+    assert await kube.get("v1", "Secret", "ml", "demo-redis-auth") == secret
+
+
+async def test_an_existing_secret_is_used_as_is() -> None:
+    kube, reconciler, _ = setup()
+    kube.put(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "demo-redis-auth", "namespace": "ml", "uid": "mine"},
+            "data": {"password": "Y2hvc2Vu"},
+        }
+    )
+    await reconciler.reconcile(("ml", "demo"))
+    assert kube.created == []
+    workers = await kube.get("apps/v1", "Deployment", "ml", "demo-workers")
+    assert workers is not None
+    annotations = workers["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["snakepit.dev/store-secret-uid"] == "mine"
+
+
+async def test_unchanged_pass_writes_no_status_and_posts_no_event() -> None:
+    kube, reconciler, _ = setup()
+    await reconciler.reconcile(("ml", "demo"))
+    patches, events = len(kube.status_patches), len(kube.events)
+    await reconciler.reconcile(("ml", "demo"))
+    assert len(kube.status_patches) == patches
+    assert len(kube.events) == events
+
+
+async def test_refused_child_degrades_the_pool_and_raises_for_a_retry() -> None:
+    kube, reconciler, _ = setup()
+    kube.refuse.add("Deployment/demo-router")
+    with pytest.raises(ReconcileError, match="demo-router refused"):
+        await reconciler.reconcile(("ml", "demo"))
+    status = kube.objects[("snakepit.dev/v1alpha1", "SnakepitPool", "ml", "demo")]["status"]
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "ApplyFailed")
+    assert (
+        "Warning",
+        "ApplyFailed",
+        "Deployment demo-router: Deployment/demo-router refused",
+    ) in kube.events
+    assert "Deployment/demo-workers" in kube.applied  # the rest was still applied
+
+
+async def test_children_no_longer_wanted_are_pruned_only_if_this_pool_owns_them() -> None:
+    kube, reconciler, children = setup()
+    await reconciler.reconcile(("ml", "demo"))
+    for obj in list(kube.objects.values()):
+        children.observe("ADDED", obj)
+    stranger = kube.put(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": "demo-extra",
+                "namespace": "ml",
+                "labels": {"snakepit.dev/pool": "demo"},
+                "ownerReferences": [{"uid": "someone-else"}],
+            },
+        }
+    )
+    children.observe("ADDED", stranger)
+    body = kube.objects[("snakepit.dev/v1alpha1", "SnakepitPool", "ml", "demo")]
+    body["spec"] = {"sessionStore": {"managed": False, "url": "redis://ext:6379/0"}}
+    body["metadata"]["generation"] = 2
+    result = await reconciler.reconcile(("ml", "demo"))
+    assert result is not None
+    assert sorted(kube.deleted) == [
+        "NetworkPolicy/demo-redis",
+        "Service/demo-redis",
+        "StatefulSet/demo-redis",
+    ]
+    assert ("v1", "Service", "ml", "demo-extra") in kube.objects
+
+
+async def test_invalid_spec_is_reported_not_applied() -> None:
+    kube, reconciler, _ = setup({"sessionStore": {"managed": False}})
+    assert await reconciler.reconcile(("ml", "demo")) is None
+    assert kube.applied == []
+    (patch,) = kube.status_patches
+    degraded = next(c for c in patch["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "InvalidSpec"
+    assert "url" in degraded["message"]
+
+
+async def test_deleted_or_deleting_pool_is_left_to_the_garbage_collector() -> None:
+    kube, reconciler, _ = setup()
+    assert await reconciler.reconcile(("ml", "gone")) is None
+    body = kube.objects[("snakepit.dev/v1alpha1", "SnakepitPool", "ml", "demo")]
+    body["metadata"]["deletionTimestamp"] = "2030-01-01T00:00:00Z"
+    assert await reconciler.reconcile(("ml", "demo")) is None
+    assert kube.applied == []
+
+
+def test_pool_events_for_our_own_status_writes_do_not_retrigger() -> None:
+    body = pool_body(generation=3)
+    assert pool_needs_pass(None, body)  # initial listing
+    assert pool_needs_pass("MODIFIED", body)  # spec changed, not yet observed
+    body["status"] = {"observedGeneration": 3, "conditions": [{"type": "Ready"}]}
+    assert not pool_needs_pass("MODIFIED", body)
+    assert not pool_needs_pass("DELETED", body)
+
+
+def test_child_events_enqueue_their_known_pool() -> None:
+    _, reconciler, children = setup()
+    controller = Controller(reconciler, children)
+    child = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": "demo-workers",
+            "namespace": "ml",
+            "labels": {"snakepit.dev/pool": "demo"},
+        },
+    }
+    controller.on_child_event("DELETED", child)
+    assert len(controller.queue) == 0  # pool not known yet
+    controller.on_pool_event(None, pool_body())
+    assert len(controller.queue) == 1
+    controller.on_child_event("DELETED", child)
+    assert len(controller.queue) == 1  # deduplicated
+    controller.on_pool_event("DELETED", pool_body())
+    assert ("ml", "demo") not in controller.known
+
+
+def watch_everything(kube: FakeKube, children: Children) -> None:
+    """What the kopf watches would report: every object as it now is."""
+    for obj in kube.objects.values():
+        children.observe("MODIFIED", obj)
+
+
+async def test_children_nobody_touched_are_not_applied_again() -> None:
+    kube, reconciler, children = setup()
+    first = await reconciler.reconcile(("ml", "demo"))
+    assert first is not None and first.applied == 13
+    watch_everything(kube, children)
+    kube.applied.clear()
+    again = await reconciler.reconcile(("ml", "demo"))
+    assert again is not None
+    assert (again.applied, again.unchanged) == (0, 13)
+    assert kube.applied == []
+
+
+async def test_status_only_changes_are_read_from_the_index_not_applied() -> None:
+    kube, reconciler, children = setup()
+    await reconciler.reconcile(("ml", "demo"))
+    deployment = kube.objects[("apps/v1", "Deployment", "ml", "demo-workers")]
+    deployment["status"] = {"observedGeneration": 1, "replicas": 2, "readyReplicas": 2}
+    deployment["metadata"]["resourceVersion"] = "99"
+    watch_everything(kube, children)
+    kube.applied.clear()
+    await reconciler.reconcile(("ml", "demo"))
+    assert kube.applied == []
+    pool = kube.objects[("snakepit.dev/v1alpha1", "SnakepitPool", "ml", "demo")]
+    assert pool["status"]["readyReplicas"] == 2
+
+
+async def test_edited_or_deleted_children_are_applied_again() -> None:
+    kube, reconciler, children = setup()
+    await reconciler.reconcile(("ml", "demo"))
+    watch_everything(kube, children)
+    edited = copy.deepcopy(kube.objects[("apps/v1", "Deployment", "ml", "demo-workers")])
+    edited["spec"]["replicas"] = 9  # someone ran kubectl scale on the Deployment
+    children.observe("MODIFIED", edited)
+    gone = kube.objects.pop(("v1", "Service", "ml", "demo-router"))
+    children.observe("DELETED", gone)
+    kube.applied.clear()
+    await reconciler.reconcile(("ml", "demo"))
+    assert sorted(kube.applied) == ["Deployment/demo-workers", "Service/demo-router"]

@@ -1,0 +1,58 @@
+"""Parsing a SnakepitPool into typed values: defaults, and what the builders refuse."""
+
+from __future__ import annotations
+
+import pytest
+
+from snakepit.operator.config import OperatorConfig
+from snakepit.operator.spec import DEFAULT_ADAPTER, SpecError, parse_pool, parse_spec
+
+
+def test_empty_spec_gets_the_documented_defaults() -> None:
+    spec = parse_spec({})
+    assert spec.replicas == 2
+    assert spec.adapter == DEFAULT_ADAPTER
+    assert spec.worker_concurrency == 4
+    assert spec.drain_timeout_seconds == 25
+    assert spec.router.replicas == 2
+    assert spec.router.service_type == "ClusterIP"
+    assert spec.router.port == 50051
+    assert spec.session.ttl_seconds == 3600
+    assert spec.session.max_sessions == 10_000
+    assert spec.session_store.managed is True
+    assert spec.session_store.storage.size == "1Gi"
+    assert spec.network_policy.enabled is True
+    assert spec.image is None
+
+
+def test_pool_identity_comes_from_metadata() -> None:
+    pool = parse_pool(
+        {"metadata": {"name": "p", "namespace": "n", "uid": "u", "generation": 9}, "spec": {}}
+    )
+    assert (pool.name, pool.namespace, pool.uid, pool.generation) == ("p", "n", "u", 9)
+
+
+def test_external_store_needs_a_url() -> None:
+    with pytest.raises(SpecError, match="url"):
+        parse_spec({"sessionStore": {"managed": False}})
+
+
+def test_unknown_service_type_is_refused() -> None:
+    with pytest.raises(SpecError, match="serviceType"):
+        parse_spec({"router": {"serviceType": "ExternalName"}})
+
+
+def test_operator_config_reads_its_environment() -> None:
+    config = OperatorConfig.from_env(
+        {
+            "SNAKEPIT_ROUTER_IMAGE": "r:1",
+            "SNAKEPIT_REDIS_IMAGE": "db:1",
+            "SNAKEPIT_WORKER_IMAGE": "w:1",
+            "SNAKEPIT_IMAGE_PULL_SECRETS": "a, b,",
+        }
+    )
+    assert (config.router_image, config.redis_image, config.worker_image) == ("r:1", "db:1", "w:1")
+    assert config.image_pull_secrets == ("a", "b")
+    defaults = OperatorConfig.from_env({})
+    assert defaults.router_image == "snakepit/operator:dev"
+    assert defaults.redis_image == "snakepit/redis:dev"
