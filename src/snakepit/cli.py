@@ -249,7 +249,8 @@ def format_status(status: dict[str, Any]) -> str:
         f"in flight {status['in_flight']}  queued {status['queued']}/{status['queue_capacity']}  "
         f"sessions {status['sessions']}",
         f"calls {status['calls_total']} ({status['calls_failed']} failed)  latency p50 "
-        f"{status['latency_p50_ms']:.2f} ms  p90 {status['latency_p90_ms']:.2f} ms  p99 {status['latency_p99_ms']:.2f} ms",
+        f"{status['latency_p50_ms']:.2f} ms  p90 {status['latency_p90_ms']:.2f} ms  "
+        f"p99 {status['latency_p99_ms']:.2f} ms",
         "",
         f"{'WORKER':<24} {'ADDRESS':<22} {'STATE':<12} {'IN FLIGHT':>9} {'SERVED':>8} {'FAILED':>7}",
     ]

@@ -77,7 +77,9 @@ def test_every_showcase_tool(procs: ProcessFactory) -> None:
 def test_bad_calls_get_invalid_argument_naming_the_problem(procs: ProcessFactory) -> None:
     worker = procs.worker()
     with Client(worker.address) as client:
-        with pytest.raises(InvalidArgument, match="argument 'a' of tool 'add' must be of type float, got string"):
+        with pytest.raises(
+            InvalidArgument, match="argument 'a' of tool 'add' must be of type float, got string"
+        ):
             client.execute("add", a="one", b=2)
         with pytest.raises(InvalidArgument, match="missing required argument 'b' for tool 'add'"):
             client.execute("add", a=1)
@@ -107,7 +109,9 @@ def test_a_blocking_sync_tool_does_not_stall_the_event_loop(procs: ProcessFactor
         assert blocked.result(timeout=5) == 1.5
 
 
-def test_deadline_stops_the_tool_and_reports_deadline_exceeded(procs: ProcessFactory, tmp_path: Path) -> None:
+def test_deadline_stops_the_tool_and_reports_deadline_exceeded(
+    procs: ProcessFactory, tmp_path: Path
+) -> None:
     worker = procs.worker(adapter=PROBE, env={"SNAKEPIT_TEST_MARKS": str(tmp_path)})
     with Client(worker.address) as client:
         started = time.monotonic()
@@ -117,7 +121,9 @@ def test_deadline_stops_the_tool_and_reports_deadline_exceeded(procs: ProcessFac
         wait_for(lambda: (tmp_path / "cancelled-d1").exists())
 
 
-def test_streaming_with_cancellation_closes_the_generator(procs: ProcessFactory, tmp_path: Path) -> None:
+def test_streaming_with_cancellation_closes_the_generator(
+    procs: ProcessFactory, tmp_path: Path
+) -> None:
     worker = procs.worker(adapter=PROBE, env={"SNAKEPIT_TEST_MARKS": str(tmp_path)})
     with Client(worker.address) as client:
         stream = client.stream("ticks", key="s1", n=10_000, interval=0.005)
@@ -174,9 +180,8 @@ def test_worker_recycles_after_max_requests(procs: ProcessFactory) -> None:
 def test_crash_kills_only_its_own_worker(procs: ProcessFactory) -> None:
     doomed = procs.worker()
     survivor = procs.worker()
-    with Client(doomed.address) as client:
-        with pytest.raises(Unavailable):
-            client.execute("crash", timeout=5)
+    with Client(doomed.address) as client, pytest.raises(Unavailable):
+        client.execute("crash", timeout=5)
     assert doomed.wait(timeout=5) == -signal.SIGKILL
     with Client(survivor.address) as client:
         assert client.execute("add", a=2, b=2) == 4

@@ -42,7 +42,24 @@ def same(a: object, b: object) -> bool:
     return type(a) is type(b) and a == b
 
 
-SCALARS = [None, True, False, 0, -(2**63), 2**63 - 1, 10**30, 1.5, -0.0, NAN, INF, -INF, "", "héllo ✓", b"", b"\x00\xff"]
+SCALARS = [
+    None,
+    True,
+    False,
+    0,
+    -(2**63),
+    2**63 - 1,
+    10**30,
+    1.5,
+    -0.0,
+    NAN,
+    INF,
+    -INF,
+    "",
+    "héllo ✓",
+    b"",
+    b"\x00\xff",
+]
 
 
 @pytest.mark.parametrize("value", SCALARS, ids=repr)
@@ -63,7 +80,12 @@ def test_non_finite_floats_survive_in_every_position() -> None:
 
 
 def test_nested_containers_mixing_json_and_binary_elements() -> None:
-    value = {"a": [1, "two", [3.0, None]], "blob": b"raw", "arr": np.arange(10_000, dtype=np.int32), "empty": {}}
+    value = {
+        "a": [1, "two", [3.0, None]],
+        "blob": b"raw",
+        "arr": np.arange(10_000, dtype=np.int32),
+        "empty": {},
+    }
     message = pb.Value.FromString(encode_value(value))
     assert message.WhichOneof("payload") == "map"  # holds bytes and a binary tensor
     assert same(decode_value(encode_value(value)), value)
@@ -85,7 +107,13 @@ def test_every_dtype_round_trips(dtype: str, size: int) -> None:
 
 @pytest.mark.parametrize(
     "array",
-    [np.zeros((0,)), np.zeros((3, 0, 2)), np.array(5.0), np.array(True), np.arange(24.0).reshape(2, 3, 4)[:, ::2, 1:]],
+    [
+        np.zeros((0,)),
+        np.zeros((3, 0, 2)),
+        np.array(5.0),
+        np.array(True),
+        np.arange(24.0).reshape(2, 3, 4)[:, ::2, 1:],
+    ],
     ids=["empty", "zero-extent", "0-d", "0-d-bool", "non-contiguous"],
 )
 @pytest.mark.parametrize("threshold", [0, 1 << 30], ids=["binary", "json"])
@@ -153,13 +181,18 @@ def test_unsupported_values_are_refused_clearly() -> None:
 
 
 def _tensor_message(dtype: str, shape: list[int], data: bytes) -> bytes:
-    return pb.Value(type="tensor", tensor=pb.Tensor(dtype=dtype, shape=shape, data=data)).SerializeToString()
+    return pb.Value(
+        type="tensor", tensor=pb.Tensor(dtype=dtype, shape=shape, data=data)
+    ).SerializeToString()
 
 
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
-        (_tensor_message("float32", [2, 3], b"\x00" * 23), "23 bytes of data, but shape \\[2, 3\\] of float32 needs 24"),
+        (
+            _tensor_message("float32", [2, 3], b"\x00" * 23),
+            "23 bytes of data, but shape \\[2, 3\\] of float32 needs 24",
+        ),
         (_tensor_message("float128", [1], b"\x00" * 16), "unknown dtype 'float128'"),
         (_tensor_message("object", [1], b"\x00" * 8), "unknown dtype 'object'"),
         (_tensor_message("int8", [-1], b""), "negative extent"),
@@ -169,7 +202,12 @@ def _tensor_message(dtype: str, shape: list[int], data: bytes) -> bytes:
         (pb.Value(type="string").SerializeToString(), "no payload"),
         (pb.Value(type="bytes", json=b"1").SerializeToString(), "must be of type bytes"),
         (pb.Value(type="string", raw=b"x").SerializeToString(), "cannot have a raw payload"),
-        (pb.Value(type="tensor", json=b'{"dtype": "int8", "shape": [3], "data": [1]}').SerializeToString(), "1 elements for shape"),
+        (
+            pb.Value(
+                type="tensor", json=b'{"dtype": "int8", "shape": [3], "data": [1]}'
+            ).SerializeToString(),
+            "1 elements for shape",
+        ),
         (b"\x0a\x05flo", "runs past the end"),
         (b"\x0a", "truncated varint"),
         (b"", "no type"),
@@ -185,7 +223,11 @@ def test_hand_written_wire_format_matches_protobuf_both_ways() -> None:
     arguments = {"x": np.arange(4000, dtype=np.float64), "name": "n", "n": 3, "flags": [True, None]}
     raw = encode_request("tool", arguments, "s-1", {"k": "v"})
     parsed = pb.ExecuteToolRequest.FromString(raw)
-    assert parsed.tool_name == "tool" and parsed.session_id == "s-1" and dict(parsed.metadata) == {"k": "v"}
+    assert (
+        parsed.tool_name == "tool"
+        and parsed.session_id == "s-1"
+        and dict(parsed.metadata) == {"k": "v"}
+    )
     assert parsed.arguments["x"].tensor.dtype == "float64"
     reserialised = decode_request(parsed.SerializeToString())
     assert reserialised.tool_name == "tool" and reserialised.metadata == {"k": "v"}

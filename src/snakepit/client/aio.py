@@ -131,7 +131,9 @@ class AsyncClient:
 
     async def _call(self, channel: grpc.aio.Channel, op: Op[Any], timeout: float | None) -> bytes:
         stub = self._stub(channel, op.method, False)
-        raw: bytes = await stub(op.request, timeout=self._deadline(timeout), metadata=op.metadata(self._metadata))
+        raw: bytes = await stub(
+            op.request, timeout=self._deadline(timeout), metadata=op.metadata(self._metadata)
+        )
         return raw
 
     async def _send(self, op: Op[T], timeout: float | None = None) -> T:

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from ..errors import NotFound
@@ -69,9 +68,19 @@ def _parser(message_type: type[Message], convert: Callable[[Any], T]) -> Callabl
 
 
 def _to_dict(message: Message) -> dict[str, Any]:
-    return MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
+    """A message as plain Python values (json_format would turn int64 into strings)."""
+    out: dict[str, Any] = {}
+    for spec in message.DESCRIPTOR.fields:
+        value = getattr(message, spec.name)
+        sub = spec.message_type
+        if sub is not None and sub.GetOptions().map_entry:
+            nested = sub.fields_by_name["value"].message_type is not None
+            out[spec.name] = {k: _to_dict(v) if nested else v for k, v in value.items()}
+        elif sub is not None:
+            out[spec.name] = [_to_dict(v) for v in value] if spec.is_repeated else _to_dict(value)
+        else:
+            out[spec.name] = list(value) if spec.is_repeated else value
+    return out
 
 
 def _tool_info(spec: pb.ToolSpec) -> ToolInfo:

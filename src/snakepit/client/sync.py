@@ -137,7 +137,9 @@ class Client:
 
     def _call(self, channel: grpc.Channel, op: Op[Any], timeout: float | None) -> bytes:
         stub = self._stub(channel, op.method, False)
-        raw: bytes = stub(op.request, timeout=self._deadline(timeout), metadata=op.metadata(self._metadata))
+        raw: bytes = stub(
+            op.request, timeout=self._deadline(timeout), metadata=op.metadata(self._metadata)
+        )
         return raw
 
     def _send(self, op: Op[T], timeout: float | None = None) -> T:

@@ -25,6 +25,7 @@ from .. import __version__
 from ..errors import SnakepitError, Unavailable
 from ..grpc_options import DEFAULT_MAX_MESSAGE_MB, server_options
 from ..protocol import SERVICE_NAME, pb
+from ..protocol import handlers as handlers_for
 from ..protocol.status import SESSION_ID_KEY, abort_with, error_from_rpc, never_started
 from ..store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL, SessionStore
 from .discovery import Discovery, StaticDiscovery
@@ -158,29 +159,17 @@ class RouterServer:
 
     # Handlers ---------------------------------------------------------------------------------
     def _handlers(self) -> grpc.GenericRpcHandler:
-        from ..store.service import StoreService, store_handlers
+        from ..store.service import StoreService, method_handlers
 
         assert self.store is not None
-        handlers: dict[str, grpc.RpcMethodHandler] = dict(store_handlers(StoreService(self.store)))
+        handlers: dict[str, grpc.RpcMethodHandler] = method_handlers(StoreService(self.store))
         handlers.update(
             ExecuteTool=grpc.unary_unary_rpc_method_handler(self._execute),
             ExecuteStreamingTool=grpc.unary_stream_rpc_method_handler(self._execute_stream),
             ListTools=grpc.unary_unary_rpc_method_handler(self._list_tools),
-            Ping=grpc.unary_unary_rpc_method_handler(
-                self._ping,
-                request_deserializer=pb.PingRequest.FromString,
-                response_serializer=pb.PingResponse.SerializeToString,
-            ),
-            GetPoolStatus=grpc.unary_unary_rpc_method_handler(
-                self._pool_status,
-                request_deserializer=pb.GetPoolStatusRequest.FromString,
-                response_serializer=pb.PoolStatus.SerializeToString,
-            ),
-            GetRoutingTable=grpc.unary_unary_rpc_method_handler(
-                self._routing_table,
-                request_deserializer=pb.GetRoutingTableRequest.FromString,
-                response_serializer=pb.RoutingTable.SerializeToString,
-            ),
+            Ping=handlers_for.unary(self._ping, pb.PingRequest),
+            GetPoolStatus=handlers_for.unary(self._pool_status, pb.GetPoolStatusRequest),
+            GetRoutingTable=handlers_for.unary(self._routing_table, pb.GetRoutingTableRequest),
         )
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 

@@ -99,6 +99,6 @@ class WorkerHandle:
             self._watch_task.cancel()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while self.in_flight and loop.time() < deadline:
-            await asyncio.sleep(0.05)  # noqa: ASYNC110 - the hot path keeps no Event
+        while self.in_flight and loop.time() < deadline:  # noqa: ASYNC110 - the hot path keeps no Event
+            await asyncio.sleep(0.05)
         await self.channel.close()

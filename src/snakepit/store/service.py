@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 
 from ..errors import InvalidArgument
 from ..protocol import SERVICE_NAME, Constraints, from_pb, pb
+from ..protocol import handlers as handlers_for
 from ..protocol.status import abort_with
 from . import rules
 from .base import SessionStore, VariableChange
@@ -239,17 +240,9 @@ class StoreService:
 def method_handlers(service: StoreService) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     """The RPC handlers of ``STORE_METHODS``, keyed by method name (not the full path)."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-    for name, (request, response, streaming) in _METHODS.items():
-        factory = (
-            grpc.unary_stream_rpc_method_handler
-            if streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
-        handlers[name] = factory(
-            getattr(service, name),
-            request_deserializer=request.FromString,
-            response_serializer=response.SerializeToString,
-        )
+    for name, (request, _response, streaming) in _METHODS.items():
+        factory = handlers_for.unary_stream if streaming else handlers_for.unary
+        handlers[name] = factory(getattr(service, name), request)
     return handlers
 
 

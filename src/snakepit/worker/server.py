@@ -28,6 +28,7 @@ from .. import __version__, logs
 from ..errors import DeadlineExceeded, Internal, NotFound, ResourceExhausted, Unavailable
 from ..grpc_options import DEFAULT_MAX_MESSAGE_MB, server_options
 from ..protocol import SERVICE_NAME, pb
+from ..protocol import handlers as handlers_for
 from ..protocol.messages import ToolRequest, decode_request, encode_chunk, encode_result
 from ..protocol.status import CORRELATION_ID_KEY, WORKER_ID_KEY, abort_with
 from ..store.base import SessionStore
@@ -138,8 +139,8 @@ class WorkerServer:
         await self.health.enter_graceful_shutdown()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.drain_timeout):
-                while self.in_flight:
-                    await asyncio.sleep(0.02)  # noqa: ASYNC110 - the hot path keeps no Event
+                while self.in_flight:  # noqa: ASYNC110 - the hot path keeps no Event
+                    await asyncio.sleep(0.02)
         if self.server is not None:
             await self.server.stop(grace=1.0)
         try:
@@ -179,16 +180,8 @@ class WorkerServer:
     # RPC handlers --------------------------------------------------------------------------
     def _handlers(self) -> grpc.GenericRpcHandler:
         handlers = {
-            "Ping": grpc.unary_unary_rpc_method_handler(
-                self._ping,
-                request_deserializer=pb.PingRequest.FromString,
-                response_serializer=pb.PingResponse.SerializeToString,
-            ),
-            "ListTools": grpc.unary_unary_rpc_method_handler(
-                self._list_tools,
-                request_deserializer=pb.ListToolsRequest.FromString,
-                response_serializer=pb.ListToolsResponse.SerializeToString,
-            ),
+            "Ping": handlers_for.unary(self._ping, pb.PingRequest),
+            "ListTools": handlers_for.unary(self._list_tools, pb.ListToolsRequest),
             "ExecuteTool": grpc.unary_unary_rpc_method_handler(self._execute),
             "ExecuteStreamingTool": grpc.unary_stream_rpc_method_handler(self._execute_stream),
         }
@@ -369,6 +362,7 @@ async def serve(config: WorkerConfig) -> int:
     logs.setup("worker", config.worker_id or default_worker_id())
     worker = WorkerServer(config)
     loop = asyncio.get_running_loop()
+
     def on_signal(sig: signal.Signals) -> None:
         worker._spawn(worker.drain(sig.name))
 

@@ -1,0 +1,45 @@
+"""gRPC method handlers that parse their own requests, so garbage gets INVALID_ARGUMENT.
+
+grpc turns an exception in a request deserializer into a bare UNKNOWN status; parsing inside
+the handler instead lets a malformed message get a status and a message that say what was wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from ..errors import InvalidArgument
+from .status import abort_with
+
+Context = Any  # grpc.aio.ServicerContext
+
+
+async def _parse(raw: bytes, request_type: type[Message], context: Context) -> Any:
+    try:
+        return request_type.FromString(raw)
+    except DecodeError as exc:
+        await abort_with(context, InvalidArgument(f"malformed {request_type.__name__}: {exc}"))
+
+
+def unary(
+    fn: Callable[[Any, Context], Awaitable[Message]], request_type: type[Message]
+) -> grpc.RpcMethodHandler:
+    async def handler(raw: bytes, context: Context) -> bytes:
+        response = await fn(await _parse(raw, request_type, context), context)
+        return response.SerializeToString()
+
+    return grpc.unary_unary_rpc_method_handler(handler)
+
+
+def unary_stream(
+    fn: Callable[[Any, Context], AsyncIterator[Message]], request_type: type[Message]
+) -> grpc.RpcMethodHandler:
+    async def handler(raw: bytes, context: Context) -> AsyncIterator[bytes]:
+        async for response in fn(await _parse(raw, request_type, context), context):
+            yield response.SerializeToString()
+
+    return grpc.unary_stream_rpc_method_handler(handler)

@@ -1,0 +1,333 @@
+"""The router over real worker processes: affinity, queueing, deadlines, faults, direct mode."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import psutil
+import pytest
+
+from snakepit import AsyncClient, Client
+from snakepit.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ToolError,
+    Unavailable,
+)
+from snakepit.protocol import method_path
+from tests.fixtures.processes import Proc, ProcessFactory, free_port
+
+PROBE = "tests.support.adapters:ProbeAdapter"
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval)
+
+
+def start_pool(
+    procs: ProcessFactory,
+    workers: int,
+    *router_args: str,
+    concurrency: int = 4,
+    adapter: str = "snakepit.examples.showcase:ShowcaseAdapter",
+    env: dict[str, str] | None = None,
+) -> tuple[Proc, list[Proc]]:
+    """N workers that reach the store through one router, and that router."""
+    router_port = free_port()
+    started = [
+        procs.worker(
+            "--store",
+            "router",
+            "--router",
+            f"127.0.0.1:{router_port}",
+            adapter=adapter,
+            concurrency=concurrency,
+            worker_id=f"worker-{i}",
+            env=env,
+        )
+        for i in range(workers)
+    ]
+    router = procs.router(
+        started, "--worker-concurrency", str(concurrency), *router_args, port=router_port
+    )
+    wait_ready(router.address, workers)
+    return router, started
+
+
+def wait_ready(address: str, count: int) -> None:
+    with Client(address) as client:
+        wait_for(lambda: client.status()["workers_ready"] == count)
+
+
+def session_on(client: Client, worker_id: str) -> str:
+    """A session id whose preferred worker is ``worker_id`` (found by asking the ring)."""
+    for i in range(500):
+        session = client.session(f"probe-{worker_id}-{i}", keep=True)
+        if session.execute("whoami")["worker_id"] == worker_id:
+            return session.id
+        session.close()
+    raise AssertionError(f"no session lands on {worker_id}")
+
+
+def test_a_session_sticks_to_one_worker_and_two_routers_agree(procs: ProcessFactory) -> None:
+    router_a, workers = start_pool(procs, 3)
+    router_b = procs.router(workers)
+    wait_ready(router_b.address, 3)
+    with Client(router_a.address) as a, Client(router_b.address) as b:
+        seen = set()
+        for i in range(12):
+            with a.session(f"sticky-{i}") as session:
+                placed = {session.execute("whoami")["worker_id"] for _ in range(5)}
+                assert len(placed) == 1
+                via_b = b.session(session.id, keep=True).execute("whoami")["worker_id"]
+                assert via_b == placed.pop()
+                seen.add(via_b)
+        assert len(seen) > 1  # sessions do spread over the workers
+
+
+def test_hint_falls_back_when_the_preferred_worker_is_full(procs: ProcessFactory) -> None:
+    router, _ = start_pool(procs, 2, concurrency=1)
+    with Client(router.address) as client, ThreadPoolExecutor(1) as pool:
+        sid = session_on(client, "worker-0")
+        session = client.session(sid, keep=True)
+        busy = pool.submit(session.execute, "sleep", seconds=1.0)
+        time.sleep(0.2)
+        started = time.monotonic()
+        assert session.execute("whoami")["worker_id"] == "worker-1"
+        assert time.monotonic() - started < 0.5
+        busy.result(timeout=5)
+        assert session.execute("whoami")["worker_id"] == "worker-0"  # back home once free
+
+
+def test_strict_waits_for_the_preferred_worker_and_fails_when_it_is_gone(
+    procs: ProcessFactory,
+) -> None:
+    router, workers = start_pool(procs, 2, "--affinity", "strict", concurrency=1)
+    with Client(router.address) as client, ThreadPoolExecutor(1) as pool:
+        sid = session_on(client, "worker-0")
+        session = client.session(sid, keep=True)
+        busy = pool.submit(session.execute, "sleep", seconds=0.8)
+        time.sleep(0.2)
+        started = time.monotonic()
+        assert session.execute("whoami")["worker_id"] == "worker-0"
+        assert time.monotonic() - started > 0.4  # it waited for its worker
+        busy.result(timeout=5)
+        workers[0].kill()
+        wait_for(lambda: client.status()["workers_ready"] == 1)
+        with pytest.raises(FailedPrecondition, match="worker-0"):
+            session.execute("whoami")
+        fresh = client.session("a-new-session", keep=True)
+        assert fresh.execute("whoami")["worker_id"] == "worker-1"
+
+
+def test_hint_moves_a_session_off_a_killed_worker_with_its_variables(procs: ProcessFactory) -> None:
+    router, workers = start_pool(procs, 2)
+    with Client(router.address) as client:
+        sid = session_on(client, "worker-1")
+        session = client.session(sid, keep=True)
+        session.set("weights", np.arange(4.0))
+        assert session.execute("counter_increment") == 1
+        workers[1].kill()
+        assert session.execute("whoami")["worker_id"] == "worker-0"
+        assert session.execute("counter_increment") == 2
+        assert np.array_equal(session.get("weights"), np.arange(4.0))
+
+
+def test_calls_beyond_capacity_queue_and_finish_in_arrival_order(procs: ProcessFactory) -> None:
+    router, _ = start_pool(procs, 2, concurrency=1)
+    finished: dict[int, float] = {}
+
+    def call(index: int) -> None:
+        with Client(router.address) as client:
+            client.execute("sleep", seconds=0.3)
+        finished[index] = time.monotonic()
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = []
+        for i in range(8):
+            futures.append(pool.submit(call, i))
+            time.sleep(0.03)
+        for future in futures:
+            future.result(timeout=15)
+    order = sorted(finished, key=finished.__getitem__)
+    # Two workers serve the queue two at a time: call i finishes no later than call i + 2.
+    for i in range(6):
+        assert finished[i] <= finished[i + 2] + 0.05, order
+
+
+def test_a_full_queue_refuses_and_a_long_wait_times_out(procs: ProcessFactory) -> None:
+    router, _ = start_pool(procs, 1, "--queue-size", "2", "--queue-timeout", "0.5", concurrency=1)
+    with Client(router.address) as client, ThreadPoolExecutor(3) as pool:
+        running = pool.submit(client.execute, "sleep", seconds=1.5)
+        time.sleep(0.2)
+        queued = [pool.submit(client.execute, "add", a=1, b=1) for _ in range(2)]
+        time.sleep(0.2)
+        with pytest.raises(ResourceExhausted, match="queue is full"):
+            client.execute("add", a=1, b=1)
+        for future in queued:
+            with pytest.raises(DeadlineExceeded, match="in the queue"):
+                future.result(timeout=5)
+        assert running.result(timeout=5) == 1.5
+        assert client.status()["queued"] == 0
+
+
+def test_deadline_and_cancellation_reach_the_tool(procs: ProcessFactory, tmp_path: Path) -> None:
+    router, _ = start_pool(procs, 1, adapter=PROBE, env={"SNAKEPIT_TEST_MARKS": str(tmp_path)})
+    with Client(router.address) as client:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            client.execute("wait_cancel", key="deadline", timeout=0.4)
+        assert time.monotonic() - started < 2
+    wait_for(lambda: (tmp_path / "cancelled-deadline").exists())
+
+    async def cancel_midway() -> None:
+        async with AsyncClient(router.address) as aclient:
+            task = asyncio.create_task(aclient.execute("wait_cancel", key="client"))
+            await asyncio.sleep(0.4)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(cancel_midway())
+    wait_for(lambda: (tmp_path / "cancelled-client").exists())
+    with Client(router.address) as client:
+        wait_for(lambda: client.status()["in_flight"] == 0)
+
+
+def test_streaming_through_the_router_with_backpressure_and_cancellation(
+    procs: ProcessFactory, tmp_path: Path
+) -> None:
+    router, _ = start_pool(procs, 2, adapter=PROBE, env={"SNAKEPIT_TEST_MARKS": str(tmp_path)})
+    with Client(router.address) as client:
+        assert list(client.stream("sync_ticks", n=200)) == list(range(200))
+        stream = client.stream("ticks", key="routed", n=100_000, interval=0.001)
+        assert [next(stream) for _ in range(10)] == list(range(10))
+        stream.close()
+    wait_for(lambda: (tmp_path / "closed-routed").exists())
+
+
+def test_crash_mid_call_fails_only_that_call_fast_and_the_pool_heals(procs: ProcessFactory) -> None:
+    pool_proc = procs.serve(workers=2)
+    with Client(pool_proc.address) as client, ThreadPoolExecutor(4) as pool:
+        safe = client.session(session_on(client, "worker-1"), keep=True)
+        doomed = client.session(session_on(client, "worker-0"), keep=True)
+        old_pid = doomed.execute("whoami")["pid"]
+        steady = [
+            pool.submit(lambda: [safe.execute("add", a=i, b=1) for i in range(40)])
+            for _ in range(3)
+        ]
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            doomed.execute("crash", timeout=30)
+        assert time.monotonic() - started < 3  # not the 30 s deadline
+        for future in steady:
+            assert future.result(timeout=20) == [i + 1 for i in range(40)]
+        wait_for(lambda: client.status()["workers_ready"] == 2, timeout=15)
+        restarted = doomed.execute("whoami")
+        assert restarted["worker_id"] == "worker-0" and restarted["pid"] != old_pid
+
+
+def test_direct_mode_gives_the_same_answers_as_routed_mode(procs: ProcessFactory) -> None:
+    router, workers = start_pool(procs, 3)
+    array = np.random.default_rng(0).random((64, 64))
+    with Client(router.address) as routed, Client(router.address, direct=True) as direct:
+        assert direct.execute("add", a=2, b=3) == routed.execute("add", a=2, b=3) == 5
+        assert np.array_equal(direct.execute("tensor_scale", x=array, factor=3), array * 3)
+        assert list(direct.stream("count", n=4)) == [0, 1, 2, 3]
+        for i in range(10):
+            with routed.session(f"direct-{i}") as session:
+                via_router = session.execute("whoami")["worker_id"]
+                via_direct = direct.session(session.id, keep=True).execute("whoami")["worker_id"]
+                assert via_direct == via_router
+                direct.session(session.id, keep=True).execute("counter_increment", by=2)
+                assert session.get("counter") == 2
+        # A worker dies: direct mode refreshes its table and keeps answering.
+        workers[0].kill()
+        for _ in range(10):
+            assert direct.execute("add", a=1, b=1) == 2
+        with pytest.raises(ToolError, match="boom"):
+            direct.execute("fail", message="boom")
+
+
+def test_nested_calls_and_variables_seen_by_tools_on_every_worker(procs: ProcessFactory) -> None:
+    router, workers = start_pool(procs, 3, adapter=PROBE)
+    with Client(router.address) as client, client.session() as session:
+        session.set("x", 41, type="integer", constraints={"min": 0})
+        session.set("vec", np.arange(10_000, dtype=np.float32))
+        for worker in workers:
+            with Client(worker.address) as straight:
+                assert straight.call_tool("read_var", {"name": "x"}, session_id=session.id) == 41
+                read = straight.call_tool("read_var", {"name": "vec"}, session_id=session.id)
+                assert read.dtype == np.float32 and read[-1] == 9999
+        version = session.execute("write_var", name="x", value=42)
+        assert session.get("x") == 42 and version == session.variable("x").version
+        with pytest.raises(InvalidArgument, match="below the minimum"):
+            session.execute("write_var", name="x", value=-1)
+        assert session.get("x") == 42
+
+
+def test_nested_add_calls_a_tool_through_the_router(procs: ProcessFactory) -> None:
+    router, _ = start_pool(procs, 2)
+    with Client(router.address) as client:
+        assert client.execute("nested_add", a=20, b=22) == 42
+        with client.session() as session:
+            assert session.execute("nested_add", a=1.5, b=1) == 2.5
+
+
+def test_bad_input_at_the_door_gets_clear_errors_and_the_pool_stays_healthy(
+    procs: ProcessFactory,
+) -> None:
+    router, _ = start_pool(procs, 1, "--max-message-mb", "4")
+    with Client(router.address) as client:
+        with pytest.raises(NotFound, match="unknown tool 'missing'"):
+            client.execute("missing")
+        with pytest.raises(InvalidArgument, match="argument 'b' of tool 'add'"):
+            client.execute("add", a=1, b=[1])
+        with pytest.raises(ResourceExhausted):
+            client.execute("echo", value=np.zeros(8 * 1024 * 1024 // 8))
+        with pytest.raises(NotFound):
+            client.session("nobody", keep=True).get("nothing")
+        with grpc.insecure_channel(router.address) as channel:
+            for method in ("ExecuteTool", "GetVariable", "InitializeSession"):
+                stub = channel.unary_unary(method_path(method))
+                with pytest.raises(grpc.RpcError) as garbage:
+                    stub(b"\xff\xff\xff\xff\x0f", timeout=5)
+                assert garbage.value.code() in (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    grpc.StatusCode.INTERNAL,
+                )
+        assert client.execute("add", a=1, b=2) == 3
+        assert client.status()["workers_ready"] == 1
+
+
+def test_serve_leaves_no_process_behind_when_killed(procs: ProcessFactory) -> None:
+    pool_proc = procs.serve(workers=3)
+    children = psutil.Process(pool_proc.pid).children(recursive=True)
+    assert len(children) == 3
+    os.kill(pool_proc.pid, signal.SIGKILL)
+    pool_proc.wait()
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, [p.pid for p in alive]
+
+
+def test_serve_stops_cleanly_on_sigterm(procs: ProcessFactory) -> None:
+    pool_proc = procs.serve(workers=2)
+    children = psutil.Process(pool_proc.pid).children(recursive=True)
+    pool_proc.signal(signal.SIGTERM)
+    assert pool_proc.wait(timeout=15) == 0
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive
