@@ -377,6 +377,12 @@ def worker_container(env: OperatorEnv, pool: str) -> dict[str, Any]:
     return dict(deployment["spec"]["template"]["spec"]["containers"][0])
 
 
+def scheduled(env: OperatorEnv, selector: str) -> bool:
+    """Whether a node runs these pods (node tier): then a kubelet, not the test, reports them."""
+    pods = env.admin.json("get", "pods", "-n", env.namespace, "-l", selector)["items"]
+    return any(p["spec"].get("nodeName") for p in pods)
+
+
 def mark_pods_ready(env: OperatorEnv, selector: str) -> int:
     """What a kubelet would report for running, ready containers (no kubelet in this tier)."""
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -562,7 +568,14 @@ def test_status_follows_the_children_and_the_generation(op: OperatorEnv) -> None
     assert all(c["observedGeneration"] == 1 for c in status["conditions"])
 
     # No kubelet here: report the pods Ready as one would; the controllers do the rest.
-    wait_for("worker pods", lambda: mark_pods_ready(op, "snakepit.dev/pool=alpha") >= 4)
+    selector = "snakepit.dev/pool=alpha"
+    wait_for(
+        "pods",
+        lambda: len(op.admin.json("get", "pods", "-n", op.namespace, "-l", selector)["items"]) >= 4,
+    )
+    if scheduled(op, selector):
+        pytest.skip("a node runs these pods: real readiness is the e2e suite's subject")
+    mark_pods_ready(op, selector)
     pool = wait_for(
         "Ready=True with every worker ready",
         lambda: (
@@ -790,7 +803,7 @@ def test_deleting_a_pool_garbage_collects_everything(op: OperatorEnv) -> None:
                 "get", kinds, "-n", op.namespace, "-l", selector, "-o", "name"
             ).stdout.strip()
         ),
-        timeout=60,
+        timeout=120,
         interval=0.5,
     )
 
