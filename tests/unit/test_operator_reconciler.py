@@ -304,3 +304,20 @@ async def test_edited_or_deleted_children_are_applied_again() -> None:
     kube.applied.clear()
     await reconciler.reconcile(("ml", "demo"))
     assert sorted(kube.applied) == ["Deployment/demo-workers", "Service/demo-router"]
+
+
+async def test_a_refused_change_still_reports_what_runs() -> None:
+    kube, reconciler, children = setup()
+    await reconciler.reconcile(("ml", "demo"))
+    workers = kube.objects[("apps/v1", "Deployment", "ml", "demo-workers")]
+    workers["status"] = {"observedGeneration": 1, "replicas": 2, "readyReplicas": 2}
+    watch_everything(kube, children)
+    pool = kube.objects[("snakepit.dev/v1alpha1", "SnakepitPool", "ml", "demo")]
+    pool["spec"] = {"replicas": 5}
+    pool["metadata"]["generation"] = 2
+    kube.refuse.add("Deployment/demo-workers")  # e.g. a quota admission webhook says no
+    with pytest.raises(ReconcileError):
+        await reconciler.reconcile(("ml", "demo"))
+    assert pool["status"]["readyReplicas"] == 2
+    degraded = next(c for c in pool["status"]["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "ApplyFailed")

@@ -117,6 +117,7 @@ class Kube:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.api.close()
 
     def _call(
         self,

@@ -128,11 +128,11 @@ class Reconciler:
         applied = 0
         for wave in apply_waves(desired):
             results = await asyncio.gather(*(self._sync(pool, obj) for obj in wave))
-            for obj, (result, did_apply) in zip(wave, results, strict=True):
+            for obj, (result, problem, did_apply) in zip(wave, results, strict=True):
                 applied += did_apply
-                if isinstance(result, Problem):
-                    problems.append(result)
-                else:
+                if problem is not None:
+                    problems.append(problem)
+                if result is not None:
                     current[child_key(obj)] = result
         pruned = await self._prune(pool, {child_key(o) for o in desired}, problems)
         names = Names(pool.name)
@@ -152,7 +152,7 @@ class Reconciler:
             await self._event(body, "Normal", "Reconciled", f"applied generation {pool.generation}")
         return PassResult(applied, len(desired) - applied, pruned, problems, transitions)
 
-    async def _sync(self, pool: Pool, obj: JSON) -> tuple[JSON | Problem, bool]:
+    async def _sync(self, pool: Pool, obj: JSON) -> tuple[JSON | None, Problem | None, bool]:
         """Apply ``obj`` unless the live child is exactly what our last apply left there.
 
         The comparison is by fingerprint (status excluded): a child someone edited, deleted or
@@ -164,7 +164,7 @@ class Reconciler:
         wanted = fingerprint(obj)
         live = self.children.get(pool_key, key)
         if live is not None and self._applied.get((pool_key, key)) == (wanted, live.content):
-            return (live.body or {}), False
+            return (live.body or {}), None, False
         try:
             response = await self.kube.apply(obj)
         except ApiError as exc:
@@ -172,9 +172,10 @@ class Reconciler:
             problem = Problem(
                 "ApplyFailed", f"{obj['kind']} {obj['metadata']['name']}: {exc.message}"
             )
-            return problem, True
+            # Status still reports what runs now, e.g. the old Deployment a bad edit left alone.
+            return (live.body if live else None), problem, True
         self._applied[(pool_key, key)] = (wanted, fingerprint(response))
-        return response, True
+        return response, None, True
 
     def _forget(self, key: PoolKey) -> None:
         for remembered in [k for k in self._applied if k[0] == key]:
