@@ -713,6 +713,47 @@ def test_a_deleted_child_comes_back(
     assert owned_by(again, op.pool("alpha"))
 
 
+def test_a_horizontal_pod_autoscaler_scales_the_pool(op: OperatorEnv) -> None:
+    """The HPA controller drives the pool through its scale subresource (no metrics needed to
+    lift a pool below minReplicas)."""
+    op.patch_pool("alpha", {"spec": {"replicas": 1}})
+    hpa = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "alpha", "namespace": op.namespace},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": POOLS[0], "kind": POOLS[1], "name": "alpha"},
+            "minReplicas": 2,
+            "maxReplicas": 4,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": 80},
+                    },
+                }
+            ],
+        },
+    }
+    op.admin.run("apply", "-f", "-", stdin=json.dumps(hpa))
+    try:
+        wait_for(
+            "the HPA to lift alpha to minReplicas",
+            lambda: (
+                op.pool("alpha")["spec"]["replicas"] == 2
+                and op.get("apps/v1", "Deployment", "alpha-workers")["spec"]["replicas"] == 2
+            ),  # type: ignore[index]
+            timeout=90,
+            interval=0.5,
+        )
+        status = op.admin.json("get", "hpa", "alpha", "-n", op.namespace)["status"]
+        able = {c["type"]: c for c in status.get("conditions", [])}["AbleToScale"]
+        assert able["status"] == "True", able
+    finally:
+        op.admin.run("delete", "hpa", "alpha", "-n", op.namespace)
+
+
 def test_password_secret_is_created_once_and_only_replaced_when_deleted(op: OperatorEnv) -> None:
     op.create_pool("beta", {"replicas": 1, "router": {"replicas": 1}})
     secret = wait_for("beta secret", lambda: op.get("v1", "Secret", "beta-redis-auth"))
