@@ -185,7 +185,7 @@ class OperatorEnv:
 
     def get(self, api_version: str, kind: str, name: str) -> dict[str, Any] | None:
         try:
-            return self.api._call("GET", path(api_version, kind, self.namespace, name))
+            return self.api.call("GET", path(api_version, kind, self.namespace, name))
         except ApiError as exc:
             if exc.status == 404:
                 return None
@@ -198,7 +198,7 @@ class OperatorEnv:
 
     def patch_pool(self, name: str, patch: dict[str, Any]) -> float:
         """Merge-patch a pool's spec; returns the monotonic time the API server accepted it."""
-        self.api._call(
+        self.api.call(
             "PATCH",
             path(*POOLS, self.namespace, name),
             patch,
@@ -213,7 +213,7 @@ class OperatorEnv:
             "metadata": {"name": name, "namespace": self.namespace},
             "spec": spec,
         }
-        return self.api._call("POST", path(*POOLS, self.namespace), body)
+        return self.api.call("POST", path(*POOLS, self.namespace), body)
 
     def start(self) -> None:
         self.liveness_port = free_port()
@@ -665,7 +665,7 @@ def test_kubectl_scale_changes_the_worker_deployment(op: OperatorEnv) -> None:
         "worker Deployment at 3",
         lambda: op.get("apps/v1", "Deployment", "alpha-workers")["spec"]["replicas"] == 3,  # type: ignore[index]
     )
-    scale = op.api._call("GET", path(*POOLS, op.namespace, "alpha", "scale"))
+    scale = op.api.call("GET", path(*POOLS, op.namespace, "alpha", "scale"))
     assert scale["spec"]["replicas"] == 3
     assert (
         scale["status"]["selector"] == "app.kubernetes.io/component=worker,snakepit.dev/pool=alpha"
@@ -697,7 +697,7 @@ def test_a_deleted_child_comes_back(
 ) -> None:
     before = op.get(api_version, kind, name)
     assert before is not None
-    op.api._call("DELETE", path(api_version, kind, op.namespace, name))
+    op.api.call("DELETE", path(api_version, kind, op.namespace, name))
     deleted = time.monotonic()
     again = wait_for(
         f"{kind} {name} recreated",
@@ -775,7 +775,7 @@ def test_password_secret_is_created_once_and_only_replaced_when_deleted(op: Oper
 
     # Deleting it is the way to rotate: a new one appears (no watch on Secrets: the resync
     # finds it) and every pod template moves to it, so pods restart with the new password.
-    op.api._call("DELETE", path("v1", "Secret", op.namespace, "beta-redis-auth"))
+    op.api.call("DELETE", path("v1", "Secret", op.namespace, "beta-redis-auth"))
     fresh = wait_for(
         "new secret",
         lambda: (

@@ -119,7 +119,7 @@ class Kube:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.api.close()
 
-    def _call(
+    def call(
         self,
         method: str,
         url: str,
@@ -127,6 +127,7 @@ class Kube:
         content_type: str = "application/json",
         query: list[tuple[str, str]] | None = None,
     ) -> JSON:
+        """One request, synchronously (``request`` is the non-blocking form)."""
         from kubernetes.client.exceptions import ApiException
 
         headers = {"Accept": "application/json"}
@@ -159,7 +160,7 @@ class Kube:
         query: list[tuple[str, str]] | None = None,
     ) -> JSON:
         loop = asyncio.get_running_loop()
-        call = partial(self._call, method, url, body, content_type, query)
+        call = partial(self.call, method, url, body, content_type, query)
         return await loop.run_in_executor(self._executor, call)
 
     async def apply(self, obj: JSON) -> JSON:
