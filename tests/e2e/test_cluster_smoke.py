@@ -70,23 +70,33 @@ def ready_pods(cluster: KubeCluster, ns: str, selector: str) -> list[str]:
 
 def health(address: str) -> int:
     with grpc.insecure_channel(address) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                         timeout=5)
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
     return int(reply.status)
 
 
 @pytest.fixture
 def workers(kube_node: KubeCluster, kube_namespace: str) -> str:
     kube_node.apply(worker_deployment(kube_node), kube_namespace)
-    kube_node.kubectl_run("-n", kube_namespace, "rollout", "status", "deployment/worker",
-                          "--timeout=180s", timeout=200)
+    kube_node.kubectl_run(
+        "-n",
+        kube_namespace,
+        "rollout",
+        "status",
+        "deployment/worker",
+        "--timeout=180s",
+        timeout=200,
+    )
     return kube_namespace
 
 
-def test_worker_deployment_becomes_ready_with_grpc_probes(kube_node: KubeCluster,
-                                                         workers: str) -> None:
-    spec = json.loads(kube_node.kubectl_run("-n", workers, "get", "deployment", "worker", "-o",
-                                            "json").stdout)
+def test_worker_deployment_becomes_ready_with_grpc_probes(
+    kube_node: KubeCluster, workers: str
+) -> None:
+    spec = json.loads(
+        kube_node.kubectl_run("-n", workers, "get", "deployment", "worker", "-o", "json").stdout
+    )
     container = spec["spec"]["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["grpc"]["port"] == PORT
     assert container["livenessProbe"]["grpc"]["port"] == PORT
@@ -100,8 +110,12 @@ def test_deleted_pod_is_replaced(kube_node: KubeCluster, workers: str) -> None:
     kube_node.kubectl_run("-n", workers, "delete", "pod", victim, "--wait=false")
     after = wait_until(
         "a replacement pod to become Ready",
-        lambda: (pods := ready_pods(kube_node, workers, "app=worker")) and len(pods) == 2
-        and victim not in pods and pods,
+        lambda: (
+            (pods := ready_pods(kube_node, workers, "app=worker"))
+            and len(pods) == 2
+            and victim not in pods
+            and pods
+        ),
         timeout=120,
     )
     assert victim not in after
@@ -117,8 +131,7 @@ def test_service_answers_from_the_host(kube_node: KubeCluster, workers: str) -> 
             assert client.execute("add", a=1, b=2) == 3
 
 
-def test_service_answers_from_another_pod_by_dns_name(kube_node: KubeCluster,
-                                                      workers: str) -> None:
+def test_service_answers_from_another_pod_by_dns_name(kube_node: KubeCluster, workers: str) -> None:
     target = f"worker.{workers}.svc.cluster.local:{PORT}"
     script = (
         "import grpc, socket;"
@@ -140,25 +153,36 @@ spec:
       command: [python3, -c, "{script}"]
 """
     kube_node.apply(client_pod, workers)
-    phase = wait_until("the client pod to finish", lambda: kube_node.kubectl_run(
-        "-n", workers, "get", "pod", "dns-client", "-o", "jsonpath={.status.phase}"
-    ).stdout in ("Succeeded", "Failed") and kube_node.kubectl_run(
-        "-n", workers, "get", "pod", "dns-client", "-o", "jsonpath={.status.phase}").stdout,
-        timeout=120)
+    phase = wait_until(
+        "the client pod to finish",
+        lambda: (
+            kube_node.kubectl_run(
+                "-n", workers, "get", "pod", "dns-client", "-o", "jsonpath={.status.phase}"
+            ).stdout
+            in ("Succeeded", "Failed")
+            and kube_node.kubectl_run(
+                "-n", workers, "get", "pod", "dns-client", "-o", "jsonpath={.status.phase}"
+            ).stdout
+        ),
+        timeout=120,
+    )
     logs = kube_node.kubectl_run("-n", workers, "logs", "dns-client").stdout
     assert phase == "Succeeded", logs
-    cluster_ip = kube_node.kubectl_run("-n", workers, "get", "svc", "worker", "-o",
-                                       "jsonpath={.spec.clusterIP}").stdout.strip()
+    cluster_ip = kube_node.kubectl_run(
+        "-n", workers, "get", "svc", "worker", "-o", "jsonpath={.spec.clusterIP}"
+    ).stdout.strip()
     assert f"resolved {cluster_ip}" in logs
     assert "status 1" in logs  # SERVING
 
 
-def test_volume_binds_and_data_survives_pod_deletion(kube_node: KubeCluster,
-                                                     kube_namespace: str) -> None:
+def test_volume_binds_and_data_survives_pod_deletion(
+    kube_node: KubeCluster, kube_namespace: str
+) -> None:
     """A StatefulSet with volumeClaimTemplates on the default StorageClass, run as non-root."""
     token = uuid.uuid4().hex
     ns = kube_namespace
-    kube_node.apply(f"""
+    kube_node.apply(
+        f"""
 apiVersion: apps/v1
 kind: StatefulSet
 metadata: {{name: keeper}}
@@ -183,24 +207,37 @@ spec:
       spec:
         accessModes: [ReadWriteOnce]
         resources: {{requests: {{storage: 16Mi}}}}
-""", ns)
-    kube_node.kubectl_run("-n", ns, "rollout", "status", "statefulset/keeper", "--timeout=180s",
-                          timeout=200)
-    pvc = json.loads(kube_node.kubectl_run("-n", ns, "get", "pvc", "data-keeper-0", "-o",
-                                           "json").stdout)
+""",
+        ns,
+    )
+    kube_node.kubectl_run(
+        "-n", ns, "rollout", "status", "statefulset/keeper", "--timeout=180s", timeout=200
+    )
+    pvc = json.loads(
+        kube_node.kubectl_run("-n", ns, "get", "pvc", "data-keeper-0", "-o", "json").stdout
+    )
     assert pvc["status"]["phase"] == "Bound"
     assert pvc["spec"]["storageClassName"]  # the default class was applied
 
     def read_token() -> str:
-        return kube_node.kubectl_run("-n", ns, "exec", "keeper-0", "--", "cat",
-                                     "/data/token").stdout.strip()
+        return kube_node.kubectl_run(
+            "-n", ns, "exec", "keeper-0", "--", "cat", "/data/token"
+        ).stdout.strip()
 
     assert read_token() == token
-    old_uid = kube_node.kubectl_run("-n", ns, "get", "pod", "keeper-0", "-o",
-                                    "jsonpath={.metadata.uid}").stdout
+    old_uid = kube_node.kubectl_run(
+        "-n", ns, "get", "pod", "keeper-0", "-o", "jsonpath={.metadata.uid}"
+    ).stdout
     kube_node.kubectl_run("-n", ns, "delete", "pod", "keeper-0", "--wait=true", timeout=120)
-    wait_until("keeper-0 to come back Ready", lambda: ready_pods(kube_node, ns, "app=keeper")
-               == ["keeper-0"] and kube_node.kubectl_run(
-                   "-n", ns, "get", "pod", "keeper-0", "-o", "jsonpath={.metadata.uid}"
-               ).stdout != old_uid, timeout=120)
+    wait_until(
+        "keeper-0 to come back Ready",
+        lambda: (
+            ready_pods(kube_node, ns, "app=keeper") == ["keeper-0"]
+            and kube_node.kubectl_run(
+                "-n", ns, "get", "pod", "keeper-0", "-o", "jsonpath={.metadata.uid}"
+            ).stdout
+            != old_uid
+        ),
+        timeout=120,
+    )
     assert read_token() == token

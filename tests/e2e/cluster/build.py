@@ -13,7 +13,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import re
 import shutil
 import time
@@ -286,7 +285,7 @@ def ensure_component(cfg: Config, name: str) -> float:
         _build(cfg, component, tmp)
         seconds = round(time.monotonic() - start, 1)
         shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        tmp.replace(out)
         write_file(
             component.stamp(cfg),
             json.dumps(

@@ -48,7 +48,7 @@ def kubectl(
 
 
 def _http_ok(url: str, ctx: ssl.SSLContext | None = None) -> bool:
-    with urllib.request.urlopen(url, timeout=2, context=ctx) as resp:  # noqa: S310 (loopback only)
+    with urllib.request.urlopen(url, timeout=2, context=ctx) as resp:
         return bool(resp.status == 200)
 
 
@@ -133,17 +133,22 @@ def _apply_manifests(cfg: Config) -> None:
     rendered = cfg.state_dir / "kube-dns.yaml"
     rendered.write_text(dns)
     for path in (MANIFESTS_DIR / "rbac.yaml", MANIFESTS_DIR / "storageclass.yaml", rendered):
-        errors: list[str] = []
+        _apply_with_retry(cfg, path)
 
-        def apply(p: Path = path) -> bool:
-            proc = kubectl(cfg, "apply", "--server-side", "-f", str(p), check=False)
-            errors.append(proc.stderr)
-            return proc.returncode == 0
 
-        try:
-            wait_for(f"kubectl apply {path.name}", apply, 30, 1)
-        except TimeoutError as exc:
-            raise RuntimeError(f"{exc}: {errors[-1] if errors else ''}") from None
+def _apply_with_retry(cfg: Config, path: Path, timeout: float = 30) -> None:
+    """Server-side apply; retried because RBAC and API discovery settle a moment after /readyz."""
+    errors: list[str] = []
+
+    def apply() -> bool:
+        proc = kubectl(cfg, "apply", "--server-side", "-f", str(path), check=False)
+        errors.append(proc.stderr)
+        return proc.returncode == 0
+
+    try:
+        wait_for(f"kubectl apply {path.name}", apply, timeout, 1)
+    except TimeoutError as exc:
+        raise RuntimeError(f"{exc}: {errors[-1] if errors else ''}") from None
 
 
 def _start_node(cfg: Config, timings: dict[str, float]) -> None:
@@ -190,46 +195,39 @@ def _node_ready(kube: Kube, name: str) -> bool:
 
 # ---------------------------------------------------------------- down
 def delete_workloads(cfg: Config, timeout: float = 90) -> None:
-    """Delete every pod-owning object and pod while the kubelet can still clean up after them."""
+    """Delete every pod-owning object and pod while the kubelet can still clean up after them.
+
+    Pods get a 1 s grace period (a container whose PID 1 ignores SIGTERM would otherwise hold
+    `down` for 30 s); pod deletion repeats until none is left, which also catches pods a
+    controller created in between. Claims go last, so the provisioner reclaims their volumes.
+    """
     if current_tier(cfg) != "node" or procs.read_pid(cfg, "kubelet") is None:
         return
     log("deleting workloads while the kubelet runs")
-    namespaces = kubectl(
-        cfg, "get", "ns", "-o", "jsonpath={.items[*].metadata.name}", check=False
-    ).stdout.split()
-    user_ns = [
-        n
-        for n in namespaces
-        if n not in ("default", "kube-system", "kube-public", "kube-node-lease")
-    ]
-    kinds = "deployments,statefulsets,daemonsets,replicasets,jobs,cronjobs,pods"
-    kubectl(
-        cfg,
-        "delete",
-        kinds,
-        "--all",
-        "--all-namespaces",
-        "--wait=false",
-        "--grace-period=2",
-        check=False,
-        timeout=60,
-    )
-    kubectl(cfg, "delete", "pvc", "--all", "--all-namespaces", "--wait=false", check=False)
-    if user_ns:
-        kubectl(cfg, "delete", "ns", *user_ns, "--wait=false", check=False)
-    try:
-        wait_for(
-            "all pods to be gone",
-            lambda: not kubectl(cfg, "get", "pods", "-A", "-o", "name", check=False).stdout.strip(),
-            timeout,
-            1,
+    owners = "deployments,statefulsets,daemonsets,replicasets,jobs,cronjobs"
+    kubectl(cfg, "delete", owners, "--all", "--all-namespaces", "--wait=false", check=False)
+
+    def no_pods_left() -> bool:
+        kubectl(
+            cfg,
+            "delete",
+            "pods",
+            "--all",
+            "--all-namespaces",
+            "--grace-period=1",
+            "--wait=false",
+            check=False,
         )
-        # Volumes are reclaimed by the provisioner once their claims are gone.
+        return not kubectl(cfg, "get", "pods", "-A", "-o", "name", check=False).stdout.strip()
+
+    try:
+        wait_for("all pods to be gone", no_pods_left, timeout, 1)
+        kubectl(cfg, "delete", "pvc", "--all", "--all-namespaces", "--wait=false", check=False)
         wait_for(
             "volumes to be reclaimed",
             lambda: not kubectl(cfg, "get", "pv", "-o", "name", check=False).stdout.strip(),
             30,
-            1,
+            0.5,
         )
     except TimeoutError as exc:
         log(f"{exc}; forcing the rest")
@@ -261,15 +259,14 @@ def down(cfg: Config) -> dict[str, object]:
     proxy = cfg.k8s_bin / "kube-proxy"
     if proxy.exists():
         run([proxy, "--cleanup"], check=False, quiet=True, env=components.component_env(cfg))
-    found = hostnet.load_snapshot(cfg) or {}
+    found = hostnet.load_snapshot(cfg)
     hostnet.clean_iptables()
     hostnet.clean_cgroups()
     hostnet.unmount_all(cfg)
-    hostnet.delete_links(cfg, keep=list(found.get("links", [])))  # type: ignore[arg-type]
+    hostnet.delete_links(cfg, keep=found.links)
     hostnet.clean_conntrack(cfg)
-    hostnet.remove_foreign_paths(list(found.get("paths", [])))  # type: ignore[arg-type]
-    if sysctls := found.get("sysctls"):
-        hostnet.restore_sysctls(sysctls)  # type: ignore[arg-type]
+    hostnet.remove_foreign_paths(found.paths)
+    hostnet.restore_sysctls(found.sysctls)
     report = leftovers(cfg)
     if not report["mounts"]:
         shutil.rmtree(cfg.state_dir, ignore_errors=True)
@@ -283,21 +280,17 @@ def down(cfg: Config) -> dict[str, object]:
 
 
 def leftovers(cfg: Config) -> dict[str, object]:
-    """What of the cluster still exists on the machine (all lists empty when clean)."""
-    found = hostnet.load_snapshot(cfg) or {}
-    sysctls = found.get("sysctls") or {}
+    """What of the cluster still exists on the machine (every value empty when clean)."""
+    found = hostnet.load_snapshot(cfg)
     now = hostnet.read_sysctls()
     return {
         "processes": procs.running(cfg) or images.stray_processes(cfg),
         "iptables_chains": hostnet.leftover_chains(),
+        "iptables_rules": hostnet.iptables_changes(found),
         "mounts": hostnet.cluster_mounts(cfg),
-        "links": [n for n in hostnet.cluster_links(cfg) if n not in found.get("links", [])],
+        "links": [n for n in hostnet.cluster_links(cfg) if n not in found.links],
         "cgroups": [str(p) for p in hostnet.cgroup_dirs()],
-        "sysctls": {
-            k: (v, now.get(k))
-            for k, v in sysctls.items()  # type: ignore[union-attr]
-            if now.get(k) != v
-        },
+        "sysctls": {k: [v, now.get(k)] for k, v in found.sysctls.items() if now.get(k) != v},
     }
 
 

@@ -311,7 +311,14 @@ def coredns(cfg: Config) -> list[str]:
 
 
 def provisioner(cfg: Config) -> list[str]:
-    return [sys.executable, "-m", "tests.e2e.cluster.provisioner"]
+    # --state-dir also makes the process recognisable as this cluster's from its argv.
+    return [
+        sys.executable,
+        "-m",
+        "tests.e2e.cluster.provisioner",
+        "--state-dir",
+        str(cfg.state_dir),
+    ]
 
 
 def provisioner_env(cfg: Config) -> dict[str, str]:

@@ -163,8 +163,8 @@ class Config:
         return self.state_dir / "tier"
 
     @property
-    def saved_sysctls(self) -> Path:
-        return self.state_dir / "saved-sysctls.json"
+    def snapshot_file(self) -> Path:
+        return self.state_dir / "found-state.json"
 
     @cached_property
     def node_ip(self) -> str:

@@ -75,8 +75,9 @@ def kube_node(kube_provider: Provider) -> KubeCluster:
 
 
 @pytest.fixture
-def kube_namespace(kube_control_plane: KubeCluster, request: pytest.FixtureRequest
-                   ) -> Iterator[str]:
+def kube_namespace(
+    kube_control_plane: KubeCluster, request: pytest.FixtureRequest
+) -> Iterator[str]:
     """A namespace of its own for one test; deleted (without waiting) when the test ends."""
     base = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
     name = f"{base}-{uuid.uuid4().hex[:6]}"

@@ -8,12 +8,14 @@ keep every cluster packet on this machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import shutil
 import signal
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import Config
@@ -109,27 +111,39 @@ def _dump_without_counters(text: str) -> list[str]:
     )
 
 
+@dataclass
+class Snapshot:
+    """The machine as `up` found it; `down` restores it and compares against it."""
+
+    sysctls: dict[str, str] = field(default_factory=dict)
+    paths: list[str] = field(default_factory=list)
+    iptables: dict[str, list[str]] = field(default_factory=dict)
+    links: list[str] = field(default_factory=list)
+    taken_at: str = ""
+
+
 def snapshot(cfg: Config) -> None:
     """Record the machine's state before the cluster touches it (kept until `down` finishes)."""
-    path = cfg.saved_sysctls
+    path = cfg.snapshot_file
     if path.exists():  # an earlier `up` already saved the original state: keep it
         return
-    found = {
-        "sysctls": read_sysctls(),
-        "paths": [p for p in FOREIGN_PATHS if os.path.lexists(p)],
-        "iptables": {b: _dump_without_counters(iptables_dump(b)) for b in iptables_binaries()},
-        "links": sorted(links()),
-        "taken_at": time.strftime("%F %T"),
-    }
+    found = Snapshot(
+        sysctls=read_sysctls(),
+        paths=[p for p in FOREIGN_PATHS if os.path.lexists(p)],
+        iptables={b: _dump_without_counters(iptables_dump(b)) for b in iptables_binaries()},
+        links=sorted(links()),
+        taken_at=time.strftime("%F %T"),
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(found, indent=1) + "\n")
+    path.write_text(json.dumps(asdict(found), indent=1) + "\n")
 
 
-def load_snapshot(cfg: Config) -> dict[str, object] | None:
+def load_snapshot(cfg: Config) -> Snapshot:
+    """The saved snapshot, or an empty one when `up` never ran (nothing to compare against)."""
     try:
-        return json.loads(cfg.saved_sysctls.read_text())  # type: ignore[no-any-return]
-    except (OSError, ValueError):
-        return None
+        return Snapshot(**json.loads(cfg.snapshot_file.read_text()))
+    except (OSError, ValueError, TypeError):
+        return Snapshot()
 
 
 def prepare_kernel(cfg: Config) -> None:
@@ -220,6 +234,24 @@ def clean_iptables() -> None:
                 run([binary, "-w", "-t", table, "-X", name], check=False, quiet=True)
 
 
+def iptables_changes(found: Snapshot) -> list[str]:
+    """Rules added (+) or removed (-) since the snapshot, per front end; empty when restored.
+
+    Tables that exist but hold no rule and only policy-ACCEPT built-in chains are ignored: the nft
+    backend keeps a table once anything touched it, and iptables cannot delete tables.
+    """
+    changes = []
+    for binary, before in found.iptables.items():
+        now = _dump_without_counters(iptables_dump(binary))
+        for line in sorted(set(now) ^ set(before)):
+            if line.startswith("*") or line == "COMMIT":
+                continue
+            if line.startswith(":") and line.split()[1] == "ACCEPT" and not _ours(line[1:]):
+                continue
+            changes.append(f"{binary}: {'+' if line in now else '-'} {line}")
+    return changes
+
+
 def leftover_chains() -> list[str]:
     found = []
     for binary in iptables_binaries():
@@ -283,7 +315,7 @@ def cgroup_dirs() -> list[Path]:
 def clean_cgroups() -> None:
     """Kill whatever still runs in kubepods, then remove the cgroups deepest first."""
     for _ in range(20):
-        pids = set()
+        pids: set[int] = set()
         for top in cgroup_dirs():
             for procs in top.rglob("cgroup.procs"):
                 try:
@@ -293,10 +325,8 @@ def clean_cgroups() -> None:
         if not pids:
             break
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         time.sleep(0.2)
     for top in cgroup_dirs():
         dirs = sorted(

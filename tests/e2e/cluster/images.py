@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -127,10 +128,8 @@ def stray_processes(cfg: Config) -> dict[str, int]:
 def kill_strays(cfg: Config) -> None:
     for name, pid in stray_processes(cfg).items():
         log(f"killing leftover {name}")
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 # ---------------------------------------------------------------- buildah side
@@ -221,7 +220,7 @@ def ensure_base(cfg: Config) -> float:
         run(["tar", "--numeric-owner", "-C", work, "-cf", tmp, "."])
         for old in cfg.images_cache.glob(f"base-{DEBIAN_SUITE}-*.tar"):
             old.unlink()
-        os.replace(tmp, rootfs_tar)
+        tmp.replace(rootfs_tar)
         shutil.rmtree(work, ignore_errors=True)
     ctr = output(buildah_cmd(cfg, "from", "scratch")).strip()
     try:
@@ -355,7 +354,7 @@ def build_image(cfg: Config, name: str) -> tuple[Path, float]:
     tmp = archive.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
     run(buildah_cmd(cfg, "push", local, f"docker-archive:{tmp}:{image_ref(name)}"), quiet=True)
-    os.replace(tmp, archive)
+    tmp.replace(archive)
     seconds = time.monotonic() - begin
     log(f"built {image_ref(name)} in {seconds:.0f}s ({archive.stat().st_size >> 20} MiB)")
     return archive, seconds

@@ -7,6 +7,7 @@ from /proc, which guards against signalling an unrelated process that reused the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -129,10 +130,8 @@ def stop(cfg: Config, name: str, timeout: float = 15.0) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not _alive(pid):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)  # stray helpers left in its group
-                except ProcessLookupError:
-                    pass
                 return True
             time.sleep(0.1)
         log(f"{name} (PID {pid}) ignored {sig.name}")

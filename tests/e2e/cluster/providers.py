@@ -65,13 +65,21 @@ class KubeCluster:
     def env(self) -> dict[str, str]:
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
 
-    def kubectl_run(self, *args: str, check: bool = True, timeout: float = 120,
-                    input: str | None = None) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([self.kubectl, f"--kubeconfig={self.kubeconfig}", *args],
-                              capture_output=True, text=True, timeout=timeout, input=input)
+    def kubectl_run(
+        self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [self.kubectl, f"--kubeconfig={self.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n"
-                                 f"{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(
+                f"kubectl {' '.join(args)} failed ({proc.returncode}):\n"
+                f"{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
     def apply(self, manifest: str, namespace: str | None = None) -> None:
@@ -83,16 +91,28 @@ class KubeCluster:
         """``host:port`` at which this machine reaches a Service: its ClusterIP when routable,
         else a ``kubectl port-forward`` to a free local port."""
         if self.host_reaches_cluster_ips:
-            ip = self.kubectl_run("-n", namespace, "get", "svc", service, "-o",
-                                  "jsonpath={.spec.clusterIP}").stdout.strip()
+            ip = self.kubectl_run(
+                "-n", namespace, "get", "svc", service, "-o", "jsonpath={.spec.clusterIP}"
+            ).stdout.strip()
             yield f"{ip}:{port}"
             return
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             local = sock.getsockname()[1]
-        proc = subprocess.Popen([self.kubectl, f"--kubeconfig={self.kubeconfig}", "-n", namespace,
-                                 "port-forward", f"svc/{service}", f"{local}:{port}"],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [
+                self.kubectl,
+                f"--kubeconfig={self.kubeconfig}",
+                "-n",
+                namespace,
+                "port-forward",
+                f"svc/{service}",
+                f"{local}:{port}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline()  # "Forwarding from 127.0.0.1:N -> P"
@@ -138,12 +158,25 @@ class LocalProvider(Provider):
 
     # Debian packages (apt-get install containerd runc containernetworking-plugins iptables
     # conntrack buildah debootstrap) plus openssl; Go only when the binary cache is cold.
-    TOOLS = ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "iptables", "conntrack",
-             "buildah", "debootstrap", "openssl", "ip", "mount")
+    TOOLS = (
+        "containerd",
+        "containerd-shim-runc-v2",
+        "runc",
+        "ctr",
+        "iptables",
+        "conntrack",
+        "buildah",
+        "debootstrap",
+        "openssl",
+        "ip",
+        "mount",
+    )
 
     def check_prerequisites(self) -> None:
         if os.geteuid() != 0:
-            raise MissingPrerequisite("the local cluster needs root (kubelet, containerd, iptables)")
+            raise MissingPrerequisite(
+                "the local cluster needs root (kubelet, containerd, iptables)"
+            )
         path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
         missing = [t for t in self.TOOLS if not shutil.which(t, path=path)]
         if not Path("/usr/lib/cni/bridge").exists():
@@ -161,14 +194,24 @@ class LocalProvider(Provider):
         with self.log.open("a") as log:
             log.write(f"\n$ scripts/local-cluster {' '.join(args)}\n")
             log.flush()
-            proc = subprocess.run([str(LOCAL_CLUSTER), *args], stdout=subprocess.PIPE,
-                                  stderr=log, text=True, timeout=timeout,
-                                  env={**os.environ, "SNAKEPIT_CACHE": str(self.cfg.cache_dir),
-                                       "SNAKEPIT_CLUSTER_DIR": str(self.cfg.state_dir)})
+            proc = subprocess.run(
+                [str(LOCAL_CLUSTER), *args],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                timeout=timeout,
+                env={
+                    **os.environ,
+                    "SNAKEPIT_CACHE": str(self.cfg.cache_dir),
+                    "SNAKEPIT_CLUSTER_DIR": str(self.cfg.state_dir),
+                },
+            )
         if proc.returncode != 0:
             tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
-            raise ProviderError(f"scripts/local-cluster {' '.join(args)} failed "
-                                f"({proc.returncode}); log {self.log}:\n{tail}")
+            raise ProviderError(
+                f"scripts/local-cluster {' '.join(args)} failed "
+                f"({proc.returncode}); log {self.log}:\n{tail}"
+            )
         return proc.stdout
 
     def running_tier(self) -> str | None:
@@ -187,9 +230,13 @@ class LocalProvider(Provider):
         if running == "node" and not self.images_loaded:
             self._script("images")
             self.images_loaded = True
-        return KubeCluster(provider=self.name, kubeconfig=self.cfg.admin_kubeconfig,
-                           kubectl=_kubectl_binary(self.cfg), tier=running,
-                           host_reaches_cluster_ips=True)
+        return KubeCluster(
+            provider=self.name,
+            kubeconfig=self.cfg.admin_kubeconfig,
+            kubectl=_kubectl_binary(self.cfg),
+            tier=running,
+            host_reaches_cluster_ips=True,
+        )
 
     def down(self) -> None:
         self._script("down")
@@ -232,20 +279,34 @@ class KindProvider(Provider):
             self._run(kind, "create", "cluster", "--name", KIND_CLUSTER_NAME, "--wait", "120s")
             self.created = True
         self.kubeconfig.parent.mkdir(parents=True, exist_ok=True)
-        self.kubeconfig.write_text(self._run(kind, "get", "kubeconfig", "--name",
-                                             KIND_CLUSTER_NAME))
+        self.kubeconfig.write_text(
+            self._run(kind, "get", "kubeconfig", "--name", KIND_CLUSTER_NAME)
+        )
         if not self.images_loaded:
             self._load_images(kind)
             self.images_loaded = True
-        return KubeCluster(provider=self.name, kubeconfig=self.kubeconfig,
-                           kubectl=_kubectl_binary(self.cfg), pull_policy="Never", tier="node")
+        return KubeCluster(
+            provider=self.name,
+            kubeconfig=self.kubeconfig,
+            kubectl=_kubectl_binary(self.cfg),
+            pull_policy="Never",
+            tier="node",
+        )
 
     def _load_images(self, kind: str) -> None:
         if shutil.which("docker"):
             for name, dockerfile in PROJECT_IMAGES.items():
                 ref = f"snakepit/{name}:dev"
-                self._run("docker", "build", "-f", str(REPO_ROOT / dockerfile), "-t", ref,
-                          str(REPO_ROOT), timeout=1800)
+                self._run(
+                    "docker",
+                    "build",
+                    "-f",
+                    str(REPO_ROOT / dockerfile),
+                    "-t",
+                    ref,
+                    str(REPO_ROOT),
+                    timeout=1800,
+                )
                 self._run(kind, "load", "docker-image", ref, "--name", KIND_CLUSTER_NAME)
             return
         from .images import build_images  # buildah archives, as for the local provider
@@ -263,17 +324,27 @@ class ExistingProvider(Provider):
     name = "existing"
 
     def ensure(self, tier: str) -> KubeCluster:
-        path = Path(os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
-                    or Path.home() / ".kube" / "config")
+        path = Path(
+            os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+            or Path.home() / ".kube" / "config"
+        )
         if not path.exists():
             raise ProviderError(f"SNAKEPIT_E2E_CLUSTER=existing but no kubeconfig at {path}")
         prefix = os.environ.get("SNAKEPIT_E2E_IMAGE_PREFIX", "snakepit").rstrip("/")
-        return KubeCluster(provider=self.name, kubeconfig=path, kubectl=_kubectl_binary(self.cfg),
-                           image_prefix=prefix, pull_policy="IfNotPresent", tier="node")
+        return KubeCluster(
+            provider=self.name,
+            kubeconfig=path,
+            kubectl=_kubectl_binary(self.cfg),
+            image_prefix=prefix,
+            pull_policy="IfNotPresent",
+            tier="node",
+        )
 
 
 PROVIDERS: dict[str, type[Provider]] = {
-    "local": LocalProvider, "kind": KindProvider, "existing": ExistingProvider,
+    "local": LocalProvider,
+    "kind": KindProvider,
+    "existing": ExistingProvider,
 }
 
 
@@ -283,8 +354,7 @@ def make_provider(name: str, cfg: Config) -> Provider:
     return PROVIDERS[name](cfg)
 
 
-def wait_until(what: str, probe: Callable[[], T], timeout: float = 120,
-               interval: float = 1.0) -> T:
+def wait_until(what: str, probe: Callable[[], T], timeout: float = 120, interval: float = 1.0) -> T:
     """Poll ``probe`` until it returns something truthy; return it or raise AssertionError."""
     deadline = time.monotonic() + timeout
     last: object = None
@@ -297,4 +367,3 @@ def wait_until(what: str, probe: Callable[[], T], timeout: float = 120,
             last = exc
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-

@@ -14,6 +14,7 @@ Run by ``scripts/local-cluster up`` as a supervised process:
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -124,8 +125,11 @@ class Provisioner:
                 self.reclaim(pv)
 
 
-def main() -> int:
-    cfg = Config()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="hostPath volume provisioner of the local cluster")
+    parser.add_argument("--state-dir", type=Path, help="the cluster's state dir (default: env)")
+    args = parser.parse_args(argv)
+    cfg = Config(state_dir=args.state_dir) if args.state_dir else Config()
     kube = Kube.for_identity(cfg, "provisioner")
     prov = Provisioner(cfg, kube)
     stopping = False
