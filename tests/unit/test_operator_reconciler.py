@@ -321,3 +321,16 @@ async def test_a_refused_change_still_reports_what_runs() -> None:
     assert pool["status"]["readyReplicas"] == 2
     degraded = next(c for c in pool["status"]["conditions"] if c["type"] == "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "ApplyFailed")
+
+
+async def test_a_deleted_pool_is_forgotten() -> None:
+    kube, reconciler, children = setup()
+    controller = Controller(reconciler, children)
+    controller.on_pool_event(None, pool_body())
+    await reconciler.reconcile(("ml", "demo"))
+    watch_everything(kube, children)
+    controller.on_pool_event("DELETED", pool_body())
+    assert ("ml", "demo") not in controller.known
+    kube.applied.clear()
+    await reconciler.reconcile(("ml", "demo"))  # same name again: nothing is taken for granted
+    assert len(kube.applied) == 13

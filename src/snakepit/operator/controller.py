@@ -61,6 +61,7 @@ class Controller:
         key = (str(meta.get("namespace")), str(meta.get("name")))
         if event_type == "DELETED":
             self.known.discard(key)
+            self.reconciler.forget(key)
             return
         self.known.add(key)
         if pool_needs_pass(event_type, body):

@@ -103,7 +103,7 @@ class Reconciler:
         namespace, name = key
         body = await self.kube.get(API_VERSION, KIND, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
-            self._forget(key)
+            self.forget(key)
             return None  # gone or going: garbage collection removes the children
         try:
             pool = parse_pool(body)
@@ -177,7 +177,8 @@ class Reconciler:
         self._applied[(pool_key, key)] = (wanted, fingerprint(response))
         return response, None, True
 
-    def _forget(self, key: PoolKey) -> None:
+    def forget(self, key: PoolKey) -> None:
+        """Drop what we remember about a pool's children (the pool is gone)."""
         for remembered in [k for k in self._applied if k[0] == key]:
             del self._applied[remembered]
 
