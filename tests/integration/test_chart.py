@@ -89,6 +89,27 @@ def test_bad_values_are_refused_with_a_reason(values: list[str], message: str) -
     assert message in proc.stderr, proc.stderr
 
 
+def test_names_yaml_would_read_as_booleans_stay_strings() -> None:
+    """A release called "on" in namespace "off" with a pool "y" must not become true/false."""
+    rendered = helm(
+        "template",
+        "on",
+        str(CHART),
+        "--namespace",
+        "off",
+        "--kube-version",
+        KUBE_VERSION,
+        "--set",
+        "watch.namespaces={yes,no}",
+        "--set",
+        "pools[0].name=y",
+    ).stdout
+    for doc in (d for d in yaml.safe_load_all(rendered) if d):
+        meta = doc["metadata"]
+        values = [meta["name"], meta.get("namespace", ""), *meta.get("labels", {}).values()]
+        assert all(isinstance(v, str) for v in values), (doc["kind"], meta)
+
+
 def test_operator_deployment_is_one_recreated_hardened_replica_with_liveness() -> None:
     (deployment,) = of_kind(docs(), "Deployment")
     spec = deployment["spec"]

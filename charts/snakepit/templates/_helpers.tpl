@@ -8,21 +8,21 @@
 {{- end -}}
 
 {{- define "snakepit.selectorLabels" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}-operator
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/name: {{ printf "%s-operator" .Chart.Name | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 {{- end -}}
 
 {{/* Labels of everything the release makes, without the operator pod selector. */}}
 {{- define "snakepit.commonLabels" -}}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/managed-by: {{ .Release.Service | quote }}
 app.kubernetes.io/part-of: snakepit
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | quote }}
 {{- end -}}
 
 {{- define "snakepit.labels" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}-operator
+app.kubernetes.io/name: {{ printf "%s-operator" .Chart.Name | quote }}
 {{ include "snakepit.commonLabels" . }}
 {{- end -}}
 
