@@ -56,6 +56,8 @@ class FakeKube:
         return stored
 
     async def get(self, api_version: str, kind: str, ns: str, name: str) -> dict[str, Any] | None:
+        if f"get {kind}/{name}" in self.refuse:
+            raise ApiError(500, "InternalError", "etcd is having a bad day")
         found = self.objects.get((api_version, kind, ns, name))
         return copy.deepcopy(found) if found else None
 
@@ -334,3 +336,25 @@ async def test_a_deleted_pool_is_forgotten() -> None:
     kube.applied.clear()
     await reconciler.reconcile(("ml", "demo"))  # same name again: nothing is taken for granted
     assert len(kube.applied) == 13
+
+
+async def test_without_the_secret_nothing_is_applied_so_no_pod_rolls() -> None:
+    kube, reconciler, children = setup()
+    await reconciler.reconcile(("ml", "demo"))
+    workers = kube.objects[("apps/v1", "Deployment", "ml", "demo-workers")]
+    workers["status"] = {"observedGeneration": 1, "replicas": 2, "readyReplicas": 2}
+    watch_everything(kube, children)
+    kube.refuse.add("get Secret/demo-redis-auth")
+    pool = kube.objects[("snakepit.dev/v1alpha1", "SnakepitPool", "ml", "demo")]
+    pool["spec"] = {"replicas": 4}
+    pool["metadata"]["generation"] = 2
+    kube.applied.clear()
+    with pytest.raises(ReconcileError, match="bad day"):
+        await reconciler.reconcile(("ml", "demo"))
+    assert kube.applied == []
+    degraded = next(c for c in pool["status"]["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "ApplyFailed")
+    assert pool["status"]["readyReplicas"] == 2  # read from the index, not lost to the failure
+    kube.refuse.clear()
+    await reconciler.reconcile(("ml", "demo"))
+    assert "Deployment/demo-workers" in kube.applied

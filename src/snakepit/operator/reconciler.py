@@ -126,7 +126,13 @@ class Reconciler:
         desired = build_children(pool, self.config, secret_uid)
         current: dict[ChildKey, JSON] = {}
         applied = 0
-        for wave in apply_waves(desired):
+        # Without the Secret's uid the pod templates would differ and roll every pod: apply
+        # nothing this pass, report from the index, and let the retry try again.
+        waves = [] if problems else apply_waves(desired)
+        for child in [] if waves else self.children.of((pool.namespace, pool.name)):
+            if child.body is not None:
+                current[(child.api_version, child.kind, child.name)] = child.body
+        for wave in waves:
             results = await asyncio.gather(*(self._sync(pool, obj) for obj in wave))
             for obj, (result, problem, did_apply) in zip(wave, results, strict=True):
                 applied += did_apply
@@ -134,7 +140,9 @@ class Reconciler:
                     problems.append(problem)
                 if result is not None:
                     current[child_key(obj)] = result
-        pruned = await self._prune(pool, {child_key(o) for o in desired}, problems)
+        pruned = (
+            0 if problems else await self._prune(pool, {child_key(o) for o in desired}, problems)
+        )
         names = Names(pool.name)
         observed = Observed(
             workers=current.get(("apps/v1", "Deployment", names.workers)),
@@ -150,7 +158,8 @@ class Reconciler:
             previous.get("observedGeneration") != pool.generation or _had_problems(previous)
         ):
             await self._event(body, "Normal", "Reconciled", f"applied generation {pool.generation}")
-        return PassResult(applied, len(desired) - applied, pruned, problems, transitions)
+        unchanged = len(desired) - applied if waves else 0
+        return PassResult(applied, unchanged, pruned, problems, transitions)
 
     async def _sync(self, pool: Pool, obj: JSON) -> tuple[JSON | None, Problem | None, bool]:
         """Apply ``obj`` unless the live child is exactly what our last apply left there.
