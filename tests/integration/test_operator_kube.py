@@ -182,6 +182,7 @@ class OperatorEnv:
     liveness_port: int = 0
     process: subprocess.Popen[bytes] | None = None
     latencies: dict[str, list[float]] = field(default_factory=dict)
+    scope: list[str] = field(default_factory=list)  # operator flags; default: this namespace
 
     def get(self, api_version: str, kind: str, name: str) -> dict[str, Any] | None:
         try:
@@ -233,8 +234,7 @@ class OperatorEnv:
                     "-m",
                     "snakepit",
                     "operator",
-                    "--namespace",
-                    self.namespace,
+                    *(self.scope or ["--namespace", self.namespace]),
                     "--liveness-port",
                     str(self.liveness_port),
                 ],
