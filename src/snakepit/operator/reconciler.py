@@ -232,7 +232,12 @@ class Reconciler:
     ) -> None:
         patch = status_patch(previous, status)
         if patch:
-            await self.kube.patch_status(body, patch)
+            try:
+                await self.kube.patch_status(body, patch)
+            except ApiError as exc:
+                if exc.status == 404:
+                    return  # deleted during the pass; the garbage collector takes it from here
+                raise
         for transition in transitions:
             event = event_for(transition)
             if event is not None:
