@@ -198,14 +198,26 @@ def delete_workloads(cfg: Config, timeout: float = 90) -> None:
     """Delete every pod-owning object and pod while the kubelet can still clean up after them.
 
     Pods get a 1 s grace period (a container whose PID 1 ignores SIGTERM would otherwise hold
-    `down` for 30 s); pod deletion repeats until none is left, which also catches pods a
-    controller created in between. Claims go last, so the provisioner reclaims their volumes.
+    `down` for its full grace period); pod deletion repeats until none is left, which also
+    catches pods a controller created in between. Claims go last, so the provisioner reclaims
+    their volumes.
     """
     if current_tier(cfg) != "node" or procs.read_pid(cfg, "kubelet") is None:
         return
     log("deleting workloads while the kubelet runs")
     owners = "deployments,statefulsets,daemonsets,replicasets,jobs,cronjobs"
-    kubectl(cfg, "delete", owners, "--all", "--all-namespaces", "--wait=false", check=False)
+    # Orphan the pods: the garbage collector would delete them with their own (long) grace
+    # period, and a kubelet already killing a pod does not shorten it for a later request.
+    kubectl(
+        cfg,
+        "delete",
+        owners,
+        "--all",
+        "--all-namespaces",
+        "--cascade=orphan",
+        "--wait=false",
+        check=False,
+    )
 
     def no_pods_left() -> bool:
         kubectl(
@@ -221,14 +233,16 @@ def delete_workloads(cfg: Config, timeout: float = 90) -> None:
         return not kubectl(cfg, "get", "pods", "-A", "-o", "name", check=False).stdout.strip()
 
     try:
-        wait_for("all pods to be gone", no_pods_left, timeout, 1)
+        waited = wait_for("all pods to be gone", no_pods_left, timeout, 1)
+        log(f"pods gone after {waited:.1f}s")
         kubectl(cfg, "delete", "pvc", "--all", "--all-namespaces", "--wait=false", check=False)
-        wait_for(
+        waited = wait_for(
             "volumes to be reclaimed",
             lambda: not kubectl(cfg, "get", "pv", "-o", "name", check=False).stdout.strip(),
             30,
             0.5,
         )
+        log(f"volumes reclaimed after {waited:.1f}s")
     except TimeoutError as exc:
         log(f"{exc}; forcing the rest")
         kubectl(

@@ -152,7 +152,8 @@ class LocalProvider(Provider):
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        self.started = False  # we brought it up, so we take it down
+        # Whether a cluster already ran when this session first asked: then it is left running.
+        self.preexisting: bool | None = None
         self.images_loaded = False
         self.log = cfg.cache_dir / "last-e2e-provider.log"
 
@@ -221,11 +222,12 @@ class LocalProvider(Provider):
 
     def ensure(self, tier: str) -> KubeCluster:
         before = self.running_tier()
+        if self.preexisting is None:
+            self.preexisting = before is not None
         if not (before == "node" or before == tier):
             out = self._script("up", "--tier", tier).strip().splitlines()
             if not out or not out[-1].startswith("export KUBECONFIG="):
                 raise ProviderError(f"unexpected output of `up`: {out[-1:]}")
-            self.started = self.started or before is None
         running = self.running_tier() or tier
         if running == "node" and not self.images_loaded:
             self._script("images")
@@ -243,7 +245,7 @@ class LocalProvider(Provider):
         self.images_loaded = False
 
     def teardown(self) -> None:
-        if self.started and not os.environ.get("SNAKEPIT_E2E_KEEP"):
+        if self.preexisting is False and not os.environ.get("SNAKEPIT_E2E_KEEP"):
             self.down()
 
 
