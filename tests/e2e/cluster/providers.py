@@ -266,6 +266,17 @@ class KindProvider(Provider):
         ensure_component(self.cfg, "kind")
         return str(self.cfg.kind_bin)
 
+    @staticmethod
+    def _check_engine() -> None:
+        """kind needs a running engine, not just its CLI (a docker client may exist without one)."""
+        engine = "podman" if os.environ.get("KIND_EXPERIMENTAL_PROVIDER") == "podman" else "docker"
+        if not shutil.which(engine):
+            raise MissingPrerequisite(f"the kind provider needs {engine}")
+        proc = subprocess.run([engine, "info"], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+            raise MissingPrerequisite(f"the kind provider needs a running {engine}: {detail}")
+
     def _run(self, *cmd: str, timeout: float = 900) -> str:
         proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
@@ -273,9 +284,8 @@ class KindProvider(Provider):
         return proc.stdout
 
     def ensure(self, tier: str) -> KubeCluster:
+        self._check_engine()
         kind = self._kind()
-        if not (shutil.which("docker") or shutil.which("podman")):
-            raise ProviderError("the kind provider needs Docker (or podman)")
         clusters = self._run(kind, "get", "clusters").split()
         if KIND_CLUSTER_NAME not in clusters:
             self._run(kind, "create", "cluster", "--name", KIND_CLUSTER_NAME, "--wait", "120s")
