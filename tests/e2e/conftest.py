@@ -16,4 +16,5 @@ if "tests.e2e.cluster.fixtures" not in sys.modules:
         kube_node,
         kube_provider,
         pytest_collection_modifyitems,
+        pytest_configure,
     )

@@ -2,7 +2,7 @@
 
 Only meaningful for the local provider (it inspects this machine). The checks here do not reuse
 the clean-up code's own helpers: they look at the machine directly (iptables-save, /proc, sysfs).
-The cluster is brought back up at the end, so tests after this one still have their cluster.
+The cluster is brought back up at the end; the plugin orders this test after all others anyway.
 """
 
 from __future__ import annotations
@@ -17,7 +17,12 @@ import pytest
 from tests.e2e.cluster import hostnet
 from tests.e2e.cluster.providers import KubeCluster, LocalProvider, Provider
 
-pytestmark = [pytest.mark.e2e, pytest.mark.node, pytest.mark.timeout(900)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.node,
+    pytest.mark.cluster_teardown,  # the plugin runs it after every other test
+    pytest.mark.timeout(900),
+]
 
 OUR_CHAINS = ("KUBE-", "CNI-", "SNAKEPIT-")
 

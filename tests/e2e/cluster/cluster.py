@@ -71,8 +71,10 @@ def up(cfg: Config, tier: str = "node") -> dict[str, float]:
     if running == "node" or running == tier:
         log(f"reusing the running {running} cluster")
         return {"total": 0.0}
-    if running is None and procs.running(cfg):
-        log("found a half-started cluster; tearing it down first")
+    if running is None and (procs.running(cfg) or cfg.state_dir.exists()):
+        # A crashed or half-started cluster (or one from before a reboot): its etcd data, certs
+        # and host changes must not leak into the new one.
+        log("found the remains of an earlier cluster; cleaning them up first")
         down(cfg)
     t = time.monotonic()
     build.ensure_all(cfg)

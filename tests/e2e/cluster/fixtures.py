@@ -86,7 +86,18 @@ def kube_namespace(
     kube_control_plane.kubectl_run("delete", "namespace", name, "--wait=false", check=False)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "cluster_teardown: tears the session's cluster down (and brings it back); runs last",
+    )
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark cluster users, and move tests that tear the cluster down to the end of the session
+    (after them every other test would get a freshly re-created cluster, new certificates and
+    all)."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster_teardown") is not None)
     for item in items:
         names = getattr(item, "fixturenames", ())
         if "kube_node" in names:
