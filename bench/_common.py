@@ -25,7 +25,9 @@ def free_port() -> int:
 def spawn(args: Sequence[str], **env: str) -> subprocess.Popen[bytes]:
     """``python -m snakepit ARGS`` as a child of this process (quiet logs)."""
     environment = {**os.environ, "SNAKEPIT_LOG_LEVEL": "warning", **env}
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), environment.get("PYTHONPATH")]))
+    environment["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT / "src"), environment.get("PYTHONPATH")])
+    )
     return subprocess.Popen([sys.executable, "-m", "snakepit", *args], env=environment)
 
 

@@ -22,11 +22,11 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import free_port, spawn, table, wait_serving  # noqa: E402
+from _common import free_port, spawn, table, wait_serving
 
-from snakepit import Client  # noqa: E402
-from snakepit.grpc_options import channel_options, server_options  # noqa: E402
-from snakepit.protocol import decode_value, encode_value  # noqa: E402
+from snakepit import Client
+from snakepit.grpc_options import channel_options
+from snakepit.protocol import decode_value, encode_value
 
 MB = 1024 * 1024
 
@@ -35,13 +35,18 @@ def human(size: int) -> str:
     return f"{size // MB} MB" if size >= MB else f"{size // 1024} KB"
 
 
-def best_of(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
+def timed(fn: Callable[..., object], *args: object, **kwargs: object) -> float:
+    started = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - started
+
+
+def best_of(fn: Callable[..., object], repeat: int, *args: object) -> float:
+    return min(timed(fn, *args) for _ in range(repeat))
+
+
+def round_trip(array: np.ndarray, threshold: int) -> object:
+    return decode_value(encode_value(array, threshold=threshold))
 
 
 def codec_rows(sizes: list[int]) -> list[list[str]]:
@@ -51,12 +56,12 @@ def codec_rows(sizes: list[int]) -> list[list[str]]:
         repeat = 5 if size <= MB else 2
         binary = encode_value(array, threshold=0)
         json_form = encode_value(array, threshold=1 << 62)
-        t_bin = best_of(lambda b=binary: decode_value(encode_value(array, threshold=0)), repeat)  # noqa: B023
+        t_bin = best_of(round_trip, repeat, array, 0)
         json_repeat = 3 if size <= MB else 1
-        t_json = best_of(lambda: decode_value(encode_value(array, threshold=1 << 62)), json_repeat)  # noqa: B023
+        t_json = best_of(round_trip, json_repeat, array, 1 << 62)
         decoded = decode_value(binary)
         zero_copy = np.shares_memory(decoded, np.frombuffer(binary, np.uint8))
-        t_decode = best_of(lambda b=binary: decode_value(b), repeat)  # noqa: B023
+        t_decode = best_of(decode_value, repeat, binary)
         rows.append(
             [
                 human(size),
@@ -94,7 +99,9 @@ asyncio.run(main())
 def echo_rows(sizes: list[int], repeat: int) -> list[list[str]]:
     bare_port, worker_port = free_port(), free_port()
     bare = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(bare_port)])
-    worker = spawn(["worker", "--host", "127.0.0.1", "--port", str(worker_port), "--max-message-mb", "512"])
+    worker = spawn(
+        ["worker", "--host", "127.0.0.1", "--port", str(worker_port), "--max-message-mb", "512"]
+    )
     rows = []
     try:
         wait_serving(f"127.0.0.1:{bare_port}")
@@ -108,11 +115,10 @@ def echo_rows(sizes: list[int], repeat: int) -> list[list[str]]:
                 bare_echo(payload, timeout=300)  # warm up both paths
                 client.execute("echo", value=array, timeout=300)
                 t_bare = statistics.median(
-                    best_of(lambda: bare_echo(payload, timeout=300), 1) for _ in range(repeat)  # noqa: B023
+                    timed(bare_echo, payload, timeout=300) for _ in range(repeat)
                 )
                 t_worker = statistics.median(
-                    best_of(lambda: client.execute("echo", value=array, timeout=300), 1)  # noqa: B023
-                    for _ in range(repeat)
+                    timed(client.execute, "echo", value=array, timeout=300) for _ in range(repeat)
                 )
                 out = client.execute("echo", value=array, timeout=300)
                 assert out.dtype == array.dtype and np.array_equal(out, array)
@@ -141,10 +147,28 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [10 * 1024, MB] + ([] if args.quick else [100 * MB])
     print("value codec: float32 array, encode + decode (best of several)")
-    print(table(["size", "binary", "json", "binary speed-up", "json size", "binary decode", "zero-copy"], codec_rows(sizes)))
+    print(
+        table(
+            [
+                "size",
+                "binary",
+                "json",
+                "binary speed-up",
+                "json size",
+                "binary decode",
+                "zero-copy",
+            ],
+            codec_rows(sizes),
+        )
+    )
     echo_sizes = [MB, 10 * MB] + ([] if args.quick else [100 * MB])
     print("\ntensor echo round trip (send + receive), median of 5")
-    print(table(["size", "bare grpcio", "snakepit worker", "bare MB/s", "worker MB/s", "worker/bare"], echo_rows(echo_sizes, 5)))
+    print(
+        table(
+            ["size", "bare grpcio", "snakepit worker", "bare MB/s", "worker MB/s", "worker/bare"],
+            echo_rows(echo_sizes, 5),
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import free_port, spawn, table, wait_serving  # noqa: E402
+from _common import free_port, spawn, table, wait_serving
 
-from snakepit import AsyncClient, Client  # noqa: E402
+from snakepit import AsyncClient, Client
 
 
 def latency(client: Client, calls: int) -> tuple[float, float]:
@@ -100,11 +100,15 @@ def small_calls(seconds: float, in_flight: int) -> list[list[str]]:
             async def run(target: str = target, direct: bool = direct) -> float:
                 async with AsyncClient(target, direct=direct) as aclient:
                     await throughput(lambda: aclient.execute("add", a=1, b=2), in_flight, 0.5)
-                    return await throughput(lambda: aclient.execute("add", a=1, b=2), in_flight, seconds)
+                    return await throughput(
+                        lambda: aclient.execute("add", a=1, b=2), in_flight, seconds
+                    )
 
             rate = asyncio.run(run())
             base = base or rate
-            rows.append([name, f"{p50:.2f} ms", f"{p99:.2f} ms", f"{rate:.0f}/s", f"{rate / base:.2f}x"])
+            rows.append(
+                [name, f"{p50:.2f} ms", f"{p99:.2f} ms", f"{rate:.0f}/s", f"{rate / base:.2f}x"]
+            )
     finally:
         pool.close()
     return rows
@@ -127,7 +131,9 @@ def io_bound(seconds: float, concurrency: int) -> list[list[str]]:
         finally:
             pool.close()
         one = one or rate
-        rows.append([str(workers), f"{rate:.0f}/s", f"{rate / one:.2f}x", f"{rate / (one * workers):.2f}"])
+        rows.append(
+            [str(workers), f"{rate:.0f}/s", f"{rate / one:.2f}x", f"{rate / (one * workers):.2f}"]
+        )
     return rows
 
 
@@ -157,7 +163,12 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"small calls (add): latency one at a time; throughput with {args.in_flight} in flight")
-    print(table(["path", "p50", "p99", "throughput", "vs straight"], small_calls(args.seconds, args.in_flight)))
+    print(
+        table(
+            ["path", "p50", "p99", "throughput", "vs straight"],
+            small_calls(args.seconds, args.in_flight),
+        )
+    )
 
     print("\nI/O-bound calls (sleep 0.05 s) through the router, 4 in flight per worker")
     print(table(["workers", "throughput", "vs 1 worker", "efficiency"], io_bound(args.seconds, 4)))

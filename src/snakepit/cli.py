@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(router, "--namespace", "", help="namespace of --workers-service (default $POD_NAMESPACE)")
     _add(router, "--worker-port", 0, int, help="worker port (default: the Service's `grpc` port)")
+    _add(router, "--shutdown-delay", 3.0, float, help="seconds to keep answering after SIGTERM")
     _pool_options(router)
 
     operator = sub.add_parser("operator", help="run the Kubernetes operator")
@@ -319,7 +320,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
         pool=_pool_config(args),
         max_message_mb=args.max_message_mb,
     )
-    return asyncio.run(serve(config))
+    return asyncio.run(serve(config, shutdown_delay=args.shutdown_delay))
 
 
 def _cmd_operator(args: argparse.Namespace) -> int:

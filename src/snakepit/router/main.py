@@ -1,8 +1,15 @@
-"""``snakepit router``: run the router until SIGTERM, then stop taking calls and drain."""
+"""``snakepit router``: run the router until SIGTERM, then leave the Service and drain.
+
+On SIGTERM the router first reports NOT_SERVING but keeps answering for ``shutdown_delay``
+seconds: Kubernetes removes a terminating pod from its Service's endpoints asynchronously, and
+connections that still arrive in that window must not be refused. Then it stops taking calls
+and lets the ones in flight finish (``drain_grace``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 
 from .. import logs
@@ -10,8 +17,12 @@ from .server import RouterConfig, RouterServer, default_router_id
 
 __all__ = ["RouterConfig", "serve"]
 
+log = logging.getLogger("snakepit.router")
 
-async def serve(config: RouterConfig, *, drain_grace: float = 10.0) -> int:
+
+async def serve(
+    config: RouterConfig, *, shutdown_delay: float = 3.0, drain_grace: float = 5.0
+) -> int:
     logs.setup("router", config.router_id or default_router_id())
     router = RouterServer(config)
     stop = asyncio.Event()
@@ -20,5 +31,10 @@ async def serve(config: RouterConfig, *, drain_grace: float = 10.0) -> int:
         loop.add_signal_handler(sig, stop.set)
     await router.start()
     await stop.wait()
+    log.info(
+        "router leaving", extra={"delay_s": shutdown_delay, "in_flight": router.pool.in_flight}
+    )
+    await router.health.enter_graceful_shutdown()
+    await asyncio.sleep(shutdown_delay)
     await router.stop(grace=drain_grace)
     return 0

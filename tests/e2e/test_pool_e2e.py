@@ -1,0 +1,514 @@
+"""A pool's whole life on a real cluster, as users run it: Helm install, apply, call, break, remove.
+
+The tests run in file order and share one operator release and one pool (``examples/pool.yaml``)
+in a namespace of this module; each fault test runs a steady load of calls while it breaks
+something and reports what the load saw. Runs unchanged with SNAKEPIT_E2E_CLUSTER=local|kind|
+existing (on kind the router Service is reached through a port-forward).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from snakepit import Client
+from snakepit.errors import InvalidArgument, NotFound, ResourceExhausted, ToolError, Unavailable
+from snakepit.protocol import method_path
+from tests.e2e.cluster.config import Config
+from tests.e2e.cluster.providers import KubeCluster, wait_until
+from tests.e2e.load import SteadyLoad
+from tests.e2e.report import report
+
+pytestmark = [pytest.mark.e2e, pytest.mark.node, pytest.mark.timeout(1200)]
+
+ROOT = Path(__file__).resolve().parents[2]
+POOL = "demo"
+ROUTER_PORT = 50051
+
+
+def helm_binary() -> str:
+    cached = Config().helm_bin
+    return str(cached) if cached.exists() else (shutil.which("helm") or "helm")
+
+
+def kube_json(cluster: KubeCluster, *args: str) -> Any:
+    return json.loads(cluster.kubectl_run(*args, "-o", "json").stdout)
+
+
+def pool_object(cluster: KubeCluster, ns: str) -> Any:
+    return kube_json(cluster, "-n", ns, "get", "snakepitpool", POOL)
+
+
+def condition(pool: Any, kind: str) -> dict[str, Any]:
+    for cond in pool.get("status", {}).get("conditions", []):
+        if cond["type"] == kind:
+            return dict(cond)
+    return {}
+
+
+def pool_ready(cluster: KubeCluster, ns: str, replicas: int | None = None) -> bool:
+    pool = pool_object(cluster, ns)
+    status = pool.get("status", {})
+    want = pool["spec"]["replicas"] if replicas is None else replicas
+    return (
+        condition(pool, "Ready").get("status") == "True"
+        and status.get("observedGeneration") == pool["metadata"]["generation"]
+        and status.get("readyReplicas") == want
+        and status.get("replicas") == want
+    )
+
+
+def pods(cluster: KubeCluster, ns: str, component: str) -> list[Any]:
+    selector = f"snakepit.dev/pool={POOL},app.kubernetes.io/component={component}"
+    items = kube_json(cluster, "-n", ns, "get", "pods", "-l", selector)["items"]
+    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+
+def helm(cluster: KubeCluster, *args: str, timeout: float = 600) -> str:
+    import subprocess
+
+    proc = subprocess.run(
+        [helm_binary(), *args], env=cluster.env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"helm {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+# Module fixtures: one namespace, one operator release, one router address --------------------
+
+
+@pytest.fixture(scope="module")
+def ns(kube_node: KubeCluster) -> Iterator[str]:
+    name = f"e2e-pool-{uuid.uuid4().hex[:6]}"
+    kube_node.kubectl_run("create", "namespace", name)
+    yield name
+    kube_node.kubectl_run("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def release(kube_node: KubeCluster, ns: str) -> Iterator[str]:
+    operator_ns = f"{ns}-system"
+    prefix = kube_node.image_prefix
+    args = [
+        "upgrade", "--install", "snakepit", str(ROOT / "charts/snakepit"),
+        "--namespace", operator_ns, "--create-namespace", "--wait", "--timeout", "5m",
+        "--set", f"image.repository={prefix}/operator",
+        "--set", f"image.pullPolicy={kube_node.pull_policy}",
+        "--set", f"workerImage={prefix}/worker:dev",
+        "--set", f"redisImage={prefix}/redis:dev",
+        "--set", f"watch.namespaces={{{ns}}}",
+        "--set", f"test.pool={POOL}", "--set", f"test.namespace={ns}",
+    ]  # fmt: skip
+    started = time.monotonic()
+    helm(kube_node, *args)
+    report(f"helm install (operator ready): {time.monotonic() - started:.1f} s")
+    yield operator_ns
+    helm(
+        kube_node,
+        "uninstall",
+        "snakepit",
+        "--namespace",
+        operator_ns,
+        "--ignore-not-found",
+        "--wait",
+    )
+    kube_node.kubectl_run("delete", "namespace", operator_ns, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def router(kube_node: KubeCluster, ns: str, release: str) -> Iterator[str]:
+    """The router Service's address from this machine (created by the apply test)."""
+    wait_until(
+        "router service",
+        lambda: pool_object(kube_node, ns).get("status", {}).get("endpoint"),
+        timeout=300,
+    )
+    with kube_node.service_address(ns, f"{POOL}-router", ROUTER_PORT) as address:
+        with Client(address, timeout=30) as client:
+            wait_until("router answers", lambda: client.ping(), timeout=120)
+        yield address
+
+
+# The pool's life --------------------------------------------------------------------------------
+
+
+def test_operator_is_ready_after_helm_install(kube_node: KubeCluster, release: str) -> None:
+    deployment = kube_json(
+        kube_node, "-n", release, "get", "deployment", "-l", "app.kubernetes.io/name=snakepit"
+    )
+    (operator,) = deployment["items"]
+    assert operator["status"].get("readyReplicas") == 1
+    assert operator["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_apply_the_example_pool_becomes_ready(
+    kube_node: KubeCluster, ns: str, release: str
+) -> None:
+    manifest = (ROOT / "examples/pool.yaml").read_text()
+    if kube_node.pull_policy == "Never":
+        manifest = manifest.replace("spec:\n", "spec:\n  imagePullPolicy: Never\n", 1)
+    started = time.monotonic()
+    kube_node.apply(manifest, namespace=ns)
+    wait_until("pool Ready", lambda: pool_ready(kube_node, ns), timeout=600, interval=0.5)
+    elapsed = time.monotonic() - started
+    report(f"apply examples/pool.yaml -> Ready: {elapsed:.1f} s")
+    print(f"apply -> Ready in {elapsed:.1f} s")
+    table = kube_node.kubectl_run("-n", ns, "get", "spp").stdout
+    header, row = table.strip().splitlines()[:2]
+    assert header.split()[:4] == ["NAME", "WORKERS", "READY", "ENDPOINT"]
+    assert row.split()[:3] == [POOL, "2", "2"]
+    assert f"{POOL}-router.{ns}" in row
+
+
+def test_helm_test_passes(kube_node: KubeCluster, release: str, router: str) -> None:
+    helm(kube_node, "test", "snakepit", "--namespace", release, "--timeout", "5m")
+
+
+def test_every_showcase_tool_through_the_router_service(router: str) -> None:
+    with Client(router, timeout=60) as client:
+        assert {t.name for t in client.list_tools()} >= {"echo", "add", "whoami", "sleep", "count", "fail",
+                                                          "crash", "counter_increment", "tensor_sum",
+                                                          "tensor_scale", "nested_add"}  # fmt: skip
+        for value in [None, True, 3, 2.5, "text", b"\x00", [1, [2]], {"k": [None, 1.5]}]:
+            assert client.execute("echo", value=value) == value
+        assert client.execute("add", a=1, b=2) == 3
+        assert client.execute("whoami")["worker_id"].startswith(f"{POOL}-workers-")
+        assert client.execute("sleep", seconds=0.1) == 0.1
+        assert list(client.stream("count", n=50)) == list(range(50))
+        with pytest.raises(ToolError, match="boom") as failure:
+            client.execute("fail", message="boom")
+        assert failure.value.remote_type == "ValueError"
+        assert client.execute("tensor_sum", x=np.ones((32, 32))) == 1024.0
+        assert client.execute("nested_add", a=40, b=2) == 42
+        big = np.random.default_rng(7).random(50 * 1024 * 1024 // 8)
+        started = time.monotonic()
+        echoed = client.execute("echo", value=big, timeout=120)
+        report(
+            f"50 MB tensor round trip through the router Service: {time.monotonic() - started:.2f} s"
+        )
+        assert echoed.dtype == big.dtype and np.array_equal(echoed, big)
+        scaled = client.execute("tensor_scale", x=big[:1_000_000], factor=2.0, timeout=60)
+        assert np.array_equal(scaled, big[:1_000_000] * 2)
+
+
+def test_session_variables_affinity_and_tools_reading_them(router: str) -> None:
+    with Client(router, timeout=60) as client, client.session() as session:
+        session.set("lr", 0.01, type="float", constraints={"min": 0, "max": 1})
+        with pytest.raises(InvalidArgument, match="above the maximum"):
+            session.set("lr", 5.0)
+        assert session.get("lr") == 0.01
+        session.set("weights", np.arange(1000, dtype=np.float32))
+        session.set("counter", 10, type="integer")
+        assert (
+            session.execute("counter_increment", by=5) == 15
+        )  # a tool reads and writes the client's variable
+        assert session.get("counter") == 15
+        assert session.list().keys() == {"lr", "weights", "counter"}
+        workers = {session.execute("whoami")["worker_id"] for _ in range(10)}
+        assert len(workers) == 1  # one worker for the session's calls while it lives
+
+
+def test_direct_mode_from_a_pod_inside_the_cluster(
+    kube_node: KubeCluster, ns: str, router: str
+) -> None:
+    # What a user does: let the client pods through the workers' NetworkPolicy.
+    peers = {
+        "spec": {
+            "networkPolicy": {
+                "directClients": [
+                    {"podSelector": {"matchLabels": {"snakepit.dev/direct-client": POOL}}}
+                ]
+            }
+        }
+    }
+    kube_node.kubectl_run("-n", ns, "patch", "spp", POOL, "--type=merge", "-p", json.dumps(peers))
+    script = f"""
+import json, numpy as np
+from snakepit import Client
+target = "{POOL}-router.{ns}.svc:{ROUTER_PORT}"
+out = {{}}
+with Client(target, timeout=30) as routed, Client(target, direct=True, timeout=30) as direct:
+    out["add"] = [routed.execute("add", a=2, b=3), direct.execute("add", a=2, b=3)]
+    x = np.arange(10000.0)
+    out["scale"] = bool(np.array_equal(direct.execute("tensor_scale", x=x, factor=2), x * 2))
+    same = []
+    for i in range(6):
+        s = routed.session(f"direct-{{i}}", keep=True)
+        same.append(s.execute("whoami")["worker_id"] == direct.session(s.id, keep=True).execute("whoami")["worker_id"])
+    out["same_worker"] = same
+    out["workers"] = len(direct.routing_table()["workers"])
+print("RESULT " + json.dumps(out))
+"""
+    pod = f"direct-client-{uuid.uuid4().hex[:5]}"
+    overrides = {
+        "metadata": {"labels": {"snakepit.dev/direct-client": POOL}},
+        "spec": {"securityContext": {"runAsNonRoot": True, "runAsUser": 10001}},
+    }
+    proc = kube_node.kubectl_run(
+        "-n", ns, "run", pod, "--rm", "-i", "--restart=Never", "--quiet",
+        f"--image={kube_node.image('worker')}", f"--image-pull-policy={kube_node.pull_policy}",
+        f"--overrides={json.dumps(overrides)}", "--command", "--", "python", "-c", script,
+        timeout=300,
+    )  # fmt: skip
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    result = json.loads(line[len("RESULT ") :])
+    assert result == {"add": [5.0, 5.0], "scale": True, "same_worker": [True] * 6, "workers": 2}
+
+
+# Faults under a steady load ---------------------------------------------------------------------
+
+
+def test_deleting_a_worker_pod_mid_session(kube_node: KubeCluster, ns: str, router: str) -> None:
+    with (
+        Client(router, timeout=60) as client,
+        client.session() as session,
+        SteadyLoad(router) as load,
+    ):
+        session.set("data", np.arange(100.0))
+        session.execute("counter_increment")
+        victim = session.execute("whoami")["worker_id"]
+        with load.window("delete a worker pod") as window:
+            kube_node.kubectl_run("-n", ns, "delete", "pod", victim, "--wait=false")
+            wait_until(
+                "session moved",
+                lambda: session.execute("whoami")["worker_id"] != victim,
+                timeout=60,
+            )
+            assert session.execute("counter_increment") == 2
+            assert np.array_equal(session.get("data"), np.arange(100.0))
+            wait_until("pool Ready", lambda: pool_ready(kube_node, ns), timeout=300, interval=0.5)
+        report(window.summary())
+        assert not window.failures, window.failures[:5]
+        load.check_no_acknowledged_write_lost()
+
+
+def test_a_crashed_worker_restarts_and_the_pool_recovers(
+    kube_node: KubeCluster, ns: str, router: str
+) -> None:
+    restarts = {p["metadata"]["name"]: _restarts(p) for p in pods(kube_node, ns, "worker")}
+    with Client(router, timeout=60) as client, SteadyLoad(router) as load:
+        with load.window("crash() a worker") as window:
+            with pytest.raises(Unavailable):
+                client.execute("crash")
+            wait_until(
+                "container restarted",
+                lambda: any(
+                    _restarts(p) > restarts.get(p["metadata"]["name"], 0)
+                    for p in pods(kube_node, ns, "worker")
+                ),
+                timeout=120,
+            )
+            wait_until("pool Ready", lambda: pool_ready(kube_node, ns), timeout=300, interval=0.5)
+            assert client.execute("add", a=1, b=1) == 2
+        report(window.summary())
+        load.check_no_acknowledged_write_lost()
+
+
+def _restarts(pod: Any) -> int:
+    return sum(c.get("restartCount", 0) for c in pod.get("status", {}).get("containerStatuses", []))
+
+
+def test_deleting_a_router_pod_with_two_replicas(
+    kube_node: KubeCluster, ns: str, router: str
+) -> None:
+    kube_node.kubectl_run(
+        "-n", ns, "patch", "spp", POOL, "--type=merge", "-p", '{"spec":{"router":{"replicas":2}}}'
+    )
+    wait_until(
+        "two routers",
+        lambda: len([p for p in pods(kube_node, ns, "router") if _ready(p)]) == 2,
+        timeout=300,
+    )
+    with SteadyLoad(router, threads=3) as load:
+        victim = pods(kube_node, ns, "router")[0]["metadata"]["name"]
+        with load.window("delete a router pod (2 replicas)") as window:
+            kube_node.kubectl_run("-n", ns, "delete", "pod", victim)
+            wait_until(
+                "two routers",
+                lambda: len([p for p in pods(kube_node, ns, "router") if _ready(p)]) == 2,
+                timeout=300,
+            )
+            time.sleep(2)
+        report(window.summary())
+        assert window.calls > 0
+        assert not window.failures, window.failures[:5]
+        load.check_no_acknowledged_write_lost()
+
+
+def _ready(pod: Any) -> bool:
+    return any(
+        c["type"] == "Ready" and c["status"] == "True"
+        for c in pod.get("status", {}).get("conditions", [])
+    )
+
+
+def test_deleting_the_redis_pod_keeps_every_variable(
+    kube_node: KubeCluster, ns: str, router: str
+) -> None:
+    with Client(router, timeout=60) as client:
+        session = client.session("redis-survivor", keep=True)
+        written = {f"v{i}": i * 1.5 for i in range(50)}
+        session.set_many(written)
+        session.set("matrix", np.eye(64))
+        with SteadyLoad(router) as load:
+            (redis_pod,) = pods(kube_node, ns, "session-store")
+            with load.window("delete the Redis pod") as window:
+                kube_node.kubectl_run("-n", ns, "delete", "pod", redis_pod["metadata"]["name"])
+                wait_until(
+                    "pool Ready", lambda: pool_ready(kube_node, ns), timeout=300, interval=0.5
+                )
+                wait_until(
+                    "store answers", lambda: session.get("v0") == 0.0, timeout=120, interval=0.5
+                )
+            report(window.summary())
+            load.check_no_acknowledged_write_lost()
+        assert session.get_many(list(written)) == written
+        assert np.array_equal(session.get("matrix"), np.eye(64))
+        session.close()
+
+
+def test_scaling_workers_2_5_1_fails_no_call(kube_node: KubeCluster, ns: str, router: str) -> None:
+    with SteadyLoad(router) as load:
+        for replicas in (5, 1, 2):
+            with load.window(f"kubectl scale spp --replicas={replicas}") as window:
+                kube_node.kubectl_run("-n", ns, "scale", f"spp/{POOL}", f"--replicas={replicas}")
+                wait_until(
+                    f"{replicas} workers",
+                    lambda r=replicas: pool_ready(kube_node, ns, r),
+                    timeout=300,
+                    interval=0.5,
+                )
+                wait_until(
+                    "old pods gone",
+                    lambda r=replicas: len(_all_pods(kube_node, ns, "worker")) == r,
+                    timeout=120,
+                )
+            report(window.summary())
+            assert not window.failures, window.failures[:5]
+        load.check_no_acknowledged_write_lost()
+
+
+def _all_pods(cluster: KubeCluster, ns: str, component: str) -> list[Any]:
+    selector = f"snakepit.dev/pool={POOL},app.kubernetes.io/component={component}"
+    return list(kube_json(cluster, "-n", ns, "get", "pods", "-l", selector)["items"])
+
+
+def test_changing_the_worker_image_rolls_with_no_failed_call(
+    kube_node: KubeCluster, ns: str, router: str
+) -> None:
+    new_image = kube_node.tag_image("worker", "dev-rolled")
+    with SteadyLoad(router) as load:
+        with load.window("change the worker image tag") as window:
+            kube_node.kubectl_run(
+                "-n",
+                ns,
+                "patch",
+                "spp",
+                POOL,
+                "--type=merge",
+                "-p",
+                json.dumps({"spec": {"image": new_image}}),
+            )
+            wait_until(
+                "rolled",
+                lambda: (
+                    pool_ready(kube_node, ns)
+                    and all(
+                        p["spec"]["containers"][0]["image"] == new_image
+                        for p in _all_pods(kube_node, ns, "worker")
+                    )
+                ),
+                timeout=600,
+                interval=0.5,
+            )
+        report(window.summary())
+        assert not window.failures, window.failures[:5]
+        load.check_no_acknowledged_write_lost()
+
+
+# Bad input at the door --------------------------------------------------------------------------
+
+
+def test_an_invalid_pool_spec_is_refused_by_the_api_server(kube_node: KubeCluster, ns: str) -> None:
+    bad = """
+apiVersion: snakepit.dev/v1alpha1
+kind: SnakepitPool
+metadata: {name: broken}
+spec: {replicas: 1, adapter: "not-a-module-path"}
+"""
+    proc = kube_node.kubectl_run("-n", ns, "apply", "-f", "-", input=bad, check=False)
+    assert proc.returncode != 0
+    assert "spec.adapter" in proc.stderr
+
+
+def test_bad_calls_get_clear_errors_and_leave_the_pool_healthy(
+    kube_node: KubeCluster, ns: str, router: str
+) -> None:
+    with Client(router, timeout=60) as client:
+        with pytest.raises(NotFound, match="unknown tool 'no_such_tool'"):
+            client.execute("no_such_tool")
+        with pytest.raises(
+            InvalidArgument, match="argument 'a' of tool 'add' must be of type float"
+        ):
+            client.execute("add", a="x", b=1)
+        with pytest.raises(ResourceExhausted):
+            client.execute(
+                "echo", value=np.zeros(300 * 1024 * 1024 // 8, dtype=np.float64), timeout=120
+            )
+        with grpc.insecure_channel(router) as channel:
+            raw = channel.unary_unary(method_path("SetVariable"))
+            with pytest.raises(grpc.RpcError) as garbage:
+                raw(b"\x12\xff\xff\xff\xff\x0f", timeout=10)
+            assert garbage.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        host, port = router.rsplit(":", 1)
+        import socket
+
+        with socket.create_connection((host, int(port)), timeout=10) as sock:  # not even HTTP/2
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(range(256)))
+            sock.recv(1024)
+        assert client.execute("add", a=1, b=2) == 3
+        assert pool_ready(kube_node, ns)
+
+
+# Teardown ------------------------------------------------------------------------------------
+
+
+def test_deleting_the_pool_removes_every_child(
+    kube_node: KubeCluster, ns: str, router: str
+) -> None:
+    kube_node.kubectl_run("-n", ns, "delete", "spp", POOL, "--wait=true", timeout=300)
+
+    def leftovers() -> list[str]:
+        kinds = (
+            "deployments,statefulsets,services,secrets,serviceaccounts,roles,rolebindings,"
+            "poddisruptionbudgets,networkpolicies,pods"
+        )
+        items = kube_json(kube_node, "-n", ns, "get", kinds, "-l", f"snakepit.dev/pool={POOL}")[
+            "items"
+        ]
+        return [f"{i['kind']}/{i['metadata']['name']}" for i in items]
+
+    wait_until("children gone", lambda: not leftovers(), timeout=300, interval=1)
+
+
+def test_helm_uninstall_removes_the_operator(kube_node: KubeCluster, release: str) -> None:
+    helm(kube_node, "uninstall", "snakepit", "--namespace", release, "--wait")
+    left = kube_json(
+        kube_node,
+        "-n",
+        release,
+        "get",
+        "deployments,pods,serviceaccounts",
+        "-l",
+        "app.kubernetes.io/instance=snakepit",
+    )
+    assert not [i for i in left["items"] if not i["metadata"].get("deletionTimestamp")]
