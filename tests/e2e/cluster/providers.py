@@ -56,10 +56,24 @@ class KubeCluster:
     # The host routes to ClusterIPs directly (local provider) instead of port-forwarding.
     host_reaches_cluster_ips: bool = False
     extra: dict[str, str] = field(default_factory=dict)
+    # Adds a tag to an image in the node's runtime: (fully qualified source, new) -> None.
+    tagger: Callable[[str, str], None] | None = field(default=None, repr=False)
 
-    def image(self, name: str) -> str:
+    def image(self, name: str, tag: str = "dev") -> str:
         """Image reference a pod spec uses, e.g. ``snakepit/worker:dev``."""
-        return f"{self.image_prefix}/{name}:dev"
+        return f"{self.image_prefix}/{name}:{tag}"
+
+    def tag_image(self, name: str, tag: str) -> str:
+        """Make the loaded ``<name>:dev`` image available as ``<name>:<tag>`` too; return the new
+        reference. Same content, new reference: what a rollout test needs to change a pod
+        template's image without a registry. Not possible on an ``existing`` cluster."""
+        if self.tagger is None:
+            raise NotImplementedError(
+                f"the {self.provider} provider cannot tag images; push "
+                f"{self.image(name, tag)} yourself"
+            )
+        self.tagger(f"docker.io/{self.image(name)}", f"docker.io/{self.image(name, tag)}")
+        return self.image(name, tag)
 
     @property
     def env(self) -> dict[str, str]:
@@ -238,7 +252,15 @@ class LocalProvider(Provider):
             kubectl=_kubectl_binary(self.cfg),
             tier=running,
             host_reaches_cluster_ips=True,
+            tagger=self._tag,
         )
+
+    def _tag(self, source: str, target: str) -> None:
+        """Tag in the node's containerd (its content goes away with the cluster on `down`)."""
+        from .images import ctr_cmd
+        from .run import run
+
+        run(ctr_cmd(self.cfg, "images", "tag", "--force", source, target), quiet=True)
 
     def down(self) -> None:
         self._script("down")
@@ -303,7 +325,28 @@ class KindProvider(Provider):
             kubectl=_kubectl_binary(self.cfg),
             pull_policy="Never",
             tier="node",
+            tagger=self._tag,
         )
+
+    def _tag(self, source: str, target: str) -> None:
+        """Tag inside every kind node's containerd (kind nodes are containers named
+        ``<cluster>-control-plane``, ``<cluster>-worker``…)."""
+        nodes = self._run(self._kind(), "get", "nodes", "--name", KIND_CLUSTER_NAME).split()
+        engine = "podman" if os.environ.get("KIND_EXPERIMENTAL_PROVIDER") == "podman" else "docker"
+        for node in nodes:
+            self._run(
+                engine,
+                "exec",
+                node,
+                "ctr",
+                "-n",
+                "k8s.io",
+                "images",
+                "tag",
+                "--force",
+                source,
+                target,
+            )
 
     def _load_images(self, kind: str) -> None:
         if shutil.which("docker"):
