@@ -88,7 +88,30 @@ def workers(kube_node: KubeCluster, kube_namespace: str) -> str:
         "--timeout=180s",
         timeout=200,
     )
+    wait_until(
+        "the Service's EndpointSlice to list both workers as ready",
+        lambda: ready_endpoints(kube_node, kube_namespace, "worker") == 2,
+        timeout=60,
+    )
     return kube_namespace
+
+
+def ready_endpoints(cluster: KubeCluster, ns: str, service: str) -> int:
+    slices = json.loads(
+        cluster.kubectl_run(
+            "-n",
+            ns,
+            "get",
+            "endpointslices",
+            "-l",
+            f"kubernetes.io/service-name={service}",
+            "-o",
+            "json",
+        ).stdout
+    )["items"]
+    return sum(
+        1 for s in slices for e in s.get("endpoints") or [] if e.get("conditions", {}).get("ready")
+    )
 
 
 def test_worker_deployment_becomes_ready_with_grpc_probes(
@@ -138,7 +161,9 @@ def test_service_answers_from_another_pod_by_dns_name(kube_node: KubeCluster, wo
         "from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g;"
         f"print('resolved', socket.gethostbyname('worker.{workers}.svc.cluster.local'));"
         f"c = grpc.insecure_channel('{target}');"
-        "print('status', g.HealthStub(c).Check(h.HealthCheckRequest(), timeout=10).status)"
+        # wait_for_ready: kube-proxy may program a brand-new Service a moment after it exists
+        "print('status', g.HealthStub(c).Check(h.HealthCheckRequest(), timeout=60,"
+        " wait_for_ready=True).status)"
     )
     client_pod = f"""
 apiVersion: v1
