@@ -143,7 +143,13 @@ def router(kube_node: KubeCluster, ns: str, release: str) -> Iterator[str]:
 
 def test_operator_is_ready_after_helm_install(kube_node: KubeCluster, release: str) -> None:
     deployment = kube_json(
-        kube_node, "-n", release, "get", "deployment", "-l", "app.kubernetes.io/name=snakepit"
+        kube_node,
+        "-n",
+        release,
+        "get",
+        "deployment",
+        "-l",
+        "app.kubernetes.io/name=snakepit-operator",
     )
     (operator,) = deployment["items"]
     assert operator["status"].get("readyReplicas") == 1

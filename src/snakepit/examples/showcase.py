@@ -43,6 +43,7 @@ class ShowcaseAdapter(Adapter):
     @tool(description="Kill this worker process (for fault tests)")
     def crash(self) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(137)  # PID 1 of a container ignores signals, even SIGKILL, sent from inside it
 
     @tool(description="Atomically add `by` to a session variable and return the new value")
     async def counter_increment(
