@@ -8,18 +8,18 @@ from typing import Any, TypeVar
 
 import grpc
 
-from ..grpc_options import DEFAULT_MAX_MESSAGE_MB, channel_options
-from ..protocol import method_path
+from ..grpc_options import DEFAULT_MAX_MESSAGE_MB
 from ..protocol.status import error_from_rpc, never_started
 from ..store.base import SessionInfo, Variable, VariableChange
 from . import ops
-from .direct import MAX_ATTEMPTS, DirectRoutes
+from .base import ClientBase, SessionBase
+from .direct import DirectRoutes
 from .ops import MISSING, Op, ToolInfo
 
 T = TypeVar("T")
 
 
-class Client:
+class Client(ClientBase[grpc.Channel]):
     """A connection to a pool's router (or, with ``direct=True``, to its workers as well).
 
     Keyword arguments of ``execute``/``stream`` are the tool's arguments, except ``timeout`` (the
@@ -36,16 +36,15 @@ class Client:
         max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
         binary_threshold: int | None = None,
     ) -> None:
-        self.target = target
-        self.direct = direct
-        self.timeout = timeout
-        self.binary_threshold = binary_threshold
-        self._metadata = tuple((metadata or {}).items())
-        self._options = channel_options(max_message_mb)
-        self._channel = grpc.insecure_channel(target, options=self._options)
-        self._worker_channels: dict[str, grpc.Channel] = {}
-        self._stubs: dict[tuple[int, str, bool], Any] = {}
-        self._routes: DirectRoutes | None = None
+        super().__init__(
+            target,
+            grpc.insecure_channel,
+            direct=direct,
+            timeout=timeout,
+            metadata=metadata,
+            max_message_mb=max_message_mb,
+            binary_threshold=binary_threshold,
+        )
 
     # Lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> Client:
@@ -124,21 +123,9 @@ class Client:
         return Session(self, info.session_id, keep=keep)
 
     # Transport ------------------------------------------------------------------------------
-    def _stub(self, channel: grpc.Channel, method: str, streaming: bool) -> Any:
-        key = (id(channel), method, streaming)
-        stub = self._stubs.get(key)
-        if stub is None:
-            factory = channel.unary_stream if streaming else channel.unary_unary
-            stub = self._stubs[key] = factory(method_path(method))
-        return stub
-
-    def _deadline(self, timeout: float | None) -> float | None:
-        return timeout if timeout is not None else self.timeout
-
     def _call(self, channel: grpc.Channel, op: Op[Any], timeout: float | None) -> bytes:
-        stub = self._stub(channel, op.method, False)
-        raw: bytes = stub(
-            op.request, timeout=self._deadline(timeout), metadata=op.metadata(self._metadata)
+        raw: bytes = self._stub(channel, op.method, False)(
+            op.request, **self._call_args(op, timeout)
         )
         return raw
 
@@ -167,9 +154,7 @@ class Client:
     def _stream(self, op: Op[T], timeout: float | None = None) -> Iterator[T]:
         picked = self._pick_worker(op, []) if op.is_tool and self.direct else None
         channel = picked[1] if picked else self._channel
-        call = self._stub(channel, op.method, True)(
-            op.request, timeout=self._deadline(timeout), metadata=op.metadata(self._metadata)
-        )
+        call = self._stub(channel, op.method, True)(op.request, **self._call_args(op, timeout))
         try:
             for raw in call:
                 yield op.parse(raw)
@@ -183,32 +168,16 @@ class Client:
     def _pick_worker(
         self, op: Op[Any], tried: list[str]
     ) -> tuple[str, grpc.Channel, DirectRoutes] | None:
-        """The next worker to try for a direct tool call, or None to go through the router."""
-        if len(tried) >= MAX_ATTEMPTS:
+        needs = self._needs_routes(tried)
+        if needs is None:
             return None
-        if self._routes is None or self._routes.stale:
+        if needs:
             self._routes = DirectRoutes(self._send(ops.routing_table()))
-        routes = self._routes
-        worker = routes.acquire(op.session_id, tried)
-        if worker is None:
-            return None
-        tried.append(worker)
-        address = routes.addresses[worker]
-        channel = self._worker_channels.get(address)
-        if channel is None:
-            channel = self._worker_channels[address] = grpc.insecure_channel(
-                address, options=self._options
-            )
-        return worker, channel, routes
+        return self._choose(op, tried)
 
 
-class Session:
+class Session(SessionBase[Client]):
     """A session: typed variables kept in the pool's store, and calls routed with affinity."""
-
-    def __init__(self, client: Client, session_id: str, *, keep: bool = False) -> None:
-        self.client = client
-        self.id = session_id
-        self.keep = keep
 
     def __enter__(self) -> Session:
         return self

@@ -6,12 +6,14 @@ the handler instead lets a malformed message get a status and a message that say
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from ..bridge.v1 import bridge_pb2 as pb
 from ..errors import InvalidArgument
 from .status import abort_with
 
@@ -43,3 +45,16 @@ def unary_stream(
             yield response.SerializeToString()
 
     return grpc.unary_stream_rpc_method_handler(handler)
+
+
+def pong(request: pb.PingRequest, server_id: str, role: str) -> pb.PingResponse:
+    """The answer to Ping, the same from a router and a worker."""
+    from .. import __version__
+
+    return pb.PingResponse(
+        message=request.message or "pong",
+        server_id=server_id,
+        role=role,
+        version=__version__,
+        server_time=time.time(),
+    )

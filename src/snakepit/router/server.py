@@ -21,7 +21,6 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from .. import __version__
 from ..errors import SnakepitError, Unavailable
 from ..grpc_options import DEFAULT_MAX_MESSAGE_MB, server_options
 from ..protocol import SERVICE_NAME, pb
@@ -296,13 +295,7 @@ class RouterServer:
     async def _ping(
         self, request: pb.PingRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PingResponse:
-        return pb.PingResponse(
-            message=request.message or "pong",
-            server_id=self.router_id,
-            role="router",
-            version=__version__,
-            server_time=time.time(),
-        )
+        return handlers_for.pong(request, self.router_id, "router")
 
     async def _pool_status(
         self, request: pb.GetPoolStatusRequest, context: grpc.aio.ServicerContext[Any, Any]

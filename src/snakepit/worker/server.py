@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from .. import __version__, logs
+from .. import logs
 from ..errors import DeadlineExceeded, Internal, NotFound, ResourceExhausted, Unavailable
 from ..grpc_options import DEFAULT_MAX_MESSAGE_MB, server_options
 from ..protocol import SERVICE_NAME, pb
@@ -190,13 +190,7 @@ class WorkerServer:
     async def _ping(
         self, request: pb.PingRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PingResponse:
-        return pb.PingResponse(
-            message=request.message or "pong",
-            server_id=self.worker_id,
-            role="worker",
-            version=__version__,
-            server_time=time.time(),
-        )
+        return handlers_for.pong(request, self.worker_id, "worker")
 
     async def _list_tools(
         self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -252,58 +246,54 @@ class WorkerServer:
             name, arguments, session_id=session_id, timeout=timeout
         )
 
-    async def _execute(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    @contextlib.asynccontextmanager
+    async def _serving(self, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[_Call]:
+        """Admission, in-flight accounting, the correlation id and the outcome of one call."""
         try:
             self._admit()
         except Exception as exc:
             await abort_with(context, exc, self.worker_id)
         self.in_flight += 1
-        started = time.perf_counter()
-        ctx: SessionContext | None = None
+        call = _Call()
         token = logs.correlation_id.set(_correlation(context))
         try:
-            tool, kwargs, ctx = self._prepare(raw, context)
+            yield call
+            self.served += 1
+        except (asyncio.CancelledError, GeneratorExit):
+            if call.ctx is not None:
+                call.ctx.cancelled = True
+            self.failed += 1
+            raise
+        except Exception as exc:
+            self.failed += 1
+            await self._fail(context, exc)
+        finally:
+            self.in_flight -= 1
+            logs.correlation_id.reset(token)
+            self._after_call()
+
+    async def _execute(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        started = time.perf_counter()
+        async with self._serving(context) as call:
+            tool, kwargs, call.ctx = self._prepare(raw, context)
             async with asyncio.timeout(context.time_remaining()):
                 if tool.streaming:
                     value: Any = [item async for item in self.runner.stream(tool, kwargs)]
                 else:
                     value = await self.runner.call(tool, kwargs)
             try:
-                payload = encode_result(
-                    value, self.worker_id, (time.perf_counter() - started) * 1000
-                )
+                return encode_result(value, self.worker_id, (time.perf_counter() - started) * 1000)
             except Exception as exc:
                 raise Internal(
                     f"tool {tool.name!r} returned a value that cannot be sent: {exc}"
                 ) from exc
-            self.served += 1
-            return payload
-        except asyncio.CancelledError:
-            if ctx is not None:
-                ctx.cancelled = True
-            self.failed += 1
-            raise
-        except Exception as exc:
-            self.failed += 1
-            await self._fail(context, exc)
-            raise  # unreachable: _fail aborts the call
-        finally:
-            self.in_flight -= 1
-            logs.correlation_id.reset(token)
-            self._after_call()
+        raise AssertionError("unreachable: a failed call is aborted")
 
     async def _execute_stream(
         self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes]:
-        try:
-            self._admit()
-        except Exception as exc:
-            await abort_with(context, exc, self.worker_id)
-        self.in_flight += 1
-        ctx: SessionContext | None = None
-        token = logs.correlation_id.set(_correlation(context))
-        try:
-            tool, kwargs, ctx = self._prepare(raw, context)
+        async with self._serving(context) as call:
+            tool, kwargs, call.ctx = self._prepare(raw, context)
             await context.send_initial_metadata(((WORKER_ID_KEY, self.worker_id),))
             async with asyncio.timeout(context.time_remaining()):
                 if tool.streaming:
@@ -313,19 +303,6 @@ class WorkerServer:
                         seq += 1
                 else:
                     yield encode_chunk(await self.runner.call(tool, kwargs), 0)
-            self.served += 1
-        except (asyncio.CancelledError, GeneratorExit):
-            if ctx is not None:
-                ctx.cancelled = True
-            self.failed += 1
-            raise
-        except Exception as exc:
-            self.failed += 1
-            await self._fail(context, exc)
-        finally:
-            self.in_flight -= 1
-            logs.correlation_id.reset(token)
-            self._after_call()
 
     async def _fail(self, context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
         if isinstance(exc, TimeoutError):
@@ -343,6 +320,11 @@ async def _call_hook(hook: Any) -> None:
         await hook()
     else:
         await asyncio.get_running_loop().run_in_executor(None, hook)
+
+
+@dataclass
+class _Call:
+    ctx: SessionContext | None = None
 
 
 def _correlation(context: grpc.aio.ServicerContext[Any, Any]) -> str:

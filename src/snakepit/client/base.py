@@ -1,0 +1,92 @@
+"""What the blocking and the asyncio client share: settings, channels, stubs, direct routing.
+
+Only the transport differs between the two (``grpc`` vs ``grpc.aio`` channels, ``f()`` vs
+``await f()``), so everything else lives here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
+
+from ..grpc_options import DEFAULT_MAX_MESSAGE_MB, channel_options
+from ..protocol import method_path
+from .direct import MAX_ATTEMPTS, DirectRoutes
+from .ops import Op
+
+ChannelT = TypeVar("ChannelT")
+ClientT = TypeVar("ClientT")
+
+
+class ClientBase(Generic[ChannelT]):
+    def __init__(
+        self,
+        target: str,
+        channel_factory: Callable[..., ChannelT],
+        *,
+        direct: bool,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+        binary_threshold: int | None,
+    ) -> None:
+        self.target = target
+        self.direct = direct
+        self.timeout = timeout
+        self.binary_threshold = binary_threshold
+        self._metadata = tuple((metadata or {}).items())
+        self._options = channel_options(max_message_mb)
+        self._new_channel = channel_factory
+        self._channel: ChannelT = channel_factory(target, options=self._options)
+        self._worker_channels: dict[str, ChannelT] = {}
+        self._stubs: dict[tuple[int, str, bool], Any] = {}
+        self._routes: DirectRoutes | None = None
+
+    def _stub(self, channel: ChannelT, method: str, streaming: bool) -> Any:
+        key = (id(channel), method, streaming)
+        stub = self._stubs.get(key)
+        if stub is None:
+            factory = channel.unary_stream if streaming else channel.unary_unary  # type: ignore[attr-defined]
+            stub = self._stubs[key] = factory(method_path(method))
+        return stub
+
+    def _call_args(self, op: Op[Any], timeout: float | None) -> dict[str, Any]:
+        return {
+            "timeout": timeout if timeout is not None else self.timeout,
+            "metadata": op.metadata(self._metadata),
+        }
+
+    def _needs_routes(self, tried: list[str]) -> bool | None:
+        """None: stop trying workers directly; True: fetch the routing table first."""
+        if len(tried) >= MAX_ATTEMPTS:
+            return None
+        return self._routes is None or self._routes.stale
+
+    def _choose(self, op: Op[Any], tried: list[str]) -> tuple[str, ChannelT, DirectRoutes] | None:
+        """The next worker (and its channel) for a direct tool call; None: use the router."""
+        routes = self._routes
+        if routes is None:
+            return None
+        worker = routes.acquire(op.session_id, tried)
+        if worker is None:
+            return None
+        tried.append(worker)
+        address = routes.addresses[worker]
+        channel = self._worker_channels.get(address)
+        if channel is None:
+            channel = self._worker_channels[address] = self._new_channel(
+                address, options=self._options
+            )
+        return worker, channel, routes
+
+
+class SessionBase(Generic[ClientT]):
+    """A session's id and its client; leaving the ``with`` block deletes it unless ``keep``."""
+
+    def __init__(self, client: ClientT, session_id: str, *, keep: bool = False) -> None:
+        self.client = client
+        self.id = session_id
+        self.keep = keep
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.id!r})"
