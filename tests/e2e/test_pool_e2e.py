@@ -291,7 +291,17 @@ def test_deleting_a_worker_pod_mid_session(kube_node: KubeCluster, ns: str, rout
             )
             assert session.execute("counter_increment") == 2
             assert np.array_equal(session.get("data"), np.arange(100.0))
-            wait_until("pool Ready", lambda: pool_ready(kube_node, ns), timeout=300, interval=0.5)
+            wait_until(
+                "a replacement pod Ready",
+                lambda: (
+                    victim
+                    not in {p["metadata"]["name"] for p in _all_pods(kube_node, ns, "worker")}
+                    and len([p for p in pods(kube_node, ns, "worker") if _ready(p)]) == 2
+                    and pool_ready(kube_node, ns)
+                ),
+                timeout=300,
+                interval=0.5,
+            )
         report(window.summary())
         assert not window.failures, window.failures[:5]
         load.check_no_acknowledged_write_lost()
