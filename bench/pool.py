@@ -82,12 +82,38 @@ class Pool:
             proc.wait()
 
 
+BARE_PROXY = """
+import asyncio, sys, grpc
+from grpc_health.v1 import health, health_pb2_grpc
+async def main():
+    upstream = grpc.aio.insecure_channel(sys.argv[2]).unary_unary(
+        "/snakepit.bridge.v1.BridgeService/ExecuteTool")
+    async def forward(request, context):
+        metadata = tuple((k, v) for k, v in context.invocation_metadata() if k != "user-agent")
+        return await upstream(request, timeout=context.time_remaining(), metadata=metadata)
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "snakepit.bridge.v1.BridgeService",
+        {"ExecuteTool": grpc.unary_unary_rpc_method_handler(forward)}),))
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    server.add_insecure_port("127.0.0.1:" + sys.argv[1])
+    await server.start()
+    await server.wait_for_termination()
+asyncio.run(main())
+"""
+
+
 def small_calls(seconds: float, in_flight: int) -> list[list[str]]:
     pool = Pool(1, concurrency=256)
+    proxy_port = free_port()
+    worker = f"127.0.0.1:{pool.worker_ports[0]}"
+    pool.procs.append(subprocess.Popen([sys.executable, "-c", BARE_PROXY, str(proxy_port), worker]))
+    wait_serving(f"127.0.0.1:{proxy_port}")
     targets = {
-        "straight to the worker": (f"127.0.0.1:{pool.worker_ports[0]}", False),
+        "straight to the worker": (worker, False),
         "through the router": (pool.router, False),
         "direct mode": (pool.router, True),
+        "(floor: bare grpc.aio pass-through proxy)": (f"127.0.0.1:{proxy_port}", False),
     }
     rows: list[list[str]] = []
     base = 0.0

@@ -47,8 +47,8 @@ def channel_options(
         ]
     if max_reconnect_ms:
         options += [
-            ("grpc.initial_reconnect_backoff_ms", min(100, max_reconnect_ms)),
-            ("grpc.min_reconnect_backoff_ms", min(100, max_reconnect_ms)),
+            ("grpc.initial_reconnect_backoff_ms", min(50, max_reconnect_ms)),
+            ("grpc.min_reconnect_backoff_ms", min(50, max_reconnect_ms)),
             ("grpc.max_reconnect_backoff_ms", max_reconnect_ms),
         ]
     return options

@@ -123,12 +123,19 @@ class WorkerPool:
                 if handle.in_flight < cap and worker_id not in exclude:
                     return handle
             return None
-        candidates = [self.workers[w] for w in self.ring.workers if w not in exclude]
-        if not candidates:
-            return None
-        start = next(self._turn) % len(candidates)
-        best = min(candidates[start:] + candidates[:start], key=lambda h: h.in_flight)
-        return best if best.in_flight < limit else None
+        # Least loaded, ties broken by a rotating start so equal workers share the calls.
+        workers = self.ring.workers
+        count = len(workers)
+        offset = next(self._turn)
+        best: WorkerHandle | None = None
+        for i in range(count):
+            worker_id = workers[(offset + i) % count]
+            if worker_id in exclude:
+                continue
+            handle = self.workers[worker_id]
+            if best is None or handle.in_flight < best.in_flight:
+                best = handle
+        return best if best is not None and best.in_flight < limit else None
 
     def _strict_worker(self, session_id: str) -> WorkerHandle | None:
         worker_id = self._last_worker.get(session_id) or self.ring.preferred(session_id)
@@ -147,11 +154,25 @@ class WorkerPool:
         self.in_flight += 1
         return handle
 
+    def take(self, session_id: str = "", exclude: Iterable[str] = ()) -> WorkerHandle | None:
+        """A worker with a free slot right now, or None: then ``wait``, which also says why not."""
+        try:
+            handle = self._pick(session_id, exclude)
+        except FailedPrecondition:
+            return None
+        return None if handle is None else self._take(handle)
+
     async def acquire(
         self, session_id: str = "", exclude: Iterable[str] = (), timeout: float | None = None
     ) -> WorkerHandle:
         """A worker with a free slot for this call, waiting in the FIFO queue if need be."""
-        handle = self._pick(session_id, exclude)
+        return self.take(session_id, exclude) or await self.wait(session_id, exclude, timeout)
+
+    async def wait(
+        self, session_id: str = "", exclude: Iterable[str] = (), timeout: float | None = None
+    ) -> WorkerHandle:
+        """Queue for a worker (FIFO), up to the queue timeout or the caller's deadline."""
+        handle = self._pick(session_id, exclude)  # raises when a strict session's worker is gone
         if handle is not None:
             return self._take(handle)
         if len(self._queue) >= self.config.queue_size:

@@ -74,11 +74,17 @@ def forwardable(metadata: Sequence[Any] | None) -> tuple[tuple[str, Any], ...]:
     )
 
 
-def session_of(metadata: Sequence[Any] | None) -> str:
+def routing_metadata(metadata: Sequence[Any] | None) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """The call's session id and the metadata to pass on to the worker, in one pass."""
+    session_id = ""
+    forwarded = []
     for key, value in metadata or ():
         if key == SESSION_ID_KEY:
-            return str(value)
-    return ""
+            session_id = value
+        elif key.startswith(":") or key in _HOP_HEADERS:
+            continue
+        forwarded.append((key, value))
+    return session_id, tuple(forwarded)
 
 
 class RouterServer:
@@ -173,15 +179,15 @@ class RouterServer:
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
     async def _execute(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        metadata = context.invocation_metadata()
-        session_id = session_of(metadata)
-        forwarded = forwardable(metadata)
+        session_id, forwarded = routing_metadata(context.invocation_metadata())
         tried: list[str] = []
         started = time.perf_counter()
         ok = False
         try:
             while True:
-                handle = await self._acquire(session_id, tried, context)
+                handle = self.pool.take(session_id, tried) or await self._wait(
+                    session_id, tried, context
+                )
                 try:
                     response: bytes = await handle.execute(
                         raw, timeout=context.time_remaining(), metadata=forwarded
@@ -201,15 +207,15 @@ class RouterServer:
     async def _execute_stream(
         self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes]:
-        metadata = context.invocation_metadata()
-        session_id = session_of(metadata)
-        forwarded = forwardable(metadata)
+        session_id, forwarded = routing_metadata(context.invocation_metadata())
         tried: list[str] = []
         started = time.perf_counter()
         ok = sent = headers_sent = False
         try:
             while True:
-                handle = await self._acquire(session_id, tried, context)
+                handle = self.pool.take(session_id, tried) or await self._wait(
+                    session_id, tried, context
+                )
                 call = handle.execute_stream(
                     raw, timeout=context.time_remaining(), metadata=forwarded
                 )
@@ -234,11 +240,12 @@ class RouterServer:
         finally:
             self.pool.record(ok=ok, started=started)
 
-    async def _acquire(
+    async def _wait(
         self, session_id: str, tried: list[str], context: grpc.aio.ServicerContext[Any, Any]
     ) -> WorkerHandle:
+        """The slow path of choosing a worker: queue for one (errors end the call)."""
         try:
-            return await self.pool.acquire(session_id, tried, context.time_remaining())
+            return await self.pool.wait(session_id, tried, context.time_remaining())
         except SnakepitError as exc:
             await abort_with(context, exc)
             raise  # unreachable: abort raises
