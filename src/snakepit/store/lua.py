@@ -29,12 +29,15 @@ local NOW = tonumber(T[1]) * 1000 + math.floor(tonumber(T[2]) / 1000)
 local function int(n) return string.format('%.0f', n) end
 
 local LEASE = 0
+local ACCESSED = 0
 
--- The session's TTL in ms (nil when it does not exist); notes whether a watcher holds the lease.
+-- The session's TTL in ms (nil when it does not exist); notes whether a watcher holds the lease
+-- and when the session's expiry last slid.
 local function session_ttl()
-  local f = redis.call('HMGET', SK, 't', 'l')
+  local f = redis.call('HMGET', SK, 't', 'l', 'a')
   if not f[1] then return nil end
   LEASE = tonumber(f[2] or '0')
+  ACCESSED = tonumber(f[3] or '0')
   return tonumber(f[1])
 end
 
@@ -57,6 +60,12 @@ end
 local function done(ttl, reply)
   touch(ttl)
   return reply
+end
+
+-- Reads slide the TTL too, but at most once per min(1 s, ttl/100): a read then writes nothing,
+-- and the session may expire that much early. Writes always slide (they may create keys).
+local function touch_read(ttl)
+  if NOW - ACCESSED >= math.min(1000, ttl / 100) then touch(ttl) end
 end
 
 local function info()
@@ -157,7 +166,7 @@ local ttl = session_ttl()
 if not ttl then return {'nf'} end
 local n = ARGV[2]
 local f = redis.call('HMGET', VK, 'd:' .. n, 'v:' .. n, 's:' .. n)
-touch(ttl)
+touch_read(ttl)
 if not f[1] then return {'nv', n} end
 return {'ok', f[1], f[2], f[3]}
 """
@@ -166,7 +175,7 @@ return {'ok', f[1], f[2], f[3]}
 GET_MANY = r"""
 local ttl = session_ttl()
 if not ttl then return {'nf'} end
-touch(ttl)
+touch_read(ttl)
 local out = {'ok'}
 for i = 2, #ARGV do
   local n = ARGV[i]
@@ -183,7 +192,7 @@ return out
 LIST = r"""
 local ttl = session_ttl()
 if not ttl then return {'nf'} end
-touch(ttl)
+touch_read(ttl)
 return {'ok', redis.call('HGETALL', VK)}
 """
 
