@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from ..errors import SnakepitError, Unavailable
-from ..grpc_options import DEFAULT_MAX_MESSAGE_MB, server_options
+from ..grpc_options import DEFAULT_MAX_MESSAGE_MB
 from ..protocol import SERVICE_NAME, pb
 from ..protocol import handlers as handlers_for
 from ..protocol.status import SESSION_ID_KEY, abort_with, error_from_rpc, never_started
@@ -120,15 +120,13 @@ class RouterServer:
         if self.discovery is None:
             self.discovery = self._default_discovery()
         self._spawn(self.discovery.run(self.pool.set_workers))
-        server = grpc.aio.server(options=server_options(self.config.max_message_mb))
-        server.add_generic_rpc_handlers((self._handlers(),))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        address = f"{self.config.host}:{self.config.port}"
-        self.port = server.add_insecure_port(address)
-        if not self.port:
-            raise RuntimeError(f"cannot listen on {address}")
-        await server.start()
-        self.server = server
+        self.server, self.port = await handlers_for.start_server(
+            self._handlers(),
+            self.health,
+            self.config.host,
+            self.config.port,
+            self.config.max_message_mb,
+        )
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("router serving", extra={"port": self.port, "store": self.store.backend})
         return self.port

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from .. import logs
 from ..errors import DeadlineExceeded, Internal, NotFound, ResourceExhausted, Unavailable
-from ..grpc_options import DEFAULT_MAX_MESSAGE_MB, server_options
+from ..grpc_options import DEFAULT_MAX_MESSAGE_MB
 from ..protocol import SERVICE_NAME, pb
 from ..protocol import handlers as handlers_for
 from ..protocol.messages import ToolRequest, decode_request, encode_chunk, encode_result
@@ -94,15 +94,13 @@ class WorkerServer:
         """Serve; return the bound port. Health says SERVING only once the adapter is ready."""
         await self.health.set("", NOT_SERVING)
         await self.health.set(SERVICE_NAME, NOT_SERVING)
-        server = grpc.aio.server(options=server_options(self.config.max_message_mb))
-        server.add_generic_rpc_handlers((self._handlers(),))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        address = f"{self.config.host}:{self.config.port}"
-        self.port = server.add_insecure_port(address)
-        if not self.port:
-            raise RuntimeError(f"cannot listen on {address}")
-        await server.start()
-        self.server = server
+        self.server, self.port = await handlers_for.start_server(
+            self._handlers(),
+            self.health,
+            self.config.host,
+            self.config.port,
+            self.config.max_message_mb,
+        )
         await self._connect_store()
         await _call_hook(self.adapter.initialize)
         await self.health.set("", SERVING)
