@@ -148,25 +148,31 @@ def test_hint_moves_a_session_off_a_killed_worker_with_its_variables(procs: Proc
 
 
 def test_calls_beyond_capacity_queue_and_finish_in_arrival_order(procs: ProcessFactory) -> None:
-    router, _ = start_pool(procs, 2, concurrency=1)
-    finished: dict[int, float] = {}
+    router, _ = start_pool(procs, 1, concurrency=1)
+    finished: list[int] = []
 
     def call(index: int) -> None:
         with Client(router.address) as client:
-            client.execute("sleep", seconds=0.3)
-        finished[index] = time.monotonic()
+            client.execute("sleep", seconds=0.2)
+        finished.append(index)
 
-    with ThreadPoolExecutor(8) as pool:
+    with Client(router.address) as watcher, ThreadPoolExecutor(6) as pool:
         futures = []
-        for i in range(8):
+        for i in range(6):
             futures.append(pool.submit(call, i))
-            time.sleep(0.03)
+            # Arrival order is certain: each call is running or queued before the next is sent.
+            wait_for(
+                lambda i=i: watcher.status()["in_flight"] + watcher.status()["queued"] == i + 1
+            )
+        assert watcher.status()["queued"] == 5
         for future in futures:
             future.result(timeout=15)
-    order = sorted(finished, key=finished.__getitem__)
-    # Two workers serve the queue two at a time: call i finishes no later than call i + 2.
-    for i in range(6):
-        assert finished[i] <= finished[i + 2] + 0.05, order
+    assert finished == [0, 1, 2, 3, 4, 5]
+
+
+def _seen(status: dict[str, int]) -> int:
+    """Tool calls the router has taken so far: finished, running or queued."""
+    return status["calls_total"] + status["in_flight"] + status["queued"]
 
 
 def test_a_full_queue_refuses_and_a_long_wait_times_out(procs: ProcessFactory) -> None:
