@@ -68,6 +68,9 @@ class SteadyLoad:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=60)
@@ -108,6 +111,8 @@ class SteadyLoad:
         result.failures = [e for e in seen if e is not None]
 
     def check_no_acknowledged_write_lost(self) -> None:
+        """Stop the load, then compare each session's counter with what was acknowledged."""
+        self.stop()
         with Client(self.target, timeout=self.timeout) as client:
             for worker in self._workers:
                 counter = client.session(worker.session_id, keep=True).get("counter", 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -71,19 +72,14 @@ class EndpointSliceDiscovery(Discovery):
 
     def _watch_forever(self, publish: Publish) -> None:
         from kubernetes import client, watch
-        from kubernetes import config as kube_config
 
-        config: Any = kube_config
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        api = client.DiscoveryV1Api()
         selector = f"kubernetes.io/service-name={self.service}"
         backoff = 0.5
+        api: Any = None
         while not self._stop.is_set():
             slices: dict[str, Any] = {}
             try:
+                api = api or client.DiscoveryV1Api(_api_client())
                 listing = api.list_namespaced_endpoint_slice(
                     self.namespace, label_selector=selector
                 )
@@ -134,6 +130,20 @@ class EndpointSliceDiscovery(Discovery):
                 host = f"[{address}]" if ":" in address else address
                 workers[worker_id] = f"{host}:{port}"
         return workers
+
+
+def _api_client() -> Any:
+    """In a pod, its ServiceAccount; elsewhere the kubeconfig ``$KUBECONFIG`` names now."""
+    from kubernetes import client
+    from kubernetes import config as kube_config
+
+    config: Any = kube_config
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        # The library reads $KUBECONFIG once, at import; read it again here.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+    return client.ApiClient()
 
 
 def _name(item: Any) -> str:
