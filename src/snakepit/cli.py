@@ -138,7 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(router, "--namespace", "", help="namespace of --workers-service (default $POD_NAMESPACE)")
     _add(router, "--worker-port", 0, int, help="worker port (default: the Service's `grpc` port)")
-    _add(router, "--shutdown-delay", 3.0, float, help="seconds to keep answering after SIGTERM")
+    _add(router, "--shutdown-delay", 6.0, float, help="seconds to keep answering after SIGTERM")
+    _add(
+        router,
+        "--max-connection-age",
+        5.0,
+        float,
+        help="seconds before clients are asked to reconnect",
+    )
     _pool_options(router)
 
     operator = sub.add_parser("operator", help="run the Kubernetes operator")
@@ -319,6 +326,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
         worker_port=args.worker_port or None,
         pool=_pool_config(args),
         max_message_mb=args.max_message_mb,
+        max_connection_age=args.max_connection_age,
     )
     return asyncio.run(serve(config, shutdown_delay=args.shutdown_delay))
 

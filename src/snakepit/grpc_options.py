@@ -13,9 +13,11 @@ DEFAULT_MAX_MESSAGE_MB = 256
 Options = list[tuple[str, int | str]]
 
 
-def server_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> Options:
+def server_options(
+    max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, *, max_connection_age_ms: int | None = None
+) -> Options:
     limit = max_message_mb * MB
-    return [
+    options: Options = [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 0),
@@ -23,6 +25,11 @@ def server_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> Options:
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
         ("grpc.http2.max_ping_strikes", 0),
     ]
+    if max_connection_age_ms:
+        # GOAWAY each connection after this long (calls in flight finish): clients reconnect,
+        # which spreads them over router replicas and lets a stopping router lose them gracefully.
+        options.append(("grpc.max_connection_age_ms", max_connection_age_ms))
+    return options
 
 
 def channel_options(

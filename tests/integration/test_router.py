@@ -339,3 +339,27 @@ def test_serve_stops_cleanly_on_sigterm(procs: ProcessFactory) -> None:
     assert pool_proc.wait(timeout=15) == 0
     _, alive = psutil.wait_procs(children, timeout=5)
     assert not alive
+
+
+def test_connection_age_moves_clients_without_failing_calls(procs: ProcessFactory) -> None:
+    """The router sends GOAWAY to old connections; calls in flight finish, new ones reconnect."""
+    router, _ = start_pool(procs, 2, "--max-connection-age", "0.3")
+    failures: list[str] = []
+    deadline = time.monotonic() + 3
+
+    def steady() -> int:
+        done = 0
+        with Client(router.address) as client:
+            while time.monotonic() < deadline:
+                try:
+                    assert client.execute("add", a=done, b=1) == done + 1
+                    done += 1
+                except Exception as exc:  # counted, not raised: the assertion is below
+                    failures.append(repr(exc))
+        return done
+
+    with ThreadPoolExecutor(4) as pool, Client(router.address) as client:
+        counts = [pool.submit(steady) for _ in range(3)]
+        assert client.execute("sleep", seconds=1.5) == 1.5  # outlives several connection ages
+        assert all(c.result(timeout=30) > 50 for c in counts)
+    assert not failures, failures[:3]

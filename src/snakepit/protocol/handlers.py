@@ -61,14 +61,21 @@ def pong(request: pb.PingRequest, server_id: str, role: str) -> pb.PingResponse:
 
 
 async def start_server(
-    handler: grpc.GenericRpcHandler, health: Any, host: str, port: int, max_message_mb: int
+    handler: grpc.GenericRpcHandler,
+    health: Any,
+    host: str,
+    port: int,
+    max_message_mb: int,
+    max_connection_age_ms: int | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A started grpc.aio server with BridgeService ``handler`` and ``grpc.health.v1``."""
     from grpc_health.v1 import health_pb2_grpc
 
     from ..grpc_options import server_options
 
-    server = grpc.aio.server(options=server_options(max_message_mb))
+    server = grpc.aio.server(
+        options=server_options(max_message_mb, max_connection_age_ms=max_connection_age_ms)
+    )
     server.add_generic_rpc_handlers((handler,))
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"{host}:{port}"

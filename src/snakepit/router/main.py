@@ -2,7 +2,10 @@
 
 On SIGTERM the router first reports NOT_SERVING but keeps answering for ``shutdown_delay``
 seconds: Kubernetes removes a terminating pod from its Service's endpoints asynchronously, and
-connections that still arrive in that window must not be refused. Then it stops taking calls
+connections that still arrive in that window must not be refused. The delay also outlasts the
+maximum connection age, so every client has been sent GOAWAY and moved its new calls to another
+replica: stopping the server while a client still sends on its connection would cancel the calls
+grpc had received but not yet handed to a handler (grpc/grpc#41785). Then it stops taking calls
 and lets the ones in flight finish (``drain_grace``).
 """
 
@@ -21,7 +24,7 @@ log = logging.getLogger("snakepit.router")
 
 
 async def serve(
-    config: RouterConfig, *, shutdown_delay: float = 3.0, drain_grace: float = 5.0
+    config: RouterConfig, *, shutdown_delay: float = 6.0, drain_grace: float = 5.0
 ) -> int:
     logs.setup("router", config.router_id or default_router_id())
     router = RouterServer(config)

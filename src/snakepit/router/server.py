@@ -60,6 +60,8 @@ class RouterConfig:
     worker_port: int | None = None
     pool: PoolConfig = field(default_factory=PoolConfig)
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
+    # Clients are sent GOAWAY (and reconnect) after this long; 0 keeps connections forever.
+    max_connection_age: float = 5.0
 
 
 def default_router_id() -> str:
@@ -126,6 +128,7 @@ class RouterServer:
             self.config.host,
             self.config.port,
             self.config.max_message_mb,
+            int(self.config.max_connection_age * 1000) or None,
         )
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("router serving", extra={"port": self.port, "store": self.store.backend})
