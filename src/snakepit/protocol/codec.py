@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -266,7 +265,3 @@ def _array_from_json(value: Any, type_name: str) -> np.ndarray:
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidArgument(f"malformed {type_name}: {exc}") from exc
     return vt.embedding_array(array) if type_name == vt.EMBEDDING else array
-
-
-def encode_double(value: float) -> bytes:
-    return struct.pack("<d", value)
