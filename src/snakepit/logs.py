@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-import time
 from typing import Any
 
 correlation_id: contextvars.ContextVar[str] = contextvars.ContextVar("correlation_id", default="")
@@ -48,4 +47,3 @@ def setup(component: str, component_id: str, level: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel((level or os.environ.get("SNAKEPIT_LOG_LEVEL", "INFO")).upper())
-    logging.Formatter.converter = time.gmtime
