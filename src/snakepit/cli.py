@@ -124,6 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add(worker, "--max-age", 0.0, float, help="recycle after this many seconds (0: never)")
     _add(worker, "--max-rss-mb", 0.0, float, help="recycle above this resident memory (0: never)")
     _add(worker, "--drain-timeout", 25.0, float, help="seconds to let calls finish on SIGTERM")
+    _add(
+        worker,
+        "--drain-linger",
+        2.0,
+        float,
+        help="seconds to keep answering (and refusing) after turning NOT_SERVING, so routers "
+        "see the worker leave before its connection closes",
+    )
+    _add(
+        worker,
+        "--backlog",
+        -1,
+        int,
+        help="calls that may wait for a slot beyond --concurrency (default 4x the concurrency)",
+    )
+    _add(worker, "--backlog-timeout", 30.0, float, help="seconds a call may wait in the backlog")
 
     router = sub.add_parser("router", help="run the router (what router pods run)")
     _add(router, "--host", "0.0.0.0")
@@ -306,6 +322,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         max_age=args.max_age,
         max_rss_mb=args.max_rss_mb,
         drain_timeout=args.drain_timeout,
+        drain_linger=args.drain_linger,
+        backlog=args.backlog,
+        backlog_timeout=args.backlog_timeout,
         session_ttl=args.session_ttl,
     )
     return asyncio.run(serve(config))

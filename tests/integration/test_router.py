@@ -25,52 +25,14 @@ from snakepit.errors import (
     Unavailable,
 )
 from snakepit.protocol import method_path
-from tests.fixtures.processes import Proc, ProcessFactory, free_port
+from tests.fixtures.processes import (
+    ProcessFactory,
+    start_pool,
+    wait_for,
+    wait_ready,
+)
 
 PROBE = "tests.support.adapters:ProbeAdapter"
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(interval)
-
-
-def start_pool(
-    procs: ProcessFactory,
-    workers: int,
-    *router_args: str,
-    concurrency: int = 4,
-    adapter: str = "snakepit.examples.showcase:ShowcaseAdapter",
-    env: dict[str, str] | None = None,
-) -> tuple[Proc, list[Proc]]:
-    """N workers that reach the store through one router, and that router."""
-    router_port = free_port()
-    started = [
-        procs.worker(
-            "--store",
-            "router",
-            "--router",
-            f"127.0.0.1:{router_port}",
-            adapter=adapter,
-            concurrency=concurrency,
-            worker_id=f"worker-{i}",
-            env=env,
-        )
-        for i in range(workers)
-    ]
-    router = procs.router(
-        started, "--worker-concurrency", str(concurrency), *router_args, port=router_port
-    )
-    wait_ready(router.address, workers)
-    return router, started
-
-
-def wait_ready(address: str, count: int) -> None:
-    with Client(address) as client:
-        wait_for(lambda: client.status()["workers_ready"] == count)
 
 
 def session_on(client: Client, worker_id: str) -> str:

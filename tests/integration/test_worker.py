@@ -135,7 +135,8 @@ def test_streaming_with_cancellation_closes_the_generator(
 
 
 def test_concurrency_limit_refuses_with_resource_exhausted(procs: ProcessFactory) -> None:
-    worker = procs.worker(adapter=PROBE, concurrency=2)
+    """With no backlog (``--backlog 0``) a call beyond the limit is refused at once."""
+    worker = procs.worker("--backlog", "0", adapter=PROBE, concurrency=2)
     with Client(worker.address) as client, ThreadPoolExecutor(2) as pool:
         busy = [pool.submit(client.execute, "block", seconds=1.0) for _ in range(2)]
         time.sleep(0.3)

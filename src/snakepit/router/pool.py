@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from ..errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted, Unavailable
 from ..protocol import pb
 from .ring import DEFAULT_VNODES, HASH_NAME, HashRing, load_bound
-from .workers import READY, WorkerHandle
+from .workers import DRAINING, READY, WorkerHandle
 
 HINT, STRICT = "hint", "strict"
 _SESSION_MEMORY = 100_000
@@ -88,6 +88,11 @@ class WorkerPool:
             self.ring = HashRing(ready, self.config.vnodes)
             self.ring_version += 1
         self._dispatch()
+
+    def mark_draining(self, handle: WorkerHandle) -> None:
+        """A worker refused a call because it is leaving: out of the ring now."""
+        if handle.state == READY:
+            handle.set_state(DRAINING)
 
     def mark_unreachable(self, handle: WorkerHandle) -> None:
         """A call could not even connect: leave the ring now, the health watch brings it back."""

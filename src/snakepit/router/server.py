@@ -25,15 +25,15 @@ from ..errors import SnakepitError, Unavailable
 from ..grpc_options import DEFAULT_MAX_MESSAGE_MB
 from ..protocol import SERVICE_NAME, pb
 from ..protocol import handlers as handlers_for
-from ..protocol.status import SESSION_ID_KEY, abort_with, error_from_rpc, never_started
+from ..protocol.status import SESSION_ID_KEY, abort_with, error_from_rpc
 from ..store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL, SessionStore
 from .discovery import Discovery, StaticDiscovery
 from .pool import PoolConfig, WorkerPool
+from .retry import Attempts, Next
 from .workers import WorkerHandle
 
 log = logging.getLogger("snakepit.router")
 
-MAX_ATTEMPTS = 3
 _HOP_HEADERS = (
     "user-agent",
     "content-type",
@@ -181,14 +181,15 @@ class RouterServer:
 
     async def _execute(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         session_id, forwarded = routing_metadata(context.invocation_metadata())
-        tried: list[str] = []
+        attempts = Attempts(self.pool.config.queue_timeout)
         started = time.perf_counter()
         ok = False
         try:
             while True:
-                handle = self.pool.take(session_id, tried) or await self._wait(
-                    session_id, tried, context
+                handle = self.pool.take(session_id, attempts.avoid) or await self._wait(
+                    session_id, attempts.avoid, context
                 )
+                step = Next.ELSEWHERE
                 try:
                     response: bytes = await handle.execute(
                         raw, timeout=context.time_remaining(), metadata=forwarded
@@ -196,12 +197,15 @@ class RouterServer:
                     ok = True
                     return response
                 except grpc.aio.AioRpcError as exc:
-                    if not self._may_retry(exc, handle, tried):
+                    step = self._next_step(exc, handle, attempts, context)
+                    if step is Next.GIVE_UP:
                         await self._forward_error(context, exc)
                 finally:
                     self.pool.release(handle, ok=ok)
                     if session_id:
                         self._note_session(session_id, handle.worker_id)
+                if step is Next.LATER:
+                    await asyncio.sleep(attempts.backoff)
         finally:
             self.pool.record(ok=ok, started=started)
 
@@ -209,14 +213,15 @@ class RouterServer:
         self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes]:
         session_id, forwarded = routing_metadata(context.invocation_metadata())
-        tried: list[str] = []
+        attempts = Attempts(self.pool.config.queue_timeout)
         started = time.perf_counter()
         ok = sent = headers_sent = False
         try:
             while True:
-                handle = self.pool.take(session_id, tried) or await self._wait(
-                    session_id, tried, context
+                handle = self.pool.take(session_id, attempts.avoid) or await self._wait(
+                    session_id, attempts.avoid, context
                 )
+                step = Next.ELSEWHERE
                 call = handle.execute_stream(
                     raw, timeout=context.time_remaining(), metadata=forwarded
                 )
@@ -231,13 +236,16 @@ class RouterServer:
                     ok = True
                     return
                 except grpc.aio.AioRpcError as exc:
-                    if sent or not self._may_retry(exc, handle, tried):
+                    step = Next.GIVE_UP if sent else self._next_step(exc, handle, attempts, context)
+                    if step is Next.GIVE_UP:
                         await self._forward_error(context, exc)
                 finally:
                     call.cancel()
                     self.pool.release(handle, ok=ok)
                     if session_id:
                         self._note_session(session_id, handle.worker_id)
+                if step is Next.LATER:
+                    await asyncio.sleep(attempts.backoff)
         finally:
             self.pool.record(ok=ok, started=started)
 
@@ -251,14 +259,23 @@ class RouterServer:
             await abort_with(context, exc)
             raise  # unreachable: abort raises
 
-    def _may_retry(self, exc: grpc.aio.AioRpcError, handle: WorkerHandle, tried: list[str]) -> bool:
-        """Retry calls that never reached a tool on another worker, a few times at most."""
-        if not never_started(error_from_rpc(exc)) or len(tried) + 1 >= MAX_ATTEMPTS:
-            return False
-        if exc.code() == grpc.StatusCode.UNAVAILABLE:
-            self.pool.mark_unreachable(handle)
-        tried.append(handle.worker_id)
-        return True
+    def _next_step(
+        self,
+        exc: grpc.aio.AioRpcError,
+        handle: WorkerHandle,
+        attempts: Attempts,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> Next:
+        """Decide what follows a failed attempt (see ``retry``); a worker that is leaving or
+        cannot be reached leaves the ring now, before its health stream says so."""
+        error = error_from_rpc(exc)
+        step = attempts.after(error, handle.worker_id, context.time_remaining())
+        if step is Next.ELSEWHERE:
+            if error.code == grpc.StatusCode.UNAVAILABLE and error.not_started:
+                self.pool.mark_draining(handle)
+            else:
+                self.pool.mark_unreachable(handle)
+        return step
 
     async def _forward_error(
         self, context: grpc.aio.ServicerContext[Any, Any], exc: grpc.aio.AioRpcError

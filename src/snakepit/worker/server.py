@@ -2,15 +2,28 @@
 
 It is stateless: session variables live in the session store. It answers Ping, ListTools and the
 two tool RPCs, and ``grpc.health.v1`` (NOT_SERVING until the adapter is initialised and again
-while draining). It refuses calls beyond its concurrency limit (RESOURCE_EXHAUSTED) and while
-draining (UNAVAILABLE), both marked ``not_started`` so a router may retry them elsewhere.
-SIGTERM, or reaching a recycling limit, drains in-flight calls and exits; the supervisor (the
-``snakepit serve`` process or Kubernetes) starts a fresh one.
+while draining).
+
+Calls beyond the concurrency limit wait in a short FIFO backlog of the worker's own (``backlog``
+calls, at most ``backlog_timeout`` seconds and never past the call's deadline). Each router (and
+each HAProxy in front of the pool) counts only the calls *it* sends, so two router replicas can
+each send a full worker's worth at once; the backlog turns that overlap into a short wait instead
+of a refusal. Only a full backlog or an expired wait refuses (RESOURCE_EXHAUSTED), and while
+draining every new call is refused (UNAVAILABLE); both are marked ``not_started`` so a router
+may retry them elsewhere.
+
+SIGTERM, or reaching a recycling limit, drains: NOT_SERVING at once, in-flight calls finish, and
+the server keeps answering (refusing) for ``drain_linger`` seconds after NOT_SERVING before it
+stops, so every router sees the worker leave before its connection closes. Stopping sooner
+cancels calls already on the wire with CANCELLED (grpc/grpc#41785), which nobody may retry
+because nobody knows whether they ran. The supervisor (``snakepit serve`` or Kubernetes) then
+starts a fresh worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -58,7 +71,15 @@ class WorkerConfig:
     max_age: float = 0.0
     max_rss_mb: float = 0.0
     drain_timeout: float = 25.0
+    drain_linger: float = 2.0
     session_ttl: float = 3600.0
+    # Calls that may wait for a slot beyond ``concurrency`` (-1: four times the concurrency).
+    backlog: int = -1
+    backlog_timeout: float = 30.0
+
+    @property
+    def backlog_size(self) -> int:
+        return 4 * self.concurrency if self.backlog < 0 else self.backlog
 
 
 def default_worker_id() -> str:
@@ -81,6 +102,7 @@ class WorkerServer:
         self.store: SessionStore | None = None
         self._router_client: Any = None
         self.in_flight = 0
+        self._backlog: collections.deque[asyncio.Future[None]] = collections.deque()
         self.served = 0
         self.failed = 0
         self.started_at = time.monotonic()
@@ -129,16 +151,21 @@ class WorkerServer:
         self.store = open_store(url, default_ttl=self.config.session_ttl)
 
     async def drain(self, reason: str) -> None:
-        """Refuse new calls, let in-flight ones finish (up to drain_timeout), then stop."""
+        """Refuse new calls, let in-flight ones finish (up to drain_timeout), linger, then stop."""
         if self.draining:
             return
         self.draining = True
+        left_at = time.monotonic()
         log.info("worker draining", extra={"reason": reason, "in_flight": self.in_flight})
+        self._refuse_backlog()
         await self.health.enter_graceful_shutdown()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.drain_timeout):
                 while self.in_flight:  # noqa: ASYNC110 - the hot path keeps no Event
                     await asyncio.sleep(0.02)
+        linger = self.config.drain_linger - (time.monotonic() - left_at)
+        if linger > 0:
+            await asyncio.sleep(linger)  # routers see NOT_SERVING before the connection closes
         if self.server is not None:
             await self.server.stop(grace=1.0)
         try:
@@ -195,14 +222,63 @@ class WorkerServer:
     ) -> pb.ListToolsResponse:
         return self.tool_list
 
-    def _admit(self) -> None:
+    def _refused_draining(self) -> Unavailable:
+        return Unavailable(f"worker {self.worker_id} is draining", not_started=True)
+
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Take a slot: at once when one is free, else after a wait in the backlog (FIFO)."""
         if self.draining:
-            raise Unavailable(f"worker {self.worker_id} is draining", not_started=True)
-        if self.in_flight >= self.config.concurrency:
+            raise self._refused_draining()
+        if self.in_flight < self.config.concurrency and not self._backlog:
+            self.in_flight += 1
+            return
+        config = self.config
+        if len(self._backlog) >= config.backlog_size:
             raise ResourceExhausted(
-                f"worker {self.worker_id} is at its concurrency limit ({self.config.concurrency})",
+                f"worker {self.worker_id} is at its concurrency limit ({config.concurrency}) "
+                f"and {len(self._backlog)} calls already wait for a slot",
                 not_started=True,
             )
+        remaining = context.time_remaining()
+        wait = (
+            config.backlog_timeout if remaining is None else min(remaining, config.backlog_timeout)
+        )
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._backlog.append(turn)
+        try:
+            async with asyncio.timeout(wait):
+                await turn  # the slot is handed over by _release, in_flight already counted
+        except TimeoutError:
+            if _assigned(turn):
+                return  # the slot came in the same instant the wait ran out
+            raise ResourceExhausted(
+                f"worker {self.worker_id} is at its concurrency limit ({config.concurrency}): "
+                f"no slot became free within {wait:.3g}s",
+                not_started=True,
+            ) from None
+        except BaseException:
+            if _assigned(turn):
+                self._release()  # the slot came just as the caller went away: pass it on
+            raise
+        finally:
+            if not turn.done():
+                turn.cancel()
+                self._backlog.remove(turn)
+
+    def _release(self) -> None:
+        """Free a slot, or hand it straight to the oldest waiting call."""
+        while self._backlog:
+            turn = self._backlog.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.in_flight -= 1
+
+    def _refuse_backlog(self) -> None:
+        while self._backlog:
+            turn = self._backlog.popleft()
+            if not turn.done():
+                turn.set_exception(self._refused_draining())
 
     def _prepare(
         self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
@@ -248,10 +324,9 @@ class WorkerServer:
     async def _serving(self, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[_Call]:
         """Admission, in-flight accounting, the correlation id and the outcome of one call."""
         try:
-            self._admit()
+            await self._admit(context)
         except Exception as exc:
             await abort_with(context, exc, self.worker_id)
-        self.in_flight += 1
         call = _Call()
         token = logs.correlation_id.set(_correlation(context))
         try:
@@ -266,7 +341,7 @@ class WorkerServer:
             self.failed += 1
             await self._fail(context, exc)
         finally:
-            self.in_flight -= 1
+            self._release()
             logs.correlation_id.reset(token)
             self._after_call()
 
@@ -318,6 +393,10 @@ async def _call_hook(hook: Any) -> None:
         await hook()
     else:
         await asyncio.get_running_loop().run_in_executor(None, hook)
+
+
+def _assigned(turn: asyncio.Future[None]) -> bool:
+    return turn.done() and not turn.cancelled() and turn.exception() is None
 
 
 @dataclass

@@ -1,0 +1,146 @@
+"""Planned disruptions under a heavy mixed load fail no call (real router and worker processes).
+
+These reproduce, without a cluster, what the e2e suite saw on Kubernetes: a worker stopping
+(SIGTERM: scale-down, rollout, recycling) while calls are on the wire, and two router replicas
+sending more than the pool's capacity at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from snakepit import Client
+from snakepit.errors import ResourceExhausted, SnakepitError
+from snakepit.protocol.status import never_started
+from tests.fixtures.processes import ProcessFactory, start_pool, wait_for, wait_ready
+from tests.fixtures.redis import RedisServer
+from tests.support.load import MixedLoad
+
+
+def test_a_worker_stopping_under_load_fails_no_call(procs: ProcessFactory) -> None:
+    """SIGTERM one of three workers while 32 sessions call: its calls finish, new ones go
+    elsewhere, and no call on the wire is CANCELLED when its server stops (grpc/grpc#41785)."""
+    router, workers = start_pool(procs, 3)
+    with MixedLoad(router.address, sessions=32) as load:
+        time.sleep(1.0)
+        with load.window("SIGTERM a worker") as window:
+            workers[1].signal(signal.SIGTERM)
+            assert workers[1].wait(timeout=30) == 0
+            time.sleep(1.0)
+        window.check(min_calls=50)
+        load.check_no_acknowledged_write_lost()
+    with Client(router.address) as client:
+        assert client.status()["workers_ready"] == 2
+
+
+def test_two_routers_over_capacity_queue_instead_of_refusing(
+    procs: ProcessFactory, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Two router replicas each count only their own calls, so together they send a worker
+    twice its slots; the excess waits (worker backlog, router backoff) and nothing is refused."""
+    store = f"{redis_server.url}?prefix={redis_prefix}"
+    router_a, workers = start_pool(procs, 2, "--store", store, concurrency=2)
+    router_b = procs.router(workers, "--worker-concurrency", "2", store=store)
+    wait_ready(router_b.address, 2)
+    mix = {"add": 0.5, "sleep": 0.2, "increment": 0.3}
+    with (
+        MixedLoad(router_a.address, sessions=12, mix=mix, seed=1) as load_a,
+        MixedLoad(router_b.address, sessions=12, mix=mix, seed=2) as load_b,
+        load_a.window("router A, 12 sessions on 4 slots") as window_a,
+        load_b.window("router B, 12 sessions on 4 slots") as window_b,
+    ):
+        time.sleep(6.0)
+    window_a.check(min_calls=20)
+    window_b.check(min_calls=20)
+    load_a.check_no_acknowledged_write_lost()
+    load_b.check_no_acknowledged_write_lost()
+
+
+def test_a_worker_backlog_that_is_full_refuses_at_once(procs: ProcessFactory) -> None:
+    """Straight to a worker (no router to wait for it): beyond concurrency + backlog a call is
+    refused at once with RESOURCE_EXHAUSTED marked not started; the calls that fit all run, the
+    waiting ones in arrival order."""
+    worker = procs.worker("--backlog", "2", concurrency=1)
+    with Client(worker.address) as client, ThreadPoolExecutor(4) as pool:
+        held = []
+        for _ in range(3):
+            held.append(pool.submit(client.execute, "sleep", seconds=0.5))
+            time.sleep(0.1)
+        started = time.monotonic()
+        with pytest.raises(ResourceExhausted, match="2 calls already wait for a slot") as info:
+            client.execute("add", a=1, b=2)
+        assert info.value.not_started
+        assert time.monotonic() - started < 0.3
+        assert [f.result(timeout=10) for f in held] == [0.5, 0.5, 0.5]
+        assert client.execute("add", a=1, b=2) == 3
+
+
+def test_a_wait_in_the_backlog_is_bounded(procs: ProcessFactory) -> None:
+    worker = procs.worker("--backlog-timeout", "0.3", concurrency=1)
+    with Client(worker.address) as client, ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(client.execute, "sleep", seconds=1.5)
+        time.sleep(0.2)
+        started = time.monotonic()
+        with pytest.raises(ResourceExhausted, match=r"no slot became free within 0\.3s"):
+            client.execute("add", a=1, b=2)
+        assert 0.25 < time.monotonic() - started < 1.0
+        assert busy.result(timeout=5) == 1.5
+
+
+def test_workers_stopping_between_short_calls_fail_no_call(procs: ProcessFactory) -> None:
+    """The sharp edge of a stop: short calls only, so a worker is often idle at the instant it
+    is told to stop while the next call is already on its way (scale 5 -> 1)."""
+    router, workers = start_pool(procs, 5)
+    with MixedLoad(router.address, sessions=8, mix={"add": 1.0}) as load:
+        time.sleep(0.5)
+        with load.window("stop 4 of 5 workers, one every 0.3 s") as window:
+            for worker in workers[1:]:
+                worker.signal(signal.SIGTERM)
+                time.sleep(0.3)
+            for worker in workers[1:]:
+                assert worker.wait(timeout=30) == 0
+            time.sleep(0.5)
+        window.check(min_calls=200)
+
+
+def test_every_call_a_stopping_worker_turns_away_is_safe_to_retry(procs: ProcessFactory) -> None:
+    """Callers that have not yet seen a worker leave (a router before its health update lands,
+    a direct-mode client with last second's routing table) keep sending to it until it turns
+    them away. That first refusal must say "never started" (draining, or no connection), which
+    a router or client retries elsewhere, and never CANCELLED, which nobody may retry because
+    the tool might have run. (Then, like a router or a direct-mode client, each caller stops
+    sending to that worker.)"""
+    worker = procs.worker()
+    errors: list[SnakepitError] = []
+    succeeded = 0
+    stop = threading.Event()
+
+    def hammer() -> None:
+        nonlocal succeeded
+        with Client(worker.address, timeout=5) as client:
+            while not stop.is_set():
+                try:
+                    client.execute("add", a=1, b=2)
+                    succeeded += 1
+                except SnakepitError as exc:
+                    errors.append(exc)
+                    return
+
+    threads = [threading.Thread(target=hammer) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: succeeded >= 50, timeout=20)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    time.sleep(0.3)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert errors, "the callers never saw the worker go"
+    unsafe = [f"{e.code.name}: {e}" for e in errors if not never_started(e)]
+    assert not unsafe, unsafe[:5]
