@@ -13,13 +13,22 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from grpc_health.v1 import health_pb2
 
 from snakepit import Client
 from snakepit.errors import ResourceExhausted, SnakepitError
 from snakepit.protocol.status import never_started
-from tests.fixtures.processes import ProcessFactory, start_pool, wait_for, wait_ready
+from tests.fixtures.processes import (
+    ProcessFactory,
+    health_status,
+    start_pool,
+    wait_for,
+    wait_ready,
+)
 from tests.fixtures.redis import RedisServer
 from tests.support.load import MixedLoad
+
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def test_a_worker_stopping_under_load_fails_no_call(procs: ProcessFactory) -> None:
@@ -144,3 +153,25 @@ def test_every_call_a_stopping_worker_turns_away_is_safe_to_retry(procs: Process
     assert errors, "the callers never saw the worker go"
     unsafe = [f"{e.code.name}: {e}" for e in errors if not never_started(e)]
     assert not unsafe, unsafe[:5]
+
+
+def test_a_direct_mode_stream_turned_away_by_a_draining_worker_goes_elsewhere(
+    procs: ProcessFactory,
+) -> None:
+    """Direct mode with last second's routing table: a stream the session's worker refuses
+    (draining) before its first item is tried on another worker, as a unary call is."""
+    router, workers = start_pool(procs, 2)
+    with Client(router.address, direct=True, timeout=30) as client, ThreadPoolExecutor(1) as pool:
+        for i in range(200):
+            session = client.session(f"stream-{i}", keep=True)
+            if session.execute("whoami")["worker_id"] == "worker-0":
+                break
+        else:
+            raise AssertionError("no session lands on worker-0")
+        held = pool.submit(session.execute, "sleep", seconds=3.0)
+        time.sleep(0.3)
+        workers[0].signal(signal.SIGTERM)
+        wait_for(lambda: health_status(workers[0].address) == NOT_SERVING, timeout=5)
+        assert list(session.stream("count", n=5)) == [0, 1, 2, 3, 4]
+        assert session.execute("whoami")["worker_id"] == "worker-1"
+        assert held.result(timeout=10) == 3.0

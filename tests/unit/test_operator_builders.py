@@ -190,7 +190,8 @@ def test_rolling_update_never_drops_capacity_and_lets_workers_drain() -> None:
         }
     workers = built["Deployment/demo-workers"]
     assert arg(container(workers)["args"], "--drain-timeout") == "40"
-    assert pod_spec(workers)["terminationGracePeriodSeconds"] > 40
+    linger = float(arg(container(workers)["args"], "--drain-linger"))
+    assert pod_spec(workers)["terminationGracePeriodSeconds"] > 40 + linger
 
 
 def test_grpc_probes_on_workers_and_router() -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
+from ..errors import SnakepitError
 from ..grpc_options import DEFAULT_MAX_MESSAGE_MB, channel_options
 from ..protocol import method_path
+from ..protocol.status import never_started
 from .direct import MAX_ATTEMPTS, DirectRoutes
 from .ops import Op
 
@@ -61,6 +63,18 @@ class ClientBase(Generic[ChannelT]):
         if len(tried) >= MAX_ATTEMPTS:
             return None
         return self._routes is None or self._routes.stale
+
+    def _may_stream_elsewhere(
+        self, picked: tuple[str, Any, DirectRoutes] | None, received: bool, error: SnakepitError
+    ) -> bool:
+        """A direct-mode stream that a worker turned away before its first item (draining,
+        full, unreachable) is tried on the next worker, as a unary call is; once an item has
+        arrived the call has started and is never sent again. Through the router, the router
+        already does this."""
+        if picked is None or received or not never_started(error):
+            return False
+        self._routes = None  # the table that sent us there is out of date
+        return True
 
     def _choose(self, op: Op[Any], tried: list[str]) -> tuple[str, ChannelT, DirectRoutes] | None:
         """The next worker (and its channel) for a direct tool call; None: use the router."""

@@ -152,18 +152,25 @@ class Client(ClientBase[grpc.Channel]):
         return op.parse(raw)
 
     def _stream(self, op: Op[T], timeout: float | None = None) -> Iterator[T]:
-        picked = self._pick_worker(op, []) if op.is_tool and self.direct else None
-        channel = picked[1] if picked else self._channel
-        call = self._stub(channel, op.method, True)(op.request, **self._call_args(op, timeout))
-        try:
-            for raw in call:
-                yield op.parse(raw)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
-        finally:
-            call.cancel()
-            if picked:
-                picked[2].release(picked[0])
+        tried: list[str] = []
+        while True:
+            picked = self._pick_worker(op, tried) if op.is_tool and self.direct else None
+            channel = picked[1] if picked else self._channel
+            call = self._stub(channel, op.method, True)(op.request, **self._call_args(op, timeout))
+            received = False
+            try:
+                for raw in call:
+                    received = True
+                    yield op.parse(raw)
+                return
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc)
+                if not self._may_stream_elsewhere(picked, received, error):
+                    raise error from None
+            finally:
+                call.cancel()
+                if picked:
+                    picked[2].release(picked[0])
 
     def _pick_worker(
         self, op: Op[Any], tried: list[str]

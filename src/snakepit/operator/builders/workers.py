@@ -27,6 +27,9 @@ from .common import (
 
 # Time between SIGTERM and SIGKILL beyond the worker's own drain timeout: interpreter exit.
 EXIT_MARGIN_SECONDS = 5
+# A stopping worker keeps refusing calls this long after NOT_SERVING, until every router has
+# seen it leave (its health stream, the EndpointSlice), so no call on the wire is cancelled.
+DRAIN_LINGER_SECONDS = 2
 
 
 def worker_args(pool: Pool) -> list[str]:
@@ -46,6 +49,8 @@ def worker_args(pool: Pool) -> list[str]:
         f"{names.router}:{spec.router.port}",
         "--drain-timeout",
         str(spec.drain_timeout_seconds),
+        "--drain-linger",
+        str(DRAIN_LINGER_SECONDS),
         "--session-ttl",
         str(spec.session.ttl_seconds),
     ]
@@ -87,7 +92,9 @@ def build_worker_deployment(
     pod_spec: JSON = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": spec.drain_timeout_seconds + EXIT_MARGIN_SECONDS,
+        "terminationGracePeriodSeconds": (
+            spec.drain_timeout_seconds + DRAIN_LINGER_SECONDS + EXIT_MARGIN_SECONDS
+        ),
         "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": [TMP_VOLUME],
