@@ -95,6 +95,13 @@ class WorkerSlot:
             if self._stopping:
                 return
             ran = time.monotonic() - started
+            if code == 0:
+                # A clean exit is a recycle (max requests, age, memory) after a drain: not a
+                # fault, so it is neither counted against the restart intensity nor delayed.
+                log.info(
+                    "worker recycled", extra={"worker": self.worker_id, "ran_s": round(ran, 3)}
+                )
+                continue
             log.warning(
                 "worker exited",
                 extra={"worker": self.worker_id, "code": code, "ran_s": round(ran, 3)},

@@ -27,6 +27,7 @@ import collections
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import time
@@ -106,6 +107,9 @@ class WorkerServer:
         self.served = 0
         self.failed = 0
         self.started_at = time.monotonic()
+        # Up to 10 % more, at random, so workers that share the load don't all recycle at once
+        # and leave the pool without a ready worker (gunicorn's max_requests_jitter).
+        self._max_requests = config.max_requests + random.randint(0, config.max_requests // 10)
         self.draining = False
         self._drained = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
@@ -198,7 +202,7 @@ class WorkerServer:
                 self._spawn(self.drain(f"memory above {config.max_rss_mb:g} MB"))
 
     def _after_call(self) -> None:
-        limit = self.config.max_requests
+        limit = self._max_requests
         if limit and self.served + self.failed >= limit and not self.draining:
             self._spawn(self.drain(f"max requests {limit} reached"))
 
