@@ -175,3 +175,23 @@ def test_a_direct_mode_stream_turned_away_by_a_draining_worker_goes_elsewhere(
         assert list(session.stream("count", n=5)) == [0, 1, 2, 3, 4]
         assert session.execute("whoami")["worker_id"] == "worker-1"
         assert held.result(timeout=10) == 3.0
+
+
+def test_a_killed_worker_fails_only_the_calls_running_on_it(procs: ProcessFactory) -> None:
+    """An unplanned failure (SIGKILL: OOM, a node lost) has a bounded cost: the calls running on
+    that worker when it died fail with UNAVAILABLE, none is run again behind the caller's back,
+    every call started after it is served by the others, and no acknowledged write is lost."""
+    router, workers = start_pool(procs, 3)
+    with MixedLoad(router.address, sessions=32) as load:
+        time.sleep(1.0)
+        with load.window("SIGKILL a worker") as window:
+            killed_at = time.monotonic()
+            workers[1].kill()
+            time.sleep(2.0)
+        failed = [c for c in window.calls if c.error is not None]
+        assert all(c.error.startswith("UNAVAILABLE") for c in failed), window.failures[:5]
+        # In flight on it means started before it died (the router saw it gone within ms).
+        assert all(c.started <= killed_at + 0.5 for c in failed), window.summary()
+        assert len(failed) <= 4 + 16  # its slots and its backlog at most
+        assert window.succeeded >= 50
+        load.check_no_acknowledged_write_lost()
