@@ -277,30 +277,42 @@ with Client(target, timeout=30) as routed, Client(target, direct=True, timeout=3
     out["workers"] = len(direct.routing_table()["workers"])
 print("RESULT " + json.dumps(out))
 """
-    pod = f"direct-client-{uuid.uuid4().hex[:5]}"
+    result = json.loads(_client_pod_result(kube_node, ns, _start_client_pod(kube_node, ns, script)))
+    assert result == {"add": [5.0, 5.0], "scale": True, "same_worker": [True] * 6, "workers": 2}
+
+
+def _start_client_pod(cluster: KubeCluster, ns: str, script: str) -> str:
+    """A pod (the worker image, labelled as a direct client) that runs ``script`` once."""
+    pod = f"client-{uuid.uuid4().hex[:6]}"
     overrides = {
         "metadata": {"labels": {"snakepit.dev/direct-client": POOL}},
         "spec": {"securityContext": {"runAsNonRoot": True, "runAsUser": 10001}},
     }
     # The pod runs to completion on its own and its logs are read afterwards: attaching
     # (`kubectl run -i`) loses what the script printed before the attach (kubernetes#27264).
-    kube_node.kubectl_run(
+    cluster.kubectl_run(
         "-n", ns, "run", pod, "--restart=Never",
-        f"--image={kube_node.image('worker')}", f"--image-pull-policy={kube_node.pull_policy}",
+        f"--image={cluster.image('worker')}", f"--image-pull-policy={cluster.pull_policy}",
         f"--overrides={json.dumps(overrides)}", "--command", "--", "python", "-c", script,
     )  # fmt: skip
+    return pod
+
+
+def _client_pod_result(cluster: KubeCluster, ns: str, pod: str, timeout: float = 300) -> str:
+    """Wait for the pod to finish; return what its ``RESULT `` line says, or fail with its
+    phase and whole output."""
     try:
         phase = wait_until(
-            "client pod finished", lambda: _finished_phase(kube_node, ns, pod), timeout=300
+            "client pod finished", lambda: _finished_phase(cluster, ns, pod), timeout=timeout
         )
-        logs = kube_node.kubectl_run("-n", ns, "logs", pod, check=False)
-        output = f"phase {phase}\nstdout:\n{logs.stdout}\nstderr:\n{logs.stderr}"
+        logs = cluster.kubectl_run("-n", ns, "logs", pod, check=False)
         lines = [ln for ln in logs.stdout.splitlines() if ln.startswith("RESULT ")]
-        assert phase == "Succeeded" and lines, output
+        assert phase == "Succeeded" and lines, (
+            f"pod {pod}: phase {phase}\nstdout:\n{logs.stdout}\nstderr:\n{logs.stderr}"
+        )
     finally:
-        kube_node.kubectl_run("-n", ns, "delete", "pod", pod, "--wait=false", check=False)
-    result = json.loads(lines[0][len("RESULT ") :])
-    assert result == {"add": [5.0, 5.0], "scale": True, "same_worker": [True] * 6, "workers": 2}
+        cluster.kubectl_run("-n", ns, "delete", "pod", pod, "--wait=false", check=False)
+    return lines[0][len("RESULT ") :]
 
 
 def _finished_phase(cluster: KubeCluster, ns: str, pod: str) -> str:
@@ -493,6 +505,48 @@ def test_scaling_workers_5_1_5_fails_no_call(kube_node: KubeCluster, ns: str, ro
                     _wait_scaled(kube_node, ns, replicas)
                 checked(window)
         load.check_no_acknowledged_write_lost()
+
+
+def test_direct_mode_load_from_a_pod_during_a_scale_fails_no_call(
+    kube_node: KubeCluster, ns: str, router: str
+) -> None:
+    """The same mixed load in direct mode (the client routes itself to worker pods) from a pod
+    in the cluster, while the pool scales 2 -> 4 -> 2. The pod keeps its window open until the
+    test says the disruption is over (a variable in a control session)."""
+    control = f"direct-load-{uuid.uuid4().hex[:6]}"
+    script = (
+        (ROOT / "tests/support/load.py").read_text()
+        + f"""
+import json
+target = "{POOL}-router.{ns}.svc:{ROUTER_PORT}"
+with Client(target, timeout=30) as control, MixedLoad(target, sessions=16, direct=True,
+                                                      tensor_mb=0.5) as load:
+    flag = control.session("{control}", keep=True)
+    flag.set("window", "open")
+    with load.window("direct mode from a pod") as window:
+        deadline = time.monotonic() + 600
+        while flag.get("window") != "closed" and time.monotonic() < deadline:
+            time.sleep(0.5)
+    load.check_no_acknowledged_write_lost()
+print("RESULT " + json.dumps({{"summary": window.summary(), "ok": window.succeeded,
+                              "failures": window.failures[:5]}}))
+"""
+    )
+    pod = _start_client_pod(kube_node, ns, script)
+    with Client(router, timeout=30) as client:
+        flag = client.session(control, keep=True)
+        wait_until("the pod's load runs", lambda: flag.get("window", None) == "open", timeout=300)
+        time.sleep(3)
+        for replicas in (4, 2):
+            _scale(kube_node, ns, replicas)
+            _wait_scaled(kube_node, ns, replicas)
+        time.sleep(2)
+        flag.set("window", "closed")
+        result = json.loads(_client_pod_result(kube_node, ns, pod))
+        flag.close()
+    report(result["summary"])
+    assert not result["failures"], result
+    assert result["ok"] >= 30, result
 
 
 def test_deleting_the_operator_during_a_scale_fails_no_call(
