@@ -3,6 +3,6 @@
 pytest_plugins = [
     "tests.fixtures.processes",
     "tests.fixtures.redis",
-    "tests.e2e.cluster.fixtures",
+    "tests.fixtures.kube",
     "tests.e2e.report",
 ]

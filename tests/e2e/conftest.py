@@ -1,6 +1,6 @@
-"""End-to-end tests on a real Kubernetes cluster (see tests/e2e/cluster and docs/local-cluster.md).
+"""End-to-end tests on a real Kubernetes cluster (see localkube and docs/local-cluster.md).
 
-The cluster fixtures live in the plugin ``tests.e2e.cluster.fixtures`` so that other test
+The cluster fixtures live in the plugin ``tests.fixtures.kube`` so that other test
 directories can use them too; the root conftest loads it. This file only makes sure the plugin is
 registered when tests/e2e is run on its own with a root conftest that does not load it yet.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 
-if "tests.e2e.cluster.fixtures" not in sys.modules:
-    from tests.e2e.cluster.fixtures import (  # noqa: F401  (fixtures, re-exported)
+if "tests.fixtures.kube" not in sys.modules:
+    from tests.fixtures.kube import (  # noqa: F401  (fixtures, re-exported)
         kube_control_plane,
         kube_namespace,
         kube_node,

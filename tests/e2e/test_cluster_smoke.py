@@ -13,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.e2e.cluster.providers import KubeCluster, wait_until
+from localkube.providers import KubeCluster, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.node, pytest.mark.timeout(900)]
 

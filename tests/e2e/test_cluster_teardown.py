@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.cluster import hostnet
-from tests.e2e.cluster.providers import KubeCluster, LocalProvider, Provider
+from localkube import hostnet
+from localkube.providers import KubeCluster, LocalProvider, Provider
 
 pytestmark = [
     pytest.mark.e2e,

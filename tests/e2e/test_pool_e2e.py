@@ -26,11 +26,11 @@ import grpc
 import numpy as np
 import pytest
 
+from localkube.config import Config
+from localkube.providers import KubeCluster, wait_until
 from snakepit import Client
 from snakepit.errors import InvalidArgument, NotFound, ResourceExhausted, ToolError, Unavailable
 from snakepit.protocol import method_path
-from tests.e2e.cluster.config import Config
-from tests.e2e.cluster.providers import KubeCluster, wait_until
 from tests.e2e.report import report
 from tests.support.load import MixedLoad, Window
 

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 
 import pytest
 
+from localkube.providers import KubeCluster
 from snakepit.router.discovery import EndpointSliceDiscovery
-from tests.e2e.cluster.providers import KubeCluster
 
 pytestmark = pytest.mark.timeout(120)
 

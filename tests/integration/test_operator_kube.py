@@ -7,7 +7,7 @@ tier: the controllers create pods that are never scheduled. Where a test needs r
 patches the pods' status subresource to Ready, as a kubelet would; the ReplicaSet, Deployment
 and StatefulSet controllers then compute their status from those pods as usual.
 
-Cluster: the ``kube_control_plane`` fixture (tests/e2e/cluster), or an existing API server
+Cluster: the ``kube_control_plane`` fixture (localkube), or an existing API server
 named by ``SNAKEPIT_TEST_KUBECONFIG``.
 """
 
@@ -50,7 +50,7 @@ def tool(name: str) -> str:
     """kubectl/helm: the local cluster's pinned builds when present, else from PATH."""
     try:
         sys.path.insert(0, str(ROOT))
-        from tests.e2e.cluster.config import Config
+        from localkube.config import Config
 
         pinned = {"kubectl": Config().kubectl_bin, "helm": Config().helm_bin}[name]
         if pinned.exists():
@@ -71,7 +71,7 @@ def admin_kubeconfig(request: pytest.FixtureRequest) -> Path:
         if not existing:
             pytest.skip(
                 "needs a kube-apiserver: the kube_control_plane fixture "
-                "(tests/e2e/cluster) or SNAKEPIT_TEST_KUBECONFIG"
+                "(localkube) or SNAKEPIT_TEST_KUBECONFIG"
             )
         return Path(existing)
     for attr in ("kubeconfig", "admin_kubeconfig", "kubeconfig_path"):

@@ -1,4 +1,4 @@
-"""Command line of the local cluster: ``scripts/local-cluster`` runs ``python -m tests.e2e.cluster``.
+"""Command line of the local cluster: ``scripts/local-cluster`` runs ``python -m localkube``.
 
 up [--tier control-plane|node]   start (or reuse) a cluster; last stdout line: export KUBECONFIG=…
 down                             stop everything and restore the machine

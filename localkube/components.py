@@ -113,7 +113,7 @@ def scheduler(cfg: Config) -> list[str]:
 # ---------------------------------------------------------------- node
 def containerd_config(cfg: Config) -> Path:
     d = cfg.containerd_dir
-    text = f"""# Written by tests/e2e/cluster (snakepit local cluster). containerd 1.6, config version 2.
+    text = f"""# Written by localkube (snakepit local cluster). containerd 1.6, config version 2.
 version = 2
 root = "{d / "root"}"
 state = "{d / "state"}"
@@ -315,7 +315,7 @@ def provisioner(cfg: Config) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "tests.e2e.cluster.provisioner",
+        "localkube.provisioner",
         "--state-dir",
         str(cfg.state_dir),
     ]

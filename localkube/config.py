@@ -22,7 +22,7 @@ KIND_VERSION = "v0.33.0"
 # Bumped whenever the pause program in build.py changes.
 PAUSE_VERSION = "3.10-snakepit1"
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = Path(__file__).resolve().parent
 MANIFESTS_DIR = PACKAGE_DIR / "manifests"
 

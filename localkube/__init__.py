@@ -4,6 +4,6 @@ No Docker engine and no registry are assumed: the Kubernetes binaries are compil
 modules into a cache outside the clone, every component runs as a plain background process with a
 PID file and a log file, and images are built with buildah and imported into containerd.
 
-Entry points: ``scripts/local-cluster`` (``python -m tests.e2e.cluster``) and the pytest plugin
-``tests.e2e.cluster.fixtures``. See ``docs/local-cluster.md``.
+Entry points: ``scripts/local-cluster`` (``python -m localkube``) and the pytest plugin
+``tests.fixtures.kube``. See ``docs/local-cluster.md``.
 """

@@ -9,7 +9,7 @@ a world-writable directory under the cluster's state dir and a hostPath Persiste
 pre-bound to the claim; when such a volume is Released and its policy is Delete it removes both.
 
 Run by ``scripts/local-cluster up`` as a supervised process:
-``python -m tests.e2e.cluster.provisioner``.
+``python -m localkube.provisioner``.
 """
 
 from __future__ import annotations
