@@ -120,7 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(worker, "--session-ttl", 3600.0, float)
     _add(worker, "--max-message-mb", DEFAULT_MAX_MESSAGE_MB, int)
-    _add(worker, "--max-requests", 0, int, help="recycle after this many calls, plus up to 10%% at random (0: never)")
+    _add(
+        worker,
+        "--max-requests",
+        0,
+        int,
+        help="recycle after this many calls, plus up to 10%% at random (0: never)",
+    )
     _add(worker, "--max-age", 0.0, float, help="recycle after this many seconds (0: never)")
     _add(worker, "--max-rss-mb", 0.0, float, help="recycle above this resident memory (0: never)")
     _add(worker, "--drain-timeout", 25.0, float, help="seconds to let calls finish on SIGTERM")
