@@ -52,8 +52,20 @@ def load_on(router: str) -> MixedLoad:
     return MixedLoad(router, sessions=SESSIONS, tensor_mb=1.0)
 
 
-def checked(window: Window, min_calls: int = 30) -> None:
-    report(window.summary())
+def steady(load: MixedLoad, seconds: float = 3.0) -> Window:
+    """A window of the load with nothing broken: the latency a disruption is compared with."""
+    with load.window("steady") as window:
+        time.sleep(seconds)
+    return window
+
+
+def checked(window: Window, before: Window, min_calls: int = 30) -> None:
+    """Report the window next to the steady state before it; no failure, enough calls."""
+    report(
+        f"{window.summary()}; p99 of short calls before "
+        f"{before.percentile_ms(0.99, 'add'):.0f} ms, during "
+        f"{window.percentile_ms(0.99, 'add'):.0f} ms"
+    )
     window.check(min_calls=min_calls)
 
 
@@ -329,6 +341,7 @@ def test_deleting_a_worker_pod_mid_session(kube_node: KubeCluster, ns: str, rout
         client.session() as session,
         load_on(router) as load,
     ):
+        before = steady(load)
         session.set("data", np.arange(100.0))
         session.execute("counter_increment")
         victim = session.execute("whoami")["worker_id"]
@@ -352,7 +365,7 @@ def test_deleting_a_worker_pod_mid_session(kube_node: KubeCluster, ns: str, rout
                 timeout=300,
                 interval=0.5,
             )
-        checked(window)
+        checked(window, before)
         load.check_no_acknowledged_write_lost()
 
 
@@ -364,6 +377,7 @@ def test_a_crashed_worker_fails_only_the_calls_running_on_it(
     restarts."""
     restarts = {p["metadata"]["name"]: _restarts(p) for p in pods(kube_node, ns, "worker")}
     with Client(router, timeout=60) as client, load_on(router) as load:
+        before = steady(load)
         with load.window("crash() a worker") as window:
             crashed_at = time.monotonic()
             with pytest.raises(Unavailable):
@@ -378,7 +392,10 @@ def test_a_crashed_worker_fails_only_the_calls_running_on_it(
             )
             wait_until("pool Ready", lambda: pool_ready(kube_node, ns), timeout=300, interval=0.5)
             assert client.execute("add", a=1, b=1) == 2
-        report(window.summary())
+        report(
+            f"{window.summary()}; p99 of short calls before "
+            f"{before.percentile_ms(0.99, 'add'):.0f} ms"
+        )
         failed = [c for c in window.calls if c.error is not None]
         # Only calls under way when the worker died, at most what one worker holds at once:
         # its slots plus its backlog (4 + 16 for the example pool).
@@ -405,6 +422,7 @@ def test_deleting_a_router_pod_with_two_replicas(
     )
     wait_until("two routers", lambda: _ready_count(kube_node, ns, "router") == 2, timeout=300)
     with load_on(router) as load:
+        before = steady(load)
         for i in rounds(5):
             victim = pods(kube_node, ns, "router")[0]["metadata"]["name"]
             with load.window(f"delete a router pod (2 replicas) #{i + 1}") as window:
@@ -413,7 +431,7 @@ def test_deleting_a_router_pod_with_two_replicas(
                     "two routers", lambda: _ready_count(kube_node, ns, "router") == 2, timeout=300
                 )
                 time.sleep(2)
-            checked(window)
+            checked(window, before)
         load.check_no_acknowledged_write_lost()
 
 
@@ -422,6 +440,7 @@ def test_a_router_rolling_update_fails_no_call(
 ) -> None:
     """``kubectl rollout restart`` of the router Deployment (2 replicas), as a user would."""
     with load_on(router) as load:
+        before = steady(load)
         for i in rounds(3):
             with load.window(f"router rolling update #{i + 1}") as window:
                 kube_node.kubectl_run("-n", ns, "rollout", "restart", f"deployment/{POOL}-router")
@@ -435,7 +454,7 @@ def test_a_router_rolling_update_fails_no_call(
                     timeout=120,
                 )
                 time.sleep(2)
-            checked(window)
+            checked(window, before)
         load.check_no_acknowledged_write_lost()
 
 
@@ -456,6 +475,7 @@ def test_deleting_the_redis_pod_keeps_every_variable(
         session.set_many(written)
         session.set("matrix", np.eye(64))
         with load_on(router) as load:
+            before = steady(load)
             for i in rounds(3):
                 (redis_pod,) = pods(kube_node, ns, "session-store")
                 with load.window(f"delete the Redis pod #{i + 1}") as window:
@@ -469,7 +489,7 @@ def test_deleting_the_redis_pod_keeps_every_variable(
                         timeout=120,
                         interval=0.5,
                     )
-                checked(window, min_calls=10)
+                checked(window, before, min_calls=10)
             load.check_no_acknowledged_write_lost()
         assert session.get_many(list(written)) == written
         assert np.array_equal(session.get("matrix"), np.eye(64))
@@ -498,12 +518,13 @@ def test_scaling_workers_5_1_5_fails_no_call(kube_node: KubeCluster, ns: str, ro
     _scale(kube_node, ns, 5)
     _wait_scaled(kube_node, ns, 5)
     with load_on(router) as load:
+        before = steady(load)
         for i in rounds(5):
             for replicas in (1, 5):
                 with load.window(f"kubectl scale spp --replicas={replicas} #{i + 1}") as window:
                     _scale(kube_node, ns, replicas)
                     _wait_scaled(kube_node, ns, replicas)
-                checked(window)
+                checked(window, before)
         load.check_no_acknowledged_write_lost()
 
 
@@ -554,6 +575,7 @@ def test_deleting_the_operator_during_a_scale_fails_no_call(
 ) -> None:
     """The operator is gone mid-change; its replacement finishes the scale."""
     with load_on(router) as load:
+        before = steady(load)
         for i, replicas in zip(rounds(3), (2, 4, 2), strict=False):
             with load.window(f"delete the operator while scaling to {replicas} #{i + 1}") as window:
                 _scale(kube_node, ns, replicas)
@@ -561,7 +583,7 @@ def test_deleting_the_operator_during_a_scale_fails_no_call(
                     "-n", release, "delete", "pod", "-l", "app.kubernetes.io/name=snakepit-operator"
                 )
                 _wait_scaled(kube_node, ns, replicas)
-            checked(window)
+            checked(window, before)
         load.check_no_acknowledged_write_lost()
     _scale(kube_node, ns, 2)
     _wait_scaled(kube_node, ns, 2)
@@ -577,6 +599,7 @@ def test_changing_the_worker_image_rolls_with_no_failed_call(
 ) -> None:
     images = [kube_node.tag_image("worker", "dev-rolled"), kube_node.image("worker")]
     with load_on(router) as load:
+        before = steady(load)
         for i in rounds(3):
             new_image = images[i % 2]
             with load.window(f"change the worker image tag #{i + 1}") as window:
@@ -596,7 +619,7 @@ def test_changing_the_worker_image_rolls_with_no_failed_call(
                     timeout=600,
                     interval=0.5,
                 )
-            checked(window)
+            checked(window, before)
         load.check_no_acknowledged_write_lost()
 
 
