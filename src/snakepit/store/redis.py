@@ -61,7 +61,7 @@ class RedisStore(SessionStore):
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         password: str | None = None,
         prefix: str = "sp",
-        retry_timeout: float = 5.0,
+        retry_timeout: float = 15.0,
         socket_timeout: float = 5.0,
         connect_timeout: float = 2.0,
         max_connections: int = 512,
