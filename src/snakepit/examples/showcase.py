@@ -62,3 +62,14 @@ class ShowcaseAdapter(Adapter):
     @tool(description="Add two numbers by calling the add tool through the router")
     async def nested_add(self, ctx: SessionContext, a: float, b: float) -> Any:
         return await ctx.acall_tool("add", a=a, b=b)
+
+    @tool(description="Call any tool (a pool tool, or one the caller hosts) and return its result")
+    async def relay(self, ctx: SessionContext, tool: str, arguments: dict[str, Any]) -> Any:
+        return await ctx.acall_tool(tool, **arguments)
+
+    @tool(description="Stream the items of any streaming tool, as they come")
+    async def relay_stream(
+        self, ctx: SessionContext, tool: str, arguments: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        async for item in ctx.astream_tool(tool, **arguments):
+            yield item
