@@ -126,6 +126,7 @@ def test_two_applications_host_one_name_for_their_own_sessions(procs: ProcessFac
                 assert a2.execute("relay", tool="whose", arguments={}) == "alice"
         # The session of a client that hosts nothing reaches neither.
         with Client(router.address) as carol, carol.session() as c:
+            assert c.execute("relay", tool="add", arguments={"a": 1, "b": 2}) == 3
             with pytest.raises(NotFound, match="no tool 'whose'"):
                 c.execute("relay", tool="whose", arguments={})
 
@@ -220,7 +221,6 @@ def test_two_routers_sharing_redis_forward_a_call_to_the_holder_of_the_stream(
             assert via_b.execute("relay", tool="lookup_price", arguments={"item": "pear"}) == 0.75
     # The client closed its stream: neither router routes the session any more.
     with Client(router_b.address) as other:
+        again = other.session(session.id, keep=True)
         with pytest.raises(NotFound):
-            other.session(session.id, keep=True).execute(
-                "relay", tool="lookup_price", arguments={"item": "pear"}
-            )
+            again.execute("relay", tool="lookup_price", arguments={"item": "pear"})

@@ -289,9 +289,19 @@ class HostRegistry:
             )
         return peer[0], peer[1]
 
-    async def close(self) -> None:
+    async def close(self, grace: float) -> None:
+        """End every host's stream once its calls in flight are answered (or ``grace`` passes).
+
+        The hosts open a new stream at once, through the Service, to a replica that stays.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while any(host.calls for host in self.hosts.values()) and loop.time() < deadline:  # noqa: ASYNC110 - a rare path
+            await asyncio.sleep(0.05)
         for host in list(self.hosts.values()):
             host.outbox.put_nowait(None)
+
+    async def close_peers(self) -> None:
         for peer in self._peers.values():
             await peer[2].close()
 

@@ -75,7 +75,8 @@ def default_router_id() -> str:
 def advertised_address(config: RouterConfig, port: int) -> str:
     if config.advertise_address:
         return config.advertise_address
-    return f"{os.environ.get('POD_IP') or '127.0.0.1'}:{port}"
+    ip = os.environ.get("POD_IP") or "127.0.0.1"
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def forwardable(metadata: Sequence[Any] | None) -> tuple[tuple[str, Any], ...]:
@@ -170,11 +171,12 @@ class RouterServer:
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
+        await self.hosting.close(grace)
         if self.server is not None:
             await self.server.stop(grace)
         for task in list(self._tasks):
             task.cancel()
-        await self.hosting.close()
+        await self.hosting.close_peers()
         await self.pool.close()
         if self.store is not None:
             await self.store.close()
