@@ -224,3 +224,19 @@ def test_two_routers_sharing_redis_forward_a_call_to_the_holder_of_the_stream(
         again = other.session(session.id, keep=True)
         with pytest.raises(NotFound):
             again.execute("relay", tool="lookup_price", arguments={"item": "pear"})
+
+
+def test_the_example_application_gets_a_quote_priced_by_its_own_tool(
+    procs: ProcessFactory,
+) -> None:
+    pool = procs.serve()
+    example = processes.ROOT / "examples" / "hosted_tools.py"
+    run = subprocess.run(
+        [sys.executable, str(example), pool.address],
+        env=processes.test_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "{'lines': {'apple': 2.0, 'fig': 2.5}, 'total': 4.5}"
