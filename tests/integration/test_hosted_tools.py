@@ -182,10 +182,20 @@ def test_unregister_deadline_concurrency_and_name_rules(procs: ProcessFactory) -
 
 def test_the_async_client_hosts_async_and_sync_functions(procs: ProcessFactory) -> None:
     router, _ = start_pool(procs, 2)
+    cancelled = asyncio.Event()
 
     async def fetch_user(user_id: int) -> dict[str, object]:
+        if user_id < 0:
+            raise NotFound(f"no user {user_id}")  # a snakepit error chooses the status code
         await asyncio.sleep(0.01)
         return {"id": user_id, "name": f"user-{user_id}"}
+
+    async def wait_forever() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
 
     async def main() -> None:
         async with AsyncClient(router.address) as client:
@@ -195,6 +205,13 @@ def test_the_async_client_hosts_async_and_sync_functions(procs: ProcessFactory) 
             user = await session.execute("relay", tool="fetch_user", arguments={"user_id": 7})
             assert user == {"id": 7, "name": "user-7"}
             assert await session.execute("relay", tool="double", arguments={"v": 21}) == 42
+            with pytest.raises(NotFound, match="no user -1"):
+                await session.execute("relay", tool="fetch_user", arguments={"user_id": -1})
+
+            await client.register_tool("wait_forever", wait_forever)
+            with pytest.raises(DeadlineExceeded):
+                await session.execute("relay", tool="wait_forever", arguments={}, timeout=1)
+            await asyncio.wait_for(cancelled.wait(), 10)  # the host's coroutine was cancelled
             await handle.unregister()
             with pytest.raises(NotFound):
                 await session.execute("relay", tool="fetch_user", arguments={"user_id": 7})
