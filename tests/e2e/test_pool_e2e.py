@@ -419,10 +419,7 @@ def _ready_count(cluster: KubeCluster, ns: str, component: str) -> int:
 def test_deleting_a_router_pod_with_two_replicas(
     kube_node: KubeCluster, ns: str, router: str
 ) -> None:
-    kube_node.kubectl_run(
-        "-n", ns, "patch", "spp", POOL, "--type=merge", "-p", '{"spec":{"router":{"replicas":2}}}'
-    )
-    wait_until("two routers", lambda: _ready_count(kube_node, ns, "router") == 2, timeout=300)
+    _two_routers(kube_node, ns)
     with load_on(router) as load:
         before = steady(load)
         for i in rounds(5):
@@ -471,10 +468,7 @@ def test_an_application_outside_the_cluster_hosts_a_tool_with_two_routers(
     kube_node: KubeCluster, ns: str, router: str
 ) -> None:
     """This process hosts lookup_price through the router Service; workers' tools call it."""
-    kube_node.kubectl_run(
-        "-n", ns, "patch", "spp", POOL, "--type=merge", "-p", '{"spec":{"router":{"replicas":2}}}'
-    )
-    wait_until("two routers", lambda: _ready_count(kube_node, ns, "router") == 2, timeout=300)
+    _two_routers(kube_node, ns)
     with Client(router, timeout=60) as app, app.session() as session:
         app.register_tool("lookup_price", _lookup_price, description="Unit price")
         started = time.monotonic()
@@ -501,6 +495,13 @@ def test_an_application_outside_the_cluster_hosts_a_tool_with_two_routers(
             request = encode_request("lookup_price", {"item": "fig"}, session.id)
             answer = call(request, timeout=30, metadata=((SESSION_ID_KEY, session.id),))
         assert decode_result(answer).value == 1.25
+
+
+def _two_routers(kube_node: KubeCluster, ns: str) -> None:
+    kube_node.kubectl_run(
+        "-n", ns, "patch", "spp", POOL, "--type=merge", "-p", '{"spec":{"router":{"replicas":2}}}'
+    )
+    wait_until("two routers", lambda: _ready_count(kube_node, ns, "router") == 2, timeout=300)
 
 
 def _ready(pod: Any) -> bool:

@@ -236,6 +236,7 @@ def test_two_routers_sharing_redis_forward_a_call_to_the_holder_of_the_stream(
         with Client(router_b.address) as other:  # the same session through the other router
             via_b = other.session(session.id, keep=True)
             assert via_b.execute("relay", tool="lookup_price", arguments={"item": "pear"}) == 0.75
+            assert {t.name for t in via_b.list_tools() if t.caller_hosted} == {"lookup_price"}
     # The client closed its stream: neither router routes the session any more.
     with Client(router_b.address) as other:
         again = other.session(session.id, keep=True)

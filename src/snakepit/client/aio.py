@@ -123,8 +123,7 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
         return AsyncHostedTool(name, self._host)
 
     async def _serve_sessions(self, add: list[str], remove: list[str]) -> None:
-        self._own_sessions.update(add)
-        self._own_sessions.difference_update(remove)
+        self._own(add, remove)
         if self._host is not None:
             await self._host.serve_sessions(add, remove)
 

@@ -48,6 +48,11 @@ class ClientBase(Generic[ChannelT]):
         self._stubs: dict[tuple[int, str, bool], Any] = {}
         self._routes: DirectRoutes | None = None
 
+    def _own(self, add: list[str], remove: list[str]) -> None:
+        """Note the sessions opened and closed here: the ones a tool host started later serves."""
+        self._own_sessions.update(add)
+        self._own_sessions.difference_update(remove)
+
     def _new_tool_host(self) -> ToolHost:
         host = ToolHost(self.target, metadata=self._metadata, max_message_mb=self.max_message_mb)
         host.sessions.update(self._own_sessions)

@@ -132,8 +132,7 @@ class Client(ClientBase[grpc.Channel]):
         return HostedTool(name, self._host)
 
     def _serve_sessions(self, add: list[str], remove: list[str]) -> None:
-        self._own_sessions.update(add)
-        self._own_sessions.difference_update(remove)
+        self._own(add, remove)
         if self._host is not None:
             self._host.run(self._host.host.serve_sessions(add, remove))
 

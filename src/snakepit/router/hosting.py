@@ -75,7 +75,7 @@ class HostRegistry:
         self._spawn = spawn
         self._pool_tools = pool_tools
         self._call_ids = itertools.count(1)
-        self._peers: dict[str, Any] = {}
+        self._peers: dict[str, _Peer] = {}
 
     # The RegisterTool stream ------------------------------------------------------------------
     async def serve(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
@@ -169,8 +169,25 @@ class HostRegistry:
         return list(self.by_session)
 
     def specs_for(self, session_id: str) -> list[pb.ToolSpec]:
+        """The tools hosted for ``session_id`` by a host on this router."""
         host = self.by_session.get(session_id) if session_id else None
         return [tool.spec for tool in host.tools.values()] if host is not None else []
+
+    async def hosted_specs(self, session_id: str, timeout: float | None) -> list[pb.ToolSpec]:
+        """The tools hosted for ``session_id``, asking the replica holding its host if need be."""
+        if not session_id or session_id in self.by_session or self.directory is None:
+            return self.specs_for(session_id)
+        owner = await self.directory.locate(session_id)
+        if not owner or owner == self.address:
+            return []
+        request = pb.ListToolsRequest(session_id=session_id).SerializeToString()
+        try:
+            raw = await self._peer(owner).list_tools(
+                request, timeout=timeout, metadata=((FORWARDED_KEY, "1"),)
+            )
+        except grpc.aio.AioRpcError:
+            return []  # a listing leaves out what it cannot reach; a call would say why
+        return list(pb.ListToolsResponse.FromString(raw).tools)
 
     # Calls ------------------------------------------------------------------------------------
     async def call(
@@ -184,7 +201,7 @@ class HostRegistry:
         """The host's answer to one call: a result (unary) or chunks (streaming), as bytes."""
         name = request_tool_name(raw)
         host = self.by_session.get(session_id) if session_id else None
-        if host is not None and name in host.tools:
+        if host is not None and name in host.tools and not host.closed:
             async for item in self._run(host, host.tools[name], raw, timeout, streaming):
                 yield item
             return
@@ -210,6 +227,8 @@ class HostRegistry:
         try:
             async with asyncio.timeout(timeout):
                 async with tool.slots:
+                    if host.closed:
+                        raise Unavailable(f"the application hosting tool {name!r} went away")
                     host.calls[call_id] = replies
                     host.send(
                         pb.ToolHostEvent(
@@ -258,14 +277,14 @@ class HostRegistry:
         name: str,
     ) -> AsyncIterator[bytes]:
         """Send the call to the router replica that holds the host's stream."""
-        unary, stream = self._peer(owner)
+        peer = self._peer(owner)
         headers = (*metadata, (FORWARDED_KEY, "1"))
         try:
             if streaming:
-                async for chunk in stream(raw, timeout=timeout, metadata=headers):
+                async for chunk in peer.stream(raw, timeout=timeout, metadata=headers):
                     yield chunk
             else:
-                yield await unary(raw, timeout=timeout, metadata=headers)
+                yield await peer.unary(raw, timeout=timeout, metadata=headers)
         except grpc.aio.AioRpcError as exc:
             error = error_from_rpc(exc)
             if never_started(error):
@@ -275,19 +294,11 @@ class HostRegistry:
                 ) from None
             raise error from None
 
-    def _peer(self, address: str) -> tuple[Any, Any]:
+    def _peer(self, address: str) -> _Peer:
         peer = self._peers.get(address)
         if peer is None:
-            from ..grpc_options import channel_options
-            from ..protocol import method_path
-
-            channel = grpc.aio.insecure_channel(address, options=channel_options())
-            peer = self._peers[address] = (
-                channel.unary_unary(method_path("ExecuteHostedTool")),
-                channel.unary_stream(method_path("ExecuteHostedStreamingTool")),
-                channel,
-            )
-        return peer[0], peer[1]
+            peer = self._peers[address] = _Peer(address)
+        return peer
 
     async def close(self, grace: float) -> None:
         """End every host's stream once its calls in flight are answered (or ``grace`` passes).
@@ -303,7 +314,20 @@ class HostRegistry:
 
     async def close_peers(self) -> None:
         for peer in self._peers.values():
-            await peer[2].close()
+            await peer.channel.close()
+
+
+class _Peer:
+    """Another router replica, for the calls and listings forwarded to it."""
+
+    def __init__(self, address: str) -> None:
+        from ..grpc_options import channel_options
+        from ..protocol import method_path
+
+        self.channel = grpc.aio.insecure_channel(address, options=channel_options())
+        self.unary = self.channel.unary_unary(method_path("ExecuteHostedTool"))
+        self.stream = self.channel.unary_stream(method_path("ExecuteHostedStreamingTool"))
+        self.list_tools = self.channel.unary_unary(method_path("ListTools"))
 
 
 def host_error(error: pb.HostError) -> SnakepitError:

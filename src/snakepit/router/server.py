@@ -19,16 +19,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
 
 from ..errors import SnakepitError, Unavailable
 from ..grpc_options import DEFAULT_MAX_MESSAGE_MB
 from ..protocol import SERVICE_NAME, pb
 from ..protocol import handlers as handlers_for
-from ..protocol.status import SESSION_ID_KEY, abort_with, error_from_rpc
+from ..protocol.status import SESSION_ID_KEY, abort_with, error_from_rpc, find_metadata
 from ..store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL, SessionStore
 from .discovery import Discovery, StaticDiscovery
-from .hosting import HostRegistry
+from .hosting import FORWARDED_KEY, HostRegistry
 from .pool import PoolConfig, WorkerPool
 from .retry import Attempts, Next
 from .workers import WorkerHandle
@@ -366,6 +367,14 @@ class RouterServer:
             await abort_with(context, exc)
 
     async def _list_tools(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        try:
+            session_id = pb.ListToolsRequest.FromString(raw).session_id
+        except DecodeError:
+            session_id = ""  # the worker answers a malformed request with INVALID_ARGUMENT
+        if find_metadata(context.invocation_metadata(), FORWARDED_KEY):  # another replica asks
+            return pb.ListToolsResponse(
+                tools=self.hosting.specs_for(session_id)
+            ).SerializeToString()
         handle = self.pool.any_ready()
         if handle is None:
             await abort_with(context, Unavailable("no worker is ready to list its tools"))
@@ -375,7 +384,7 @@ class RouterServer:
         except grpc.aio.AioRpcError as exc:
             await self._forward_error(context, exc)
             raise
-        hosted = self.hosting.specs_for(pb.ListToolsRequest.FromString(raw).session_id)
+        hosted = await self.hosting.hosted_specs(session_id, context.time_remaining())
         if hosted:  # the caller-hosted tools of the session come after the pool's
             merged = pb.ListToolsResponse.FromString(response)
             merged.tools.extend(hosted)
