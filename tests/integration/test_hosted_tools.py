@@ -22,7 +22,7 @@ from snakepit.errors import (
 )
 from tests.fixtures import processes
 from tests.fixtures.processes import ProcessFactory
-from tests.integration.test_router import start_pool, wait_ready
+from tests.integration.test_router import start_pool, wait_for, wait_ready
 
 
 def scale_and_sum(x: np.ndarray, factor: float) -> dict[str, object]:
@@ -258,3 +258,25 @@ def test_the_example_application_gets_a_quote_priced_by_its_own_tool(
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "{'lines': {'apple': 2.0, 'fig': 2.5}, 'total': 4.5}"
+
+
+def test_the_host_registers_again_when_its_router_restarts(procs: ProcessFactory) -> None:
+    router, workers = start_pool(procs, 2)
+    port = int(router.address.rsplit(":", 1)[1])
+    with Client(router.address) as client, client.session() as session:
+        client.register_tool("lookup_price", lookup_price)
+        assert session.execute("relay", tool="lookup_price", arguments={"item": "apple"}) == 0.5
+        router.kill()
+        procs.router(workers, port=port)  # the workers' router address, now a fresh process
+        wait_ready(router.address, 2)
+
+        def priced() -> bool:
+            try:
+                return (
+                    session.execute("relay", tool="lookup_price", arguments={"item": "pear"})
+                    == 0.75
+                )
+            except (NotFound, Unavailable):
+                return False  # not registered again yet, or a connection not re-made yet
+
+        wait_for(priced, timeout=15)
