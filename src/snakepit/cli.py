@@ -168,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         float,
         help="seconds before clients are asked to reconnect",
     )
+    _add(
+        router,
+        "--advertise-address",
+        "",
+        help="HOST:PORT other routers forward hosted-tool calls to (default $POD_IP:PORT)",
+    )
     _pool_options(router)
 
     operator = sub.add_parser("operator", help="run the Kubernetes operator")
@@ -352,6 +358,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
         pool=_pool_config(args),
         max_message_mb=args.max_message_mb,
         max_connection_age=args.max_connection_age,
+        advertise_address=args.advertise_address,
     )
     return asyncio.run(serve(config, shutdown_delay=args.shutdown_delay))
 

@@ -31,6 +31,8 @@ from localkube.providers import KubeCluster, wait_until
 from snakepit import Client
 from snakepit.errors import InvalidArgument, NotFound, ResourceExhausted, ToolError, Unavailable
 from snakepit.protocol import method_path
+from snakepit.protocol.messages import decode_result, encode_request
+from snakepit.protocol.status import SESSION_ID_KEY
 from tests.e2e.report import report
 from tests.support.load import MixedLoad, Window
 
@@ -417,10 +419,7 @@ def _ready_count(cluster: KubeCluster, ns: str, component: str) -> int:
 def test_deleting_a_router_pod_with_two_replicas(
     kube_node: KubeCluster, ns: str, router: str
 ) -> None:
-    kube_node.kubectl_run(
-        "-n", ns, "patch", "spp", POOL, "--type=merge", "-p", '{"spec":{"router":{"replicas":2}}}'
-    )
-    wait_until("two routers", lambda: _ready_count(kube_node, ns, "router") == 2, timeout=300)
+    _two_routers(kube_node, ns)
     with load_on(router) as load:
         before = steady(load)
         for i in rounds(5):
@@ -456,6 +455,53 @@ def test_a_router_rolling_update_fails_no_call(
                 time.sleep(2)
             checked(window, before)
         load.check_no_acknowledged_write_lost()
+
+
+def _lookup_price(item: str) -> float:
+    prices = {"apple": 0.5, "fig": 1.25}
+    if item not in prices:
+        raise LookupError(f"no price for {item!r}")
+    return prices[item]
+
+
+def test_an_application_outside_the_cluster_hosts_a_tool_with_two_routers(
+    kube_node: KubeCluster, ns: str, router: str
+) -> None:
+    """This process hosts lookup_price through the router Service; workers' tools call it."""
+    _two_routers(kube_node, ns)
+    with Client(router, timeout=60) as app, app.session() as session:
+        app.register_tool("lookup_price", _lookup_price, description="Unit price")
+        started = time.monotonic()
+        calls = 0
+        while time.monotonic() - started < 12:  # past the 5 s connection age: both replicas
+            quote = session.execute("quote", items={"apple": 4, "fig": 2})
+            assert quote == {"lines": {"apple": 2.0, "fig": 2.5}, "total": 4.5}
+            calls += 1
+        report(f"quotes priced by a tool hosted outside the cluster: {calls} in 12 s")
+        with pytest.raises(ToolError, match="no price for 'kiwi'") as failure:
+            session.execute("quote", items={"kiwi": 1})
+        assert failure.value.remote_type == "LookupError"
+        listed = {t.name: t.caller_hosted for t in session.list_tools()}
+        assert listed["lookup_price"] and not listed["quote"]
+    if not kube_node.host_reaches_cluster_ips:
+        return  # the pinned check below needs the router pods' own addresses
+    # Pinned: the stream on router pod A, the calling tool's call entering at pod B, which
+    # forwards it to A by pod address (the call a worker's ctx.call_tool makes).
+    a, b = (f"{p['status']['podIP']}:{ROUTER_PORT}" for p in pods(kube_node, ns, "router")[:2])
+    with Client(a, timeout=60) as app, app.session() as session:
+        app.register_tool("lookup_price", _lookup_price)
+        with grpc.insecure_channel(b) as channel:
+            call = channel.unary_unary(method_path("ExecuteHostedTool"))
+            request = encode_request("lookup_price", {"item": "fig"}, session.id)
+            answer = call(request, timeout=30, metadata=((SESSION_ID_KEY, session.id),))
+        assert decode_result(answer).value == 1.25
+
+
+def _two_routers(kube_node: KubeCluster, ns: str) -> None:
+    kube_node.kubectl_run(
+        "-n", ns, "patch", "spp", POOL, "--type=merge", "-p", '{"spec":{"router":{"replicas":2}}}'
+    )
+    wait_until("two routers", lambda: _ready_count(kube_node, ns, "router") == 2, timeout=300)
 
 
 def _ready(pod: Any) -> bool:

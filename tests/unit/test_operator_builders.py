@@ -283,6 +283,7 @@ def test_router_runs_the_operator_image_and_discovers_the_worker_service() -> No
     e = env(router)
     assert e["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert e["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert e["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert e["SNAKEPIT_STORE_URL"] == {
         "name": "SNAKEPIT_STORE_URL",
         "value": "redis://demo-redis:6379/0",

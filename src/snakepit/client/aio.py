@@ -5,7 +5,7 @@ Same operations as ``Client`` (they are built by ``ops``); only the transport is
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -16,6 +16,7 @@ from ..store.base import SessionInfo, Variable, VariableChange
 from . import ops
 from .base import ClientBase, SessionBase
 from .direct import DirectRoutes
+from .hosting import AsyncHostedTool, ToolHost
 from .ops import MISSING, Op, ToolInfo
 
 T = TypeVar("T")
@@ -41,6 +42,7 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
             max_message_mb=max_message_mb,
             binary_threshold=binary_threshold,
         )
+        self._host: ToolHost | None = None
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -49,6 +51,8 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
         await self.close()
 
     async def close(self) -> None:
+        if self._host is not None:
+            await self._host.close()
         for channel in self._worker_channels.values():
             await channel.close()
         await self._channel.close()
@@ -104,6 +108,25 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
             ops.execute(tool, arguments, session_id, self.binary_threshold), timeout
         )
 
+    async def register_tool(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        description: str | None = None,
+        concurrency: int | None = None,
+    ) -> AsyncHostedTool:
+        """``Client.register_tool``; the host runs on this event loop."""
+        if self._host is None:
+            self._host = self._new_tool_host()
+        await self._host.register(name, fn, description, concurrency)
+        return AsyncHostedTool(name, self._host)
+
+    async def _serve_sessions(self, add: list[str], remove: list[str]) -> None:
+        self._own(add, remove)
+        if self._host is not None:
+            await self._host.serve_sessions(add, remove)
+
     # Sessions -------------------------------------------------------------------------------
     async def session(
         self,
@@ -114,6 +137,7 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
         keep: bool = False,
     ) -> AsyncSession:
         info = await self._send(ops.initialize_session(session_id, ttl, metadata))
+        await self._serve_sessions([info.session_id], [])
         return AsyncSession(self, info.session_id, keep=keep)
 
     # Transport ------------------------------------------------------------------------------
@@ -188,6 +212,7 @@ class AsyncSession(SessionBase[AsyncClient]):
             await self.close()
 
     async def close(self) -> bool:
+        await self.client._serve_sessions([], [self.id])
         return await self.client._send(ops.cleanup_session(self.id))
 
     async def info(self) -> SessionInfo:
@@ -195,6 +220,10 @@ class AsyncSession(SessionBase[AsyncClient]):
 
     async def heartbeat(self) -> SessionInfo:
         return await self.client._send(ops.heartbeat(self.id))
+
+    async def list_tools(self) -> list[ToolInfo]:
+        """The pool's tools and those hosted for this session by its caller."""
+        return await self.client._send(ops.list_tools(self.id))
 
     async def execute(
         self,

@@ -14,6 +14,7 @@ from ..grpc_options import DEFAULT_MAX_MESSAGE_MB, channel_options
 from ..protocol import method_path
 from ..protocol.status import never_started
 from .direct import MAX_ATTEMPTS, DirectRoutes
+from .hosting import ToolHost
 from .ops import Op
 
 ChannelT = TypeVar("ChannelT")
@@ -36,13 +37,26 @@ class ClientBase(Generic[ChannelT]):
         self.direct = direct
         self.timeout = timeout
         self.binary_threshold = binary_threshold
+        self.max_message_mb = max_message_mb
         self._metadata = tuple((metadata or {}).items())
+        # Sessions opened through this client: the ones its hosted tools serve.
+        self._own_sessions: set[str] = set()
         self._options = channel_options(max_message_mb)
         self._new_channel = channel_factory
         self._channel: ChannelT = channel_factory(target, options=self._options)
         self._worker_channels: dict[str, ChannelT] = {}
         self._stubs: dict[tuple[int, str, bool], Any] = {}
         self._routes: DirectRoutes | None = None
+
+    def _own(self, add: list[str], remove: list[str]) -> None:
+        """Note the sessions opened and closed here: the ones a tool host started later serves."""
+        self._own_sessions.update(add)
+        self._own_sessions.difference_update(remove)
+
+    def _new_tool_host(self) -> ToolHost:
+        host = ToolHost(self.target, metadata=self._metadata, max_message_mb=self.max_message_mb)
+        host.sessions.update(self._own_sessions)
+        return host
 
     def _stub(self, channel: ChannelT, method: str, streaming: bool) -> Any:
         key = (id(channel), method, streaming)

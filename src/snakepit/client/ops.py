@@ -61,6 +61,7 @@ class ToolInfo:
     parameters: tuple[ParameterInfo, ...]
     streaming: bool
     uses_context: bool
+    caller_hosted: bool = False
 
 
 def _parser(message_type: type[Message], convert: Callable[[Any], T]) -> Callable[[bytes], T]:
@@ -101,6 +102,7 @@ def _tool_info(spec: pb.ToolSpec) -> ToolInfo:
         ),
         streaming=spec.streaming,
         uses_context=spec.uses_context,
+        caller_hosted=spec.caller_hosted,
     )
 
 
@@ -113,27 +115,42 @@ def merge_arguments(args: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -
 
 
 def execute(
-    tool: str, arguments: Mapping[str, Any], session_id: str = "", threshold: int | None = None
+    tool: str,
+    arguments: Mapping[str, Any],
+    session_id: str = "",
+    threshold: int | None = None,
+    *,
+    hosted: bool = False,
 ) -> Op[Any]:
+    """A tool call; ``hosted``: a tool hosted by the session's caller (served by the router)."""
     request = encode_request(tool, arguments, session_id, threshold=threshold)
-    return Op(
-        "ExecuteTool", request, lambda raw: decode_result(raw).value, session_id, is_tool=True
-    )
+    method = "ExecuteHostedTool" if hosted else "ExecuteTool"
+    return Op(method, request, _result_value, session_id, is_tool=not hosted)
 
 
 def stream(
-    tool: str, arguments: Mapping[str, Any], session_id: str = "", threshold: int | None = None
+    tool: str,
+    arguments: Mapping[str, Any],
+    session_id: str = "",
+    threshold: int | None = None,
+    *,
+    hosted: bool = False,
 ) -> Op[Any]:
     request = encode_request(tool, arguments, session_id, threshold=threshold)
-    return Op("ExecuteStreamingTool", request, decode_chunk, session_id, is_tool=True)
+    method = "ExecuteHostedStreamingTool" if hosted else "ExecuteStreamingTool"
+    return Op(method, request, decode_chunk, session_id, is_tool=not hosted)
 
 
-def list_tools() -> Op[list[ToolInfo]]:
+def _result_value(raw: bytes) -> Any:
+    return decode_result(raw).value
+
+
+def list_tools(session_id: str = "") -> Op[list[ToolInfo]]:
     return Op(
         "ListTools",
-        pb.ListToolsRequest().SerializeToString(),
+        pb.ListToolsRequest(session_id=session_id).SerializeToString(),
         _parser(pb.ListToolsResponse, lambda r: [_tool_info(t) for t in r.tools]),
-        is_tool=True,
+        is_tool=not session_id,  # the router adds the session's caller-hosted tools
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -14,6 +14,7 @@ from ..store.base import SessionInfo, Variable, VariableChange
 from . import ops
 from .base import ClientBase, SessionBase
 from .direct import DirectRoutes
+from .hosting import HostedTool, HostThread
 from .ops import MISSING, Op, ToolInfo
 
 T = TypeVar("T")
@@ -45,6 +46,7 @@ class Client(ClientBase[grpc.Channel]):
             max_message_mb=max_message_mb,
             binary_threshold=binary_threshold,
         )
+        self._host: HostThread | None = None
 
     # Lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> Client:
@@ -54,6 +56,8 @@ class Client(ClientBase[grpc.Channel]):
         self.close()
 
     def close(self) -> None:
+        if self._host is not None:
+            self._host.close()
         for channel in self._worker_channels.values():
             channel.close()
         self._channel.close()
@@ -109,6 +113,29 @@ class Client(ClientBase[grpc.Channel]):
         """``execute`` with an explicit argument mapping and session."""
         return self._send(ops.execute(tool, arguments, session_id, self.binary_threshold), timeout)
 
+    def register_tool(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        description: str | None = None,
+        concurrency: int | None = None,
+    ) -> HostedTool:
+        """Host ``fn`` as tool ``name`` for the tools running in this client's sessions.
+
+        Parameters come from ``fn``'s signature as for a worker's tool; ``concurrency`` bounds
+        the calls run at once (more wait at the router, within their deadline).
+        """
+        if self._host is None:
+            self._host = HostThread(self._new_tool_host())
+        self._host.run(self._host.host.register(name, fn, description, concurrency))
+        return HostedTool(name, self._host)
+
+    def _serve_sessions(self, add: list[str], remove: list[str]) -> None:
+        self._own(add, remove)
+        if self._host is not None:
+            self._host.run(self._host.host.serve_sessions(add, remove))
+
     # Sessions -------------------------------------------------------------------------------
     def session(
         self,
@@ -120,6 +147,7 @@ class Client(ClientBase[grpc.Channel]):
     ) -> Session:
         """Open (or join) a session; leaving its ``with`` block deletes it unless ``keep``."""
         info = self._send(ops.initialize_session(session_id, ttl, metadata))
+        self._serve_sessions([info.session_id], [])
         return Session(self, info.session_id, keep=keep)
 
     # Transport ------------------------------------------------------------------------------
@@ -200,6 +228,7 @@ class Session(SessionBase[Client]):
 
     def close(self) -> bool:
         """Delete the session and its variables from the store."""
+        self.client._serve_sessions([], [self.id])
         return self.client._send(ops.cleanup_session(self.id))
 
     def info(self) -> SessionInfo:
@@ -207,6 +236,10 @@ class Session(SessionBase[Client]):
 
     def heartbeat(self) -> SessionInfo:
         return self.client._send(ops.heartbeat(self.id))
+
+    def list_tools(self) -> list[ToolInfo]:
+        """The pool's tools and those hosted for this session by its caller."""
+        return self.client._send(ops.list_tools(self.id))
 
     def execute(
         self,

@@ -62,3 +62,21 @@ class ShowcaseAdapter(Adapter):
     @tool(description="Add two numbers by calling the add tool through the router")
     async def nested_add(self, ctx: SessionContext, a: float, b: float) -> Any:
         return await ctx.acall_tool("add", a=a, b=b)
+
+    @tool(description="Price a basket {item: quantity} with lookup_price, a tool the caller hosts")
+    async def quote(self, ctx: SessionContext, items: dict[str, int]) -> dict[str, Any]:
+        names = list(items)
+        prices = await asyncio.gather(*(ctx.acall_tool("lookup_price", item=n) for n in names))
+        lines = {n: items[n] * price for n, price in zip(names, prices, strict=True)}
+        return {"lines": lines, "total": sum(lines.values())}
+
+    @tool(description="Call any tool (a pool tool, or one the caller hosts) and return its result")
+    async def relay(self, ctx: SessionContext, tool: str, arguments: dict[str, Any]) -> Any:
+        return await ctx.acall_tool(tool, **arguments)
+
+    @tool(description="Stream the items of any streaming tool, as they come")
+    async def relay_stream(
+        self, ctx: SessionContext, tool: str, arguments: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        async for item in ctx.astream_tool(tool, **arguments):
+            yield item

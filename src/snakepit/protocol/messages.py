@@ -79,6 +79,15 @@ def decode_request(data: bytes) -> ToolRequest:
     return request
 
 
+def request_tool_name(data: bytes) -> str:
+    """The tool an ExecuteToolRequest names, read without decoding its arguments."""
+    buf = memoryview(data)
+    for number, wire_type, a, b in iter_fields(buf, 0, len(buf)):
+        if number == 1 and wire_type == WIRE_LEN:
+            return str(buf[a:b], "utf-8")
+    return ""
+
+
 def _map_entry(buf: memoryview, start: int, stop: int) -> tuple[str, tuple[int, int] | None]:
     key = ""
     value_range = None

@@ -19,15 +19,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
 
 from ..errors import SnakepitError, Unavailable
 from ..grpc_options import DEFAULT_MAX_MESSAGE_MB
 from ..protocol import SERVICE_NAME, pb
 from ..protocol import handlers as handlers_for
-from ..protocol.status import SESSION_ID_KEY, abort_with, error_from_rpc
+from ..protocol.status import SESSION_ID_KEY, abort_with, error_from_rpc, find_metadata
 from ..store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL, SessionStore
 from .discovery import Discovery, StaticDiscovery
+from .hosting import FORWARDED_KEY, HostRegistry
 from .pool import PoolConfig, WorkerPool
 from .retry import Attempts, Next
 from .workers import WorkerHandle
@@ -62,10 +64,20 @@ class RouterConfig:
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
     # Clients are sent GOAWAY (and reconnect) after this long; 0 keeps connections forever.
     max_connection_age: float = 5.0
+    # HOST:PORT other router replicas reach this one at (hosted-tool calls are forwarded to the
+    # replica holding the host's stream); default $POD_IP (else 127.0.0.1) and the bound port.
+    advertise_address: str = ""
 
 
 def default_router_id() -> str:
     return os.environ.get("POD_NAME") or f"router-{socket.gethostname()}-{os.getpid()}"
+
+
+def advertised_address(config: RouterConfig, port: int) -> str:
+    if config.advertise_address:
+        return config.advertise_address
+    ip = os.environ.get("POD_IP") or "127.0.0.1"
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def forwardable(metadata: Sequence[Any] | None) -> tuple[tuple[str, Any], ...]:
@@ -108,6 +120,8 @@ class RouterServer:
         self.started = time.monotonic()
         self._touched: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.hosting = HostRegistry(self._spawn, self._pool_tool_names)
+        self._pool_tools: tuple[float, set[str]] | None = None
 
     # Lifecycle --------------------------------------------------------------------------------
     async def start(self) -> int:
@@ -130,9 +144,21 @@ class RouterServer:
             self.config.max_message_mb,
             int(self.config.max_connection_age * 1000) or None,
         )
+        self._start_hosting()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("router serving", extra={"port": self.port, "store": self.store.backend})
         return self.port
+
+    def _start_hosting(self) -> None:
+        """Share hosted-tool ownership through the store when it is shared (Redis)."""
+        self.hosting.address = advertised_address(self.config, self.port)
+        redis = getattr(self.store, "redis", None)
+        if redis is not None:
+            from .host_directory import HostDirectory
+
+            directory = HostDirectory(redis, getattr(self.store, "prefix", "sp"))
+            self.hosting.directory = directory
+            self._spawn(directory.keep_fresh(self.hosting.address, self.hosting.local_sessions))
 
     def _default_discovery(self) -> Discovery:
         if self.config.workers_service:
@@ -146,10 +172,12 @@ class RouterServer:
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
+        await self.hosting.close(grace)
         if self.server is not None:
             await self.server.stop(grace)
         for task in list(self._tasks):
             task.cancel()
+        await self.hosting.close_peers()
         await self.pool.close()
         if self.store is not None:
             await self.store.close()
@@ -173,6 +201,11 @@ class RouterServer:
             ExecuteTool=grpc.unary_unary_rpc_method_handler(self._execute),
             ExecuteStreamingTool=grpc.unary_stream_rpc_method_handler(self._execute_stream),
             ListTools=grpc.unary_unary_rpc_method_handler(self._list_tools),
+            RegisterTool=grpc.stream_stream_rpc_method_handler(self.hosting.serve),
+            ExecuteHostedTool=grpc.unary_unary_rpc_method_handler(self._execute_hosted),
+            ExecuteHostedStreamingTool=grpc.unary_stream_rpc_method_handler(
+                self._execute_hosted_stream
+            ),
             Ping=handlers_for.unary(self._ping, pb.PingRequest),
             GetPoolStatus=handlers_for.unary(self._pool_status, pb.GetPoolStatusRequest),
             GetRoutingTable=handlers_for.unary(self._routing_table, pb.GetRoutingTableRequest),
@@ -305,17 +338,74 @@ class RouterServer:
         with contextlib.suppress(SnakepitError):
             await self.store.touch_session(session_id, worker_id=worker_id)
 
+    async def _execute_hosted(
+        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        """A tool hosted by the caller of the call's session (see hosting.py)."""
+        async for result in self._hosted(raw, context, streaming=False):
+            return result
+        raise AssertionError("unreachable: a unary hosted call answers or fails")
+
+    async def _execute_hosted_stream(
+        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        async for chunk in self._hosted(raw, context, streaming=True):
+            yield chunk
+
+    async def _hosted(
+        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any], *, streaming: bool
+    ) -> AsyncIterator[bytes]:
+        session_id, forwarded = routing_metadata(context.invocation_metadata())
+        if session_id:
+            forwarded = (*forwarded, (SESSION_ID_KEY, session_id))
+        try:
+            async for item in self.hosting.call(
+                raw, session_id, forwarded, context.time_remaining(), streaming
+            ):
+                yield item
+        except SnakepitError as exc:
+            await abort_with(context, exc)
+
     async def _list_tools(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        try:
+            session_id = pb.ListToolsRequest.FromString(raw).session_id
+        except DecodeError:
+            session_id = ""  # the worker answers a malformed request with INVALID_ARGUMENT
+        if find_metadata(context.invocation_metadata(), FORWARDED_KEY):  # another replica asks
+            return pb.ListToolsResponse(
+                tools=self.hosting.specs_for(session_id)
+            ).SerializeToString()
         handle = self.pool.any_ready()
         if handle is None:
             await abort_with(context, Unavailable("no worker is ready to list its tools"))
             raise AssertionError("unreachable")
         try:
             response: bytes = await handle.list_tools(raw, timeout=context.time_remaining())
-            return response
         except grpc.aio.AioRpcError as exc:
             await self._forward_error(context, exc)
             raise
+        hosted = await self.hosting.hosted_specs(session_id, context.time_remaining())
+        if hosted:  # the caller-hosted tools of the session come after the pool's
+            merged = pb.ListToolsResponse.FromString(response)
+            merged.tools.extend(hosted)
+            return merged.SerializeToString()
+        return response
+
+    async def _pool_tool_names(self) -> set[str] | None:
+        """The names of the workers' tools (a hosted tool may not take one), cached a minute."""
+        cached = self._pool_tools
+        if cached is not None and time.monotonic() - cached[0] < 60.0:
+            return cached[1]
+        handle = self.pool.any_ready()
+        if handle is None:
+            return None
+        try:
+            raw = await handle.list_tools(pb.ListToolsRequest().SerializeToString(), timeout=5.0)
+        except grpc.aio.AioRpcError:
+            return None
+        names = {tool.name for tool in pb.ListToolsResponse.FromString(raw).tools}
+        self._pool_tools = (time.monotonic(), names)
+        return names
 
     async def _ping(
         self, request: pb.PingRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ..errors import FailedPrecondition, NotFound
@@ -21,8 +21,10 @@ from ..store.base import SessionStore, Variable
 
 T = TypeVar("T")
 _MISSING: Any = object()
+_NO_ROUTER = "this worker has no router address, so tools cannot call tools"
 
 ToolCaller = Callable[[str, dict[str, Any], str, float | None], Awaitable[Any]]
+ToolStreamer = Callable[[str, dict[str, Any], str, float | None], AsyncIterator[Any]]
 
 
 class SessionContext:
@@ -35,6 +37,7 @@ class SessionContext:
         store: SessionStore | None,
         loop: asyncio.AbstractEventLoop,
         tool_caller: ToolCaller | None = None,
+        tool_streamer: ToolStreamer | None = None,
         deadline: float | None = None,
         cache_ttl: float = 5.0,
     ) -> None:
@@ -46,6 +49,7 @@ class SessionContext:
         self._store = store
         self._loop = loop
         self._tool_caller = tool_caller
+        self._tool_streamer = tool_streamer
         self._cache: dict[str, tuple[float, Variable]] = {}
         self.cancelled = False
 
@@ -156,12 +160,23 @@ class SessionContext:
         return self._remember(await store.increment(sid, name, by)).value
 
     async def acall_tool(self, name: str, /, **arguments: Any) -> Any:
-        """Call another tool of the pool through the router, in this session, within this deadline."""
+        """Call another tool through the router, in this session, within this deadline.
+
+        The tool is the pool's, or else one hosted by the application that owns the session
+        (``client.register_tool``).
+        """
         if self._tool_caller is None:
-            raise FailedPrecondition(
-                "this worker has no router address, so tools cannot call tools"
-            )
+            raise FailedPrecondition(_NO_ROUTER)
         return await self._tool_caller(name, arguments, self.session_id, self.time_remaining())
+
+    async def astream_tool(self, name: str, /, **arguments: Any) -> AsyncIterator[Any]:
+        """``acall_tool`` for a streaming tool: its items, as they come."""
+        if self._tool_streamer is None:
+            raise FailedPrecondition(_NO_ROUTER)
+        async for item in self._tool_streamer(
+            name, arguments, self.session_id, self.time_remaining()
+        ):
+            yield item
 
     # Sync API (for sync tools running in worker threads) --------------------------------------
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:

@@ -310,19 +310,37 @@ class WorkerServer:
             store=self.store,
             loop=asyncio.get_running_loop(),
             tool_caller=self._call_tool if self.config.router_address else None,
+            tool_streamer=self._stream_tool if self.config.router_address else None,
             deadline=None if remaining is None else time.monotonic() + remaining,
         )
 
-    async def _call_tool(
-        self, name: str, arguments: dict[str, Any], session_id: str, timeout: float | None
-    ) -> Any:
+    def _router(self) -> Any:
         if self._router_client is None:
             from ..client import AsyncClient
 
             self._router_client = AsyncClient(self.config.router_address)
-        return await self._router_client.call_tool(
-            name, arguments, session_id=session_id, timeout=timeout
+        return self._router_client
+
+    async def _call_tool(
+        self, name: str, arguments: dict[str, Any], session_id: str, timeout: float | None
+    ) -> Any:
+        """A pool tool through the router, or else a tool hosted by the session's caller."""
+        from ..client import ops
+
+        hosted = name not in self.tools
+        return await self._router()._send(
+            ops.execute(name, arguments, session_id, hosted=hosted), timeout
         )
+
+    def _stream_tool(
+        self, name: str, arguments: dict[str, Any], session_id: str, timeout: float | None
+    ) -> AsyncIterator[Any]:
+        from ..client import ops
+
+        hosted = name not in self.tools
+        op = ops.stream(name, arguments, session_id, hosted=hosted)
+        stream: AsyncIterator[Any] = self._router()._stream(op, timeout)
+        return stream
 
     @contextlib.asynccontextmanager
     async def _serving(self, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[_Call]:

@@ -1094,11 +1094,14 @@ class ToolSpec(_message.Message):
     PARAMETERS_FIELD_NUMBER: _builtins.int
     STREAMING_FIELD_NUMBER: _builtins.int
     USES_CONTEXT_FIELD_NUMBER: _builtins.int
+    CALLER_HOSTED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
     streaming: _builtins.bool
     uses_context: _builtins.bool
     """The tool takes a SessionContext (it may read session variables or call other tools)."""
+    caller_hosted: _builtins.bool
+    """Hosted by a caller (an application on a RegisterTool stream), not by the pool's workers."""
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterSpec]: ...
     def __init__(
@@ -1109,10 +1112,11 @@ class ToolSpec(_message.Message):
         parameters: _abc.Iterable[Global___ParameterSpec] | None = ...,
         streaming: _builtins.bool = ...,
         uses_context: _builtins.bool = ...,
+        caller_hosted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters", b"parameters", "streaming", b"streaming", "uses_context", b"uses_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller_hosted", b"caller_hosted", "description", b"description", "name", b"name", "parameters", b"parameters", "streaming", b"streaming", "uses_context", b"uses_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1122,12 +1126,17 @@ Global___ToolSpec: _TypeAlias = ToolSpec  # noqa: Y015
 class ListToolsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """With a session, the tools hosted for it by its caller are listed too."""
     def __init__(
         self,
+        *,
+        session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1275,6 +1284,284 @@ class ToolChunk(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ToolChunk: _TypeAlias = ToolChunk  # noqa: Y015
+
+@_typing.final
+class ToolHostMessage(_message.Message):
+    """---------------------------------------------------------------------------------------------
+    Caller-hosted tools (the RegisterTool stream)
+
+    Host -> router.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGISTER_FIELD_NUMBER: _builtins.int
+    UNREGISTER_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    REPLY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def register(self) -> Global___ToolRegistration: ...
+    @_builtins.property
+    def unregister(self) -> Global___ToolUnregistration: ...
+    @_builtins.property
+    def sessions(self) -> Global___HostSessions: ...
+    @_builtins.property
+    def reply(self) -> Global___HostReply: ...
+    def __init__(
+        self,
+        *,
+        register: Global___ToolRegistration | None = ...,
+        unregister: Global___ToolUnregistration | None = ...,
+        sessions: Global___HostSessions | None = ...,
+        reply: Global___HostReply | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "register", b"register", "reply", b"reply", "sessions", b"sessions", "unregister", b"unregister"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "register", b"register", "reply", b"reply", "sessions", b"sessions", "unregister", b"unregister"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["register", "unregister", "sessions", "reply"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___ToolHostMessage: _TypeAlias = ToolHostMessage  # noqa: Y015
+
+@_typing.final
+class ToolRegistration(_message.Message):
+    """RegisterTool: offer a tool; answered by a HostAck with the same request_id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    max_concurrency: _builtins.int
+    """Calls of this tool the host runs at once; more wait at the router within their deadline."""
+    @_builtins.property
+    def spec(self) -> Global___ToolSpec: ...
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        spec: Global___ToolSpec | None = ...,
+        max_concurrency: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_concurrency", b"max_concurrency", "request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolRegistration: _TypeAlias = ToolRegistration  # noqa: Y015
+
+@_typing.final
+class ToolUnregistration(_message.Message):
+    """UnregisterTool: withdraw a tool; answered by a HostAck with the same request_id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolUnregistration: _TypeAlias = ToolUnregistration  # noqa: Y015
+
+@_typing.final
+class HostSessions(_message.Message):
+    """The sessions whose tool calls may reach this host's tools (its own sessions); answered by a
+    HostAck with the same request_id once the router routes them here.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ADD_FIELD_NUMBER: _builtins.int
+    REMOVE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    @_builtins.property
+    def add(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def remove(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        add: _abc.Iterable[_builtins.str] | None = ...,
+        remove: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add", b"add", "remove", b"remove", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HostSessions: _TypeAlias = HostSessions  # noqa: Y015
+
+@_typing.final
+class HostReply(_message.Message):
+    """The answer to one HostCall: a result, stream items then `end`, or an error."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.str
+    result: _builtins.bytes
+    """a serialised ExecuteToolResponse"""
+    chunk: _builtins.bytes
+    """a serialised ToolChunk"""
+    end: _builtins.bool
+    @_builtins.property
+    def error(self) -> Global___HostError: ...
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.str = ...,
+        result: _builtins.bytes = ...,
+        chunk: _builtins.bytes = ...,
+        end: _builtins.bool = ...,
+        error: Global___HostError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "end", b"end", "error", b"error", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "call_id", b"call_id", "chunk", b"chunk", "end", b"end", "error", b"error", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["result", "chunk", "end", "error"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___HostReply: _TypeAlias = HostReply  # noqa: Y015
+
+@_typing.final
+class HostError(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """a grpc status code"""
+    @_builtins.property
+    def detail(self) -> Global___ErrorDetail: ...
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        detail: Global___ErrorDetail | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "detail", b"detail"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HostError: _TypeAlias = HostError  # noqa: Y015
+
+@_typing.final
+class ToolHostEvent(_message.Message):
+    """Router -> host."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACK_FIELD_NUMBER: _builtins.int
+    CALL_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    cancel: _builtins.str
+    """the call_id of a call whose caller is gone (deadline or cancellation)"""
+    @_builtins.property
+    def ack(self) -> Global___HostAck: ...
+    @_builtins.property
+    def call(self) -> Global___HostCall: ...
+    def __init__(
+        self,
+        *,
+        ack: Global___HostAck | None = ...,
+        call: Global___HostCall | None = ...,
+        cancel: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call", b"call", "cancel", b"cancel", "kind", b"kind"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call", b"call", "cancel", b"cancel", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["ack", "call", "cancel"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___ToolHostEvent: _TypeAlias = ToolHostEvent  # noqa: Y015
+
+@_typing.final
+class HostAck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    code: _builtins.int
+    """0: done; else a grpc status code, with `message`"""
+    message: _builtins.str
+    host_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        host_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "host_id", b"host_id", "message", b"message", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HostAck: _TypeAlias = HostAck  # noqa: Y015
+
+@_typing.final
+class HostCall(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    STREAMING_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.str
+    request: _builtins.bytes
+    """a serialised ExecuteToolRequest, as the calling tool sent it"""
+    timeout_seconds: _builtins.float
+    """0: no deadline"""
+    streaming: _builtins.bool
+    """answer with chunks and `end` (else one result)"""
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.str = ...,
+        request: _builtins.bytes = ...,
+        timeout_seconds: _builtins.float = ...,
+        streaming: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "request", b"request", "streaming", b"streaming", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HostCall: _TypeAlias = HostCall  # noqa: Y015
 
 @_typing.final
 class GetPoolStatusRequest(_message.Message):

@@ -124,6 +124,21 @@ class BridgeServiceStub:
                 request_serializer=snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ExecuteToolRequest.SerializeToString,
                 response_deserializer=snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ToolChunk.FromString,
                 _registered_method=True)
+        self.RegisterTool = channel.stream_stream(
+                '/snakepit.bridge.v1.BridgeService/RegisterTool',
+                request_serializer=snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ToolHostMessage.SerializeToString,
+                response_deserializer=snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ToolHostEvent.FromString,
+                _registered_method=True)
+        self.ExecuteHostedTool = channel.unary_unary(
+                '/snakepit.bridge.v1.BridgeService/ExecuteHostedTool',
+                request_serializer=snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ExecuteToolRequest.SerializeToString,
+                response_deserializer=snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ExecuteToolResponse.FromString,
+                _registered_method=True)
+        self.ExecuteHostedStreamingTool = channel.unary_stream(
+                '/snakepit.bridge.v1.BridgeService/ExecuteHostedStreamingTool',
+                request_serializer=snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ExecuteToolRequest.SerializeToString,
+                response_deserializer=snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ToolChunk.FromString,
+                _registered_method=True)
         self.GetPoolStatus = channel.unary_unary(
                 '/snakepit.bridge.v1.BridgeService/GetPoolStatus',
                 request_serializer=snakepit_dot_bridge_dot_v1_dot_bridge__pb2.GetPoolStatusRequest.SerializeToString,
@@ -250,6 +265,30 @@ class BridgeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterTool(self, request_iterator, context):
+        """Tools hosted by callers. An application keeps one RegisterTool stream open to a router for as
+        long as it hosts tools: on it, it registers and unregisters tools, names the sessions it
+        serves, and answers the calls the router sends it (no inbound port on the application). A
+        tool running in one of those sessions reaches them with ExecuteHostedTool (ctx.call_tool does
+        it), which the router process serves: it runs the call on the host's stream, or forwards it
+        to the router replica that holds that stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExecuteHostedTool(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExecuteHostedStreamingTool(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetPoolStatus(self, request, context):
         """The pool as the router sees it.
         """
@@ -353,6 +392,21 @@ def add_BridgeServiceServicer_to_server(servicer, server):
             ),
             'ExecuteStreamingTool': grpc.unary_stream_rpc_method_handler(
                     servicer.ExecuteStreamingTool,
+                    request_deserializer=snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ExecuteToolRequest.FromString,
+                    response_serializer=snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ToolChunk.SerializeToString,
+            ),
+            'RegisterTool': grpc.stream_stream_rpc_method_handler(
+                    servicer.RegisterTool,
+                    request_deserializer=snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ToolHostMessage.FromString,
+                    response_serializer=snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ToolHostEvent.SerializeToString,
+            ),
+            'ExecuteHostedTool': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExecuteHostedTool,
+                    request_deserializer=snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ExecuteToolRequest.FromString,
+                    response_serializer=snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ExecuteToolResponse.SerializeToString,
+            ),
+            'ExecuteHostedStreamingTool': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExecuteHostedStreamingTool,
                     request_deserializer=snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ExecuteToolRequest.FromString,
                     response_serializer=snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ToolChunk.SerializeToString,
             ),
@@ -851,6 +905,87 @@ class BridgeService:
             request,
             target,
             '/snakepit.bridge.v1.BridgeService/ExecuteStreamingTool',
+            snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ExecuteToolRequest.SerializeToString,
+            snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ToolChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterTool(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/snakepit.bridge.v1.BridgeService/RegisterTool',
+            snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ToolHostMessage.SerializeToString,
+            snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ToolHostEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteHostedTool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snakepit.bridge.v1.BridgeService/ExecuteHostedTool',
+            snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ExecuteToolRequest.SerializeToString,
+            snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ExecuteToolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteHostedStreamingTool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/snakepit.bridge.v1.BridgeService/ExecuteHostedStreamingTool',
             snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ExecuteToolRequest.SerializeToString,
             snakepit_dot_bridge_dot_v1_dot_bridge__pb2.ToolChunk.FromString,
             options,

@@ -64,6 +64,16 @@ class BridgeServiceStub:
     """Tools: served by workers, forwarded byte for byte by the router."""
     ExecuteTool: _grpc.UnaryUnaryMultiCallable[_bridge_pb2.ExecuteToolRequest, _bridge_pb2.ExecuteToolResponse]
     ExecuteStreamingTool: _grpc.UnaryStreamMultiCallable[_bridge_pb2.ExecuteToolRequest, _bridge_pb2.ToolChunk]
+    RegisterTool: _grpc.StreamStreamMultiCallable[_bridge_pb2.ToolHostMessage, _bridge_pb2.ToolHostEvent]
+    """Tools hosted by callers. An application keeps one RegisterTool stream open to a router for as
+    long as it hosts tools: on it, it registers and unregisters tools, names the sessions it
+    serves, and answers the calls the router sends it (no inbound port on the application). A
+    tool running in one of those sessions reaches them with ExecuteHostedTool (ctx.call_tool does
+    it), which the router process serves: it runs the call on the host's stream, or forwards it
+    to the router replica that holds that stream.
+    """
+    ExecuteHostedTool: _grpc.UnaryUnaryMultiCallable[_bridge_pb2.ExecuteToolRequest, _bridge_pb2.ExecuteToolResponse]
+    ExecuteHostedStreamingTool: _grpc.UnaryStreamMultiCallable[_bridge_pb2.ExecuteToolRequest, _bridge_pb2.ToolChunk]
     GetPoolStatus: _grpc.UnaryUnaryMultiCallable[_bridge_pb2.GetPoolStatusRequest, _bridge_pb2.PoolStatus]
     """The pool as the router sees it."""
     GetRoutingTable: _grpc.UnaryUnaryMultiCallable[_bridge_pb2.GetRoutingTableRequest, _bridge_pb2.RoutingTable]
@@ -92,6 +102,16 @@ class BridgeServiceAsyncStub(BridgeServiceStub):
     """Tools: served by workers, forwarded byte for byte by the router."""
     ExecuteTool: _aio.UnaryUnaryMultiCallable[_bridge_pb2.ExecuteToolRequest, _bridge_pb2.ExecuteToolResponse]  # type: ignore[assignment]
     ExecuteStreamingTool: _aio.UnaryStreamMultiCallable[_bridge_pb2.ExecuteToolRequest, _bridge_pb2.ToolChunk]  # type: ignore[assignment]
+    RegisterTool: _aio.StreamStreamMultiCallable[_bridge_pb2.ToolHostMessage, _bridge_pb2.ToolHostEvent]  # type: ignore[assignment]
+    """Tools hosted by callers. An application keeps one RegisterTool stream open to a router for as
+    long as it hosts tools: on it, it registers and unregisters tools, names the sessions it
+    serves, and answers the calls the router sends it (no inbound port on the application). A
+    tool running in one of those sessions reaches them with ExecuteHostedTool (ctx.call_tool does
+    it), which the router process serves: it runs the call on the host's stream, or forwards it
+    to the router replica that holds that stream.
+    """
+    ExecuteHostedTool: _aio.UnaryUnaryMultiCallable[_bridge_pb2.ExecuteToolRequest, _bridge_pb2.ExecuteToolResponse]  # type: ignore[assignment]
+    ExecuteHostedStreamingTool: _aio.UnaryStreamMultiCallable[_bridge_pb2.ExecuteToolRequest, _bridge_pb2.ToolChunk]  # type: ignore[assignment]
     GetPoolStatus: _aio.UnaryUnaryMultiCallable[_bridge_pb2.GetPoolStatusRequest, _bridge_pb2.PoolStatus]  # type: ignore[assignment]
     """The pool as the router sees it."""
     GetRoutingTable: _aio.UnaryUnaryMultiCallable[_bridge_pb2.GetRoutingTableRequest, _bridge_pb2.RoutingTable]  # type: ignore[assignment]
@@ -221,6 +241,34 @@ class BridgeServiceServicer(metaclass=_abc_1.ABCMeta):
 
     @_abc_1.abstractmethod
     def ExecuteStreamingTool(
+        self,
+        request: _bridge_pb2.ExecuteToolRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_bridge_pb2.ToolChunk], _abc.AsyncIterator[_bridge_pb2.ToolChunk]]: ...
+
+    @_abc_1.abstractmethod
+    def RegisterTool(
+        self,
+        request_iterator: _MaybeAsyncIterator[_bridge_pb2.ToolHostMessage],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_bridge_pb2.ToolHostEvent], _abc.AsyncIterator[_bridge_pb2.ToolHostEvent]]:
+        """Tools hosted by callers. An application keeps one RegisterTool stream open to a router for as
+        long as it hosts tools: on it, it registers and unregisters tools, names the sessions it
+        serves, and answers the calls the router sends it (no inbound port on the application). A
+        tool running in one of those sessions reaches them with ExecuteHostedTool (ctx.call_tool does
+        it), which the router process serves: it runs the call on the host's stream, or forwards it
+        to the router replica that holds that stream.
+        """
+
+    @_abc_1.abstractmethod
+    def ExecuteHostedTool(
+        self,
+        request: _bridge_pb2.ExecuteToolRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bridge_pb2.ExecuteToolResponse, _abc.Awaitable[_bridge_pb2.ExecuteToolResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ExecuteHostedStreamingTool(
         self,
         request: _bridge_pb2.ExecuteToolRequest,
         context: _ServicerContext,

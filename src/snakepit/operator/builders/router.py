@@ -68,6 +68,8 @@ def build_router_deployment(
         "env": [
             field_env("POD_NAME", "metadata.name"),
             field_env("POD_NAMESPACE", "metadata.namespace"),
+            # Other replicas forward hosted-tool calls to this pod's address (docs/architecture.md).
+            field_env("POD_IP", "status.podIP"),
             {"name": "SNAKEPIT_STORE_URL", "value": wiring.url},
             *store_password_env(wiring),
         ],
