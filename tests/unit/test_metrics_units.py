@@ -1,0 +1,35 @@
+"""The metric helpers that keep label sets bounded and read the tool name off the wire."""
+
+from __future__ import annotations
+
+from snakepit.metrics import BoundedLabels, tool_name_of
+from snakepit.protocol import pb
+from snakepit.protocol.messages import encode_request
+
+
+def test_tool_name_read_from_a_real_request_without_parsing_it() -> None:
+    raw = encode_request("tensor_scale", {"x": list(range(1000)), "factor": 2}, session_id="s")
+    assert tool_name_of(raw) == "tensor_scale"
+    assert tool_name_of(pb.ExecuteToolRequest(tool_name="é" * 100).SerializeToString()) == "é" * 100
+
+
+def test_tool_name_of_garbage_is_empty() -> None:
+    assert tool_name_of(b"") == ""
+    assert tool_name_of(b"\x0a\xff\xff\xff\xff\x0f") == ""  # length past the end
+    assert tool_name_of(pb.ExecuteToolRequest(session_id="s").SerializeToString()) == ""
+
+
+def test_bounded_labels_cap_distinct_values() -> None:
+    labels = BoundedLabels(limit=2)
+    assert [labels(v) for v in ("a", "b", "c", "a", "")] == ["a", "b", "other", "a", "unknown"]
+
+
+def test_tracing_is_on_only_when_the_otel_environment_names_an_endpoint() -> None:
+    from snakepit.tracing import configured
+
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}
+    assert not configured({})
+    assert configured(endpoint)
+    assert configured({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4317"})
+    assert not configured({**endpoint, "OTEL_SDK_DISABLED": "true"})
+    assert not configured({**endpoint, "OTEL_TRACES_EXPORTER": "none"})
