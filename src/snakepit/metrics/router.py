@@ -83,6 +83,7 @@ class RouterMetrics:
         zero(self.retries, ("RESOURCE_EXHAUSTED", "UNAVAILABLE"))
         self.sessions = -1.0  # set by the router's refresher; -1 until the store answered
         self._workers: dict[str, Any] = {}
+        self._bytes: dict[str, tuple[Any, Any]] = {}  # method -> (received, sent) children
 
     def bind(self, pool: WorkerPool) -> None:
         """Report ``pool``'s live state (in flight, queue, workers) at every scrape."""
@@ -93,9 +94,15 @@ class RouterMetrics:
         self, method: str, raw: bytes, code: str, started: float, sent_bytes: int
     ) -> None:
         self.tool_calls.record(tool_name_of(raw), code, started)
-        self.received.labels(method).inc(len(raw))
+        counters = self._bytes.get(method)
+        if counters is None:
+            counters = self._bytes[method] = (
+                self.received.labels(method),
+                self.sent.labels(method),
+            )
+        counters[0].inc(len(raw))
         if sent_bytes:
-            self.sent.labels(method).inc(sent_bytes)
+            counters[1].inc(sent_bytes)
 
     def attempt_done(self, worker_id: str, started: float) -> None:
         child = self._workers.get(worker_id)
