@@ -101,6 +101,8 @@ class CallObserver(NullObserver):
         self._attempt_started = time.perf_counter()
         if self.span is None:
             return forwarded
+        if not self.span.is_recording():  # not sampled: pass the decision on, record nothing
+            return tracing.replace_context(forwarded, self.span)
         from opentelemetry.trace import SpanKind
 
         self._attempt = self._child(
@@ -119,7 +121,7 @@ class CallObserver(NullObserver):
     def waited(self, started: float) -> None:
         if self.metrics is not None:
             self.metrics.waited(started)
-        if self.span is not None:
+        if self.span is not None and self.span.is_recording():
             now = time.time_ns()
             waited_ns = int((time.perf_counter() - started) * 1e9)
             self._child("queue wait", start_time=now - waited_ns).end(end_time=now)
