@@ -172,3 +172,10 @@ def end_server(started: Any, code: str, name: str, attributes: dict[str, Any]) -
     span.update_name(name)
     span.set_attributes(attributes)
     end(span, code)
+
+
+def recording() -> bool:
+    """Whether the current span records (a sampled call): child spans are worth making."""
+    from opentelemetry import trace
+
+    return bool(trace.get_current_span().is_recording())

@@ -158,7 +158,7 @@ def _timed(
 ) -> Callable[..., Awaitable[Any]]:
     @functools.wraps(fn)
     async def timed(*args: Any, **kwargs: Any) -> Any:
-        span = contextlib.nullcontext() if tracer is None else _store_span(tracer, op)
+        span = _store_span(tracer, op) if tracer is not None else contextlib.nullcontext()
         started = time.perf_counter()
         try:
             with span:
@@ -176,6 +176,11 @@ def _timed(
 
 def _store_span(tracer: Any, op: str) -> Any:
     from opentelemetry.trace import SpanKind
+
+    from .. import tracing
+
+    if not tracing.recording():  # inside an unsampled call: nothing to record
+        return contextlib.nullcontext()
 
     return tracer.start_as_current_span(
         f"store {op}", kind=SpanKind.CLIENT, attributes={"db.operation.name": op}

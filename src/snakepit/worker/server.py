@@ -403,7 +403,7 @@ class WorkerServer:
 
     def _tool_span(self, tool: ToolDef) -> Any:
         """A span around the tool itself; adapters' own spans nest under it."""
-        if self.tracer is None:
+        if self.tracer is None or not tracing.recording():
             return contextlib.nullcontext()
         return self.tracer.start_as_current_span(f"tool {tool.name}")
 
