@@ -33,3 +33,28 @@ def test_tracing_is_on_only_when_the_otel_environment_names_an_endpoint() -> Non
     assert configured({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4317"})
     assert not configured({**endpoint, "OTEL_SDK_DISABLED": "true"})
     assert not configured({**endpoint, "OTEL_TRACES_EXPORTER": "none"})
+
+
+def test_an_unsampled_caller_gets_no_spans_only_its_decision_passed_on() -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from snakepit import tracing
+
+    tracer = TracerProvider().get_tracer("test")  # samples everything it decides itself
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"  # flags 00: not sampled
+    started = tracing.start_server(tracer, "worker", [("traceparent", parent)], {})
+    try:
+        assert started[0] is None
+        assert dict(tracing.inject())["traceparent"] == parent  # nested calls carry it on
+    finally:
+        tracing.end_server(started, "OK", "worker add", {})
+    sampled = parent[:-2] + "01"
+    started = tracing.start_server(tracer, "worker", [("traceparent", sampled)], {})
+    try:
+        span = started[0]
+        assert span is not None and span.is_recording()
+        assert format(span.get_span_context().trace_id, "032x") == parent.split("-")[1]
+        assert trace.get_current_span() is span
+    finally:
+        tracing.end_server(started, "OK", "worker add", {})

@@ -79,9 +79,13 @@ class CallObserver(NullObserver):
         if tracer is not None:
             from opentelemetry.trace import SpanKind
 
+            parent = tracing.extract(metadata)
+            self.span = tracing.unsampled(parent)  # then no span of ours: pass the decision on
+            if self.span is not None:
+                return
             self.span = tracer.start_span(
                 f"router {method}",
-                context=tracing.extract(metadata),
+                context=parent,
                 kind=SpanKind.SERVER,
                 attributes={
                     "rpc.system": "grpc",
