@@ -4,5 +4,7 @@ pytest_plugins = [
     "tests.fixtures.processes",
     "tests.fixtures.redis",
     "tests.fixtures.kube",
+    "tests.fixtures.prometheus",
+    "tests.fixtures.jaeger",
     "tests.e2e.report",
 ]

@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -66,6 +67,15 @@ def _pool_config(args: argparse.Namespace) -> Any:
     )
 
 
+def _metrics_option(parser: argparse.ArgumentParser, default: int | None, text: str) -> None:
+    """``--metrics-port P``: serve Prometheus metrics at http://HOST:P/metrics (0: any port)."""
+    _add(parser, "--metrics-port", default, _port_or_none, help=text)
+
+
+def _port_or_none(raw: str) -> int | None:
+    return None if raw.lower() in ("", "none", "off") else int(raw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="snakepit",
@@ -92,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="session store: memory or redis://[:password@]host:port/db",
     )
     _pool_options(serve)
+    _metrics_option(serve, None, "router's Prometheus metrics port (default: none served)")
     serve.add_argument("--verbose", action="store_true", help="show the workers' JSON logs")
 
     worker = sub.add_parser("worker", help="run one worker process (what worker pods run)")
@@ -146,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="calls that may wait for a slot beyond --concurrency (default 4x the concurrency)",
     )
     _add(worker, "--backlog-timeout", 30.0, float, help="seconds a call may wait in the backlog")
+    _metrics_option(worker, None, "Prometheus metrics port (default: none served)")
 
     router = sub.add_parser("router", help="run the router (what router pods run)")
     _add(router, "--host", "0.0.0.0")
@@ -175,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="HOST:PORT other routers forward hosted-tool calls to (default $POD_IP:PORT)",
     )
     _pool_options(router)
+    _metrics_option(router, None, "Prometheus metrics port (default: none served)")
 
     operator = sub.add_parser("operator", help="run the Kubernetes operator")
     operator.add_argument(
@@ -182,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     operator.add_argument("--all-namespaces", action="store_true", help="watch every namespace")
     _add(operator, "--liveness-port", 8080, int)
+    _metrics_option(operator, None, "Prometheus metrics port (default: none served)")
 
     call = sub.add_parser("call", help="call a tool and print its result as JSON")
     call.add_argument("tool")
@@ -201,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the pool's workers, queue and totals")
     _add(status, "--target", DEFAULT_TARGET)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="redraw the table every SECONDS (default 2) until Ctrl-C",
+    )
     return parser
 
 
@@ -265,16 +288,34 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from .errors import SnakepitError
 
     with Client(args.target, timeout=10) as client:
-        try:
-            status = client.status()
-        except SnakepitError as exc:
-            print(f"error: {exc.code.name}: {exc}", file=sys.stderr)
-            return 1
-    if args.json:
-        print(json.dumps(status, indent=2))
-        return 0
-    print(format_status(status))
-    return 0
+        while True:
+            try:
+                status = client.status()
+            except SnakepitError as exc:
+                print(f"error: {exc.code.name}: {exc}", file=sys.stderr)
+                if args.watch is None:
+                    return 1
+                status = None
+            if args.watch is None:
+                assert status is not None
+                print(json.dumps(status, indent=2) if args.json else format_status(status))
+                return 0
+            _redraw(status, args)
+            try:
+                time.sleep(args.watch)
+            except KeyboardInterrupt:
+                return 0
+
+
+def _redraw(status: dict[str, Any] | None, args: argparse.Namespace) -> None:
+    """One frame of ``status --watch``: the screen cleared (on a terminal), then the table."""
+    if sys.stdout.isatty():
+        sys.stdout.write("\x1b[H\x1b[2J")
+    stamp = time.strftime("%H:%M:%S")
+    body = "(no answer)" if status is None else format_status(status)
+    if args.json and status is not None:
+        body = json.dumps(status)
+    print(f"{args.target}  every {args.watch:g}s  {stamp}\n{body}", flush=True)
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -288,13 +329,17 @@ def format_status(status: dict[str, Any]) -> str:
         f"{status['latency_p50_ms']:.2f} ms  p90 {status['latency_p90_ms']:.2f} ms  "
         f"p99 {status['latency_p99_ms']:.2f} ms",
         "",
-        f"{'WORKER':<24} {'ADDRESS':<22} {'STATE':<12} {'IN FLIGHT':>9} {'SERVED':>8} {'FAILED':>7}",
+        f"{'WORKER':<24} {'ADDRESS':<22} {'STATE':<12} {'IN FLIGHT':>9} {'SERVED':>8} {'FAILED':>7}"
+        f"  METRICS",
     ]
     for w in status["workers"]:
         lines.append(
             f"{w['worker_id']:<24} {w['address']:<22} {w['state']:<12} "
             f"{w['in_flight']:>4}/{w['capacity']:<4} {w['served']:>8} {w['failed']:>7}"
+            f"  {w.get('metrics_address') or '-'}"
         )
+    if status.get("metrics_address"):
+        lines.insert(3, f"metrics http://{status['metrics_address']}/metrics")
     return "\n".join(lines)
 
 
@@ -312,6 +357,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         pool=_pool_config(args),
         max_message_mb=args.max_message_mb,
         quiet=not args.verbose,
+        metrics_port=args.metrics_port,
     )
     return asyncio.run(run(config))
 
@@ -338,6 +384,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         backlog=args.backlog,
         backlog_timeout=args.backlog_timeout,
         session_ttl=args.session_ttl,
+        metrics_port=args.metrics_port,
     )
     return asyncio.run(serve(config))
 
@@ -359,6 +406,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
         max_message_mb=args.max_message_mb,
         max_connection_age=args.max_connection_age,
         advertise_address=args.advertise_address,
+        metrics_port=args.metrics_port,
     )
     return asyncio.run(serve(config, shutdown_delay=args.shutdown_delay))
 
@@ -370,6 +418,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         namespaces=args.namespace or [],
         all_namespaces=args.all_namespaces,
         liveness_port=args.liveness_port,
+        metrics_port=args.metrics_port,
     )
 
 

@@ -9,6 +9,8 @@ import os
 import sys
 from typing import Any
 
+from . import tracing
+
 correlation_id: contextvars.ContextVar[str] = contextvars.ContextVar("correlation_id", default="")
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
@@ -32,6 +34,9 @@ class JsonFormatter(logging.Formatter):
         cid = correlation_id.get()
         if cid:
             entry["correlation_id"] = cid
+        tid = tracing.trace_id()
+        if tid:
+            entry["trace_id"] = tid
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value

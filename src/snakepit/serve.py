@@ -14,13 +14,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import logs
+from . import logs, tracing
 from .grpc_options import DEFAULT_MAX_MESSAGE_MB
 from .router.discovery import StaticDiscovery
 from .router.pool import PoolConfig
 from .router.server import RouterConfig, RouterServer
 from .store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL
-from .supervisor import RestartPolicy, WorkerSlot
+from .supervisor import RestartPolicy, WorkerSlot, free_port
 from .worker.server import DEFAULT_ADAPTER
 
 log = logging.getLogger("snakepit.serve")
@@ -42,6 +42,9 @@ class ServeConfig:
     drain_timeout: float = 10.0
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     quiet: bool = False
+    # The router's Prometheus port (0: any free port); workers then serve theirs on free ports,
+    # listed by `snakepit status`. None: no metrics at all.
+    metrics_port: int | None = None
 
 
 class LocalPool:
@@ -57,6 +60,7 @@ class LocalPool:
                 max_sessions=config.max_sessions,
                 pool=config.pool,
                 max_message_mb=config.max_message_mb,
+                metrics_port=config.metrics_port,
             ),
             discovery=StaticDiscovery([]),
         )
@@ -75,8 +79,17 @@ class LocalPool:
             "--router", f"127.0.0.1:{router_port}",
             "--max-message-mb", str(config.max_message_mb),
             "--session-ttl", str(config.session_ttl),
+            *self._metrics_argv(slot_id),
             *config.worker_args,
         ]  # fmt: skip
+
+    def _metrics_argv(self, slot_id: str) -> list[str]:
+        """A worker's ``--metrics-port`` (a free port, published in the pool status), if any."""
+        if self.config.metrics_port is None:
+            return []
+        port = free_port()
+        self.router.worker_metrics[slot_id] = f"127.0.0.1:{port}"
+        return ["--metrics-port", str(port)]
 
     def _publish(self, _slot: WorkerSlot | None = None) -> None:
         self.router.pool.set_workers({s.worker_id: s.address for s in self.slots})
@@ -138,6 +151,7 @@ def _progress(line: str, *, done: bool) -> None:
 
 async def run(config: ServeConfig) -> int:
     logs.setup("serve", "serve", level="warning")
+    tracing.setup("snakepit-router")  # the workers, children with this environment, do the same
     pool = LocalPool(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -157,7 +171,14 @@ async def run(config: ServeConfig) -> int:
     target = f"{'localhost' if config.host in ('127.0.0.1', '0.0.0.0') else config.host}:{pool.router.port}"
     hint = "" if pool.router.port == 50051 else f" --target {target}"
     print(f"snakepit: pool ready at {target} - try: snakepit call add a=1 b=2{hint}", flush=True)
+    if pool.router.metrics_server is not None:
+        host = target.rsplit(":", 1)[0]
+        print(
+            f"snakepit: metrics at http://{host}:{pool.router.metrics_server.port}/metrics",
+            flush=True,
+        )
     await stop.wait()
     print("snakepit: stopping", file=sys.stderr, flush=True)
     await pool.stop()
+    tracing.shutdown()
     return 0

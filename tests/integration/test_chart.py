@@ -6,6 +6,7 @@ kube-apiserver (the same one the operator tests use).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from snakepit.metrics.dashboard import dashboard
 from snakepit.operator.handlers import CHILD_RESOURCES
 from tests.integration.test_operator_kube import (
     CHART,
@@ -119,7 +121,12 @@ def test_operator_deployment_is_one_recreated_hardened_replica_with_liveness() -
     (container,) = pod["containers"]
     assert container["image"] == "snakepit/operator:dev"
     assert container["imagePullPolicy"] == "IfNotPresent"
-    assert container["args"] == ["operator", "--liveness-port=8080", "--namespace=ml"]
+    assert container["args"] == [
+        "operator",
+        "--liveness-port=8080",
+        "--metrics-port=9090",
+        "--namespace=ml",
+    ]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
     assert {"name": "liveness", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
     env = {e["name"]: e.get("value") for e in container["env"]}
@@ -129,6 +136,38 @@ def test_operator_deployment_is_one_recreated_hardened_replica_with_liveness() -
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_operator_metrics_port_and_scrape_annotations() -> None:
+    (deployment,) = of_kind(docs(), "Deployment")
+    template = deployment["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in container["ports"]
+    assert template["metadata"]["annotations"]["prometheus.io/port"] == "9090"
+    (off,) = of_kind(docs("--set", "metrics.port=0"), "Deployment")
+    (container,) = off["spec"]["template"]["spec"]["containers"]
+    assert not [a for a in container["args"] if a.startswith("--metrics-port")]
+    assert "annotations" not in off["spec"]["template"]["metadata"]
+
+
+def test_dashboard_configmap_carries_the_generated_dashboard() -> None:
+    (configmap,) = of_kind(docs(), "ConfigMap")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads(configmap["data"]["snakepit.json"])
+    assert shipped == json.loads(json.dumps(dashboard()))
+    assert not of_kind(docs("--set", "grafanaDashboard.enabled=false"), "ConfigMap")
+
+
+def test_pod_monitors_only_where_the_prometheus_operator_is_installed() -> None:
+    assert not of_kind(docs(), "PodMonitor")
+    monitors = of_kind(docs("--api-versions", "monitoring.coreos.com/v1/PodMonitor"), "PodMonitor")
+    pools, operator = sorted(monitors, key=lambda m: m["metadata"]["name"])[::-1]
+    assert pools["spec"]["selector"]["matchLabels"] == {"snakepit.dev/metrics": "true"}
+    assert pools["spec"]["namespaceSelector"] == {"any": True}
+    (endpoint,) = pools["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics"
+    assert {r["targetLabel"] for r in endpoint["relabelings"]} == {"pool", "component"}
+    assert operator["metadata"]["name"].endswith("-operator")
 
 
 def test_watch_modes_choose_the_rbac_scope() -> None:

@@ -180,6 +180,7 @@ class OperatorEnv:
     sa_kubeconfig: Path
     log_path: Path
     liveness_port: int = 0
+    metrics_port: int = 0
     process: subprocess.Popen[bytes] | None = None
     latencies: dict[str, list[float]] = field(default_factory=dict)
     scope: list[str] = field(default_factory=list)  # operator flags; default: this namespace
@@ -218,6 +219,7 @@ class OperatorEnv:
 
     def start(self) -> None:
         self.liveness_port = free_port()
+        self.metrics_port = free_port()
         env = {
             **os.environ,
             "KUBECONFIG": str(self.sa_kubeconfig),
@@ -237,6 +239,8 @@ class OperatorEnv:
                     *(self.scope or ["--namespace", self.namespace]),
                     "--liveness-port",
                     str(self.liveness_port),
+                    "--metrics-port",
+                    str(self.metrics_port),
                 ],
                 env=env,
                 stdout=log,
@@ -354,6 +358,7 @@ CHILDREN = [
     ("apps/v1", "StatefulSet", "{}-redis"),
     ("v1", "Service", "{}-workers"),
     ("v1", "Service", "{}-router"),
+    ("v1", "Service", "{}-metrics"),
     ("apps/v1", "Deployment", "{}-workers"),
     ("apps/v1", "Deployment", "{}-router"),
     ("policy/v1", "PodDisruptionBudget", "{}-workers"),
@@ -545,7 +550,7 @@ def test_created_pool_gets_every_child_owned_by_it(op: OperatorEnv) -> None:
         obj = wait_for(f"{kind} {name}", lambda a=api_version, k=kind, n=name: op.get(a, k, n))
         assert owned_by(obj, created), f"{kind} {name} is not owned by the pool"
         assert obj["metadata"]["labels"]["snakepit.dev/pool"] == "alpha"
-    op.record("create pool -> all 14 children exist", time.monotonic() - started)
+    op.record("create pool -> all 15 children exist", time.monotonic() - started)
     deployment = op.get("apps/v1", "Deployment", "alpha-workers")
     assert deployment is not None
     managers = {(m["manager"], m["operation"]) for m in deployment["metadata"]["managedFields"]}
@@ -853,3 +858,38 @@ def test_the_charts_rbac_was_enough(op: OperatorEnv) -> None:
     log = op.log_path.read_text()
     assert "forbidden" not in log.lower(), log[-4000:]
     assert '"level": "error"' not in log, log[-4000:]
+
+
+def test_operator_metrics_count_passes_and_pools(op: OperatorEnv) -> None:
+    """The operator's /metrics (its --metrics-port) as a person running it would read it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        url = f"http://127.0.0.1:{op.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    op.create_pool("gauged", {"replicas": 1, "router": {"replicas": 1}})
+    key = (
+        "snakepit_operator_last_success_timestamp_seconds",
+        (("namespace", op.namespace), ("pool", "gauged")),
+    )
+    samples = wait_for(
+        "a clean pass of pool gauged in the metrics",
+        lambda: (m := scrape()).get(key) and m,
+        interval=0.2,
+    )
+    assert samples[key] > time.time() - 120
+    assert samples[("snakepit_operator_reconcile_passes_total", (("result", "success"),))] >= 1
+    assert (
+        samples[("snakepit_operator_reconcile_duration_seconds_count", (("result", "success"),))]
+        >= 1
+    )
+    assert samples[("snakepit_operator_applied_objects_total", ())] >= len(CHILDREN) - 1
+    assert samples[("snakepit_operator_pools", (("condition", "Ready"), ("status", "False")))] >= 1
+    assert ("snakepit_operator_queue_depth", ()) in samples

@@ -72,6 +72,7 @@ def test_managed_pool_owns_every_child_it_needs() -> None:
             "StatefulSet/demo-redis",
             "Service/demo-workers",
             "Service/demo-router",
+            "Service/demo-metrics",
             "Deployment/demo-workers",
             "Deployment/demo-router",
             "PodDisruptionBudget/demo-workers",
@@ -112,7 +113,12 @@ def test_every_child_is_owned_by_the_pool_and_labelled() -> None:
         assert labels["app.kubernetes.io/name"] == "snakepit"
         assert labels["app.kubernetes.io/instance"] == "demo"
         assert labels["app.kubernetes.io/managed-by"] == "snakepit-operator"
-        assert labels["app.kubernetes.io/component"] in ("worker", "router", "session-store")
+        assert labels["app.kubernetes.io/component"] in (
+            "worker",
+            "router",
+            "session-store",
+            "metrics",
+        )
 
 
 def test_builders_are_deterministic() -> None:
@@ -137,7 +143,7 @@ def test_worker_deployment_runs_the_adapter_with_the_pool_wiring() -> None:
     assert arg(args, "--store") == "redis://demo-redis:6379/0"
     assert arg(args, "--router") == "demo-router:50051"
     assert arg(args, "--drain-timeout") == "25"
-    assert c["ports"] == [{"name": "grpc", "containerPort": 50052, "protocol": "TCP"}]
+    assert c["ports"][0] == {"name": "grpc", "containerPort": 50052, "protocol": "TCP"}
 
 
 def test_worker_env_wires_pod_name_and_password_secret() -> None:
@@ -436,7 +442,7 @@ def test_network_policies_admit_only_the_pools_own_pods() -> None:
         "matchLabels": {"snakepit.dev/pool": "demo", "app.kubernetes.io/component": "worker"}
     }
     assert workers["policyTypes"] == ["Ingress"]
-    (rule,) = workers["ingress"]
+    rule, _metrics = workers["ingress"]
     assert rule["from"] == [
         {"podSelector": {"matchLabels": {"snakepit.dev/pool": "demo"}}},
         {"podSelector": {"matchLabels": {"app": "x"}}},

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from .. import tracing
 from ..grpc_options import DEFAULT_MAX_MESSAGE_MB
 from ..protocol.status import error_from_rpc, never_started
 from ..store.base import SessionInfo, Variable, VariableChange
@@ -148,6 +149,12 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
         return raw
 
     async def _send(self, op: Op[T], timeout: float | None = None) -> T:
+        if op.is_tool and (tracer := tracing.tracer()) is not None:
+            with tracing.client_span(tracer, op.method, op.request):
+                return await self._send_once(op, timeout)
+        return await self._send_once(op, timeout)
+
+    async def _send_once(self, op: Op[T], timeout: float | None = None) -> T:
         if op.is_tool and self.direct:
             tried: list[str] = []
             while (picked := await self._pick_worker(op, tried)) is not None:

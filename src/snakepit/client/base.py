@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
+from .. import tracing
 from ..errors import SnakepitError
 from ..grpc_options import DEFAULT_MAX_MESSAGE_MB, channel_options
 from ..protocol import method_path
@@ -67,10 +68,10 @@ class ClientBase(Generic[ChannelT]):
         return stub
 
     def _call_args(self, op: Op[Any], timeout: float | None) -> dict[str, Any]:
-        return {
-            "timeout": timeout if timeout is not None else self.timeout,
-            "metadata": op.metadata(self._metadata),
-        }
+        metadata = op.metadata(self._metadata)
+        if tracing.tracer() is not None:
+            metadata += tracing.inject()  # W3C trace context of the current span
+        return {"timeout": timeout if timeout is not None else self.timeout, "metadata": metadata}
 
     def _needs_routes(self, tried: list[str]) -> bool | None:
         """None: stop trying workers directly; True: fetch the routing table first."""

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from .. import tracing
 from ..grpc_options import DEFAULT_MAX_MESSAGE_MB
 from ..protocol.status import error_from_rpc, never_started
 from ..store.base import SessionInfo, Variable, VariableChange
@@ -158,6 +159,12 @@ class Client(ClientBase[grpc.Channel]):
         return raw
 
     def _send(self, op: Op[T], timeout: float | None = None) -> T:
+        if op.is_tool and (tracer := tracing.tracer()) is not None:
+            with tracing.client_span(tracer, op.method, op.request):
+                return self._send_once(op, timeout)
+        return self._send_once(op, timeout)
+
+    def _send_once(self, op: Op[T], timeout: float | None = None) -> T:
         if op.is_tool and self.direct:
             tried: list[str] = []
             while (picked := self._pick_worker(op, tried)) is not None:

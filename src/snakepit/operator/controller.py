@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from ..metrics import OperatorMetrics
 from .children import Children, PoolKey
 from .reconciler import Reconciler
 from .workqueue import WorkQueue, run_worker
@@ -48,6 +49,7 @@ class Controller:
         queue: WorkQueue[PoolKey] | None = None,
         resync_seconds: float = 60.0,
         workers: int = 4,
+        metrics: OperatorMetrics | None = None,
     ) -> None:
         self.reconciler = reconciler
         self.children = children
@@ -55,6 +57,10 @@ class Controller:
         self.resync_seconds = resync_seconds
         self.workers = workers
         self.known: set[PoolKey] = set()
+        self.metrics = metrics
+        if metrics is not None:
+            queue = self.queue
+            metrics.bind(lambda: len(queue), lambda: queue.processing)
 
     def on_pool_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
@@ -62,6 +68,8 @@ class Controller:
         if event_type == "DELETED":
             self.known.discard(key)
             self.reconciler.forget(key)
+            if self.metrics is not None:
+                self.metrics.pool_gone(key)
             return
         self.known.add(key)
         if pool_needs_pass(event_type, body):
@@ -74,7 +82,18 @@ class Controller:
 
     async def _pass(self, key: PoolKey) -> None:
         started = time.monotonic()
-        result = await self.reconciler.reconcile(key)
+        try:
+            result = await self.reconciler.reconcile(key)
+        except Exception:
+            if self.metrics is not None:
+                self.metrics.pass_done(key, "error", started)
+            raise
+        if self.metrics is not None:
+            self.metrics.pass_done(key, "skipped" if result is None else "success", started)
+            if result is not None:
+                self.metrics.applied.inc(result.applied)
+                self.metrics.pruned.inc(result.pruned)
+                self.metrics.pool_seen(key, result.conditions)
         if result is not None:
             log.info(
                 "reconciled %s/%s in %.0f ms: %d applied, %d unchanged, %d pruned",

@@ -12,6 +12,8 @@ import time
 import kopf
 
 from .. import logs
+from ..metrics import OperatorMetrics
+from ..metrics.common import serve_http
 from .children import Children
 from .config import OperatorConfig
 from .controller import Controller
@@ -42,15 +44,24 @@ async def wait_for_crd(kube: Kube, timeout: float = CRD_WAIT_SECONDS) -> bool:
         await asyncio.sleep(2.0)
 
 
-async def operate(namespaces: list[str], clusterwide: bool, liveness_port: int) -> int:
+async def operate(
+    namespaces: list[str], clusterwide: bool, liveness_port: int, metrics_port: int | None = None
+) -> int:
     config = OperatorConfig.from_env()
     kube = Kube(load_api_client())
+    metrics = OperatorMetrics() if metrics_port is not None else None
+    server = (
+        serve_http(metrics.registry, metrics_port) if metrics and metrics_port is not None else None
+    )
     try:
         if not await wait_for_crd(kube):
             return 1
         children = Children()
         controller = Controller(
-            Reconciler(kube, config, children), children, resync_seconds=config.resync_seconds
+            Reconciler(kube, config, children),
+            children,
+            resync_seconds=config.resync_seconds,
+            metrics=metrics,
         )
         stop = asyncio.Event()
         workers = asyncio.create_task(controller.run())
@@ -73,6 +84,8 @@ async def operate(namespaces: list[str], clusterwide: bool, liveness_port: int) 
         return 0
     finally:
         kube.close()
+        if server is not None:
+            server.close()
 
 
 class _QuietKopf(logging.Filter):
@@ -91,7 +104,12 @@ def setup_logging() -> None:
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
 
-def run(namespaces: list[str], all_namespaces: bool, liveness_port: int) -> int:
+def run(
+    namespaces: list[str],
+    all_namespaces: bool,
+    liveness_port: int,
+    metrics_port: int | None = None,
+) -> int:
     """Entry point of ``snakepit operator``; returns the process exit code."""
     setup_logging()
     if not namespaces and not all_namespaces:
@@ -110,6 +128,6 @@ def run(namespaces: list[str], all_namespaces: bool, liveness_port: int) -> int:
         )
         return 2
     try:
-        return asyncio.run(operate(namespaces, all_namespaces, liveness_port))
+        return asyncio.run(operate(namespaces, all_namespaces, liveness_port, metrics_port))
     except KeyboardInterrupt:
         return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .builders import ChildKey, Names, build_children, build_store_secret, child_key, new_password
@@ -80,6 +80,8 @@ class PassResult:
     pruned: int
     problems: Sequence[Problem]
     transitions: Sequence[Transition]
+    # condition type -> status ("True"/"False"/"Unknown") after the pass, for metrics
+    conditions: Mapping[str, str] = field(default_factory=dict)
 
 
 class Reconciler:
@@ -159,7 +161,8 @@ class Reconciler:
         ):
             await self._event(body, "Normal", "Reconciled", f"applied generation {pool.generation}")
         unchanged = len(desired) - applied if waves else 0
-        return PassResult(applied, unchanged, pruned, problems, transitions)
+        conditions = {c["type"]: c["status"] for c in status.get("conditions") or ()}
+        return PassResult(applied, unchanged, pruned, problems, transitions, conditions)
 
     async def _sync(self, pool: Pool, obj: JSON) -> tuple[JSON | None, Problem | None, bool]:
         """Apply ``obj`` unless the live child is exactly what our last apply left there.

@@ -23,6 +23,7 @@ DEFAULT_ADAPTER = "snakepit.examples.showcase:ShowcaseAdapter"
 WORKER_PORT = 50052
 ROUTER_PORT = 50051
 REDIS_PORT = 6379
+METRICS_PORT = 9090
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 
 
@@ -90,6 +91,12 @@ class NetworkPolicySpec:
 
 
 @dataclass(frozen=True)
+class MetricsSpec:
+    enabled: bool = True
+    port: int = METRICS_PORT
+
+
+@dataclass(frozen=True)
 class PoolSpec:
     replicas: int = 2
     image: str | None = None
@@ -105,6 +112,7 @@ class PoolSpec:
     session: SessionSpec = field(default_factory=SessionSpec)
     session_store: SessionStoreSpec = field(default_factory=SessionStoreSpec)
     network_policy: NetworkPolicySpec = field(default_factory=NetworkPolicySpec)
+    metrics: MetricsSpec = field(default_factory=MetricsSpec)
 
 
 @dataclass(frozen=True)
@@ -190,6 +198,7 @@ def parse_spec(raw: Mapping[str, Any]) -> PoolSpec:
     """Defaulted, typed view of ``spec``; raises SpecError for what the builders cannot use."""
     session = _map(raw.get("session"))
     policy = _map(raw.get("networkPolicy"))
+    metrics = _map(raw.get("metrics"))
     return PoolSpec(
         replicas=int(raw.get("replicas", 2)),
         image=str(raw["image"]) if raw.get("image") else None,
@@ -210,6 +219,10 @@ def parse_spec(raw: Mapping[str, Any]) -> PoolSpec:
         network_policy=NetworkPolicySpec(
             enabled=bool(policy.get("enabled", True)),
             direct_clients=_list(policy.get("directClients")),
+        ),
+        metrics=MetricsSpec(
+            enabled=bool(metrics.get("enabled", True)),
+            port=int(metrics.get("port", METRICS_PORT)),
         ),
     )
 

@@ -69,7 +69,8 @@ async def start_server(
     max_connection_age_ms: int | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A started grpc.aio server with BridgeService ``handler`` and ``grpc.health.v1``."""
-    from grpc_health.v1 import health_pb2_grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
 
     from ..grpc_options import server_options
 
@@ -78,6 +79,15 @@ async def start_server(
     )
     server.add_generic_rpc_handlers((handler,))
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    # Server reflection, so grpcurl, Postman and Evans can list and call without the .proto.
+    reflection.enable_server_reflection(
+        (
+            pb.DESCRIPTOR.services_by_name["BridgeService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
     address = f"{host}:{port}"
     bound = server.add_insecure_port(address)
     if not bound:

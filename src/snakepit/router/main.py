@@ -15,7 +15,7 @@ import asyncio
 import logging
 import signal
 
-from .. import logs
+from .. import logs, tracing
 from .server import RouterConfig, RouterServer, default_router_id
 
 __all__ = ["RouterConfig", "serve"]
@@ -27,6 +27,7 @@ async def serve(
     config: RouterConfig, *, shutdown_delay: float = 6.0, drain_grace: float = 5.0
 ) -> int:
     logs.setup("router", config.router_id or default_router_id())
+    tracing.setup("snakepit-router")
     router = RouterServer(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -40,4 +41,5 @@ async def serve(
     await router.health.enter_graceful_shutdown()
     await asyncio.sleep(shutdown_delay)
     await router.stop(grace=drain_grace)
+    tracing.shutdown()
     return 0

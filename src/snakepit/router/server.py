@@ -22,14 +22,18 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
 
+from .. import tracing
 from ..errors import SnakepitError, Unavailable
 from ..grpc_options import DEFAULT_MAX_MESSAGE_MB
+from ..metrics import RouterMetrics
+from ..metrics.common import MetricsServer, serve_http, timed_store
 from ..protocol import SERVICE_NAME, pb
 from ..protocol import handlers as handlers_for
 from ..protocol.status import SESSION_ID_KEY, abort_with, error_from_rpc, find_metadata
 from ..store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL, SessionStore
 from .discovery import Discovery, StaticDiscovery
 from .hosting import FORWARDED_KEY, HostRegistry
+from .observe import NULL_OBSERVER, CallObserver, NullObserver
 from .pool import PoolConfig, WorkerPool
 from .retry import Attempts, Next
 from .workers import WorkerHandle
@@ -67,6 +71,8 @@ class RouterConfig:
     # HOST:PORT other router replicas reach this one at (hosted-tool calls are forwarded to the
     # replica holding the host's stream); default $POD_IP (else 127.0.0.1) and the bound port.
     advertise_address: str = ""
+    # Prometheus metrics at http://host:metrics_port/metrics; None records and serves none.
+    metrics_port: int | None = None
 
 
 def default_router_id() -> str:
@@ -122,6 +128,22 @@ class RouterServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.hosting = HostRegistry(self._spawn, self._pool_tool_names)
         self._pool_tools: tuple[float, set[str]] | None = None
+        self.metrics: RouterMetrics | None = None
+        self.metrics_server: MetricsServer | None = None
+        # worker id -> its metrics address, shown by GetPoolStatus (set by `snakepit serve`)
+        self.worker_metrics: dict[str, str] = {}
+        if config.metrics_port is not None:
+            self.metrics = RouterMetrics()
+            self.metrics.bind(self.pool)
+        self.tracer = tracing.tracer()
+
+    def _observe(
+        self, method: str, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> NullObserver:
+        """The metrics and tracing hooks of one tool call (no-ops when both are off)."""
+        if self.metrics is None and self.tracer is None:
+            return NULL_OBSERVER
+        return CallObserver(self.metrics, self.tracer, method, raw, context.invocation_metadata())
 
     # Lifecycle --------------------------------------------------------------------------------
     async def start(self) -> int:
@@ -135,6 +157,12 @@ class RouterServer:
             )
         if self.discovery is None:
             self.discovery = self._default_discovery()
+        if self.metrics is not None and self.config.metrics_port is not None:
+            self.store = timed_store(self.store, self.metrics)
+            self.metrics_server = serve_http(
+                self.metrics.registry, self.config.metrics_port, self.config.host
+            )
+            self._spawn(self._count_sessions(self.metrics))
         self._spawn(self.discovery.run(self.pool.set_workers))
         self.server, self.port = await handlers_for.start_server(
             self._handlers(),
@@ -181,6 +209,8 @@ class RouterServer:
         await self.pool.close()
         if self.store is not None:
             await self.store.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
 
     async def wait_closed(self) -> None:
         if self.server is not None:
@@ -217,30 +247,37 @@ class RouterServer:
         attempts = Attempts(self.pool.config.queue_timeout)
         started = time.perf_counter()
         ok = False
+        sent = 0
+        observer = self._observe("ExecuteTool", raw, context)
         try:
             while True:
                 handle = self.pool.take(session_id, attempts.avoid) or await self._wait(
-                    session_id, attempts.avoid, context
+                    session_id, attempts.avoid, context, observer
                 )
                 step = Next.ELSEWHERE
                 try:
                     response: bytes = await handle.execute(
-                        raw, timeout=context.time_remaining(), metadata=forwarded
+                        raw,
+                        timeout=context.time_remaining(),
+                        metadata=observer.forward(handle.worker_id, forwarded),
                     )
                     ok = True
+                    sent = len(response)
                     return response
                 except grpc.aio.AioRpcError as exc:
-                    step = self._next_step(exc, handle, attempts, context)
+                    step = self._next_step(exc, handle, attempts, context, observer)
                     if step is Next.GIVE_UP:
                         await self._forward_error(context, exc)
                 finally:
                     self.pool.release(handle, ok=ok)
+                    observer.attempt_done(handle.worker_id, ok)
                     if session_id:
                         self._note_session(session_id, handle.worker_id)
                 if step is Next.LATER:
                     await asyncio.sleep(attempts.backoff)
         finally:
             self.pool.record(ok=ok, started=started)
+            observer.done(_outcome(ok, context), sent)
 
     async def _execute_stream(
         self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
@@ -249,14 +286,18 @@ class RouterServer:
         attempts = Attempts(self.pool.config.queue_timeout)
         started = time.perf_counter()
         ok = sent = headers_sent = False
+        sent_bytes = 0
+        observer = self._observe("ExecuteStreamingTool", raw, context)
         try:
             while True:
                 handle = self.pool.take(session_id, attempts.avoid) or await self._wait(
-                    session_id, attempts.avoid, context
+                    session_id, attempts.avoid, context, observer
                 )
                 step = Next.ELSEWHERE
                 call = handle.execute_stream(
-                    raw, timeout=context.time_remaining(), metadata=forwarded
+                    raw,
+                    timeout=context.time_remaining(),
+                    metadata=observer.forward(handle.worker_id, forwarded),
                 )
                 try:
                     headers = await call.initial_metadata()
@@ -265,32 +306,47 @@ class RouterServer:
                         headers_sent = True
                     async for chunk in call:
                         sent = True
+                        sent_bytes += len(chunk)
                         yield chunk
                     ok = True
                     return
                 except grpc.aio.AioRpcError as exc:
-                    step = Next.GIVE_UP if sent else self._next_step(exc, handle, attempts, context)
+                    step = (
+                        Next.GIVE_UP
+                        if sent
+                        else self._next_step(exc, handle, attempts, context, observer)
+                    )
                     if step is Next.GIVE_UP:
                         await self._forward_error(context, exc)
                 finally:
                     call.cancel()
                     self.pool.release(handle, ok=ok)
+                    observer.attempt_done(handle.worker_id, ok)
                     if session_id:
                         self._note_session(session_id, handle.worker_id)
                 if step is Next.LATER:
                     await asyncio.sleep(attempts.backoff)
         finally:
             self.pool.record(ok=ok, started=started)
+            observer.done(_outcome(ok, context), sent_bytes)
 
     async def _wait(
-        self, session_id: str, tried: list[str], context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        session_id: str,
+        tried: list[str],
+        context: grpc.aio.ServicerContext[Any, Any],
+        observer: NullObserver = NULL_OBSERVER,
     ) -> WorkerHandle:
         """The slow path of choosing a worker: queue for one (errors end the call)."""
+        started = time.perf_counter()
         try:
-            return await self.pool.wait(session_id, tried, context.time_remaining())
+            handle = await self.pool.wait(session_id, tried, context.time_remaining())
         except SnakepitError as exc:
+            observer.rejected(exc)
             await abort_with(context, exc)
             raise  # unreachable: abort raises
+        observer.waited(started)
+        return handle
 
     def _next_step(
         self,
@@ -298,6 +354,7 @@ class RouterServer:
         handle: WorkerHandle,
         attempts: Attempts,
         context: grpc.aio.ServicerContext[Any, Any],
+        observer: NullObserver = NULL_OBSERVER,
     ) -> Next:
         """Decide what follows a failed attempt (see ``retry``); a worker that is leaving or
         cannot be reached leaves the ring now, before its health stream says so."""
@@ -308,6 +365,8 @@ class RouterServer:
                 self.pool.mark_draining(handle)
             else:
                 self.pool.mark_unreachable(handle)
+        if step is not Next.GIVE_UP:
+            observer.retried(error.code.name)
         return step
 
     async def _forward_error(
@@ -417,6 +476,8 @@ class RouterServer:
     ) -> pb.PoolStatus:
         pool = self.pool
         workers = pool.worker_statuses()
+        for worker in workers:
+            worker.metrics_address = self.worker_metrics.get(worker.worker_id, "")
         latencies = sorted(pool.latencies_ms)
         sessions = 0
         store_name = ""
@@ -444,12 +505,36 @@ class RouterServer:
             affinity=pool.config.affinity,
             store=store_name,
             uptime_seconds=time.monotonic() - self.started,
+            metrics_address=self._metrics_address(),
         )
+
+    def _metrics_address(self) -> str:
+        if self.metrics_server is None:
+            return ""
+        return f"{self.config.host}:{self.metrics_server.port}"
+
+    async def _count_sessions(self, metrics: RouterMetrics) -> None:
+        """Keep the sessions gauge fresh (a scrape cannot await the store)."""
+        while True:
+            assert self.store is not None
+            try:
+                metrics.sessions = float((await self.store.stats()).sessions)
+            except SnakepitError:
+                metrics.sessions = -1.0
+            await asyncio.sleep(5.0)
 
     async def _routing_table(
         self, request: pb.GetRoutingTableRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RoutingTable:
         return self.pool.routing_table()
+
+
+def _outcome(ok: bool, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The status code name a finished call ended with (CANCELLED when it was never set)."""
+    if ok:
+        return "OK"
+    code = context.code()
+    return str(code.name) if code is not None else "CANCELLED"
 
 
 def _percentile(ordered: list[float], q: float) -> float:

@@ -40,6 +40,7 @@ class SessionContext:
         tool_streamer: ToolStreamer | None = None,
         deadline: float | None = None,
         cache_ttl: float = 5.0,
+        on_cache: Callable[[bool], None] | None = None,
     ) -> None:
         self.session_id = session_id
         self.metadata = metadata
@@ -52,6 +53,7 @@ class SessionContext:
         self._tool_streamer = tool_streamer
         self._cache: dict[str, tuple[float, Variable]] = {}
         self.cancelled = False
+        self._on_cache = on_cache  # told hit (True) or miss (False) per variable read
 
     # Call facts ---------------------------------------------------------------------------
     def time_remaining(self) -> float | None:
@@ -91,6 +93,8 @@ class SessionContext:
     # Async API ------------------------------------------------------------------------------
     async def avariable(self, name: str) -> Variable:
         cached = self._cached(name)
+        if self._on_cache is not None:
+            self._on_cache(cached is not None)
         if cached is not None:
             return cached
         store, sid = self._require_store()
@@ -106,6 +110,9 @@ class SessionContext:
 
     async def aget_many(self, names: Sequence[str]) -> dict[str, Any]:
         missing = [n for n in names if self._cached(n) is None]
+        if self._on_cache is not None:
+            for hit in (False,) * len(missing) + (True,) * (len(names) - len(missing)):
+                self._on_cache(hit)
         if missing:
             store, sid = self._require_store()
             for variable in (await store.get_variables(sid, missing)).values():

@@ -8,6 +8,7 @@ iterator (a cancelled call) closes the tool's generator.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 from collections.abc import AsyncIterator, Generator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,9 @@ class ToolRunner:
         if tool.is_async:
             return await tool.fn(**kwargs)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, functools.partial(tool.fn, **kwargs))
+        # In a copy of the call's context: the tool sees its trace span and correlation id.
+        run = functools.partial(contextvars.copy_context().run, tool.fn, **kwargs)
+        return await loop.run_in_executor(self.executor, run)
 
     async def stream(self, tool: ToolDef, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
         if tool.is_async:
@@ -39,9 +42,11 @@ class ToolRunner:
             return
         gen: Generator[Any, None, None] = tool.fn(**kwargs)
         loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()
         try:
             while True:
-                item = await loop.run_in_executor(self.executor, next, gen, _DONE)
+                step = functools.partial(context.run, next, gen, _DONE)
+                item = await loop.run_in_executor(self.executor, step)
                 if item is _DONE:
                     return
                 yield item

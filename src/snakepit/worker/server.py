@@ -38,13 +38,15 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from .. import logs
+from .. import logs, tracing
 from ..errors import DeadlineExceeded, Internal, NotFound, ResourceExhausted, Unavailable
 from ..grpc_options import DEFAULT_MAX_MESSAGE_MB
+from ..metrics import WorkerMetrics
+from ..metrics.common import MetricsServer, serve_http, timed_store
 from ..protocol import SERVICE_NAME, pb
 from ..protocol import handlers as handlers_for
 from ..protocol.messages import ToolRequest, decode_request, encode_chunk, encode_result
-from ..protocol.status import CORRELATION_ID_KEY, WORKER_ID_KEY, abort_with
+from ..protocol.status import CORRELATION_ID_KEY, WORKER_ID_KEY, abort_with, status_of
 from ..store.base import SessionStore
 from .adapter import Adapter, load_adapter_class
 from .context import SessionContext
@@ -77,6 +79,9 @@ class WorkerConfig:
     # Calls that may wait for a slot beyond ``concurrency`` (-1: four times the concurrency).
     backlog: int = -1
     backlog_timeout: float = 30.0
+
+    # Prometheus metrics at http://host:metrics_port/metrics; None records and serves none.
+    metrics_port: int | None = None
 
     @property
     def backlog_size(self) -> int:
@@ -114,6 +119,14 @@ class WorkerServer:
         self._drained = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self.port = 0
+        self.metrics: WorkerMetrics | None = None
+        self.metrics_server: MetricsServer | None = None
+        if config.metrics_port is not None:
+            self.metrics = WorkerMetrics(set(self.tools))
+            self.metrics.bind(
+                lambda: self.in_flight, config.concurrency, lambda: len(self._backlog)
+            )
+        self.tracer = tracing.tracer()
 
     # Lifecycle -----------------------------------------------------------------------------
     async def start(self) -> int:
@@ -128,6 +141,12 @@ class WorkerServer:
             self.config.max_message_mb,
         )
         await self._connect_store()
+        if self.store is not None:
+            self.store = timed_store(self.store, self.metrics, self.tracer)
+        if self.metrics is not None and self.config.metrics_port is not None:
+            self.metrics_server = serve_http(
+                self.metrics.registry, self.config.metrics_port, self.config.host
+            )
         await _call_hook(self.adapter.initialize)
         await self.health.set("", SERVING)
         await self.health.set(SERVICE_NAME, SERVING)
@@ -162,6 +181,8 @@ class WorkerServer:
         left_at = time.monotonic()
         log.info("worker draining", extra={"reason": reason, "in_flight": self.in_flight})
         self._refuse_backlog()
+        if self.metrics is not None:
+            self.metrics.recycled(reason)
         await self.health.enter_graceful_shutdown()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.drain_timeout):
@@ -181,6 +202,8 @@ class WorkerServer:
             if self._router_client is not None:
                 await self._router_client.close()
             log.info("worker stopped", extra={"served": self.served, "failed": self.failed})
+            if self.metrics_server is not None:
+                self.metrics_server.close()
             self._drained.set()
 
     async def wait_closed(self) -> None:
@@ -284,6 +307,12 @@ class WorkerServer:
             if not turn.done():
                 turn.set_exception(self._refused_draining())
 
+    def _refused(self, error: Exception) -> None:
+        """Count a call turned away before it ran: draining, or no slot (backlog full or timed out)."""
+        if self.metrics is not None:
+            reason = "draining" if isinstance(error, Unavailable) else "at_limit"
+            self.metrics.refused.labels(reason).inc()
+
     def _prepare(
         self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tuple[ToolDef, dict[str, Any], SessionContext | None]:
@@ -312,6 +341,7 @@ class WorkerServer:
             tool_caller=self._call_tool if self.config.router_address else None,
             tool_streamer=self._stream_tool if self.config.router_address else None,
             deadline=None if remaining is None else time.monotonic() + remaining,
+            on_cache=None if self.metrics is None else self.metrics.cache_lookup,
         )
 
     def _router(self) -> Any:
@@ -348,9 +378,13 @@ class WorkerServer:
         try:
             await self._admit(context)
         except Exception as exc:
+            self._refused(exc)
             await abort_with(context, exc, self.worker_id)
         call = _Call()
         token = logs.correlation_id.set(_correlation(context))
+        started = time.perf_counter()
+        code = "OK"
+        span = None if self.tracer is None else self._server_span(context)
         try:
             yield call
             self.served += 1
@@ -358,24 +392,50 @@ class WorkerServer:
             if call.ctx is not None:
                 call.ctx.cancelled = True
             self.failed += 1
+            code = "CANCELLED"
             raise
         except Exception as exc:
             self.failed += 1
+            if isinstance(exc, TimeoutError):
+                exc = DeadlineExceeded("the call's deadline passed while the tool was running")
+            code = status_of(exc).name
             await self._fail(context, exc)
         finally:
             self._release()
             logs.correlation_id.reset(token)
+            if self.metrics is not None:
+                self.metrics.call_done(call.tool, code, started)
+            if span is not None:
+                name = f"worker {call.tool or 'call'}"
+                tracing.end_server(span, code, name, {"snakepit.tool": call.tool})
             self._after_call()
+
+    def _server_span(self, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        """The span of one call, made current (its parent came in the call's metadata)."""
+        return tracing.start_server(
+            self.tracer,
+            "worker",
+            context.invocation_metadata(),
+            {"snakepit.worker_id": self.worker_id},
+        )
+
+    def _tool_span(self, tool: ToolDef) -> Any:
+        """A span around the tool itself; adapters' own spans nest under it."""
+        if self.tracer is None or not tracing.recording():
+            return contextlib.nullcontext()
+        return self.tracer.start_as_current_span(f"tool {tool.name}")
 
     async def _execute(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         started = time.perf_counter()
         async with self._serving(context) as call:
             tool, kwargs, call.ctx = self._prepare(raw, context)
-            async with asyncio.timeout(context.time_remaining()):
-                if tool.streaming:
-                    value: Any = [item async for item in self.runner.stream(tool, kwargs)]
-                else:
-                    value = await self.runner.call(tool, kwargs)
+            call.tool = tool.name
+            with self._tool_span(tool):
+                async with asyncio.timeout(context.time_remaining()):
+                    if tool.streaming:
+                        value: Any = [item async for item in self.runner.stream(tool, kwargs)]
+                    else:
+                        value = await self.runner.call(tool, kwargs)
             try:
                 return encode_result(value, self.worker_id, (time.perf_counter() - started) * 1000)
             except Exception as exc:
@@ -389,19 +449,19 @@ class WorkerServer:
     ) -> AsyncIterator[bytes]:
         async with self._serving(context) as call:
             tool, kwargs, call.ctx = self._prepare(raw, context)
+            call.tool = tool.name
             await context.send_initial_metadata(((WORKER_ID_KEY, self.worker_id),))
-            async with asyncio.timeout(context.time_remaining()):
-                if tool.streaming:
-                    seq = 0
-                    async for item in self.runner.stream(tool, kwargs):
-                        yield encode_chunk(item, seq)
-                        seq += 1
-                else:
-                    yield encode_chunk(await self.runner.call(tool, kwargs), 0)
+            with self._tool_span(tool):
+                async with asyncio.timeout(context.time_remaining()):
+                    if tool.streaming:
+                        seq = 0
+                        async for item in self.runner.stream(tool, kwargs):
+                            yield encode_chunk(item, seq)
+                            seq += 1
+                    else:
+                        yield encode_chunk(await self.runner.call(tool, kwargs), 0)
 
     async def _fail(self, context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
-        if isinstance(exc, TimeoutError):
-            exc = DeadlineExceeded("the call's deadline passed while the tool was running")
         log.warning("call failed", extra={"error": type(exc).__name__, "detail": str(exc)})
         await abort_with(context, exc, self.worker_id)
 
@@ -424,6 +484,7 @@ def _assigned(turn: asyncio.Future[None]) -> bool:
 @dataclass
 class _Call:
     ctx: SessionContext | None = None
+    tool: str = ""
 
 
 def _correlation(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -441,6 +502,7 @@ def rss_mb() -> float:
 async def serve(config: WorkerConfig) -> int:
     """Run a worker until SIGTERM/SIGINT or a recycling limit; return the exit code."""
     logs.setup("worker", config.worker_id or default_worker_id())
+    tracing.setup("snakepit-worker")
     worker = WorkerServer(config)
     loop = asyncio.get_running_loop()
 
@@ -455,4 +517,5 @@ async def serve(config: WorkerConfig) -> int:
         log.exception("worker failed to start")
         return 1
     await worker.wait_closed()
+    tracing.shutdown()
     return 0

@@ -1594,6 +1594,7 @@ class WorkerStatus(_message.Message):
     SERVED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    METRICS_ADDRESS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     address: _builtins.str
     ready: _builtins.bool
@@ -1603,6 +1604,8 @@ class WorkerStatus(_message.Message):
     failed: _builtins.int
     state: _builtins.str
     """"ready", "draining", "unreachable", "starting" """
+    metrics_address: _builtins.str
+    """HOST:PORT of its Prometheus /metrics, when known"""
     def __init__(
         self,
         *,
@@ -1614,10 +1617,11 @@ class WorkerStatus(_message.Message):
         served: _builtins.int = ...,
         failed: _builtins.int = ...,
         state: _builtins.str = ...,
+        metrics_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "failed", b"failed", "in_flight", b"in_flight", "ready", b"ready", "served", b"served", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "failed", b"failed", "in_flight", b"in_flight", "metrics_address", b"metrics_address", "ready", b"ready", "served", b"served", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1644,6 +1648,7 @@ class PoolStatus(_message.Message):
     AFFINITY_FIELD_NUMBER: _builtins.int
     STORE_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
+    METRICS_ADDRESS_FIELD_NUMBER: _builtins.int
     router_id: _builtins.str
     workers_total: _builtins.int
     workers_ready: _builtins.int
@@ -1660,6 +1665,8 @@ class PoolStatus(_message.Message):
     affinity: _builtins.str
     store: _builtins.str
     uptime_seconds: _builtins.float
+    metrics_address: _builtins.str
+    """HOST:PORT of the router's Prometheus /metrics, if served"""
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerStatus]: ...
     def __init__(
@@ -1682,10 +1689,11 @@ class PoolStatus(_message.Message):
         affinity: _builtins.str = ...,
         store: _builtins.str = ...,
         uptime_seconds: _builtins.float = ...,
+        metrics_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity", b"affinity", "busy", b"busy", "calls_failed", b"calls_failed", "calls_total", b"calls_total", "in_flight", b"in_flight", "latency_p50_ms", b"latency_p50_ms", "latency_p90_ms", b"latency_p90_ms", "latency_p99_ms", b"latency_p99_ms", "queue_capacity", b"queue_capacity", "queued", b"queued", "router_id", b"router_id", "sessions", b"sessions", "store", b"store", "uptime_seconds", b"uptime_seconds", "workers", b"workers", "workers_ready", b"workers_ready", "workers_total", b"workers_total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity", b"affinity", "busy", b"busy", "calls_failed", b"calls_failed", "calls_total", b"calls_total", "in_flight", b"in_flight", "latency_p50_ms", b"latency_p50_ms", "latency_p90_ms", b"latency_p90_ms", "latency_p99_ms", b"latency_p99_ms", "metrics_address", b"metrics_address", "queue_capacity", b"queue_capacity", "queued", b"queued", "router_id", b"router_id", "sessions", b"sessions", "store", b"store", "uptime_seconds", b"uptime_seconds", "workers", b"workers", "workers_ready", b"workers_ready", "workers_total", b"workers_total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -21,6 +21,7 @@ from .common import (
     selector_string,
     store_wiring,
 )
+from .metrics import build_metrics_service
 from .policy import build_pdb, build_store_network_policy, build_worker_network_policy
 from .router import (
     build_router_deployment,
@@ -71,6 +72,8 @@ def build_children(
         build_pdb(pool, WORKER),
         build_pdb(pool, ROUTER),
     ]
+    if pool.spec.metrics.enabled:
+        children.append(build_metrics_service(pool))
     if pool.spec.network_policy.enabled:
         children.append(build_worker_network_policy(pool))
         if managed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..spec import JSON, REDIS_PORT, WORKER_PORT, Pool
 from .common import POOL_LABEL, ROUTER, STORE, WORKER, Names, metadata, selector
+from .metrics import metrics_ingress
 
 
 def build_pdb(pool: Pool, component: str) -> JSON:
@@ -34,7 +35,7 @@ def _pool_pods(pool: Pool) -> JSON:
 
 def build_worker_network_policy(pool: Pool) -> JSON:
     """Workers take calls from the pool's own pods (the router; workers calling tools) only,
-    plus the peers a user lists for ``Client(direct=True)``."""
+    plus the peers a user lists for ``Client(direct=True)``; anyone may scrape their metrics."""
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -46,7 +47,8 @@ def build_worker_network_policy(pool: Pool) -> JSON:
                 {
                     "from": [_pool_pods(pool), *pool.spec.network_policy.direct_clients],
                     "ports": [{"protocol": "TCP", "port": WORKER_PORT}],
-                }
+                },
+                *metrics_ingress(pool),
             ],
         },
     }

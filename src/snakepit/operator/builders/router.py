@@ -23,6 +23,7 @@ from .common import (
     store_password_env,
     store_wiring,
 )
+from .metrics import metrics_annotations, metrics_args, metrics_labels, metrics_ports
 
 # `snakepit router` waits this long for in-flight calls after SIGTERM (router/main.py).
 ROUTER_DRAIN_SECONDS = 10
@@ -50,6 +51,7 @@ def router_args(pool: Pool) -> list[str]:
         str(spec.session.ttl_seconds),
         "--max-sessions",
         str(spec.session.max_sessions),
+        *metrics_args(pool),
     ]
 
 
@@ -72,8 +74,14 @@ def build_router_deployment(
             field_env("POD_IP", "status.podIP"),
             {"name": "SNAKEPIT_STORE_URL", "value": wiring.url},
             *store_password_env(wiring),
+            # Tracing is configured once per pool: the OTEL_* variables of spec.env reach the
+            # routers too, so their spans join the workers' in the same backend.
+            *(e for e in spec.env if str(e.get("name", "")).startswith("OTEL_")),
         ],
-        "ports": [{"name": "grpc", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": "grpc", "containerPort": ROUTER_PORT, "protocol": "TCP"},
+            *metrics_ports(pool),
+        ],
         **grpc_probes(ROUTER_PORT),
         "securityContext": container_security_context(),
         "volumeMounts": [TMP_MOUNT],
@@ -92,9 +100,12 @@ def build_router_deployment(
     }
     if config.image_pull_secrets:
         pod_spec["imagePullSecrets"] = pull_secrets(config.image_pull_secrets)
-    template_meta: JSON = {"labels": labels(pool, ROUTER)}
+    template_meta: JSON = {"labels": {**labels(pool, ROUTER), **metrics_labels(pool)}}
+    annotations = metrics_annotations(pool)
     if store_secret_uid:
-        template_meta["annotations"] = {STORE_SECRET_ANNOTATION: store_secret_uid}
+        annotations[STORE_SECRET_ANNOTATION] = store_secret_uid
+    if annotations:
+        template_meta["annotations"] = annotations
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -24,6 +24,7 @@ from .common import (
     store_password_env,
     store_wiring,
 )
+from .metrics import metrics_annotations, metrics_args, metrics_labels, metrics_ports
 
 # Time between SIGTERM and SIGKILL beyond the worker's own drain timeout: interpreter exit.
 EXIT_MARGIN_SECONDS = 5
@@ -53,6 +54,7 @@ def worker_args(pool: Pool) -> list[str]:
         str(DRAIN_LINGER_SECONDS),
         "--session-ttl",
         str(spec.session.ttl_seconds),
+        *metrics_args(pool),
     ]
 
 
@@ -62,7 +64,7 @@ def build_worker_deployment(
     """Workers roll one surge pod at a time; each gets the drain timeout plus exit margin."""
     spec = pool.spec
     overrides = spec.pod_template
-    annotations = dict(overrides.annotations)
+    annotations = {**overrides.annotations, **metrics_annotations(pool)}
     if store_secret_uid:
         # A regenerated password Secret must restart every pod that holds the old password.
         annotations[STORE_SECRET_ANNOTATION] = store_secret_uid
@@ -80,7 +82,10 @@ def build_worker_deployment(
             ],
             spec.env,
         ),
-        "ports": [{"name": "grpc", "containerPort": WORKER_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": "grpc", "containerPort": WORKER_PORT, "protocol": "TCP"},
+            *metrics_ports(pool),
+        ],
         **grpc_probes(WORKER_PORT),
         "securityContext": container_security_context(),
         "volumeMounts": [TMP_MOUNT],
@@ -114,7 +119,9 @@ def build_worker_deployment(
     secrets = pull_secrets([*overrides.image_pull_secrets, *config.image_pull_secrets])
     if secrets:
         pod_spec["imagePullSecrets"] = secrets
-    template_meta: JSON = {"labels": {**overrides.labels, **labels(pool, WORKER)}}
+    template_meta: JSON = {
+        "labels": {**overrides.labels, **labels(pool, WORKER), **metrics_labels(pool)}
+    }
     if annotations:
         template_meta["annotations"] = annotations
     return {

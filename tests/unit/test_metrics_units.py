@@ -1,0 +1,60 @@
+"""The metric helpers that keep label sets bounded and read the tool name off the wire."""
+
+from __future__ import annotations
+
+from snakepit.metrics import BoundedLabels, tool_name_of
+from snakepit.protocol import pb
+from snakepit.protocol.messages import encode_request
+
+
+def test_tool_name_read_from_a_real_request_without_parsing_it() -> None:
+    raw = encode_request("tensor_scale", {"x": list(range(1000)), "factor": 2}, session_id="s")
+    assert tool_name_of(raw) == "tensor_scale"
+    assert tool_name_of(pb.ExecuteToolRequest(tool_name="é" * 100).SerializeToString()) == "é" * 100
+
+
+def test_tool_name_of_garbage_is_empty() -> None:
+    assert tool_name_of(b"") == ""
+    assert tool_name_of(b"\x0a\xff\xff\xff\xff\x0f") == ""  # length past the end
+    assert tool_name_of(pb.ExecuteToolRequest(session_id="s").SerializeToString()) == ""
+
+
+def test_bounded_labels_cap_distinct_values() -> None:
+    labels = BoundedLabels(limit=2)
+    assert [labels(v) for v in ("a", "b", "c", "a", "")] == ["a", "b", "other", "a", "unknown"]
+
+
+def test_tracing_is_on_only_when_the_otel_environment_names_an_endpoint() -> None:
+    from snakepit.tracing import configured
+
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}
+    assert not configured({})
+    assert configured(endpoint)
+    assert configured({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4317"})
+    assert not configured({**endpoint, "OTEL_SDK_DISABLED": "true"})
+    assert not configured({**endpoint, "OTEL_TRACES_EXPORTER": "none"})
+
+
+def test_an_unsampled_caller_gets_no_spans_only_its_decision_passed_on() -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from snakepit import tracing
+
+    tracer = TracerProvider().get_tracer("test")  # samples everything it decides itself
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"  # flags 00: not sampled
+    started = tracing.start_server(tracer, "worker", [("traceparent", parent)], {})
+    try:
+        assert started[0] is None
+        assert dict(tracing.inject())["traceparent"] == parent  # nested calls carry it on
+    finally:
+        tracing.end_server(started, "OK", "worker add", {})
+    sampled = parent[:-2] + "01"
+    started = tracing.start_server(tracer, "worker", [("traceparent", sampled)], {})
+    try:
+        span = started[0]
+        assert span is not None and span.is_recording()
+        assert format(span.get_span_context().trace_id, "032x") == parent.split("-")[1]
+        assert trace.get_current_span() is span
+    finally:
+        tracing.end_server(started, "OK", "worker add", {})
