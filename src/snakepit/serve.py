@@ -18,7 +18,8 @@ from . import logs
 from .grpc_options import DEFAULT_MAX_MESSAGE_MB
 from .router.discovery import StaticDiscovery
 from .router.pool import PoolConfig
-from .router.server import RouterConfig, RouterServer
+from .router.dataplane import make_router
+from .router.server import RouterConfig
 from .store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL
 from .supervisor import RestartPolicy, WorkerSlot
 from .worker.server import DEFAULT_ADAPTER
@@ -42,12 +43,13 @@ class ServeConfig:
     drain_timeout: float = 10.0
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     quiet: bool = False
+    data_path: str = "auto"
 
 
 class LocalPool:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.router = RouterServer(
+        self.router, self.data_path = make_router(
             RouterConfig(
                 host=config.host,
                 port=config.port,
@@ -57,6 +59,7 @@ class LocalPool:
                 max_sessions=config.max_sessions,
                 pool=config.pool,
                 max_message_mb=config.max_message_mb,
+                data_path=config.data_path,
             ),
             discovery=StaticDiscovery([]),
         )
@@ -138,13 +141,18 @@ def _progress(line: str, *, done: bool) -> None:
 
 async def run(config: ServeConfig) -> int:
     logs.setup("serve", "serve", level="warning")
-    pool = LocalPool(config)
+    try:
+        pool = LocalPool(config)
+    except ValueError as exc:
+        print(f"snakepit: {exc}", file=sys.stderr)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     print(
-        f"snakepit: starting {config.workers} workers (adapter {config.adapter}, store {config.store})",
+        f"snakepit: starting {config.workers} workers (adapter {config.adapter}, "
+        f"store {config.store}, {pool.data_path})",
         file=sys.stderr,
         flush=True,
     )

@@ -67,6 +67,8 @@ class RouterConfig:
     # HOST:PORT other router replicas reach this one at (hosted-tool calls are forwarded to the
     # replica holding the host's stream); default $POD_IP (else 127.0.0.1) and the bound port.
     advertise_address: str = ""
+    # Tool calls through HAProxy or the Python router: auto, haproxy, python (router/dataplane.py).
+    data_path: str = "auto"
 
 
 def default_router_id() -> str:

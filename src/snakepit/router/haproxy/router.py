@@ -1,0 +1,109 @@
+"""The router with HAProxy as its data path: HAProxy in front, the Python router behind it.
+
+HAProxy owns the public port and forwards tool calls straight to the workers (no Python on a
+tool call's path); everything else reaches the Python router on a loopback port. The Python side
+keeps doing what needs Python: discovery, health watches (mapped onto HAProxy servers through
+the runtime API), the session store, status and the routing table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import resource
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ...protocol import pb
+from ...supervisor import free_port
+from ..server import RouterConfig, RouterServer
+from .config import WORKERS_BACKEND, HaproxySpec, build_config, server_name
+from .process import HaproxyProcess
+from .runtime import HaproxyError, RuntimeApi
+from .servers import ServerSync
+
+log = logging.getLogger("snakepit.router")
+
+
+class HaproxyRouter(RouterServer):
+    """A ``RouterServer`` that serves its public port through HAProxy."""
+
+    def __init__(self, config: RouterConfig, **kwargs: Any) -> None:
+        self.public = config
+        # The Python router listens on loopback only; HAProxy keeps its connection open.
+        inner = dataclasses.replace(config, host="127.0.0.1", port=0, max_connection_age=0)
+        super().__init__(inner, **kwargs)
+        self._workdir = tempfile.TemporaryDirectory(prefix="snakepit-haproxy-")
+        self.api = RuntimeApi(str(Path(self._workdir.name) / "admin.sock"))
+        self.haproxy: HaproxyProcess | None = None
+        self.sync: ServerSync | None = None
+        self.control_port = 0
+
+    def spec(self, control_port: int) -> HaproxySpec:
+        pool = self.pool.config
+        host = self.public.host
+        return HaproxySpec(
+            host=host,
+            port=self.public.port or free_port("127.0.0.1" if host == "0.0.0.0" else host),
+            control_port=control_port,
+            admin_socket=self.api.socket_path,
+            worker_concurrency=pool.worker_concurrency,
+            queue_size=pool.queue_size,
+            queue_timeout=pool.queue_timeout,
+            vnodes=pool.vnodes,
+            maxconn=_maxconn(),
+        )
+
+    async def start(self) -> int:
+        self.control_port = await super().start()
+        spec = self.spec(self.control_port)
+        sync = self.sync = ServerSync(self.api, spec, self.pool)
+        self.pool.on_change = sync.notify
+        self._spawn(sync.run())
+        self.haproxy = HaproxyProcess(
+            build_config(spec), Path(self._workdir.name), self.api, on_restart=sync.reset
+        )
+        await self.haproxy.start()
+        sync.notify()
+        self.port = spec.port
+        log.info("haproxy data path serving", extra={"port": self.port})
+        return self.port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self.haproxy is not None:
+            await self.haproxy.stop(grace)
+        await super().stop(grace=0.5)
+        self._workdir.cleanup()
+
+    async def _pool_status(
+        self, request: pb.GetPoolStatusRequest, context: Any
+    ) -> pb.PoolStatus:
+        """The Python view (workers, sessions) with HAProxy's call counters in it."""
+        status: pb.PoolStatus = await super()._pool_status(request, context)
+        try:
+            stats = await self.api.backend_stats(WORKERS_BACKEND)
+        except (OSError, TimeoutError, HaproxyError):
+            return status
+        for worker in status.workers:
+            counters = stats.servers.get(server_name(worker.worker_id))
+            if counters is not None:
+                worker.in_flight = counters.in_flight
+                worker.served = counters.served
+                worker.failed = counters.failed
+        status.in_flight = sum(w.in_flight for w in status.workers)
+        status.busy = sum(w.in_flight >= w.capacity for w in status.workers)
+        status.queued = stats.queued
+        status.calls_total = sum(s.served for s in stats.servers.values())
+        status.calls_failed = sum(s.failed for s in stats.servers.values())
+        return status
+
+
+def _maxconn(ceiling: int = 10_000) -> int:
+    """As many connections as the file descriptor limit allows (HAProxy refuses to start above)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return ceiling
+    return max(256, min(ceiling, (hard - 100) // 2))
