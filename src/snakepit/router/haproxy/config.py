@@ -49,6 +49,7 @@ class HaproxySpec:
     threads: int = 1
     maxconn: int = 4096  # connections; each proxied one holds two file descriptors
     hard_stop_after: float = 30.0
+    log_requests: bool = False  # one line per call on stderr (debugging)
 
 
 def server_name(worker_id: str) -> str:
@@ -104,9 +105,11 @@ def build_config(spec: HaproxySpec) -> str:
         f"  stats socket {spec.admin_socket} mode 600 level admin",
         f"  hard-stop-after {_milliseconds(spec.hard_stop_after)}ms",
         "  tune.h2.max-concurrent-streams 1000",
+        *(["  log stderr format raw local0 info"] if spec.log_requests else []),
         "",
         "defaults",
         "  mode http",
+        *(["  log global", "  option httplog"] if spec.log_requests else []),
         "  timeout connect 2s",
         # gRPC deadlines belong to the caller (grpc-timeout reaches the worker); these only
         # reap connections nothing uses.
@@ -159,5 +162,9 @@ def add_server_command(spec: HaproxySpec, worker_id: str, address: str, server_i
     """The runtime API command that adds one worker (in maintenance until enabled)."""
     return (
         f"add server {WORKERS_BACKEND}/{server_name(worker_id)} {address} proto h2 "
-        f"id {server_id} weight {weight_for(spec.vnodes)} maxconn {spec.worker_concurrency}"
+        f"id {server_id} weight {weight_for(spec.vnodes)} maxconn {spec.worker_concurrency} "
+        # Passive ejection: the first failed connect marks the worker down, so the retry (and
+        # every later call) goes elsewhere; a TCP check every 250 ms brings it back.
+        "check inter 2s fastinter 250ms downinter 250ms rise 1 fall 2 "
+        "observe layer4 error-limit 1 on-error mark-down"
     )

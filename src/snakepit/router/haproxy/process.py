@@ -1,7 +1,7 @@
 """Run haproxy as a child of the router process: start it, restart it if it dies, stop it gently.
 
-The child asks the kernel to kill it when the router dies (``PR_SET_PDEATHSIG``), so a SIGKILLed
-router leaves no HAProxy holding its port. Stopping is HAProxy's soft stop (SIGUSR1): it closes
+The child is started with a parent-death signal (``setpriv --pdeathsig``), so a SIGKILLed router
+leaves no HAProxy holding its port. Stopping is HAProxy's soft stop (SIGUSR1): it closes
 its listener, sends GOAWAY to clients and lets the calls in flight finish, bounded by
 ``hard-stop-after`` in the config.
 """
@@ -9,22 +9,17 @@ its listener, sends GOAWAY to clients and lets the calls in flight finish, bound
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import logging
 import os
 import shutil
 import signal
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from .runtime import RuntimeApi
 
 log = logging.getLogger("snakepit.router")
 
 HAPROXY_ENV = "SNAKEPIT_HAPROXY"
-_PR_SET_PDEATHSIG = 1
 
 
 def haproxy_binary() -> str | None:
@@ -35,22 +30,25 @@ def haproxy_binary() -> str | None:
     return shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def _die_with_parent() -> list[str]:
+    """A command prefix that arms the parent-death signal in the child.
+
+    Not ``preexec_fn``: running Python between fork and exec in a process with grpc's threads
+    can deadlock or abort the child. util-linux's ``setpriv`` (Essential in Debian) does it.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
 class HaproxyProcess:
     def __init__(
         self,
         config_text: str,
-        workdir: Path,
         api: RuntimeApi,
         *,
         on_restart: Callable[[], None],
         binary: str | None = None,
     ) -> None:
-        self.config_path = workdir / "haproxy.cfg"
         self.config_text = config_text
         self.api = api
         self.binary = binary or haproxy_binary() or "haproxy"
@@ -62,23 +60,24 @@ class HaproxyProcess:
 
     async def start(self, timeout: float = 10.0) -> None:
         """Start haproxy and return once its runtime API answers."""
-        self.config_path.write_text(self.config_text)
         await self._spawn(timeout)
         self._task = asyncio.get_running_loop().create_task(self._supervise())
 
     async def _spawn(self, timeout: float) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.api.socket_path)  # a stale socket of an earlier run
+        # The configuration goes in on stdin: nothing on disk for a killed router to leave.
         self.process = await asyncio.create_subprocess_exec(
+            *_die_with_parent(),
             self.binary,
             "-db",
             "-f",
-            str(self.config_path),
+            "/dev/stdin",
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
-            preexec_fn=_die_with_parent,
         )
-        assert self.process.stderr is not None
+        assert self.process.stdin is not None and self.process.stderr is not None
+        self.process.stdin.write(self.config_text.encode())
+        self.process.stdin.close()
         self._relay = asyncio.get_running_loop().create_task(_relay(self.process.stderr))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -87,7 +86,7 @@ class HaproxyProcess:
                 raise RuntimeError(f"haproxy exited with {self.process.returncode} at start-up")
             if loop.time() > deadline:
                 self.process.kill()
-                raise RuntimeError(f"haproxy did not answer on {self.api.socket_path}")
+                raise RuntimeError(f"haproxy did not answer on {self.api.address}")
             await asyncio.sleep(0.02)
         log.info("haproxy running", extra={"pid": self.process.pid})
 

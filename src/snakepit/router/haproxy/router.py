@@ -12,8 +12,8 @@ import asyncio
 import dataclasses
 import logging
 import resource
-import tempfile
-from pathlib import Path
+import os
+import secrets
 from typing import Any
 
 from ...protocol import pb
@@ -35,8 +35,7 @@ class HaproxyRouter(RouterServer):
         # The Python router listens on loopback only; HAProxy keeps its connection open.
         inner = dataclasses.replace(config, host="127.0.0.1", port=0, max_connection_age=0)
         super().__init__(inner, **kwargs)
-        self._workdir = tempfile.TemporaryDirectory(prefix="snakepit-haproxy-")
-        self.api = RuntimeApi(str(Path(self._workdir.name) / "admin.sock"))
+        self.api = RuntimeApi(f"abns@snakepit-haproxy-{os.getpid()}-{secrets.token_hex(4)}")
         self.haproxy: HaproxyProcess | None = None
         self.sync: ServerSync | None = None
         self.control_port = 0
@@ -48,24 +47,23 @@ class HaproxyRouter(RouterServer):
             host=host,
             port=self.public.port or free_port("127.0.0.1" if host == "0.0.0.0" else host),
             control_port=control_port,
-            admin_socket=self.api.socket_path,
+            admin_socket=self.api.address,
             worker_concurrency=pool.worker_concurrency,
             queue_size=pool.queue_size,
             queue_timeout=pool.queue_timeout,
             vnodes=pool.vnodes,
             maxconn=_maxconn(),
+            log_requests=os.environ.get("SNAKEPIT_HAPROXY_LOG", "") not in ("", "0"),
         )
 
     async def start(self) -> int:
         self.control_port = await super().start()
         spec = self.spec(self.control_port)
         sync = self.sync = ServerSync(self.api, spec, self.pool)
+        self.haproxy = HaproxyProcess(build_config(spec), self.api, on_restart=sync.reset)
+        await self.haproxy.start()
         self.pool.on_change = sync.notify
         self._spawn(sync.run())
-        self.haproxy = HaproxyProcess(
-            build_config(spec), Path(self._workdir.name), self.api, on_restart=sync.reset
-        )
-        await self.haproxy.start()
         sync.notify()
         self.port = spec.port
         log.info("haproxy data path serving", extra={"port": self.port})
@@ -76,7 +74,6 @@ class HaproxyRouter(RouterServer):
         if self.haproxy is not None:
             await self.haproxy.stop(grace)
         await super().stop(grace=0.5)
-        self._workdir.cleanup()
 
     async def _pool_status(
         self, request: pb.GetPoolStatusRequest, context: Any
@@ -89,10 +86,15 @@ class HaproxyRouter(RouterServer):
             return status
         for worker in status.workers:
             counters = stats.servers.get(server_name(worker.worker_id))
+            # Ready means HAProxy sends it calls (the Python view may be a moment ahead).
+            worker.ready = counters is not None and (
+                counters.status.startswith("UP") or counters.status == "no check"
+            )
             if counters is not None:
                 worker.in_flight = counters.in_flight
                 worker.served = counters.served
                 worker.failed = counters.failed
+        status.workers_ready = sum(w.ready for w in status.workers)
         status.in_flight = sum(w.in_flight for w in status.workers)
         status.busy = sum(w.in_flight >= w.capacity for w in status.workers)
         status.queued = stats.queued

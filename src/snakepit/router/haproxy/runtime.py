@@ -36,14 +36,22 @@ class BackendStats:
 
 
 class RuntimeApi:
-    def __init__(self, socket_path: str, timeout: float = 5.0) -> None:
-        self.socket_path = socket_path
+    """``address``: a socket path, or ``abns@NAME`` (Linux abstract socket: no file to leave)."""
+
+    def __init__(self, address: str, timeout: float = 5.0) -> None:
+        self.address = address
         self.timeout = timeout
+        if address.startswith("abns@"):
+            # HAProxy binds abstract names padded with NULs to the whole sun_path (108 bytes).
+            name = "\0" + address.removeprefix("abns@")
+            self._path = name + "\0" * (108 - len(name))
+        else:
+            self._path = address
 
     async def run(self, *commands: str) -> str:
         """Send commands in one session; HAProxy's whole answer."""
         async with asyncio.timeout(self.timeout):
-            reader, writer = await asyncio.open_unix_connection(self.socket_path)
+            reader, writer = await asyncio.open_unix_connection(self._path)
             try:
                 writer.write(("; ".join(commands) + "\n").encode())
                 await writer.drain()

@@ -101,6 +101,7 @@ class ServerSync:
         if "already exists" not in answer:  # left over from before a sync failure
             check(answer, ok=("New server registered.",))
         server = self.servers[worker_id] = _Server(name, address, sid, "maint")
+        check(await self.api.run(f"enable health {self._path(server)}"))
         log.info("haproxy server added", extra={"worker": worker_id, "address": address})
         return server
 
