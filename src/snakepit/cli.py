@@ -55,9 +55,9 @@ def _pool_options(parser: argparse.ArgumentParser) -> None:
     _add(
         parser,
         "--data-path",
-        "auto",
+        "python",
         choices=["auto", "haproxy", "python"],
-        help="what carries tool calls: haproxy (when installed; the auto default) or python",
+        help="what carries tool calls: python (default), haproxy, or auto (haproxy when installed)",
     )
 
 

@@ -43,7 +43,7 @@ class ServeConfig:
     drain_timeout: float = 10.0
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     quiet: bool = False
-    data_path: str = "auto"
+    data_path: str = "python"
 
 
 class LocalPool:

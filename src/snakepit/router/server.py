@@ -68,7 +68,7 @@ class RouterConfig:
     # replica holding the host's stream); default $POD_IP (else 127.0.0.1) and the bound port.
     advertise_address: str = ""
     # Tool calls through HAProxy or the Python router: auto, haproxy, python (router/dataplane.py).
-    data_path: str = "auto"
+    data_path: str = "python"
 
 
 def default_router_id() -> str:

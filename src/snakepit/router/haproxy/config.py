@@ -29,6 +29,8 @@ from ..ring import weight_for
 WORKERS_BACKEND = "workers"
 CONTROL_BACKEND = "control"
 TOOL_METHODS = ("ExecuteTool", "ExecuteStreamingTool")
+BUFSIZE = 65536
+H2_WINDOW = 32768
 # HAProxy forbids most punctuation in server names; worker ids are pod names or host:port.
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]")
 
@@ -105,6 +107,12 @@ def build_config(spec: HaproxySpec) -> str:
         f"  stats socket {spec.admin_socket} mode 600 level admin",
         f"  hard-stop-after {_milliseconds(spec.hard_stop_after)}ms",
         "  tune.h2.max-concurrent-streams 1000",
+        # A call queued for a busy worker holds its request body in one buffer; a client may
+        # send no more than its stream window, so the window must fit in that buffer or the
+        # queued call blocks every other call on the client's connection (HAProxy demuxes an
+        # HTTP/2 connection in order). 64 KB buffers, 32 KB windows.
+        f"  tune.bufsize {BUFSIZE}",
+        f"  tune.h2.initial-window-size {H2_WINDOW}",
         *(["  log stderr format raw local0 info"] if spec.log_requests else []),
         "",
         "defaults",
