@@ -107,6 +107,7 @@ class Setup:
 class Sample:
     rate: float
     cpu_per_10k: dict[str, float]  # role -> CPU seconds per 10k calls
+    error_share: float  # calls that failed (ghz also counts the calls cut off at the end)
 
 
 def measure(ghz: Ghz, target: Target, seconds: float, in_flight: int) -> Sample:
@@ -117,6 +118,7 @@ def measure(ghz: Ghz, target: Target, seconds: float, in_flight: int) -> Sample:
     return Sample(
         rate=result.rate,
         cpu_per_10k={role: 1e4 * (after[role] - before[role]) / calls for role in target.pids},
+        error_share=result.errors / calls,
     )
 
 
@@ -169,9 +171,10 @@ def report(
             f"{rate[t.name] / rate[straight]:.2f}x",
             cpu_text,
             f"{p50:.2f}/{p99:.2f} ms" if t.name in latency else "",
+            f"{max(s.error_share for s in samples[t.name]):.1%}",
         ])  # fmt: skip
     lines = [table(["path", "calls/s", "vs straight", "CPU s per 10k calls",
-                    "p50/p99 at 50% load"], rows)]  # fmt: skip
+                    "p50/p99 at 50% load", "errors"], rows)]  # fmt: skip
     lines.append("")
     lines.append(
         f"worker vs bare: CPU per call {worker_cpu / cpu[bare]['server']:.2f}x (target <= 1.3), "

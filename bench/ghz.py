@@ -87,7 +87,9 @@ class Ghz:
         if rps:
             args += ["--rps", str(rps)]
         report = json.loads(subprocess.run([*args, target], capture_output=True, check=True).stdout)
-        latencies = {d["percentage"]: d["latency"] / 1e6 for d in report.get("latencyDistribution") or ()}
+        latencies = {
+            d["percentage"]: d["latency"] / 1e6 for d in report.get("latencyDistribution") or ()
+        }
         errors = sum((report.get("errorDistribution") or {}).values())
         return Result(
             rate=float(report["rps"]),

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 from . import logs
 from .grpc_options import DEFAULT_MAX_MESSAGE_MB
+from .router.dataplane import make_router
 from .router.discovery import StaticDiscovery
 from .router.pool import PoolConfig
-from .router.dataplane import make_router
 from .router.server import RouterConfig
 from .store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL
 from .supervisor import RestartPolicy, WorkerSlot

@@ -3,7 +3,7 @@
 One ring for every path a call can take. HAProxy (the router's native data path: ``balance
 hdr(snakepit-session-id)``, ``hash-type consistent crc32``) hashes the session id with CRC-32 and
 serves it from the ring node *closest* to that hash, on either side; each server owns
-``16 × weight`` nodes at ``full_hash(id × 4096 + n)`` (HAProxy's lb_chash.c, Bob Jenkins' 32-bit
+``16 * weight`` nodes at ``full_hash(id * 4096 + n)`` (HAProxy's lb_chash.c, Bob Jenkins' 32-bit
 avalanche). The Python data path and direct-mode clients build the very same ring here, so a
 session lands on the same worker whichever way its call goes (tests check it against a real
 HAProxy).

@@ -8,11 +8,10 @@ the runtime API), the session store, status and the routing table.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
-import resource
 import os
+import resource
 import secrets
 from typing import Any
 
@@ -75,9 +74,7 @@ class HaproxyRouter(RouterServer):
             await self.haproxy.stop(grace)
         await super().stop(grace=0.5)
 
-    async def _pool_status(
-        self, request: pb.GetPoolStatusRequest, context: Any
-    ) -> pb.PoolStatus:
+    async def _pool_status(self, request: pb.GetPoolStatusRequest, context: Any) -> pb.PoolStatus:
         """The Python view (workers, sessions) with HAProxy's call counters in it."""
         status: pb.PoolStatus = await super()._pool_status(request, context)
         try:
