@@ -56,7 +56,7 @@ def test_a_tool_that_turns_slow_on_the_loop_goes_back_to_a_thread_for_good() -> 
 
     async def run() -> list[str]:
         assert (await _until_inline(runner, where))[-1] == MAIN
-        adapter.delay = 0.02  # one slow run on the loop...
+        adapter.delay = 0.06  # one run that holds the loop too long...
         await runner.call(where, {})
         adapter.delay = 0.0  # ...and even quick runs stay in threads afterwards
         return [await runner.call(where, {}) for _ in range(INLINE_AFTER * 3)]

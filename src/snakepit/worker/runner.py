@@ -3,9 +3,11 @@
 Handing a call to a thread and back costs more CPU than a trivial tool itself (a third of the
 worker's CPU on small calls, measured with py-spy). So a sync tool that keeps finishing quickly
 in its thread (``INLINE_AFTER`` runs in a row under ``QUICK_SECONDS``) runs on the event loop
-instead; the first inline run that takes longer than ``SLOW_SECONDS`` sends it back to the thread
-pool for good, so the loop is held up at most once by a tool that turns out slow. Tools that take
-a ``SessionContext`` always run in a thread: their store calls go through the loop.
+instead; the first inline run that uses more than ``SLOW_SECONDS`` of CPU, or holds the loop for
+more than ``BLOCKED_SECONDS``, sends it back to the thread pool for good, so the loop is held up
+at most once by a tool that turns out slow. (CPU time, not wall time, for the first bound: on a
+busy machine the scheduler may preempt a 5 us tool for milliseconds.) Tools that take a
+``SessionContext`` always run in a thread: their store calls go through the loop.
 
 Streaming tools are pulled one item at a time, only when the previous item has been handed to
 gRPC, so a slow client slows the generator down instead of filling memory; closing the returned
@@ -26,6 +28,7 @@ _DONE = object()
 INLINE_AFTER = 20
 QUICK_SECONDS = 0.0002
 SLOW_SECONDS = 0.002
+BLOCKED_SECONDS = 0.05
 
 
 class _Pace:
@@ -44,8 +47,8 @@ class _Pace:
         self.quick_runs = self.quick_runs + 1 if seconds < QUICK_SECONDS else 0
         self.inline = self.quick_runs >= INLINE_AFTER
 
-    def ran_inline(self, seconds: float) -> None:
-        if seconds > SLOW_SECONDS:
+    def ran_inline(self, cpu_seconds: float, seconds: float) -> None:
+        if cpu_seconds > SLOW_SECONDS or seconds > BLOCKED_SECONDS:
             self.inline = False
             self.threaded_for_good = True
 
@@ -67,11 +70,11 @@ class ToolRunner:
         if pace is None:
             pace = self._pace[tool.name] = _Pace(may_inline=tool.context_param is None)
         if pace.inline:
-            started = time.perf_counter()
+            cpu, started = time.thread_time(), time.perf_counter()
             try:
                 return tool.fn(**kwargs)
             finally:
-                pace.ran_inline(time.perf_counter() - started)
+                pace.ran_inline(time.thread_time() - cpu, time.perf_counter() - started)
         loop = asyncio.get_running_loop()
         result, seconds = await loop.run_in_executor(self.executor, _timed, tool.fn, kwargs)
         pace.ran_in_thread(seconds)
