@@ -98,3 +98,22 @@ def test_the_runtime_api_answers_on_an_abstract_socket() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        ((), "data path: python (asked for)"),
+        (("--data-path", "auto"), "data path: haproxy"),
+        (("--data-path", "auto", "--affinity", "strict"), "data path: python (strict affinity"),
+    ],
+)
+def test_serve_says_which_data_path_it_uses(
+    procs: ProcessFactory, flags: tuple[str, ...], said: str
+) -> None:
+    from snakepit import Client
+
+    pool = procs.serve(*flags, workers=1)
+    assert said in pool.logs()
+    with Client(pool.address) as client:
+        assert client.execute("add", a=1, b=2) == 3
