@@ -140,9 +140,6 @@ def build_config(spec: HaproxySpec) -> str:
         f"  default_backend {CONTROL_BACKEND}",
         "",
         f"backend {WORKERS_BACKEND}",
-        # Multiplex calls on a few HTTP/2 connections per worker: the default ("safe") opens a
-        # connection per concurrent call, and accepting connections costs the worker CPU.
-        "  http-reuse always",
         f"  balance hdr({SESSION_ID_KEY})",
         "  hash-type consistent crc32",
         f"  hash-balance-factor {spec.balance_factor}",
@@ -176,6 +173,6 @@ def add_server_command(spec: HaproxySpec, worker_id: str, address: str, server_i
         f"id {server_id} weight {weight_for(spec.vnodes)} maxconn {spec.worker_concurrency} "
         # Passive ejection: the first failed connect marks the worker down, so the retry (and
         # every later call) goes elsewhere; a TCP check every 250 ms brings it back.
-        "pool-max-conn 2 check inter 2s fastinter 250ms downinter 250ms rise 1 fall 2 "
+        "check inter 2s fastinter 250ms downinter 250ms rise 1 fall 2 "
         "observe layer4 error-limit 1 on-error mark-down"
     )
