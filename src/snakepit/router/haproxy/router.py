@@ -17,7 +17,7 @@ from typing import Any
 
 from ...protocol import pb
 from ...supervisor import free_port
-from ..server import RouterConfig, RouterServer
+from ..server import RouterConfig, RouterServer, advertised_address
 from .config import WORKERS_BACKEND, HaproxySpec, build_config, server_name
 from .process import HaproxyProcess
 from .runtime import HaproxyError, RuntimeApi
@@ -39,12 +39,11 @@ class HaproxyRouter(RouterServer):
         self.sync: ServerSync | None = None
         self.control_port = 0
 
-    def spec(self, control_port: int) -> HaproxySpec:
+    def spec(self, port: int, control_port: int) -> HaproxySpec:
         pool = self.pool.config
-        host = self.public.host
         return HaproxySpec(
-            host=host,
-            port=self.public.port or free_port("127.0.0.1" if host == "0.0.0.0" else host),
+            host=self.public.host,
+            port=port,
             control_port=control_port,
             admin_socket=self.api.address,
             worker_concurrency=pool.worker_concurrency,
@@ -56,8 +55,15 @@ class HaproxyRouter(RouterServer):
         )
 
     async def start(self) -> int:
+        host = self.public.host
+        port = self.public.port or free_port("127.0.0.1" if host == "0.0.0.0" else host)
+        # Other replicas reach this one (hosted-tool forwarding) through HAProxy's public port,
+        # whose non-tool RPCs go to the Python router.
+        self.config = dataclasses.replace(
+            self.config, advertise_address=advertised_address(self.public, port)
+        )
         self.control_port = await super().start()
-        spec = self.spec(self.control_port)
+        spec = self.spec(port, self.control_port)
         sync = self.sync = ServerSync(self.api, spec, self.pool)
         self.haproxy = HaproxyProcess(build_config(spec), self.api, on_restart=sync.reset)
         await self.haproxy.start()
