@@ -1,8 +1,10 @@
 """Pool benchmarks: straight to a worker vs through the router vs direct mode; scaling with workers.
 
-    python bench/pool.py [--seconds S]
+    python bench/pool.py [--seconds S] [--rounds R]
 
-Every process is a child of this one. Printed side by side (issue 4 targets):
+Every process is a child of this one. First the ghz run of ``datapath.py`` (the bare grpc.aio
+floor, a worker, the router on each data path; issue 11 targets), then, side by side (issue 4
+targets):
 - small calls (``add``), latency p50/p99 one at a time and throughput with many in flight:
   direct mode >= 0.9x and the router >= 0.6x the straight-to-worker throughput;
 - I/O-bound calls (``sleep(0.05)``) with 1, 2, 4, 8 workers: >= 0.9 * N x one worker;
@@ -23,6 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import free_port, spawn, table, wait_serving
+from datapath import run as data_paths
 
 from snakepit import AsyncClient, Client
 
@@ -186,9 +189,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each throughput run")
     parser.add_argument("--in-flight", type=int, default=32, help="concurrent small calls")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the ghz run")
     args = parser.parse_args()
 
-    print(f"small calls (add): latency one at a time; throughput with {args.in_flight} in flight")
+    print(f"small calls (add) with ghz, {args.in_flight} in flight, {args.rounds} rounds "
+          "interleaved, medians; one worker behind both router data paths")  # fmt: skip
+    print(data_paths(args.rounds, args.seconds, args.in_flight))
+
+    print(f"\nsmall calls (add) from the Python client: latency one at a time; throughput with "
+          f"{args.in_flight} in flight")  # fmt: skip
     print(
         table(
             ["path", "p50", "p99", "throughput", "vs straight"],

@@ -53,6 +53,13 @@ def _pool_options(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--session-ttl", 3600.0, float, help="seconds a session lives after its last use")
     _add(parser, "--max-sessions", 10_000, int, help="live sessions the store accepts")
     _add(parser, "--max-message-mb", DEFAULT_MAX_MESSAGE_MB, int, help="largest message accepted")
+    _add(
+        parser,
+        "--data-path",
+        "python",
+        choices=["auto", "haproxy", "python"],
+        help="what carries tool calls: python (default), haproxy, or auto (haproxy when installed)",
+    )
 
 
 def _pool_config(args: argparse.Namespace) -> Any:
@@ -358,6 +365,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_message_mb=args.max_message_mb,
         quiet=not args.verbose,
         metrics_port=args.metrics_port,
+        data_path=args.data_path,
     )
     return asyncio.run(run(config))
 
@@ -407,6 +415,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
         max_connection_age=args.max_connection_age,
         advertise_address=args.advertise_address,
         metrics_port=args.metrics_port,
+        data_path=args.data_path,
     )
     return asyncio.run(serve(config, shutdown_delay=args.shutdown_delay))
 

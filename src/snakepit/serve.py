@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 from . import logs, tracing
 from .grpc_options import DEFAULT_MAX_MESSAGE_MB
+from .router.dataplane import make_router
 from .router.discovery import StaticDiscovery
 from .router.pool import PoolConfig
-from .router.server import RouterConfig, RouterServer
+from .router.server import RouterConfig
 from .store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL
 from .supervisor import RestartPolicy, WorkerSlot, free_port
 from .worker.server import DEFAULT_ADAPTER
@@ -45,12 +46,13 @@ class ServeConfig:
     # The router's Prometheus port (0: any free port); workers then serve theirs on free ports,
     # listed by `snakepit status`. None: no metrics at all.
     metrics_port: int | None = None
+    data_path: str = "python"
 
 
 class LocalPool:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.router = RouterServer(
+        self.router, self.data_path = make_router(
             RouterConfig(
                 host=config.host,
                 port=config.port,
@@ -61,6 +63,7 @@ class LocalPool:
                 pool=config.pool,
                 max_message_mb=config.max_message_mb,
                 metrics_port=config.metrics_port,
+                data_path=config.data_path,
             ),
             discovery=StaticDiscovery([]),
         )
@@ -152,13 +155,18 @@ def _progress(line: str, *, done: bool) -> None:
 async def run(config: ServeConfig) -> int:
     logs.setup("serve", "serve", level="warning")
     tracing.setup("snakepit-router")  # the workers, children with this environment, do the same
-    pool = LocalPool(config)
+    try:
+        pool = LocalPool(config)
+    except ValueError as exc:
+        print(f"snakepit: {exc}", file=sys.stderr)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     print(
-        f"snakepit: starting {config.workers} workers (adapter {config.adapter}, store {config.store})",
+        f"snakepit: starting {config.workers} workers (adapter {config.adapter}, "
+        f"store {config.store}, {pool.data_path})",
         file=sys.stderr,
         flush=True,
     )

@@ -16,7 +16,8 @@ import logging
 import signal
 
 from .. import logs, tracing
-from .server import RouterConfig, RouterServer, default_router_id
+from .dataplane import make_router
+from .server import RouterConfig, default_router_id
 
 __all__ = ["RouterConfig", "serve"]
 
@@ -28,7 +29,8 @@ async def serve(
 ) -> int:
     logs.setup("router", config.router_id or default_router_id())
     tracing.setup("snakepit-router")
-    router = RouterServer(config)
+    router, data_path = make_router(config)
+    log.info(data_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

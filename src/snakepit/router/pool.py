@@ -11,7 +11,7 @@ import asyncio
 import collections
 import itertools
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted, Unavailable
@@ -58,6 +58,8 @@ class WorkerPool:
         self.calls_total = 0
         self.calls_failed = 0
         self.latencies_ms: collections.deque[float] = collections.deque(maxlen=4096)
+        # Called after every change of membership or health (the HAProxy data path follows it).
+        self.on_change: Callable[[], None] | None = None
 
     # Membership ------------------------------------------------------------------------------
     def set_workers(self, addresses: Mapping[str, str]) -> None:
@@ -88,6 +90,8 @@ class WorkerPool:
             self.ring = HashRing(ready, self.config.vnodes)
             self.ring_version += 1
         self._dispatch()
+        if self.on_change is not None:
+            self.on_change()
 
     def mark_draining(self, handle: WorkerHandle) -> None:
         """A worker refused a call because it is leaving: out of the ring now."""

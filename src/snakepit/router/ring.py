@@ -1,49 +1,113 @@
-"""Consistent hashing of session ids over workers.
+"""Consistent hashing of session ids over workers: HAProxy's ring, computed in Python.
 
-Pure and deterministic: two routers (or a router and a direct-mode client) that see the same
-worker ids build the same ring and prefer the same worker for a session without talking to each
-other. Each worker owns ``vnodes`` points at ``blake2b-64(f"{worker_id}#{i}")`` (big-endian); a
-key is served by the first point clockwise from ``blake2b-64(key)``. Adding or removing one
-worker moves only the sessions that worker owned or takes over.
+One ring for every path a call can take. HAProxy (the router's native data path: ``balance
+hdr(snakepit-session-id)``, ``hash-type consistent crc32``) hashes the session id with CRC-32 and
+serves it from the ring node *closest* to that hash, on either side; each server owns
+``16 * weight`` nodes at ``full_hash(id * 4096 + n)`` (HAProxy's lb_chash.c, Bob Jenkins' 32-bit
+avalanche). The Python data path and direct-mode clients build the very same ring here, so a
+session lands on the same worker whichever way its call goes (tests check it against a real
+HAProxy).
+
+Node positions depend only on a server's numeric id, so the id is derived from the worker's
+name (``server_id``): two router replicas, or a router and a client, that see the same worker
+names build the same ring without talking to each other. Adding or removing one worker moves only
+the sessions that worker owned or takes over.
 """
 
 from __future__ import annotations
 
 import bisect
-import hashlib
 import math
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
 
 DEFAULT_VNODES = 64
-HASH_NAME = "blake2b-64"
+HASH_NAME = "haproxy-chash-crc32"
+WEIGHT_SCALE = 16  # HAProxy's BE_WEIGHT_SCALE: ring nodes per unit of server weight
+# lb_chash.c: a server's nodes sit at full_hash(puid * SRV_EWGHT_RANGE + node).
+_EWGHT_RANGE = 256 * WEIGHT_SCALE
+# Ids stay below 2**19 so that id * 4096 + node fits HAProxy's 32-bit signed int.
+MAX_SERVER_ID = (1 << 19) - 1
+_MASK = 0xFFFFFFFF
 
 
-def hash64(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+def full_hash(a: int) -> int:
+    """HAProxy's ``full_hash`` (32-bit unsigned arithmetic throughout)."""
+    a = ((a + 0x7ED55D16) + (a << 12)) & _MASK
+    a = ((a ^ 0xC761C23C) ^ (a >> 19)) & _MASK
+    a = ((a + 0x165667B1) + (a << 5)) & _MASK
+    a = ((a + 0xD3A2646C) ^ (a << 9)) & _MASK
+    a = ((a + 0xFD7046C5) + (a << 3)) & _MASK
+    a = ((a ^ 0xB55A4F09) ^ (a >> 16)) & _MASK
+    return (a * 3221225473) & _MASK
+
+
+def key_hash(key: str) -> int:
+    """``hash-type consistent crc32`` without a modifier: plain CRC-32 of the header value."""
+    return zlib.crc32(key.encode())
+
+
+def server_id(worker_id: str, taken: Iterable[int] = ()) -> int:
+    """A worker's HAProxy server id: from its name, probing past ids already in use."""
+    used = set(taken)
+    candidate = 1 + zlib.crc32(worker_id.encode()) % MAX_SERVER_ID
+    while candidate in used:
+        candidate = candidate % MAX_SERVER_ID + 1
+    return candidate
+
+
+def server_ids(worker_ids: Iterable[str]) -> dict[str, int]:
+    """Ids for a set of workers, sorted first so that every replica resolves a clash alike."""
+    ids: dict[str, int] = {}
+    for worker in sorted(set(worker_ids)):
+        ids[worker] = server_id(worker, ids.values())
+    return ids
+
+
+def weight_for(vnodes: int) -> int:
+    """The HAProxy server weight that gives ``vnodes`` ring nodes (a multiple of 16)."""
+    if vnodes <= 0 or vnodes % WEIGHT_SCALE:
+        raise ValueError(f"vnodes must be a positive multiple of {WEIGHT_SCALE}, got {vnodes}")
+    return vnodes // WEIGHT_SCALE
 
 
 class HashRing:
+    """The ring HAProxy builds for these workers, all with the weight ``vnodes / 16``."""
+
     __slots__ = ("_owners", "_points", "vnodes", "workers")
 
-    def __init__(self, worker_ids: Iterable[str], vnodes: int = DEFAULT_VNODES) -> None:
-        self.vnodes = vnodes
+    def __init__(
+        self,
+        worker_ids: Iterable[str],
+        vnodes: int = DEFAULT_VNODES,
+        ids: Mapping[str, int] | None = None,
+    ) -> None:
+        self.vnodes = WEIGHT_SCALE * weight_for(vnodes)
         self.workers = tuple(sorted(set(worker_ids)))
-        points = sorted(
-            (hash64(f"{worker}#{i}"), worker) for worker in self.workers for i in range(vnodes)
+        ids = ids if ids is not None else server_ids(self.workers)
+        nodes = sorted(
+            (full_hash(ids[worker] * _EWGHT_RANGE + n), worker)
+            for worker in self.workers
+            for n in range(self.vnodes)
         )
-        self._points = [p for p, _ in points]
-        self._owners = [w for _, w in points]
+        self._points = [p for p, _ in nodes]
+        self._owners = [w for _, w in nodes]
 
     def __len__(self) -> int:
         return len(self.workers)
 
     def candidates(self, key: str) -> Iterator[str]:
-        """Distinct workers in ring order from ``key``'s position: the preferred one first."""
-        if not self._points:
-            return
-        start = bisect.bisect_left(self._points, hash64(key))
-        seen: set[str] = set()
+        """Distinct workers in the order HAProxy tries them: the closest node's, then onwards."""
         total = len(self._points)
+        if not total:
+            return
+        h = key_hash(key)
+        start = bisect.bisect_left(self._points, h) % total
+        before = (start - 1) % total
+        # eb32_lookup_ge, then HAProxy takes the node before when it is at least as close.
+        if (h - self._points[before]) & _MASK <= (self._points[start] - h) & _MASK:
+            start = before
+        seen: set[str] = set()
         for offset in range(total):
             owner = self._owners[(start + offset) % total]
             if owner not in seen:
@@ -60,7 +124,8 @@ def load_bound(total_in_flight: int, workers: int, factor: float = 1.25) -> int:
     """The bounded-load cap: no worker takes a new call while above ``factor`` times the mean.
 
     From "Consistent Hashing with Bounded Loads" (Mirrokni, Thorup, Zadimoghaddam): it keeps a
-    busy session's calls from piling onto one worker while the others idle.
+    busy session's calls from piling onto one worker while the others idle. HAProxy applies the
+    same rule as ``hash-balance-factor 125``.
     """
     if workers <= 0:
         return 0

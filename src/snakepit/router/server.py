@@ -73,6 +73,8 @@ class RouterConfig:
     advertise_address: str = ""
     # Prometheus metrics at http://host:metrics_port/metrics; None records and serves none.
     metrics_port: int | None = None
+    # Tool calls through HAProxy or the Python router: auto, haproxy, python (router/dataplane.py).
+    data_path: str = "python"
 
 
 def default_router_id() -> str:

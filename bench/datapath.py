@@ -1,0 +1,207 @@
+"""Small calls under ghz: the bare grpc.aio floor, a worker, and the router's two data paths.
+
+    python bench/datapath.py [--rounds R] [--seconds S] [--in-flight N]
+
+One worker serves both routers; the four targets are measured round by round, interleaved, with
+ghz (a Go load generator, so the client is not the limit). CPU per call comes from
+``/proc/PID/stat`` (utime + stime) of each server process over the run. Targets (issue 11):
+- through the router >= 0.85x straight-to-worker calls/s; router CPU per call <= 0.25x worker's;
+- worker CPU per call <= 1.3x the bare grpc.aio server's; worker calls/s >= 0.75x its;
+- p99 through the router <= p99 straight + 1 ms, at 50% of the worker's saturation rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import free_port, spawn, table, wait_serving
+from ghz import Ghz
+
+from snakepit import Client
+from snakepit.protocol.messages import encode_request, encode_result
+
+BARE_SERVER = """
+import asyncio, sys, grpc
+from grpc_health.v1 import health, health_pb2_grpc
+ANSWER = bytes.fromhex(sys.argv[2])
+async def main():
+    async def execute(request, context):
+        return ANSWER
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "snakepit.bridge.v1.BridgeService",
+        {"ExecuteTool": grpc.unary_unary_rpc_method_handler(execute)}),))
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    server.add_insecure_port("127.0.0.1:" + sys.argv[1])
+    await server.start()
+    await server.wait_for_termination()
+asyncio.run(main())
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Target:
+    name: str
+    address: str
+    pids: dict[str, int]  # process role -> pid, whose CPU is counted
+
+
+class Setup:
+    """The bare server, one worker, and a router on each data path: children of this process."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        answer = encode_result(3.0, "bare", 0.0)
+        bare_port, worker_port = free_port(), free_port()
+        bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(bare_port), answer.hex()])
+        self.procs.append(bare)
+        worker = spawn(["worker", "--host", "127.0.0.1", "--port", str(worker_port),
+                        "--worker-id", "w0", "--concurrency", "64"])  # fmt: skip
+        self.procs.append(worker)
+        wait_serving(f"127.0.0.1:{bare_port}")
+        wait_serving(f"127.0.0.1:{worker_port}")
+        self.targets = [
+            Target("bare grpc.aio server (floor)", f"127.0.0.1:{bare_port}", {"server": bare.pid}),
+            Target("straight to the worker", f"127.0.0.1:{worker_port}", {"worker": worker.pid}),
+        ]
+        for data_path in ("python", "haproxy"):
+            port = free_port()
+            router = spawn(["router", "--host", "127.0.0.1", "--port", str(port),
+                            "--workers", f"w0=127.0.0.1:{worker_port}", "--worker-concurrency",
+                            "64", "--data-path", data_path])  # fmt: skip
+            self.procs.append(router)
+            address = f"127.0.0.1:{port}"
+            wait_serving(address)
+            with Client(address) as client:
+                while client.status()["workers_ready"] < 1:
+                    pass
+            pids = {"worker": worker.pid, "router": router.pid}
+            for child in psutil.Process(router.pid).children():
+                if child.name() == "haproxy":
+                    pids["haproxy"] = child.pid
+            self.targets.append(Target(f"through the router ({data_path})", address, pids))
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Sample:
+    rate: float
+    cpu_per_10k: dict[str, float]  # role -> CPU seconds per 10k calls
+    error_share: float  # calls that failed (ghz also counts the calls cut off at the end)
+
+
+def measure(ghz: Ghz, target: Target, seconds: float, in_flight: int) -> Sample:
+    before = {role: cpu_seconds(pid) for role, pid in target.pids.items()}
+    result = ghz.run(target.address, seconds=seconds, concurrency=in_flight)
+    after = {role: cpu_seconds(pid) for role, pid in target.pids.items()}
+    calls = max(1, result.count)
+    return Sample(
+        rate=result.rate,
+        cpu_per_10k={role: 1e4 * (after[role] - before[role]) / calls for role in target.pids},
+        error_share=result.errors / calls,
+    )
+
+
+def run(rounds: int, seconds: float, in_flight: int) -> str:
+    setup = Setup()
+    ghz = Ghz(encode_request("add", {"a": 1, "b": 2}))
+    samples: dict[str, list[Sample]] = defaultdict(list)
+    latency: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    try:
+        for target in setup.targets:  # warm up every path once
+            ghz.run(target.address, seconds=1, concurrency=in_flight)
+        for _ in range(rounds):
+            for target in setup.targets:
+                samples[target.name].append(measure(ghz, target, seconds, in_flight))
+            # p99 at half the worker's saturation rate, straight vs through each router
+            half = int(samples["straight to the worker"][-1].rate / 2)
+            for target in setup.targets[1:]:
+                result = ghz.run(target.address, seconds=seconds, concurrency=in_flight, rps=half)
+                latency[target.name].append((result.p50_ms, result.p99_ms))
+    finally:
+        ghz.close()
+        setup.close()
+    return report(setup.targets, samples, latency)
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def report(
+    targets: list[Target],
+    samples: dict[str, list[Sample]],
+    latency: dict[str, list[tuple[float, float]]],
+) -> str:
+    rate = {t.name: _median([s.rate for s in samples[t.name]]) for t in targets}
+    cpu = {
+        t.name: {role: _median([s.cpu_per_10k[role] for s in samples[t.name]]) for role in t.pids}
+        for t in targets
+    }
+    bare, straight = targets[0].name, targets[1].name
+    worker_cpu = cpu[straight]["worker"]
+    rows = []
+    for t in targets:
+        cpu_text = ", ".join(f"{role} {value:.1f}" for role, value in cpu[t.name].items())
+        p50 = _median([p for p, _ in latency.get(t.name, [])])
+        p99 = _median([p for _, p in latency.get(t.name, [])])
+        rows.append([
+            t.name,
+            f"{rate[t.name]:.0f}/s",
+            f"{rate[t.name] / rate[straight]:.2f}x",
+            cpu_text,
+            f"{p50:.2f}/{p99:.2f} ms" if t.name in latency else "",
+            f"{max(s.error_share for s in samples[t.name]):.1%}",
+        ])  # fmt: skip
+    lines = [table(["path", "calls/s", "vs straight", "CPU s per 10k calls",
+                    "p50/p99 at 50% load", "errors"], rows)]  # fmt: skip
+    lines.append("")
+    lines.append(
+        f"worker vs bare: CPU per call {worker_cpu / cpu[bare]['server']:.2f}x (target <= 1.3), "
+        f"calls/s {rate[straight] / rate[bare]:.2f}x (target >= 0.75)"
+    )
+    straight_p99 = _median([p for _, p in latency[straight]])
+    for t in targets[2:]:
+        router_cpu = sum(v for role, v in cpu[t.name].items() if role != "worker")
+        p99 = _median([p for _, p in latency[t.name]])
+        lines.append(
+            f"{t.name}: {rate[t.name] / rate[straight]:.2f}x straight calls/s (target >= 0.85), "
+            f"router CPU per call {router_cpu / worker_cpu:.2f}x the worker's (target <= 0.25), "
+            f"p99 {p99 - straight_p99:+.2f} ms vs straight at 50% load (target <= +1 ms)"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of each ghz run")
+    parser.add_argument("--in-flight", type=int, default=32, help="concurrent calls")
+    args = parser.parse_args()
+    print(f"small calls (add) with ghz, {args.in_flight} in flight, {args.rounds} rounds, "
+          "medians; one worker behind both routers")  # fmt: skip
+    print(run(args.rounds, args.seconds, args.in_flight))
+
+
+if __name__ == "__main__":
+    main()

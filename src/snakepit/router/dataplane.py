@@ -1,0 +1,47 @@
+"""Which data path carries tool calls: the Python router (the default) or HAProxy (opt-in).
+
+HAProxy is not the default yet: under a mixed load with multi-MB requests, a worker leaving makes
+HAProxy 2.6 stall a client's whole HTTP/2 connection (docs/architecture.md, "Native data path").
+``auto`` takes HAProxy when the ``haproxy`` binary is there and the pool's affinity is ``hint``.
+Strict affinity stays on the Python router: it binds a session to the worker that served it last
+and fails its calls with FAILED_PRECONDITION while that worker is gone, which HAProxy's hashing
+cannot express (it would move the session to the next worker on the ring).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .pool import STRICT
+from .server import RouterConfig, RouterServer
+
+AUTO, HAPROXY, PYTHON = "auto", "haproxy", "python"
+DATA_PATHS = (AUTO, HAPROXY, PYTHON)
+
+
+def choose(requested: str, affinity: str) -> tuple[str, str]:
+    """The data path to use and why, for the start-up message."""
+    from .haproxy.process import haproxy_binary
+
+    if requested not in DATA_PATHS:
+        raise ValueError(f"data path must be one of {', '.join(DATA_PATHS)}, got {requested!r}")
+    if requested == PYTHON:
+        return PYTHON, "asked for"
+    binary = haproxy_binary()
+    if affinity == STRICT:
+        return PYTHON, "strict affinity needs the Python router"
+    if binary is None:
+        if requested == HAPROXY:
+            raise ValueError("--data-path haproxy, but no haproxy binary was found")
+        return PYTHON, "haproxy is not installed"
+    return HAPROXY, binary
+
+
+def make_router(config: RouterConfig, **kwargs: Any) -> tuple[RouterServer, str]:
+    """A router on the chosen data path, and a line saying which."""
+    path, why = choose(config.data_path, config.pool.affinity)
+    if path == HAPROXY:
+        from .haproxy.router import HaproxyRouter
+
+        return HaproxyRouter(config, **kwargs), f"data path: haproxy ({why})"
+    return RouterServer(config, **kwargs), f"data path: python ({why})"

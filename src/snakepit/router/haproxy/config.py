@@ -1,0 +1,178 @@
+"""haproxy.cfg for the router's data path, built from a spec by pure functions.
+
+HAProxy listens on the router's public port (HTTP/2 cleartext, gRPC's transport). Tool calls
+(``ExecuteTool``, ``ExecuteStreamingTool``) go to the ``workers`` backend: consistent hashing on
+the ``snakepit-session-id`` header with bounded load (``hash-balance-factor``), at most
+``worker_concurrency`` calls per worker (``maxconn``), the rest in HAProxy's queue for at most
+``queue_timeout``. Every other RPC (sessions, variables, status, health) goes to the Python
+router on a loopback port. Worker servers are not in the file: the Python router adds, drains
+and deletes them through the runtime API as discovery and health change, so scaling never
+reloads HAProxy.
+
+Errors HAProxy answers itself are real gRPC answers (``grpc-status`` and the
+``snakepit-error-bin`` detail, marked ``not_started``), with the status codes and messages the
+Python router uses: RESOURCE_EXHAUSTED for a full queue, DEADLINE_EXCEEDED for a call that waited
+out the queue timeout, UNAVAILABLE when no worker is ready or none could be reached.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass
+
+from ...errors import DeadlineExceeded, ResourceExhausted, SnakepitError, Unavailable
+from ...protocol import SERVICE_NAME
+from ...protocol.status import ERROR_DETAIL_KEY, SESSION_ID_KEY, detail_of
+from ..ring import weight_for
+
+WORKERS_BACKEND = "workers"
+CONTROL_BACKEND = "control"
+TOOL_METHODS = ("ExecuteTool", "ExecuteStreamingTool")
+BUFSIZE = 65536
+H2_WINDOW = 32768
+# HAProxy forbids most punctuation in server names; worker ids are pod names or host:port.
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]")
+
+
+@dataclass(frozen=True)
+class HaproxySpec:
+    """Everything haproxy.cfg depends on."""
+
+    host: str
+    port: int
+    control_port: int
+    admin_socket: str
+    worker_concurrency: int = 4
+    queue_size: int = 1000
+    queue_timeout: float = 30.0
+    vnodes: int = 64
+    balance_factor: int = 125  # percent of the mean load; 0 turns bounded load off
+    threads: int = 1
+    maxconn: int = 4096  # connections; each proxied one holds two file descriptors
+    hard_stop_after: float = 30.0
+    log_requests: bool = False  # one line per call on stderr (debugging)
+
+
+def server_name(worker_id: str) -> str:
+    return _NAME_UNSAFE.sub("_", worker_id)[:100] or "_"
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _quote(text: str) -> str:
+    """A double-quoted HAProxy argument (log-format: '%' is doubled)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
+
+
+def error_headers(error: SnakepitError) -> str:
+    """``hdr`` arguments that make an HAProxy reply a gRPC error: status, message, detail."""
+    return (
+        f"hdr grpc-status {error.code.value[0]} "
+        f"hdr grpc-message {_quote(error.message)} hdr {ERROR_DETAIL_KEY} {_detail(error)}"
+    )
+
+
+def _errors(spec: HaproxySpec) -> dict[str, SnakepitError]:
+    return {
+        "full": ResourceExhausted(
+            f"every worker is busy and the queue is full ({spec.queue_size} calls waiting)",
+            not_started=True,
+        ),
+        "waited": DeadlineExceeded(
+            f"waited {spec.queue_timeout:.3g}s in the queue and no worker became free "
+            f"({spec.worker_concurrency} calls each)",
+            not_started=True,
+        ),
+        "none": Unavailable("no worker is ready", not_started=True),
+        "unreachable": Unavailable(
+            "failed to connect to a worker (connection refused)", not_started=True
+        ),
+    }
+
+
+def build_config(spec: HaproxySpec) -> str:
+    """The whole haproxy.cfg for ``spec``."""
+    weight_for(spec.vnodes)  # validates
+    errors = _errors(spec)
+    tools = " ".join(f"/{SERVICE_NAME}/{method}" for method in TOOL_METHODS)
+    queue_ms = _milliseconds(spec.queue_timeout)
+    host = f"[{spec.host}]" if ":" in spec.host else spec.host
+    lines = [
+        "global",
+        f"  maxconn {spec.maxconn}",
+        f"  nbthread {spec.threads}",
+        f"  stats socket {spec.admin_socket} mode 600 level admin",
+        f"  hard-stop-after {_milliseconds(spec.hard_stop_after)}ms",
+        "  tune.h2.max-concurrent-streams 1000",
+        # A call queued for a busy worker holds its request body in one buffer; a client may
+        # send no more than its stream window, so the window must fit in that buffer or the
+        # queued call blocks every other call on the client's connection (HAProxy demuxes an
+        # HTTP/2 connection in order). 64 KB buffers, 32 KB windows.
+        f"  tune.bufsize {BUFSIZE}",
+        f"  tune.h2.initial-window-size {H2_WINDOW}",
+        *(["  log stderr format raw local0 info"] if spec.log_requests else []),
+        "",
+        "defaults",
+        "  mode http",
+        *(["  log global", "  option httplog"] if spec.log_requests else []),
+        "  timeout connect 2s",
+        # gRPC deadlines belong to the caller (grpc-timeout reaches the worker); these only
+        # reap connections nothing uses.
+        "  timeout client 24h",
+        "  timeout server 24h",
+        f"  timeout queue {queue_ms}ms",
+        # A call is sent elsewhere only when it never reached a worker: a failed connect.
+        "  retries 2",
+        "  option redispatch 1",
+        "  retry-on conn-failure",
+        "",
+        "frontend snakepit",
+        f"  bind {host}:{spec.port} proto h2",
+        f"  acl tool path {tools}",
+        f"  http-request return status 200 {error_headers(errors['none'])} "
+        f"if tool {{ nbsrv({WORKERS_BACKEND}) eq 0 }}",
+        f"  http-request return status 200 {error_headers(errors['full'])} "
+        f"if tool {{ queue({WORKERS_BACKEND}) ge {spec.queue_size} }}",
+        f"  use_backend {WORKERS_BACKEND} if tool",
+        f"  default_backend {CONTROL_BACKEND}",
+        "",
+        f"backend {WORKERS_BACKEND}",
+        f"  balance hdr({SESSION_ID_KEY})",
+        "  hash-type consistent crc32",
+        f"  hash-balance-factor {spec.balance_factor}",
+        # 503 is what HAProxy answers both for a queue timeout and for workers it could not
+        # reach; the time the call spent queued tells them apart.
+        f"  http-error status 503 {error_headers(errors['waited'])}",
+        '  http-after-response set-var-fmt(txn.queued_ms) "%Tw" if { status 503 }',
+        f"  http-after-response set-header grpc-status {errors['unreachable'].code.value[0]} "
+        f"if {{ status 503 }} {{ var(txn.queued_ms) -m int lt {queue_ms} }}",
+        f"  http-after-response set-header grpc-message {_quote(errors['unreachable'].message)} "
+        f"if {{ status 503 }} {{ var(txn.queued_ms) -m int lt {queue_ms} }}",
+        f"  http-after-response set-header {ERROR_DETAIL_KEY} "
+        f"{_detail(errors['unreachable'])} "
+        f"if {{ status 503 }} {{ var(txn.queued_ms) -m int lt {queue_ms} }}",
+        "",
+        f"backend {CONTROL_BACKEND}",
+        f"  server router 127.0.0.1:{spec.control_port} proto h2",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _detail(error: SnakepitError) -> str:
+    return base64.b64encode(detail_of(error).SerializeToString()).decode()
+
+
+def add_server_command(spec: HaproxySpec, worker_id: str, address: str, server_id: int) -> str:
+    """The runtime API command that adds one worker (in maintenance until enabled)."""
+    return (
+        f"add server {WORKERS_BACKEND}/{server_name(worker_id)} {address} proto h2 "
+        f"id {server_id} weight {weight_for(spec.vnodes)} maxconn {spec.worker_concurrency} "
+        # Passive ejection: the first failed connect marks the worker down, so the retry (and
+        # every later call) goes elsewhere; a TCP check every 250 ms brings it back.
+        "check inter 2s fastinter 250ms downinter 250ms rise 1 fall 2 "
+        "observe layer4 error-limit 1 on-error mark-down"
+    )

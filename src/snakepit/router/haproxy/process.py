@@ -1,0 +1,133 @@
+"""Run haproxy as a child of the router process: start it, restart it if it dies, stop it gently.
+
+The child is started with a parent-death signal (``setpriv --pdeathsig``), so a SIGKILLed router
+leaves no HAProxy holding its port. Stopping is HAProxy's soft stop (SIGUSR1): it closes
+its listener, sends GOAWAY to clients and lets the calls in flight finish, bounded by
+``hard-stop-after`` in the config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Callable
+
+from .runtime import RuntimeApi
+
+log = logging.getLogger("snakepit.router")
+
+HAPROXY_ENV = "SNAKEPIT_HAPROXY"
+
+
+def haproxy_binary() -> str | None:
+    """The haproxy executable: ``$SNAKEPIT_HAPROXY``, else ``haproxy`` on PATH (or sbin)."""
+    named = os.environ.get(HAPROXY_ENV)
+    if named:
+        return named
+    return shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
+
+
+def _die_with_parent() -> list[str]:
+    """A command prefix that arms the parent-death signal in the child.
+
+    Not ``preexec_fn``: running Python between fork and exec in a process with grpc's threads
+    can deadlock or abort the child. util-linux's ``setpriv`` (Essential in Debian) does it.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+
+
+class HaproxyProcess:
+    def __init__(
+        self,
+        config_text: str,
+        api: RuntimeApi,
+        *,
+        on_restart: Callable[[], None],
+        binary: str | None = None,
+    ) -> None:
+        self.config_text = config_text
+        self.api = api
+        self.binary = binary or haproxy_binary() or "haproxy"
+        self.on_restart = on_restart
+        self.process: asyncio.subprocess.Process | None = None
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._relay: asyncio.Task[None] | None = None
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Start haproxy and return once its runtime API answers."""
+        await self._spawn(timeout)
+        self._task = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def _spawn(self, timeout: float) -> None:
+        # The configuration goes in on stdin: nothing on disk for a killed router to leave.
+        self.process = await asyncio.create_subprocess_exec(
+            *_die_with_parent(),
+            self.binary,
+            "-db",
+            "-f",
+            "/dev/stdin",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert self.process.stdin is not None and self.process.stderr is not None
+        self.process.stdin.write(self.config_text.encode())
+        self.process.stdin.close()
+        self._relay = asyncio.get_running_loop().create_task(_relay(self.process.stderr))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not await self.api.ping():
+            if self.process.returncode is not None:
+                raise RuntimeError(f"haproxy exited with {self.process.returncode} at start-up")
+            if loop.time() > deadline:
+                self.process.kill()
+                raise RuntimeError(f"haproxy did not answer on {self.api.address}")
+            await asyncio.sleep(0.02)
+        log.info("haproxy running", extra={"pid": self.process.pid})
+
+    async def _supervise(self) -> None:
+        backoff = 0.1
+        while True:
+            assert self.process is not None
+            code = await self.process.wait()
+            if self._stopping:
+                return
+            log.error("haproxy exited, restarting", extra={"code": code, "backoff_s": backoff})
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+            try:
+                await self._spawn(10.0)
+            except RuntimeError as exc:
+                log.error("haproxy restart failed", extra={"error": str(exc)})
+                continue
+            backoff = 0.1
+            self.on_restart()
+
+    async def stop(self, grace: float) -> None:
+        """Soft stop: no new connections, calls in flight finish (up to ``grace`` seconds)."""
+        self._stopping = True
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        process.send_signal(signal.SIGUSR1)
+        try:
+            await asyncio.wait_for(process.wait(), grace)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+        if self._task is not None:
+            self._task.cancel()
+
+
+async def _relay(stream: asyncio.StreamReader) -> None:
+    """HAProxy's own messages (server state changes, alerts) into the router's log."""
+    async for raw in stream:
+        line = raw.decode(errors="replace").rstrip()
+        if line:
+            level = logging.ERROR if "[ALERT]" in line else logging.INFO
+            log.log(level, "haproxy: " + line)

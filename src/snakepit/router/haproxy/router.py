@@ -1,0 +1,114 @@
+"""The router with HAProxy as its data path: HAProxy in front, the Python router behind it.
+
+HAProxy owns the public port and forwards tool calls straight to the workers (no Python on a
+tool call's path); everything else reaches the Python router on a loopback port. The Python side
+keeps doing what needs Python: discovery, health watches (mapped onto HAProxy servers through
+the runtime API), the session store, status and the routing table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import resource
+import secrets
+from typing import Any
+
+from ...protocol import pb
+from ...supervisor import free_port
+from ..server import RouterConfig, RouterServer, advertised_address
+from .config import WORKERS_BACKEND, HaproxySpec, build_config, server_name
+from .process import HaproxyProcess
+from .runtime import HaproxyError, RuntimeApi
+from .servers import ServerSync
+
+log = logging.getLogger("snakepit.router")
+
+
+class HaproxyRouter(RouterServer):
+    """A ``RouterServer`` that serves its public port through HAProxy."""
+
+    def __init__(self, config: RouterConfig, **kwargs: Any) -> None:
+        self.public = config
+        # The Python router listens on loopback only; HAProxy keeps its connection open.
+        inner = dataclasses.replace(config, host="127.0.0.1", port=0, max_connection_age=0)
+        super().__init__(inner, **kwargs)
+        self.api = RuntimeApi(f"abns@snakepit-haproxy-{os.getpid()}-{secrets.token_hex(4)}")
+        self.haproxy: HaproxyProcess | None = None
+        self.sync: ServerSync | None = None
+        self.control_port = 0
+
+    def spec(self, port: int, control_port: int) -> HaproxySpec:
+        pool = self.pool.config
+        return HaproxySpec(
+            host=self.public.host,
+            port=port,
+            control_port=control_port,
+            admin_socket=self.api.address,
+            worker_concurrency=pool.worker_concurrency,
+            queue_size=pool.queue_size,
+            queue_timeout=pool.queue_timeout,
+            vnodes=pool.vnodes,
+            maxconn=_maxconn(),
+            log_requests=os.environ.get("SNAKEPIT_HAPROXY_LOG", "") not in ("", "0"),
+        )
+
+    async def start(self) -> int:
+        host = self.public.host
+        port = self.public.port or free_port("127.0.0.1" if host == "0.0.0.0" else host)
+        # Other replicas reach this one (hosted-tool forwarding) through HAProxy's public port,
+        # whose non-tool RPCs go to the Python router.
+        self.config = dataclasses.replace(
+            self.config, advertise_address=advertised_address(self.public, port)
+        )
+        self.control_port = await super().start()
+        spec = self.spec(port, self.control_port)
+        sync = self.sync = ServerSync(self.api, spec, self.pool)
+        self.haproxy = HaproxyProcess(build_config(spec), self.api, on_restart=sync.reset)
+        await self.haproxy.start()
+        self.pool.on_change = sync.notify
+        self._spawn(sync.run())
+        sync.notify()
+        self.port = spec.port
+        log.info("haproxy data path serving", extra={"port": self.port})
+        return self.port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self.haproxy is not None:
+            await self.haproxy.stop(grace)
+        await super().stop(grace=0.5)
+
+    async def _pool_status(self, request: pb.GetPoolStatusRequest, context: Any) -> pb.PoolStatus:
+        """The Python view (workers, sessions) with HAProxy's call counters in it."""
+        status: pb.PoolStatus = await super()._pool_status(request, context)
+        try:
+            stats = await self.api.backend_stats(WORKERS_BACKEND)
+        except (OSError, TimeoutError, HaproxyError):
+            return status
+        for worker in status.workers:
+            counters = stats.servers.get(server_name(worker.worker_id))
+            # Ready means HAProxy sends it calls (the Python view may be a moment ahead).
+            worker.ready = counters is not None and (
+                counters.status.startswith("UP") or counters.status == "no check"
+            )
+            if counters is not None:
+                worker.in_flight = counters.in_flight
+                worker.served = counters.served
+                worker.failed = counters.failed
+        status.workers_ready = sum(w.ready for w in status.workers)
+        status.in_flight = sum(w.in_flight for w in status.workers)
+        status.busy = sum(w.in_flight >= w.capacity for w in status.workers)
+        status.queued = stats.queued
+        status.calls_total = sum(s.served for s in stats.servers.values())
+        status.calls_failed = sum(s.failed for s in stats.servers.values())
+        return status
+
+
+def _maxconn(ceiling: int = 10_000) -> int:
+    """As many connections as the file descriptor limit allows (HAProxy refuses to start above)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return ceiling
+    return max(256, min(ceiling, (hard - 100) // 2))

@@ -1,0 +1,102 @@
+"""HAProxy's runtime API (the admin ``stats socket``): commands in, text out.
+
+One connection per batch of commands (``;``-separated), as HAProxy closes a non-interactive
+session after answering. Used to add, drain and delete worker servers without a reload, and to
+read the per-server counters behind ``GetPoolStatus``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+from dataclasses import dataclass
+
+
+class HaproxyError(Exception):
+    """HAProxy refused a command (its answer is the message)."""
+
+
+@dataclass(frozen=True)
+class ServerStats:
+    """One line of ``show stat`` for a server: what the pool status reports."""
+
+    name: str
+    in_flight: int  # scur: calls on the server now
+    queued: int  # qcur: calls waiting for this server
+    served: int  # stot: calls sent to it in total
+    failed: int  # eresp + econ: calls that failed on the way
+    status: str  # UP, DRAIN, MAINT, DOWN, no check
+
+
+@dataclass(frozen=True)
+class BackendStats:
+    servers: dict[str, ServerStats]
+    queued: int  # in the backend's queue and every server's
+
+
+class RuntimeApi:
+    """``address``: a socket path, or ``abns@NAME`` (Linux abstract socket: no file to leave)."""
+
+    def __init__(self, address: str, timeout: float = 5.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        if address.startswith("abns@"):
+            # HAProxy binds abstract names padded with NULs to the whole sun_path (108 bytes).
+            name = "\0" + address.removeprefix("abns@")
+            self._path = name + "\0" * (108 - len(name))
+        else:
+            self._path = address
+
+    async def run(self, *commands: str) -> str:
+        """Send commands in one session; HAProxy's whole answer."""
+        async with asyncio.timeout(self.timeout):
+            reader, writer = await asyncio.open_unix_connection(self._path)
+            try:
+                writer.write(("; ".join(commands) + "\n").encode())
+                await writer.drain()
+                return (await reader.read()).decode(errors="replace")
+            finally:
+                writer.close()
+
+    async def ping(self) -> bool:
+        try:
+            return "Name: HAProxy" in await self.run("show info")
+        except (OSError, TimeoutError):
+            return False
+
+    async def backend_stats(self, backend: str) -> BackendStats:
+        """Per-server counters of ``backend`` and its own queue (``show stat``, CSV)."""
+        text = await self.run("show stat")
+        servers: dict[str, ServerStats] = {}
+        queued = 0
+        for row in csv.DictReader(io.StringIO(text.lstrip("# "))):
+            if row.get("pxname") != backend or row.get("svname") == "FRONTEND":
+                continue
+            if row.get("svname") == "BACKEND":
+                queued = _int(row.get("qcur"))
+                continue
+            servers[row["svname"]] = ServerStats(
+                name=row["svname"],
+                in_flight=_int(row.get("scur")),
+                queued=_int(row.get("qcur")),
+                served=_int(row.get("stot")),
+                failed=_int(row.get("eresp")) + _int(row.get("econ")),
+                status=row.get("status", ""),
+            )
+        return BackendStats(servers, queued + sum(s.queued for s in servers.values()))
+
+
+def _int(value: str | None) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
+
+
+def check(answer: str, *, ok: tuple[str, ...] = ("",)) -> str:
+    """Raise unless HAProxy's answer is one of the expected ones (stripped)."""
+    text = answer.strip()
+    if text not in ok and not any(text.startswith(prefix) for prefix in ok if prefix):
+        raise HaproxyError(text)
+    return text

@@ -1,0 +1,119 @@
+"""The HAProxy data path's own pieces against a real HAProxy: config, ring, runtime API."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import shutil
+import subprocess
+
+import grpc
+import pytest
+
+from snakepit.protocol import pb
+from snakepit.router.haproxy.config import HaproxySpec, build_config, error_headers
+from snakepit.router.haproxy.process import haproxy_binary
+from snakepit.router.haproxy.runtime import RuntimeApi
+from snakepit.router.ring import HashRing
+from tests.fixtures.processes import ProcessFactory, free_port, start_pool
+
+pytestmark = pytest.mark.skipif(haproxy_binary() is None, reason="haproxy is not installed")
+
+
+@pytest.mark.parametrize(
+    ("host", "queue_size", "queue_timeout"), [("127.0.0.1", 1000, 30.0), ("::", 2, 0.5)]
+)
+def test_the_built_config_is_one_haproxy_accepts(
+    host: str, queue_size: int, queue_timeout: float
+) -> None:
+    spec = HaproxySpec(
+        host=host,
+        port=free_port(),
+        control_port=free_port(),
+        admin_socket="abns@snakepit-config-check",
+        queue_size=queue_size,
+        queue_timeout=queue_timeout,
+    )
+    checked = subprocess.run(
+        [str(haproxy_binary()), "-c", "-f", "/dev/stdin"],
+        input=build_config(spec).encode(),
+        capture_output=True,
+    )
+    assert checked.returncode == 0, checked.stderr.decode()
+    assert b"[WARNING]" not in checked.stderr, checked.stderr.decode()
+
+
+def test_an_haproxy_error_reply_carries_the_snakepit_error_detail() -> None:
+    from snakepit.errors import ResourceExhausted
+
+    headers = error_headers(ResourceExhausted("queue full", not_started=True)).split()
+    assert headers[headers.index("grpc-status") + 1] == str(
+        grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    )
+    detail = pb.ErrorDetail.FromString(base64.b64decode(headers[-1]))
+    assert (detail.type, detail.message, detail.not_started) == (
+        "ResourceExhausted",
+        "queue full",
+        True,
+    )
+
+
+def test_haproxy_sends_each_session_where_the_python_ring_says(
+    procs: ProcessFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Direct-mode clients and the Python data path compute HAProxy's own choice."""
+    monkeypatch.setenv("SNAKEPIT_DATA_PATH", "haproxy")
+    router, workers = start_pool(procs, 3)
+    ring = HashRing([str(w.extra["worker_id"]) for w in workers])
+    from snakepit import Client
+
+    with Client(router.address) as client:
+        for i in range(150):
+            session = client.session(f"ring-{i}-{'x' * (i % 7)}", keep=True)
+            assert session.execute("whoami")["worker_id"] == ring.preferred(session.id)
+
+
+def test_the_runtime_api_answers_on_an_abstract_socket() -> None:
+    name = f"abns@snakepit-test-{free_port()}"
+    config = f"global\n  stats socket {name} level admin\n"
+    proc = subprocess.Popen(
+        [str(shutil.which("haproxy") or haproxy_binary()), "-db", "-f", "/dev/stdin"],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(config.encode())
+    proc.stdin.close()
+    try:
+
+        async def ping() -> bool:
+            api = RuntimeApi(name)
+            for _ in range(200):
+                if await api.ping():
+                    return True
+                await asyncio.sleep(0.02)
+            return False
+
+        assert asyncio.run(ping())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        ((), "data path: python (asked for)"),
+        (("--data-path", "auto"), "data path: haproxy"),
+        (("--data-path", "auto", "--affinity", "strict"), "data path: python (strict affinity"),
+    ],
+)
+def test_serve_says_which_data_path_it_uses(
+    procs: ProcessFactory, flags: tuple[str, ...], said: str
+) -> None:
+    from snakepit import Client
+
+    pool = procs.serve(*flags, workers=1)
+    assert said in pool.logs()
+    with Client(pool.address) as client:
+        assert client.execute("add", a=1, b=2) == 3
