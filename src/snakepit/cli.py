@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--store",
         default=_env("store-url", "memory"),
-        help="session store: memory or redis://[:password@]host:port/db",
+        help="session store: memory or redis://host:port/db (password in $SNAKEPIT_STORE_PASSWORD)",
     )
     _pool_options(serve)
     serve.add_argument("--verbose", action="store_true", help="show the workers' JSON logs")

@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 from . import logs
 from .grpc_options import DEFAULT_MAX_MESSAGE_MB
@@ -115,7 +116,7 @@ class LocalPool:
                 shown = ready
             if ready == total:
                 return
-            if time.monotonic() > deadline or all(s.given_up for s in self.slots):
+            if time.monotonic() > deadline or all(s.failing for s in self.slots):
                 raise RuntimeError(
                     f"only {ready} of {total} workers became ready within {self.config.startup_timeout:g}s"
                 )
@@ -126,6 +127,19 @@ class LocalPool:
         await asyncio.gather(*(slot.stop(self.config.drain_timeout) for slot in self.slots))
         for task in self._tasks:
             task.cancel()
+
+
+def redacted(url: str) -> str:
+    """``url`` with any password replaced by ``***``: fit to print or log."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:
+        return "<unparsable store URL>"
 
 
 def _progress(line: str, *, done: bool) -> None:
@@ -144,14 +158,18 @@ async def run(config: ServeConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     print(
-        f"snakepit: starting {config.workers} workers (adapter {config.adapter}, store {config.store})",
+        f"snakepit: starting {config.workers} workers "
+        f"(adapter {config.adapter}, store {redacted(config.store)})",
         file=sys.stderr,
         flush=True,
     )
     try:
         await pool.start()
     except Exception as exc:
-        print(f"snakepit: could not start the pool: {exc}", file=sys.stderr)
+        print(
+            f"snakepit: could not start the pool: {str(exc).replace(config.store, redacted(config.store))}",
+            file=sys.stderr,
+        )
         await pool.stop()
         return 1
     target = f"{'localhost' if config.host in ('127.0.0.1', '0.0.0.0') else config.host}:{pool.router.port}"

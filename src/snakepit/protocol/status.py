@@ -7,14 +7,16 @@ unchanged, so a worker's error reaches the client as the worker raised it.
 
 from __future__ import annotations
 
+import logging
 import traceback
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
 from ..bridge.v1 import bridge_pb2 as pb
-from ..errors import SnakepitError, error_class_for
+from ..errors import Internal, SnakepitError, error_class_for
 
 SESSION_ID_KEY = "snakepit-session-id"
 CORRELATION_ID_KEY = "snakepit-correlation-id"
@@ -23,22 +25,62 @@ ERROR_DETAIL_KEY = "snakepit-error-bin"
 
 Metadata = Sequence[tuple[str, str | bytes]]
 
+# gRPC refuses response metadata above 16 KiB and the caller then sees RESOURCE_EXHAUSTED
+# instead of the error. The message travels twice (status details and ErrorDetail), so each
+# part is cut to fit: the head of a message, the tail of a traceback (where the raise is).
+MAX_MESSAGE_CHARS = 2000
+MAX_TRACEBACK_CHARS = 6000
+MAX_TYPE_CHARS = 200
+
+log = logging.getLogger("snakepit.errors")
+
+
+def truncate(text: str, limit: int) -> str:
+    """The head of ``text`` within ``limit`` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 40]}... [{len(text) - limit + 40} more characters]"
+
+
+def truncate_tail(text: str, limit: int) -> str:
+    """The tail of ``text`` within ``limit`` characters (a traceback ends where it was raised)."""
+    if len(text) <= limit:
+        return text
+    return f"[{len(text) - limit + 40} characters cut]...{text[-(limit - 40) :]}"
+
 
 def detail_of(
     exc: BaseException, worker_id: str = "", *, with_traceback: bool = True
 ) -> pb.ErrorDetail:
     if isinstance(exc, SnakepitError):
         return pb.ErrorDetail(
-            type=exc.remote_type or type(exc).__name__,
-            message=exc.message,
-            traceback=exc.remote_traceback or "",
+            type=truncate(exc.remote_type or type(exc).__name__, MAX_TYPE_CHARS),
+            message=truncate(exc.message, MAX_MESSAGE_CHARS),
+            traceback=truncate_tail(exc.remote_traceback or "", MAX_TRACEBACK_CHARS),
             worker_id=exc.worker_id or worker_id,
             not_started=exc.not_started,
         )
     tb = "".join(traceback.format_exception(exc)) if with_traceback else ""
     return pb.ErrorDetail(
-        type=type(exc).__name__, message=str(exc), traceback=tb, worker_id=worker_id
+        type=truncate(type(exc).__name__, MAX_TYPE_CHARS),
+        message=truncate(str(exc), MAX_MESSAGE_CHARS),
+        traceback=truncate_tail(tb, MAX_TRACEBACK_CHARS),
+        worker_id=worker_id,
     )
+
+
+def hide_internal(exc: BaseException) -> BaseException:
+    """What a caller may see of ``exc`` raised by the server's own code (not a tool's).
+
+    Our own errors pass as they are. Anything else is a bug: it is logged here with its
+    traceback under a fresh correlation id, and the caller gets only INTERNAL and that id, so
+    no server file path, line or internal state leaves the process.
+    """
+    if isinstance(exc, SnakepitError):
+        return exc
+    cid = uuid.uuid4().hex[:16]
+    log.error("internal error", exc_info=exc, extra={"error_id": cid})
+    return Internal(f"internal error (error id {cid}; the server log has the details)")
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
@@ -99,7 +141,7 @@ async def abort_with(
     """End an aio call with ``exc``'s status code and its ErrorDetail; never returns."""
     detail = detail_of(exc, worker_id, with_traceback=not isinstance(exc, SnakepitError))
     context.set_trailing_metadata(error_metadata(detail))
-    await context.abort(status_of(exc), detail.message or type(exc).__name__)
+    await context.abort(status_of(exc), detail.message or detail.type)
 
 
 _CONNECT_FAILURES = (

@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 from ..errors import InvalidArgument
 from ..protocol import SERVICE_NAME, Constraints, from_pb, pb
 from ..protocol import handlers as handlers_for
-from ..protocol.status import abort_with
+from ..protocol.status import abort_with, hide_internal
 from . import rules
 from .base import SessionStore, VariableChange
 
@@ -58,7 +58,7 @@ def _unary(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
         try:
             return await fn(self, request, context)
         except Exception as exc:
-            await abort_with(context, exc)
+            await abort_with(context, hide_internal(exc))
             raise  # abort_with has already ended the call by raising; this is for type checkers
 
     return handler
@@ -225,14 +225,14 @@ class StoreService:
             feed = self.store.watch(_sid(request.session_id), list(request.names) or None)
             await feed.ready()
         except Exception as exc:
-            await abort_with(context, exc)
+            await abort_with(context, hide_internal(exc))
             return
         try:
             await context.send_initial_metadata(((WATCH_READY_KEY, "1"),))
             async for change in feed:
                 yield update_of(change)
         except Exception as exc:
-            await abort_with(context, exc)
+            await abort_with(context, hide_internal(exc))
         finally:
             await feed.aclose()
 
