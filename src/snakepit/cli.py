@@ -52,6 +52,63 @@ def _pool_options(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--session-ttl", 3600.0, float, help="seconds a session lives after its last use")
     _add(parser, "--max-sessions", 10_000, int, help="live sessions the store accepts")
     _add(parser, "--max-message-mb", DEFAULT_MAX_MESSAGE_MB, int, help="largest message accepted")
+    from .store.limits import DEFAULT_LIMITS as lim
+
+    _add(parser, "--max-value-bytes", lim.max_value_bytes, int, help="stored bytes of one value")
+    _add(
+        parser,
+        "--max-session-bytes",
+        lim.max_session_bytes,
+        int,
+        help="value bytes a session holds",
+    )
+    _add(parser, "--max-variables", lim.max_variables, int, help="variables per session")
+    _add(
+        parser,
+        "--max-metadata-bytes",
+        lim.max_metadata_bytes,
+        int,
+        help="metadata per session/variable",
+    )
+    _add(
+        parser, "--max-session-ttl", lim.max_ttl, float, help="longest TTL a caller may ask for (s)"
+    )
+    _add(parser, "--max-watchers", lim.max_watchers, int, help="WatchVariables streams in total")
+    _add(
+        parser,
+        "--max-watchers-per-session",
+        lim.max_watchers_per_session,
+        int,
+        help="WatchVariables streams per session",
+    )
+
+
+def _max_call_seconds(parser: argparse.ArgumentParser) -> None:
+    from .worker.server import DEFAULT_MAX_CALL_SECONDS
+
+    _add(
+        parser,
+        "--max-call-seconds",
+        DEFAULT_MAX_CALL_SECONDS,
+        float,
+        help="longest a tool call may run, whatever its deadline (0: no limit; "
+        f"default {DEFAULT_MAX_CALL_SECONDS:g})",
+    )
+
+
+def _store_limits(args: argparse.Namespace) -> Any:
+    """The store limits the ``--max-*`` flags set (docs/security.md)."""
+    from .store.limits import StoreLimits
+
+    return StoreLimits(
+        max_value_bytes=args.max_value_bytes,
+        max_session_bytes=args.max_session_bytes,
+        max_variables=args.max_variables,
+        max_metadata_bytes=args.max_metadata_bytes,
+        max_ttl=args.max_session_ttl,
+        max_watchers=args.max_watchers,
+        max_watchers_per_session=args.max_watchers_per_session,
+    )
 
 
 def _pool_config(args: argparse.Namespace) -> Any:
@@ -92,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="session store: memory or redis://host:port/db (password in $SNAKEPIT_STORE_PASSWORD)",
     )
     _pool_options(serve)
+    _max_call_seconds(serve)
     serve.add_argument("--verbose", action="store_true", help="show the workers' JSON logs")
 
     worker = sub.add_parser("worker", help="run one worker process (what worker pods run)")
@@ -146,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="calls that may wait for a slot beyond --concurrency (default 4x the concurrency)",
     )
     _add(worker, "--backlog-timeout", 30.0, float, help="seconds a call may wait in the backlog")
+    _max_call_seconds(worker)
 
     router = sub.add_parser("router", help="run the router (what router pods run)")
     _add(router, "--host", "0.0.0.0")
@@ -311,6 +370,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         pool=_pool_config(args),
         max_message_mb=args.max_message_mb,
+        limits=_store_limits(args),
+        max_call_seconds=args.max_call_seconds,
         quiet=not args.verbose,
     )
     return asyncio.run(run(config))
@@ -338,6 +399,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         backlog=args.backlog,
         backlog_timeout=args.backlog_timeout,
         session_ttl=args.session_ttl,
+        max_call_seconds=args.max_call_seconds,
     )
     return asyncio.run(serve(config))
 
@@ -359,6 +421,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
         max_message_mb=args.max_message_mb,
         max_connection_age=args.max_connection_age,
         advertise_address=args.advertise_address,
+        limits=_store_limits(args),
     )
     return asyncio.run(serve(config, shutdown_delay=args.shutdown_delay))
 

@@ -21,8 +21,9 @@ from .router.discovery import StaticDiscovery
 from .router.pool import PoolConfig
 from .router.server import RouterConfig, RouterServer
 from .store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL
+from .store.limits import StoreLimits
 from .supervisor import RestartPolicy, WorkerSlot
-from .worker.server import DEFAULT_ADAPTER
+from .worker.server import DEFAULT_ADAPTER, DEFAULT_MAX_CALL_SECONDS
 
 log = logging.getLogger("snakepit.serve")
 
@@ -38,6 +39,8 @@ class ServeConfig:
     max_sessions: int = DEFAULT_MAX_SESSIONS
     pool: PoolConfig = field(default_factory=PoolConfig)
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
+    limits: StoreLimits = field(default_factory=StoreLimits)
+    max_call_seconds: float = DEFAULT_MAX_CALL_SECONDS
     worker_args: list[str] = field(default_factory=list)
     startup_timeout: float = 60.0
     drain_timeout: float = 10.0
@@ -58,6 +61,7 @@ class LocalPool:
                 max_sessions=config.max_sessions,
                 pool=config.pool,
                 max_message_mb=config.max_message_mb,
+                limits=config.limits,
             ),
             discovery=StaticDiscovery([]),
         )
@@ -76,6 +80,7 @@ class LocalPool:
             "--router", f"127.0.0.1:{router_port}",
             "--max-message-mb", str(config.max_message_mb),
             "--session-ttl", str(config.session_ttl),
+            "--max-call-seconds", str(config.max_call_seconds),
             *config.worker_args,
         ]  # fmt: skip
 

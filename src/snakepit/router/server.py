@@ -28,6 +28,7 @@ from ..protocol import SERVICE_NAME, pb
 from ..protocol import handlers as handlers_for
 from ..protocol.status import SESSION_ID_KEY, abort_with, error_from_rpc, find_metadata
 from ..store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL, SessionStore
+from ..store.limits import StoreLimits
 from .discovery import Discovery, StaticDiscovery
 from .hosting import FORWARDED_KEY, HostRegistry
 from .pool import PoolConfig, WorkerPool
@@ -67,6 +68,7 @@ class RouterConfig:
     # HOST:PORT other router replicas reach this one at (hosted-tool calls are forwarded to the
     # replica holding the host's stream); default $POD_IP (else 127.0.0.1) and the bound port.
     advertise_address: str = ""
+    limits: StoreLimits = field(default_factory=StoreLimits)
 
 
 def default_router_id() -> str:
@@ -132,6 +134,7 @@ class RouterServer:
                 self.config.store_url,
                 default_ttl=self.config.session_ttl,
                 max_sessions=self.config.max_sessions,
+                limits=self.config.limits,
             )
         if self.discovery is None:
             self.discovery = self._default_discovery()

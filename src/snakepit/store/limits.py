@@ -85,3 +85,35 @@ class StoreLimits:
 
 
 DEFAULT_LIMITS = StoreLimits()
+
+
+class WatcherSlots:
+    """Watchers of one store instance, per session and in total, held to the limits.
+
+    A feed takes a slot when it subscribes and gives it back exactly once when it ends, so a
+    caller cannot open thousands of streams that each hold memory or a Redis connection.
+    """
+
+    def __init__(self, limits: StoreLimits) -> None:
+        self.limits = limits
+        self.total = 0
+        self._by_session: dict[str, int] = {}
+
+    def take(self, session_id: str) -> None:
+        held = self._by_session.get(session_id, 0)
+        if held >= self.limits.max_watchers_per_session:
+            raise ResourceExhausted(
+                f"session {session_id!r} already has {held} watchers, its limit"
+            )
+        if self.total >= self.limits.max_watchers:
+            raise ResourceExhausted(f"this store already serves {self.total} watchers, its limit")
+        self._by_session[session_id] = held + 1
+        self.total += 1
+
+    def give_back(self, session_id: str) -> None:
+        held = self._by_session.get(session_id, 0)
+        if held <= 1:
+            self._by_session.pop(session_id, None)
+        else:
+            self._by_session[session_id] = held - 1
+        self.total -= 1

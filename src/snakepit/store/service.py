@@ -8,6 +8,7 @@ raises the same ``snakepit.errors`` exception the store raised here.
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
@@ -15,7 +16,7 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, ResourceExhausted
 from ..protocol import SERVICE_NAME, Constraints, from_pb, pb
 from ..protocol import handlers as handlers_for
 from ..protocol.status import abort_with, hide_internal
@@ -68,11 +69,27 @@ def _sid(session_id: str) -> str:
     return rules.check_session_id(session_id)
 
 
-def _value(msg: Any, field: str, what: str) -> Any:
+# Room for a value's framing (type name, tensor header) above the limit on its stored bytes.
+_VALUE_SLACK = 4096
+# Encoded watch updates kept for the other watchers of the same change.
+_SHARED_UPDATES = 64
+
+
+def _value(msg: Any, field: str, what: str, max_bytes: int) -> Any:
     if not msg.HasField(field):
         raise InvalidArgument(f"{what}: no value given")
+    return _decode(getattr(msg, field), what, max_bytes)
+
+
+def _decode(value: pb.Value, what: str, max_bytes: int) -> Any:
+    size = value.ByteSize()
+    if size > max_bytes + _VALUE_SLACK:
+        # Refused before decoding, which would cost the event loop time in proportion.
+        raise ResourceExhausted(
+            f"{what}: the value takes {size} bytes, above the limit of {max_bytes} bytes per value"
+        )
     try:
-        return from_pb(getattr(msg, field))
+        return from_pb(value)
     except InvalidArgument as exc:
         raise InvalidArgument(f"{what}: {exc.message}") from None
 
@@ -89,6 +106,24 @@ class StoreService:
 
     def __init__(self, store: SessionStore) -> None:
         self.store = store
+        self.max_value_bytes = store.limits.max_value_bytes
+        # Largest store request parsed at all: a SetVariables may fill a whole session.
+        self.max_request_bytes = store.limits.max_session_bytes + (1 << 20)
+        self._updates: collections.OrderedDict[int, tuple[VariableChange, bytes]] = (
+            collections.OrderedDict()
+        )
+
+    def encoded_update(self, change: VariableChange) -> bytes:
+        """``change`` as a serialised VariableUpdate, encoded once for all its watchers."""
+        key = id(change)
+        cached = self._updates.get(key)
+        if cached is not None and cached[0] is change:
+            return cached[1]
+        data = update_of(change).SerializeToString()
+        self._updates[key] = (change, data)  # the change is kept, so its id is not reused
+        if len(self._updates) > _SHARED_UPDATES:
+            self._updates.popitem(last=False)
+        return data
 
     # Sessions -------------------------------------------------------------------------------
     @_unary
@@ -137,7 +172,9 @@ class StoreService:
         self, request: pb.RegisterVariableRequest, context: Context
     ) -> pb.VariableResponse:
         what = f"RegisterVariable {request.name!r}"
-        value = _value(request, "value", what) if request.type != "null" else None
+        value = (
+            _value(request, "value", what, self.max_value_bytes) if request.type != "null" else None
+        )
         var = await self.store.register_variable(
             _sid(request.session_id),
             rules.check_name(request.name),
@@ -159,7 +196,7 @@ class StoreService:
     async def SetVariable(
         self, request: pb.SetVariableRequest, context: Context
     ) -> pb.VariableResponse:
-        value = _value(request, "value", f"SetVariable {request.name!r}")
+        value = _value(request, "value", f"SetVariable {request.name!r}", self.max_value_bytes)
         var = await self.store.set_variable(
             _sid(request.session_id),
             request.name,
@@ -175,7 +212,14 @@ class StoreService:
     async def GetVariables(
         self, request: pb.GetVariablesRequest, context: Context
     ) -> pb.VariablesResponse:
-        found = await self.store.get_variables(_sid(request.session_id), list(request.names))
+        # Each name once: repeated names would make a small request ask for many copies.
+        names = list(dict.fromkeys(request.names))
+        if len(names) > self.store.limits.max_variables:
+            raise InvalidArgument(
+                f"GetVariables asks for {len(names)} names; a session holds at most "
+                f"{self.store.limits.max_variables} variables"
+            )
+        found = await self.store.get_variables(_sid(request.session_id), names)
         return pb.VariablesResponse(variables=[var.to_proto() for var in found.values()])
 
     @_unary
@@ -185,10 +229,7 @@ class StoreService:
         sid = _sid(request.session_id)
         values = {}
         for name, msg in request.values.items():
-            try:
-                values[name] = from_pb(msg)
-            except InvalidArgument as exc:
-                raise InvalidArgument(f"SetVariables {name!r}: {exc.message}") from None
+            values[name] = _decode(msg, f"SetVariables {name!r}", self.max_value_bytes)
         written = await self.store.set_variables(sid, values)
         return pb.VariablesResponse(variables=[var.to_proto() for var in written.values()])
 
@@ -211,7 +252,7 @@ class StoreService:
         self, request: pb.IncrementVariableRequest, context: Context
     ) -> pb.VariableResponse:
         by = (
-            _value(request, "by", f"IncrementVariable {request.name!r}")
+            _value(request, "by", f"IncrementVariable {request.name!r}", 64)
             if request.HasField("by")
             else 1
         )
@@ -220,7 +261,7 @@ class StoreService:
 
     async def WatchVariables(
         self, request: pb.WatchVariablesRequest, context: Context
-    ) -> AsyncIterator[pb.VariableUpdate]:
+    ) -> AsyncIterator[bytes]:
         try:
             feed = self.store.watch(_sid(request.session_id), list(request.names) or None)
             await feed.ready()
@@ -230,7 +271,7 @@ class StoreService:
         try:
             await context.send_initial_metadata(((WATCH_READY_KEY, "1"),))
             async for change in feed:
-                yield update_of(change)
+                yield self.encoded_update(change)
         except Exception as exc:
             await abort_with(context, hide_internal(exc))
         finally:
@@ -242,7 +283,7 @@ def method_handlers(service: StoreService) -> dict[str, grpc.RpcMethodHandler[An
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for name, (request, _response, streaming) in _METHODS.items():
         factory = handlers_for.unary_stream if streaming else handlers_for.unary
-        handlers[name] = factory(getattr(service, name), request)
+        handlers[name] = factory(getattr(service, name), request, service.max_request_bytes)
     return handlers
 
 

@@ -54,6 +54,9 @@ from .tools import ToolDef, discover
 log = logging.getLogger("snakepit.worker")
 
 DEFAULT_ADAPTER = "snakepit.examples.showcase:ShowcaseAdapter"
+# The longest a tool call may run when neither the caller nor the operator says otherwise, so
+# calls without a deadline cannot hold worker slots forever (docs/security.md).
+DEFAULT_MAX_CALL_SECONDS = 300.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -74,6 +77,7 @@ class WorkerConfig:
     drain_timeout: float = 25.0
     drain_linger: float = 2.0
     session_ttl: float = 3600.0
+    max_call_seconds: float = DEFAULT_MAX_CALL_SECONDS
     # Calls that may wait for a slot beyond ``concurrency`` (-1: four times the concurrency).
     backlog: int = -1
     backlog_timeout: float = 30.0
@@ -361,7 +365,7 @@ class WorkerServer:
             raise
         except Exception as exc:
             self.failed += 1
-            await self._fail(context, exc)
+            await self._fail(context, exc, call)
         finally:
             self._release()
             logs.correlation_id.reset(token)
@@ -371,7 +375,7 @@ class WorkerServer:
         started = time.perf_counter()
         async with self._serving(context) as call:
             tool, kwargs, call.ctx = self._prepare(raw, context)
-            async with asyncio.timeout(context.time_remaining()):
+            async with asyncio.timeout(self._time_limit(context, tool, call)):
                 if tool.streaming:
                     value: Any = [item async for item in self.runner.stream(tool, kwargs)]
                 else:
@@ -390,7 +394,7 @@ class WorkerServer:
         async with self._serving(context) as call:
             tool, kwargs, call.ctx = self._prepare(raw, context)
             await context.send_initial_metadata(((WORKER_ID_KEY, self.worker_id),))
-            async with asyncio.timeout(context.time_remaining()):
+            async with asyncio.timeout(self._time_limit(context, tool, call)):
                 if tool.streaming:
                     seq = 0
                     async for item in self.runner.stream(tool, kwargs):
@@ -399,10 +403,34 @@ class WorkerServer:
                 else:
                     yield encode_chunk(await self.runner.call(tool, kwargs), 0)
 
-    async def _fail(self, context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+    def _time_limit(
+        self, context: grpc.aio.ServicerContext[Any, Any], tool: ToolDef, call: _Call
+    ) -> float | None:
+        """Seconds the call may run: its deadline, capped by ``max_call_seconds``."""
+        remaining: float | None = context.time_remaining()
+        cap = self.config.max_call_seconds
+        call.tool = tool
+        if cap and (remaining is None or cap < remaining):
+            call.capped = cap
+            return cap
+        return remaining
+
+    async def _fail(
+        self, context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, call: _Call
+    ) -> None:
         if isinstance(exc, TimeoutError):
-            exc = DeadlineExceeded("the call's deadline passed while the tool was running")
-        log.warning("call failed", extra={"error": type(exc).__name__, "detail": str(exc)})
+            if call.capped is None:
+                exc = DeadlineExceeded("the call's deadline passed while the tool was running")
+            else:
+                exc = DeadlineExceeded(
+                    f"the tool ran longer than this worker's limit of {call.capped:g} s "
+                    "(--max-call-seconds)"
+                )
+            if call.tool is not None and not call.tool.is_async and not self.draining:
+                # A thread cannot be stopped: the overrunning tool keeps its thread, so this
+                # worker is replaced once its other calls finish.
+                self._spawn(self.drain(f"sync tool {call.tool.name!r} overran its time limit"))
+        log.warning("call failed", extra={"error": type(exc).__name__, "detail": str(exc)[:1000]})
         await abort_with(context, exc, self.worker_id)
 
 
@@ -424,6 +452,8 @@ def _assigned(turn: asyncio.Future[None]) -> bool:
 @dataclass
 class _Call:
     ctx: SessionContext | None = None
+    tool: ToolDef | None = None
+    capped: float | None = None  # the server's limit, when it is shorter than the deadline
 
 
 def _correlation(context: grpc.aio.ServicerContext[Any, Any]) -> str:
