@@ -42,11 +42,14 @@ def truncate(text: str, limit: int) -> str:
     return f"{text[: limit - 40]}... [{len(text) - limit + 40} more characters]"
 
 
-def truncate_tail(text: str, limit: int) -> str:
-    """The tail of ``text`` within ``limit`` characters (a traceback ends where it was raised)."""
+def truncate_middle(text: str, limit: int) -> str:
+    """Head and tail of ``text`` within ``limit`` characters: a traceback's first frames and
+    its end, where it was raised (a long message in between is what gets cut)."""
     if len(text) <= limit:
         return text
-    return f"[{len(text) - limit + 40} characters cut]...{text[-(limit - 40) :]}"
+    keep = limit - 60
+    head, tail = text[: keep * 2 // 3], text[-(keep // 3) :]
+    return f"{head}\n... [{len(text) - len(head) - len(tail)} characters cut] ...\n{tail}"
 
 
 def detail_of(
@@ -56,7 +59,7 @@ def detail_of(
         return pb.ErrorDetail(
             type=truncate(exc.remote_type or type(exc).__name__, MAX_TYPE_CHARS),
             message=truncate(exc.message, MAX_MESSAGE_CHARS),
-            traceback=truncate_tail(exc.remote_traceback or "", MAX_TRACEBACK_CHARS),
+            traceback=truncate_middle(exc.remote_traceback or "", MAX_TRACEBACK_CHARS),
             worker_id=exc.worker_id or worker_id,
             not_started=exc.not_started,
         )
@@ -64,7 +67,7 @@ def detail_of(
     return pb.ErrorDetail(
         type=truncate(type(exc).__name__, MAX_TYPE_CHARS),
         message=truncate(str(exc), MAX_MESSAGE_CHARS),
-        traceback=truncate_tail(tb, MAX_TRACEBACK_CHARS),
+        traceback=truncate_middle(tb, MAX_TRACEBACK_CHARS),
         worker_id=worker_id,
     )
 

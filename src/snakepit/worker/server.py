@@ -115,6 +115,7 @@ class WorkerServer:
         # and leave the pool without a ready worker (gunicorn's max_requests_jitter).
         self._max_requests = config.max_requests + random.randint(0, config.max_requests // 10)
         self.draining = False
+        self.overran = False  # a sync tool still runs in a thread nobody can stop
         self._drained = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self.port = 0
@@ -428,7 +429,8 @@ class WorkerServer:
                 )
             if call.tool is not None and not call.tool.is_async and not self.draining:
                 # A thread cannot be stopped: the overrunning tool keeps its thread, so this
-                # worker is replaced once its other calls finish.
+                # worker is replaced once its other calls finish (and exits without joining it).
+                self.overran = True
                 self._spawn(self.drain(f"sync tool {call.tool.name!r} overran its time limit"))
         log.warning("call failed", extra={"error": type(exc).__name__, "detail": str(exc)[:1000]})
         await abort_with(context, exc, self.worker_id)
@@ -485,4 +487,8 @@ async def serve(config: WorkerConfig) -> int:
         log.exception("worker failed to start")
         return 1
     await worker.wait_closed()
+    if worker.overran:
+        # Interpreter exit would join the tool's thread, which may never return.
+        logging.shutdown()
+        os._exit(0)
     return 0
