@@ -120,7 +120,7 @@ async def test_first_pass_creates_secret_applies_children_and_writes_status() ->
     assert result is not None
     assert kube.created == ["Secret/demo-redis-auth"]
     assert "Deployment/demo-workers" in kube.applied
-    assert result.applied == 13
+    assert result.applied == 14
     (patch,) = kube.status_patches
     assert patch["observedGeneration"] == 1
     assert {c["type"] for c in patch["conditions"]} == {"Ready", "Progressing", "Degraded"}
@@ -271,12 +271,12 @@ def watch_everything(kube: FakeKube, children: Children) -> None:
 async def test_children_nobody_touched_are_not_applied_again() -> None:
     kube, reconciler, children = setup()
     first = await reconciler.reconcile(("ml", "demo"))
-    assert first is not None and first.applied == 13
+    assert first is not None and first.applied == 14
     watch_everything(kube, children)
     kube.applied.clear()
     again = await reconciler.reconcile(("ml", "demo"))
     assert again is not None
-    assert (again.applied, again.unchanged) == (0, 13)
+    assert (again.applied, again.unchanged) == (0, 14)
     assert kube.applied == []
 
 
@@ -335,7 +335,7 @@ async def test_a_deleted_pool_is_forgotten() -> None:
     assert ("ml", "demo") not in controller.known
     kube.applied.clear()
     await reconciler.reconcile(("ml", "demo"))  # same name again: nothing is taken for granted
-    assert len(kube.applied) == 13
+    assert len(kube.applied) == 14
 
 
 async def test_without_the_secret_nothing_is_applied_so_no_pod_rolls() -> None:

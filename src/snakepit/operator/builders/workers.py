@@ -7,7 +7,6 @@ from ..spec import JSON, WORKER_PORT, Pool
 from .common import (
     STORE_SECRET_ANNOTATION,
     TMP_MOUNT,
-    TMP_VOLUME,
     WORKER,
     Names,
     container_security_context,
@@ -18,11 +17,13 @@ from .common import (
     metadata,
     pod_security_context,
     pull_secrets,
+    resources_for,
     rolling_update,
     selector,
     spread_by_host,
     store_password_env,
     store_wiring,
+    tmp_volume,
 )
 
 # Time between SIGTERM and SIGKILL beyond the worker's own drain timeout: interpreter exit.
@@ -53,6 +54,8 @@ def worker_args(pool: Pool) -> list[str]:
         str(DRAIN_LINGER_SECONDS),
         "--session-ttl",
         str(spec.session.ttl_seconds),
+        "--max-call-seconds",
+        str(spec.max_call_seconds),
     ]
 
 
@@ -87,8 +90,7 @@ def build_worker_deployment(
     }
     if spec.env_from:
         container["envFrom"] = spec.env_from
-    if spec.resources:
-        container["resources"] = spec.resources
+    container["resources"] = resources_for(WORKER, spec.resources)
     pod_spec: JSON = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -97,7 +99,7 @@ def build_worker_deployment(
         ),
         "securityContext": pod_security_context(),
         "containers": [container],
-        "volumes": [TMP_VOLUME],
+        "volumes": [tmp_volume(WORKER)],
         "topologySpreadConstraints": overrides.topology_spread_constraints
         or spread_by_host(pool, WORKER),
     }
