@@ -30,6 +30,7 @@ class FakeKube:
         self.events: list[tuple[str, str, str]] = []
         self.refuse: set[str] = set()
         self.uids = 0
+        self.gets: list[str] = []
 
     @staticmethod
     def key(obj: dict[str, Any]) -> Key:
@@ -56,12 +57,15 @@ class FakeKube:
         return stored
 
     async def get(self, api_version: str, kind: str, ns: str, name: str) -> dict[str, Any] | None:
+        self.gets.append(f"{kind}/{name}")
         if f"get {kind}/{name}" in self.refuse:
             raise ApiError(500, "InternalError", "etcd is having a bad day")
         found = self.objects.get((api_version, kind, ns, name))
         return copy.deepcopy(found) if found else None
 
     async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        if f"create {obj['kind']}/{obj['metadata']['name']}" in self.refuse:
+            raise ApiError(500, "InternalError", "etcd is having a bad day")
         if self.key(obj) in self.objects:
             raise ApiError(409, "AlreadyExists", "exists")
         self.created.append(f"{obj['kind']}/{obj['metadata']['name']}")
@@ -131,10 +135,17 @@ async def test_password_secret_is_never_regenerated_or_rewritten() -> None:
     kube, reconciler, _ = setup()
     await reconciler.reconcile(("ml", "demo"))
     secret = await kube.get("v1", "Secret", "ml", "demo-redis-auth")
+    assert secret is not None
+    kube.gets.clear()
     for _ in range(3):
         await reconciler.reconcile(("ml", "demo"))
     assert kube.created == ["Secret/demo-redis-auth"]
     assert "Secret/demo-redis-auth" not in kube.applied
+    assert not [g for g in kube.gets if g.startswith("Secret/")]  # never read: no RBAC for it
+    workers = await kube.get("apps/v1", "Deployment", "ml", "demo-workers")
+    assert workers is not None
+    annotations = workers["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["snakepit.dev/store-secret-uid"] == secret["metadata"]["uid"]
     assert await kube.get("v1", "Secret", "ml", "demo-redis-auth") == secret
 
 
@@ -153,7 +164,7 @@ async def test_an_existing_secret_is_used_as_is() -> None:
     workers = await kube.get("apps/v1", "Deployment", "ml", "demo-workers")
     assert workers is not None
     annotations = workers["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["snakepit.dev/store-secret-uid"] == "mine"
+    assert annotations["snakepit.dev/store-secret-uid"] == "adopted"  # read without a Secret get
 
 
 async def test_unchanged_pass_writes_no_status_and_posts_no_event() -> None:
@@ -344,7 +355,7 @@ async def test_without_the_secret_nothing_is_applied_so_no_pod_rolls() -> None:
     workers = kube.objects[("apps/v1", "Deployment", "ml", "demo-workers")]
     workers["status"] = {"observedGeneration": 1, "replicas": 2, "readyReplicas": 2}
     watch_everything(kube, children)
-    kube.refuse.add("get Secret/demo-redis-auth")
+    kube.refuse.add("create Secret/demo-redis-auth")
     pool = kube.objects[("snakepit.dev/v1alpha1", "SnakepitPool", "ml", "demo")]
     pool["spec"] = {"replicas": 4}
     pool["metadata"]["generation"] = 2
