@@ -57,6 +57,13 @@ def _pool_options(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--max-value-bytes", lim.max_value_bytes, int, help="stored bytes of one value")
     _add(
         parser,
+        "--max-parsed-value-bytes",
+        lim.max_parsed_value_bytes,
+        int,
+        help="bytes of one string/list/map value (parsed on the router's loop)",
+    )
+    _add(
+        parser,
         "--max-session-bytes",
         lim.max_session_bytes,
         int,
@@ -102,6 +109,7 @@ def _store_limits(args: argparse.Namespace) -> Any:
 
     return StoreLimits(
         max_value_bytes=args.max_value_bytes,
+        max_parsed_value_bytes=args.max_parsed_value_bytes,
         max_session_bytes=args.max_session_bytes,
         max_variables=args.max_variables,
         max_metadata_bytes=args.max_metadata_bytes,

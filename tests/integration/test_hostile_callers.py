@@ -43,7 +43,9 @@ class _BuggyStore(MemoryStore):
 
 @pytest.fixture
 async def stub() -> AsyncIterator[pb_grpc.BridgeServiceStub]:
-    limits = StoreLimits(max_value_bytes=1 << 20, max_session_bytes=2 << 20)
+    limits = StoreLimits(
+        max_value_bytes=1 << 20, max_parsed_value_bytes=64 << 10, max_session_bytes=2 << 20
+    )
     server, target = await serve_store(_BuggyStore(limits=limits))
     channel = grpc.aio.insecure_channel(target, options=channel_options())
     try:

@@ -564,6 +564,17 @@ async def test_variable_and_byte_limits_refuse_whole_writes(backend: Backend) ->
     await store.set_variables("s", {"b": "z" * 400, "c": "w" * 400})
 
 
+async def test_parsed_values_have_a_lower_limit_than_copied_ones(backend: Backend) -> None:
+    store = await backend.make(limits=StoreLimits(max_parsed_value_bytes=1000))
+    await store.create_session("s")
+    for big in ("x" * 2000, list(range(500)), {"k": "v" * 2000}):
+        with pytest.raises(ResourceExhausted, match="bytes or a tensor"):
+            await store.set_variable("s", "v", big)
+    await store.set_variable("s", "b", b"x" * 5000)  # copied, not parsed: the larger limit
+    await store.set_variable("s", "t", np.zeros(1000))
+    assert {v.name for v in await store.list_variables("s")} == {"b", "t"}
+
+
 async def test_out_of_range_ttls_and_large_metadata_are_refused_leaving_nothing(
     backend: Backend, request: pytest.FixtureRequest
 ) -> None:

@@ -3,12 +3,13 @@
 The findings of docs/security.md each have a case here (ReDoS patterns, NaN bounds, huge
 integers, invalid UTF-8, deep nesting, impossible shapes), and hypothesis fuzzes the wire codec,
 the value codec, the constraints and the store's request checks with random and mutated bytes.
-A longer fuzz run of the same properties is ``bench/fuzz.py``.
+A longer run of the same properties is ``python bench/fuzz.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import numpy as np
@@ -26,8 +27,12 @@ from snakepit.protocol.wire import WireMessage
 from snakepit.store import rules
 from snakepit.store.limits import StoreLimits
 
+# bench/fuzz.py runs the same properties longer through SNAKEPIT_FUZZ_EXAMPLES.
 FUZZ = settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
+    max_examples=int(os.environ.get("SNAKEPIT_FUZZ_EXAMPLES", "300")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    database=None,
 )
 
 

@@ -99,6 +99,7 @@ class LimitsSpec:
     """``spec.limits``: the router's store limits (``--max-*`` flags); None keeps its default."""
 
     max_value_bytes: int | None = None
+    max_parsed_value_bytes: int | None = None
     max_session_bytes: int | None = None
     max_variables_per_session: int | None = None
     max_metadata_bytes: int | None = None
@@ -223,6 +224,7 @@ def _opt_int(raw: Mapping[str, Any], key: str) -> int | None:
 def _parse_limits(raw: Mapping[str, Any]) -> LimitsSpec:
     return LimitsSpec(
         max_value_bytes=_opt_int(raw, "maxValueBytes"),
+        max_parsed_value_bytes=_opt_int(raw, "maxParsedValueBytes"),
         max_session_bytes=_opt_int(raw, "maxSessionBytes"),
         max_variables_per_session=_opt_int(raw, "maxVariablesPerSession"),
         max_metadata_bytes=_opt_int(raw, "maxMetadataBytes"),

@@ -21,6 +21,9 @@ MiB = 1024 * 1024
 @dataclass(frozen=True, slots=True)
 class StoreLimits:
     max_value_bytes: int = 16 * MiB
+    # Values parsed element by element (JSON: strings, lists, maps, numbers) cost the router's
+    # event loop time in proportion to their size; bytes and tensors are only copied.
+    max_parsed_value_bytes: int = 1 * MiB
     max_session_bytes: int = 64 * MiB
     max_variables: int = 1000
     max_metadata_bytes: int = 16 * 1024
@@ -63,11 +66,18 @@ class StoreLimits:
                 )
         return dict(metadata)
 
-    def check_value_size(self, name: str, size: int) -> None:
+    def check_value_size(self, name: str, size: int, *, parsed: bool = False) -> None:
+        """Refuse a value above its limit: ``parsed`` for values decoded element by element."""
         if size > self.max_value_bytes:
             raise ResourceExhausted(
                 f"value of {name!r} takes {size} bytes, above the limit of "
                 f"{self.max_value_bytes} bytes per value"
+            )
+        if parsed and size > self.max_parsed_value_bytes:
+            raise ResourceExhausted(
+                f"value of {name!r} takes {size} bytes, above the limit of "
+                f"{self.max_parsed_value_bytes} bytes per string, list or map value "
+                "(store large data as bytes or a tensor)"
             )
 
     def check_session_growth(self, session_id: str, variables: int, total_bytes: int) -> None:

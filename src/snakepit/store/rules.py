@@ -99,6 +99,10 @@ def load_bytes(data: bytes) -> Any:
     return decode_value(data)
 
 
+# Types whose stored form is copied, not parsed, when read (raw bytes, binary arrays).
+_COPIED = frozenset({vt.BYTES, vt.TENSOR, vt.EMBEDDING})
+
+
 @dataclass(frozen=True, slots=True)
 class Declaration:
     """A variable's type, constraints and metadata, plus a token naming this declaration."""
@@ -136,7 +140,7 @@ class Declaration:
         coerced = vt.coerce(value, self.type, what)
         self.constraints.validate(coerced, self.type, what)
         data = store_bytes(coerced, self.type)
-        limits.check_value_size(name, len(data))
+        limits.check_value_size(name, len(data), parsed=self.type not in _COPIED)
         return coerced, data
 
 

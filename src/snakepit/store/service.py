@@ -22,6 +22,7 @@ from ..protocol import handlers as handlers_for
 from ..protocol.status import abort_with, hide_internal
 from . import rules
 from .base import SessionStore, VariableChange
+from .limits import StoreLimits
 
 # Initial metadata a WatchVariables call sends once its subscription is in place.
 WATCH_READY_KEY = "snakepit-watch-ready"
@@ -71,22 +72,36 @@ def _sid(session_id: str) -> str:
 
 # Room for a value's framing (type name, tensor header) above the limit on its stored bytes.
 _VALUE_SLACK = 4096
+# Payloads that decode by copying, not parsing.
+_COPIED = ("raw", "tensor")
 # Encoded watch updates kept for the other watchers of the same change.
 _SHARED_UPDATES = 64
 
 
-def _value(msg: Any, field: str, what: str, max_bytes: int) -> Any:
+def _value(msg: Any, field: str, what: str, limits: StoreLimits) -> Any:
     if not msg.HasField(field):
         raise InvalidArgument(f"{what}: no value given")
-    return _decode(getattr(msg, field), what, max_bytes)
+    return _decode(getattr(msg, field), what, limits)
 
 
-def _decode(value: pb.Value, what: str, max_bytes: int) -> Any:
+def _decode(value: pb.Value, what: str, limits: StoreLimits) -> Any:
+    """The value of a request, refused from its size before it is decoded (which would cost
+    the event loop time in proportion): bytes and tensors up to ``max_value_bytes``, values
+    parsed element by element (JSON, lists, maps) up to ``max_parsed_value_bytes``."""
     size = value.ByteSize()
-    if size > max_bytes + _VALUE_SLACK:
-        # Refused before decoding, which would cost the event loop time in proportion.
+    if size > limits.max_value_bytes + _VALUE_SLACK:
         raise ResourceExhausted(
-            f"{what}: the value takes {size} bytes, above the limit of {max_bytes} bytes per value"
+            f"{what}: the value takes {size} bytes, above the limit of "
+            f"{limits.max_value_bytes} bytes per value"
+        )
+    if (
+        value.WhichOneof("payload") not in _COPIED
+        and size > limits.max_parsed_value_bytes + _VALUE_SLACK
+    ):
+        raise ResourceExhausted(
+            f"{what}: the value takes {size} bytes, above the limit of "
+            f"{limits.max_parsed_value_bytes} bytes per string, list or map value "
+            "(store large data as bytes or a tensor)"
         )
     try:
         return from_pb(value)
@@ -106,7 +121,7 @@ class StoreService:
 
     def __init__(self, store: SessionStore) -> None:
         self.store = store
-        self.max_value_bytes = store.limits.max_value_bytes
+        self.limits = store.limits
         # Largest store request parsed at all: a SetVariables may fill a whole session.
         self.max_request_bytes = store.limits.max_session_bytes + (1 << 20)
         self._updates: collections.OrderedDict[int, tuple[VariableChange, bytes]] = (
@@ -172,9 +187,7 @@ class StoreService:
         self, request: pb.RegisterVariableRequest, context: Context
     ) -> pb.VariableResponse:
         what = f"RegisterVariable {request.name!r}"
-        value = (
-            _value(request, "value", what, self.max_value_bytes) if request.type != "null" else None
-        )
+        value = _value(request, "value", what, self.limits) if request.type != "null" else None
         var = await self.store.register_variable(
             _sid(request.session_id),
             rules.check_name(request.name),
@@ -196,7 +209,7 @@ class StoreService:
     async def SetVariable(
         self, request: pb.SetVariableRequest, context: Context
     ) -> pb.VariableResponse:
-        value = _value(request, "value", f"SetVariable {request.name!r}", self.max_value_bytes)
+        value = _value(request, "value", f"SetVariable {request.name!r}", self.limits)
         var = await self.store.set_variable(
             _sid(request.session_id),
             request.name,
@@ -229,7 +242,7 @@ class StoreService:
         sid = _sid(request.session_id)
         values = {}
         for name, msg in request.values.items():
-            values[name] = _decode(msg, f"SetVariables {name!r}", self.max_value_bytes)
+            values[name] = _decode(msg, f"SetVariables {name!r}", self.limits)
         written = await self.store.set_variables(sid, values)
         return pb.VariablesResponse(variables=[var.to_proto() for var in written.values()])
 
@@ -252,7 +265,7 @@ class StoreService:
         self, request: pb.IncrementVariableRequest, context: Context
     ) -> pb.VariableResponse:
         by = (
-            _value(request, "by", f"IncrementVariable {request.name!r}", 64)
+            _value(request, "by", f"IncrementVariable {request.name!r}", self.limits)
             if request.HasField("by")
             else 1
         )

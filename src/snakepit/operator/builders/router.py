@@ -40,6 +40,7 @@ ENDPOINTSLICE_RULE: JSON = {
 # spec.limits field -> the router flag it sets.
 _LIMIT_FLAGS = {
     "max_value_bytes": "--max-value-bytes",
+    "max_parsed_value_bytes": "--max-parsed-value-bytes",
     "max_session_bytes": "--max-session-bytes",
     "max_variables_per_session": "--max-variables",
     "max_metadata_bytes": "--max-metadata-bytes",
