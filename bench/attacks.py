@@ -12,8 +12,8 @@ of an older commit), so before and after can be measured side by side on one mac
 
 Attacks (docs/security.md): a ReDoS value against a ``(a+)+$`` pattern; one 100 MB write;
 writes of 15 MB strings and bytes; 300 watchers of one 1 MB variable; 20,000 sessions from one
-caller; 8 calls holding every worker slot (``sleep``). Every loop has a count and a time limit; every process is a child of
-this one and is stopped by its own handle.
+caller; 8 calls holding every worker slot (``sleep``). Every loop has a count and a time
+limit; every process is a child of this one and is stopped by its own handle.
 """
 
 from __future__ import annotations
