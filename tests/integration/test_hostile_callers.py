@@ -28,7 +28,7 @@ from snakepit.supervisor import RestartPolicy, WorkerSlot
 from tests.fixtures.processes import FAULTS, ProcessFactory
 from tests.fixtures.redis import RedisFactory
 
-from .test_store_contract import serve_store
+from .test_store_service import rpc_error, store_stub
 
 PROBE = "tests.support.adapters:ProbeAdapter"
 
@@ -46,19 +46,8 @@ async def stub() -> AsyncIterator[pb_grpc.BridgeServiceStub]:
     limits = StoreLimits(
         max_value_bytes=1 << 20, max_parsed_value_bytes=64 << 10, max_session_bytes=2 << 20
     )
-    server, target = await serve_store(_BuggyStore(limits=limits))
-    channel = grpc.aio.insecure_channel(target, options=channel_options())
-    try:
-        yield pb_grpc.BridgeServiceStub(channel)
-    finally:
-        await channel.close()
-        await server.stop(None)
-
-
-async def _error(call: object) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call  # type: ignore[misc]
-    return caught.value
+    async with store_stub(_BuggyStore(limits=limits)) as raw:
+        yield raw
 
 
 async def test_a_catastrophic_pattern_cannot_stall_the_store(
@@ -73,7 +62,7 @@ async def test_a_catastrophic_pattern_cannot_stall_the_store(
     )
     # Python's re needs hours for 40 characters; under RE2 this is refused at once.
     request = pb.SetVariableRequest(session_id="s", name="v", value=to_pb("a" * 40 + "!"))
-    error = await _error(stub.SetVariable(request, timeout=10))
+    error = await rpc_error(stub.SetVariable(request, timeout=10))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "does not match pattern" in (error.details() or "")
 
@@ -112,7 +101,7 @@ async def test_malformed_store_input_is_invalid_argument(stub: pb_grpc.BridgeSer
         ),
     }
     for message, call in cases.items():
-        error = await _error(call)
+        error = await rpc_error(call)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (message, error.details())
         assert message in (error.details() or ""), (message, error.details())
         assert not error_from_rpc(error).remote_traceback
@@ -121,7 +110,7 @@ async def test_malformed_store_input_is_invalid_argument(stub: pb_grpc.BridgeSer
 async def test_internal_errors_give_an_error_id_not_a_traceback(
     stub: pb_grpc.BridgeServiceStub, caplog: pytest.LogCaptureFixture
 ) -> None:
-    error = await _error(stub.ListSessions(pb.ListSessionsRequest()))
+    error = await rpc_error(stub.ListSessions(pb.ListSessionsRequest()))
     assert error.code() == grpc.StatusCode.INTERNAL
     assert "error id" in (error.details() or "")
     detail = dict(error.trailing_metadata() or ())[ERROR_DETAIL_KEY]
@@ -135,13 +124,13 @@ async def test_oversized_values_are_refused_before_decoding(
 ) -> None:
     await stub.InitializeSession(pb.InitializeSessionRequest(session_id="s"))
     value = to_pb(b"x" * (1 << 20 + 1))
-    error = await _error(
+    error = await rpc_error(
         stub.SetVariable(pb.SetVariableRequest(session_id="s", name="v", value=value))
     )
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "per value" in (error.details() or "")
     huge = pb.SetVariablesRequest(session_id="s", values={"a": to_pb(b"x" * (4 << 20))})
-    error = await _error(stub.SetVariables(huge))
+    error = await rpc_error(stub.SetVariables(huge))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than this server's limit" in (error.details() or "")
 
