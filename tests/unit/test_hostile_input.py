@@ -204,9 +204,13 @@ def test_fuzz_wire_messages_only_ever_raise_invalid_argument(data: bytes) -> Non
             decode(data)
 
 
+def _nested(inner: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner)
+
+
 _JSONISH = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    _nested,
     max_leaves=10,
 )
 
