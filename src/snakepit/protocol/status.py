@@ -25,31 +25,52 @@ ERROR_DETAIL_KEY = "snakepit-error-bin"
 
 Metadata = Sequence[tuple[str, str | bytes]]
 
-# gRPC refuses response metadata above 16 KiB and the caller then sees RESOURCE_EXHAUSTED
-# instead of the error. The message travels twice (status details and ErrorDetail), so each
-# part is cut to fit: the head of a message, the tail of a traceback (where the raise is).
-MAX_MESSAGE_CHARS = 2000
-MAX_TRACEBACK_CHARS = 6000
-MAX_TYPE_CHARS = 200
+# gRPC refuses response metadata above 16 KiB, and above 8 KiB (its soft limit) refuses it at
+# random; the caller then sees RESOURCE_EXHAUSTED instead of the error. So the parts are cut to
+# fit well under 8 KiB together, counted in UTF-8 bytes: the head of a message, the head and tail
+# of a traceback; the status details (percent-encoded on the wire) carry a short ASCII form.
+MAX_MESSAGE_BYTES = 1000
+MAX_TRACEBACK_BYTES = 3500
+MAX_TYPE_BYTES = 200
+MAX_DETAILS_CHARS = 300
 
 log = logging.getLogger("snakepit.errors")
 
 
-def truncate(text: str, limit: int) -> str:
-    """The head of ``text`` within ``limit`` characters, saying how much was cut."""
-    if len(text) <= limit:
-        return text
-    return f"{text[: limit - 40]}... [{len(text) - limit + 40} more characters]"
+def _head(text: str, max_bytes: int) -> str:
+    return text.encode("utf-8", "surrogatepass")[:max_bytes].decode("utf-8", "ignore")
 
 
-def truncate_middle(text: str, limit: int) -> str:
-    """Head and tail of ``text`` within ``limit`` characters: a traceback's first frames and
-    its end, where it was raised (a long message in between is what gets cut)."""
-    if len(text) <= limit:
+def _tail(text: str, max_bytes: int) -> str:
+    return text.encode("utf-8", "surrogatepass")[-max_bytes:].decode("utf-8", "ignore")
+
+
+def _size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def truncate(text: str, max_bytes: int) -> str:
+    """The head of ``text`` within ``max_bytes`` (UTF-8), saying how much was cut."""
+    if _size(text) <= max_bytes:
         return text
-    keep = limit - 60
-    head, tail = text[: keep * 2 // 3], text[-(keep // 3) :]
+    head = _head(text, max_bytes - 40)
+    return f"{head}... [{len(text) - len(head)} more characters]"
+
+
+def truncate_middle(text: str, max_bytes: int) -> str:
+    """Head and tail of ``text`` within ``max_bytes``: a traceback's first frames and its end,
+    where it was raised (a long message in between is what gets cut)."""
+    if _size(text) <= max_bytes:
+        return text
+    keep = max_bytes - 60
+    head, tail = _head(text, keep * 2 // 3), _tail(text, keep // 3)
     return f"{head}\n... [{len(text) - len(head) - len(tail)} characters cut] ...\n{tail}"
+
+
+def status_details(message: str) -> str:
+    """The short, ASCII form of a message that travels as the gRPC status details."""
+    short = message if len(message) <= MAX_DETAILS_CHARS else message[:MAX_DETAILS_CHARS] + "..."
+    return short.encode("ascii", "backslashreplace").decode("ascii")[: MAX_DETAILS_CHARS * 2]
 
 
 def detail_of(
@@ -57,17 +78,17 @@ def detail_of(
 ) -> pb.ErrorDetail:
     if isinstance(exc, SnakepitError):
         return pb.ErrorDetail(
-            type=truncate(exc.remote_type or type(exc).__name__, MAX_TYPE_CHARS),
-            message=truncate(exc.message, MAX_MESSAGE_CHARS),
-            traceback=truncate_middle(exc.remote_traceback or "", MAX_TRACEBACK_CHARS),
+            type=truncate(exc.remote_type or type(exc).__name__, MAX_TYPE_BYTES),
+            message=truncate(exc.message, MAX_MESSAGE_BYTES),
+            traceback=truncate_middle(exc.remote_traceback or "", MAX_TRACEBACK_BYTES),
             worker_id=exc.worker_id or worker_id,
             not_started=exc.not_started,
         )
     tb = "".join(traceback.format_exception(exc)) if with_traceback else ""
     return pb.ErrorDetail(
-        type=truncate(type(exc).__name__, MAX_TYPE_CHARS),
-        message=truncate(str(exc), MAX_MESSAGE_CHARS),
-        traceback=truncate_middle(tb, MAX_TRACEBACK_CHARS),
+        type=truncate(type(exc).__name__, MAX_TYPE_BYTES),
+        message=truncate(str(exc), MAX_MESSAGE_BYTES),
+        traceback=truncate_middle(tb, MAX_TRACEBACK_BYTES),
         worker_id=worker_id,
     )
 
@@ -144,7 +165,7 @@ async def abort_with(
     """End an aio call with ``exc``'s status code and its ErrorDetail; never returns."""
     detail = detail_of(exc, worker_id, with_traceback=not isinstance(exc, SnakepitError))
     context.set_trailing_metadata(error_metadata(detail))
-    await context.abort(status_of(exc), detail.message or detail.type)
+    await context.abort(status_of(exc), status_details(detail.message or detail.type))
 
 
 _CONNECT_FAILURES = (

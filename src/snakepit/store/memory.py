@@ -39,6 +39,7 @@ from .limits import DEFAULT_LIMITS, StoreLimits, WatcherSlots
 # Changes a watcher may have queued before it counts as too slow to be complete.
 DEFAULT_WATCH_BACKLOG = 10_000
 _END = object()
+_UNDECODED = object()
 
 
 @dataclass(slots=True)
@@ -49,11 +50,18 @@ class _Var:
     created_at: float
     updated_at: float
 
-    def view(self, name: str) -> Variable:
+    def view(self, name: str, checked: Any = _UNDECODED) -> Variable:
+        """The variable as callers see it; ``checked`` is the value just written, which an
+        immutable type may reuse instead of decoding what was stored (a second parse)."""
+        value = (
+            rules.load_bytes(self.data)
+            if checked is _UNDECODED
+            else rules.written_value(checked, self.data, self.decl.type)
+        )
         return Variable(
             name=name,
             type=self.decl.type,
-            value=rules.load_bytes(self.data),
+            value=value,
             version=self.version,
             created_at=self.created_at,
             updated_at=self.updated_at,
@@ -236,8 +244,13 @@ class MemoryStore(SessionStore):
 
     # Variables ------------------------------------------------------------------------------
     def _write(
-        self, session: _Session, name: str, decl: rules.Declaration, data: bytes
+        self,
+        session: _Session,
+        name: str,
+        decl: rules.Declaration,
+        prepared: tuple[Any, bytes],
     ) -> Variable:
+        checked, data = prepared
         now: float = self.clock()
         old = session.variables.get(name)
         if old is None:
@@ -248,7 +261,7 @@ class MemoryStore(SessionStore):
             session.value_bytes -= len(old.data)
             var.decl, var.data, var.version, var.updated_at = decl, data, old.version + 1, now
         session.value_bytes += len(data)
-        view = var.view(name)
+        view = var.view(name, checked)
         self._publish(session, VariableChange(session.session_id, name, "set", view, len(data)))
         return view
 
@@ -274,10 +287,10 @@ class MemoryStore(SessionStore):
     ) -> Variable:
         rules.check_name(name)
         decl = rules.Declaration.new(type_name, constraints, metadata, self.limits)
-        _, data = decl.prepare(value, name, self.limits)
+        prepared = decl.prepare(value, name, self.limits)
         session = self._live(session_id)
-        session.check_growth(self.limits, {name: data})
-        return self._write(session, name, decl, data)
+        session.check_growth(self.limits, {name: prepared[1]})
+        return self._write(session, name, decl, prepared)
 
     async def get_variable(self, session_id: str, name: str) -> Variable:
         session = self._live(session_id)
@@ -309,15 +322,15 @@ class MemoryStore(SessionStore):
                     f"variable {name!r} is at version {old.version}, not {expected_version}"
                 )
             decl = old.decl
-        _, data = decl.prepare(value, name, self.limits)
-        session.check_growth(self.limits, {name: data})
-        return self._write(session, name, decl, data)
+        prepared = decl.prepare(value, name, self.limits)
+        session.check_growth(self.limits, {name: prepared[1]})
+        return self._write(session, name, decl, prepared)
 
     async def set_variables(
         self, session_id: str, values: Mapping[str, Any]
     ) -> dict[str, Variable]:
         session = self._live(session_id)
-        staged: list[tuple[str, rules.Declaration, bytes]] = []
+        staged: list[tuple[str, rules.Declaration, tuple[Any, bytes]]] = []
         for name, value in values.items():
             rules.check_name(name)
             old = session.variables.get(name)
@@ -326,9 +339,9 @@ class MemoryStore(SessionStore):
                 if old is not None
                 else rules.inferred_declaration(value, None, self.limits)
             )
-            staged.append((name, decl, decl.prepare(value, name, self.limits)[1]))
-        session.check_growth(self.limits, {name: data for name, _, data in staged})
-        return {name: self._write(session, name, decl, data) for name, decl, data in staged}
+            staged.append((name, decl, decl.prepare(value, name, self.limits)))
+        session.check_growth(self.limits, {name: prepared[1] for name, _, prepared in staged})
+        return {name: self._write(session, name, decl, prep) for name, decl, prep in staged}
 
     async def delete_variable(self, session_id: str, name: str) -> bool:
         session = self._live(session_id)
@@ -350,11 +363,11 @@ class MemoryStore(SessionStore):
         kind = rules.increment_type(by, name, old.decl.type if old else None)
         if old is None:
             decl = rules.Declaration.new(kind)
-            data = decl.prepare(by, name, self.limits)[1]
-            session.check_growth(self.limits, {name: data})
-            return self._write(session, name, decl, data)
+            prepared = decl.prepare(by, name, self.limits)
+            session.check_growth(self.limits, {name: prepared[1]})
+            return self._write(session, name, decl, prepared)
         total = rules.add(rules.load_bytes(old.data), by, kind)
-        return self._write(session, name, old.decl, old.decl.prepare(total, name)[1])
+        return self._write(session, name, old.decl, old.decl.prepare(total, name, self.limits))
 
     # Watch ----------------------------------------------------------------------------------
     def watch(self, session_id: str, names: Sequence[str] | None = None) -> ChangeFeed:
