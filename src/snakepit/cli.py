@@ -435,8 +435,20 @@ def _cmd_router(args: argparse.Namespace) -> int:
 
 
 def _cmd_operator(args: argparse.Namespace) -> int:
-    from .operator.main import run
-
+    try:
+        from .operator.main import run
+    except ImportError as exc:
+        if exc.name not in ("kopf", "kubernetes") and not str(exc.name).startswith(
+            ("kopf.", "kubernetes.")
+        ):
+            raise
+        # The operator's libraries are an optional extra; say how to get them, not a traceback.
+        print(
+            f"snakepit operator needs the `operator` extra ({exc.name} is not installed): "
+            "pip install 'snakepit[operator]'",
+            file=sys.stderr,
+        )
+        return 2
     return run(
         namespaces=args.namespace or [],
         all_namespaces=args.all_namespaces,

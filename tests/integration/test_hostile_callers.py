@@ -7,6 +7,8 @@ the live attacks (latency of other callers while one attacks) are in ``bench/att
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +26,7 @@ from snakepit.protocol.status import ERROR_DETAIL_KEY, error_from_rpc
 from snakepit.serve import redacted
 from snakepit.store import MemoryStore
 from snakepit.store.limits import StoreLimits
+from snakepit.store.service import StoreService
 from snakepit.supervisor import RestartPolicy, WorkerSlot
 from tests.fixtures.processes import FAULTS, ProcessFactory
 from tests.fixtures.redis import RedisFactory
@@ -226,3 +229,39 @@ def test_the_default_pool_has_no_tool_that_kills_a_worker(procs: ProcessFactory)
         assert "crash" not in {t.name for t in client.list_tools()}
         with pytest.raises(InvalidArgument, match="faults"):
             client.execute("sleep", seconds=1e9)
+
+
+def test_a_missing_optional_extra_says_what_to_install(tmp_path: Path) -> None:
+    """``snakepit operator`` without ``snakepit[operator]``: a real process, where a stand-in
+    ``kopf`` that fails to import plays the missing package (uninstalling it is not an option
+    in a shared environment)."""
+    (tmp_path / "kopf").mkdir()
+    (tmp_path / "kopf" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'kopf'\", name='kopf')\n"
+    )
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakepit", "operator"],
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "pip install 'snakepit[operator]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+async def test_one_change_is_encoded_once_for_all_its_watchers() -> None:
+    """300 watchers of one 1 MB write cost the router 500 MB: one encoding each."""
+    store = MemoryStore()
+    service = StoreService(store)
+    await store.create_session("s")
+    feeds = [store.watch("s") for _ in range(3)]
+    for feed in feeds:
+        await feed.ready()
+    await store.set_variable("s", "x", "v" * 100_000)
+    encoded = [service.encoded_update(await feed.__anext__()) for feed in feeds]
+    assert encoded[0] is encoded[1] is encoded[2]  # the same bytes object, not equal copies
+    for feed in feeds:
+        await feed.aclose()
