@@ -60,6 +60,71 @@ def _pool_options(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "haproxy", "python"],
         help="what carries tool calls: python (default), haproxy, or auto (haproxy when installed)",
     )
+    from .store.limits import DEFAULT_LIMITS as lim
+
+    _add(parser, "--max-value-bytes", lim.max_value_bytes, int, help="stored bytes of one value")
+    _add(
+        parser,
+        "--max-parsed-value-bytes",
+        lim.max_parsed_value_bytes,
+        int,
+        help="bytes of one string/list/map value (parsed on the router's loop)",
+    )
+    _add(
+        parser,
+        "--max-session-bytes",
+        lim.max_session_bytes,
+        int,
+        help="value bytes a session holds",
+    )
+    _add(parser, "--max-variables", lim.max_variables, int, help="variables per session")
+    _add(
+        parser,
+        "--max-metadata-bytes",
+        lim.max_metadata_bytes,
+        int,
+        help="metadata per session/variable",
+    )
+    _add(
+        parser, "--max-session-ttl", lim.max_ttl, float, help="longest TTL a caller may ask for (s)"
+    )
+    _add(parser, "--max-watchers", lim.max_watchers, int, help="WatchVariables streams in total")
+    _add(
+        parser,
+        "--max-watchers-per-session",
+        lim.max_watchers_per_session,
+        int,
+        help="WatchVariables streams per session",
+    )
+
+
+def _max_call_seconds(parser: argparse.ArgumentParser) -> None:
+    from .worker.server import DEFAULT_MAX_CALL_SECONDS
+
+    _add(
+        parser,
+        "--max-call-seconds",
+        DEFAULT_MAX_CALL_SECONDS,
+        float,
+        help="longest a tool call may run, whatever its deadline (0: no limit; "
+        f"default {DEFAULT_MAX_CALL_SECONDS:g})",
+    )
+
+
+def _store_limits(args: argparse.Namespace) -> Any:
+    """The store limits the ``--max-*`` flags set (docs/security.md)."""
+    from .store.limits import StoreLimits
+
+    return StoreLimits(
+        max_value_bytes=args.max_value_bytes,
+        max_parsed_value_bytes=args.max_parsed_value_bytes,
+        max_session_bytes=args.max_session_bytes,
+        max_variables=args.max_variables,
+        max_metadata_bytes=args.max_metadata_bytes,
+        max_ttl=args.max_session_ttl,
+        max_watchers=args.max_watchers,
+        max_watchers_per_session=args.max_watchers_per_session,
+    )
 
 
 def _pool_config(args: argparse.Namespace) -> Any:
@@ -106,10 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--store",
         default=_env("store-url", "memory"),
-        help="session store: memory or redis://[:password@]host:port/db",
+        help="session store: memory or redis://host:port/db (password in $SNAKEPIT_STORE_PASSWORD)",
     )
     _pool_options(serve)
     _metrics_option(serve, None, "router's Prometheus metrics port (default: none served)")
+    _max_call_seconds(serve)
     serve.add_argument("--verbose", action="store_true", help="show the workers' JSON logs")
 
     worker = sub.add_parser("worker", help="run one worker process (what worker pods run)")
@@ -165,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(worker, "--backlog-timeout", 30.0, float, help="seconds a call may wait in the backlog")
     _metrics_option(worker, None, "Prometheus metrics port (default: none served)")
+    _max_call_seconds(worker)
 
     router = sub.add_parser("router", help="run the router (what router pods run)")
     _add(router, "--host", "0.0.0.0")
@@ -363,6 +430,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         pool=_pool_config(args),
         max_message_mb=args.max_message_mb,
+        limits=_store_limits(args),
+        max_call_seconds=args.max_call_seconds,
         quiet=not args.verbose,
         metrics_port=args.metrics_port,
         data_path=args.data_path,
@@ -393,6 +462,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         backlog_timeout=args.backlog_timeout,
         session_ttl=args.session_ttl,
         metrics_port=args.metrics_port,
+        max_call_seconds=args.max_call_seconds,
     )
     return asyncio.run(serve(config))
 
@@ -416,13 +486,26 @@ def _cmd_router(args: argparse.Namespace) -> int:
         advertise_address=args.advertise_address,
         metrics_port=args.metrics_port,
         data_path=args.data_path,
+        limits=_store_limits(args),
     )
     return asyncio.run(serve(config, shutdown_delay=args.shutdown_delay))
 
 
 def _cmd_operator(args: argparse.Namespace) -> int:
-    from .operator.main import run
-
+    try:
+        from .operator.main import run
+    except ImportError as exc:
+        if exc.name not in ("kopf", "kubernetes") and not str(exc.name).startswith(
+            ("kopf.", "kubernetes.")
+        ):
+            raise
+        # The operator's libraries are an optional extra; say how to get them, not a traceback.
+        print(
+            f"snakepit operator needs the `operator` extra ({exc.name} is not installed): "
+            "pip install 'snakepit[operator]'",
+            file=sys.stderr,
+        )
+        return 2
     return run(
         namespaces=args.namespace or [],
         all_namespaces=args.all_namespaces,

@@ -8,7 +8,10 @@ waiting for a call's deadline, and servers accept those pings.
 from __future__ import annotations
 
 MB = 1024 * 1024
-DEFAULT_MAX_MESSAGE_MB = 256
+# 64 MiB: a message is received whole into memory (and, at the router, onto its event loop)
+# before anything can refuse it, so the default bounds what one anonymous call costs;
+# --max-message-mb raises it for pools that move larger tensors (docs/security.md).
+DEFAULT_MAX_MESSAGE_MB = 64
 
 Options = list[tuple[str, int | str]]
 

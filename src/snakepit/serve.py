@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 from . import logs, tracing
 from .grpc_options import DEFAULT_MAX_MESSAGE_MB
@@ -21,8 +22,9 @@ from .router.discovery import StaticDiscovery
 from .router.pool import PoolConfig
 from .router.server import RouterConfig
 from .store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL
+from .store.limits import StoreLimits
 from .supervisor import RestartPolicy, WorkerSlot, free_port
-from .worker.server import DEFAULT_ADAPTER
+from .worker.server import DEFAULT_ADAPTER, DEFAULT_MAX_CALL_SECONDS
 
 log = logging.getLogger("snakepit.serve")
 
@@ -38,6 +40,8 @@ class ServeConfig:
     max_sessions: int = DEFAULT_MAX_SESSIONS
     pool: PoolConfig = field(default_factory=PoolConfig)
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
+    limits: StoreLimits = field(default_factory=StoreLimits)
+    max_call_seconds: float = DEFAULT_MAX_CALL_SECONDS
     worker_args: list[str] = field(default_factory=list)
     startup_timeout: float = 60.0
     drain_timeout: float = 10.0
@@ -64,6 +68,7 @@ class LocalPool:
                 max_message_mb=config.max_message_mb,
                 metrics_port=config.metrics_port,
                 data_path=config.data_path,
+                limits=config.limits,
             ),
             discovery=StaticDiscovery([]),
         )
@@ -83,6 +88,7 @@ class LocalPool:
             "--max-message-mb", str(config.max_message_mb),
             "--session-ttl", str(config.session_ttl),
             *self._metrics_argv(slot_id),
+            "--max-call-seconds", str(config.max_call_seconds),
             *config.worker_args,
         ]  # fmt: skip
 
@@ -131,7 +137,7 @@ class LocalPool:
                 shown = ready
             if ready == total:
                 return
-            if time.monotonic() > deadline or all(s.given_up for s in self.slots):
+            if time.monotonic() > deadline or all(s.failing for s in self.slots):
                 raise RuntimeError(
                     f"only {ready} of {total} workers became ready within {self.config.startup_timeout:g}s"
                 )
@@ -142,6 +148,19 @@ class LocalPool:
         await asyncio.gather(*(slot.stop(self.config.drain_timeout) for slot in self.slots))
         for task in self._tasks:
             task.cancel()
+
+
+def redacted(url: str) -> str:
+    """``url`` with any password replaced by ``***``: fit to print or log."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:
+        return "<unparsable store URL>"
 
 
 def _progress(line: str, *, done: bool) -> None:
@@ -166,14 +185,17 @@ async def run(config: ServeConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     print(
         f"snakepit: starting {config.workers} workers (adapter {config.adapter}, "
-        f"store {config.store}, {pool.data_path})",
+        f"store {redacted(config.store)}, {pool.data_path})",
         file=sys.stderr,
         flush=True,
     )
     try:
         await pool.start()
     except Exception as exc:
-        print(f"snakepit: could not start the pool: {exc}", file=sys.stderr)
+        print(
+            f"snakepit: could not start the pool: {str(exc).replace(config.store, redacted(config.store))}",
+            file=sys.stderr,
+        )
         await pool.stop()
         return 1
     target = f"{'localhost' if config.host in ('127.0.0.1', '0.0.0.0') else config.host}:{pool.router.port}"

@@ -1,8 +1,10 @@
 """Worker processes on one machine, restarted when they die (the seed's Worker.Starter).
 
-Each slot keeps one ``snakepit worker`` process alive: a crashed process is started again after
-an exponential backoff, and a slot that crashes more than ``max_restarts`` times within
-``window`` seconds gives up (like an OTP supervisor's restart intensity) instead of spinning.
+Each slot keeps one ``snakepit worker`` process alive, forever: a crashed process is started
+again after an exponential backoff capped at ``max_backoff``. A slot that crashes more than
+``max_restarts`` times within ``window`` seconds counts as ``failing`` and waits the full
+``max_backoff`` between starts, but never gives up: a caller that can crash workers on purpose
+must not be able to take the pool down for good (docs/security.md).
 Workers die with their parent, even when the parent is killed with SIGKILL: they ask the kernel
 for a parent-death signal as they start (``die_with_parent``).
 """
@@ -77,7 +79,7 @@ class WorkerSlot:
         self._env = env
         self.process: asyncio.subprocess.Process | None = None
         self.restarts: collections.deque[float] = collections.deque()
-        self.given_up = False
+        self.failing = False
         self._stopping = False
 
     @property
@@ -106,23 +108,25 @@ class WorkerSlot:
                 "worker exited",
                 extra={"worker": self.worker_id, "code": code, "ran_s": round(ran, 3)},
             )
-            if not self._may_restart():
-                self.given_up = True
+            self.failing = not self._may_restart()
+            if self.failing:
                 log.error(
-                    "worker restarting too often; giving up on it",
+                    "worker restarting too often; backing off",
                     extra={
                         "worker": self.worker_id,
                         "max_restarts": self.policy.max_restarts,
                         "window_s": self.policy.window,
+                        "backoff_s": self.policy.max_backoff,
                     },
                 )
-                return
+                backoff = self.policy.max_backoff
             if ran < 1.0 and code == 1:
                 # It probably could not bind its port: take another one.
                 self.port = free_port(self.host)
                 if self._on_address is not None:
                     self._on_address(self)
-            backoff = self.policy.initial_backoff if ran > self.policy.window else backoff
+            elif ran > self.policy.window:
+                backoff = self.policy.initial_backoff
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.policy.max_backoff)
 

@@ -195,7 +195,11 @@ def test_operator_is_ready_after_helm_install(kube_node: KubeCluster, release: s
 def test_apply_the_example_pool_becomes_ready(
     kube_node: KubeCluster, ns: str, release: str
 ) -> None:
+    # Fault tests below call crash(), which only the faults adapter has.
     manifest = (ROOT / "examples/pool.yaml").read_text()
+    manifest = manifest.replace(
+        "examples.showcase:ShowcaseAdapter", "examples.faults:FaultsAdapter"
+    )
     if kube_node.pull_policy == "Never":
         manifest = manifest.replace("spec:\n", "spec:\n  imagePullPolicy: Never\n", 1)
     started = time.monotonic()

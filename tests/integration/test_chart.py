@@ -173,7 +173,7 @@ def test_pod_monitors_only_where_the_prometheus_operator_is_installed() -> None:
 def test_watch_modes_choose_the_rbac_scope() -> None:
     default = docs()
     assert [r["metadata"]["namespace"] for r in of_kind(default, "Role")] == ["ml"]
-    assert not of_kind(default, "ClusterRole")
+    assert not operator_cluster_roles(default)
 
     listed = docs("--set", "watch.namespaces={team-a,team-b}")
     assert sorted(r["metadata"]["namespace"] for r in of_kind(listed, "Role")) == [
@@ -189,11 +189,34 @@ def test_watch_modes_choose_the_rbac_scope() -> None:
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
 
     cluster = docs("--set", "watch.allNamespaces=true")
-    assert len(of_kind(cluster, "ClusterRole")) == 1
+    assert len(operator_cluster_roles(cluster)) == 1
     assert len(of_kind(cluster, "ClusterRoleBinding")) == 1
     assert not of_kind(cluster, "Role")
     (operator,) = of_kind(cluster, "Deployment")
     assert "--all-namespaces" in operator["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def operator_cluster_roles(rendered: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The operator's own ClusterRole, not those extending the built-in view/edit roles."""
+    return [
+        r
+        for r in of_kind(rendered, "ClusterRole")
+        if not any(
+            k.startswith("rbac.authorization.k8s.io/aggregate-to") for k in r["metadata"]["labels"]
+        )
+    ]
+
+
+def test_pools_are_granted_through_the_built_in_view_and_edit_roles() -> None:
+    roles = {r["metadata"]["name"]: r for r in of_kind(docs(), "ClusterRole")}
+    view, edit = roles["snakepit-view"], roles["snakepit-edit"]
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert view["rules"][0]["verbs"] == ["get", "list", "watch"]
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert "rbac.authorization.k8s.io/aggregate-to-view" not in edit["metadata"]["labels"]
+    assert {"create", "patch", "delete"} <= set(edit["rules"][0]["verbs"])
+    assert not of_kind(docs("--set", "rbac.aggregateToEdit=false"), "ClusterRole")[1:]
+    assert not of_kind(docs("--set", "rbac.create=false"), "ClusterRole")
 
 
 def _granted(rules: list[dict[str, Any]]) -> set[tuple[str, str]]:
@@ -218,11 +241,11 @@ def test_rbac_grants_exactly_what_the_operator_uses() -> None:
         for g in rule["apiGroups"]
         for r in rule["resources"]
     }
-    assert verbs[("", "secrets")] == {"get", "create"}, "Secrets are never listed or changed"
+    assert verbs[("", "secrets")] == {"create"}, "Secrets are never read, listed or changed"
     assert verbs[("discovery.k8s.io", "endpointslices")] == {"get", "list", "watch"}
     assert verbs[("snakepit.dev", "snakepitpools")] == {"get", "list", "watch"}
     assert all("*" not in rule["verbs"] and "*" not in rule["resources"] for rule in role["rules"])
-    (cluster_role,) = of_kind(docs("--set", "watch.allNamespaces=true"), "ClusterRole")
+    (cluster_role,) = operator_cluster_roles(docs("--set", "watch.allNamespaces=true"))
     assert _granted(cluster_role["rules"]) == expected | {
         ("apiextensions.k8s.io", "customresourcedefinitions")
     }

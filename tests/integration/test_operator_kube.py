@@ -456,6 +456,9 @@ INVALID = [
     ({"router": {"port": 70000}}, "spec.router.port", "less than or equal to 65535"),
     ({"router": {"serviceType": "ExternalName"}}, "spec.router.serviceType", "Unsupported value"),
     ({"router": {"nodePort": 30001}}, "spec.router.nodePort", "serviceType NodePort"),
+    ({"router": {"serviceType": "LoadBalancer"}}, "spec.router.serviceType", "TLS, authentication"),
+    ({"session": {"ttlSeconds": 10**9}}, "spec.session.ttlSeconds", "less than or equal to"),
+    ({"maxCallSeconds": -1}, "spec.maxCallSeconds", "greater than or equal to 0"),
     ({"sessionStore": {"managed": False}}, "spec.sessionStore.url", "required when managed"),
     (
         {"sessionStore": {"managed": False, "url": "redis://r:6379/0", "storage": {"size": "1Gi"}}},

@@ -36,29 +36,88 @@ def readiness_probe_passes(port: int, password: str) -> bool:
     return subprocess.run(command, env=env, capture_output=True, timeout=10).returncode == 0
 
 
-def test_redis_script_requires_the_password_and_keeps_an_append_only_file(tmp_path: Path) -> None:
-    port = free_port()
+def local_script(tmp_path: Path, port: int) -> str:
+    """The pod's script, pointed at a temp dir and a loopback port."""
     data = tmp_path / "data"
-    data.mkdir()
-    script = (
+    data.mkdir(exist_ok=True)
+    return (
         REDIS_SCRIPT.replace("/tmp/", f"{tmp_path}/")
         .replace("dir /data", f"dir {data}")
         .replace("port 6379", f"port {port}")
         .replace("bind * -::*", "bind 127.0.0.1")
     )
+
+
+def start_script(tmp_path: Path, port: int, **env: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        ["sh", "-c", local_script(tmp_path, port)],
+        env={"PATH": os.environ["PATH"], **env},
+        start_new_session=True,
+    )
+
+
+def wait_ping(client: redis.Redis) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert client.ping()
+            return
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, "redis did not start"
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    "password",
+    ['pw"\nenable-debug-command yes\nrename-command FLUSHALL ""\n#', "", "pw with space"],
+    ids=["config-injection", "empty", "space"],
+)
+def test_a_password_that_could_inject_config_is_refused(tmp_path: Path, password: str) -> None:
+    proc = subprocess.run(
+        ["sh", "-c", local_script(tmp_path, free_port())],
+        env={"PATH": os.environ["PATH"], "REDIS_PASSWORD": password},
+        capture_output=True,
+        timeout=10,
+    )
+    assert proc.returncode == 64
+    assert b"refusing to start" in proc.stderr
+    assert not (tmp_path / "redis.conf").exists()  # nothing was written, nothing started
+
+
+async def test_a_full_store_refuses_writes_as_resource_exhausted(tmp_path: Path) -> None:
+    from snakepit.errors import ResourceExhausted
+    from snakepit.store.redis import RedisStore
+
+    port = free_port()
     password = "pw-" + os.urandom(8).hex()
-    env = {"PATH": os.environ["PATH"], "REDIS_PASSWORD": password}
-    server = subprocess.Popen(["sh", "-c", script], env=env, start_new_session=True)
+    server = start_script(tmp_path, port, REDIS_PASSWORD=password, REDIS_MAXMEMORY="4000000")
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", password=password, retry_timeout=2)
+    try:
+        wait_ping(redis.Redis(port=port, password=password, socket_timeout=2))
+        client = redis.Redis(port=port, password=password, socket_timeout=2)
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        await store.create_session("s")
+        with pytest.raises(ResourceExhausted, match="out of memory"):
+            for i in range(100):
+                await store.set_variable("s", f"v{i}", "x" * 200_000)
+        written = {v.name for v in await store.list_variables("s")}
+        assert 0 < len(written) < 100
+        values = [(await store.get_variable("s", n)).value for n in written]
+        assert values == ["x" * 200_000] * len(written)  # every write whole or absent
+    finally:
+        await store.close()
+        os.killpg(server.pid, 9)
+        server.wait(10)
+
+
+def test_redis_script_requires_the_password_and_keeps_an_append_only_file(tmp_path: Path) -> None:
+    port = free_port()
+    data = tmp_path / "data"
+    password = "pw-" + os.urandom(8).hex()
+    server = start_script(tmp_path, port, REDIS_PASSWORD=password)
     try:
         authed = redis.Redis(port=port, password=password, socket_timeout=2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                assert authed.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis did not start"
-                time.sleep(0.05)
+        wait_ping(authed)
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=port, socket_timeout=2).ping()
         assert authed.config_get("appendonly") == {"appendonly": "yes"}

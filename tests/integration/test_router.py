@@ -27,6 +27,7 @@ from snakepit.errors import (
 )
 from snakepit.protocol import method_path
 from tests.fixtures.processes import (
+    FAULTS,
     ProcessFactory,
     start_pool,
     wait_for,
@@ -197,7 +198,7 @@ def test_streaming_through_the_router_with_backpressure_and_cancellation(
 
 
 def test_crash_mid_call_fails_only_that_call_fast_and_the_pool_heals(procs: ProcessFactory) -> None:
-    pool_proc = procs.serve(workers=2)
+    pool_proc = procs.serve("--adapter", FAULTS, workers=2)
     with Client(pool_proc.address) as client, ThreadPoolExecutor(4) as pool:
         safe = client.session(session_on(client, "worker-1"), keep=True)
         doomed = client.session(session_on(client, "worker-0"), keep=True)

@@ -31,6 +31,7 @@ from snakepit.errors import (
 from snakepit.grpc_options import server_options
 from snakepit.protocol import Constraints
 from snakepit.store import ChangeFeed, MemoryStore, SessionStore, VariableChange
+from snakepit.store.limits import DEFAULT_LIMITS, StoreLimits
 from snakepit.store.redis import RedisStore
 from snakepit.store.remote import RemoteStore
 from snakepit.store.service import StoreService, generic_handler
@@ -55,19 +56,26 @@ class Backend:
     servers: list[grpc.aio.Server] = field(default_factory=list)
     targets: dict[int, str] = field(default_factory=dict)
 
-    async def make(self, *, default_ttl: float = 60.0, max_sessions: int = 1000) -> SessionStore:
+    async def make(
+        self,
+        *,
+        default_ttl: float = 60.0,
+        max_sessions: int = 1000,
+        limits: StoreLimits = DEFAULT_LIMITS,
+    ) -> SessionStore:
         store: SessionStore
         if self.name == "memory":
-            store = MemoryStore(default_ttl=default_ttl, max_sessions=max_sessions)
+            store = MemoryStore(default_ttl=default_ttl, max_sessions=max_sessions, limits=limits)
         elif self.name == "redis":
             store = RedisStore(
                 self.redis_url,
                 default_ttl=default_ttl,
                 max_sessions=max_sessions,
                 retry_timeout=2.0,
+                limits=limits,
             )
         else:
-            hosted = MemoryStore(default_ttl=default_ttl, max_sessions=max_sessions)
+            hosted = MemoryStore(default_ttl=default_ttl, max_sessions=max_sessions, limits=limits)
             self.stores.append(hosted)
             server, target = await serve_store(hosted)
             self.servers.append(server)
@@ -524,3 +532,89 @@ async def test_stats(store: SessionStore) -> None:
     assert stats.sessions == 2 and stats.max_sessions == 1000 and stats.default_ttl == 60
     assert stats.backend == store.backend
     await store.ping()
+
+
+# Limits (docs/security.md) ------------------------------------------------------------------
+async def test_variable_and_byte_limits_refuse_whole_writes(backend: Backend) -> None:
+    limits = StoreLimits(max_variables=3, max_session_bytes=1000, max_value_bytes=600)
+    store = await backend.make(limits=limits)
+    await store.create_session("s")
+    for name in ("a", "b", "c"):
+        await store.set_variable("s", name, "")
+    with pytest.raises(ResourceExhausted, match="4 variables, above the limit of 3"):
+        await store.set_variable("s", "d", "")
+    with pytest.raises(ResourceExhausted, match="variables"):
+        await store.register_variable("s", "d", "integer", 1)
+    with pytest.raises(ResourceExhausted, match="variables"):
+        await store.increment("s", "d")
+    with pytest.raises(ResourceExhausted, match="variables"):
+        await store.set_variables("s", {"a": "x", "d": ""})
+    assert {v.name: v.value for v in await store.list_variables("s")} == {"a": "", "b": "", "c": ""}
+    with pytest.raises(ResourceExhausted, match="per value"):
+        await store.set_variable("s", "a", "x" * 700)
+    await store.set_variable("s", "a", "x" * 500)
+    with pytest.raises(ResourceExhausted, match="bytes of values, above the limit of 1000"):
+        await store.set_variable("s", "b", "y" * 500)
+    with pytest.raises(ResourceExhausted, match="bytes of values"):
+        await store.set_variables("s", {"b": "y" * 300, "c": "z" * 300})
+    assert [(await store.get_variable("s", n)).value for n in "bc"] == ["", ""]
+    await store.set_variable("s", "a", "x")  # shrinking frees room...
+    await store.set_variable("s", "b", "y" * 500)  # ...that the next write may use
+    await store.delete_variable("s", "b")  # and so does deleting
+    await store.set_variables("s", {"b": "z" * 400, "c": "w" * 400})
+
+
+async def test_parsed_values_have_a_lower_limit_than_copied_ones(backend: Backend) -> None:
+    store = await backend.make(limits=StoreLimits(max_parsed_value_bytes=1000))
+    await store.create_session("s")
+    for big in ("x" * 2000, list(range(500)), {"k": "v" * 2000}):
+        with pytest.raises(ResourceExhausted, match="bytes or a tensor"):
+            await store.set_variable("s", "v", big)
+    await store.set_variable("s", "b", b"x" * 5000)  # copied, not parsed: the larger limit
+    await store.set_variable("s", "t", np.zeros(1000))
+    assert {v.name for v in await store.list_variables("s")} == {"b", "t"}
+
+
+async def test_out_of_range_ttls_and_large_metadata_are_refused_leaving_nothing(
+    backend: Backend, request: pytest.FixtureRequest
+) -> None:
+    store = await backend.make(limits=StoreLimits(max_ttl=3600, max_metadata_bytes=1024))
+    for ttl in (1e300, 1e12, 3601.0, float("nan")):
+        with pytest.raises(InvalidArgument, match="TTL"):
+            await store.create_session(ttl=ttl, metadata={"k": "v" * 1000})
+    with pytest.raises(InvalidArgument, match="larger than 1024 bytes"):
+        await store.create_session(metadata={"k": "v" * 2000})
+    await store.create_session("s", ttl=3600)
+    with pytest.raises(InvalidArgument, match="larger than 1024 bytes"):
+        await store.register_variable("s", "x", "integer", 1, metadata={"k": "v" * 2000})
+    assert [s.session_id for s in await store.list_sessions()] == ["s"]
+    if backend.name == "redis":  # every key the store wrote expires (the review's leak)
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(request.getfixturevalue("redis_server").url)
+        prefix = request.getfixturevalue("redis_prefix")
+        keys = [k async for k in client.scan_iter(f"{prefix}:{{*")]
+        assert keys and all([await client.pttl(k) > 0 for k in keys])
+        await client.aclose()
+
+
+async def test_watchers_are_limited_per_session_and_in_total(backend: Backend) -> None:
+    store = await backend.make(limits=StoreLimits(max_watchers_per_session=2, max_watchers=3))
+    for sid in ("s", "t"):
+        await store.create_session(sid)
+    feeds = [store.watch("s"), store.watch("s")]
+    for feed in feeds:
+        await feed.ready()
+    with pytest.raises(ResourceExhausted, match="watchers"):
+        await store.watch("s").ready()
+    feeds.append(store.watch("t"))
+    await feeds[-1].ready()
+    with pytest.raises(ResourceExhausted, match="watchers"):
+        await store.watch("t").ready()
+    await feeds[0].aclose()
+    again = store.watch("t")
+    await again.ready()  # a closed feed gives its slot back
+    await store.set_variable("t", "x", 1)
+    assert (await next_change(again)).name == "x"
+    for feed in [*feeds, again]:
+        await feed.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -10,15 +11,16 @@ import pytest
 from snakepit.grpc_options import channel_options
 from snakepit.protocol import SERVICE_NAME, pb, pb_grpc, to_pb
 from snakepit.protocol.status import ERROR_DETAIL_KEY, error_from_rpc
-from snakepit.store import MemoryStore
+from snakepit.store import MemoryStore, SessionStore
 from snakepit.store.service import STORE_METHODS, StoreService, method_handlers
 
 from .test_store_contract import serve_store
 
 
-@pytest.fixture
-async def stub() -> AsyncIterator[pb_grpc.BridgeServiceStub]:
-    server, target = await serve_store(MemoryStore(max_sessions=2))
+@contextlib.asynccontextmanager
+async def store_stub(store: SessionStore) -> AsyncIterator[pb_grpc.BridgeServiceStub]:
+    """A raw gRPC stub of a loopback server hosting ``store``'s RPCs."""
+    server, target = await serve_store(store)
     channel = grpc.aio.insecure_channel(target, options=channel_options())
     try:
         yield pb_grpc.BridgeServiceStub(channel)
@@ -27,7 +29,14 @@ async def stub() -> AsyncIterator[pb_grpc.BridgeServiceStub]:
         await server.stop(None)
 
 
-async def _status(call: object) -> grpc.aio.AioRpcError:
+@pytest.fixture
+async def stub() -> AsyncIterator[pb_grpc.BridgeServiceStub]:
+    async with store_stub(MemoryStore(max_sessions=2)) as raw:
+        yield raw
+
+
+async def rpc_error(call: object) -> grpc.aio.AioRpcError:
+    """The error a call ends with (it must fail)."""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call  # type: ignore[misc]
     return caught.value
@@ -73,7 +82,7 @@ async def test_bad_input_is_invalid_argument_naming_the_problem(
         ),
     ]
     for call, message in cases:
-        error = await _status(call)
+        error = await rpc_error(call)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, message
         assert message in (error.details() or ""), (message, error.details())
         detail = dict(error.trailing_metadata() or ())
@@ -81,24 +90,24 @@ async def test_bad_input_is_invalid_argument_naming_the_problem(
 
 
 async def test_store_errors_keep_their_status_codes(stub: pb_grpc.BridgeServiceStub) -> None:
-    missing = await _status(stub.GetVariable(pb.GetVariableRequest(session_id="nope", name="x")))
+    missing = await rpc_error(stub.GetVariable(pb.GetVariableRequest(session_id="nope", name="x")))
     assert missing.code() == grpc.StatusCode.NOT_FOUND
     await stub.InitializeSession(pb.InitializeSessionRequest(session_id="a"))
-    again = await _status(stub.InitializeSession(pb.InitializeSessionRequest(session_id="a")))
+    again = await rpc_error(stub.InitializeSession(pb.InitializeSessionRequest(session_id="a")))
     assert again.code() == grpc.StatusCode.ALREADY_EXISTS
     await stub.InitializeSession(pb.InitializeSessionRequest(session_id="b"))
-    full = await _status(stub.InitializeSession(pb.InitializeSessionRequest(session_id="c")))
+    full = await rpc_error(stub.InitializeSession(pb.InitializeSessionRequest(session_id="c")))
     assert full.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert type(error_from_rpc(full)).__name__ == "ResourceExhausted"
     await stub.SetVariable(pb.SetVariableRequest(session_id="a", name="v", value=to_pb(1)))
-    cas = await _status(
+    cas = await rpc_error(
         stub.SetVariable(
             pb.SetVariableRequest(session_id="a", name="v", value=to_pb(2), expected_version=7)
         )
     )
     assert cas.code() == grpc.StatusCode.FAILED_PRECONDITION
     watch = stub.WatchVariables(pb.WatchVariablesRequest(session_id="nope"))
-    error = await _status(watch.read())
+    error = await rpc_error(watch.read())
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
 

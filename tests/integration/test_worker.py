@@ -23,7 +23,7 @@ from snakepit.errors import (
     Unavailable,
 )
 from snakepit.protocol import method_path
-from tests.fixtures.processes import ProcessFactory, health_status
+from tests.fixtures.processes import FAULTS, ProcessFactory, health_status
 
 PROBE = "tests.support.adapters:ProbeAdapter"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -42,8 +42,9 @@ def test_every_showcase_tool(procs: ProcessFactory) -> None:
     worker = procs.worker(worker_id="show-1")
     with Client(worker.address) as client:
         tools = {t.name: t for t in client.list_tools()}
-        assert set(tools) >= {"echo", "add", "whoami", "sleep", "count", "fail", "crash",
+        assert set(tools) >= {"echo", "add", "whoami", "sleep", "count", "fail",
                               "counter_increment", "tensor_sum", "tensor_scale", "nested_add"}  # fmt: skip
+        assert "crash" not in tools  # the default adapter has no tool that kills its worker
         assert tools["count"].streaming and not tools["add"].streaming
         assert [(p.name, p.type, p.required) for p in tools["add"].parameters] == [
             ("a", "float", True),
@@ -178,8 +179,17 @@ def test_worker_recycles_after_max_requests(procs: ProcessFactory) -> None:
     assert worker.wait(timeout=10) == 0
 
 
+def test_the_default_sleep_is_bounded_and_the_faults_sleep_is_not(procs: ProcessFactory) -> None:
+    with Client(procs.worker().address) as client, pytest.raises(InvalidArgument, match="0 to 60"):
+        client.execute("sleep", seconds=1e9, timeout=5)
+    with Client(procs.worker(adapter=FAULTS).address) as client:
+        assert {"crash", "echo"} <= {t.name for t in client.list_tools()}
+        with pytest.raises(DeadlineExceeded):
+            client.execute("sleep", seconds=1e9, timeout=0.3)
+
+
 def test_crash_kills_only_its_own_worker(procs: ProcessFactory) -> None:
-    doomed = procs.worker()
+    doomed = procs.worker(adapter=FAULTS)
     survivor = procs.worker()
     with Client(doomed.address) as client, pytest.raises(Unavailable):
         client.execute("crash", timeout=5)

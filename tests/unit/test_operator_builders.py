@@ -78,6 +78,7 @@ def test_managed_pool_owns_every_child_it_needs() -> None:
             "PodDisruptionBudget/demo-workers",
             "PodDisruptionBudget/demo-router",
             "NetworkPolicy/demo-workers",
+            "NetworkPolicy/demo-router",
             "NetworkPolicy/demo-redis",
         ]
     )
@@ -220,8 +221,11 @@ def test_every_pod_is_hardened() -> None:
         assert sc["allowPrivilegeEscalation"] is False, name
         assert sc["readOnlyRootFilesystem"] is True, name
         assert sc["capabilities"] == {"drop": ["ALL"]}, name
-        assert {"name": "tmp", "emptyDir": {}} in pod["volumes"], name
+        (tmp,) = [v for v in pod["volumes"] if v["name"] == "tmp"]
+        assert tmp["emptyDir"]["sizeLimit"], name  # /tmp cannot fill the node's disk
         assert {"name": "tmp", "mountPath": "/tmp"} in container(obj)["volumeMounts"], name
+        resources = container(obj)["resources"]  # requests and a memory limit by default
+        assert resources["requests"]["memory"] and resources["limits"]["memory"], name
 
 
 def test_workers_get_no_api_token_router_gets_its_own_identity() -> None:
@@ -441,7 +445,7 @@ def test_network_policies_admit_only_the_pools_own_pods() -> None:
     assert workers["podSelector"] == {
         "matchLabels": {"snakepit.dev/pool": "demo", "app.kubernetes.io/component": "worker"}
     }
-    assert workers["policyTypes"] == ["Ingress"]
+    assert workers["policyTypes"] == ["Ingress", "Egress"]
     rule, _metrics = workers["ingress"]
     assert rule["from"] == [
         {"podSelector": {"matchLabels": {"snakepit.dev/pool": "demo"}}},

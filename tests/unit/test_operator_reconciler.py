@@ -11,11 +11,13 @@ from typing import Any
 
 import pytest
 
+from snakepit.operator.builders import build_children
 from snakepit.operator.children import Children
 from snakepit.operator.config import OperatorConfig
 from snakepit.operator.controller import Controller, pool_needs_pass
 from snakepit.operator.kube import ApiError
 from snakepit.operator.reconciler import ReconcileError, Reconciler
+from snakepit.operator.spec import parse_pool
 
 Key = tuple[str, str, str, str]  # apiVersion, kind, namespace, name
 
@@ -30,6 +32,7 @@ class FakeKube:
         self.events: list[tuple[str, str, str]] = []
         self.refuse: set[str] = set()
         self.uids = 0
+        self.gets: list[str] = []
 
     @staticmethod
     def key(obj: dict[str, Any]) -> Key:
@@ -56,12 +59,15 @@ class FakeKube:
         return stored
 
     async def get(self, api_version: str, kind: str, ns: str, name: str) -> dict[str, Any] | None:
+        self.gets.append(f"{kind}/{name}")
         if f"get {kind}/{name}" in self.refuse:
             raise ApiError(500, "InternalError", "etcd is having a bad day")
         found = self.objects.get((api_version, kind, ns, name))
         return copy.deepcopy(found) if found else None
 
     async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        if f"create {obj['kind']}/{obj['metadata']['name']}" in self.refuse:
+            raise ApiError(500, "InternalError", "etcd is having a bad day")
         if self.key(obj) in self.objects:
             raise ApiError(409, "AlreadyExists", "exists")
         self.created.append(f"{obj['kind']}/{obj['metadata']['name']}")
@@ -100,6 +106,11 @@ def pool_body(spec: dict[str, Any] | None = None, generation: int = 1) -> dict[s
     }
 
 
+def child_count(spec: dict[str, Any] | None = None) -> int:
+    """How many children the builders make for this spec (the reconciler applies each)."""
+    return len(build_children(parse_pool(pool_body(spec)), OperatorConfig()))
+
+
 def setup(spec: dict[str, Any] | None = None) -> tuple[FakeKube, Reconciler, Children]:
     kube = FakeKube()
     kube.put(pool_body(spec))
@@ -120,7 +131,7 @@ async def test_first_pass_creates_secret_applies_children_and_writes_status() ->
     assert result is not None
     assert kube.created == ["Secret/demo-redis-auth"]
     assert "Deployment/demo-workers" in kube.applied
-    assert result.applied == 14
+    assert result.applied == child_count()
     (patch,) = kube.status_patches
     assert patch["observedGeneration"] == 1
     assert {c["type"] for c in patch["conditions"]} == {"Ready", "Progressing", "Degraded"}
@@ -131,10 +142,17 @@ async def test_password_secret_is_never_regenerated_or_rewritten() -> None:
     kube, reconciler, _ = setup()
     await reconciler.reconcile(("ml", "demo"))
     secret = await kube.get("v1", "Secret", "ml", "demo-redis-auth")
+    assert secret is not None
+    kube.gets.clear()
     for _ in range(3):
         await reconciler.reconcile(("ml", "demo"))
     assert kube.created == ["Secret/demo-redis-auth"]
     assert "Secret/demo-redis-auth" not in kube.applied
+    assert not [g for g in kube.gets if g.startswith("Secret/")]  # never read: no RBAC for it
+    workers = await kube.get("apps/v1", "Deployment", "ml", "demo-workers")
+    assert workers is not None
+    annotations = workers["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["snakepit.dev/store-secret-uid"] == secret["metadata"]["uid"]
     assert await kube.get("v1", "Secret", "ml", "demo-redis-auth") == secret
 
 
@@ -153,7 +171,7 @@ async def test_an_existing_secret_is_used_as_is() -> None:
     workers = await kube.get("apps/v1", "Deployment", "ml", "demo-workers")
     assert workers is not None
     annotations = workers["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["snakepit.dev/store-secret-uid"] == "mine"
+    assert annotations["snakepit.dev/store-secret-uid"] == "adopted"  # read without a Secret get
 
 
 async def test_unchanged_pass_writes_no_status_and_posts_no_event() -> None:
@@ -271,12 +289,12 @@ def watch_everything(kube: FakeKube, children: Children) -> None:
 async def test_children_nobody_touched_are_not_applied_again() -> None:
     kube, reconciler, children = setup()
     first = await reconciler.reconcile(("ml", "demo"))
-    assert first is not None and first.applied == 14
+    assert first is not None and first.applied == child_count()
     watch_everything(kube, children)
     kube.applied.clear()
     again = await reconciler.reconcile(("ml", "demo"))
     assert again is not None
-    assert (again.applied, again.unchanged) == (0, 14)
+    assert (again.applied, again.unchanged) == (0, child_count())
     assert kube.applied == []
 
 
@@ -335,7 +353,7 @@ async def test_a_deleted_pool_is_forgotten() -> None:
     assert ("ml", "demo") not in controller.known
     kube.applied.clear()
     await reconciler.reconcile(("ml", "demo"))  # same name again: nothing is taken for granted
-    assert len(kube.applied) == 14
+    assert len(kube.applied) == child_count()
 
 
 async def test_without_the_secret_nothing_is_applied_so_no_pod_rolls() -> None:
@@ -344,7 +362,7 @@ async def test_without_the_secret_nothing_is_applied_so_no_pod_rolls() -> None:
     workers = kube.objects[("apps/v1", "Deployment", "ml", "demo-workers")]
     workers["status"] = {"observedGeneration": 1, "replicas": 2, "readyReplicas": 2}
     watch_everything(kube, children)
-    kube.refuse.add("get Secret/demo-redis-auth")
+    kube.refuse.add("create Secret/demo-redis-auth")
     pool = kube.objects[("snakepit.dev/v1alpha1", "SnakepitPool", "ml", "demo")]
     pool["spec"] = {"replicas": 4}
     pool["metadata"]["generation"] = 2

@@ -83,10 +83,11 @@ app.kubernetes.io/name: {{ printf "%s-operator" .Chart.Name | quote }}
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [get, list, watch, create, patch, delete]
-# The managed store's password Secret: read by name, created once, never listed or changed.
+# The managed store's password Secret: created, never read, listed or changed (so even a
+# cluster-wide install cannot read the cluster's Secrets).
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, create]
+  verbs: [create]
 # Events on pools (condition transitions, kopf warnings).
 - apiGroups: [""]
   resources: [events]

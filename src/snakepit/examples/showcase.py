@@ -1,16 +1,25 @@
-"""The built-in showcase adapter: a small tool of each kind, a contract for the demo and tests."""
+"""The built-in showcase adapter: a small tool of each kind, a contract for the demo and tests.
+
+It is what a pool runs when it names no adapter, so none of its tools can hurt the pool: no
+tool kills its worker and ``sleep`` is bounded. The fault-injection tools (``crash`` and an
+unbounded ``sleep``) live in ``snakepit.examples.faults:FaultsAdapter``, which tests select.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
-import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 
 from snakepit import Adapter, SessionContext, tool
+from snakepit.errors import InvalidArgument
+
+# The longest ``sleep`` the default adapter accepts: long enough for demos and queueing tests.
+MAX_SLEEP_SECONDS = 60.0
 
 
 class ShowcaseAdapter(Adapter):
@@ -26,8 +35,15 @@ class ShowcaseAdapter(Adapter):
     def whoami(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "pid": os.getpid()}
 
-    @tool(description="Sleep for a number of seconds, then return them")
+    @tool(
+        description=f"Sleep for a number of seconds (at most {MAX_SLEEP_SECONDS:g}), then return them"
+    )
     async def sleep(self, seconds: float) -> float:
+        if not (math.isfinite(seconds) and 0 <= seconds <= MAX_SLEEP_SECONDS):
+            raise InvalidArgument(
+                f"sleep takes 0 to {MAX_SLEEP_SECONDS:g} seconds, got {seconds!r} "
+                "(snakepit.examples.faults:FaultsAdapter has an unbounded sleep)"
+            )
         await asyncio.sleep(seconds)
         return seconds
 
@@ -39,11 +55,6 @@ class ShowcaseAdapter(Adapter):
     @tool(description="Raise ValueError(message)")
     def fail(self, message: str = "failure requested") -> None:
         raise ValueError(message)
-
-    @tool(description="Kill this worker process (for fault tests)")
-    def crash(self) -> None:
-        os.kill(os.getpid(), signal.SIGKILL)
-        os._exit(137)  # PID 1 of a container ignores signals, even SIGKILL, sent from inside it
 
     @tool(description="Atomically add `by` to a session variable and return the new value")
     async def counter_increment(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .builders import ChildKey, Names, build_children, build_store_secret, child_key, new_password
+from .builders.common import STORE_SECRET_ANNOTATION
 from .children import Children, PoolKey, fingerprint
 from .config import OperatorConfig
 from .kube import ApiError, Kube, now_rfc3339
@@ -47,6 +48,9 @@ PRUNABLE_KINDS = frozenset(
         "NetworkPolicy",
     }
 )
+
+# What pods carry for a password Secret the operator found rather than created.
+ADOPTED_SECRET = "adopted"
 
 
 def apply_waves(desired: Sequence[JSON]) -> list[list[JSON]]:
@@ -195,17 +199,31 @@ class Reconciler:
             del self._applied[remembered]
 
     async def _ensure_store_secret(self, pool: Pool) -> str:
-        """The password Secret's uid; created when missing, never modified once it exists."""
-        name = Names(pool.name).store_secret
-        existing = await self.kube.get("v1", "Secret", pool.namespace, name)
-        if existing is None:
-            try:
-                existing = await self.kube.create(build_store_secret(pool, self.password()))
-            except ApiError as exc:
-                if exc.status != 409:
-                    raise
-                existing = await self.kube.get("v1", "Secret", pool.namespace, name)
-        return str((existing or {}).get("metadata", {}).get("uid", ""))
+        """The uid pods carry for the password Secret, without ever reading a Secret.
+
+        The operator holds only ``create`` on Secrets (no ``get``, which cluster-wide would
+        read every Secret in the cluster): it creates the Secret each pass. Created, its uid
+        is new and every pod rolls to the new password (a deleted Secret is how a user
+        rotates it). Already there (409), the pods keep the uid their template carries; a
+        Secret the operator did not create (adopted as is) is marked ``ADOPTED_SECRET``.
+        """
+        try:
+            created = await self.kube.create(build_store_secret(pool, self.password()))
+            return str(created.get("metadata", {}).get("uid", ""))
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+        names = Names(pool.name)
+        key = ("apps/v1", "Deployment", names.workers)
+        live = self.children.get((pool.namespace, pool.name), key)
+        workers = live.body if live is not None and live.body is not None else None
+        if workers is None:
+            workers = await self.kube.get(*key[:2], pool.namespace, names.workers)
+        template = ((workers or {}).get("spec") or {}).get("template") or {}
+        uid = ((template.get("metadata") or {}).get("annotations") or {}).get(
+            STORE_SECRET_ANNOTATION
+        )
+        return str(uid) if uid else ADOPTED_SECRET
 
     async def _prune(self, pool: Pool, wanted: set[ChildKey], problems: list[Problem]) -> int:
         """Delete children of this very pool (by uid) that the spec no longer asks for."""

@@ -25,6 +25,7 @@ ROUTER_PORT = 50051
 REDIS_PORT = 6379
 METRICS_PORT = 9090
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+DEFAULT_MAX_CALL_SECONDS = 300
 
 
 class SpecError(ValueError):
@@ -88,6 +89,24 @@ class PodTemplateOverrides:
 class NetworkPolicySpec:
     enabled: bool = True
     direct_clients: list[JSON] = field(default_factory=list)
+    # NetworkPolicyPeers that may call the router; none means this namespace's pods only.
+    router_clients: list[JSON] = field(default_factory=list)
+    # NetworkPolicyEgressRules added to the workers' own (DNS, router, session store).
+    allow_egress: list[JSON] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LimitsSpec:
+    """``spec.limits``: the router's store limits (``--max-*`` flags); None keeps its default."""
+
+    max_value_bytes: int | None = None
+    max_parsed_value_bytes: int | None = None
+    max_session_bytes: int | None = None
+    max_variables_per_session: int | None = None
+    max_metadata_bytes: int | None = None
+    max_session_ttl_seconds: int | None = None
+    max_watchers: int | None = None
+    max_watchers_per_session: int | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +132,8 @@ class PoolSpec:
     session_store: SessionStoreSpec = field(default_factory=SessionStoreSpec)
     network_policy: NetworkPolicySpec = field(default_factory=NetworkPolicySpec)
     metrics: MetricsSpec = field(default_factory=MetricsSpec)
+    max_call_seconds: int = DEFAULT_MAX_CALL_SECONDS
+    limits: LimitsSpec = field(default_factory=LimitsSpec)
 
 
 @dataclass(frozen=True)
@@ -138,10 +159,19 @@ def _str_map(value: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in _map(value).items()}
 
 
+LOAD_BALANCER_REFUSAL = (
+    "spec.router.serviceType LoadBalancer publishes the router outside the cluster, which needs "
+    "TLS, authentication and spec.router.loadBalancerSourceRanges; this version has no TLS or "
+    "authentication, so it refuses LoadBalancer (use ClusterIP or NodePort; docs/security.md)"
+)
+
+
 def _parse_router(raw: Mapping[str, Any]) -> RouterSpec:
     service_type = str(raw.get("serviceType", "ClusterIP"))
     if service_type not in SERVICE_TYPES:
         raise SpecError(f"spec.router.serviceType must be one of {', '.join(SERVICE_TYPES)}")
+    if service_type == "LoadBalancer":
+        raise SpecError(LOAD_BALANCER_REFUSAL)
     node_port = raw.get("nodePort")
     return RouterSpec(
         replicas=int(raw.get("replicas", 2)),
@@ -194,6 +224,43 @@ def _parse_pod_template(raw: Mapping[str, Any]) -> PodTemplateOverrides:
     )
 
 
+def _opt_int(raw: Mapping[str, Any], key: str) -> int | None:
+    value = raw.get(key)
+    return None if value is None else int(value)
+
+
+def _parse_limits(raw: Mapping[str, Any]) -> LimitsSpec:
+    return LimitsSpec(
+        max_value_bytes=_opt_int(raw, "maxValueBytes"),
+        max_parsed_value_bytes=_opt_int(raw, "maxParsedValueBytes"),
+        max_session_bytes=_opt_int(raw, "maxSessionBytes"),
+        max_variables_per_session=_opt_int(raw, "maxVariablesPerSession"),
+        max_metadata_bytes=_opt_int(raw, "maxMetadataBytes"),
+        max_session_ttl_seconds=_opt_int(raw, "maxSessionTTLSeconds"),
+        max_watchers=_opt_int(raw, "maxWatchers"),
+        max_watchers_per_session=_opt_int(raw, "maxWatchersPerSession"),
+    )
+
+
+_EVERYWHERE = ("0.0.0.0/0", "::/0")
+
+
+def _peers(raw: Any, where: str) -> list[JSON]:
+    """NetworkPolicy peers, refusing the ones that would admit anybody at all."""
+    peers = _list(raw)
+    for peer in peers:
+        block = _map(peer.get("ipBlock")) if isinstance(peer, Mapping) else {}
+        if block.get("cidr") in _EVERYWHERE and not block.get("except"):
+            raise SpecError(f"{where}: ipBlock {block['cidr']} admits every address")
+        if (
+            isinstance(peer, Mapping)
+            and peer.get("namespaceSelector") == {}
+            and not peer.get("podSelector")
+        ):
+            raise SpecError(f"{where}: an empty namespaceSelector admits every pod in the cluster")
+    return peers
+
+
 def parse_spec(raw: Mapping[str, Any]) -> PoolSpec:
     """Defaulted, typed view of ``spec``; raises SpecError for what the builders cannot use."""
     session = _map(raw.get("session"))
@@ -218,12 +285,16 @@ def parse_spec(raw: Mapping[str, Any]) -> PoolSpec:
         session_store=_parse_store(_map(raw.get("sessionStore"))),
         network_policy=NetworkPolicySpec(
             enabled=bool(policy.get("enabled", True)),
-            direct_clients=_list(policy.get("directClients")),
+            direct_clients=_peers(policy.get("directClients"), "spec.networkPolicy.directClients"),
+            router_clients=_peers(policy.get("routerClients"), "spec.networkPolicy.routerClients"),
+            allow_egress=_list(policy.get("allowEgress")),
         ),
         metrics=MetricsSpec(
             enabled=bool(metrics.get("enabled", True)),
             port=int(metrics.get("port", METRICS_PORT)),
         ),
+        max_call_seconds=int(raw.get("maxCallSeconds", DEFAULT_MAX_CALL_SECONDS)),
+        limits=_parse_limits(_map(raw.get("limits"))),
     )
 
 

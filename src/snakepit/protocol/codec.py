@@ -9,10 +9,11 @@ bytes or arrays travel element by element so each element keeps its form. Nothin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -136,10 +137,32 @@ def _add_container(msg: WireMessage, value: Any, type_name: str, threshold: int)
     msg.add_message(_MAP, body)
 
 
+# What malformed input makes the parsers below (and json, numpy, str) raise besides
+# InvalidArgument: invalid UTF-8, nesting past the recursion limit, numbers or shapes too large.
+_MALFORMED = (UnicodeDecodeError, RecursionError, OverflowError, ValueError, TypeError)
+
+
+@contextlib.contextmanager
+def malformed_as_invalid(what: str) -> Iterator[None]:
+    """Turn any parser failure on untrusted bytes into InvalidArgument naming ``what``.
+
+    Every decoder of wire input runs inside this, so a malformed message is the caller's
+    error (INVALID_ARGUMENT with a short message), never INTERNAL with a server traceback.
+    """
+    try:
+        yield
+    except _MALFORMED as exc:
+        text = str(exc) if not isinstance(exc, RecursionError) else "nested too deeply"
+        if len(text) > 200:
+            text = text[:200] + "..."
+        raise InvalidArgument(f"malformed {what}: {type(exc).__name__}: {text}") from None
+
+
 def decode_value(data: bytes | memoryview) -> Any:
     """Decode a serialised ``Value``; arrays are read-only views of ``data``."""
     buf = memoryview(data)
-    return read_value(buf, 0, len(buf))
+    with malformed_as_invalid("value"):
+        return read_value(buf, 0, len(buf))
 
 
 def read_value(buf: memoryview, start: int, stop: int) -> Any:

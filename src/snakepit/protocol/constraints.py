@@ -1,20 +1,33 @@
-"""Variable constraints: what a variable accepts besides its type, and the check of a value."""
+"""Variable constraints: what a variable accepts besides its type, and the check of a value.
+
+Constraints come from anonymous callers and are checked on the router's event loop on every
+write, so each check must take time linear in the value: ``pattern`` is compiled by RE2 (the
+``google-re2`` package), which never backtracks, so it has no lookaround or backreferences;
+``pattern`` and ``choices`` have size caps, and NaN bounds or negative lengths are refused.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import re2
 
 from ..bridge.v1 import bridge_pb2 as pb
 from ..errors import InvalidArgument
 from . import value_types as vt
+
+# Caps on what one declaration may carry (docs/security.md): the size of the automaton RE2
+# builds and of the choices every write is compared against.
+MAX_PATTERN_LENGTH = 1024
+MAX_PATTERN_MEMORY = 1 << 20
+MAX_CHOICES = 1000
+MAX_CHOICES_BYTES = 64 * 1024
 
 _NUMERIC = {vt.INTEGER, vt.FLOAT}
 _SIZED = {vt.STRING, vt.BYTES, vt.LIST, vt.MAP}
@@ -56,7 +69,7 @@ class Constraints:
                 f"(known: {', '.join(sorted(_APPLIES_TO))})"
             )
         try:
-            return cls(
+            built = cls(
                 min=_opt(float, spec.get("min")),
                 max=_opt(float, spec.get("max")),
                 min_length=_opt(int, spec.get("min_length")),
@@ -69,8 +82,47 @@ class Constraints:
                 dtype=spec.get("dtype"),
                 dimensions=_opt(int, spec.get("dimensions")),
             )
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgument(f"malformed constraints {dict(spec)!r}: {exc}") from exc
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidArgument(f"malformed constraints: {_short(exc)}") from None
+        built._check_bounds()
+        return built
+
+    def _check_bounds(self) -> None:
+        """Refuse what could never be checked sensibly or would make every check expensive."""
+        for name in ("min", "max"):
+            bound = getattr(self, name)
+            if bound is not None and math.isnan(bound):
+                raise InvalidArgument(f"constraint {name!r} is NaN")
+        for name in ("min_length", "max_length", "dimensions"):
+            size = getattr(self, name)
+            if size is not None and size < 0:
+                raise InvalidArgument(f"constraint {name!r} is negative ({size})")
+        if self.dtype is not None and not isinstance(self.dtype, str):
+            raise InvalidArgument("constraint 'dtype' must be a string")
+        if self.pattern is not None:
+            if not isinstance(self.pattern, str):
+                raise InvalidArgument("constraint 'pattern' must be a string")
+            if len(self.pattern) > MAX_PATTERN_LENGTH:
+                raise InvalidArgument(
+                    f"constraint 'pattern' is longer than {MAX_PATTERN_LENGTH} characters"
+                )
+        if self.choices is not None:
+            if len(self.choices) > MAX_CHOICES:
+                raise InvalidArgument(f"constraint 'choices' has more than {MAX_CHOICES} items")
+            if not all(isinstance(c, bool | int | float | str) for c in self.choices):
+                raise InvalidArgument(
+                    "constraint 'choices' may only hold numbers, booleans, strings"
+                )
+            try:
+                size = len(json.dumps(list(self.choices), allow_nan=True))
+            except (TypeError, ValueError) as exc:
+                raise InvalidArgument(f"constraint 'choices': {_short(exc)}") from None
+            if size > MAX_CHOICES_BYTES:
+                raise InvalidArgument(
+                    f"constraint 'choices' takes more than {MAX_CHOICES_BYTES} bytes"
+                )
+        if self.shape is not None and len(self.shape) > 64:
+            raise InvalidArgument("constraint 'shape' has more than 64 dimensions")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,7 +136,7 @@ class Constraints:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Constraints:
-        return cls.from_dict(json.loads(text)) if text else EMPTY
+        return cls.from_dict(_json_object(text, "constraints")) if text else EMPTY
 
     def __bool__(self) -> bool:
         return self != EMPTY
@@ -114,7 +166,11 @@ class Constraints:
             if msg.HasField(name)
         }
         if msg.choices_json:
-            spec["choices"] = json.loads(msg.choices_json)
+            if len(msg.choices_json) > MAX_CHOICES_BYTES:
+                raise InvalidArgument(
+                    f"constraint 'choices' takes more than {MAX_CHOICES_BYTES} bytes"
+                )
+            spec["choices"] = _json_value(msg.choices_json, "constraint 'choices'")
         if msg.pattern:
             spec["pattern"] = msg.pattern
         if msg.has_shape:
@@ -145,10 +201,13 @@ class Constraints:
             self._check_length(value, what)
         if self.choices is not None and value not in self.choices:
             raise InvalidArgument(
-                f"{what} {value!r} is not one of the allowed choices {list(self.choices)}"
+                f"{what} {_preview(value)} is not one of the allowed choices "
+                f"{_preview(list(self.choices))}"
             )
         if self.pattern is not None and not _compiled(self.pattern).fullmatch(value):
-            raise InvalidArgument(f"{what} {value!r} does not match pattern {self.pattern!r}")
+            raise InvalidArgument(
+                f"{what} {_preview(value)} does not match pattern {self.pattern!r}"
+            )
 
     def _check_range(self, value: float, what: str) -> None:
         if (
@@ -208,11 +267,44 @@ def _opt(conv: Any, value: Any) -> Any:
     return None if value is None else conv(value)
 
 
-@lru_cache(maxsize=256)
-def _compiled(pattern: str) -> re.Pattern[str]:
+def _short(exc: BaseException, limit: int = 200) -> str:
+    return _clip(str(exc), limit)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _preview(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` cut short: error messages must stay small whatever the value."""
+    return _clip(repr(value), limit)
+
+
+def _json_value(text: str | bytes, what: str) -> Any:
     try:
-        return re.compile(pattern)
-    except re.error as exc:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidArgument(f"{what} is not valid JSON: {_short(exc)}") from None
+
+
+def _json_object(text: str | bytes, what: str) -> Mapping[str, Any]:
+    value = _json_value(text, what)
+    if not isinstance(value, Mapping):
+        raise InvalidArgument(f"{what} must be a JSON object")
+    return value
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.max_mem = MAX_PATTERN_MEMORY
+
+
+@lru_cache(maxsize=256)
+def _compiled(pattern: str) -> Any:
+    """The RE2 program of ``pattern``: matching is linear in the value, whatever the pattern."""
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
         raise InvalidArgument(
-            f"constraint 'pattern' is not a valid regular expression: {exc}"
-        ) from exc
+            f"constraint 'pattern' is not a valid RE2 regular expression: {_short(exc)} "
+            "(RE2 has no lookaround or backreferences)"
+        ) from None

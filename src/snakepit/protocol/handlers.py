@@ -14,13 +14,24 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from ..bridge.v1 import bridge_pb2 as pb
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, ResourceExhausted
 from .status import abort_with
 
 Context = Any  # grpc.aio.ServicerContext
 
 
-async def _parse(raw: bytes, request_type: type[Message], context: Context) -> Any:
+async def _parse(
+    raw: bytes, request_type: type[Message], context: Context, max_bytes: int | None = None
+) -> Any:
+    if max_bytes is not None and len(raw) > max_bytes:
+        # Refused before parsing: a request this large costs the loop time to parse at all.
+        await abort_with(
+            context,
+            ResourceExhausted(
+                f"{request_type.__name__} of {len(raw)} bytes is larger than this server's "
+                f"limit of {max_bytes} bytes"
+            ),
+        )
     try:
         return request_type.FromString(raw)
     except DecodeError as exc:
@@ -28,21 +39,28 @@ async def _parse(raw: bytes, request_type: type[Message], context: Context) -> A
 
 
 def unary(
-    fn: Callable[[Any, Context], Awaitable[Message]], request_type: type[Message]
+    fn: Callable[[Any, Context], Awaitable[Message]],
+    request_type: type[Message],
+    max_bytes: int | None = None,
 ) -> grpc.RpcMethodHandler:
     async def handler(raw: bytes, context: Context) -> bytes:
-        response = await fn(await _parse(raw, request_type, context), context)
+        response = await fn(await _parse(raw, request_type, context, max_bytes), context)
         return response.SerializeToString()
 
     return grpc.unary_unary_rpc_method_handler(handler)
 
 
 def unary_stream(
-    fn: Callable[[Any, Context], AsyncIterator[Message]], request_type: type[Message]
+    fn: Callable[[Any, Context], AsyncIterator[Message | bytes]],
+    request_type: type[Message],
+    max_bytes: int | None = None,
 ) -> grpc.RpcMethodHandler:
+    """A server-streaming handler; ``fn`` may yield messages or bytes it serialised itself
+    (one encoding shared by many streams)."""
+
     async def handler(raw: bytes, context: Context) -> AsyncIterator[bytes]:
-        async for response in fn(await _parse(raw, request_type, context), context):
-            yield response.SerializeToString()
+        async for response in fn(await _parse(raw, request_type, context, max_bytes), context):
+            yield response if isinstance(response, bytes) else response.SerializeToString()
 
     return grpc.unary_stream_rpc_method_handler(handler)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidArgument
-from .codec import build_value, read_value
+from .codec import build_value, malformed_as_invalid, read_value
 from .wire import WIRE_FIXED64, WIRE_LEN, WIRE_VARINT, WireMessage, iter_fields, tag, varint
 
 
@@ -56,7 +56,7 @@ def encode_request(
     return msg.to_bytes()
 
 
-def decode_request(data: bytes) -> ToolRequest:
+def _decode_request(data: bytes) -> ToolRequest:
     buf = memoryview(data)
     request = ToolRequest(tool_name="")
     for number, wire_type, a, b in iter_fields(buf, 0, len(buf)):
@@ -117,7 +117,7 @@ def encode_result(
     return msg.to_bytes()
 
 
-def decode_result(data: bytes) -> ToolResult:
+def _decode_result(data: bytes) -> ToolResult:
     buf = memoryview(data)
     result = ToolResult(value=None)
     found = False
@@ -142,9 +142,25 @@ def encode_chunk(value: Any, seq: int, *, threshold: int | None = None) -> bytes
     return msg.to_bytes()
 
 
-def decode_chunk(data: bytes) -> Any:
+def _decode_chunk(data: bytes) -> Any:
     buf = memoryview(data)
     for number, wire_type, a, b in iter_fields(buf, 0, len(buf)):
         if number == 1 and wire_type == WIRE_LEN:
             return read_value(buf, a, b)
     raise InvalidArgument("malformed stream chunk: no value")
+
+
+def decode_request(data: bytes) -> ToolRequest:
+    """A tool request from untrusted bytes; anything malformed is InvalidArgument."""
+    with malformed_as_invalid("tool request"):
+        return _decode_request(data)
+
+
+def decode_result(data: bytes) -> ToolResult:
+    with malformed_as_invalid("tool result"):
+        return _decode_result(data)
+
+
+def decode_chunk(data: bytes) -> Any:
+    with malformed_as_invalid("stream chunk"):
+        return _decode_chunk(data)

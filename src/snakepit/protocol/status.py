@@ -7,14 +7,16 @@ unchanged, so a worker's error reaches the client as the worker raised it.
 
 from __future__ import annotations
 
+import logging
 import traceback
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
 from ..bridge.v1 import bridge_pb2 as pb
-from ..errors import SnakepitError, error_class_for
+from ..errors import Internal, SnakepitError, error_class_for
 
 SESSION_ID_KEY = "snakepit-session-id"
 CORRELATION_ID_KEY = "snakepit-correlation-id"
@@ -23,22 +25,86 @@ ERROR_DETAIL_KEY = "snakepit-error-bin"
 
 Metadata = Sequence[tuple[str, str | bytes]]
 
+# gRPC refuses response metadata above 16 KiB, and above 8 KiB (its soft limit) refuses it at
+# random; the caller then sees RESOURCE_EXHAUSTED instead of the error. So the parts are cut to
+# fit well under 8 KiB together, counted in UTF-8 bytes: the head of a message, the head and tail
+# of a traceback; the status details (percent-encoded on the wire) carry a short ASCII form.
+MAX_MESSAGE_BYTES = 1000
+MAX_TRACEBACK_BYTES = 3500
+MAX_TYPE_BYTES = 200
+MAX_DETAILS_CHARS = 300
+
+log = logging.getLogger("snakepit.errors")
+
+
+def _head(text: str, max_bytes: int) -> str:
+    return text.encode("utf-8", "surrogatepass")[:max_bytes].decode("utf-8", "ignore")
+
+
+def _tail(text: str, max_bytes: int) -> str:
+    return text.encode("utf-8", "surrogatepass")[-max_bytes:].decode("utf-8", "ignore")
+
+
+def _size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def truncate(text: str, max_bytes: int) -> str:
+    """The head of ``text`` within ``max_bytes`` (UTF-8), saying how much was cut."""
+    if _size(text) <= max_bytes:
+        return text
+    head = _head(text, max_bytes - 40)
+    return f"{head}... [{len(text) - len(head)} more characters]"
+
+
+def truncate_middle(text: str, max_bytes: int) -> str:
+    """Head and tail of ``text`` within ``max_bytes``: a traceback's first frames and its end,
+    where it was raised (a long message in between is what gets cut)."""
+    if _size(text) <= max_bytes:
+        return text
+    keep = max_bytes - 60
+    head, tail = _head(text, keep * 2 // 3), _tail(text, keep // 3)
+    return f"{head}\n... [{len(text) - len(head) - len(tail)} characters cut] ...\n{tail}"
+
+
+def status_details(message: str) -> str:
+    """The short, ASCII form of a message that travels as the gRPC status details."""
+    short = message if len(message) <= MAX_DETAILS_CHARS else message[:MAX_DETAILS_CHARS] + "..."
+    return short.encode("ascii", "backslashreplace").decode("ascii")[: MAX_DETAILS_CHARS * 2]
+
 
 def detail_of(
     exc: BaseException, worker_id: str = "", *, with_traceback: bool = True
 ) -> pb.ErrorDetail:
     if isinstance(exc, SnakepitError):
         return pb.ErrorDetail(
-            type=exc.remote_type or type(exc).__name__,
-            message=exc.message,
-            traceback=exc.remote_traceback or "",
+            type=truncate(exc.remote_type or type(exc).__name__, MAX_TYPE_BYTES),
+            message=truncate(exc.message, MAX_MESSAGE_BYTES),
+            traceback=truncate_middle(exc.remote_traceback or "", MAX_TRACEBACK_BYTES),
             worker_id=exc.worker_id or worker_id,
             not_started=exc.not_started,
         )
     tb = "".join(traceback.format_exception(exc)) if with_traceback else ""
     return pb.ErrorDetail(
-        type=type(exc).__name__, message=str(exc), traceback=tb, worker_id=worker_id
+        type=truncate(type(exc).__name__, MAX_TYPE_BYTES),
+        message=truncate(str(exc), MAX_MESSAGE_BYTES),
+        traceback=truncate_middle(tb, MAX_TRACEBACK_BYTES),
+        worker_id=worker_id,
     )
+
+
+def hide_internal(exc: BaseException) -> BaseException:
+    """What a caller may see of ``exc`` raised by the server's own code (not a tool's).
+
+    Our own errors pass as they are. Anything else is a bug: it is logged here with its
+    traceback under a fresh correlation id, and the caller gets only INTERNAL and that id, so
+    no server file path, line or internal state leaves the process.
+    """
+    if isinstance(exc, SnakepitError):
+        return exc
+    cid = uuid.uuid4().hex[:16]
+    log.error("internal error", exc_info=exc, extra={"error_id": cid})
+    return Internal(f"internal error (error id {cid}; the server log has the details)")
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
@@ -99,7 +165,7 @@ async def abort_with(
     """End an aio call with ``exc``'s status code and its ErrorDetail; never returns."""
     detail = detail_of(exc, worker_id, with_traceback=not isinstance(exc, SnakepitError))
     context.set_trailing_metadata(error_metadata(detail))
-    await context.abort(status_of(exc), detail.message or type(exc).__name__)
+    await context.abort(status_of(exc), status_details(detail.message or detail.type))
 
 
 _CONNECT_FAILURES = (

@@ -84,8 +84,8 @@ def tensor_array(value: Any, what: str = "value") -> np.ndarray:
     """A numpy array of a wire dtype from an array or nested lists, else a clear error."""
     try:
         array = np.asarray(value)
-    except (ValueError, TypeError) as exc:
-        raise InvalidArgument(f"{what} is not a rectangular array: {exc}") from exc
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidArgument(f"{what} is not a rectangular array: {str(exc)[:200]}") from None
     if array.dtype.name not in TENSOR_DTYPES:
         raise InvalidArgument(
             f"{what} has dtype {array.dtype.name!r}, which cannot travel as a tensor "
@@ -95,7 +95,10 @@ def tensor_array(value: Any, what: str = "value") -> np.ndarray:
 
 
 def embedding_array(value: Any, what: str = "value") -> np.ndarray:
-    array = np.asarray(value)
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidArgument(f"{what} is not an embedding: {str(exc)[:200]}") from None
     if array.dtype.kind in "iub":
         array = array.astype(np.float64)
     if array.ndim != 1 or array.dtype.name not in EMBEDDING_DTYPES:
@@ -127,7 +130,13 @@ def coerce(value: Any, type_name: str, what: str = "value") -> Any:
         if isinstance(value, int | float | np.integer | np.floating) and not isinstance(
             value, bool | np.bool_
         ):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise InvalidArgument(
+                    f"{what} (an integer of {len(str(abs(int(value))))} digits) is too large "
+                    "for a float"
+                ) from None
     elif type_name == STRING:
         if isinstance(value, str):
             return value

@@ -31,6 +31,7 @@ from ..protocol import SERVICE_NAME, pb
 from ..protocol import handlers as handlers_for
 from ..protocol.status import SESSION_ID_KEY, abort_with, error_from_rpc, find_metadata
 from ..store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL, SessionStore
+from ..store.limits import StoreLimits
 from .discovery import Discovery, StaticDiscovery
 from .hosting import FORWARDED_KEY, HostRegistry
 from .observe import NULL_OBSERVER, CallObserver, NullObserver
@@ -75,6 +76,7 @@ class RouterConfig:
     metrics_port: int | None = None
     # Tool calls through HAProxy or the Python router: auto, haproxy, python (router/dataplane.py).
     data_path: str = "python"
+    limits: StoreLimits = field(default_factory=StoreLimits)
 
 
 def default_router_id() -> str:
@@ -156,6 +158,7 @@ class RouterServer:
                 self.config.store_url,
                 default_ttl=self.config.session_ttl,
                 max_sessions=self.config.max_sessions,
+                limits=self.config.limits,
             )
         if self.discovery is None:
             self.discovery = self._default_discovery()

@@ -20,6 +20,7 @@ from .base import (
     Variable,
     VariableChange,
 )
+from .limits import DEFAULT_LIMITS, StoreLimits
 from .memory import MemoryStore
 
 if TYPE_CHECKING:
@@ -33,16 +34,21 @@ def open_store(
     max_sessions: int = DEFAULT_MAX_SESSIONS,
     password: str | None = None,
     channel: grpc.aio.Channel | None = None,
+    limits: StoreLimits = DEFAULT_LIMITS,
 ) -> SessionStore:
     """The store ``url`` names; ``channel`` is the router channel "router" goes through."""
     if url == "memory":
-        return MemoryStore(default_ttl=default_ttl, max_sessions=max_sessions)
+        return MemoryStore(default_ttl=default_ttl, max_sessions=max_sessions, limits=limits)
     scheme = url.split("://", 1)[0] if "://" in url else ""
     if scheme in ("redis", "rediss", "unix"):
         from .redis import RedisStore
 
         return RedisStore(
-            url, default_ttl=default_ttl, max_sessions=max_sessions, password=password
+            url,
+            default_ttl=default_ttl,
+            max_sessions=max_sessions,
+            password=password,
+            limits=limits,
         )
     if url == "router" or scheme == "grpc":
         from .remote import RemoteStore
@@ -66,6 +72,7 @@ __all__ = [
     "MemoryStore",
     "SessionInfo",
     "SessionStore",
+    "StoreLimits",
     "StoreStats",
     "Variable",
     "VariableChange",

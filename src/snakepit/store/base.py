@@ -5,7 +5,9 @@ hold them to:
 
 - A session has a sliding TTL: every operation on it (including reads of its variables) moves its
   expiry to ``now + ttl``. When it expires, it and all its variables disappear together.
-- At most ``max_sessions`` live sessions; creating one more raises ResourceExhausted.
+- At most ``max_sessions`` live sessions; creating one more raises ResourceExhausted. The
+  ``StoreLimits`` (``limits.py``) bound TTLs, metadata, values, variables and bytes per session
+  and watchers; a write that would break one raises ResourceExhausted and changes nothing.
 - Every variable has a declared type (given, or inferred from its first value) and optional
   constraints. A write that breaks them raises InvalidArgument and leaves the stored value as
   it was.
@@ -18,6 +20,7 @@ hold them to:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -27,6 +30,7 @@ from typing import Any
 
 from ..protocol import Constraints, from_pb, pb, to_pb
 from ..protocol.constraints import EMPTY
+from .limits import DEFAULT_LIMITS, StoreLimits
 
 DEFAULT_SESSION_TTL = 3600.0
 DEFAULT_MAX_SESSIONS = 10_000
@@ -116,6 +120,7 @@ class VariableChange:
     name: str
     kind: str
     variable: Variable | None = None
+    size: int = 0  # bytes of the stored value, what a watcher's backlog counts
 
 
 class ChangeFeed(AsyncIterator[VariableChange], ABC):
@@ -165,10 +170,14 @@ class SessionStore(ABC):
         default_ttl: float = DEFAULT_SESSION_TTL,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         clock: Any = time.time,
+        limits: StoreLimits = DEFAULT_LIMITS,
     ) -> None:
-        self.default_ttl = default_ttl
+        if default_ttl > limits.max_ttl:  # a configured default is always allowed
+            limits = dataclasses.replace(limits, max_ttl=default_ttl)
+        self.default_ttl = limits.check_ttl(default_ttl, default_ttl)
         self.max_sessions = max_sessions
         self.clock = clock
+        self.limits = limits
 
     # Sessions ------------------------------------------------------------------------------
     @abstractmethod

@@ -3,7 +3,8 @@
 Keys of one session (``{sid}`` is a Redis Cluster hash tag, so they share a slot):
   ``P:{sid}``    hash  c created ms, a accessed ms, t ttl ms, w worker, m metadata JSON,
                        q number of the last change put in the stream, l watcher lease (ms),
-                       u last write (ms)
+                       u last write (ms), x most variables, y most bytes of values (limits
+                       fixed at creation; 0 or absent: none), b bytes of values held
   ``P:{sid}:v``  hash  per variable NAME: d:NAME declaration, v:NAME value (codec bytes),
                        s:NAME "version:created_ms:updated_ms"
   ``P:{sid}:w``  stream of changes, written only while a watcher holds the lease
@@ -93,6 +94,30 @@ local function emit(maxlen, ...)
   end
 end
 
+-- Whether writing values of lengths LENS[i] to NAMES[i] keeps the session within its limits
+-- (fields x and y). Answers nil when it does, else the refusal to return; GROW is then the
+-- change in bytes held, which `grown()` adds to field b once the values are written.
+local GROW = 0
+local function over_limits(names, lens)
+  local f = redis.call('HMGET', SK, 'x', 'y', 'b')
+  local most_vars, most_bytes = tonumber(f[1] or '0'), tonumber(f[2] or '0')
+  local count = redis.call('HLEN', VK) / 3
+  local delta = 0
+  for i = 1, #names do
+    if redis.call('HEXISTS', VK, 's:' .. names[i]) == 0 then count = count + 1 end
+    delta = delta + lens[i] - redis.call('HSTRLEN', VK, 'v:' .. names[i])
+  end
+  if most_vars > 0 and count > most_vars then return {'limit', 'variables', count, most_vars} end
+  local held = tonumber(f[3] or '0') + delta
+  if most_bytes > 0 and held > most_bytes then return {'limit', 'bytes', held, most_bytes} end
+  GROW = delta
+  return nil
+end
+
+local function grown()
+  if GROW ~= 0 then redis.call('HINCRBY', SK, 'b', GROW) end
+end
+
 local function state_of(s)
   local v, c = string.match(s, '^(%d+):(%d+):')
   return tonumber(v), c
@@ -103,7 +128,8 @@ local function state(version, created)
 end
 """
 
-# ARGV: sid, opid, window_ms, ttl_ms, metadata, get_or_create, max_sessions
+# ARGV: sid, opid, window_ms, ttl_ms, metadata, get_or_create, max_sessions, max_variables,
+#       max_session_bytes
 CREATE = r"""
 redis.call('ZREMRANGEBYSCORE', IX, '-inf', int(NOW))
 local ttl = session_ttl()
@@ -116,7 +142,8 @@ end
 local n = redis.call('ZCARD', IX)
 if n >= tonumber(ARGV[7]) then return {'full', n} end
 redis.call('DEL', VK, WK, OK)
-redis.call('HSET', SK, 'c', int(NOW), 't', ARGV[4], 'm', ARGV[5], 'w', '', 'q', 0)
+redis.call('HSET', SK, 'c', int(NOW), 't', ARGV[4], 'm', ARGV[5], 'w', '', 'q', 0,
+  'x', ARGV[8], 'y', ARGV[9], 'b', 0)
 remember(ARGV[2], tonumber(ARGV[3]))
 touch(tonumber(ARGV[4]))
 return {'ok', 1, info()}
@@ -209,15 +236,17 @@ if not d then
   if ARGV[8] == '' or (ev ~= '' and ev ~= '0') then return done(ttl, {'nv', name}) end
   d = ARGV[8]
   version, created = 1, int(NOW)
-  redis.call('HSET', VK, 'd:' .. name, d)
 else
   if d ~= ARGV[7] then return done(ttl, {'decl', d}) end
   version, created = state_of(redis.call('HGET', VK, 's:' .. name))
   if ev ~= '' and tonumber(ev) ~= version then return done(ttl, {'ver', version}) end
   version = version + 1
 end
+local refused = over_limits({name}, {#ARGV[9]})
+if refused then return done(ttl, refused) end
 local s = state(version, created)
-redis.call('HSET', VK, 'v:' .. name, ARGV[9], 's:' .. name, s)
+redis.call('HSET', VK, 'd:' .. name, d, 'v:' .. name, ARGV[9], 's:' .. name, s)
+grown()
 remember(ARGV[2], tonumber(ARGV[3]))
 if ARGV[5] == '1' then
   emit(ARGV[4], 'k', 'set', 'n', name, 'd', d, 's', s, 'v', ARGV[9])
@@ -239,8 +268,11 @@ if old then
   version, created = state_of(old)
   version = version + 1
 end
+local refused = over_limits({name}, {#ARGV[8]})
+if refused then return done(ttl, refused) end
 local s = state(version, created)
 redis.call('HSET', VK, 'd:' .. name, d, 'v:' .. name, ARGV[8], 's:' .. name, s)
+grown()
 remember(ARGV[2], tonumber(ARGV[3]))
 if ARGV[5] == '1' then
   emit(ARGV[4], 'k', 'set', 'n', name, 'd', d, 's', s, 'v', ARGV[8])
@@ -272,6 +304,14 @@ for i = 5, #ARGV, 5 do
   end
 end
 if #bad > 1 then return done(ttl, bad) end
+local names, lens = {}, {}
+for i = 5, #ARGV, 5 do
+  names[#names + 1] = ARGV[i]
+  lens[#lens + 1] = #ARGV[i + 3]
+end
+local refused = over_limits(names, lens)
+if refused then return done(ttl, refused) end
+grown()
 local out = {'ok'}
 for i = 5, #ARGV, 5 do
   local name, d, version, created = ARGV[i], decls[i], 1, int(NOW)
@@ -356,7 +396,6 @@ if not d then
   if ARGV[7] == '' then return done(ttl, {'nv', name}) end
   d = ARGV[7]
   total, version, created = by, 1, int(NOW)
-  redis.call('HSET', VK, 'd:' .. name, d)
 else
   if d ~= ARGV[6] then return done(ttl, {'decl', d}) end
   local f = redis.call('HMGET', VK, 'v:' .. name, 's:' .. name)
@@ -381,8 +420,11 @@ else
 end
 local text = number_text(kind, total)
 local value = '\10' .. string.char(#kind) .. kind .. '\18' .. string.char(#text) .. text
+local refused = over_limits({name}, {#value})
+if refused then return done(ttl, refused) end
+grown()
 local s = state(version, created)
-redis.call('HSET', VK, 'v:' .. name, value, 's:' .. name, s)
+redis.call('HSET', VK, 'd:' .. name, d, 'v:' .. name, value, 's:' .. name, s)
 remember(ARGV[2], tonumber(ARGV[3]))
 emit(ARGV[4], 'k', 'set', 'n', name, 'd', d, 's', s, 'v', value)
 return done(ttl, {'ok', d, s, value})
@@ -394,7 +436,9 @@ local ttl = session_ttl()
 if not ttl then return {'nf'} end
 if seen(ARGV[2]) then return done(ttl, {'ok', 1}) end
 local name = ARGV[5]
+local held = redis.call('HSTRLEN', VK, 'v:' .. name)
 local n = redis.call('HDEL', VK, 'd:' .. name, 'v:' .. name, 's:' .. name)
+if held > 0 then redis.call('HINCRBY', SK, 'b', -held) end
 remember(ARGV[2], tonumber(ARGV[3]))
 if n > 0 then emit(ARGV[4], 'k', 'deleted', 'n', name) end
 return done(ttl, {'ok', n > 0 and 1 or 0})

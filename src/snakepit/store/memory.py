@@ -34,10 +34,12 @@ from .base import (
     Variable,
     VariableChange,
 )
+from .limits import DEFAULT_LIMITS, StoreLimits, WatcherSlots
 
 # Changes a watcher may have queued before it counts as too slow to be complete.
 DEFAULT_WATCH_BACKLOG = 10_000
 _END = object()
+_UNDECODED = object()
 
 
 @dataclass(slots=True)
@@ -48,11 +50,18 @@ class _Var:
     created_at: float
     updated_at: float
 
-    def view(self, name: str) -> Variable:
+    def view(self, name: str, checked: Any = _UNDECODED) -> Variable:
+        """The variable as callers see it; ``checked`` is the value just written, which an
+        immutable type may reuse instead of decoding what was stored (a second parse)."""
+        value = (
+            rules.load_bytes(self.data)
+            if checked is _UNDECODED
+            else rules.written_value(checked, self.data, self.decl.type)
+        )
         return Variable(
             name=name,
             type=self.decl.type,
-            value=rules.load_bytes(self.data),
+            value=value,
             version=self.version,
             created_at=self.created_at,
             updated_at=self.updated_at,
@@ -72,6 +81,18 @@ class _Session:
     worker_id: str = ""
     variables: dict[str, _Var] = field(default_factory=dict)
     feeds: list[_MemoryFeed] = field(default_factory=list)
+    value_bytes: int = 0
+
+    def check_growth(self, limits: StoreLimits, writes: Mapping[str, bytes]) -> None:
+        """Refuse writes that would leave this session above its variable or byte limit."""
+        added = sum(1 for name in writes if name not in self.variables)
+        delta = sum(
+            len(data) - (len(old.data) if (old := self.variables.get(name)) else 0)
+            for name, data in writes.items()
+        )
+        limits.check_session_growth(
+            self.session_id, len(self.variables) + added, self.value_bytes + delta
+        )
 
     @property
     def expires_at(self) -> float:
@@ -100,9 +121,13 @@ class MemoryStore(SessionStore):
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         clock: Any = time.time,
         watch_backlog: int = DEFAULT_WATCH_BACKLOG,
+        limits: StoreLimits = DEFAULT_LIMITS,
     ) -> None:
-        super().__init__(default_ttl=default_ttl, max_sessions=max_sessions, clock=clock)
+        super().__init__(
+            default_ttl=default_ttl, max_sessions=max_sessions, clock=clock, limits=limits
+        )
         self.watch_backlog = watch_backlog
+        self.watchers = WatcherSlots(self.limits)
         self._sessions: dict[str, _Session] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._gens = itertools.count(1)
@@ -176,8 +201,8 @@ class MemoryStore(SessionStore):
         get_or_create: bool = False,
     ) -> tuple[SessionInfo, bool]:
         sid = rules.check_session_id(session_id) if session_id else rules.new_session_id()
-        ttl_s = rules.check_ttl(ttl, self.default_ttl)
-        meta = rules.check_metadata(metadata)
+        ttl_s = rules.check_ttl(ttl, self.default_ttl, self.limits)
+        meta = rules.check_metadata(metadata, self.limits)
         now = self._expire_due()
         existing = self._sessions.get(sid)
         if existing is not None:
@@ -219,8 +244,13 @@ class MemoryStore(SessionStore):
 
     # Variables ------------------------------------------------------------------------------
     def _write(
-        self, session: _Session, name: str, decl: rules.Declaration, data: bytes
+        self,
+        session: _Session,
+        name: str,
+        decl: rules.Declaration,
+        prepared: tuple[Any, bytes],
     ) -> Variable:
+        checked, data = prepared
         now: float = self.clock()
         old = session.variables.get(name)
         if old is None:
@@ -228,9 +258,11 @@ class MemoryStore(SessionStore):
             session.variables[name] = var
         else:
             var = old
+            session.value_bytes -= len(old.data)
             var.decl, var.data, var.version, var.updated_at = decl, data, old.version + 1, now
-        view = var.view(name)
-        self._publish(session, VariableChange(session.session_id, name, "set", view))
+        session.value_bytes += len(data)
+        view = var.view(name, checked)
+        self._publish(session, VariableChange(session.session_id, name, "set", view, len(data)))
         return view
 
     def _publish(self, session: _Session, change: VariableChange) -> None:
@@ -254,9 +286,11 @@ class MemoryStore(SessionStore):
         metadata: Mapping[str, str] | None = None,
     ) -> Variable:
         rules.check_name(name)
-        decl = rules.Declaration.new(type_name, constraints, metadata)
-        _, data = decl.prepare(value, name)
-        return self._write(self._live(session_id), name, decl, data)
+        decl = rules.Declaration.new(type_name, constraints, metadata, self.limits)
+        prepared = decl.prepare(value, name, self.limits)
+        session = self._live(session_id)
+        session.check_growth(self.limits, {name: prepared[1]})
+        return self._write(session, name, decl, prepared)
 
     async def get_variable(self, session_id: str, name: str) -> Variable:
         session = self._live(session_id)
@@ -281,32 +315,40 @@ class MemoryStore(SessionStore):
         if old is None:
             if expected_version:
                 raise NotFound(f"variable {name!r} not found in session {session_id!r}")
-            decl = rules.inferred_declaration(value, type_name)
+            decl = rules.inferred_declaration(value, type_name, self.limits)
         else:
             if expected_version is not None and expected_version != old.version:
                 raise FailedPrecondition(
                     f"variable {name!r} is at version {old.version}, not {expected_version}"
                 )
             decl = old.decl
-        _, data = decl.prepare(value, name)
-        return self._write(session, name, decl, data)
+        prepared = decl.prepare(value, name, self.limits)
+        session.check_growth(self.limits, {name: prepared[1]})
+        return self._write(session, name, decl, prepared)
 
     async def set_variables(
         self, session_id: str, values: Mapping[str, Any]
     ) -> dict[str, Variable]:
         session = self._live(session_id)
-        staged: list[tuple[str, rules.Declaration, bytes]] = []
+        staged: list[tuple[str, rules.Declaration, tuple[Any, bytes]]] = []
         for name, value in values.items():
             rules.check_name(name)
             old = session.variables.get(name)
-            decl = old.decl if old is not None else rules.inferred_declaration(value, None)
-            staged.append((name, decl, decl.prepare(value, name)[1]))
-        return {name: self._write(session, name, decl, data) for name, decl, data in staged}
+            decl = (
+                old.decl
+                if old is not None
+                else rules.inferred_declaration(value, None, self.limits)
+            )
+            staged.append((name, decl, decl.prepare(value, name, self.limits)))
+        session.check_growth(self.limits, {name: prepared[1] for name, _, prepared in staged})
+        return {name: self._write(session, name, decl, prep) for name, decl, prep in staged}
 
     async def delete_variable(self, session_id: str, name: str) -> bool:
         session = self._live(session_id)
-        if session.variables.pop(rules.check_name(name), None) is None:
+        old = session.variables.pop(rules.check_name(name), None)
+        if old is None:
             return False
+        session.value_bytes -= len(old.data)
         self._publish(session, VariableChange(session_id, name, "deleted"))
         return True
 
@@ -321,9 +363,11 @@ class MemoryStore(SessionStore):
         kind = rules.increment_type(by, name, old.decl.type if old else None)
         if old is None:
             decl = rules.Declaration.new(kind)
-            return self._write(session, name, decl, decl.prepare(by, name)[1])
+            prepared = decl.prepare(by, name, self.limits)
+            session.check_growth(self.limits, {name: prepared[1]})
+            return self._write(session, name, decl, prepared)
         total = rules.add(rules.load_bytes(old.data), by, kind)
-        return self._write(session, name, old.decl, old.decl.prepare(total, name)[1])
+        return self._write(session, name, old.decl, old.decl.prepare(total, name, self.limits))
 
     # Watch ----------------------------------------------------------------------------------
     def watch(self, session_id: str, names: Sequence[str] | None = None) -> ChangeFeed:
@@ -362,11 +406,16 @@ class _MemoryFeed(ChangeFeed):
         self._started = False
         self._closed = False
         self._overflowed = False
+        self._backlog_bytes = 0
+        self._counted = False
 
     async def ready(self) -> None:
         if self._started or self._closed:
             return
-        session = self._store._live(self._session_id, touch=False)
+        store = self._store
+        session = store._live(self._session_id, touch=False)
+        store.watchers.take(self._session_id)
+        self._counted = True
         session.feeds.append(self)
         self._session = session
         self._started = True
@@ -374,11 +423,15 @@ class _MemoryFeed(ChangeFeed):
     def push(self, change: VariableChange) -> None:
         if self._names is not None and change.name not in self._names:
             return
-        if self._queue.qsize() >= self._store.watch_backlog:
+        if (
+            self._queue.qsize() >= self._store.watch_backlog
+            or self._backlog_bytes + change.size > self._store.limits.watch_backlog_bytes
+        ):
             self._overflowed = True
             self._detach()
             self._queue.put_nowait(_END)
             return
+        self._backlog_bytes += change.size
         self._queue.put_nowait(change)
 
     def end(self, change: VariableChange | None) -> None:
@@ -387,20 +440,30 @@ class _MemoryFeed(ChangeFeed):
             self._queue.put_nowait(change)
         self._queue.put_nowait(_END)
         self._session = None
+        self._uncount()
 
     def _detach(self) -> None:
         if self._session is not None and self in self._session.feeds:
             self._session.feeds.remove(self)
         self._session = None
+        self._uncount()
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._store.watchers.give_back(self._session_id)
 
     async def __anext__(self) -> VariableChange:
         await self.ready()
         if self._overflowed:
             raise ResourceExhausted(
                 f"watch of session {self._session_id!r} fell more than "
-                f"{self._store.watch_backlog} changes behind"
+                f"{self._store.watch_backlog} changes or "
+                f"{self._store.limits.watch_backlog_bytes} bytes behind"
             )
         item = await self._queue.get()
+        if isinstance(item, VariableChange):
+            self._backlog_bytes -= item.size
         if item is _END:
             self._closed = True
             if self._overflowed:

@@ -39,6 +39,7 @@ from .base import (
     StoreStats,
     Variable,
 )
+from .limits import DEFAULT_LIMITS, StoreLimits, WatcherSlots
 from .lua import SCRIPTS, SESSIONS
 from .redis_conn import Retrier, make_client, parse_target
 from .redis_feed import RedisFeed
@@ -69,8 +70,11 @@ class RedisStore(SessionStore):
         watch_inline_limit: int = 64 * 1024,
         watch_lease: float = 30.0,
         clock: Any = time.time,
+        limits: StoreLimits = DEFAULT_LIMITS,
     ) -> None:
-        super().__init__(default_ttl=default_ttl, max_sessions=max_sessions, clock=clock)
+        super().__init__(
+            default_ttl=default_ttl, max_sessions=max_sessions, clock=clock, limits=limits
+        )
         target = parse_target(url, password=password, prefix=prefix)
         self.where = target.where
         self.prefix = target.prefix
@@ -81,12 +85,13 @@ class RedisStore(SessionStore):
             connect_timeout=connect_timeout,
             max_connections=max_connections,
         )
-        # Blocking XREADs hold a connection each; they get their own, unbounded pool.
+        # Blocking XREADs hold a connection each; they get their own pool, one per watcher.
+        self.watchers = WatcherSlots(self.limits)
         self.watch_redis = make_client(
             target,
             socket_timeout=socket_timeout + RedisFeed.MAX_BLOCK,
             connect_timeout=connect_timeout,
-            max_connections=None,
+            max_connections=self.limits.max_watchers + 8,
         )
         self.watch_maxlen = watch_maxlen
         self.watch_inline_limit = watch_inline_limit
@@ -148,6 +153,12 @@ class RedisStore(SessionStore):
         status: bytes = reply[0]
         if status == b"nf":
             raise self._no_session(session_id)
+        if status == b"limit":
+            what, would, most = reply[1].decode(), int(reply[2]), int(reply[3])
+            held = "variables" if what == "variables" else "bytes of values"
+            raise ResourceExhausted(
+                f"session {session_id!r} would hold {would} {held}, above the limit of {most}"
+            )
         return status
 
     # Sessions -------------------------------------------------------------------------------
@@ -160,8 +171,9 @@ class RedisStore(SessionStore):
         get_or_create: bool = False,
     ) -> tuple[SessionInfo, bool]:
         sid = rules.check_session_id(session_id) if session_id else rules.new_session_id()
-        ttl_ms = max(1, round(rules.check_ttl(ttl, self.default_ttl) * 1000))
-        meta = rules.check_metadata(metadata)
+        # The limits keep ttl_ms an integer PEXPIRE accepts: the script cannot fail halfway.
+        ttl_ms = max(1, round(rules.check_ttl(ttl, self.default_ttl, self.limits) * 1000))
+        meta = rules.check_metadata(metadata, self.limits)
         reply = await self.run(
             "create",
             sid,
@@ -171,6 +183,8 @@ class RedisStore(SessionStore):
             json.dumps(meta) if meta else "",
             "1" if get_or_create else "0",
             self.max_sessions,
+            self.limits.max_variables,
+            self.limits.max_session_bytes,
         )
         if reply[0] == b"exists":
             raise AlreadyExists(f"session {sid!r} already exists")
@@ -231,8 +245,8 @@ class RedisStore(SessionStore):
     ) -> Variable:
         rules.check_session_id(session_id)
         rules.check_name(name)
-        decl = rules.Declaration.new(type_name, constraints, metadata)
-        _, data = decl.prepare(value, name)
+        decl = rules.Declaration.new(type_name, constraints, metadata, self.limits)
+        _, data = decl.prepare(value, name, self.limits)
         text = decl.encode()
         reply = await self.run(
             "register",
@@ -287,12 +301,12 @@ class RedisStore(SessionStore):
         known = self._decls.get((session_id, name))
         for _ in range(_DECL_ATTEMPTS):
             if known is None:
-                decl = rules.inferred_declaration(value, type_name)
+                decl = rules.inferred_declaration(value, type_name, self.limits)
                 expected, create = "", decl.encode()
             else:
                 decl = rules.parse_declaration(known)
                 expected, create = known, ""
-            checked, data = decl.prepare(value, name)
+            checked, data = decl.prepare(value, name, self.limits)
             reply = await self.run(
                 "set",
                 session_id,
@@ -342,12 +356,12 @@ class RedisStore(SessionStore):
             for name, value in items:
                 text = known[name]
                 if text is None:
-                    decl = rules.inferred_declaration(value, None)
+                    decl = rules.inferred_declaration(value, None, self.limits)
                     args += [name, "", decl.encode()]
                 else:
                     decl = rules.parse_declaration(text)
                     args += [name, text, ""]
-                _, data = decl.prepare(value, name)
+                _, data = decl.prepare(value, name, self.limits)
                 args += [data, self._inline(data)]
                 stored.append(data)
             reply = await self.run("set_many", session_id, *args)

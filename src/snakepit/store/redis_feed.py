@@ -48,12 +48,20 @@ class RedisFeed(ChangeFeed):
         self._renewed = 0.0
         self._block_ms = int(self.MAX_BLOCK * 1000)
         self._delivered: dict[str, int] = {}
+        self._counted = False
 
     async def ready(self) -> None:
         if self._started or self._ended:
             return
-        reply = await self._lease()
+        self._store.watchers.take(self._session_id)
+        self._counted = True
+        try:
+            reply = await self._lease()
+        except BaseException:
+            self._uncount()
+            raise
         if reply is None:
+            self._uncount()
             raise NotFound(f"session {self._session_id!r} not found (it may have expired)")
         self._last_id, q, self._created, _ = reply
         self._q = int(q)
@@ -167,6 +175,12 @@ class RedisFeed(ChangeFeed):
         var = variable(name, decl, rules.load_bytes(raw), state)
         return VariableChange(self._session_id, name, "set", var)
 
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._store.watchers.give_back(self._session_id)
+
     async def aclose(self) -> None:
         self._ended = True
         self._pending.clear()
+        self._uncount()

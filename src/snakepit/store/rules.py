@@ -24,6 +24,7 @@ from ..errors import InvalidArgument
 from ..protocol import Constraints, decode_value, encode_value
 from ..protocol import value_types as vt
 from ..protocol.constraints import EMPTY
+from .limits import DEFAULT_LIMITS, StoreLimits
 
 MAX_ID_LENGTH = 256
 MAX_NAME_LENGTH = 256
@@ -57,22 +58,15 @@ def check_name(name: str) -> str:
     return name
 
 
-def check_ttl(ttl: float | None, default: float) -> float:
+def check_ttl(ttl: float | None, default: float, limits: StoreLimits = DEFAULT_LIMITS) -> float:
     """A session's TTL in seconds: ``None`` or 0 means the store's default."""
-    if ttl is None or ttl == 0:
-        return default
-    if not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl < 0.001:
-        raise InvalidArgument(f"session TTL must be a positive number of seconds, got {ttl!r}")
-    return float(ttl)
+    return limits.check_ttl(ttl, default)
 
 
-def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
-    if not metadata:
-        return {}
-    for key, value in metadata.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise InvalidArgument(f"metadata must map strings to strings, got {key!r}: {value!r}")
-    return dict(metadata)
+def check_metadata(
+    metadata: Mapping[str, str] | None, limits: StoreLimits = DEFAULT_LIMITS, what: str = "session"
+) -> dict[str, str]:
+    return limits.check_metadata(metadata, what)
 
 
 _SCALAR_HEAD = {vt.INTEGER: b"\n\x07integer\x12", vt.FLOAT: b"\n\x05float\x12"}
@@ -85,7 +79,7 @@ def store_bytes(value: Any, type_name: str) -> bytes:
     bytes the codec writes, in a fifth of the time.
     """
     head = _SCALAR_HEAD.get(type_name)
-    if head is not None and type(value) in (int, float) and math.isfinite(value):
+    if head is not None and (type(value) is int or (type(value) is float and math.isfinite(value))):
         text = repr(value).encode()
         if len(text) < 128:
             return head + bytes((len(text),)) + text
@@ -105,6 +99,10 @@ def load_bytes(data: bytes) -> Any:
     return decode_value(data)
 
 
+# Types whose stored form is copied, not parsed, when read (raw bytes, binary arrays).
+_COPIED = frozenset({vt.BYTES, vt.TENSOR, vt.EMBEDDING})
+
+
 @dataclass(frozen=True, slots=True)
 class Declaration:
     """A variable's type, constraints and metadata, plus a token naming this declaration."""
@@ -120,22 +118,30 @@ class Declaration:
         type_name: str,
         constraints: Constraints = EMPTY,
         metadata: Mapping[str, str] | None = None,
+        limits: StoreLimits = DEFAULT_LIMITS,
     ) -> Declaration:
         vt.check_type_name(type_name)
         constraints.check_applies(type_name)
-        meta = MappingProxyType(check_metadata(metadata))
+        meta = MappingProxyType(limits.check_metadata(metadata, "variable"))
         return cls(type_name, constraints, meta, secrets.token_hex(8))
 
     def encode(self) -> str:
         meta = json.dumps(dict(self.metadata), sort_keys=True) if self.metadata else ""
         return f"{self.type}\n{self.token}\n{self.constraints.to_json()}\n{meta}"
 
-    def prepare(self, value: Any, name: str) -> tuple[Any, bytes]:
-        """Check ``value`` against this declaration: ``(coerced value, stored bytes)``."""
+    def prepare(
+        self, value: Any, name: str, limits: StoreLimits = DEFAULT_LIMITS
+    ) -> tuple[Any, bytes]:
+        """Check ``value`` against this declaration: ``(coerced value, stored bytes)``.
+
+        Pure and thread-safe, so a store may run it off its event loop for a large value.
+        """
         what = f"value of {name!r}"
         coerced = vt.coerce(value, self.type, what)
         self.constraints.validate(coerced, self.type, what)
-        return coerced, store_bytes(coerced, self.type)
+        data = store_bytes(coerced, self.type)
+        limits.check_value_size(name, len(data), parsed=self.type not in _COPIED)
+        return coerced, data
 
 
 @lru_cache(maxsize=4096)
@@ -145,7 +151,10 @@ def parse_declaration(text: str) -> Declaration:
         type_name, token, constraints, meta = text.split("\n", 3)
     except ValueError as exc:
         raise InvalidArgument(f"malformed variable declaration {text[:80]!r}") from exc
-    metadata = MappingProxyType(json.loads(meta)) if meta else _NO_METADATA
+    try:
+        metadata = MappingProxyType(json.loads(meta)) if meta else _NO_METADATA
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgument(f"malformed variable declaration {text[:80]!r}") from exc
     return Declaration(type_name, Constraints.from_json(constraints), metadata, token)
 
 
@@ -158,9 +167,11 @@ def written_value(coerced: Any, data: bytes, type_name: str) -> Any:
     return coerced if type_name in _IMMUTABLE else load_bytes(data)
 
 
-def inferred_declaration(value: Any, type_name: str | None) -> Declaration:
+def inferred_declaration(
+    value: Any, type_name: str | None, limits: StoreLimits = DEFAULT_LIMITS
+) -> Declaration:
     """The declaration a write gives a variable that does not exist yet."""
-    return Declaration.new(type_name or vt.infer_type(value))
+    return Declaration.new(type_name or vt.infer_type(value), limits=limits)
 
 
 def increment_type(by: Any, name: str, declared: str | None) -> str:

@@ -8,6 +8,7 @@ raises the same ``snakepit.errors`` exception the store raised here.
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
@@ -15,12 +16,13 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, ResourceExhausted
 from ..protocol import SERVICE_NAME, Constraints, from_pb, pb
 from ..protocol import handlers as handlers_for
-from ..protocol.status import abort_with
+from ..protocol.status import abort_with, hide_internal
 from . import rules
 from .base import SessionStore, VariableChange
+from .limits import StoreLimits
 
 # Initial metadata a WatchVariables call sends once its subscription is in place.
 WATCH_READY_KEY = "snakepit-watch-ready"
@@ -58,7 +60,7 @@ def _unary(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
         try:
             return await fn(self, request, context)
         except Exception as exc:
-            await abort_with(context, exc)
+            await abort_with(context, hide_internal(exc))
             raise  # abort_with has already ended the call by raising; this is for type checkers
 
     return handler
@@ -68,11 +70,41 @@ def _sid(session_id: str) -> str:
     return rules.check_session_id(session_id)
 
 
-def _value(msg: Any, field: str, what: str) -> Any:
+# Room for a value's framing (type name, tensor header) above the limit on its stored bytes.
+_VALUE_SLACK = 4096
+# Payloads that decode by copying, not parsing.
+_COPIED = ("raw", "tensor")
+# Encoded watch updates kept for the other watchers of the same change.
+_SHARED_UPDATES = 64
+
+
+def _value(msg: Any, field: str, what: str, limits: StoreLimits) -> Any:
     if not msg.HasField(field):
         raise InvalidArgument(f"{what}: no value given")
+    return _decode(getattr(msg, field), what, limits)
+
+
+def _decode(value: pb.Value, what: str, limits: StoreLimits) -> Any:
+    """The value of a request, refused from its size before it is decoded (which would cost
+    the event loop time in proportion): bytes and tensors up to ``max_value_bytes``, values
+    parsed element by element (JSON, lists, maps) up to ``max_parsed_value_bytes``."""
+    size = value.ByteSize()
+    if size > limits.max_value_bytes + _VALUE_SLACK:
+        raise ResourceExhausted(
+            f"{what}: the value takes {size} bytes, above the limit of "
+            f"{limits.max_value_bytes} bytes per value"
+        )
+    if (
+        value.WhichOneof("payload") not in _COPIED
+        and size > limits.max_parsed_value_bytes + _VALUE_SLACK
+    ):
+        raise ResourceExhausted(
+            f"{what}: the value takes {size} bytes, above the limit of "
+            f"{limits.max_parsed_value_bytes} bytes per string, list or map value "
+            "(store large data as bytes or a tensor)"
+        )
     try:
-        return from_pb(getattr(msg, field))
+        return from_pb(value)
     except InvalidArgument as exc:
         raise InvalidArgument(f"{what}: {exc.message}") from None
 
@@ -89,6 +121,24 @@ class StoreService:
 
     def __init__(self, store: SessionStore) -> None:
         self.store = store
+        self.limits = store.limits
+        # Largest store request parsed at all: a SetVariables may fill a whole session.
+        self.max_request_bytes = store.limits.max_session_bytes + (1 << 20)
+        self._updates: collections.OrderedDict[int, tuple[VariableChange, bytes]] = (
+            collections.OrderedDict()
+        )
+
+    def encoded_update(self, change: VariableChange) -> bytes:
+        """``change`` as a serialised VariableUpdate, encoded once for all its watchers."""
+        key = id(change)
+        cached = self._updates.get(key)
+        if cached is not None and cached[0] is change:
+            return cached[1]
+        data = update_of(change).SerializeToString()
+        self._updates[key] = (change, data)  # the change is kept, so its id is not reused
+        if len(self._updates) > _SHARED_UPDATES:
+            self._updates.popitem(last=False)
+        return data
 
     # Sessions -------------------------------------------------------------------------------
     @_unary
@@ -137,7 +187,7 @@ class StoreService:
         self, request: pb.RegisterVariableRequest, context: Context
     ) -> pb.VariableResponse:
         what = f"RegisterVariable {request.name!r}"
-        value = _value(request, "value", what) if request.type != "null" else None
+        value = _value(request, "value", what, self.limits) if request.type != "null" else None
         var = await self.store.register_variable(
             _sid(request.session_id),
             rules.check_name(request.name),
@@ -159,7 +209,7 @@ class StoreService:
     async def SetVariable(
         self, request: pb.SetVariableRequest, context: Context
     ) -> pb.VariableResponse:
-        value = _value(request, "value", f"SetVariable {request.name!r}")
+        value = _value(request, "value", f"SetVariable {request.name!r}", self.limits)
         var = await self.store.set_variable(
             _sid(request.session_id),
             request.name,
@@ -175,7 +225,14 @@ class StoreService:
     async def GetVariables(
         self, request: pb.GetVariablesRequest, context: Context
     ) -> pb.VariablesResponse:
-        found = await self.store.get_variables(_sid(request.session_id), list(request.names))
+        # Each name once: repeated names would make a small request ask for many copies.
+        names = list(dict.fromkeys(request.names))
+        if len(names) > self.store.limits.max_variables:
+            raise InvalidArgument(
+                f"GetVariables asks for {len(names)} names; a session holds at most "
+                f"{self.store.limits.max_variables} variables"
+            )
+        found = await self.store.get_variables(_sid(request.session_id), names)
         return pb.VariablesResponse(variables=[var.to_proto() for var in found.values()])
 
     @_unary
@@ -185,10 +242,7 @@ class StoreService:
         sid = _sid(request.session_id)
         values = {}
         for name, msg in request.values.items():
-            try:
-                values[name] = from_pb(msg)
-            except InvalidArgument as exc:
-                raise InvalidArgument(f"SetVariables {name!r}: {exc.message}") from None
+            values[name] = _decode(msg, f"SetVariables {name!r}", self.limits)
         written = await self.store.set_variables(sid, values)
         return pb.VariablesResponse(variables=[var.to_proto() for var in written.values()])
 
@@ -211,7 +265,7 @@ class StoreService:
         self, request: pb.IncrementVariableRequest, context: Context
     ) -> pb.VariableResponse:
         by = (
-            _value(request, "by", f"IncrementVariable {request.name!r}")
+            _value(request, "by", f"IncrementVariable {request.name!r}", self.limits)
             if request.HasField("by")
             else 1
         )
@@ -220,19 +274,19 @@ class StoreService:
 
     async def WatchVariables(
         self, request: pb.WatchVariablesRequest, context: Context
-    ) -> AsyncIterator[pb.VariableUpdate]:
+    ) -> AsyncIterator[bytes]:
         try:
             feed = self.store.watch(_sid(request.session_id), list(request.names) or None)
             await feed.ready()
         except Exception as exc:
-            await abort_with(context, exc)
+            await abort_with(context, hide_internal(exc))
             return
         try:
             await context.send_initial_metadata(((WATCH_READY_KEY, "1"),))
             async for change in feed:
-                yield update_of(change)
+                yield self.encoded_update(change)
         except Exception as exc:
-            await abort_with(context, exc)
+            await abort_with(context, hide_internal(exc))
         finally:
             await feed.aclose()
 
@@ -242,7 +296,7 @@ def method_handlers(service: StoreService) -> dict[str, grpc.RpcMethodHandler[An
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for name, (request, _response, streaming) in _METHODS.items():
         factory = handlers_for.unary_stream if streaming else handlers_for.unary
-        handlers[name] = factory(getattr(service, name), request)
+        handlers[name] = factory(getattr(service, name), request, service.max_request_bytes)
     return handlers
 
 

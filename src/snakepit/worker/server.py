@@ -56,6 +56,9 @@ from .tools import ToolDef, discover
 log = logging.getLogger("snakepit.worker")
 
 DEFAULT_ADAPTER = "snakepit.examples.showcase:ShowcaseAdapter"
+# The longest a tool call may run when neither the caller nor the operator says otherwise, so
+# calls without a deadline cannot hold worker slots forever (docs/security.md).
+DEFAULT_MAX_CALL_SECONDS = 300.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -76,6 +79,7 @@ class WorkerConfig:
     drain_timeout: float = 25.0
     drain_linger: float = 2.0
     session_ttl: float = 3600.0
+    max_call_seconds: float = DEFAULT_MAX_CALL_SECONDS
     # Calls that may wait for a slot beyond ``concurrency`` (-1: four times the concurrency).
     backlog: int = -1
     backlog_timeout: float = 30.0
@@ -116,6 +120,7 @@ class WorkerServer:
         # and leave the pool without a ready worker (gunicorn's max_requests_jitter).
         self._max_requests = config.max_requests + random.randint(0, config.max_requests // 10)
         self.draining = False
+        self.overran = False  # a sync tool still runs in a thread nobody can stop
         self._drained = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self.port = 0
@@ -396,18 +401,18 @@ class WorkerServer:
             raise
         except Exception as exc:
             self.failed += 1
-            if isinstance(exc, TimeoutError):
-                exc = DeadlineExceeded("the call's deadline passed while the tool was running")
-            code = status_of(exc).name
-            await self._fail(context, exc)
+            error = self._as_error(exc, call)
+            code = status_of(error).name
+            await self._fail(context, error)
         finally:
             self._release()
             logs.correlation_id.reset(token)
+            tool_name = call.tool.name if call.tool is not None else ""
             if self.metrics is not None:
-                self.metrics.call_done(call.tool, code, started)
+                self.metrics.call_done(tool_name, code, started)
             if span is not None:
-                name = f"worker {call.tool or 'call'}"
-                tracing.end_server(span, code, name, {"snakepit.tool": call.tool})
+                name = f"worker {tool_name or 'call'}"
+                tracing.end_server(span, code, name, {"snakepit.tool": tool_name})
             self._after_call()
 
     def _server_span(self, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -429,9 +434,8 @@ class WorkerServer:
         started = time.perf_counter()
         async with self._serving(context) as call:
             tool, kwargs, call.ctx = self._prepare(raw, context)
-            call.tool = tool.name
             with self._tool_span(tool):
-                async with asyncio.timeout(context.time_remaining()):
+                async with asyncio.timeout(self._time_limit(context, tool, call)):
                     if tool.streaming:
                         value: Any = [item async for item in self.runner.stream(tool, kwargs)]
                     else:
@@ -449,10 +453,9 @@ class WorkerServer:
     ) -> AsyncIterator[bytes]:
         async with self._serving(context) as call:
             tool, kwargs, call.ctx = self._prepare(raw, context)
-            call.tool = tool.name
             await context.send_initial_metadata(((WORKER_ID_KEY, self.worker_id),))
             with self._tool_span(tool):
-                async with asyncio.timeout(context.time_remaining()):
+                async with asyncio.timeout(self._time_limit(context, tool, call)):
                     if tool.streaming:
                         seq = 0
                         async for item in self.runner.stream(tool, kwargs):
@@ -461,8 +464,36 @@ class WorkerServer:
                     else:
                         yield encode_chunk(await self.runner.call(tool, kwargs), 0)
 
+    def _time_limit(
+        self, context: grpc.aio.ServicerContext[Any, Any], tool: ToolDef, call: _Call
+    ) -> float | None:
+        """Seconds the call may run: its deadline, capped by ``max_call_seconds``."""
+        remaining: float | None = context.time_remaining()
+        cap = self.config.max_call_seconds
+        call.tool = tool
+        if cap and (remaining is None or cap < remaining):
+            call.capped = cap
+            return cap
+        return remaining
+
+    def _as_error(self, exc: BaseException, call: _Call) -> BaseException:
+        """The error the caller gets; an overrun sync tool also has its worker replaced."""
+        if not isinstance(exc, TimeoutError):
+            return exc
+        if call.tool is not None and call.capped is not None:
+            if not call.tool.is_async and not self.draining:
+                # A thread cannot be stopped: the overrunning tool keeps its thread, so this
+                # worker is replaced once its other calls finish (and exits without joining it).
+                self.overran = True
+                self._spawn(self.drain(f"sync tool {call.tool.name!r} overran its time limit"))
+            return DeadlineExceeded(
+                f"the tool ran longer than this worker's limit of {call.capped:g} s "
+                "(--max-call-seconds)"
+            )
+        return DeadlineExceeded("the call's deadline passed while the tool was running")
+
     async def _fail(self, context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
-        log.warning("call failed", extra={"error": type(exc).__name__, "detail": str(exc)})
+        log.warning("call failed", extra={"error": type(exc).__name__, "detail": str(exc)[:1000]})
         await abort_with(context, exc, self.worker_id)
 
 
@@ -484,7 +515,8 @@ def _assigned(turn: asyncio.Future[None]) -> bool:
 @dataclass
 class _Call:
     ctx: SessionContext | None = None
-    tool: str = ""
+    tool: ToolDef | None = None
+    capped: float | None = None  # the server's limit, when it is shorter than the deadline
 
 
 def _correlation(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -518,4 +550,8 @@ async def serve(config: WorkerConfig) -> int:
         return 1
     await worker.wait_closed()
     tracing.shutdown()
+    if worker.overran:
+        # Interpreter exit would join the tool's thread, which may never return.
+        logging.shutdown()
+        os._exit(0)
     return 0

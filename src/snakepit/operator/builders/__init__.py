@@ -22,7 +22,12 @@ from .common import (
     store_wiring,
 )
 from .metrics import build_metrics_service
-from .policy import build_pdb, build_store_network_policy, build_worker_network_policy
+from .policy import (
+    build_pdb,
+    build_router_network_policy,
+    build_store_network_policy,
+    build_worker_network_policy,
+)
 from .router import (
     build_router_deployment,
     build_router_role,
@@ -76,6 +81,7 @@ def build_children(
         children.append(build_metrics_service(pool))
     if pool.spec.network_policy.enabled:
         children.append(build_worker_network_policy(pool))
+        children.append(build_router_network_policy(pool))
         if managed:
             children.append(build_store_network_policy(pool))
     return children

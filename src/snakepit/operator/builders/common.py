@@ -131,8 +131,40 @@ def container_security_context() -> JSON:
     }
 
 
-TMP_VOLUME: JSON = {"name": "tmp", "emptyDir": {}}
 TMP_MOUNT: JSON = {"name": "tmp", "mountPath": "/tmp"}
+# How much a pod may write to its /tmp emptyDir (node disk) before the kubelet evicts it.
+TMP_SIZE = {WORKER: "1Gi", ROUTER: "64Mi", STORE: "64Mi"}
+
+# Requests and limits for a pod whose spec gives none, so no pool runs unbounded on a node:
+# no CPU limit (throttling hurts latency more than it protects), a memory limit always.
+DEFAULT_RESOURCES: dict[str, JSON] = {
+    WORKER: {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "2Gi"}},
+    ROUTER: {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+    STORE: {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+}
+
+
+def tmp_volume(component: str) -> JSON:
+    return {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE[component]}}
+
+
+def resources_for(component: str, given: Mapping[str, object]) -> JSON:
+    """The spec's resources, or the component's defaults when the spec gives none."""
+    return dict(given) if given else {k: dict(v) for k, v in DEFAULT_RESOURCES[component].items()}
+
+
+_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_DECIMAL = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def quantity_bytes(quantity: object) -> int | None:
+    """Bytes of a Kubernetes memory quantity ("1Gi", "500M", "1024"); None if not one."""
+    text = str(quantity).strip()
+    for suffixes in (_BINARY, _DECIMAL):
+        for suffix, factor in suffixes.items():
+            if text.endswith(suffix) and text[: -len(suffix)].replace(".", "", 1).isdigit():
+                return int(float(text[: -len(suffix)]) * factor)
+    return int(text) if text.isdigit() else None
 
 
 def grpc_probes(port: int) -> JSON:

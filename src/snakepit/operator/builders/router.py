@@ -8,7 +8,6 @@ from .common import (
     ROUTER,
     STORE_SECRET_ANNOTATION,
     TMP_MOUNT,
-    TMP_VOLUME,
     Names,
     container_security_context,
     field_env,
@@ -17,11 +16,13 @@ from .common import (
     metadata,
     pod_security_context,
     pull_secrets,
+    resources_for,
     rolling_update,
     selector,
     spread_by_host,
     store_password_env,
     store_wiring,
+    tmp_volume,
 )
 from .metrics import metrics_annotations, metrics_args, metrics_labels, metrics_ports
 
@@ -37,8 +38,27 @@ ENDPOINTSLICE_RULE: JSON = {
 }
 
 
+# spec.limits field -> the router flag it sets.
+_LIMIT_FLAGS = {
+    "max_value_bytes": "--max-value-bytes",
+    "max_parsed_value_bytes": "--max-parsed-value-bytes",
+    "max_session_bytes": "--max-session-bytes",
+    "max_variables_per_session": "--max-variables",
+    "max_metadata_bytes": "--max-metadata-bytes",
+    "max_session_ttl_seconds": "--max-session-ttl",
+    "max_watchers": "--max-watchers",
+    "max_watchers_per_session": "--max-watchers-per-session",
+}
+
+
 def router_args(pool: Pool) -> list[str]:
     spec = pool.spec
+    limits = [
+        word
+        for attr, flag in _LIMIT_FLAGS.items()
+        if (value := getattr(spec.limits, attr)) is not None
+        for word in (flag, str(value))
+    ]
     return [
         "router",
         "--port",
@@ -52,6 +72,7 @@ def router_args(pool: Pool) -> list[str]:
         "--max-sessions",
         str(spec.session.max_sessions),
         *metrics_args(pool),
+        *limits,
     ]
 
 
@@ -86,8 +107,7 @@ def build_router_deployment(
         "securityContext": container_security_context(),
         "volumeMounts": [TMP_MOUNT],
     }
-    if spec.router.resources:
-        container["resources"] = spec.router.resources
+    container["resources"] = resources_for(ROUTER, spec.router.resources)
     pod_spec: JSON = {
         "serviceAccountName": names.router,
         "automountServiceAccountToken": True,
@@ -95,7 +115,7 @@ def build_router_deployment(
         "terminationGracePeriodSeconds": ROUTER_DRAIN_SECONDS + EXIT_MARGIN_SECONDS,
         "securityContext": pod_security_context(),
         "containers": [container],
-        "volumes": [TMP_VOLUME],
+        "volumes": [tmp_volume(ROUTER)],
         "topologySpreadConstraints": spread_by_host(pool, ROUTER),
     }
     if config.image_pull_secrets:

@@ -12,24 +12,53 @@ from .common import (
     STORE_SECRET_ANNOTATION,
     STORE_SECRET_KEY,
     TMP_MOUNT,
-    TMP_VOLUME,
     Names,
     container_security_context,
     labels,
     metadata,
     pod_security_context,
     pull_secrets,
+    quantity_bytes,
+    resources_for,
     secret_env,
     selector,
+    tmp_volume,
 )
 
+# Share of the container's memory limit Redis may fill with data; the rest is its own overhead
+# (buffers, the AOF rewrite fork's copy-on-write pages).
+MAXMEMORY_SHARE = 0.7
+DEFAULT_MAXMEMORY = 700 * 2**20
+
+
+def redis_maxmemory(resources: JSON) -> int:
+    """``maxmemory`` in bytes for a Redis container with these resources."""
+    limit = quantity_bytes((resources.get("limits") or {}).get("memory", ""))
+    return int(limit * MAXMEMORY_SHARE) if limit else DEFAULT_MAXMEMORY
+
+
 # The password goes into a config file on the /tmp emptyDir, never into argv (visible in ps).
+# It is checked first: a quote or newline in an adopted Secret would otherwise inject config
+# directives. maxmemory with noeviction makes a full store refuse writes (the router answers
+# RESOURCE_EXHAUSTED) instead of evicting sessions or being OOM-killed.
+PASSWORD_CHARACTERS = "A-Za-z0-9_.~+/=-"
 REDIS_SCRIPT = "\n".join(
     [
         "set -eu",
         "umask 077",
+        'case "${REDIS_PASSWORD:-}" in',
+        f'  ""|*[!{PASSWORD_CHARACTERS}]*)',
+        "    echo 'snakepit: refusing to start: the store password must be non-empty and hold "
+        f"only the characters {PASSWORD_CHARACTERS}' >&2",
+        "    exit 64;;",
+        "esac",
+        'case "${REDIS_MAXMEMORY:-0}" in',
+        "  *[!0-9]*) echo 'snakepit: REDIS_MAXMEMORY must be a number of bytes' >&2; exit 64;;",
+        "esac",
         "{",
         '  printf \'requirepass "%s"\\n\' "$REDIS_PASSWORD"',
+        "  printf 'maxmemory %s\\n' \"${REDIS_MAXMEMORY:-0}\"",
+        "  echo 'maxmemory-policy noeviction'",
         f"  echo 'port {REDIS_PORT}'",
         "  echo 'bind * -::*'",
         "  echo 'dir /data'",
@@ -86,12 +115,14 @@ def build_store_statefulset(
     names = Names(pool.name)
     password = secret_env("REDIS_PASSWORD", names.store_secret, STORE_SECRET_KEY)
     cli_auth = secret_env("REDISCLI_AUTH", names.store_secret, STORE_SECRET_KEY)
+    resources = resources_for(STORE, store.resources)
+    maxmemory = {"name": "REDIS_MAXMEMORY", "value": str(redis_maxmemory(resources))}
     container: JSON = {
         "name": "redis",
         "image": store.image or config.redis_image,
         "imagePullPolicy": config.image_pull_policy,
         "command": ["sh", "-c", REDIS_SCRIPT],
-        "env": [password, cli_auth],
+        "env": [password, cli_auth, maxmemory],
         "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
         "startupProbe": {
             "tcpSocket": {"port": "redis"},
@@ -110,16 +141,15 @@ def build_store_statefulset(
         },
         "securityContext": container_security_context(),
         "volumeMounts": [{"name": "data", "mountPath": "/data"}, TMP_MOUNT],
+        "resources": resources,
     }
-    if store.resources:
-        container["resources"] = store.resources
     pod_spec: JSON = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 30,
         "securityContext": pod_security_context(fs_group=True),
         "containers": [container],
-        "volumes": [TMP_VOLUME],
+        "volumes": [tmp_volume(STORE)],
     }
     if config.image_pull_secrets:
         pod_spec["imagePullSecrets"] = pull_secrets(config.image_pull_secrets)

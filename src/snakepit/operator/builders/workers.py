@@ -7,7 +7,6 @@ from ..spec import JSON, WORKER_PORT, Pool
 from .common import (
     STORE_SECRET_ANNOTATION,
     TMP_MOUNT,
-    TMP_VOLUME,
     WORKER,
     Names,
     container_security_context,
@@ -18,11 +17,13 @@ from .common import (
     metadata,
     pod_security_context,
     pull_secrets,
+    resources_for,
     rolling_update,
     selector,
     spread_by_host,
     store_password_env,
     store_wiring,
+    tmp_volume,
 )
 from .metrics import metrics_annotations, metrics_args, metrics_labels, metrics_ports
 
@@ -55,6 +56,8 @@ def worker_args(pool: Pool) -> list[str]:
         "--session-ttl",
         str(spec.session.ttl_seconds),
         *metrics_args(pool),
+        "--max-call-seconds",
+        str(spec.max_call_seconds),
     ]
 
 
@@ -92,8 +95,7 @@ def build_worker_deployment(
     }
     if spec.env_from:
         container["envFrom"] = spec.env_from
-    if spec.resources:
-        container["resources"] = spec.resources
+    container["resources"] = resources_for(WORKER, spec.resources)
     pod_spec: JSON = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -102,7 +104,7 @@ def build_worker_deployment(
         ),
         "securityContext": pod_security_context(),
         "containers": [container],
-        "volumes": [TMP_VOLUME],
+        "volumes": [tmp_volume(WORKER)],
         "topologySpreadConstraints": overrides.topology_spread_constraints
         or spread_by_host(pool, WORKER),
     }

@@ -1,0 +1,295 @@
+"""The security review's attacks against a live ``snakepit serve``, and what another caller feels.
+
+    python bench/attacks.py [--src DIR] [--window S] [--only NAME,...]
+
+A victim process calls ``add`` through the router every 20 ms, and reads a session variable,
+the whole time; each attack runs in its own window and the table shows the victim's worst and
+p99 latency in that window next to a quiet window of the same length, plus whether the pool was
+still fully ready afterwards. ``--src`` runs the pool from another source tree (e.g. an export
+of an older commit), so before and after can be measured side by side on one machine:
+
+    git archive 1e181ca src | tar -x -C /tmp/before && python bench/attacks.py --src /tmp/before/src
+
+Attacks (docs/security.md): a ReDoS value against a ``(a+)+$`` pattern; one 100 MB write;
+writes of 15 MB strings and bytes; 300 watchers of one 1 MB variable; 20,000 sessions from one
+caller; 8 calls holding every worker slot (``sleep``). Every loop has a count and a time
+limit; every process is a child of this one and is stopped by its own handle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, free_port, table
+
+from snakepit import AsyncClient, Client
+from snakepit.grpc_options import channel_options
+from snakepit.protocol import pb, pb_grpc, to_pb
+
+WORKERS = 2
+CONCURRENCY = 4
+
+
+def victim(target: str, stop_file: Path, out_file: Path) -> None:
+    """The other caller: small calls through the router until told to stop."""
+    samples: list[tuple[float, float, bool]] = []
+    with Client(target, timeout=60) as client, client.session(keep=True) as session:
+        session.set("v", 1)
+        while not stop_file.exists():
+            at, started = time.time(), time.perf_counter()  # a stall counts where it began
+            ok = True
+            try:
+                client.execute("add", a=1, b=2)
+                session.get("v")
+            except Exception:
+                ok = False
+            samples.append((at, (time.perf_counter() - started) * 1000, ok))
+            time.sleep(0.02)
+    out_file.write_text(json.dumps(samples))
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+async def _status(call: Awaitable[Any]) -> str:
+    try:
+        await call
+        return "OK"
+    except grpc.aio.AioRpcError as exc:
+        return exc.code().name
+
+
+async def redos(stub: pb_grpc.BridgeServiceStub, client: AsyncClient) -> str:
+    await stub.InitializeSession(pb.InitializeSessionRequest(session_id="redos"))
+    await stub.RegisterVariable(
+        pb.RegisterVariableRequest(
+            session_id="redos",
+            name="v",
+            type="string",
+            value=to_pb("aaa"),
+            constraints=pb.Constraints(pattern="(a+)+$"),
+        )
+    )
+    evil = pb.SetVariableRequest(session_id="redos", name="v", value=to_pb("a" * 25 + "!"))
+    results = [await _status(stub.SetVariable(evil, timeout=5)) for _ in range(3)]
+    return f"3 writes of 26 chars: {', '.join(sorted(set(results)))}"
+
+
+async def big_write(stub: pb_grpc.BridgeServiceStub, client: AsyncClient) -> str:
+    await stub.InitializeSession(pb.InitializeSessionRequest(session_id="big"))
+    value = pb.Value(type="string", json=b'"' + b"a" * (100 * 2**20) + b'"')
+    request = pb.SetVariableRequest(session_id="big", name="v", value=value)
+    return f"100 MB write: {await _status(stub.SetVariable(request, timeout=60))}"
+
+
+async def limit_write(stub: pb_grpc.BridgeServiceStub, client: AsyncClient) -> str:
+    """Writes of 15 MB: a string (parsed; the default limits refuse it) and bytes (copied;
+    the largest kind of write they accept), each three times."""
+    await stub.InitializeSession(pb.InitializeSessionRequest(session_id="limit"))
+    text = pb.Value(type="string", json=b'"' + b"a" * (15 * 2**20) + b'"')
+    raw = pb.Value(type="bytes", raw=b"a" * (15 * 2**20))
+    outcomes = []
+    for value in (text, raw):
+        request = pb.SetVariableRequest(session_id="limit", name=value.type, value=value)
+        results = [await _status(stub.SetVariable(request, timeout=60)) for _ in range(3)]
+        outcomes.append(f"{value.type} {'/'.join(sorted(set(results)))}")
+    return f"3 x 15 MB writes: {', '.join(outcomes)}"
+
+
+async def watchers(stub: pb_grpc.BridgeServiceStub, client: AsyncClient) -> str:
+    await stub.InitializeSession(pb.InitializeSessionRequest(session_id="watched"))
+    one_mb = to_pb("x" * 1_000_000)
+    await stub.SetVariable(pb.SetVariableRequest(session_id="watched", name="v", value=one_mb))
+    streams = [
+        stub.WatchVariables(pb.WatchVariablesRequest(session_id="watched")) for _ in range(300)
+    ]
+
+    async def opened(stream: Any) -> bool:
+        try:
+            await asyncio.wait_for(stream.initial_metadata(), 10)
+            await asyncio.sleep(0.5)
+            return not stream.done()
+        except (grpc.aio.AioRpcError, TimeoutError):
+            return False
+
+    count = sum(await asyncio.gather(*(opened(s) for s in streams)))
+    for _ in range(3):
+        await stub.SetVariable(pb.SetVariableRequest(session_id="watched", name="v", value=one_mb))
+    await asyncio.sleep(2)
+    for stream in streams:
+        stream.cancel()
+    return f"300 watchers asked, {count} open; 3 writes of 1 MB"
+
+
+async def sessions(stub: pb_grpc.BridgeServiceStub, client: AsyncClient) -> str:
+    outcomes: dict[str, int] = {}
+    created: list[str] = []
+    pending = iter(range(20_000))
+    deadline = time.monotonic() + 120
+
+    async def worker() -> None:
+        for _ in pending:
+            if time.monotonic() > deadline:
+                return
+            try:
+                reply = await stub.InitializeSession(pb.InitializeSessionRequest(), timeout=10)
+                created.append(reply.session.session_id)
+                code = "OK"
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code().name
+            outcomes[code] = outcomes.get(code, 0) + 1
+
+    await asyncio.gather(*(worker() for _ in range(32)))
+    after = await _status(stub.InitializeSession(pb.InitializeSessionRequest(), timeout=10))
+    for sid in created:  # clean up so later attacks start from an empty store
+        await stub.CleanupSession(pb.CleanupSessionRequest(session_id=sid))
+    return f"20k creates: {outcomes}; a newcomer then gets {after}"
+
+
+async def hog(stub: pb_grpc.BridgeServiceStub, client: AsyncClient) -> str:
+    calls = [asyncio.ensure_future(client.execute("sleep", seconds=20)) for _ in range(8)]
+    await asyncio.sleep(8)
+    for call in calls:
+        call.cancel()
+    await asyncio.gather(*calls, return_exceptions=True)
+    return "8 x sleep(20) with no deadline, cancelled after 8 s"
+
+
+ATTACKS: dict[str, Callable[[pb_grpc.BridgeServiceStub, AsyncClient], Awaitable[str]]] = {
+    "redos": redos,
+    "100MB-write": big_write,
+    "15MB-writes": limit_write,
+    "300-watchers": watchers,
+    "20k-sessions": sessions,
+    "slot-hog": hog,
+}
+
+
+def window_stats(samples: list[list[Any]], start: float, end: float) -> tuple[str, str, str]:
+    """Worst and p99 latency of the victim's calls that began in the window; calls, failed."""
+    inside = sorted(ms for t, ms, _ in samples if start <= t <= end)
+    failed = sum(1 for t, _, ok in samples if start <= t <= end and not ok)
+    if not inside:
+        return "-", "-", "0/0"
+    p99 = inside[int(0.99 * (len(inside) - 1))]
+    return f"{inside[-1]:.1f}", f"{p99:.1f}", f"{len(inside)}/{failed}"
+
+
+def ready_workers(target: str) -> str:
+    with Client(target) as probe:
+        for _ in range(100):
+            try:
+                ready = probe.status()["workers_ready"]
+                if ready == WORKERS:
+                    break
+            except Exception as exc:
+                ready = type(exc).__name__
+            time.sleep(0.1)
+    return f"{ready}/{WORKERS}"
+
+
+Window = tuple[str, float, float, str, str, float]
+
+
+async def attack_all(target: str, serve_pid: int, names: list[str], quiet: float) -> list[Window]:
+    """A quiet window, then each attack in turn, with readiness and router growth after it."""
+    # The attacker's channel sends up to 512 MB: the server, not the client, must refuse.
+    channel = grpc.aio.insecure_channel(target, options=channel_options(512))
+    stub = pb_grpc.BridgeServiceStub(channel)
+    start = time.time()
+    await asyncio.sleep(quiet)
+    windows: list[Window] = [("quiet", start, time.time(), "-", "", 0.0)]
+    async with AsyncClient(target) as client:
+        for name in names:
+            before = rss_mb(serve_pid)
+            start = time.time()
+            try:
+                outcome = await asyncio.wait_for(ATTACKS[name](stub, client), 180)
+            except Exception as exc:
+                outcome = f"attack failed: {type(exc).__name__}: {str(exc)[:80]}"
+            grown = rss_mb(serve_pid) - before
+            await asyncio.sleep(3)  # what the attack leaves behind counts too
+            end = time.time()
+            ready = await asyncio.to_thread(ready_workers, target)
+            windows.append((name, start, end, outcome, ready, grown))
+            await asyncio.sleep(2)
+    await channel.close()
+    return windows
+
+
+def run(args: argparse.Namespace) -> None:
+    src = Path(args.src).resolve() if args.src else ROOT / "src"
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    env = {**os.environ, "SNAKEPIT_LOG_LEVEL": "error", "PYTHONPATH": str(src)}
+    argv = ["serve", "--port", str(port), "--workers", str(WORKERS)]
+    argv += ["--worker-concurrency", str(CONCURRENCY)]
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "snakepit", *argv],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    tmp = Path(tempfile.mkdtemp(prefix="snakepit-attacks-"))
+    stop, out = tmp / "stop", tmp / "victim.json"
+    victim_proc: subprocess.Popen[bytes] | None = None
+    try:
+        deadline = time.monotonic() + 60
+        while ready_workers(target) != f"{WORKERS}/{WORKERS}":
+            if time.monotonic() > deadline:
+                raise TimeoutError("pool not ready")
+        victim_proc = subprocess.Popen(
+            [sys.executable, __file__, "--victim", target, str(stop), str(out)]
+        )
+        time.sleep(3)
+        names = args.only.split(",") if args.only else list(ATTACKS)
+        windows = asyncio.run(attack_all(target, serve.pid, names, args.window))
+    finally:
+        stop.write_text("stop")
+        if victim_proc is not None:
+            victim_proc.wait(120)
+        serve.terminate()
+        try:
+            serve.wait(30)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+    samples = json.loads(out.read_text()) if out.exists() else []
+    rows = []
+    for name, start, end, outcome, ready, grown in windows:
+        worst, p99, failed = window_stats(samples, start, end)
+        rows.append(
+            [name, f"{end - start:.1f}", worst, p99, failed, ready, f"{grown:+.0f}", outcome]
+        )
+    print(f"source: {src}")
+    headers = ["window", "s", "victim worst ms", "p99 ms", "calls/failed", "ready after"]
+    print(table([*headers, "router RSS MB", "attack outcome"], rows))
+
+
+def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--victim":
+        victim(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--src", default="", help="run the pool from this source tree")
+    parser.add_argument("--window", type=float, default=10.0, help="seconds of the quiet window")
+    parser.add_argument("--only", default="", help=f"comma-separated subset of {list(ATTACKS)}")
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
