@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,10 @@ _HOP_HEADERS = (
     "grpc-encoding",
     "grpc-timeout",
 )
+# Health service a router reports NOT_SERVING on while it holds calls that no ready worker can
+# run (a pool scaled to zero): the operator watches it to wake the pool at once, not at its
+# next poll. "" (the router itself) stays SERVING meanwhile: holding calls is its job.
+CAPACITY_SERVICE = "snakepit.capacity"
 _TOUCH_INTERVAL = 5.0
 _TOUCH_MEMORY = 100_000
 
@@ -138,6 +142,12 @@ class RouterServer:
             self.metrics = RouterMetrics()
             self.metrics.bind(self.pool)
         self.tracer = tracing.tracer()
+        # Set by an autoscaler in this process (``snakepit serve``): reported in GetPoolStatus.
+        self.desired_workers: int | None = None
+        self.scale_reason = ""
+        # Called when calls start being held with no ready worker (e.g. to wake an autoscaler).
+        self.starved_listeners: list[Callable[[], None]] = []
+        self.pool.on_starved = self._on_starved
 
     def _observe(
         self, method: str, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
@@ -176,6 +186,7 @@ class RouterServer:
         )
         self._start_hosting()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(CAPACITY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         log.info("router serving", extra={"port": self.port, "store": self.store.backend})
         return self.port
 
@@ -217,6 +228,19 @@ class RouterServer:
     async def wait_closed(self) -> None:
         if self.server is not None:
             await self.server.wait_for_termination()
+
+    def _on_starved(self, starved: bool) -> None:
+        log.info("calls held with no ready worker" if starved else "a worker takes calls again")
+        self._spawn(self._publish_capacity())
+        if starved:
+            for listener in self.starved_listeners:
+                listener()
+
+    async def _publish_capacity(self) -> None:
+        # Reads the state when it runs, so quick flips cannot land out of order.
+        serving = health_pb2.HealthCheckResponse
+        status = serving.NOT_SERVING if self.pool.starved else serving.SERVING
+        await self.health.set(CAPACITY_SERVICE, status)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -508,6 +532,8 @@ class RouterServer:
             store=store_name,
             uptime_seconds=time.monotonic() - self.started,
             metrics_address=self._metrics_address(),
+            workers_desired=len(workers) if self.desired_workers is None else self.desired_workers,
+            scale_reason=self.scale_reason,
         )
 
     def _metrics_address(self) -> str:
