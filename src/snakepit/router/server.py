@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
 
 from .. import tracing
+from ..autoscale import CAPACITY_SERVICE
 from ..errors import SnakepitError, Unavailable
 from ..grpc_options import DEFAULT_MAX_MESSAGE_MB
 from ..metrics import RouterMetrics
@@ -48,10 +49,6 @@ _HOP_HEADERS = (
     "grpc-encoding",
     "grpc-timeout",
 )
-# Health service a router reports NOT_SERVING on while it holds calls that no ready worker can
-# run (a pool scaled to zero): the operator watches it to wake the pool at once, not at its
-# next poll. "" (the router itself) stays SERVING meanwhile: holding calls is its job.
-CAPACITY_SERVICE = "snakepit.capacity"
 _TOUCH_INTERVAL = 5.0
 _TOUCH_MEMORY = 100_000
 
