@@ -54,6 +54,7 @@ class RouterSet:
         self._on_starved = on_starved
         self._channels: dict[str, Any] = {}
         self._watches: dict[str, asyncio.Task[None]] = {}
+        self.known = False  # until discovery first reports, "no router" means "not known yet"
 
     @property
     def addresses(self) -> list[str]:
@@ -61,6 +62,7 @@ class RouterSet:
 
     def set_routers(self, addresses: Iterable[str]) -> None:
         wanted = set(addresses)
+        self.known = True
         for address in [a for a in self._channels if a not in wanted]:
             self._watches.pop(address).cancel()
             channel = self._channels.pop(address)
@@ -74,6 +76,8 @@ class RouterSet:
 
     async def read(self) -> tuple[float, bool]:
         """Total load over the routers, and whether every one of them answered."""
+        if not self.known:
+            return 0.0, False
         loads = await asyncio.gather(*(router_load(c) for c in self._channels.values()))
         return total_load(loads)
 
