@@ -204,7 +204,7 @@ class RouterServer:
 
             namespace = self.config.namespace or os.environ.get("POD_NAMESPACE") or "default"
             return EndpointSliceDiscovery(
-                self.config.workers_service, namespace, self.config.worker_port
+                self.config.workers_service, namespace, self.config.worker_port, starting=True
             )
         return StaticDiscovery(self.config.workers)
 
