@@ -26,16 +26,6 @@ def status_probe(client: Client):  # type: ignore[no-untyped-def]
     return probe
 
 
-def wait_point(timeline: Timeline, after: float, predicate, timeout: float) -> float:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = timeline.first(after, predicate)
-        if found is not None:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"not reached within {timeout}s:\n{timeline.table(0.5)}")
-
-
 def test_serve_grows_and_shrinks_under_a_load_ramp(procs: ProcessFactory) -> None:
     # Target 1.5 calls per worker (0.75 x 2): 1 call in flight -> 1 worker, 6 -> 4 (the max).
     pool = procs.serve(
@@ -52,16 +42,16 @@ def test_serve_grows_and_shrinks_under_a_load_ramp(procs: ProcessFactory) -> Non
 
             up = timeline.mark("step up to 6 calls")
             load.set_level(6)
-            decided = wait_point(timeline, up, lambda p: p.desired == 4, timeout=5)
-            grown = wait_point(timeline, up, lambda p: p.ready == 4, timeout=30)
+            decided = timeline.wait(up, lambda p: p.desired == 4, timeout=5)
+            grown = timeline.wait(up, lambda p: p.ready == 4, timeout=30)
             time.sleep(4.0)  # steady at the peak: no flapping
             peak = [p for p in timeline.points if p.at > up + grown + 0.5]
             assert {p.desired for p in peak} == {4}
 
             down = timeline.mark("step down to 1 call")
             load.set_level(1)
-            shrunk = wait_point(timeline, down, lambda p: p.desired == 1, timeout=10)
-            gone = wait_point(timeline, down, lambda p: p.total == 1, timeout=15)
+            shrunk = timeline.wait(down, lambda p: p.desired == 1, timeout=10)
+            gone = timeline.wait(down, lambda p: p.total == 1, timeout=15)
             time.sleep(1.0)
         finally:
             load.stop()

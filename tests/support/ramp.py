@@ -148,6 +148,16 @@ class Timeline:
                 return point.at - after
         return None
 
+    def wait(self, after: float, predicate: Callable[[Point], bool], timeout: float) -> float:
+        """Block until a point after ``after`` satisfies ``predicate``; seconds from ``after``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.first(after, predicate)
+            if found is not None:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"not reached within {timeout} s:\n{self.table(0.5)}")
+
     def table(self, every: float = 1.0) -> str:
         lines = [f"{'t/s':>6} {'level':>5} {'load':>6} {'desired':>7} {'ready':>5} {'total':>5}"]
         next_at = 0.0
