@@ -147,6 +147,7 @@ class LocalPool:
             env={"SNAKEPIT_LOG_LEVEL": "warning"} if self.config.quiet else None,
         )
         self.slots.append(slot)
+        self._tasks = [t for t in self._tasks if not t.done()]  # workers that left long ago
         self._tasks.append(asyncio.get_running_loop().create_task(slot.run()))
         return slot
 
