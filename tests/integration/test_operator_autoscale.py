@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from snakepit import Client
-from snakepit.operator.kube import ApiError, path
+from snakepit.operator.kube import ApiError
 from tests.fixtures.processes import ProcessFactory, free_port
 from tests.integration import test_operator_kube as kube_tests
 from tests.integration.test_operator_kube import OperatorEnv, events_of, wait_for
@@ -60,16 +60,13 @@ def put_router_slice(env: OperatorEnv, pool: str, ports: list[int]) -> None:
             for i, _ in enumerate(ports)
         ],
     }
-    url = path("discovery.k8s.io/v1", "EndpointSlice", env.namespace)
+    url = f"/apis/discovery.k8s.io/v1/namespaces/{env.namespace}/endpointslices"
     try:
         env.api.call("POST", url, body)
     except ApiError as exc:
         if exc.status != 409:
             raise
-        env.api.call(
-            "PUT", path("discovery.k8s.io/v1", "EndpointSlice", env.namespace, body["metadata"]["name"]),
-            body,
-        )  # fmt: skip
+        env.api.call("PUT", f"{url}/{body['metadata']['name']}", body)
 
 
 class Load:

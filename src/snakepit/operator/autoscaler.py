@@ -144,18 +144,31 @@ class Autoscalers:
         self._discovery = discovery
         self.pools: dict[PoolKey, PoolAutoscaler] = {}
         self._tasks: dict[PoolKey, asyncio.Task[None]] = {}
+        # Created inside the operator's event loop; kopf runs sync handlers in worker threads,
+        # so ``observe`` hands its decision over to this loop.
+        self._loop = asyncio.get_running_loop()
 
     def observe(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        """A pool event (from any thread): start, update or stop that pool's loop."""
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace")), str(meta.get("name")))
-        if event_type == "DELETED" or meta.get("deletionTimestamp"):
-            self.stop(key)
-            return
+        pool: Pool | None = None
+        if event_type != "DELETED" and not meta.get("deletionTimestamp"):
+            try:
+                pool = parse_pool(body)
+            except (SpecError, KeyError, TypeError, ValueError):
+                return  # the reconciler reports the invalid spec
         try:
-            pool = parse_pool(body)
-        except (SpecError, KeyError, TypeError, ValueError):
-            return  # the reconciler reports the invalid spec
-        if pool.spec.autoscaling is None:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            self._follow(key, pool)
+        else:
+            self._loop.call_soon_threadsafe(self._follow, key, pool)
+
+    def _follow(self, key: PoolKey, pool: Pool | None) -> None:
+        if pool is None or pool.spec.autoscaling is None:
             self.stop(key)
         elif key in self.pools:
             self.pools[key].update(pool)
