@@ -10,6 +10,7 @@ and the Deployment the next reconcile pass sizes.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from typing import Any
@@ -36,37 +37,52 @@ def deployment_replicas(env: OperatorEnv, name: str) -> int | None:
     return None if found is None else int(found["spec"]["replicas"])
 
 
-def put_router_slice(env: OperatorEnv, pool: str, ports: list[int]) -> None:
-    """The EndpointSlice a node would produce for router pods, naming processes on loopback."""
-    body = {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": f"{pool}-router-test",
-            "namespace": env.namespace,
-            "labels": {
-                "kubernetes.io/service-name": f"{pool}-router",
-                "endpointslice.kubernetes.io/managed-by": "snakepit-tests",
-            },
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "grpc", "port": port, "protocol": "TCP"} for port in ports[:1]],
-        "endpoints": [
-            {
-                "addresses": [f"127.0.0.{i + 1}"],
-                "conditions": {"ready": True},
-                "targetRef": {"kind": "Pod", "name": f"router-{i}", "namespace": env.namespace},
-            }
-            for i, _ in enumerate(ports)
-        ],
-    }
+def host_address() -> str:
+    """This machine's first non-loopback IPv4 address (EndpointSlices refuse loopback ones)."""
+    out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=True).stdout
+    return next(a for a in out.split() if "." in a and not a.startswith("127."))
+
+
+def put_router_slices(env: OperatorEnv, pool: str, ports: list[int]) -> None:
+    """The EndpointSlices a node would produce for router pods: one per router, on this host."""
     url = f"/apis/discovery.k8s.io/v1/namespaces/{env.namespace}/endpointslices"
-    try:
-        env.api.call("POST", url, body)
-    except ApiError as exc:
-        if exc.status != 409:
-            raise
-        env.api.call("PUT", f"{url}/{body['metadata']['name']}", body)
+    host = host_address()
+    for i in range(3):
+        name = f"{pool}-router-test-{i}"
+        if i >= len(ports):
+            try:
+                env.api.call("DELETE", f"{url}/{name}")
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+            continue
+        body = {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": name,
+                "namespace": env.namespace,
+                "labels": {
+                    "kubernetes.io/service-name": f"{pool}-router",
+                    "endpointslice.kubernetes.io/managed-by": "snakepit-tests",
+                },
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "grpc", "port": ports[i], "protocol": "TCP"}],
+            "endpoints": [
+                {
+                    "addresses": [host],
+                    "conditions": {"ready": True},
+                    "targetRef": {"kind": "Pod", "name": f"router-{i}", "namespace": env.namespace},
+                }
+            ],
+        }
+        try:
+            env.api.call("POST", url, body)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            env.api.call("PUT", f"{url}/{name}", body)
 
 
 class Load:
@@ -137,9 +153,12 @@ def test_autoscaler_follows_the_routers_and_wakes_from_zero(
     wait_for("2 workers", lambda: deployment_replicas(op, name) == 2)
 
     worker_port = free_port()
-    router = procs.router([f"w0=127.0.0.1:{worker_port}"], "--worker-concurrency", "2")
+    # Listening on every address: the operator reaches it at this host's address, as a pod IP.
+    router = procs.router(
+        [f"w0=127.0.0.1:{worker_port}"], "--worker-concurrency", "2", "--host", "0.0.0.0"
+    )
     router_port = int(router.address.rsplit(":", 1)[1])
-    put_router_slice(op, name, [router_port])
+    put_router_slices(op, name, [router_port])
 
     # No calls at all: down to zero once the idle time has passed.
     started = time.monotonic()
@@ -171,13 +190,13 @@ def test_autoscaler_follows_the_routers_and_wakes_from_zero(
         try:
             wait_for("3 workers", lambda: deployment_replicas(op, name) == 3, timeout=20)
             # A second router that does not answer: its load is unknown, not zero.
-            put_router_slice(op, name, [router_port, router_port])
+            put_router_slices(op, name, [router_port, free_port()])
         finally:
             load.stop()
         quiet = time.monotonic()
         time.sleep(6)  # twice the scale-down window
         assert desired(op, name) == 3, "shrank while a router did not answer"
-        put_router_slice(op, name, [router_port])
+        put_router_slices(op, name, [router_port])
         wait_for("1 worker", lambda: desired(op, name) in (0, 1), timeout=20)
         wait_for("0 workers", lambda: deployment_replicas(op, name) == 0, timeout=20)
         down = time.monotonic() - quiet
