@@ -124,3 +124,26 @@ def test_a_pool_at_zero_says_a_call_wakes_it() -> None:
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "ScaledToZero")
     assert "a call wakes it" in ready["message"]
+
+
+def test_autoscaler_rounds_become_metrics() -> None:
+    from snakepit.metrics import OperatorMetrics
+
+    metrics = OperatorMetrics()
+    key = ("ml", "demo")
+    labels = {"namespace": "ml", "pool": "demo"}
+
+    def value(name: str, extra: dict[str, str] | None = None) -> float | None:
+        return metrics.registry.get_sample_value(name, extra if extra is not None else labels)
+
+    metrics.autoscale_round(key, load=7.0, complete=False, current=1, desired=3)
+    metrics.autoscale_round(key, load=7.0, complete=True, current=3, desired=3)
+    metrics.autoscale_round(key, load=0.0, complete=True, current=3, desired=1)
+    assert value("snakepit_operator_autoscale_desired_replicas") == 1
+    assert value("snakepit_operator_autoscale_load") == 0
+    assert value("snakepit_operator_autoscale_reading_complete") == 1
+    up = value("snakepit_operator_autoscale_decisions_total", {"direction": "up"})
+    down = value("snakepit_operator_autoscale_decisions_total", {"direction": "down"})
+    assert (up, down) == (1, 1)
+    metrics.autoscale_gone(key)
+    assert value("snakepit_operator_autoscale_desired_replicas") is None

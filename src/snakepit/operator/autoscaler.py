@@ -23,9 +23,10 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..autoscale.loop import ScaleLoop
+from ..autoscale.loop import Round, ScaleLoop
 from ..autoscale.policy import Decision, Policy, Sample, default_target
 from ..autoscale.routers import RouterSet
+from ..metrics import OperatorMetrics
 from ..router.discovery import Discovery, EndpointSliceDiscovery
 from .builders import Names
 from .children import PoolKey
@@ -69,8 +70,10 @@ class PoolAutoscaler:
         period: float,
         discovery: Discovery,
         clock: Callable[[], str] = now_rfc3339,
+        metrics: OperatorMetrics | None = None,
     ) -> None:
         self.key: PoolKey = (pool.namespace, pool.name)
+        self.metrics = metrics
         self.kube = kube
         self._enqueue = enqueue
         self._clock = clock
@@ -88,7 +91,15 @@ class PoolAutoscaler:
             self._apply,
             pool.worker_replicas,
             period=period,
+            on_round=self._on_round,
         )
+
+    def _on_round(self, round_: Round) -> None:
+        if self.metrics is not None:
+            sample = round_.sample
+            self.metrics.autoscale_round(
+                self.key, sample.load, sample.complete, round_.current, round_.decision.desired
+            )
 
     def wake(self) -> None:
         self.loop.wake()
@@ -137,8 +148,10 @@ class Autoscalers:
         *,
         period: float = 1.0,
         discovery: DiscoveryFactory = router_discovery,
+        metrics: OperatorMetrics | None = None,
     ) -> None:
         self.kube = kube
+        self.metrics = metrics
         self._enqueue = enqueue
         self.period = period
         self._discovery = discovery
@@ -177,7 +190,12 @@ class Autoscalers:
 
     def _start(self, key: PoolKey, pool: Pool) -> None:
         scaler = PoolAutoscaler(
-            pool, self.kube, self._enqueue, period=self.period, discovery=self._discovery(pool)
+            pool,
+            self.kube,
+            self._enqueue,
+            period=self.period,
+            discovery=self._discovery(pool),
+            metrics=self.metrics,
         )
         self.pools[key] = scaler
         task = asyncio.get_running_loop().create_task(scaler.run(), name=f"autoscale {key}")
@@ -198,6 +216,8 @@ class Autoscalers:
         if task is not None:
             task.cancel()
             log.info("autoscaling of %s/%s stopped", *key)
+        if self.metrics is not None:
+            self.metrics.autoscale_gone(key)
 
     async def close(self) -> None:
         tasks = list(self._tasks.values())

@@ -60,7 +60,7 @@ async def operate(
             return 1
         children = Children()
         queue: WorkQueue[PoolKey] = WorkQueue()
-        autoscalers = Autoscalers(kube, queue.add, period=config.autoscale_period)
+        autoscalers = Autoscalers(kube, queue.add, period=config.autoscale_period, metrics=metrics)
         controller = Controller(
             Reconciler(kube, config, children),
             children,
