@@ -18,6 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from .autoscale.policy import (
+    DEFAULT_IDLE_SECONDS,
+    DEFAULT_SCALE_DOWN_SECONDS,
+    DEFAULT_SCALE_UP_SECONDS,
+)
 from .grpc_options import DEFAULT_MAX_MESSAGE_MB
 
 DEFAULT_TARGET = "localhost:50051"
@@ -148,6 +153,63 @@ def _port_or_none(raw: str) -> int | None:
     return None if raw.lower() in ("", "none", "off") else int(raw)
 
 
+def _autoscale_options(parser: argparse.ArgumentParser) -> None:
+    """Autoscaling, on with --max-workers: worker processes follow the load (calls in flight)."""
+    _add(parser, "--max-workers", 0, int, help="autoscale up to this many workers (0: off)")
+    _add(parser, "--min-workers", 1, int, help="autoscale down to this many; 0 when idle")
+    _add(
+        parser,
+        "--target-load",
+        0.0,
+        float,
+        help="calls in flight per worker to aim for (default 0.75 x --worker-concurrency)",
+    )
+    _add(
+        parser,
+        "--scale-up-delay",
+        DEFAULT_SCALE_UP_SECONDS,
+        float,
+        help="seconds a higher load must last before workers are added (default 0)",
+    )
+    _add(
+        parser,
+        "--scale-down-delay",
+        DEFAULT_SCALE_DOWN_SECONDS,
+        float,
+        help="seconds a lower load must last before workers are removed (default 60)",
+    )
+    _add(
+        parser,
+        "--idle-timeout",
+        DEFAULT_IDLE_SECONDS,
+        float,
+        help="seconds without calls before zero workers, with --min-workers 0 (default 300)",
+    )
+    _add(parser, "--scale-interval", 0.5, float, help="seconds between load readings")
+
+
+def _autoscale_policy(args: argparse.Namespace) -> Any:
+    """The policy of ``serve --max-workers``, or None (a fixed --workers pool)."""
+    if args.max_workers <= 0:
+        return None
+    if args.data_path != "python":
+        # The load is read from the Python router's queue; calls on HAProxy bypass it.
+        raise SystemExit("snakepit serve: --max-workers needs --data-path python (for now)")
+    from .autoscale.policy import Policy, default_target
+
+    try:
+        return Policy(
+            min_replicas=args.min_workers,
+            max_replicas=args.max_workers,
+            target_per_worker=args.target_load or default_target(args.worker_concurrency),
+            scale_up_seconds=args.scale_up_delay,
+            scale_down_seconds=args.scale_down_delay,
+            idle_seconds=args.idle_timeout,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"snakepit serve: {exc}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="snakepit",
@@ -176,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     _pool_options(serve)
     _metrics_option(serve, None, "router's Prometheus metrics port (default: none served)")
     _max_call_seconds(serve)
+    _autoscale_options(serve)
     serve.add_argument("--verbose", action="store_true", help="show the workers' JSON logs")
 
     worker = sub.add_parser("worker", help="run one worker process (what worker pods run)")
@@ -396,7 +459,8 @@ def format_status(status: dict[str, Any]) -> str:
     lines = [
         f"router {status['router_id']}  store {status['store']}  affinity {status['affinity']}  "
         f"up {float(status['uptime_seconds']):.0f}s",
-        f"workers {status['workers_ready']}/{status['workers_total']} ready  busy {status['busy']}  "
+        f"workers {status['workers_ready']}/{status['workers_total']} ready"
+        f"{_desired(status)}  busy {status['busy']}  "
         f"in flight {status['in_flight']}  queued {status['queued']}/{status['queue_capacity']}  "
         f"sessions {status['sessions']}",
         f"calls {status['calls_total']} ({status['calls_failed']} failed)  latency p50 "
@@ -417,6 +481,12 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _desired(status: dict[str, Any]) -> str:
+    if not status.get("scale_reason"):
+        return ""
+    return f" (desired {status['workers_desired']}: {status['scale_reason']})"
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .serve import ServeConfig, run
 
@@ -435,6 +505,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         quiet=not args.verbose,
         metrics_port=args.metrics_port,
         data_path=args.data_path,
+        autoscale=_autoscale_policy(args),
+        scale_period=args.scale_interval,
     )
     return asyncio.run(run(config))
 

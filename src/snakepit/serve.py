@@ -3,6 +3,10 @@
 This is the embedded default: the router runs in this process with its session store (memory by
 default), workers are supervised child processes that reach the store through the router. The
 pool counts as ready only when every worker has answered a health check.
+
+With an autoscaling policy (``--max-workers``) the number of worker processes follows the
+router's load (``snakepit.autoscale``): the same policy the operator applies to worker pods, so
+it is exercised here in seconds, on one machine.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
 from . import logs, tracing
+from .autoscale.loop import Round, ScaleLoop
+from .autoscale.policy import Decision, Policy, Sample
 from .grpc_options import DEFAULT_MAX_MESSAGE_MB
 from .router.dataplane import make_router
 from .router.discovery import StaticDiscovery
@@ -51,6 +57,13 @@ class ServeConfig:
     # listed by `snakepit status`. None: no metrics at all.
     metrics_port: int | None = None
     data_path: str = "python"
+    # Autoscaling: None keeps ``workers`` processes; a policy starts ``min_replicas`` of them.
+    autoscale: Policy | None = None
+    scale_period: float = 0.5
+
+    @property
+    def initial_workers(self) -> int:
+        return self.workers if self.autoscale is None else self.autoscale.min_replicas
 
 
 class LocalPool:
@@ -74,6 +87,11 @@ class LocalPool:
         )
         self.slots: list[WorkerSlot] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._router_port = 0
+        self._next_id = 0
+        self._leaving: set[asyncio.Task[None]] = set()
+        self.autoscaler: ScaleLoop | None = None
+        self._autoscaling: asyncio.Task[None] | None = None
 
     def _worker_argv(self, slot_id: str, router_port: int) -> list[str]:
         config = self.config
@@ -105,22 +123,75 @@ class LocalPool:
 
     async def start(self) -> None:
         """Start the router, then the workers; return once every worker is ready."""
-        router_port = await self.router.start()
-        for index in range(self.config.workers):
-            worker_id = f"worker-{index}"
-            base = self._worker_argv(worker_id, router_port)
-            slot = WorkerSlot(
-                worker_id,
-                base,
-                policy=self.config.restart,
-                on_address=self._publish,
-                env={"SNAKEPIT_LOG_LEVEL": "warning"} if self.config.quiet else None,
-            )
-            self.slots.append(slot)
+        self._router_port = await self.router.start()
+        for _ in range(self.config.initial_workers):
+            self._add_worker()
         self._publish()
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(slot.run()) for slot in self.slots]
         await self._wait_ready()
+        policy = self.config.autoscale
+        if policy is not None:
+            self.autoscaler = ScaleLoop(
+                policy,
+                self._read_load,
+                self._resize,
+                len(self.slots),
+                period=self.config.scale_period,
+                on_round=self._on_round,
+            )
+            self.router.desired_workers = len(self.slots)
+            self.router.starved_listeners.append(self.autoscaler.wake)
+            self._autoscaling = asyncio.get_running_loop().create_task(self.autoscaler.run())
+
+    def _add_worker(self) -> WorkerSlot:
+        worker_id = f"worker-{self._next_id}"
+        self._next_id += 1
+        slot = WorkerSlot(
+            worker_id,
+            self._worker_argv(worker_id, self._router_port),
+            policy=self.config.restart,
+            on_address=self._publish,
+            env={"SNAKEPIT_LOG_LEVEL": "warning"} if self.config.quiet else None,
+        )
+        self.slots.append(slot)
+        self._tasks = [t for t in self._tasks if not t.done()]  # workers that left long ago
+        self._tasks.append(asyncio.get_running_loop().create_task(slot.run()))
+        return slot
+
+    def _remove_worker(self) -> None:
+        """Drain one worker: the router stops sending it calls at once, then it gets SIGTERM.
+
+        A worker still starting goes first, then the least busy one. Its calls in flight
+        finish (the router keeps the channel open for them, the worker drains on SIGTERM);
+        sessions simply hash to the remaining workers, their variables being in the store.
+        """
+        workers = self.router.pool.workers
+
+        def cost(slot: WorkerSlot) -> tuple[bool, int]:
+            handle = workers.get(slot.worker_id)
+            ready = handle is not None and handle.ready
+            return ready, handle.in_flight if handle is not None else 0
+
+        slot = min(reversed(self.slots), key=cost)
+        self.slots.remove(slot)
+        self.router.worker_metrics.pop(slot.worker_id, None)
+        self._publish()
+        task = asyncio.get_running_loop().create_task(slot.stop(self.config.drain_timeout))
+        self._leaving.add(task)
+        task.add_done_callback(self._leaving.discard)
+
+    async def _read_load(self) -> tuple[float, bool]:
+        return float(self.router.pool.load), True
+
+    async def _resize(self, decision: Decision, _sample: Sample) -> None:
+        while len(self.slots) < decision.desired:
+            self._add_worker()
+        while len(self.slots) > decision.desired:
+            self._remove_worker()
+        self._publish()
+
+    def _on_round(self, round_: Round) -> None:
+        self.router.desired_workers = round_.decision.desired
+        self.router.scale_reason = round_.decision.reason
 
     async def _wait_ready(self) -> None:
         started = time.monotonic()
@@ -144,8 +215,12 @@ class LocalPool:
             await asyncio.sleep(0.02)
 
     async def stop(self) -> None:
+        if self._autoscaling is not None:  # first: it must not start workers from now on
+            self._autoscaling.cancel()
         await self.router.stop(grace=1.0)
-        await asyncio.gather(*(slot.stop(self.config.drain_timeout) for slot in self.slots))
+        await asyncio.gather(
+            *(slot.stop(self.config.drain_timeout) for slot in self.slots), *self._leaving
+        )
         for task in self._tasks:
             task.cancel()
 
@@ -183,8 +258,14 @@ async def run(config: ServeConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    policy = config.autoscale
+    workers = (
+        f"{config.workers} workers"
+        if policy is None
+        else f"{policy.min_replicas} workers, autoscaling {policy.min_replicas}..{policy.max_replicas}"
+    )
     print(
-        f"snakepit: starting {config.workers} workers (adapter {config.adapter}, "
+        f"snakepit: starting {workers} (adapter {config.adapter}, "
         f"store {redacted(config.store)}, {pool.data_path})",
         file=sys.stderr,
         flush=True,

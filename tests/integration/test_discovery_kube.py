@@ -94,3 +94,32 @@ async def test_discovery_follows_the_ready_endpoints_of_a_service(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_worker_discovery_also_publishes_starting_endpoints_never_terminating(
+    kube_control_plane: KubeCluster, kube_namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The router admits a starting worker by its own health check (faster cold starts)."""
+    monkeypatch.setenv("KUBECONFIG", str(kube_control_plane.kubeconfig))
+    cluster, ns = kube_control_plane, kube_namespace
+    body = json.loads(
+        endpoint_slice(
+            "w-s",
+            "workers",
+            [
+                ("ready", "10.1.0.1", True),
+                ("starting", "10.1.0.2", False),
+                ("leaving", "10.1.0.3", False),
+            ],
+        )
+    )
+    body["endpoints"][2]["conditions"] = {"ready": False, "serving": True, "terminating": True}
+    cluster.apply(json.dumps(body), ns)
+    updates: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    discovery = EndpointSliceDiscovery("workers", ns, starting=True)
+    task = asyncio.create_task(discovery.run(lambda workers: updates.put_nowait(dict(workers))))
+    try:
+        await next_set(updates, {"ready": "10.1.0.1:50052", "starting": "10.1.0.2:50052"})
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

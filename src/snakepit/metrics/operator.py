@@ -41,7 +41,25 @@ class OperatorMetrics:
             f"{PREFIX}_last_success_timestamp_seconds", "Unix time of a pool's last clean pass",
             ["namespace", "pool"], registry=r,
         )  # fmt: skip
+        self.scale_decisions = Counter(
+            f"{PREFIX}_autoscale_decisions", "Autoscaler size changes, by direction (up, down)",
+            ["direction"], registry=r,
+        )  # fmt: skip
+        self.scale_desired = Gauge(
+            f"{PREFIX}_autoscale_desired_replicas", "Workers the autoscaler wants, per pool",
+            ["namespace", "pool"], registry=r,
+        )  # fmt: skip
+        self.scale_load = Gauge(
+            f"{PREFIX}_autoscale_load", "Calls in flight plus queued over the routers at the last "
+            "reading (a lower bound when not every router answered)",
+            ["namespace", "pool"], registry=r,
+        )  # fmt: skip
+        self.scale_complete = Gauge(
+            f"{PREFIX}_autoscale_reading_complete", "1 when every router answered the last reading",
+            ["namespace", "pool"], registry=r,
+        )  # fmt: skip
         zero(self.passes, ("success", "error", "skipped"))
+        zero(self.scale_decisions, ("up", "down"))
         # (namespace, pool) -> {condition type: "True"/"False"/"Unknown"}
         self.conditions: dict[tuple[str, str], Mapping[str, str]] = {}
 
@@ -61,6 +79,22 @@ class OperatorMetrics:
         self.conditions.pop(key, None)
         with contextlib.suppress(KeyError):
             self.last_success.remove(*key)
+        self.autoscale_gone(key)
+
+    def autoscale_round(
+        self, key: tuple[str, str], load: float, complete: bool, current: int, desired: int
+    ) -> None:
+        """One reading of an autoscaled pool and what the policy made of it."""
+        self.scale_load.labels(*key).set(load)
+        self.scale_complete.labels(*key).set(1 if complete else 0)
+        self.scale_desired.labels(*key).set(desired)
+        if desired != current:
+            self.scale_decisions.labels("up" if desired > current else "down").inc()
+
+    def autoscale_gone(self, key: tuple[str, str]) -> None:
+        for gauge in (self.scale_load, self.scale_complete, self.scale_desired):
+            with contextlib.suppress(KeyError):
+                gauge.remove(*key)
 
 
 class _OperatorState(Collector):

@@ -26,6 +26,8 @@ class OperatorConfig:
     image_pull_policy: str = "IfNotPresent"
     image_pull_secrets: tuple[str, ...] = ()
     resync_seconds: float = 60.0
+    # Seconds between two readings of an autoscaled pool's routers (a held call wakes it sooner).
+    autoscale_period: float = 1.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -38,4 +40,5 @@ class OperatorConfig:
             image_pull_policy=env.get("SNAKEPIT_IMAGE_PULL_POLICY") or "IfNotPresent",
             image_pull_secrets=tuple(s.strip() for s in secrets.split(",") if s.strip()),
             resync_seconds=float(env.get("SNAKEPIT_RESYNC_SECONDS") or 60.0),
+            autoscale_period=float(env.get("SNAKEPIT_AUTOSCALE_PERIOD") or 1.0),
         )

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..metrics import OperatorMetrics
+from .autoscaler import Autoscalers
 from .children import Children, PoolKey
 from .reconciler import Reconciler
 from .workqueue import WorkQueue, run_worker
@@ -50,6 +51,7 @@ class Controller:
         resync_seconds: float = 60.0,
         workers: int = 4,
         metrics: OperatorMetrics | None = None,
+        autoscalers: Autoscalers | None = None,
     ) -> None:
         self.reconciler = reconciler
         self.children = children
@@ -61,10 +63,13 @@ class Controller:
         if metrics is not None:
             queue = self.queue
             metrics.bind(lambda: len(queue), lambda: queue.processing)
+        self.autoscalers = autoscalers
 
     def on_pool_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace")), str(meta.get("name")))
+        if self.autoscalers is not None:
+            self.autoscalers.observe(event_type, body)
         if event_type == "DELETED":
             self.known.discard(key)
             self.reconciler.forget(key)

@@ -14,13 +14,15 @@ import kopf
 from .. import logs
 from ..metrics import OperatorMetrics
 from ..metrics.common import serve_http
-from .children import Children
+from .autoscaler import Autoscalers
+from .children import Children, PoolKey
 from .config import OperatorConfig
 from .controller import Controller
 from .handlers import build_registry
 from .kube import Kube, load_api_client
 from .reconciler import Reconciler
 from .spec import API_VERSION
+from .workqueue import WorkQueue
 
 log = logging.getLogger("snakepit.operator")
 
@@ -57,11 +59,15 @@ async def operate(
         if not await wait_for_crd(kube):
             return 1
         children = Children()
+        queue: WorkQueue[PoolKey] = WorkQueue()
+        autoscalers = Autoscalers(kube, queue.add, period=config.autoscale_period, metrics=metrics)
         controller = Controller(
             Reconciler(kube, config, children),
             children,
+            queue,
             resync_seconds=config.resync_seconds,
             metrics=metrics,
+            autoscalers=autoscalers,
         )
         stop = asyncio.Event()
         workers = asyncio.create_task(controller.run())
@@ -78,6 +84,7 @@ async def operate(
         finally:
             workers.cancel()
             await asyncio.gather(workers, return_exceptions=True)
+            await autoscalers.close()
         if workers.done() and not workers.cancelled() and workers.exception() is not None:
             log.error("reconcile workers crashed", exc_info=workers.exception())
             return 1

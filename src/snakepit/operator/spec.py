@@ -116,6 +116,18 @@ class MetricsSpec:
 
 
 @dataclass(frozen=True)
+class AutoscalingSpec:
+    """``spec.autoscaling``; ``target_load_per_worker`` None means 0.75 x workerConcurrency."""
+
+    max_replicas: int
+    min_replicas: int = 1
+    target_load_per_worker: float | None = None
+    scale_up_window_seconds: int = 0
+    scale_down_window_seconds: int = 60
+    scale_to_zero_after_seconds: int = 300
+
+
+@dataclass(frozen=True)
 class PoolSpec:
     replicas: int = 2
     image: str | None = None
@@ -134,17 +146,32 @@ class PoolSpec:
     metrics: MetricsSpec = field(default_factory=MetricsSpec)
     max_call_seconds: int = DEFAULT_MAX_CALL_SECONDS
     limits: LimitsSpec = field(default_factory=LimitsSpec)
+    autoscaling: AutoscalingSpec | None = None
 
 
 @dataclass(frozen=True)
 class Pool:
-    """Identity of one pool object plus its parsed spec."""
+    """Identity of one pool object plus its parsed spec.
+
+    ``desired_replicas`` is the autoscaler's ``status.desiredReplicas`` (None when it has not
+    decided yet): with ``spec.autoscaling`` it, not ``spec.replicas``, sizes the workers.
+    """
 
     name: str
     namespace: str
     uid: str
     generation: int
     spec: PoolSpec
+    desired_replicas: int | None = None
+
+    @property
+    def worker_replicas(self) -> int:
+        """Worker pods to run: spec.replicas, or the autoscaler's choice within its limits."""
+        scaling = self.spec.autoscaling
+        if scaling is None:
+            return self.spec.replicas
+        wanted = self.spec.replicas if self.desired_replicas is None else self.desired_replicas
+        return min(scaling.max_replicas, max(scaling.min_replicas, wanted))
 
 
 def _map(value: Any) -> dict[str, Any]:
@@ -261,6 +288,27 @@ def _peers(raw: Any, where: str) -> list[JSON]:
     return peers
 
 
+def _parse_autoscaling(raw: Any) -> AutoscalingSpec | None:
+    if not isinstance(raw, Mapping):
+        return None
+    if "maxReplicas" not in raw:
+        raise SpecError("spec.autoscaling.maxReplicas is required")
+    target = raw.get("targetLoadPerWorker")
+    scaling = AutoscalingSpec(
+        max_replicas=int(raw["maxReplicas"]),
+        min_replicas=int(raw.get("minReplicas", 1)),
+        target_load_per_worker=float(target) if target is not None else None,
+        scale_up_window_seconds=int(raw.get("scaleUpWindowSeconds", 0)),
+        scale_down_window_seconds=int(raw.get("scaleDownWindowSeconds", 60)),
+        scale_to_zero_after_seconds=int(raw.get("scaleToZeroAfterSeconds", 300)),
+    )
+    if not 0 <= scaling.min_replicas <= scaling.max_replicas or scaling.max_replicas < 1:
+        raise SpecError(
+            "spec.autoscaling needs 0 <= minReplicas <= maxReplicas and maxReplicas >= 1"
+        )
+    return scaling
+
+
 def parse_spec(raw: Mapping[str, Any]) -> PoolSpec:
     """Defaulted, typed view of ``spec``; raises SpecError for what the builders cannot use."""
     session = _map(raw.get("session"))
@@ -295,6 +343,7 @@ def parse_spec(raw: Mapping[str, Any]) -> PoolSpec:
         ),
         max_call_seconds=int(raw.get("maxCallSeconds", DEFAULT_MAX_CALL_SECONDS)),
         limits=_parse_limits(_map(raw.get("limits"))),
+        autoscaling=_parse_autoscaling(raw.get("autoscaling")),
     )
 
 
@@ -307,4 +356,9 @@ def parse_pool(body: Mapping[str, Any]) -> Pool:
         uid=str(meta["uid"]),
         generation=int(meta.get("generation", 1)),
         spec=parse_spec(_map(body.get("spec"))),
+        desired_replicas=_desired(_map(body.get("status")).get("desiredReplicas")),
     )
+
+
+def _desired(value: Any) -> int | None:
+    return int(value) if isinstance(value, int) and value >= 0 else None

@@ -23,6 +23,8 @@ from .builders.common import WORKER
 from .spec import JSON, Pool
 
 READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
+# Written by the autoscaler (operator/autoscaler.py), carried over by every reconcile pass.
+AUTOSCALER_FIELDS = ("desiredReplicas", "lastScaleTime", "lastScaleReason")
 CONDITION_TYPES = (READY, PROGRESSING, DEGRADED)
 MAX_MESSAGE = 1024
 
@@ -171,6 +173,12 @@ def _ready(pool: Pool, rollouts: Mapping[str, Rollout | None]) -> tuple[str, str
     if pool.spec.session_store.managed and (store is None or store.ready == 0):
         return "False", "StoreUnavailable", "the managed Redis is not ready"
     if workers.desired == 0:
+        if pool.spec.autoscaling is not None:
+            return (
+                "False",
+                "ScaledToZero",
+                "idle: the autoscaler stopped every worker (a call wakes it)",
+            )
         return "False", "ScaledToZero", "spec.replicas is 0"
     if workers.ready == 0:
         return "False", "NoReadyWorkers", f"0/{workers.desired} workers ready"
@@ -279,6 +287,8 @@ def compute_status(
     external = external_endpoint(observed.router_service)
     if external:
         status["externalEndpoint"] = external
+    if pool.spec.autoscaling is not None:
+        status.update({k: previous[k] for k in AUTOSCALER_FIELDS if k in previous})
     return status, transitions
 
 

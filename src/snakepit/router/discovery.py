@@ -48,12 +48,23 @@ class EndpointSliceDiscovery(Discovery):
     """
 
     def __init__(
-        self, service: str, namespace: str, port: int | None = None, port_name: str = "grpc"
+        self,
+        service: str,
+        namespace: str,
+        port: int | None = None,
+        port_name: str = "grpc",
+        *,
+        starting: bool = False,
     ) -> None:
         self.service = service
         self.namespace = namespace
         self.port = port
         self.port_name = port_name
+        # With ``starting``, endpoints not ready yet are published too (terminating ones never):
+        # the router's own health watch admits a worker the moment it serves, instead of after
+        # the kubelet's next readiness probe and the EndpointSlice update that follows it. That
+        # is most of a cold start (scale from zero) otherwise.
+        self.starting = starting
         self._stop = threading.Event()
 
     async def run(self, publish: Publish) -> None:
@@ -120,7 +131,7 @@ class EndpointSliceDiscovery(Discovery):
                 continue
             for endpoint in item.endpoints or ():
                 conditions = endpoint.conditions
-                if conditions is not None and conditions.ready is False:
+                if conditions is not None and not self._wanted(conditions):
                     continue
                 if not endpoint.addresses:
                     continue
@@ -130,6 +141,11 @@ class EndpointSliceDiscovery(Discovery):
                 host = f"[{address}]" if ":" in address else address
                 workers[worker_id] = f"{host}:{port}"
         return workers
+
+    def _wanted(self, conditions: Any) -> bool:
+        if self.starting:
+            return conditions.terminating is not True
+        return conditions.ready is not False
 
 
 def _api_client() -> Any:

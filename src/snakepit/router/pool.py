@@ -60,6 +60,10 @@ class WorkerPool:
         self.latencies_ms: collections.deque[float] = collections.deque(maxlen=4096)
         # Called after every change of membership or health (the HAProxy data path follows it).
         self.on_change: Callable[[], None] | None = None
+        # Called with True when calls start waiting with no ready worker to run them (a pool
+        # scaled to zero), and with False when that ends: the autoscaler's wake-up call.
+        self.on_starved: Callable[[bool], None] | None = None
+        self.starved = False
 
     # Membership ------------------------------------------------------------------------------
     def set_workers(self, addresses: Mapping[str, str]) -> None:
@@ -92,6 +96,14 @@ class WorkerPool:
         self._dispatch()
         if self.on_change is not None:
             self.on_change()
+        self._note_starved()
+
+    def _note_starved(self) -> None:
+        starved = bool(self._queue) and not self.ring.workers
+        if starved != self.starved:
+            self.starved = starved
+            if self.on_starved is not None:
+                self.on_starved(starved)
 
     def mark_draining(self, handle: WorkerHandle) -> None:
         """A worker refused a call because it is leaving: out of the ring now."""
@@ -190,6 +202,7 @@ class WorkerPool:
             )
         waiter = _Waiter(session_id, frozenset(exclude))
         self._queue.append(waiter)
+        self._note_starved()
         wait = (
             self.config.queue_timeout
             if timeout is None
@@ -215,6 +228,7 @@ class WorkerPool:
             if not waiter.future.done():
                 waiter.future.cancel()
                 self._queue.remove(waiter)
+            self._note_starved()
 
     def _give_back(self, handle: WorkerHandle) -> None:
         handle.in_flight -= 1
@@ -260,6 +274,11 @@ class WorkerPool:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def load(self) -> int:
+        """Calls that want a worker now: in flight plus queued (what autoscaling follows)."""
+        return self.in_flight + len(self._queue)
 
     def any_ready(self) -> WorkerHandle | None:
         ready = [w for w in self.workers.values() if w.ready]

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
 
 from .. import tracing
+from ..autoscale import CAPACITY_SERVICE
 from ..errors import SnakepitError, Unavailable
 from ..grpc_options import DEFAULT_MAX_MESSAGE_MB
 from ..metrics import RouterMetrics
@@ -140,6 +141,12 @@ class RouterServer:
             self.metrics = RouterMetrics()
             self.metrics.bind(self.pool)
         self.tracer = tracing.tracer()
+        # Set by an autoscaler in this process (``snakepit serve``): reported in GetPoolStatus.
+        self.desired_workers: int | None = None
+        self.scale_reason = ""
+        # Called when calls start being held with no ready worker (e.g. to wake an autoscaler).
+        self.starved_listeners: list[Callable[[], None]] = []
+        self.pool.on_starved = self._on_starved
 
     def _observe(
         self, method: str, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
@@ -179,6 +186,7 @@ class RouterServer:
         )
         self._start_hosting()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(CAPACITY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         log.info("router serving", extra={"port": self.port, "store": self.store.backend})
         return self.port
 
@@ -199,7 +207,7 @@ class RouterServer:
 
             namespace = self.config.namespace or os.environ.get("POD_NAMESPACE") or "default"
             return EndpointSliceDiscovery(
-                self.config.workers_service, namespace, self.config.worker_port
+                self.config.workers_service, namespace, self.config.worker_port, starting=True
             )
         return StaticDiscovery(self.config.workers)
 
@@ -220,6 +228,19 @@ class RouterServer:
     async def wait_closed(self) -> None:
         if self.server is not None:
             await self.server.wait_for_termination()
+
+    def _on_starved(self, starved: bool) -> None:
+        log.info("calls held with no ready worker" if starved else "a worker takes calls again")
+        self._spawn(self._publish_capacity())
+        if starved:
+            for listener in self.starved_listeners:
+                listener()
+
+    async def _publish_capacity(self) -> None:
+        # Reads the state when it runs, so quick flips cannot land out of order.
+        serving = health_pb2.HealthCheckResponse
+        status = serving.NOT_SERVING if self.pool.starved else serving.SERVING
+        await self.health.set(CAPACITY_SERVICE, status)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -511,6 +532,8 @@ class RouterServer:
             store=store_name,
             uptime_seconds=time.monotonic() - self.started,
             metrics_address=self._metrics_address(),
+            workers_desired=len(workers) if self.desired_workers is None else self.desired_workers,
+            scale_reason=self.scale_reason,
         )
 
     def _metrics_address(self) -> str:

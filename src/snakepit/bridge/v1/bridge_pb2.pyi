@@ -1649,6 +1649,8 @@ class PoolStatus(_message.Message):
     STORE_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
     METRICS_ADDRESS_FIELD_NUMBER: _builtins.int
+    WORKERS_DESIRED_FIELD_NUMBER: _builtins.int
+    SCALE_REASON_FIELD_NUMBER: _builtins.int
     router_id: _builtins.str
     workers_total: _builtins.int
     workers_ready: _builtins.int
@@ -1667,6 +1669,13 @@ class PoolStatus(_message.Message):
     uptime_seconds: _builtins.float
     metrics_address: _builtins.str
     """HOST:PORT of the router's Prometheus /metrics, if served"""
+    workers_desired: _builtins.int
+    """Workers the pool's autoscaler wants (`snakepit serve --max-workers`); equal to
+    workers_total when nothing in this process scales the pool (on Kubernetes the operator
+    does: see the SnakepitPool's status.desiredReplicas).
+    """
+    scale_reason: _builtins.str
+    """Why the autoscaler chose workers_desired; empty when not autoscaled here."""
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerStatus]: ...
     def __init__(
@@ -1690,10 +1699,12 @@ class PoolStatus(_message.Message):
         store: _builtins.str = ...,
         uptime_seconds: _builtins.float = ...,
         metrics_address: _builtins.str = ...,
+        workers_desired: _builtins.int = ...,
+        scale_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity", b"affinity", "busy", b"busy", "calls_failed", b"calls_failed", "calls_total", b"calls_total", "in_flight", b"in_flight", "latency_p50_ms", b"latency_p50_ms", "latency_p90_ms", b"latency_p90_ms", "latency_p99_ms", b"latency_p99_ms", "metrics_address", b"metrics_address", "queue_capacity", b"queue_capacity", "queued", b"queued", "router_id", b"router_id", "sessions", b"sessions", "store", b"store", "uptime_seconds", b"uptime_seconds", "workers", b"workers", "workers_ready", b"workers_ready", "workers_total", b"workers_total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity", b"affinity", "busy", b"busy", "calls_failed", b"calls_failed", "calls_total", b"calls_total", "in_flight", b"in_flight", "latency_p50_ms", b"latency_p50_ms", "latency_p90_ms", b"latency_p90_ms", "latency_p99_ms", b"latency_p99_ms", "metrics_address", b"metrics_address", "queue_capacity", b"queue_capacity", "queued", b"queued", "router_id", b"router_id", "scale_reason", b"scale_reason", "sessions", b"sessions", "store", b"store", "uptime_seconds", b"uptime_seconds", "workers", b"workers", "workers_desired", b"workers_desired", "workers_ready", b"workers_ready", "workers_total", b"workers_total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -131,7 +131,7 @@ def build_worker_deployment(
         "kind": "Deployment",
         "metadata": metadata(pool, Names(pool.name).workers, WORKER),
         "spec": {
-            "replicas": spec.replicas,
+            "replicas": pool.worker_replicas,
             "revisionHistoryLimit": 5,
             "selector": {"matchLabels": selector(pool, WORKER)},
             "strategy": rolling_update(),
