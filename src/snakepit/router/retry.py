@@ -45,7 +45,9 @@ class Next(Enum):
 
 @dataclass
 class Attempts:
-    """One call's tries: the workers it must avoid and how long it may keep waiting."""
+    """One call's tries: the workers it must avoid right now (those it could not reach; only
+    when a worker is free at once, never while it waits in the queue) and how long it may keep
+    waiting."""
 
     wait_budget: float  # the router's queue timeout: how long load may delay this call
     started: float = field(default_factory=time.monotonic)
@@ -65,7 +67,10 @@ class Attempts:
             self.faults += 1
             if self.faults >= MAX_FAULTS:
                 return Next.GIVE_UP
-        self.avoid.append(worker_id)
+            self.avoid.append(worker_id)
+        # A draining worker is not avoided by id: it leaves the ring (the router marks it), and a
+        # replacement that comes back under the same id (`snakepit serve`, a restarted process)
+        # must be usable at once.
         return Next.ELSEWHERE
 
     def _later(self, time_remaining: float | None) -> Next:

@@ -278,7 +278,7 @@ class RouterServer:
         try:
             while True:
                 handle = self.pool.take(session_id, attempts.avoid) or await self._wait(
-                    session_id, attempts.avoid, context, observer
+                    session_id, [], context, observer
                 )
                 step = Next.ELSEWHERE
                 try:
@@ -317,7 +317,7 @@ class RouterServer:
         try:
             while True:
                 handle = self.pool.take(session_id, attempts.avoid) or await self._wait(
-                    session_id, attempts.avoid, context, observer
+                    session_id, [], context, observer
                 )
                 step = Next.ELSEWHERE
                 call = handle.execute_stream(

@@ -1,0 +1,51 @@
+"""The router's decision after a failed attempt (router/retry.py), one case per kind of failure."""
+
+from __future__ import annotations
+
+import grpc
+
+from snakepit.errors import DeadlineExceeded, ResourceExhausted, ToolError, Unavailable
+from snakepit.router.retry import MAX_FAULTS, Attempts, Next
+
+
+def test_a_call_that_may_have_run_is_never_sent_again() -> None:
+    attempts = Attempts(wait_budget=30)
+    assert attempts.after(ToolError("boom"), "w0", None) is Next.GIVE_UP
+    assert attempts.after(Unavailable("stream reset"), "w0", None) is Next.GIVE_UP
+    assert attempts.after(DeadlineExceeded("late"), "w0", None) is Next.GIVE_UP
+
+
+def test_a_full_worker_means_wait_and_try_any_worker_within_the_budget() -> None:
+    attempts = Attempts(wait_budget=0.5)
+    full = ResourceExhausted("at its limit", not_started=True)
+    backoffs = []
+    while (step := attempts.after(full, "w0", None)) is Next.LATER:
+        backoffs.append(attempts.backoff)
+        attempts.started -= attempts.backoff  # as if the backoff was slept
+    assert step is Next.GIVE_UP
+    assert backoffs == sorted(backoffs) and backoffs[-1] <= 0.2  # doubling, capped
+    assert attempts.avoid == []  # the same worker may take it once it has room
+    assert sum(backoffs) <= 0.5
+
+
+def test_a_full_worker_is_not_waited_for_past_the_callers_deadline() -> None:
+    attempts = Attempts(wait_budget=30)
+    full = ResourceExhausted("at its limit", not_started=True)
+    assert attempts.after(full, "w0", time_remaining=0.001) is Next.GIVE_UP
+
+
+def test_a_draining_worker_sends_the_call_elsewhere_at_once_and_without_limit() -> None:
+    attempts = Attempts(wait_budget=30)
+    draining = Unavailable("worker w is draining", not_started=True)
+    for i in range(MAX_FAULTS + 5):
+        assert attempts.after(draining, f"w{i}", None) is Next.ELSEWHERE
+    # Not avoided by id: a replacement under the same id (serve, a restart) is usable at once.
+    assert attempts.avoid == []
+
+
+def test_workers_that_cannot_be_reached_are_avoided_a_few_times_at_most() -> None:
+    attempts = Attempts(wait_budget=30)
+    refused = Unavailable("failed to connect to all addresses", code=grpc.StatusCode.UNAVAILABLE)
+    steps = [attempts.after(refused, f"w{i}", None) for i in range(MAX_FAULTS)]
+    assert steps == [Next.ELSEWHERE] * (MAX_FAULTS - 1) + [Next.GIVE_UP]
+    assert attempts.avoid == [f"w{i}" for i in range(MAX_FAULTS - 1)]
