@@ -80,5 +80,8 @@ def test_pools_in_any_namespace_are_reconciled(cluster_op: tuple[OperatorEnv, li
         )
         workers = env.admin.json("get", "deployment", "team-workers", "-n", ns)
         assert workers["spec"]["replicas"] == 1
+    # RBAC refusals only: a namespace that another test is deleting also answers 403 ("being
+    # terminated") to a cluster-wide operator that still sees a pool in it.
     log = env.log_path.read_text().lower()
-    assert "forbidden" not in log, log[-4000:]
+    refused = [ln for ln in log.splitlines() if "forbidden" in ln and "being terminated" not in ln]
+    assert not refused, refused[-5:]
