@@ -14,15 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import shutil
 import statistics
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-import redis
-from _common import free_port, table
+from _common import RedisServer, table
 
 from snakepit.errors import SnakepitError
 from snakepit.store.redis import RedisStore
@@ -30,35 +26,10 @@ from snakepit.store.redis import RedisStore
 WRITERS = 32
 
 
-class Server:
-    def __init__(self, directory: Path, fsync: str) -> None:
-        self.directory, self.fsync, self.port = directory, fsync, free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        argv = [shutil.which("redis-server") or "redis-server", "--port", str(self.port),
-                "--bind", "127.0.0.1", "--dir", str(self.directory), "--save", "",
-                "--appendonly", "yes", "--appendfsync", self.fsync]  # fmt: skip
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
-        for _ in range(200):
-            try:
-                if client.ping():
-                    return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait()
-
-
 async def one_round(fsync: str, seconds: float) -> tuple[int, float]:
     """Acknowledged increments lost by one kill -9, and increments/s before it."""
     with tempfile.TemporaryDirectory() as tmp:
-        server = Server(Path(tmp), fsync)
+        server = RedisServer(Path(tmp), fsync)
         server.start()
         store = RedisStore(f"redis://127.0.0.1:{server.port}/0", retry_timeout=0.5)
         acked = [0] * WRITERS
@@ -77,7 +48,7 @@ async def one_round(fsync: str, seconds: float) -> tuple[int, float]:
         run_for = seconds * (0.5 + random.random())
         await asyncio.sleep(run_for)
         rate = sum(acked) / run_for
-        server.kill()
+        server.stop()
         await asyncio.gather(*tasks)
         await store.close()
         server.start()
@@ -90,7 +61,7 @@ async def one_round(fsync: str, seconds: float) -> tuple[int, float]:
                 kept = 0
             lost += max(0, acked[i] - int(kept))
         await after.close()
-        server.kill()
+        server.stop()
         return lost, rate
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,38 +30,12 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
-import redis
-from _common import ROOT, free_port, spawn, table
+from _common import ROOT, RedisServer, free_port, spawn, table
 
 sys.path.insert(0, str(ROOT))
 from tests.support.load import MixedLoad
 
 DISRUPTIONS = ("SIGTERM a worker", "SIGKILL a worker", "restart Redis", "SIGKILL Redis")
-
-
-class Redis:
-    def __init__(self, directory: Path) -> None:
-        self.directory, self.port = directory, free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        argv = [shutil.which("redis-server") or "redis-server", "--port", str(self.port),
-                "--bind", "127.0.0.1", "--dir", str(self.directory), "--save", "",
-                "--appendonly", "yes", "--appendfsync", "everysec"]  # fmt: skip
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
-        for _ in range(400):
-            try:
-                if client.ping():
-                    return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self, sig: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(sig)
-        self.process.wait()
 
 
 def rss_mb(process: psutil.Process) -> float:
@@ -76,7 +49,7 @@ def workers_of(serve: subprocess.Popen[bytes]) -> list[psutil.Process]:
     return [p for p in psutil.Process(serve.pid).children() if "worker" in p.cmdline()]
 
 
-def disrupt(kind: str, serve: subprocess.Popen[bytes], store: Redis) -> None:
+def disrupt(kind: str, serve: subprocess.Popen[bytes], store: RedisServer) -> None:
     if kind == "SIGTERM a worker":
         workers_of(serve)[0].send_signal(signal.SIGTERM)
     elif kind == "SIGKILL a worker":
@@ -96,7 +69,7 @@ def main() -> None:
     parser.add_argument("--out", default="soak.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        store = Redis(Path(tmp))
+        store = RedisServer(Path(tmp))
         store.start()
         port = free_port()
         serve = spawn(["serve", "--port", str(port), "--workers", "4",
