@@ -860,7 +860,21 @@ def test_deleting_a_pool_garbage_collects_everything(op: OperatorEnv) -> None:
 def test_the_charts_rbac_was_enough(op: OperatorEnv) -> None:
     log = op.log_path.read_text()
     assert "forbidden" not in log.lower(), log[-4000:]
-    assert '"level": "error"' not in log, log[-4000:]
+    errors = [
+        line
+        for line in log.splitlines()
+        if '"level": "error"' in line and not _is_apiserver_warming_up(line)
+    ]
+    assert not errors, "\n".join(errors[-10:])
+
+
+def _is_apiserver_warming_up(line: str) -> bool:
+    """kopf logs, at level error, the watch it retries while a new CRD's watch cache fills.
+
+    The apiserver answers 429 "storage is (re)initializing" for a second after the CRD is created;
+    kopf retries after the server's Retry-After. That is not an RBAC gap, nor an operator error.
+    """
+    return "will retry" in line and "storage is (re)initializing" in line
 
 
 def test_operator_metrics_count_passes_and_pools(op: OperatorEnv) -> None:

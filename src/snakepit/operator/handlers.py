@@ -46,11 +46,14 @@ def build_registry(controller: Controller, clusterwide: bool) -> Any:
     def startup(settings: Any, **_: Any) -> None:
         configure(settings, clusterwide)
 
+    # The event handlers are coroutines on purpose: kopf runs plain functions in a thread pool,
+    # and the controller's work queue wakes its workers with an asyncio.Event, which is only safe
+    # to set from the event loop. Both handlers are quick and never block.
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    def pool_event(type: str | None, body: Any, **_: Any) -> None:
+    async def pool_event(type: str | None, body: Any, **_: Any) -> None:
         controller.on_pool_event(type, body)
 
-    def child_event(type: str | None, body: Any, **_: Any) -> None:
+    async def child_event(type: str | None, body: Any, **_: Any) -> None:
         controller.on_child_event(type, body)
 
     for group, version, plural in CHILD_RESOURCES:
