@@ -232,10 +232,20 @@ def test_direct_mode_gives_the_same_answers_as_routed_mode(procs: ProcessFactory
                 assert via_direct == via_router
                 direct.session(session.id, keep=True).execute("counter_increment", by=2)
                 assert session.get("counter") == 2
-        # A worker dies: direct mode refreshes its table and keeps answering.
+        # A worker dies: direct mode refreshes its table and keeps answering. One call may be
+        # written to the dead worker's connection before the client's transport has seen it
+        # close ("Socket closed"/"Stream removed"): that call may have run, so it is not sent
+        # again and fails UNAVAILABLE (docs/reliability.md, "crash"); once the transport knows,
+        # calls that reach for that worker are refused a connection and go elsewhere.
         workers[0].kill()
-        for _ in range(10):
-            assert direct.execute("add", a=1, b=1) == 2
+        answers, cut_off = 0, []
+        while answers < 10:
+            try:
+                assert direct.execute("add", a=1, b=1) == 2
+                answers += 1
+            except Unavailable as error:
+                cut_off.append(error)
+        assert len(cut_off) <= 1, cut_off
         with pytest.raises(ToolError, match="boom"):
             direct.execute("fail", message="boom")
 
