@@ -131,6 +131,35 @@ def test_two_applications_host_one_name_for_their_own_sessions(procs: ProcessFac
                 c.execute("relay", tool="whose", arguments={})
 
 
+def test_a_session_deleted_elsewhere_or_expired_no_longer_reaches_its_host(
+    procs: ProcessFactory,
+) -> None:
+    """Removal when the session ends, not only when the stream does: a later session under the
+    same id (opened by another application) must not reach the first application's tool."""
+    router, _ = start_pool(procs, 2)
+    with Client(router.address) as app, Client(router.address) as other:
+        app.register_tool("whose", lambda: "app")
+        deleted = app.session("hosted-then-deleted", keep=True)
+        expiring = app.session("hosted-then-expired", ttl=1, keep=True)
+        assert deleted.execute("relay", tool="whose", arguments={}) == "app"
+        assert expiring.execute("relay", tool="whose", arguments={}) == "app"
+        assert other.session(deleted.id, keep=True).close()  # deleted by another client
+
+        assert app._host is not None
+        served = app._host.host.sessions  # what the app's stream would claim on a reconnect
+        wait_for(lambda: not served & {deleted.id, expiring.id}, timeout=20, interval=0.2)
+
+        for session_id in (deleted.id, expiring.id):
+            with (
+                other.session(session_id) as reopened,
+                pytest.raises(NotFound, match="no tool 'whose'"),
+            ):
+                reopened.execute("relay", tool="whose", arguments={})
+        # The application's own live sessions still reach it.
+        with app.session() as live:
+            assert live.execute("relay", tool="whose", arguments={}) == "app"
+
+
 def test_unregister_deadline_concurrency_and_name_rules(procs: ProcessFactory) -> None:
     router, _ = start_pool(procs, 2, concurrency=8)
     running = 0

@@ -197,6 +197,22 @@ async def test_sliding_ttl_every_operation_refreshes(backend: Backend) -> None:
         await store.get_variable("s", "x")
 
 
+async def test_existing_answers_without_keeping_sessions_alive(backend: Backend) -> None:
+    """The router's sweep of hosted-tool sessions asks this every few seconds: if asking slid
+    the expiry, every session a tool host serves would live for ever."""
+    store = await backend.make(default_ttl=1.0)
+    await store.create_session("kept", ttl=30)
+    await store.create_session("deleted")
+    await store.create_session("short")
+    await store.delete_session("deleted")
+    assert await store.existing(["kept", "deleted", "short", "never"]) == {"kept", "short"}
+    for _ in range(6):  # 1.8 s in all, asked every 0.3 s
+        await asyncio.sleep(0.3)
+        await store.existing(["short"])
+    assert await store.existing(["kept", "short"]) == {"kept"}
+    assert await store.existing([]) == set()
+
+
 async def test_quota_counts_live_sessions_only(backend: Backend) -> None:
     store = await backend.make(max_sessions=3)
     for i in range(3):

@@ -212,6 +212,8 @@ class ToolHost:
             running = self._calls.get(event.cancel)
             if running is not None:
                 running.cancel()
+        elif kind == "session_ended":  # deleted or expired: a new stream must not claim it again
+            self.sessions.discard(event.session_ended)
         elif kind == "ack":
             self.host_id = event.ack.host_id or self.host_id
             future = self._acks.get(event.ack.request_id)

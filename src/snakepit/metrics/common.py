@@ -112,6 +112,7 @@ STORE_OPERATIONS = frozenset(
         "touch_session",
         "delete_session",
         "list_sessions",
+        "existing",
         "register_variable",
         "get_variable",
         "get_variables",

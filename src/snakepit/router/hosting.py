@@ -7,9 +7,13 @@ tool of that name): the router looks the call's session up here, sends the reque
 the host's stream as they came (never decoded) and returns the host's answer bytes as they came.
 
 Scope: a host's tools are visible to calls in the sessions it serves, and nowhere else, so two
-applications may host the same name for their own sessions. When several router replicas share
-a Redis store, the replica holding the stream records "session -> my address" in the store
-(``directory``); another replica that gets the call forwards it there (see docs/architecture.md).
+applications may host the same name for their own sessions. A session that is deleted (by any
+client, through any replica) or expires stops being served: every ``SWEEP_SECONDS`` the router
+asks the store which of its served sessions still exist and tells each host which of its sessions
+ended (``session_ended``), so a later session under the same id does not reach the old host.
+When several router replicas share a Redis store, the replica holding the stream records
+"session -> my address" in the store (``directory``); another replica that gets the call forwards
+it there (see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ log = logging.getLogger("snakepit.router")
 
 FORWARDED_KEY = "snakepit-forwarded"
 DEFAULT_HOST_CONCURRENCY = 16
+# How often the router checks that the sessions it routes to hosts still exist in the store.
+SWEEP_SECONDS = 5.0
 _END = object()
 
 
@@ -67,6 +73,7 @@ class HostRegistry:
         self,
         spawn: Callable[[Awaitable[Any]], None],
         pool_tools: Callable[[], Awaitable[set[str] | None]],
+        existing_sessions: Callable[[list[str]], Awaitable[set[str]]],
     ) -> None:
         self.address = ""  # HOST:PORT other replicas reach this router at
         self.directory: HostDirectory | None = None
@@ -74,6 +81,7 @@ class HostRegistry:
         self.hosts: dict[str, Host] = {}
         self._spawn = spawn
         self._pool_tools = pool_tools
+        self._existing_sessions = existing_sessions
         self._call_ids = itertools.count(1)
         self._peers: dict[str, _Peer] = {}
 
@@ -167,6 +175,30 @@ class HostRegistry:
 
     def local_sessions(self) -> list[str]:
         return list(self.by_session)
+
+    async def sweep_forever(self, every: float = SWEEP_SECONDS) -> None:
+        """End the hosts' sessions that were deleted or expired, for as long as the router runs."""
+        while True:
+            await asyncio.sleep(every)
+            await self.sweep()
+
+    async def sweep(self) -> list[str]:
+        """Stop routing the sessions the store no longer has; tell their hosts; return them."""
+        served = list(self.by_session)
+        alive = await self._existing_sessions(served) if served else set()
+        ended = []
+        for session_id in served:
+            host = self.by_session.get(session_id)
+            if session_id in alive or host is None:  # None: its host let it go meanwhile
+                continue
+            self._serve_sessions(host, (), [session_id])
+            host.send(pb.ToolHostEvent(session_ended=session_id))
+            ended.append(session_id)
+        if ended:
+            log.info("hosted sessions ended", extra={"sessions": len(ended)})
+            if self.directory is not None:
+                await self.directory.update(self.address, (), ended)
+        return ended
 
     def specs_for(self, session_id: str) -> list[pb.ToolSpec]:
         """The tools hosted for ``session_id`` by a host on this router."""

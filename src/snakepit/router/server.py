@@ -131,7 +131,7 @@ class RouterServer:
         self.started = time.monotonic()
         self._touched: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.hosting = HostRegistry(self._spawn, self._pool_tool_names)
+        self.hosting = HostRegistry(self._spawn, self._pool_tool_names, self._existing_sessions)
         self._pool_tools: tuple[float, set[str]] | None = None
         self.metrics: RouterMetrics | None = None
         self.metrics_server: MetricsServer | None = None
@@ -200,6 +200,17 @@ class RouterServer:
             directory = HostDirectory(redis, getattr(self.store, "prefix", "sp"))
             self.hosting.directory = directory
             self._spawn(directory.keep_fresh(self.hosting.address, self.hosting.local_sessions))
+        self._spawn(self.hosting.sweep_forever())
+
+    async def _existing_sessions(self, session_ids: list[str]) -> set[str]:
+        """The sessions of ``session_ids`` the store still has; on a store fault, all of them
+        (nothing is ended on a guess: the next sweep decides)."""
+        assert self.store is not None
+        try:
+            return await self.store.existing(session_ids)
+        except Exception:  # an unreachable store ends nothing
+            log.warning("hosted-session sweep skipped: the store did not answer", exc_info=True)
+            return set(session_ids)
 
     def _default_discovery(self) -> Discovery:
         if self.config.workers_service:

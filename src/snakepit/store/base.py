@@ -207,6 +207,11 @@ class SessionStore(ABC):
     @abstractmethod
     async def list_sessions(self) -> list[SessionInfo]: ...
 
+    @abstractmethod
+    async def existing(self, session_ids: Sequence[str]) -> set[str]:
+        """Which of ``session_ids`` exist now, without sliding their expiry (a check that
+        touched them would keep alive every session it looked at)."""
+
     # Variables -----------------------------------------------------------------------------
     @abstractmethod
     async def register_variable(

@@ -242,6 +242,10 @@ class MemoryStore(SessionStore):
         self._expire_due()
         return [session.info() for session in self._sessions.values()]
 
+    async def existing(self, session_ids: Sequence[str]) -> set[str]:
+        self._expire_due()
+        return {sid for sid in session_ids if sid in self._sessions}
+
     # Variables ------------------------------------------------------------------------------
     def _write(
         self,

@@ -232,6 +232,18 @@ class RedisStore(SessionStore):
                 out.append(session_info(sid, [*fields, replies[2 * i + 1]]))
         return out
 
+    async def existing(self, session_ids: Sequence[str]) -> set[str]:
+        ids = list(session_ids)
+
+        async def fetch() -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for sid in ids:
+                    pipe.exists(self.keys(sid)[0])  # an expired hash no longer exists
+                return await pipe.execute()
+
+        replies = await self.retrier.run(fetch) if ids else []
+        return {sid for sid, found in zip(ids, replies, strict=True) if found}
+
     # Variables ------------------------------------------------------------------------------
     async def register_variable(
         self,

@@ -113,6 +113,12 @@ class RemoteStore(SessionStore):
         reply = await self._call(self.stub.ListSessions, pb.ListSessionsRequest())
         return [SessionInfo.from_proto(msg) for msg in reply.sessions]
 
+    async def existing(self, session_ids: Sequence[str]) -> set[str]:
+        # No RPC of its own: the listing does not touch sessions. Routers, the only callers of
+        # `existing`, hold a memory or Redis store, never this one.
+        wanted = set(session_ids)
+        return {info.session_id for info in await self.list_sessions() if info.session_id in wanted}
+
     # Variables ------------------------------------------------------------------------------
     async def register_variable(
         self,

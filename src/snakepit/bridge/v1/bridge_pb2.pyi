@@ -1480,8 +1480,13 @@ class ToolHostEvent(_message.Message):
     ACK_FIELD_NUMBER: _builtins.int
     CALL_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    SESSION_ENDED_FIELD_NUMBER: _builtins.int
     cancel: _builtins.str
     """the call_id of a call whose caller is gone (deadline or cancellation)"""
+    session_ended: _builtins.str
+    """The router no longer routes this session's calls to the host: the session was deleted
+    (by any client) or it expired. The host forgets it; a new session needs a new HostSessions.
+    """
     @_builtins.property
     def ack(self) -> Global___HostAck: ...
     @_builtins.property
@@ -1492,12 +1497,13 @@ class ToolHostEvent(_message.Message):
         ack: Global___HostAck | None = ...,
         call: Global___HostCall | None = ...,
         cancel: _builtins.str = ...,
+        session_ended: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call", b"call", "cancel", b"cancel", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call", b"call", "cancel", b"cancel", "kind", b"kind", "session_ended", b"session_ended"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call", b"call", "cancel", b"cancel", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call", b"call", "cancel", b"cancel", "kind", b"kind", "session_ended", b"session_ended"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["ack", "call", "cancel"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["ack", "call", "cancel", "session_ended"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
