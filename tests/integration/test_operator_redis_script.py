@@ -40,12 +40,18 @@ def local_script(tmp_path: Path, port: int) -> str:
     """The pod's script, pointed at a temp dir and a loopback port."""
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
-    return (
-        REDIS_SCRIPT.replace("/tmp/", f"{tmp_path}/")
-        .replace("dir /data", f"dir {data}")
-        .replace("port 6379", f"port {port}")
-        .replace("bind * -::*", "bind 127.0.0.1")
-    )
+    script = REDIS_SCRIPT
+    for pod_value, local_value in (
+        ("/tmp/", f"{tmp_path}/"),
+        ("dir /data", f"dir {data}"),
+        ("port 6379", f"port {port}"),
+        ("bind * -::*", "bind 127.0.0.1"),
+    ):
+        # A literal the script no longer has would leave the pod's value in place (a server on
+        # 6379 of this machine, data in /data): fail here instead.
+        assert pod_value in script, f"the Redis script no longer says {pod_value!r}"
+        script = script.replace(pod_value, local_value)
+    return script
 
 
 def start_script(tmp_path: Path, port: int, **env: str) -> subprocess.Popen[bytes]:

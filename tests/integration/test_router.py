@@ -294,14 +294,20 @@ def test_bad_input_at_the_door_gets_clear_errors_and_the_pool_stays_healthy(
         with pytest.raises(NotFound):
             client.session("nobody", keep=True).get("nothing")
         with grpc.insecure_channel(router.address) as channel:
-            for method in ("ExecuteTool", "GetVariable", "InitializeSession"):
+            for method in (
+                "ExecuteTool",
+                "GetVariable",
+                "SetVariable",
+                "InitializeSession",
+                "CleanupSession",
+                "ListSessions",
+                "GetRoutingTable",
+            ):
                 stub = channel.unary_unary(method_path(method))
                 with pytest.raises(grpc.RpcError) as garbage:
                     stub(b"\xff\xff\xff\xff\x0f", timeout=5)
-                assert garbage.value.code() in (
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    grpc.StatusCode.INTERNAL,
-                )
+                assert garbage.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+                assert "malformed" in (garbage.value.details() or ""), method
         assert client.execute("add", a=1, b=2) == 3
         assert client.status()["workers_ready"] == 1
 
