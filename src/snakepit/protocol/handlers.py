@@ -85,8 +85,17 @@ async def start_server(
     port: int,
     max_message_mb: int,
     max_connection_age_ms: int | None = None,
-) -> tuple[grpc.aio.Server, int]:
-    """A started grpc.aio server with BridgeService ``handler`` and ``grpc.health.v1``."""
+    *,
+    credentials: grpc.ServerCredentials | None = None,
+    internal: tuple[str, grpc.ServerCredentials] | None = None,
+) -> tuple[grpc.aio.Server, int, int]:
+    """A started grpc.aio server with BridgeService ``handler`` and ``grpc.health.v1``, and its
+    bound port: TLS with ``credentials``, else plaintext.
+
+    ``internal`` is a second listener (address, credentials) for the pool's own hops, mutual TLS
+    with the pool CA (a router's, for its workers' calls back); its port is the third value
+    (0 without one).
+    """
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
@@ -107,8 +116,20 @@ async def start_server(
         server,
     )
     address = f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    bound = _listen(server, address, credentials)
+    internal_port = _listen(server, *internal) if internal is not None else 0
+    await server.start()
+    return server, bound, internal_port
+
+
+def _listen(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None
+) -> int:
+    bound = (
+        server.add_insecure_port(address)
+        if credentials is None
+        else server.add_secure_port(address, credentials)
+    )
     if not bound:
         raise RuntimeError(f"cannot listen on {address}")
-    await server.start()
-    return server, bound
+    return int(bound)
