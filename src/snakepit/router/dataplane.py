@@ -19,14 +19,25 @@ AUTO, HAPROXY, PYTHON = "auto", "haproxy", "python"
 DATA_PATHS = (AUTO, HAPROXY, PYTHON)
 
 
-def choose(requested: str, affinity: str) -> tuple[str, str]:
-    """The data path to use and why, for the start-up message."""
+def choose(requested: str, affinity: str, *, tls: bool = False) -> tuple[str, str]:
+    """The data path to use and why, for the start-up message.
+
+    With TLS the Python router it is: HAProxy here forwards plaintext HTTP/2 and cannot prove
+    the pool's identity to workers (mutual TLS with the pool CA), so it is refused, not silently
+    left unencrypted.
+    """
     from .haproxy.process import haproxy_binary
 
     if requested not in DATA_PATHS:
         raise ValueError(f"data path must be one of {', '.join(DATA_PATHS)}, got {requested!r}")
     if requested == PYTHON:
         return PYTHON, "asked for"
+    if tls:
+        if requested == HAPROXY:
+            raise ValueError(
+                "--data-path haproxy does not carry TLS yet; use --data-path python with TLS"
+            )
+        return PYTHON, "TLS needs the Python router"
     binary = haproxy_binary()
     if affinity == STRICT:
         return PYTHON, "strict affinity needs the Python router"
@@ -39,7 +50,8 @@ def choose(requested: str, affinity: str) -> tuple[str, str]:
 
 def make_router(config: RouterConfig, **kwargs: Any) -> tuple[RouterServer, str]:
     """A router on the chosen data path, and a line saying which."""
-    path, why = choose(config.data_path, config.pool.affinity)
+    tls = config.tls is not None or config.pool_tls is not None
+    path, why = choose(config.data_path, config.pool.affinity, tls=tls)
     if path == HAPROXY:
         from .haproxy.router import HaproxyRouter
 

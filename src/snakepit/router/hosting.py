@@ -33,6 +33,7 @@ from ..errors import DeadlineExceeded, NotFound, SnakepitError, Unavailable, err
 from ..protocol import pb
 from ..protocol.messages import request_tool_name
 from ..protocol.status import error_from_rpc, never_started
+from ..security.tls import ChannelTls
 
 if TYPE_CHECKING:
     from .host_directory import HostDirectory
@@ -76,6 +77,8 @@ class HostRegistry:
         existing_sessions: Callable[[list[str]], Awaitable[set[str]]],
     ) -> None:
         self.address = ""  # HOST:PORT other replicas reach this router at
+        # How peers are dialled: their internal port, mutual TLS with the pool CA (None: plain).
+        self.tls: ChannelTls | None = None
         self.directory: HostDirectory | None = None
         self.by_session: dict[str, Host] = {}
         self.hosts: dict[str, Host] = {}
@@ -329,7 +332,7 @@ class HostRegistry:
     def _peer(self, address: str) -> _Peer:
         peer = self._peers.get(address)
         if peer is None:
-            peer = self._peers[address] = _Peer(address)
+            peer = self._peers[address] = _Peer(address, self.tls)
         return peer
 
     async def close(self, grace: float) -> None:
@@ -352,11 +355,12 @@ class HostRegistry:
 class _Peer:
     """Another router replica, for the calls and listings forwarded to it."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls: ChannelTls | None) -> None:
         from ..grpc_options import channel_options
         from ..protocol import method_path
+        from ..security.tls import channel_factory
 
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options())
+        self.channel = channel_factory(tls, aio=True)(address, options=channel_options())
         self.unary = self.channel.unary_unary(method_path("ExecuteHostedTool"))
         self.stream = self.channel.unary_stream(method_path("ExecuteHostedStreamingTool"))
         self.list_tools = self.channel.unary_unary(method_path("ListTools"))

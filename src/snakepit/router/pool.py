@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from ..errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted, Unavailable
 from ..protocol import pb
+from ..security.tls import ChannelTls
 from .ring import DEFAULT_VNODES, HASH_NAME, HashRing, load_bound
 from .workers import DRAINING, READY, WorkerHandle
 
@@ -48,6 +49,8 @@ class WorkerPool:
             raise ValueError(f"affinity must be {HINT!r} or {STRICT!r}, got {config.affinity!r}")
         self.config = config
         self.workers: dict[str, WorkerHandle] = {}
+        # How the router dials its workers: mutual TLS with the pool CA, or plaintext (None).
+        self.tls: ChannelTls | None = None
         self.ring = HashRing((), config.vnodes)
         self.ring_version = 0
         self.in_flight = 0
@@ -74,7 +77,9 @@ class WorkerPool:
                 continue
             if handle is not None:
                 self._retire(handle)
-            handle = WorkerHandle(worker_id, address, self.config.max_message_mb, self._on_state)
+            handle = WorkerHandle(
+                worker_id, address, self.config.max_message_mb, self._on_state, self.tls
+            )
             self.workers[worker_id] = handle
             handle.start()
         for worker_id in [w for w in self.workers if w not in addresses]:

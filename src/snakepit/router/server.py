@@ -31,6 +31,7 @@ from ..metrics.common import MetricsServer, serve_http, timed_store
 from ..protocol import SERVICE_NAME, pb
 from ..protocol import handlers as handlers_for
 from ..protocol.status import SESSION_ID_KEY, abort_with, error_from_rpc, find_metadata
+from ..security.tls import ChannelTls, ServerTls, TlsFiles
 from ..store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL, SessionStore
 from ..store.limits import StoreLimits
 from .discovery import Discovery, StaticDiscovery
@@ -39,6 +40,9 @@ from .observe import NULL_OBSERVER, CallObserver, NullObserver
 from .pool import PoolConfig, WorkerPool
 from .retry import Attempts, Next
 from .workers import WorkerHandle
+
+# How often the router looks whether its pool certificate was renewed (then redials workers).
+TLS_RENEW_CHECK = 1.0
 
 log = logging.getLogger("snakepit.router")
 
@@ -78,6 +82,15 @@ class RouterConfig:
     # Tool calls through HAProxy or the Python router: auto, haproxy, python (router/dataplane.py).
     data_path: str = "python"
     limits: StoreLimits = field(default_factory=StoreLimits)
+    # TLS on the router's port: ``cert``/``key`` it presents and, if ``ca`` is set, the CA whose
+    # client certificates it then requires. None: plaintext.
+    tls: TlsFiles | None = None
+    # The pool's TLS files (its certificate from the pool CA, the pool CA): workers are then
+    # dialled with mutual TLS and must prove pool membership, and the router listens on
+    # ``internal_port`` (0: any free port) for its workers' and peer routers' calls, mutual TLS
+    # with the pool CA only. None: plaintext inside the pool.
+    pool_tls: TlsFiles | None = None
+    internal_port: int = 0
 
 
 def default_router_id() -> str:
@@ -128,6 +141,8 @@ class RouterServer:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
+        self.internal_port = 0  # with pool TLS: where workers and peer routers call
+        self.pool.tls = None if config.pool_tls is None else ChannelTls.pool(config.pool_tls)
         self.started = time.monotonic()
         self._touched: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -176,23 +191,51 @@ class RouterServer:
             )
             self._spawn(self._count_sessions(self.metrics))
         self._spawn(self.discovery.run(self.pool.set_workers))
-        self.server, self.port = await handlers_for.start_server(
+        self.server, self.port, self.internal_port = await handlers_for.start_server(
             self._handlers(),
             self.health,
             self.config.host,
             self.config.port,
             self.config.max_message_mb,
             int(self.config.max_connection_age * 1000) or None,
+            **self._listeners(),
         )
+        if self.pool.tls is not None:
+            self._spawn(self._renew_worker_channels(self.pool.tls))
         self._start_hosting()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(CAPACITY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         log.info("router serving", extra={"port": self.port, "store": self.store.backend})
         return self.port
 
+    def _listeners(self) -> dict[str, Any]:
+        """``start_server``'s TLS keywords: the public port's and the internal one's."""
+        listeners: dict[str, Any] = {}
+        tls, pool_tls = self.config.tls, self.config.pool_tls
+        if tls is not None:
+            listeners["credentials"] = ServerTls(
+                tls.cert, tls.key, [tls.ca] if tls.ca else []
+            ).credentials()
+        if pool_tls is not None:
+            internal = ServerTls(pool_tls.cert, pool_tls.key, [pool_tls.ca])
+            address = f"{self.config.host}:{self.config.internal_port}"
+            listeners["internal"] = (address, internal.credentials())
+        return listeners
+
+    async def _renew_worker_channels(self, tls: ChannelTls) -> None:
+        """Redial every worker once the pool certificate or CA files change (renewal)."""
+        while True:
+            await asyncio.sleep(TLS_RENEW_CHECK)
+            if tls.changed():
+                tls.credentials()  # read once for all the channels below
+                log.info("pool certificate renewed; redialling workers")
+                for handle in list(self.pool.workers.values()):
+                    handle.renew()
+
     def _start_hosting(self) -> None:
         """Share hosted-tool ownership through the store when it is shared (Redis)."""
-        self.hosting.address = advertised_address(self.config, self.port)
+        self.hosting.address = advertised_address(self.config, self.internal_port or self.port)
+        self.hosting.tls = self.pool.tls
         redis = getattr(self.store, "redis", None)
         if redis is not None:
             from .host_directory import HostDirectory

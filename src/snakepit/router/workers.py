@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ..grpc_options import channel_options
 from ..protocol import method_path
+from ..security.tls import ChannelTls, channel_factory
 
 log = logging.getLogger("snakepit.router")
 
@@ -27,6 +28,8 @@ KEEPALIVE_MS = 2000
 # A worker that is down is retried at most this often: a starting worker is seen within ~0.25 s
 # of its first health answer, and a failed connect costs one SYN.
 MAX_RECONNECT_MS = 250
+# A channel replaced by one with renewed TLS credentials closes when its calls end, or after this.
+RENEW_GRACE = 3600.0
 
 
 class WorkerHandle:
@@ -36,6 +39,7 @@ class WorkerHandle:
         address: str,
         max_message_mb: int,
         on_state: Callable[[WorkerHandle], None],
+        tls: ChannelTls | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.address = address
@@ -45,20 +49,38 @@ class WorkerHandle:
         self.failed = 0
         self.removed = False
         self._on_state = on_state
-        self.channel = grpc.aio.insecure_channel(
-            address,
-            options=channel_options(
-                max_message_mb, keepalive_ms=KEEPALIVE_MS, max_reconnect_ms=MAX_RECONNECT_MS
-            ),
+        self._options = channel_options(
+            max_message_mb, keepalive_ms=KEEPALIVE_MS, max_reconnect_ms=MAX_RECONNECT_MS
         )
+        self._new_channel = channel_factory(tls, aio=True)
+        self._connect()
+        self._watch_task: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def _connect(self) -> None:
+        self.channel = self._new_channel(self.address, options=self._options)
         self.execute: Any = self.channel.unary_unary(method_path("ExecuteTool"))
         self.execute_stream: Any = self.channel.unary_stream(method_path("ExecuteStreamingTool"))
         self.list_tools: Any = self.channel.unary_unary(method_path("ListTools"))
         self._health = health_pb2_grpc.HealthStub(self.channel)
-        self._watch_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+
+    def renew(self) -> None:
+        """Dial the worker again with renewed TLS credentials: new calls take the new channel
+        at once, calls in flight finish on the old one, which then closes. The health watch
+        moves over without a state change, so the worker never leaves the ring for it."""
+        if self.removed:
+            return
+        old = self.channel
+        self._connect()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            self.start()
+        task = asyncio.get_running_loop().create_task(old.close(grace=RENEW_GRACE))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     @property
     def ready(self) -> bool:

@@ -47,6 +47,7 @@ from ..protocol import SERVICE_NAME, pb
 from ..protocol import handlers as handlers_for
 from ..protocol.messages import ToolRequest, decode_request, encode_chunk, encode_result
 from ..protocol.status import CORRELATION_ID_KEY, WORKER_ID_KEY, abort_with, status_of
+from ..security.tls import ChannelTls, ServerTls, TlsFiles, channel_factory
 from ..store.base import SessionStore
 from .adapter import Adapter, load_adapter_class
 from .context import SessionContext
@@ -86,6 +87,12 @@ class WorkerConfig:
 
     # Prometheus metrics at http://host:metrics_port/metrics; None records and serves none.
     metrics_port: int | None = None
+    # The pool's TLS files (its certificate from the pool CA, the pool CA): the worker then
+    # serves mutual TLS only, to clients with a certificate from the pool CA or from one of
+    # ``tls_client_cas`` (direct-mode clients), and calls its router the same way. None:
+    # plaintext (docs/security.md).
+    pool_tls: TlsFiles | None = None
+    tls_client_cas: tuple[str, ...] = ()
 
     @property
     def backlog_size(self) -> int:
@@ -138,12 +145,13 @@ class WorkerServer:
         """Serve; return the bound port. Health says SERVING only once the adapter is ready."""
         await self.health.set("", NOT_SERVING)
         await self.health.set(SERVICE_NAME, NOT_SERVING)
-        self.server, self.port = await handlers_for.start_server(
+        self.server, self.port, _ = await handlers_for.start_server(
             self._handlers(),
             self.health,
             self.config.host,
             self.config.port,
             self.config.max_message_mb,
+            credentials=self._server_credentials(),
         )
         await self._connect_store()
         if self.store is not None:
@@ -166,15 +174,38 @@ class WorkerServer:
         )
         return self.port
 
+    def _server_credentials(self) -> grpc.ServerCredentials | None:
+        files = self.config.pool_tls
+        if files is None:
+            return None
+        return ServerTls(
+            files.cert, files.key, (files.ca, *self.config.tls_client_cas)
+        ).credentials()
+
+    def _router_tls(self) -> ChannelTls | None:
+        """How this worker dials its router: with its pool certificate, when the pool has TLS."""
+        files = self.config.pool_tls
+        return None if files is None else ChannelTls.pool(files)
+
     async def _connect_store(self) -> None:
         url = self.config.store_url
         if not url:
             return
+        from ..grpc_options import channel_options
         from ..store import open_store
 
         if url == "router":
             if not self.config.router_address:
                 raise ValueError("--store router needs --router HOST:PORT")
+            tls = self._router_tls()
+            if tls is not None:
+                channel = channel_factory(tls, aio=True)(
+                    self.config.router_address, options=channel_options()
+                )
+                self.store = open_store(
+                    "router", default_ttl=self.config.session_ttl, channel=channel
+                )
+                return
             url = f"grpc://{self.config.router_address}"
         self.store = open_store(url, default_ttl=self.config.session_ttl)
 
@@ -353,7 +384,9 @@ class WorkerServer:
         if self._router_client is None:
             from ..client import AsyncClient
 
-            self._router_client = AsyncClient(self.config.router_address)
+            self._router_client = AsyncClient(
+                self.config.router_address, tls=self._router_tls() or False
+            )
         return self._router_client
 
     async def _call_tool(
