@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from . import logs, tracing
@@ -27,12 +30,35 @@ from .router.dataplane import make_router
 from .router.discovery import StaticDiscovery
 from .router.pool import PoolConfig
 from .router.server import RouterConfig
+from .security.localca import LocalCA, write_file, write_issued
+from .security.tls import CA_FILE, CERT_FILE, KEY_FILE, POOL_NAME, TlsFiles
 from .store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL
 from .store.limits import StoreLimits
 from .supervisor import RestartPolicy, WorkerSlot, free_port
 from .worker.server import DEFAULT_ADAPTER, DEFAULT_MAX_CALL_SECONDS
 
 log = logging.getLogger("snakepit.serve")
+
+
+class PoolCA:
+    """The pool CA of one ``serve``: made at start in a private temporary directory, it signs
+    the one certificate the router and the workers prove pool membership with (they share a
+    machine, so one key serves them all); the directory goes when the pool stops."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="snakepit-pool-tls-"))  # mode 0700
+        self.ca = LocalCA.generate("snakepit serve pool CA")
+        write_file(self.dir / CA_FILE, self.ca.cert_pem)
+        self.renew()
+        self.files = TlsFiles.from_dir(self.dir)
+
+    def renew(self) -> None:
+        """A fresh pool certificate in place of the old one (processes pick it up live)."""
+        issued = self.ca.issue(POOL_NAME, [POOL_NAME, "localhost", "127.0.0.1"])
+        write_issued(issued, self.dir / CERT_FILE, self.dir / KEY_FILE)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @dataclass
@@ -60,6 +86,9 @@ class ServeConfig:
     # Autoscaling: None keeps ``workers`` processes; a policy starts ``min_replicas`` of them.
     autoscale: Policy | None = None
     scale_period: float = 0.5
+    # TLS on the pool port (``cert``/``key``; ``ca``: require client certificates it signed).
+    # The pool's own hops then use mutual TLS with a throwaway pool CA (``PoolCA``).
+    tls: TlsFiles | None = None
 
     @property
     def initial_workers(self) -> int:
@@ -69,6 +98,7 @@ class ServeConfig:
 class LocalPool:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
+        self.pool_ca = PoolCA() if config.tls is not None else None
         self.router, self.data_path = make_router(
             RouterConfig(
                 host=config.host,
@@ -82,6 +112,8 @@ class LocalPool:
                 metrics_port=config.metrics_port,
                 data_path=config.data_path,
                 limits=config.limits,
+                tls=config.tls,
+                pool_tls=None if self.pool_ca is None else self.pool_ca.files,
             ),
             discovery=StaticDiscovery([]),
         )
@@ -107,8 +139,18 @@ class LocalPool:
             "--session-ttl", str(config.session_ttl),
             *self._metrics_argv(slot_id),
             "--max-call-seconds", str(config.max_call_seconds),
+            *self._tls_argv(),
             *config.worker_args,
         ]  # fmt: skip
+
+    def _tls_argv(self) -> list[str]:
+        """A worker's pool TLS files, and the client CA direct-mode clients are checked with."""
+        if self.pool_ca is None:
+            return []
+        argv = ["--pool-tls-dir", str(self.pool_ca.dir)]
+        if self.config.tls is not None and self.config.tls.ca:
+            argv += ["--tls-client-ca", self.config.tls.ca]
+        return argv
 
     def _metrics_argv(self, slot_id: str) -> list[str]:
         """A worker's ``--metrics-port`` (a free port, published in the pool status), if any."""
@@ -123,7 +165,9 @@ class LocalPool:
 
     async def start(self) -> None:
         """Start the router, then the workers; return once every worker is ready."""
-        self._router_port = await self.router.start()
+        await self.router.start()
+        # Workers call back on the internal port (mutual TLS with the pool CA) when there is one.
+        self._router_port = self.router.internal_port or self.router.port
         for _ in range(self.config.initial_workers):
             self._add_worker()
         self._publish()
@@ -223,6 +267,8 @@ class LocalPool:
         )
         for task in self._tasks:
             task.cancel()
+        if self.pool_ca is not None:
+            self.pool_ca.remove()
 
 
 def redacted(url: str) -> str:
@@ -281,6 +327,8 @@ async def run(config: ServeConfig) -> int:
         return 1
     target = f"{'localhost' if config.host in ('127.0.0.1', '0.0.0.0') else config.host}:{pool.router.port}"
     hint = "" if pool.router.port == 50051 else f" --target {target}"
+    if config.tls is not None:
+        hint += " --ca CA_FILE" + (" --cert FILE --key FILE" if config.tls.ca else "")
     print(f"snakepit: pool ready at {target} - try: snakepit call add a=1 b=2{hint}", flush=True)
     if pool.router.metrics_server is not None:
         host = target.rsplit(":", 1)[0]
