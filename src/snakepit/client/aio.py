@@ -5,6 +5,7 @@ Same operations as ``Client`` (they are built by ``ops``); only the transport is
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -13,6 +14,7 @@ import grpc
 from .. import tracing
 from ..grpc_options import DEFAULT_MAX_MESSAGE_MB
 from ..protocol.status import error_from_rpc, never_started
+from ..security.tls import ChannelTls, client_tls
 from ..store.base import SessionInfo, Variable, VariableChange
 from . import ops
 from .base import ClientBase, SessionBase
@@ -33,10 +35,15 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
         metadata: Mapping[str, str] | None = None,
         max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
         binary_threshold: int | None = None,
+        ca: str | None = None,
+        tls: bool | ChannelTls = False,
+        cert: str | None = None,
+        key: str | None = None,
     ) -> None:
         super().__init__(
             target,
-            grpc.aio.insecure_channel,
+            aio=True,
+            tls=client_tls(ca, tls, cert, key),
             direct=direct,
             timeout=timeout,
             metadata=metadata,
@@ -173,7 +180,7 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
         try:
             raw = await self._call(self._channel, op, timeout)
         except grpc.RpcError as exc:
-            return op.recover(error_from_rpc(exc))
+            return op.recover(await asyncio.to_thread(self._error, exc))
         return op.parse(raw)
 
     async def _stream(self, op: Op[T], timeout: float | None = None) -> AsyncIterator[T]:
@@ -189,7 +196,8 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
                     yield op.parse(raw)
                 return
             except grpc.RpcError as exc:
-                error = error_from_rpc(exc)
+                address = picked[2].addresses[picked[0]] if picked else None
+                error = await asyncio.to_thread(self._error, exc, address)
                 if not self._may_stream_elsewhere(picked, received, error):
                     raise error from None
             finally:

@@ -9,11 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
+import grpc
+
 from .. import tracing
 from ..errors import SnakepitError
 from ..grpc_options import DEFAULT_MAX_MESSAGE_MB, channel_options
 from ..protocol import method_path
-from ..protocol.status import never_started
+from ..protocol.status import error_from_rpc, never_started
+from ..security.tls import ChannelTls, channel_factory, explain_connect_failure
 from .direct import MAX_ATTEMPTS, DirectRoutes
 from .hosting import ToolHost
 from .ops import Op
@@ -26,8 +29,9 @@ class ClientBase(Generic[ChannelT]):
     def __init__(
         self,
         target: str,
-        channel_factory: Callable[..., ChannelT],
         *,
+        aio: bool,
+        tls: ChannelTls | None,
         direct: bool,
         timeout: float | None,
         metadata: Mapping[str, str] | None,
@@ -43,8 +47,9 @@ class ClientBase(Generic[ChannelT]):
         # Sessions opened through this client: the ones its hosted tools serve.
         self._own_sessions: set[str] = set()
         self._options = channel_options(max_message_mb)
-        self._new_channel = channel_factory
-        self._channel: ChannelT = channel_factory(target, options=self._options)
+        self.tls = tls
+        self._new_channel: Callable[..., ChannelT] = channel_factory(tls, aio=aio)
+        self._channel: ChannelT = self._new_channel(target, options=self._options)
         self._worker_channels: dict[str, ChannelT] = {}
         self._stubs: dict[tuple[int, str, bool], Any] = {}
         self._routes: DirectRoutes | None = None
@@ -55,9 +60,27 @@ class ClientBase(Generic[ChannelT]):
         self._own_sessions.difference_update(remove)
 
     def _new_tool_host(self) -> ToolHost:
-        host = ToolHost(self.target, metadata=self._metadata, max_message_mb=self.max_message_mb)
+        host = ToolHost(
+            self.target, metadata=self._metadata, max_message_mb=self.max_message_mb, tls=self.tls
+        )
         host.sessions.update(self._own_sessions)
         return host
+
+    def _error(self, exc: grpc.RpcError, target: str | None = None) -> SnakepitError:
+        """The call's error; a connection that failed over TLS (or plaintext against TLS) gets
+        one sentence saying which end wants what, in place of grpc's handshake text."""
+        error = error_from_rpc(exc)
+        if error.code != grpc.StatusCode.UNAVAILABLE:
+            return error
+        started = not never_started(error)
+        explained = explain_connect_failure(
+            error.message, target or self.target, tls=self.tls is not None
+        )
+        if explained is not None:
+            error.message = explained
+            error.args = (explained,)
+            error.not_started = error.not_started or not started
+        return error
 
     def _stub(self, channel: ChannelT, method: str, streaming: bool) -> Any:
         key = (id(channel), method, streaming)

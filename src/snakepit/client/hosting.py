@@ -31,6 +31,7 @@ from ..grpc_options import channel_options
 from ..protocol import method_path, pb
 from ..protocol.messages import decode_request, encode_chunk, encode_result
 from ..protocol.status import detail_of, status_of
+from ..security.tls import ChannelTls, channel_factory
 from ..worker.runner import ToolRunner
 from ..worker.tools import ToolDef, ToolOptions, build_tool
 
@@ -54,9 +55,15 @@ class ToolHost:
     """Tools this application hosts and the sessions it serves, kept registered on one stream."""
 
     def __init__(
-        self, target: str, *, metadata: Iterable[tuple[str, str]] = (), max_message_mb: int
+        self,
+        target: str,
+        *,
+        metadata: Iterable[tuple[str, str]] = (),
+        max_message_mb: int,
+        tls: ChannelTls | None = None,
     ) -> None:
         self.target = target
+        self._new_channel = channel_factory(tls, aio=True)
         self._metadata = tuple(metadata)
         self._options = channel_options(max_message_mb, keepalive_ms=10_000)
         self._tools: dict[str, _Hosted] = {}
@@ -157,7 +164,7 @@ class ToolHost:
             self._task = asyncio.get_running_loop().create_task(self._connect_forever())
 
     async def _connect_forever(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+        self._channel = self._new_channel(self.target, options=self._options)
         open_stream = self._channel.stream_stream(
             method_path("RegisterTool"),
             request_serializer=pb.ToolHostMessage.SerializeToString,

@@ -11,6 +11,7 @@ import grpc
 from .. import tracing
 from ..grpc_options import DEFAULT_MAX_MESSAGE_MB
 from ..protocol.status import error_from_rpc, never_started
+from ..security.tls import ChannelTls, client_tls
 from ..store.base import SessionInfo, Variable, VariableChange
 from . import ops
 from .base import ClientBase, SessionBase
@@ -37,10 +38,15 @@ class Client(ClientBase[grpc.Channel]):
         metadata: Mapping[str, str] | None = None,
         max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
         binary_threshold: int | None = None,
+        ca: str | None = None,
+        tls: bool | ChannelTls = False,
+        cert: str | None = None,
+        key: str | None = None,
     ) -> None:
         super().__init__(
             target,
-            grpc.insecure_channel,
+            aio=False,
+            tls=client_tls(ca, tls, cert, key),
             direct=direct,
             timeout=timeout,
             metadata=metadata,
@@ -183,7 +189,7 @@ class Client(ClientBase[grpc.Channel]):
         try:
             raw = self._call(self._channel, op, timeout)
         except grpc.RpcError as exc:
-            return op.recover(error_from_rpc(exc))
+            return op.recover(self._error(exc))
         return op.parse(raw)
 
     def _stream(self, op: Op[T], timeout: float | None = None) -> Iterator[T]:
@@ -199,7 +205,8 @@ class Client(ClientBase[grpc.Channel]):
                     yield op.parse(raw)
                 return
             except grpc.RpcError as exc:
-                error = error_from_rpc(exc)
+                address = picked[2].addresses[picked[0]] if picked else None
+                error = self._error(exc, address)
                 if not self._may_stream_elsewhere(picked, received, error):
                     raise error from None
             finally:
