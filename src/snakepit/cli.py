@@ -210,6 +210,78 @@ def _autoscale_policy(args: argparse.Namespace) -> Any:
         raise SystemExit(f"snakepit serve: {exc}") from None
 
 
+def _server_tls_options(parser: argparse.ArgumentParser) -> None:
+    _add(parser, "--tls-cert", "", help="serve TLS with this PEM certificate (chain)")
+    _add(parser, "--tls-key", "", help="the PEM private key of --tls-cert")
+    _add(
+        parser,
+        "--tls-client-ca",
+        "",
+        help="require client certificates signed by this PEM CA (mutual TLS)",
+    )
+
+
+def _server_tls(args: argparse.Namespace) -> Any:
+    """The TlsFiles of --tls-cert/--tls-key/--tls-client-ca, or None (plaintext)."""
+    from .security.tls import TlsFiles
+
+    if not (args.tls_cert or args.tls_key or args.tls_client_ca):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise SystemExit("snakepit: --tls-cert and --tls-key go together")
+    files = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
+    try:
+        files.check()
+    except ValueError as exc:
+        raise SystemExit(f"snakepit: {exc}") from None
+    return files
+
+
+def _pool_tls_option(parser: argparse.ArgumentParser) -> None:
+    _add(
+        parser,
+        "--pool-tls-dir",
+        "",
+        help="directory with tls.crt, tls.key and ca.crt from the pool CA: mutual TLS between "
+        "the router and its workers",
+    )
+
+
+def _pool_tls(args: argparse.Namespace) -> Any:
+    from .security.tls import TlsFiles
+
+    if not args.pool_tls_dir:
+        return None
+    files = TlsFiles.from_dir(args.pool_tls_dir)
+    try:
+        files.check()
+    except ValueError as exc:
+        raise SystemExit(f"snakepit: {exc}") from None
+    return files
+
+
+def _client_tls_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ca",
+        default=_env("tls-ca", ""),
+        help="connect with TLS, trusting this PEM CA (default $SNAKEPIT_TLS_CA)",
+    )
+    parser.add_argument(
+        "--tls", action="store_true", help="connect with TLS, trusting the system's CAs"
+    )
+    _add(parser, "--cert", "", help="client certificate (PEM) for a pool that requires one")
+    _add(parser, "--key", "", help="the PEM private key of --cert")
+
+
+def _client_tls(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "ca": args.ca or None,
+        "tls": args.tls,
+        "cert": args.cert or None,
+        "key": args.key or None,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="snakepit",
@@ -239,6 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     _metrics_option(serve, None, "router's Prometheus metrics port (default: none served)")
     _max_call_seconds(serve)
     _autoscale_options(serve)
+    _server_tls_options(serve)
+    serve.add_argument(
+        "--tls-generate",
+        default="",
+        metavar="DIR",
+        help="make a throwaway CA in DIR (ca.pem, server.pem, client.pem and keys) and serve "
+        "TLS with it; clients then pass --ca DIR/ca.pem",
+    )
     serve.add_argument("--verbose", action="store_true", help="show the workers' JSON logs")
 
     worker = sub.add_parser("worker", help="run one worker process (what worker pods run)")
@@ -295,6 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add(worker, "--backlog-timeout", 30.0, float, help="seconds a call may wait in the backlog")
     _metrics_option(worker, None, "Prometheus metrics port (default: none served)")
     _max_call_seconds(worker)
+    _pool_tls_option(worker)
+    worker.add_argument(
+        "--tls-client-ca",
+        action="append",
+        default=[],
+        help="with --pool-tls-dir: also accept client certificates from this CA (direct mode)",
+    )
 
     router = sub.add_parser("router", help="run the router (what router pods run)")
     _add(router, "--host", "0.0.0.0")
@@ -325,6 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _pool_options(router)
     _metrics_option(router, None, "Prometheus metrics port (default: none served)")
+    _server_tls_options(router)
+    _pool_tls_option(router)
+    _add(
+        router,
+        "--internal-port",
+        50053,
+        int,
+        help="with --pool-tls-dir: the mutual-TLS port for workers and peer routers",
+    )
 
     operator = sub.add_parser("operator", help="run the Kubernetes operator")
     operator.add_argument(
@@ -348,10 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument(
         "--stream", action="store_true", help="print each streamed item on its own line"
     )
+    _client_tls_options(call)
 
     status = sub.add_parser("status", help="show the pool's workers, queue and totals")
     _add(status, "--target", DEFAULT_TARGET)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    _client_tls_options(status)
     status.add_argument(
         "--watch",
         nargs="?",
@@ -396,7 +494,7 @@ def _cmd_call(args: argparse.Namespace) -> int:
     from .errors import SnakepitError
 
     arguments = parse_arguments(args.arguments)
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client(args.target, timeout=args.timeout, **_client_tls(args)) as client:
         try:
             if args.session:
                 session = client.session(args.session, keep=True)
@@ -424,7 +522,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from .client import Client
     from .errors import SnakepitError
 
-    with Client(args.target, timeout=10) as client:
+    with Client(args.target, timeout=10, **_client_tls(args)) as client:
         while True:
             try:
                 status = client.status()
@@ -507,8 +605,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         data_path=args.data_path,
         autoscale=_autoscale_policy(args),
         scale_period=args.scale_interval,
+        tls=_serve_tls(args),
     )
     return asyncio.run(run(config))
+
+
+def _serve_tls(args: argparse.Namespace) -> Any:
+    """serve's TLS: --tls-generate DIR makes the files (and serves with them), else the flags."""
+    if not args.tls_generate:
+        return _server_tls(args)
+    from .security.localca import generate_dir
+    from .security.tls import TlsFiles
+
+    if args.tls_cert or args.tls_key:
+        raise SystemExit(
+            "snakepit: --tls-generate makes its own certificate; drop --tls-cert/--tls-key"
+        )
+    files = generate_dir(args.tls_generate)
+    print(
+        f"snakepit: throwaway CA in {args.tls_generate}: clients pass --ca {files.ca}"
+        + (f" --cert {files.client_cert} --key {files.client_key}" if args.tls_client_ca else ""),
+        file=sys.stderr,
+    )
+    return TlsFiles(str(files.server_cert), str(files.server_key), args.tls_client_ca)
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -535,6 +654,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         session_ttl=args.session_ttl,
         metrics_port=args.metrics_port,
         max_call_seconds=args.max_call_seconds,
+        pool_tls=_pool_tls(args),
+        tls_client_cas=tuple(args.tls_client_ca),
     )
     return asyncio.run(serve(config))
 
@@ -559,6 +680,9 @@ def _cmd_router(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         data_path=args.data_path,
         limits=_store_limits(args),
+        tls=_server_tls(args),
+        pool_tls=_pool_tls(args),
+        internal_port=args.internal_port,
     )
     return asyncio.run(serve(config, shutdown_delay=args.shutdown_delay))
 
