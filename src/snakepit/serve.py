@@ -29,7 +29,7 @@ from .grpc_options import DEFAULT_MAX_MESSAGE_MB
 from .router.dataplane import make_router
 from .router.discovery import StaticDiscovery
 from .router.pool import PoolConfig
-from .router.server import RouterConfig
+from .router.server import RouterConfig, RouterServer
 from .security.localca import LocalCA, write_file, write_issued
 from .security.tls import CA_FILE, CERT_FILE, KEY_FILE, POOL_NAME, TlsFiles
 from .store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL
@@ -99,7 +99,23 @@ class LocalPool:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.pool_ca = PoolCA() if config.tls is not None else None
-        self.router, self.data_path = make_router(
+        try:
+            self.router, self.data_path = self._make_router()
+        except BaseException:
+            if self.pool_ca is not None:
+                self.pool_ca.remove()
+            raise
+        self.slots: list[WorkerSlot] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._router_port = 0
+        self._next_id = 0
+        self._leaving: set[asyncio.Task[None]] = set()
+        self.autoscaler: ScaleLoop | None = None
+        self._autoscaling: asyncio.Task[None] | None = None
+
+    def _make_router(self) -> tuple[RouterServer, str]:
+        config = self.config
+        return make_router(
             RouterConfig(
                 host=config.host,
                 port=config.port,
@@ -117,13 +133,6 @@ class LocalPool:
             ),
             discovery=StaticDiscovery([]),
         )
-        self.slots: list[WorkerSlot] = []
-        self._tasks: list[asyncio.Task[None]] = []
-        self._router_port = 0
-        self._next_id = 0
-        self._leaving: set[asyncio.Task[None]] = set()
-        self.autoscaler: ScaleLoop | None = None
-        self._autoscaling: asyncio.Task[None] | None = None
 
     def _worker_argv(self, slot_id: str, router_port: int) -> list[str]:
         config = self.config
