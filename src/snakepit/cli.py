@@ -605,15 +605,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         data_path=args.data_path,
         autoscale=_autoscale_policy(args),
         scale_period=args.scale_interval,
-        tls=_serve_tls(args),
     )
+    config.tls, config.pool_ca = _serve_tls(args)
     return asyncio.run(run(config))
 
 
-def _serve_tls(args: argparse.Namespace) -> Any:
-    """serve's TLS: --tls-generate DIR makes the files (and serves with them), else the flags."""
+def _serve_tls(args: argparse.Namespace) -> tuple[Any, Any]:
+    """serve's TLS files and pool CA: --tls-generate DIR makes a CA, its files, and the pool's
+    certificates with it; else the flags (and a throwaway pool CA)."""
     if not args.tls_generate:
-        return _server_tls(args)
+        return _server_tls(args), None
     from .security.localca import generate_dir
     from .security.tls import TlsFiles
 
@@ -627,7 +628,8 @@ def _serve_tls(args: argparse.Namespace) -> Any:
         + (f" --cert {files.client_cert} --key {files.client_key}" if args.tls_client_ca else ""),
         file=sys.stderr,
     )
-    return TlsFiles(str(files.server_cert), str(files.server_key), args.tls_client_ca)
+    tls = TlsFiles(str(files.server_cert), str(files.server_key), args.tls_client_ca)
+    return tls, files.authority
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:

@@ -45,9 +45,9 @@ class PoolCA:
     the one certificate the router and the workers prove pool membership with (they share a
     machine, so one key serves them all); the directory goes when the pool stops."""
 
-    def __init__(self) -> None:
+    def __init__(self, ca: LocalCA | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="snakepit-pool-tls-"))  # mode 0700
-        self.ca = LocalCA.generate("snakepit serve pool CA")
+        self.ca = ca or LocalCA.generate("snakepit serve pool CA")
         write_file(self.dir / CA_FILE, self.ca.cert_pem)
         self.renew()
         self.files = TlsFiles.from_dir(self.dir)
@@ -87,8 +87,11 @@ class ServeConfig:
     autoscale: Policy | None = None
     scale_period: float = 0.5
     # TLS on the pool port (``cert``/``key``; ``ca``: require client certificates it signed).
-    # The pool's own hops then use mutual TLS with a throwaway pool CA (``PoolCA``).
+    # The pool's own hops then use mutual TLS with certificates from ``pool_ca`` (default a
+    # throwaway CA): a client that trusts it can call workers directly (``--tls-generate``
+    # passes the CA it generated, so its ca.pem is all a direct-mode client needs).
     tls: TlsFiles | None = None
+    pool_ca: LocalCA | None = None
 
     @property
     def initial_workers(self) -> int:
@@ -98,7 +101,7 @@ class ServeConfig:
 class LocalPool:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.pool_ca = PoolCA() if config.tls is not None else None
+        self.pool_ca = PoolCA(config.pool_ca) if config.tls is not None else None
         try:
             self.router, self.data_path = self._make_router()
         except BaseException:

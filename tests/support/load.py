@@ -118,10 +118,13 @@ class MixedLoad:
         timeout: float = 60.0,
         tensor_mb: float = 2.0,
         seed: int = 0,
+        client_options: dict[str, Any] | None = None,
     ) -> None:
         self.target = target
         self.direct = direct
         self.timeout = timeout
+        # More keywords for the clients (e.g. ``ca=`` for a TLS pool).
+        self.client_options = client_options or {}
         self.mix = mix or MIX
         self._tensor = np.ones(int(tensor_mb * 2**20 / 8))
         self._random = random.Random(seed)
@@ -160,7 +163,9 @@ class MixedLoad:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        async with AsyncClient(self.target, timeout=self.timeout, direct=self.direct) as client:
+        async with AsyncClient(
+            self.target, timeout=self.timeout, direct=self.direct, **self.client_options
+        ) as client:
             sessions = [await client.session(s.id, keep=True) for s in self._sessions]
             self._started.set()
             await asyncio.gather(
@@ -250,7 +255,7 @@ class MixedLoad:
         """Stop the load, then compare each session's counter and variable with the store."""
         self.stop()
         assert self._error is None, f"the load died: {self._error!r}"
-        with Client(self.target, timeout=self.timeout) as client:
+        with Client(self.target, timeout=self.timeout, **self.client_options) as client:
             for state in self._sessions:
                 session = client.session(state.id, keep=True)
                 counter = session.get("counter", 0)

@@ -173,8 +173,10 @@ def write_issued(
 
 @dataclass(frozen=True)
 class GeneratedFiles:
-    """What ``generate_dir`` wrote: a CA, a server pair and a client pair."""
+    """What ``generate_dir`` wrote: a CA, a server pair and a client pair; and the CA itself
+    (``authority``, its key only in memory) to sign more with."""
 
+    authority: LocalCA
     ca: Path
     server_cert: Path
     server_key: Path
@@ -187,11 +189,13 @@ def generate_dir(
 ) -> GeneratedFiles:
     """A throwaway CA in ``directory`` (``ca.pem``) with a server certificate for
     ``server_names`` and a client certificate, for ``serve --tls-generate`` and clients that
-    want to try TLS and mTLS locally. The CA's key is not kept: nothing more can be issued."""
+    want to try TLS and mTLS locally. The CA's key is not written: once the caller lets go of
+    ``authority``, nothing more can be issued."""
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     ca = LocalCA.generate()
     files = GeneratedFiles(
+        authority=ca,
         ca=root / "ca.pem",
         server_cert=root / "server.pem",
         server_key=root / "server-key.pem",

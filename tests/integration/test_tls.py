@@ -1,0 +1,302 @@
+"""TLS on every hop, on real processes: ``snakepit serve`` with TLS and mutual TLS, a router and
+workers with the pool CA, rogue workers, mismatched clients, and certificates replaced under load.
+
+Every listener is probed as an attacker would: in plaintext, and over TLS without the right
+client certificate. A hop that works while its listener refuses both is a TLS hop.
+"""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from snakepit import AsyncClient, Client
+from snakepit.errors import SnakepitError, Unavailable
+from snakepit.security.localca import LocalCA, write_file, write_issued
+from snakepit.security.tls import CA_FILE, CERT_FILE, KEY_FILE, POOL_NAME
+from tests.fixtures.processes import Proc, ProcessFactory, free_port, wait_for
+from tests.fixtures.processes import test_env as env_with
+from tests.support.load import MixedLoad
+
+LOCAL_NAMES = ["localhost", "127.0.0.1"]
+
+
+@dataclass
+class Pki:
+    """A public CA (server and client certificates), a pool CA (its directory in the shape of
+    a Kubernetes TLS Secret) and a rogue CA nobody trusts."""
+
+    root: Path
+    public: LocalCA
+    pool: LocalCA
+    rogue: LocalCA
+
+    @property
+    def ca(self) -> str:
+        return str(self.root / "ca.pem")
+
+    def path(self, name: str) -> str:
+        return str(self.root / name)
+
+    def issue_public(self, name: str, *, client: bool = False) -> None:
+        issued = self.public.issue(f"snakepit {name}", [] if client else LOCAL_NAMES)
+        write_issued(issued, self.root / f"{name}.pem", self.root / f"{name}-key.pem")
+
+    def pool_dir(
+        self, name: str, ca: LocalCA | None = None, *, trusted: LocalCA | None = None
+    ) -> Path:
+        """A pool member's files: a certificate from ``ca`` (default the pool CA) naming the
+        pool, and the CA it trusts (default the pool CA)."""
+        directory = self.root / name
+        directory.mkdir(exist_ok=True)
+        write_file(directory / CA_FILE, (trusted or self.pool).cert_pem)
+        self.renew(directory, ca)
+        return directory
+
+    def renew(self, directory: Path, ca: LocalCA | None = None) -> x509.Certificate:
+        issued = (ca or self.pool).issue(POOL_NAME, [POOL_NAME, *LOCAL_NAMES])
+        write_issued(issued, directory / CERT_FILE, directory / KEY_FILE)
+        return x509.load_pem_x509_certificate(issued.cert_pem)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    root = tmp_path / "pki"
+    root.mkdir()
+    pki = Pki(
+        root,
+        LocalCA.generate("public CA"),
+        LocalCA.generate("pool CA"),
+        LocalCA.generate("rogue CA"),
+    )
+    write_file(root / "ca.pem", pki.public.cert_pem)
+    pki.issue_public("server")
+    pki.issue_public("client", client=True)
+    return pki
+
+
+def served_serial(address: str, client_dir: Path | None = None) -> int:
+    """The serial number of the certificate a TLS server presents now (a new connection)."""
+    host, port = address.rsplit(":", 1)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if client_dir is not None:
+        context.load_cert_chain(client_dir / CERT_FILE, client_dir / KEY_FILE)
+    import socket
+
+    with (
+        socket.create_connection((host, int(port)), timeout=5) as sock,
+        context.wrap_socket(sock) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def refused(target: str, **tls: str) -> SnakepitError:
+    """The error a ping to ``target`` gets with these client keywords (it must fail)."""
+    with Client(target, timeout=20, **tls) as client, pytest.raises(SnakepitError) as info:
+        client.ping()
+    return info.value
+
+
+def start_tls_pool(
+    procs: ProcessFactory,
+    pki: Pki,
+    workers: int = 2,
+    *router_args: str,
+    log_level: str = "warning",
+    impostors: tuple[Proc, ...] = (),
+) -> tuple[Proc, list[Proc], Path]:
+    """Workers and a router, the pool's hops mutual TLS with the pool CA (one directory each,
+    as pods mount a Secret), the router's port TLS with the public server certificate; the
+    router is also told that ``impostors`` are workers."""
+    internal = free_port()
+    started = []
+    for i in range(workers):
+        directory = pki.pool_dir(f"worker-{i}")
+        started.append(
+            procs.worker(
+                "--store",
+                "router",
+                "--router",
+                f"127.0.0.1:{internal}",
+                "--pool-tls-dir",
+                str(directory),
+                "--tls-client-ca",
+                pki.ca,
+                worker_id=f"worker-{i}",
+                wait=False,
+            )
+        )
+    router_dir = pki.pool_dir("router")
+    port = free_port()
+    entries = ",".join(f"{w.extra['worker_id']}={w.address}" for w in [*started, *impostors])
+    router = procs.start(
+        "router",
+        ["router", "--host", "127.0.0.1", "--port", str(port), "--workers", entries,
+         "--tls-cert", pki.path("server.pem"), "--tls-key", pki.path("server-key.pem"),
+         "--pool-tls-dir", str(router_dir), "--internal-port", str(internal), *router_args],
+        f"127.0.0.1:{port}",
+        wait=False,
+        env={"SNAKEPIT_LOG_LEVEL": log_level},
+    )  # fmt: skip
+    with Client(router.address, ca=pki.ca, timeout=5) as client:
+
+        def ready() -> bool:
+            return len(_ready(client)) == workers
+
+        wait_for(ready, timeout=30)
+    return router, started, router_dir
+
+
+def test_serve_with_mutual_tls_runs_every_hop_over_tls(
+    procs: ProcessFactory, tmp_path: Path
+) -> None:
+    generated = tmp_path / "tls"
+    pool = procs.serve(
+        "--tls-generate", str(generated), "--tls-client-ca", str(generated / "ca.pem")
+    )
+    mtls = {
+        "ca": str(generated / "ca.pem"),
+        "cert": str(generated / "client.pem"),
+        "key": str(generated / "client-key.pem"),
+    }
+    with Client(pool.address, timeout=20, **mtls) as client:
+        assert client.execute("add", a=1, b=2) == 3
+        with client.session() as session:
+            # worker -> router: the store (the counter lives in the session) and ctx.call_tool
+            assert session.execute("counter_increment") == 1
+            assert session.execute("counter_increment") == 2
+            assert session.execute("nested_add", a=2, b=3) == 5
+        status = client.status()
+        workers = [w["address"] for w in status["workers"]]
+        routed = status["calls_total"]
+    # direct mode: client -> worker, mutual TLS with the client CA the workers also trust
+    with Client(pool.address, timeout=20, direct=True, **mtls) as direct:
+        assert [direct.execute("add", a=i, b=1) for i in range(5)] == [1, 2, 3, 4, 5]
+    with Client(pool.address, timeout=20, **mtls) as client:
+        assert client.status()["calls_total"] == routed  # none of them went through the router
+
+    # Every listener refuses plaintext, and TLS without a client certificate it trusts.
+    for address in [pool.address, *workers]:
+        assert "speaks TLS" in str(refused(address))
+        assert "client certificate" in str(refused(address, ca=str(generated / "ca.pem")))
+
+
+def test_serve_generates_a_ca_and_the_cli_uses_it(procs: ProcessFactory, tmp_path: Path) -> None:
+    generated = tmp_path / "tls"
+    pool = procs.serve("--tls-generate", str(generated))
+    assert {p.name for p in generated.iterdir()} >= {"ca.pem", "server.pem", "client.pem"}
+    assert (generated / "server-key.pem").stat().st_mode & 0o077 == 0
+    cli = [sys.executable, "-m", "snakepit", "call", "add", "a=1", "b=2", "--target", pool.address]
+    by_flag = subprocess.run(
+        [*cli, "--ca", str(generated / "ca.pem")],
+        env=env_with(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert by_flag.returncode == 0, by_flag.stderr
+    assert by_flag.stdout.strip() == "3.0"
+    by_env = subprocess.run(
+        cli,
+        env=env_with(SNAKEPIT_TLS_CA=str(generated / "ca.pem")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert by_env.stdout.strip() == "3.0", by_env.stderr
+    plain = subprocess.run(cli, env=env_with(), capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 1
+    assert "speaks TLS, but this client connects in plaintext" in plain.stderr
+
+
+async def test_plaintext_and_tls_mismatch_is_one_clear_error(
+    procs: ProcessFactory, pki: Pki
+) -> None:
+    tls_pool = procs.serve(
+        "--tls-cert", pki.path("server.pem"), "--tls-key", pki.path("server-key.pem")
+    )
+    plain_pool = procs.serve()
+    # Deadlines far longer than the answer: a hang would show as DEADLINE_EXCEEDED.
+    error = refused(tls_pool.address)
+    assert isinstance(error, Unavailable)
+    assert f"{tls_pool.address} speaks TLS, but this client connects in plaintext" in str(error)
+    error = refused(plain_pool.address, ca=pki.ca)
+    assert isinstance(error, Unavailable)
+    assert "answered in plaintext, but this client uses TLS" in str(error)
+    error = refused(tls_pool.address, ca=str(pki.pool_dir("other", pki.rogue) / CA_FILE))
+    assert "not signed by a CA this client trusts" in str(error)
+    async with AsyncClient(tls_pool.address, timeout=20) as client:
+        with pytest.raises(Unavailable, match="speaks TLS"):
+            await client.ping()
+    async with AsyncClient(tls_pool.address, timeout=20, ca=pki.ca) as client:
+        assert await client.execute("add", a=1, b=1) == 2
+
+
+def test_a_rogue_worker_without_a_pool_certificate_gets_no_call(
+    procs: ProcessFactory, pki: Pki
+) -> None:
+    # Two impostors at addresses the router was told are workers: one with a certificate that
+    # names the pool but comes from another CA, one in plaintext.
+    rogue_dir = pki.pool_dir("rogue", pki.rogue, trusted=pki.rogue)
+    rogue = procs.worker("--pool-tls-dir", str(rogue_dir), worker_id="rogue", wait=False)
+    plain = procs.worker(worker_id="plain")
+    router, workers, _ = start_tls_pool(procs, pki, 1, impostors=(rogue, plain))
+    with Client(router.address, ca=pki.ca, timeout=10) as client:
+        assert _ready(client) == {"worker-0"}
+        served = {client.execute("whoami")["worker_id"] for _ in range(40)}
+        with client.session() as session:
+            served |= {session.execute("whoami")["worker_id"] for _ in range(5)}
+        states = {w["worker_id"]: w["state"] for w in client.status()["workers"]}
+    assert served == {"worker-0"}
+    assert states["rogue"] == states["plain"] == "unreachable"
+    # ... and a caller with the rogue certificate gets nothing from a real worker.
+    error = refused(
+        workers[0].address,
+        ca=str(rogue_dir / CA_FILE),
+        cert=str(rogue_dir / CERT_FILE),
+        key=str(rogue_dir / KEY_FILE),
+    )
+    assert isinstance(error, Unavailable)
+
+
+def _ready(client: Client) -> set[str]:
+    try:
+        return {w["worker_id"] for w in client.status()["workers"] if w["state"] == "ready"}
+    except SnakepitError:
+        return set()
+
+
+def test_certificates_replaced_under_load_fail_no_call(procs: ProcessFactory, pki: Pki) -> None:
+    # Clients reconnect every second, so the router's renewed certificate is used all along.
+    router, workers, router_dir = start_tls_pool(
+        procs, pki, 2, "--max-connection-age", "1", log_level="info"
+    )
+    worker_dirs = [pki.root / f"worker-{i}" for i in range(2)]
+    before = served_serial(router.address)
+    with MixedLoad(
+        router.address, sessions=16, client_options={"ca": pki.ca}, tensor_mb=0.5
+    ) as load:
+        time.sleep(1.0)
+        with load.window("certificates replaced") as window:
+            for _ in range(3):
+                pki.issue_public("server")
+                for directory in [router_dir, *worker_dirs]:
+                    renewed = pki.renew(directory)
+                time.sleep(1.5)
+    window.check(min_calls=50)
+    load.check_no_acknowledged_write_lost()
+    print(window.summary())
+    assert served_serial(router.address) != before
+    assert served_serial(workers[1].address, router_dir) == renewed.serial_number
+    assert "redialling workers" in router.logs()
