@@ -135,6 +135,7 @@ def start_tls_pool(
                 pki.ca,
                 worker_id=f"worker-{i}",
                 wait=False,
+                env={"SNAKEPIT_LOG_LEVEL": log_level},
             )
         )
     router_dir = pki.pool_dir("router")
@@ -299,4 +300,5 @@ def test_certificates_replaced_under_load_fail_no_call(procs: ProcessFactory, pk
     print(window.summary())
     assert served_serial(router.address) != before
     assert served_serial(workers[1].address, router_dir) == renewed.serial_number
-    assert "redialling workers" in router.logs()
+    assert "redialling workers" in router.logs()  # router -> workers
+    assert all("TLS files renewed; redialled" in w.logs() for w in workers)  # workers -> router

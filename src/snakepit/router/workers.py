@@ -52,7 +52,7 @@ class WorkerHandle:
         self._options = channel_options(
             max_message_mb, keepalive_ms=KEEPALIVE_MS, max_reconnect_ms=MAX_RECONNECT_MS
         )
-        self._new_channel = channel_factory(tls, aio=True)
+        self._new_channel = channel_factory(tls, aio=True, renew=False)
         self._connect()
         self._watch_task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()

@@ -18,6 +18,7 @@ pool's labels, or a process that registered itself at a pool address, proves not
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -199,16 +200,104 @@ class ChannelTls:
 
 
 ChannelFactory = Callable[..., Any]
+# How often a renewing channel looks at its files at most, and how long a replaced channel may
+# keep its calls (a watch stream, a long tool call) before it closes anyway.
+RENEW_CHECK = 1.0
+RENEW_GRACE = 3600.0
 
 
-def channel_factory(tls: ChannelTls | None, *, aio: bool) -> ChannelFactory:
-    """``factory(target, options=...)``: a plaintext or TLS channel, blocking or asyncio."""
-    module: Any = grpc.aio if aio else grpc
+class RenewingChannel:
+    """A ``grpc.aio`` TLS channel that dials again when its TLS files change.
+
+    Each call looks (at most once per ``RENEW_CHECK``) whether the files changed; then new calls
+    go on a new channel and the old one closes once its calls have finished. Multicallables
+    made from this object stay valid across renewals, so the long-lived clients of a process (a
+    worker's store and ``ctx.call_tool`` client, a tool host's stream) need no restart.
+    """
+
+    def __init__(self, target: str, tls: ChannelTls, options: Sequence[tuple[str, Any]]) -> None:
+        self._target = target
+        self._tls = tls
+        self._options = [*options, *tls.options()]
+        self._channel = self._dial()
+        self.generation = 0
+        self._checked = time.monotonic()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def _dial(self) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(self._target, self._tls.credentials(), self._options)
+
+    def current(self) -> grpc.aio.Channel:
+        now = time.monotonic()
+        if now - self._checked >= RENEW_CHECK:
+            self._checked = now
+            if self._tls.changed():
+                old, self._channel = self._channel, self._dial()
+                self.generation += 1
+                log.info("TLS files renewed; redialled", extra={"target": self._target})
+                task = asyncio.get_running_loop().create_task(old.close(grace=RENEW_GRACE))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+        return self._channel
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> _Renewing:
+        return _Renewing(self, "unary_unary", method, args, kwargs)
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> _Renewing:
+        return _Renewing(self, "unary_stream", method, args, kwargs)
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> _Renewing:
+        return _Renewing(self, "stream_unary", method, args, kwargs)
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> _Renewing:
+        return _Renewing(self, "stream_stream", method, args, kwargs)
+
+    async def close(self, grace: float | None = None) -> None:
+        await self._channel.close(grace)
+        for task in list(self._closing):
+            task.cancel()
+
+    async def channel_ready(self) -> None:
+        await self.current().channel_ready()
+
+
+class _Renewing:
+    """A multicallable on the renewing channel's current channel (remade after a renewal)."""
+
+    def __init__(
+        self, owner: RenewingChannel, kind: str, method: str, args: Any, kwargs: Any
+    ) -> None:
+        self._owner = owner
+        self._kind = kind
+        self._method = method
+        self._args = args
+        self._kwargs = kwargs
+        self._generation = owner.generation
+        self._callable = self._make(owner.current())
+
+    def _make(self, channel: grpc.aio.Channel) -> Any:
+        return getattr(channel, self._kind)(self._method, *self._args, **self._kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        channel = self._owner.current()
+        if self._generation != self._owner.generation:
+            self._generation = self._owner.generation
+            self._callable = self._make(channel)
+        return self._callable(*args, **kwargs)
+
+
+def channel_factory(tls: ChannelTls | None, *, aio: bool, renew: bool = True) -> ChannelFactory:
+    """``factory(target, options=...)``: a plaintext or TLS channel, blocking or asyncio; an
+    asyncio TLS channel renews itself (``RenewingChannel``) unless ``renew`` is False (its
+    owner redials itself, as the router does for its workers)."""
     if tls is None:
-        insecure: ChannelFactory = module.insecure_channel
+        insecure: ChannelFactory = grpc.aio.insecure_channel if aio else grpc.insecure_channel
         return insecure
 
     def secure(target: str, *, options: Sequence[tuple[str, Any]] = ()) -> Any:
+        if aio and renew:
+            return RenewingChannel(target, tls, options)
+        module: Any = grpc.aio if aio else grpc
         return module.secure_channel(target, tls.credentials(), options=[*options, *tls.options()])
 
     return secure
