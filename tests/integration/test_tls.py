@@ -15,14 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 from cryptography import x509
 
 from snakepit import AsyncClient, Client
-from snakepit.errors import SnakepitError, Unavailable
+from snakepit.errors import FailedPrecondition, SnakepitError, Unavailable
 from snakepit.security.localca import LocalCA, write_file, write_issued
-from snakepit.security.tls import CA_FILE, CERT_FILE, KEY_FILE, POOL_NAME
+from snakepit.security.tls import CA_FILE, CERT_FILE, KEY_FILE, POOL_NAME, TlsFiles
 from tests.fixtures.processes import Proc, ProcessFactory, free_port, wait_for
 from tests.fixtures.processes import test_env as env_with
+from tests.fixtures.redis import RedisFactory
 from tests.support.load import MixedLoad
 
 LOCAL_NAMES = ["localhost", "127.0.0.1"]
@@ -139,24 +141,34 @@ def start_tls_pool(
             )
         )
     router_dir = pki.pool_dir("router")
+    entries = [*started, *impostors]
+    router = tls_router(procs, pki, entries, *router_args, internal=internal, log_level=log_level)
+    with Client(router.address, ca=pki.ca, timeout=5) as client:
+        wait_for(lambda: len(_ready(client)) == workers, timeout=30)
+    return router, started, router_dir
+
+
+def tls_router(
+    procs: ProcessFactory,
+    pki: Pki,
+    workers: list[Proc],
+    *args: str,
+    internal: int = 0,
+    log_level: str = "warning",
+) -> Proc:
+    """A router with TLS on its port and the pool's mutual TLS (its files in ``router``)."""
     port = free_port()
-    entries = ",".join(f"{w.extra['worker_id']}={w.address}" for w in [*started, *impostors])
-    router = procs.start(
+    entries = ",".join(f"{w.extra['worker_id']}={w.address}" for w in workers)
+    return procs.start(
         "router",
         ["router", "--host", "127.0.0.1", "--port", str(port), "--workers", entries,
          "--tls-cert", pki.path("server.pem"), "--tls-key", pki.path("server-key.pem"),
-         "--pool-tls-dir", str(router_dir), "--internal-port", str(internal), *router_args],
+         "--pool-tls-dir", str(pki.root / "router"), "--internal-port", str(internal or free_port()),
+         *args],
         f"127.0.0.1:{port}",
         wait=False,
         env={"SNAKEPIT_LOG_LEVEL": log_level},
     )  # fmt: skip
-    with Client(router.address, ca=pki.ca, timeout=5) as client:
-
-        def ready() -> bool:
-            return len(_ready(client)) == workers
-
-        wait_for(ready, timeout=30)
-    return router, started, router_dir
 
 
 def test_serve_with_mutual_tls_runs_every_hop_over_tls(
@@ -302,3 +314,52 @@ def test_certificates_replaced_under_load_fail_no_call(procs: ProcessFactory, pk
     assert served_serial(workers[1].address, router_dir) == renewed.serial_number
     assert "redialling workers" in router.logs()  # router -> workers
     assert all("TLS files renewed; redialled" in w.logs() for w in workers)  # workers -> router
+
+
+def lookup_price(item: str) -> float:
+    return {"apple": 0.5, "pear": 0.75}[item]
+
+
+def test_the_store_over_tls_and_hosted_calls_between_routers_over_mutual_tls(
+    procs: ProcessFactory, pki: Pki, redis_server_factory: RedisFactory
+) -> None:
+    """Two routers share a Redis that speaks only TLS; the workers call router B, the
+    application's tool is hosted on router A, so B forwards over the pool's mutual TLS."""
+    server = redis_server_factory(tls=TlsFiles.from_dir(pki.pool_dir("redis")), appendonly=False)
+    plain = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=5)
+    with pytest.raises(redis.ConnectionError):
+        plain.ping()  # plaintext gets nothing from the store
+    plain.close()
+
+    router_b, workers, _ = start_tls_pool(procs, pki, 2, "--store", server.url)
+    router_a = tls_router(procs, pki, workers, "--store", server.url)
+    with Client(router_a.address, ca=pki.ca, timeout=20) as client:
+        wait_for(lambda: len(_ready(client)) == 2, timeout=30)
+        client.register_tool("lookup_price", lookup_price)
+        with client.session() as session:
+            session.set("v", 41)
+            assert session.execute("counter_increment") == 1  # worker -> router B -> Redis
+            assert session.execute("relay", tool="lookup_price", arguments={"item": "pear"}) == 0.75
+            with Client(router_b.address, ca=pki.ca, timeout=20) as other:
+                via_b = other.session(session.id, keep=True)
+                assert via_b.get("v") == 41
+                assert (
+                    via_b.execute("relay", tool="lookup_price", arguments={"item": "apple"}) == 0.5
+                )
+            with redis.Redis.from_url(server.url) as tls:
+                assert any(session.id.encode() in key for key in tls.keys("*"))
+
+
+def test_a_store_with_an_untrusted_certificate_is_refused(
+    procs: ProcessFactory, pki: Pki, redis_server_factory: RedisFactory
+) -> None:
+    server = redis_server_factory(
+        tls=TlsFiles.from_dir(pki.pool_dir("redis", pki.rogue, trusted=pki.rogue)), appendonly=False
+    )
+    wrong_ca = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={pki.ca}"
+    pool = procs.serve("--store", wrong_ca)
+    # Failed at once (a retry cannot change a certificate), and saying why.
+    with Client(pool.address, timeout=60) as client, pytest.raises(FailedPrecondition) as info:
+        client.session()
+    assert "refused the TLS connection" in str(info.value)
+    assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)

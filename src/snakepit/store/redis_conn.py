@@ -31,6 +31,12 @@ SCHEMES = ("redis", "rediss", "unix")
 # Query parameters of a store URL that are ours, not redis-py's.
 _OWN_PARAMS = ("prefix",)
 _AUTH_ERRORS = (rex.AuthenticationError, rex.AuthorizationError, rex.NoPermissionError)
+# A TLS handshake that failed on trust or protocol fails the same way every time: no retry.
+_TLS_REFUSALS = ("CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER")
+
+
+def _tls_refused(exc: BaseException) -> bool:
+    return isinstance(exc, rex.ConnectionError) and any(s in str(exc) for s in _TLS_REFUSALS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,15 +113,18 @@ class Retrier:
             return await op()
         except _AUTH_ERRORS as exc:
             raise self.translate(exc) from exc
-        except (rex.ConnectionError, rex.TimeoutError):
-            pass
+        except (rex.ConnectionError, rex.TimeoutError) as exc:
+            if _tls_refused(exc):
+                raise self.translate(exc) from exc
         except rex.RedisError as exc:
             raise self.translate(exc) from exc
         started = time.monotonic()
         deadline = started + self.timeout
 
         def retryable(exc: Exception) -> bool:
-            return not isinstance(exc, _AUTH_ERRORS) and time.monotonic() < deadline
+            if isinstance(exc, _AUTH_ERRORS) or _tls_refused(exc):
+                return False
+            return time.monotonic() < deadline
 
         try:
             return await self._retry.call_with_retry(op, _ignore, is_retryable=retryable)
@@ -128,6 +137,11 @@ class Retrier:
             return FailedPrecondition(
                 f"session store {self.where} refused authentication ({exc}); check the password "
                 f"in the store URL or ${PASSWORD_ENV}"
+            )
+        if _tls_refused(exc):
+            return FailedPrecondition(
+                f"session store {self.where} refused the TLS connection ({exc}); check the CA "
+                "it is verified with (ssl_ca_certs= in the store URL) and its certificate"
             )
         if isinstance(exc, rex.MaxConnectionsError):
             return ResourceExhausted(
