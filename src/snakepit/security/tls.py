@@ -7,9 +7,9 @@ go on untouched. Channel credentials are fixed once a channel exists, so the pro
 long-lived channels (the router to its workers, a worker to its router) ask ``ChannelTls.changed``
 now and then and build a new channel beside the old one, which closes once its calls finish.
 
-Files are reread only when their size, mtime or inode changes, and a certificate is taken only
-with the key that matches it: a renewal caught between writing the key and the certificate keeps
-the previous pair until both are there.
+Files are compared with what was loaded (at most every ``_STAT_INTERVAL`` on a server), and a
+certificate is taken only with the key that matches it: a renewal caught between writing the
+key and the certificate keeps the previous pair until both are there.
 
 Pool members (the router and the workers) carry a certificate from the pool CA naming
 ``POOL_NAME``; each checks its peer against that name and CA, so a pod that merely carries the
@@ -40,18 +40,16 @@ POOL_NAME = "pool.snakepit.internal"
 # The file names of a Kubernetes TLS Secret (and of what cert-manager writes), used for a
 # directory of pool TLS material: ``--pool-tls-dir``.
 CERT_FILE, KEY_FILE, CA_FILE = "tls.crt", "tls.key", "ca.crt"
-# How often a server looks at its files at most (a handshake in between reuses the answer).
+# How often a server compares its files at most (a handshake in between reuses the answer).
 _STAT_INTERVAL = 0.5
 
-Stamp = tuple[tuple[int, int, int], ...]
+Stamp = tuple[bytes, ...]
 
 
 def _stamp(paths: Sequence[str]) -> Stamp:
-    stamps = []
-    for path in paths:
-        st = Path(path).stat()
-        stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(stamps)
+    """The files' contents: a few KB read at most once a second or so, and exact, where
+    size, mtime and inode can all repeat when a file is rewritten within one clock tick."""
+    return tuple(Path(path).read_bytes() for path in paths)
 
 
 def _read(path: str) -> bytes:
