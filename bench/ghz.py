@@ -79,8 +79,12 @@ class Ghz:
         concurrency: int = 32,
         connections: int = 4,
         rps: int = 0,
+        tls: list[str] | None = None,
     ) -> Result:
-        args = [self.binary, "--insecure", "--protoset", str(self.protoset), "--call", METHOD,
+        """``tls``: ghz's TLS flags (``--cacert``, ``--cert``/``--key``, ``--cname``); None:
+        plaintext."""
+        security = ["--insecure"] if tls is None else tls
+        args = [self.binary, *security, "--protoset", str(self.protoset), "--call", METHOD,
                 "--binary-file", str(self.request_file), "--concurrency", str(concurrency),
                 "--connections", str(connections), "--duration", f"{seconds}s",
                 "--format", "json", "--skipFirst", str(concurrency)]  # fmt: skip
