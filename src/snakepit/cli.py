@@ -260,6 +260,17 @@ def _pool_tls(args: argparse.Namespace) -> Any:
     return files
 
 
+def _health_port_option(parser: argparse.ArgumentParser) -> None:
+    _add(
+        parser,
+        "--health-port",
+        0,
+        int,
+        help="also serve grpc.health.v1 alone, in plaintext, on this port (for probes that "
+        "cannot speak TLS; 0: none)",
+    )
+
+
 def _client_tls_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ca",
@@ -376,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     _metrics_option(worker, None, "Prometheus metrics port (default: none served)")
     _max_call_seconds(worker)
     _pool_tls_option(worker)
+    _health_port_option(worker)
     worker.add_argument(
         "--tls-client-ca",
         action="append",
@@ -414,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     _metrics_option(router, None, "Prometheus metrics port (default: none served)")
     _server_tls_options(router)
     _pool_tls_option(router)
+    _health_port_option(router)
     _add(
         router,
         "--internal-port",
@@ -658,6 +671,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         max_call_seconds=args.max_call_seconds,
         pool_tls=_pool_tls(args),
         tls_client_cas=tuple(args.tls_client_ca),
+        health_port=args.health_port or None,
     )
     return asyncio.run(serve(config))
 
@@ -685,6 +699,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
         tls=_server_tls(args),
         pool_tls=_pool_tls(args),
         internal_port=args.internal_port,
+        health_port=args.health_port or None,
     )
     return asyncio.run(serve(config, shutdown_delay=args.shutdown_delay))
 

@@ -133,3 +133,15 @@ def _listen(
     if not bound:
         raise RuntimeError(f"cannot listen on {address}")
     return int(bound)
+
+
+async def start_health_server(health: Any, host: str, port: int) -> grpc.aio.Server:
+    """A plaintext server of ``grpc.health.v1`` alone (the process's own servicer), for
+    probes that cannot speak TLS (the kubelet's gRPC probes): it carries no data and no call."""
+    from grpc_health.v1 import health_pb2_grpc
+
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    _listen(server, f"{host}:{port}", None)
+    await server.start()
+    return server

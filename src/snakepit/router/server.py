@@ -91,6 +91,8 @@ class RouterConfig:
     # with the pool CA only. None: plaintext inside the pool.
     pool_tls: TlsFiles | None = None
     internal_port: int = 0
+    # A plaintext port serving only grpc.health.v1, for probes that cannot speak TLS.
+    health_port: int | None = None
 
 
 def default_router_id() -> str:
@@ -140,6 +142,7 @@ class RouterServer:
         self.pool = WorkerPool(config.pool)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
+        self.health_server: grpc.aio.Server | None = None
         self.port = 0
         self.internal_port = 0  # with pool TLS: where workers and peer routers call
         self.pool.tls = None if config.pool_tls is None else ChannelTls.pool(config.pool_tls)
@@ -202,6 +205,10 @@ class RouterServer:
         )
         if self.pool.tls is not None:
             self._spawn(self._renew_worker_channels(self.pool.tls))
+        if self.config.health_port is not None:
+            self.health_server = await handlers_for.start_health_server(
+                self.health, self.config.host, self.config.health_port
+            )
         self._start_hosting()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(CAPACITY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -270,6 +277,8 @@ class RouterServer:
         await self.hosting.close(grace)
         if self.server is not None:
             await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(grace=None)
         for task in list(self._tasks):
             task.cancel()
         await self.hosting.close_peers()

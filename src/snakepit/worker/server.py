@@ -93,6 +93,8 @@ class WorkerConfig:
     # plaintext (docs/security.md).
     pool_tls: TlsFiles | None = None
     tls_client_cas: tuple[str, ...] = ()
+    # A plaintext port serving only grpc.health.v1, for probes that cannot speak TLS.
+    health_port: int | None = None
 
     @property
     def backlog_size(self) -> int:
@@ -116,6 +118,7 @@ class WorkerServer:
         self.runner = ToolRunner(threads=config.concurrency)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
+        self.health_server: grpc.aio.Server | None = None
         self.store: SessionStore | None = None
         self._router_client: Any = None
         self.in_flight = 0
@@ -153,6 +156,10 @@ class WorkerServer:
             self.config.max_message_mb,
             credentials=self._server_credentials(),
         )
+        if self.config.health_port is not None:
+            self.health_server = await handlers_for.start_health_server(
+                self.health, self.config.host, self.config.health_port
+            )
         await self._connect_store()
         if self.store is not None:
             self.store = timed_store(self.store, self.metrics, self.tracer)
@@ -229,6 +236,8 @@ class WorkerServer:
             await asyncio.sleep(linger)  # routers see NOT_SERVING before the connection closes
         if self.server is not None:
             await self.server.stop(grace=1.0)
+        if self.health_server is not None:
+            await self.health_server.stop(grace=None)
         try:
             await _call_hook(self.adapter.shutdown)
         finally:
