@@ -45,6 +45,7 @@ def local_script(tmp_path: Path, port: int) -> str:
         ("/tmp/", f"{tmp_path}/"),
         ("dir /data", f"dir {data}"),
         ("port 6379", f"port {port}"),
+        ("-p 6379", f"-p {port}"),  # the TLS reload loop's redis-cli
         ("bind * -::*", "bind 127.0.0.1"),
     ):
         # A literal the script no longer has would leave the pod's value in place (a server on
@@ -136,6 +137,60 @@ def test_redis_script_requires_the_password_and_keeps_an_append_only_file(tmp_pa
         assert not readiness_probe_passes(port, "wrong")
         config = tmp_path / "redis.conf"
         assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    finally:
+        os.killpg(server.pid, 9)
+        server.wait(10)
+
+
+def served_serial(port: int) -> int:
+    import ssl
+
+    from cryptography import x509
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock, context.wrap_socket(sock) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+def test_with_tls_redis_refuses_plaintext_and_reloads_a_renewed_certificate(
+    tmp_path: Path,
+) -> None:
+    """The pod's TLS mode: TLS only, and a renewed Secret (same paths, new contents, as the
+    kubelet updates a Secret volume) is served without a restart, the key written first."""
+    from cryptography import x509
+
+    from snakepit.security.localca import LocalCA, write_file, write_issued
+
+    tls_dir = tmp_path / "tls"
+    tls_dir.mkdir()
+    ca = LocalCA.generate()
+    write_file(tls_dir / "ca.crt", ca.cert_pem)
+    write_issued(ca.issue("redis", ["127.0.0.1"]), tls_dir / "tls.crt", tls_dir / "tls.key")
+    port = free_port()
+    password = "pw-" + os.urandom(8).hex()
+    server = start_script(
+        tmp_path, port, REDIS_PASSWORD=password, REDISCLI_AUTH=password,
+        REDIS_TLS_DIR=str(tls_dir), REDIS_TLS_RELOAD_SECONDS="0.2",
+    )  # fmt: skip
+    url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={tls_dir / 'ca.crt'}"
+    try:
+        wait_ping(redis.Redis.from_url(url, password=password, socket_timeout=2))
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis(port=port, password=password, socket_timeout=2).ping()
+        first = served_serial(port)
+        renewed = ca.issue("redis", ["127.0.0.1"])
+        write_issued(renewed, tls_dir / "tls.crt", tls_dir / "tls.key")
+        expected = x509.load_pem_x509_certificate(renewed.cert_pem).serial_number
+        deadline = time.monotonic() + 15
+        while served_serial(port) != expected:
+            assert time.monotonic() < deadline, "the renewed certificate was never served"
+            time.sleep(0.1)
+        assert first != expected
+        assert redis.Redis.from_url(url, password=password, socket_timeout=2).ping()
     finally:
         os.killpg(server.pid, 9)
         server.wait(10)

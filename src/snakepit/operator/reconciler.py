@@ -49,6 +49,11 @@ PRUNABLE_KINDS = frozenset(
     }
 )
 
+TLS_DISABLED_MESSAGE = (
+    "spec.tls.enabled is false: every hop of this pool (callers, router, workers, Redis) is "
+    "plaintext and nothing proves a worker is one (docs/security.md)"
+)
+
 # What pods carry for a password Secret the operator found rather than created.
 ADOPTED_SECRET = "adopted"
 
@@ -164,6 +169,8 @@ class Reconciler:
             previous.get("observedGeneration") != pool.generation or _had_problems(previous)
         ):
             await self._event(body, "Normal", "Reconciled", f"applied generation {pool.generation}")
+            if pool.spec.tls.explicit and not pool.spec.tls.enabled:
+                await self._event(body, "Warning", "TLSDisabled", TLS_DISABLED_MESSAGE)
         unchanged = len(desired) - applied if waves else 0
         conditions = {c["type"]: c["status"] for c in status.get("conditions") or ()}
         return PassResult(applied, unchanged, pruned, problems, transitions, conditions)

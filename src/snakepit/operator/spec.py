@@ -128,6 +128,27 @@ class AutoscalingSpec:
 
 
 @dataclass(frozen=True)
+class TlsSpec:
+    """``spec.tls``: TLS on every hop with the certificate in ``secret_name`` (a Secret of type
+    kubernetes.io/tls with ``ca.crt``: what cert-manager writes), renewed by whoever writes it.
+
+    ``enabled`` is off by default until the operator issues certificates itself (issue 12);
+    ``explicit`` records whether the spec said so, since only an explicit opt-out is warned of.
+    """
+
+    enabled: bool = False
+    secret_name: str | None = None
+    explicit: bool = False
+
+
+TLS_NEEDS_SECRET = (
+    "spec.tls.enabled needs spec.tls.secretName: a Secret of type kubernetes.io/tls with ca.crt "
+    "(cert-manager's shape) whose certificate names the pool (docs/operator.md); certificates "
+    "issued by the operator itself are not built yet"
+)
+
+
+@dataclass(frozen=True)
 class PoolSpec:
     replicas: int = 2
     image: str | None = None
@@ -147,6 +168,7 @@ class PoolSpec:
     max_call_seconds: int = DEFAULT_MAX_CALL_SECONDS
     limits: LimitsSpec = field(default_factory=LimitsSpec)
     autoscaling: AutoscalingSpec | None = None
+    tls: TlsSpec = field(default_factory=TlsSpec)
 
 
 @dataclass(frozen=True)
@@ -309,6 +331,15 @@ def _parse_autoscaling(raw: Any) -> AutoscalingSpec | None:
     return scaling
 
 
+def _parse_tls(raw: Mapping[str, Any]) -> TlsSpec:
+    explicit = "enabled" in raw
+    secret = raw.get("secretName") or None
+    enabled = bool(raw.get("enabled", secret is not None))
+    if enabled and secret is None:
+        raise SpecError(TLS_NEEDS_SECRET)
+    return TlsSpec(enabled=enabled, secret_name=str(secret) if secret else None, explicit=explicit)
+
+
 def parse_spec(raw: Mapping[str, Any]) -> PoolSpec:
     """Defaulted, typed view of ``spec``; raises SpecError for what the builders cannot use."""
     session = _map(raw.get("session"))
@@ -344,6 +375,7 @@ def parse_spec(raw: Mapping[str, Any]) -> PoolSpec:
         max_call_seconds=int(raw.get("maxCallSeconds", DEFAULT_MAX_CALL_SECONDS)),
         limits=_parse_limits(_map(raw.get("limits"))),
         autoscaling=_parse_autoscaling(raw.get("autoscaling")),
+        tls=_parse_tls(_map(raw.get("tls"))),
     )
 
 

@@ -255,6 +255,14 @@ def merge_conditions(
     return conditions, transitions
 
 
+def tls_status(pool: Pool) -> str:
+    """``status.tls``: how the pool's hops are protected, where ``kubectl get`` shows it."""
+    tls = pool.spec.tls
+    if tls.enabled:
+        return f"Secret {tls.secret_name}"
+    return "Disabled (spec.tls.enabled: false)" if tls.explicit else "Disabled"
+
+
 def compute_status(
     pool: Pool, observed: Observed, previous: Mapping[str, Any], now: str
 ) -> tuple[JSON, list[Transition]]:
@@ -282,6 +290,7 @@ def compute_status(
         "readyReplicas": workers.ready if workers else 0,
         "selector": selector_string(pool, WORKER),
         "endpoint": endpoint(pool),
+        "tls": tls_status(pool),
         "conditions": conditions,
     }
     external = external_endpoint(observed.router_service)

@@ -15,6 +15,9 @@ STORE_SECRET_KEY = "password"
 RUN_AS = 10001
 
 WORKER, ROUTER, STORE = "worker", "router", "session-store"
+# Where pods mount spec.tls.secretName (builders/tls.py), and the CA file in it.
+TLS_DIR = "/etc/snakepit/tls"
+TLS_CA_PATH = f"{TLS_DIR}/ca.crt"
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,11 @@ def store_wiring(pool: Pool) -> StoreWiring:
     store = pool.spec.session_store
     if store.managed:
         names = Names(pool.name)
-        return StoreWiring(f"redis://{names.redis}:{REDIS_PORT}/0", names.store_secret, "password")
+        url = f"redis://{names.redis}:{REDIS_PORT}/0"
+        if pool.spec.tls.enabled:
+            # The managed Redis then speaks TLS only (builders/store.py); see builders/tls.py.
+            url = f"rediss://{names.redis}:{REDIS_PORT}/0?ssl_ca_certs={TLS_CA_PATH}"
+        return StoreWiring(url, names.store_secret, "password")
     ref = store.password_secret_ref
     return StoreWiring(
         url=store.url or "",
@@ -168,7 +175,8 @@ def quantity_bytes(quantity: object) -> int | None:
 
 
 def grpc_probes(port: int) -> JSON:
-    """Native gRPC probes on ``grpc.health.v1``.
+    """Native gRPC probes on ``grpc.health.v1`` (with TLS on, ``port`` is the plaintext
+    health-only port: the kubelet's gRPC probes speak no TLS).
 
     Startup allows five minutes for slow adapter imports (models); liveness is lenient (a busy
     worker still answers health checks, but a slow node should not get it killed); readiness

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from ..spec import JSON, REDIS_PORT, ROUTER_PORT, WORKER_PORT, Pool
 from .common import POOL_LABEL, ROUTER, STORE, WORKER, Names, metadata, selector
 from .metrics import metrics_ingress
+from .tls import INTERNAL_PORT, tls_enabled
 
 # Cloud metadata endpoints (169.254.169.254, fd00:ec2::254) and the rest of link-local.
 METADATA_CIDRS_V4 = ["169.254.0.0/16"]
@@ -86,6 +87,11 @@ def _policy(pool: Pool, name: str, component: str, ingress: list[JSON], egress: 
     }
 
 
+def _router_ports(pool: Pool) -> list[int]:
+    """The router ports the pool's own pods call: with TLS, its mutual-TLS internal port."""
+    return [ROUTER_PORT, INTERNAL_PORT] if tls_enabled(pool) else [ROUTER_PORT]
+
+
 def build_worker_network_policy(pool: Pool) -> JSON:
     """Workers take calls from the pool's own pods (the router; workers calling tools) only,
     plus the peers a user lists for ``Client(direct=True)``. Tool code may reach DNS, the
@@ -100,7 +106,7 @@ def build_worker_network_policy(pool: Pool) -> JSON:
         _dns(),
         {
             "to": [{"podSelector": {"matchLabels": selector(pool, ROUTER)}}],
-            "ports": _tcp(ROUTER_PORT),
+            "ports": _tcp(*_router_ports(pool)),
         },
         *_store_egress(pool),
         *policy.allow_egress,
@@ -118,6 +124,8 @@ def build_router_network_policy(pool: Pool) -> JSON:
         {"from": [*clients, _pool_pods(pool)], "ports": _tcp(ROUTER_PORT)},
         *metrics_ingress(pool),
     ]
+    if tls_enabled(pool):
+        ingress.append({"from": [_pool_pods(pool)], "ports": _tcp(INTERNAL_PORT)})
     egress = [
         _dns(),
         {
@@ -126,7 +134,7 @@ def build_router_network_policy(pool: Pool) -> JSON:
         },
         {
             "to": [{"podSelector": {"matchLabels": selector(pool, ROUTER)}}],
-            "ports": _tcp(ROUTER_PORT),
+            "ports": _tcp(*_router_ports(pool)),
         },
         *_store_egress(pool),
         {"to": ANYWHERE_BUT_METADATA, "ports": _tcp(*API_SERVER_PORTS)},

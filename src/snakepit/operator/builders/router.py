@@ -25,6 +25,15 @@ from .common import (
     tmp_volume,
 )
 from .metrics import metrics_annotations, metrics_args, metrics_labels, metrics_ports
+from .tls import (
+    HEALTH_PORT,
+    INTERNAL_PORT,
+    router_tls_args,
+    tls_enabled,
+    tls_mounts,
+    tls_ports,
+    tls_volumes,
+)
 
 # `snakepit router` waits this long for in-flight calls after SIGTERM (router/main.py).
 ROUTER_DRAIN_SECONDS = 10
@@ -73,6 +82,7 @@ def router_args(pool: Pool) -> list[str]:
         str(spec.session.max_sessions),
         *metrics_args(pool),
         *limits,
+        *(router_tls_args() if tls_enabled(pool) else []),
     ]
 
 
@@ -102,10 +112,11 @@ def build_router_deployment(
         "ports": [
             {"name": "grpc", "containerPort": ROUTER_PORT, "protocol": "TCP"},
             *metrics_ports(pool),
+            *tls_ports(pool, internal=True),
         ],
-        **grpc_probes(ROUTER_PORT),
+        **grpc_probes(HEALTH_PORT if tls_enabled(pool) else ROUTER_PORT),
         "securityContext": container_security_context(),
-        "volumeMounts": [TMP_MOUNT],
+        "volumeMounts": [TMP_MOUNT, *tls_mounts(pool)],
     }
     container["resources"] = resources_for(ROUTER, spec.router.resources)
     pod_spec: JSON = {
@@ -115,7 +126,7 @@ def build_router_deployment(
         "terminationGracePeriodSeconds": ROUTER_DRAIN_SECONDS + EXIT_MARGIN_SECONDS,
         "securityContext": pod_security_context(),
         "containers": [container],
-        "volumes": [tmp_volume(ROUTER)],
+        "volumes": [tmp_volume(ROUTER), *tls_volumes(pool)],
         "topologySpreadConstraints": spread_by_host(pool, ROUTER),
     }
     if config.image_pull_secrets:
@@ -145,13 +156,19 @@ def build_router_service(pool: Pool) -> JSON:
     port: JSON = {"name": "grpc", "port": router.port, "targetPort": "grpc", "protocol": "TCP"}
     if router.node_port is not None and router.service_type != "ClusterIP":
         port["nodePort"] = router.node_port
+    ports = [port]
+    if tls_enabled(pool):
+        # Workers' ctx.call_tool: mutual TLS with the pool CA (builders/tls.py).
+        ports.append(
+            {"name": "internal", "port": INTERNAL_PORT, "targetPort": "internal", "protocol": "TCP"}
+        )
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": metadata(
             pool, Names(pool.name).router, ROUTER, annotations=router.service_annotations
         ),
-        "spec": {"type": router.service_type, "selector": selector(pool, ROUTER), "ports": [port]},
+        "spec": {"type": router.service_type, "selector": selector(pool, ROUTER), "ports": ports},
     }
 
 

@@ -24,6 +24,7 @@ from .common import (
     selector,
     tmp_volume,
 )
+from .tls import REDIS_CLI_TLS, REDIS_TLS_ENV, tls_enabled, tls_mounts, tls_volumes
 
 # Share of the container's memory limit Redis may fill with data; the rest is its own overhead
 # (buffers, the AOF rewrite fork's copy-on-write pages).
@@ -59,14 +60,45 @@ REDIS_SCRIPT = "\n".join(
         '  printf \'requirepass "%s"\\n\' "$REDIS_PASSWORD"',
         "  printf 'maxmemory %s\\n' \"${REDIS_MAXMEMORY:-0}\"",
         "  echo 'maxmemory-policy noeviction'",
-        f"  echo 'port {REDIS_PORT}'",
+        # With spec.tls, TLS only: the plaintext port is off (REDIS_TLS_DIR is the operator's
+        # constant mount path, never user input).
+        '  if [ -n "${REDIS_TLS_DIR:-}" ]; then',
+        "    echo 'port 0'",
+        f"    echo 'tls-port {REDIS_PORT}'",
+        '    echo "tls-cert-file $REDIS_TLS_DIR/tls.crt"',
+        '    echo "tls-key-file $REDIS_TLS_DIR/tls.key"',
+        '    echo "tls-ca-cert-file $REDIS_TLS_DIR/ca.crt"',
+        "    echo 'tls-auth-clients optional'",
+        "  else",
+        f"    echo 'port {REDIS_PORT}'",
+        "  fi",
         "  echo 'bind * -::*'",
         "  echo 'dir /data'",
         "  echo 'appendonly yes'",
         "  echo 'appendfsync everysec'",
         "  echo 'save \"\"'",
         "} > /tmp/redis.conf",
-        "exec redis-server /tmp/redis.conf",
+        '[ -n "${REDIS_TLS_DIR:-}" ] || exec redis-server /tmp/redis.conf',
+        # With TLS, Redis reads its certificate only at start: a loop beside it asks it to
+        # reload (CONFIG SET of the same files) when the mounted Secret changes. A pair caught
+        # mid-renewal is refused by Redis and tried again on the next round.
+        "redis-server /tmp/redis.conf &",
+        "pid=$!",
+        "trap 'kill -TERM $pid' TERM INT",
+        'tls_files() { cat "$REDIS_TLS_DIR/tls.crt" "$REDIS_TLS_DIR/tls.key" '
+        '"$REDIS_TLS_DIR/ca.crt" | cksum; }',
+        "loaded=$(tls_files)",
+        'while kill -0 "$pid" 2>/dev/null; do',
+        '  sleep "${REDIS_TLS_RELOAD_SECONDS:-10}" & wait $! || true',
+        "  now=$(tls_files)",
+        '  if [ "$now" != "$loaded" ] && redis-cli --tls --cacert "$REDIS_TLS_DIR/ca.crt" '
+        f"-h 127.0.0.1 -p {REDIS_PORT} CONFIG SET "
+        'tls-cert-file "$REDIS_TLS_DIR/tls.crt" tls-key-file "$REDIS_TLS_DIR/tls.key" '
+        'tls-ca-cert-file "$REDIS_TLS_DIR/ca.crt" | grep -q OK; then',
+        '    loaded=$now; echo "snakepit: TLS certificate reloaded" >&2',
+        "  fi",
+        "done",
+        'wait "$pid"',
     ]
 )
 
@@ -117,12 +149,14 @@ def build_store_statefulset(
     cli_auth = secret_env("REDISCLI_AUTH", names.store_secret, STORE_SECRET_KEY)
     resources = resources_for(STORE, store.resources)
     maxmemory = {"name": "REDIS_MAXMEMORY", "value": str(redis_maxmemory(resources))}
+    tls = tls_enabled(pool)
+    cli_tls = REDIS_CLI_TLS if tls else ""
     container: JSON = {
         "name": "redis",
         "image": store.image or config.redis_image,
         "imagePullPolicy": config.image_pull_policy,
         "command": ["sh", "-c", REDIS_SCRIPT],
-        "env": [password, cli_auth, maxmemory],
+        "env": [password, cli_auth, maxmemory, *([REDIS_TLS_ENV] if tls else [])],
         "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
         "startupProbe": {
             "tcpSocket": {"port": "redis"},
@@ -130,7 +164,9 @@ def build_store_statefulset(
             "failureThreshold": 60,
         },
         "readinessProbe": {
-            "exec": {"command": ["sh", "-c", "redis-cli -h 127.0.0.1 ping | grep -q PONG"]},
+            "exec": {
+                "command": ["sh", "-c", f"redis-cli {cli_tls}-h 127.0.0.1 ping | grep -q PONG"]
+            },
             "periodSeconds": 5,
             "timeoutSeconds": 3,
         },
@@ -140,7 +176,7 @@ def build_store_statefulset(
             "failureThreshold": 6,
         },
         "securityContext": container_security_context(),
-        "volumeMounts": [{"name": "data", "mountPath": "/data"}, TMP_MOUNT],
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}, TMP_MOUNT, *tls_mounts(pool)],
         "resources": resources,
     }
     pod_spec: JSON = {
@@ -149,7 +185,7 @@ def build_store_statefulset(
         "terminationGracePeriodSeconds": 30,
         "securityContext": pod_security_context(fs_group=True),
         "containers": [container],
-        "volumes": [tmp_volume(STORE)],
+        "volumes": [tmp_volume(STORE), *tls_volumes(pool)],
     }
     if config.image_pull_secrets:
         pod_spec["imagePullSecrets"] = pull_secrets(config.image_pull_secrets)

@@ -26,6 +26,15 @@ from .common import (
     tmp_volume,
 )
 from .metrics import metrics_annotations, metrics_args, metrics_labels, metrics_ports
+from .tls import (
+    HEALTH_PORT,
+    INTERNAL_PORT,
+    tls_enabled,
+    tls_mounts,
+    tls_ports,
+    tls_volumes,
+    worker_tls_args,
+)
 
 # Time between SIGTERM and SIGKILL beyond the worker's own drain timeout: interpreter exit.
 EXIT_MARGIN_SECONDS = 5
@@ -48,7 +57,7 @@ def worker_args(pool: Pool) -> list[str]:
         "--store",
         store_wiring(pool).url,
         "--router",
-        f"{names.router}:{spec.router.port}",
+        f"{names.router}:{INTERNAL_PORT if tls_enabled(pool) else spec.router.port}",
         "--drain-timeout",
         str(spec.drain_timeout_seconds),
         "--drain-linger",
@@ -58,6 +67,7 @@ def worker_args(pool: Pool) -> list[str]:
         *metrics_args(pool),
         "--max-call-seconds",
         str(spec.max_call_seconds),
+        *(worker_tls_args() if tls_enabled(pool) else []),
     ]
 
 
@@ -88,10 +98,11 @@ def build_worker_deployment(
         "ports": [
             {"name": "grpc", "containerPort": WORKER_PORT, "protocol": "TCP"},
             *metrics_ports(pool),
+            *tls_ports(pool),
         ],
-        **grpc_probes(WORKER_PORT),
+        **grpc_probes(HEALTH_PORT if tls_enabled(pool) else WORKER_PORT),
         "securityContext": container_security_context(),
-        "volumeMounts": [TMP_MOUNT],
+        "volumeMounts": [TMP_MOUNT, *tls_mounts(pool)],
     }
     if spec.env_from:
         container["envFrom"] = spec.env_from
@@ -104,7 +115,7 @@ def build_worker_deployment(
         ),
         "securityContext": pod_security_context(),
         "containers": [container],
-        "volumes": [tmp_volume(WORKER)],
+        "volumes": [tmp_volume(WORKER), *tls_volumes(pool)],
         "topologySpreadConstraints": overrides.topology_spread_constraints
         or spread_by_host(pool, WORKER),
     }
