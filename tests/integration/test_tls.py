@@ -14,15 +14,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 import redis
 from cryptography import x509
 
 from snakepit import AsyncClient, Client
 from snakepit.errors import FailedPrecondition, SnakepitError, Unavailable
+from snakepit.protocol import method_path, pb
 from snakepit.security.localca import LocalCA, write_file, write_issued
 from snakepit.security.tls import CA_FILE, CERT_FILE, KEY_FILE, POOL_NAME, TlsFiles
-from tests.fixtures.processes import Proc, ProcessFactory, free_port, wait_for
+from tests.fixtures.processes import (
+    Proc,
+    ProcessFactory,
+    free_port,
+    health_status,
+    wait_for,
+    wait_serving,
+)
 from tests.fixtures.processes import test_env as env_with
 from tests.fixtures.redis import RedisFactory
 from tests.support.load import MixedLoad
@@ -363,3 +372,21 @@ def test_a_store_with_an_untrusted_certificate_is_refused(
         client.session()
     assert "refused the TLS connection" in str(info.value)
     assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
+
+
+def test_probes_use_a_plaintext_port_that_serves_health_and_nothing_else(
+    procs: ProcessFactory, pki: Pki
+) -> None:
+    health_port = free_port()
+    worker = procs.worker(
+        "--pool-tls-dir", str(pki.pool_dir("probed")), "--health-port", str(health_port),
+        worker_id="probed", wait=False,
+    )  # fmt: skip
+    health = f"127.0.0.1:{health_port}"
+    wait_serving(health, timeout=30, process=worker.process)  # a plaintext grpc.health.v1 check
+    assert health_status(worker.address) is None  # the worker's own port: TLS only
+    with grpc.insecure_channel(health) as channel:
+        ping = channel.unary_unary(method_path("Ping"))
+        with pytest.raises(grpc.RpcError) as info:
+            ping(pb.PingRequest().SerializeToString(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
