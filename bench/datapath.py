@@ -12,7 +12,6 @@ ghz (a Go load generator, so the client is not the limit). CPU per call comes fr
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -24,8 +23,10 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from _common import free_port, spawn, table, wait_serving
 from ghz import Ghz
+from ghz import main as ghz_main
 
 from snakepit import Client
 from snakepit.protocol.messages import encode_request, encode_result
@@ -192,16 +193,5 @@ def report(
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=3.0, help="length of each ghz run")
-    parser.add_argument("--in-flight", type=int, default=32, help="concurrent calls")
-    args = parser.parse_args()
-    print(f"small calls (add) with ghz, {args.in_flight} in flight, {args.rounds} rounds, "
-          "medians; one worker behind both routers")  # fmt: skip
-    print(run(args.rounds, args.seconds, args.in_flight))
-
-
 if __name__ == "__main__":
-    main()
+    ghz_main(__doc__, run, "one worker behind both routers")

@@ -8,12 +8,14 @@ proto3 ``optional``, so it gets a protoset made by ``grpc_tools.protoc``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,3 +107,16 @@ class Ghz:
 
     def close(self) -> None:
         self._dir.cleanup()
+
+
+def main(doc: str, run: Callable[[int, float, int], str], setup: str) -> None:
+    """A ghz benchmark's command line: ``--rounds``, ``--seconds``, ``--in-flight``; prints
+    what is measured, then ``run(rounds, seconds, in_flight)``'s report."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of each ghz run")
+    parser.add_argument("--in-flight", type=int, default=32, help="concurrent calls")
+    args = parser.parse_args()
+    print(f"small calls (add) with ghz, {args.in_flight} in flight, {args.rounds} rounds, "
+          f"medians; {setup}")  # fmt: skip
+    print(run(args.rounds, args.seconds, args.in_flight))

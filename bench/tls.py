@@ -13,7 +13,6 @@ CPU per call comes from ``/proc/PID/stat`` of each server process over the run.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
@@ -23,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from _common import free_port, spawn, table
 from datapath import cpu_seconds
 from ghz import Ghz
+from ghz import main as ghz_main
 
 from snakepit import Client
 from snakepit.errors import SnakepitError
@@ -149,16 +150,5 @@ def report(targets: list[Target], samples: dict[str, list[Sample]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=3.0, help="length of each ghz run")
-    parser.add_argument("--in-flight", type=int, default=32, help="concurrent calls")
-    args = parser.parse_args()
-    print(f"small calls (add) with ghz, {args.in_flight} in flight, {args.rounds} rounds, "
-          "medians; one worker, one router per pool")  # fmt: skip
-    print(run(args.rounds, args.seconds, args.in_flight))
-
-
 if __name__ == "__main__":
-    main()
+    ghz_main(__doc__, run, "one worker, one router per pool")

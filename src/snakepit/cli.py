@@ -229,7 +229,11 @@ def _server_tls(args: argparse.Namespace) -> Any:
         return None
     if not (args.tls_cert and args.tls_key):
         raise SystemExit("snakepit: --tls-cert and --tls-key go together")
-    files = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
+    return _checked(TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca))
+
+
+def _checked(files: Any) -> Any:
+    """``files`` once they exist and match; else exit naming what is wrong."""
     try:
         files.check()
     except ValueError as exc:
@@ -252,12 +256,7 @@ def _pool_tls(args: argparse.Namespace) -> Any:
 
     if not args.pool_tls_dir:
         return None
-    files = TlsFiles.from_dir(args.pool_tls_dir)
-    try:
-        files.check()
-    except ValueError as exc:
-        raise SystemExit(f"snakepit: {exc}") from None
-    return files
+    return _checked(TlsFiles.from_dir(args.pool_tls_dir))
 
 
 def _health_port_option(parser: argparse.ArgumentParser) -> None:
