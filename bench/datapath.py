@@ -111,9 +111,11 @@ class Sample:
     error_share: float  # calls that failed (ghz also counts the calls cut off at the end)
 
 
-def measure(ghz: Ghz, target: Target, seconds: float, in_flight: int) -> Sample:
+def measure(
+    ghz: Ghz, target: Target, seconds: float, in_flight: int, tls: list[str] | None = None
+) -> Sample:
     before = {role: cpu_seconds(pid) for role, pid in target.pids.items()}
-    result = ghz.run(target.address, seconds=seconds, concurrency=in_flight)
+    result = ghz.run(target.address, seconds=seconds, concurrency=in_flight, tls=tls)
     after = {role: cpu_seconds(pid) for role, pid in target.pids.items()}
     calls = max(1, result.count)
     return Sample(

@@ -23,8 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import datapath
 from _common import free_port, spawn, table
-from datapath import cpu_seconds
+from datapath import Sample, measure
 from ghz import Ghz
 from ghz import main as ghz_main
 
@@ -38,11 +39,8 @@ NAMES = [POOL_NAME, "localhost", "127.0.0.1"]
 
 
 @dataclass
-class Target:
-    name: str
-    address: str
-    pids: dict[str, int]
-    tls: list[str] | None  # ghz flags; None: plaintext
+class Target(datapath.Target):
+    tls: list[str] | None = None  # ghz flags; None: plaintext
 
 
 class Setup:
@@ -94,22 +92,6 @@ class Setup:
             proc.wait()
 
 
-@dataclass
-class Sample:
-    rate: float
-    cpu_per_10k: dict[str, float]
-    errors: int  # ghz also counts the calls cut off at the end of a run
-
-
-def measure(ghz: Ghz, target: Target, seconds: float, in_flight: int) -> Sample:
-    before = {role: cpu_seconds(pid) for role, pid in target.pids.items()}
-    result = ghz.run(target.address, seconds=seconds, concurrency=in_flight, tls=target.tls)
-    after = {role: cpu_seconds(pid) for role, pid in target.pids.items()}
-    calls = max(1, result.count)
-    cpu = {role: 1e4 * (after[role] - before[role]) / calls for role in target.pids}
-    return Sample(result.rate, cpu, result.errors)
-
-
 def run(rounds: int, seconds: float, in_flight: int) -> str:
     with tempfile.TemporaryDirectory(prefix="snakepit-bench-tls-") as tmp:
         setup = Setup(Path(tmp))
@@ -120,7 +102,8 @@ def run(rounds: int, seconds: float, in_flight: int) -> str:
                 ghz.run(target.address, seconds=1, concurrency=in_flight, tls=target.tls)
             for _ in range(rounds):
                 for target in setup.targets:
-                    samples[target.name].append(measure(ghz, target, seconds, in_flight))
+                    sample = measure(ghz, target, seconds, in_flight, target.tls)
+                    samples[target.name].append(sample)
         finally:
             ghz.close()
             setup.close()
@@ -136,7 +119,7 @@ def report(targets: list[Target], samples: dict[str, list[Sample]]) -> str:
     rows = [
         [t.name, f"{rate[t.name]:.0f}/s",
          ", ".join(f"{role} {v:.2f}" for role, v in cpu[t.name].items()),
-         str(sum(s.errors for s in samples[t.name]))]
+         f"{max(s.error_share for s in samples[t.name]):.1%}"]
         for t in targets
     ]  # fmt: skip
     lines = [table(["path", "calls/s", "CPU s per 10k calls", "errors"], rows), ""]
