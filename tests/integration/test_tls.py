@@ -7,6 +7,7 @@ client certificate. A hop that works while its listener refuses both is a TLS ho
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import subprocess
 import sys
@@ -205,6 +206,13 @@ def test_serve_with_mutual_tls_runs_every_hop_over_tls(
     # direct mode: client -> worker, mutual TLS with the client CA the workers also trust
     with Client(pool.address, timeout=20, direct=True, **mtls) as direct:
         assert [direct.execute("add", a=i, b=1) for i in range(5)] == [1, 2, 3, 4, 5]
+        assert list(direct.stream("count", n=3)) == [0, 1, 2]
+
+    async def direct_async() -> list[object]:
+        async with AsyncClient(pool.address, timeout=20, direct=True, **mtls) as client:
+            return [await client.execute("add", a=1, b=1), await client.execute("echo", value="x")]
+
+    assert asyncio.run(direct_async()) == [2, "x"]
     with Client(pool.address, timeout=20, **mtls) as client:
         assert client.status()["calls_total"] == routed  # none of them went through the router
 
