@@ -284,6 +284,10 @@ def _client_tls_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _client_tls(args: argparse.Namespace) -> dict[str, Any]:
+    """The client's TLS keywords; files that are missing or do not match end the command."""
+    from .security.tls import TlsFiles
+
+    _checked(TlsFiles(args.cert, args.key, args.ca))
     return {
         "ca": args.ca or None,
         "tls": args.tls,

@@ -248,6 +248,13 @@ def test_serve_generates_a_ca_and_the_cli_uses_it(procs: ProcessFactory, tmp_pat
     plain = subprocess.run(cli, env=env_with(), capture_output=True, text=True, timeout=60)
     assert plain.returncode == 1
     assert "speaks TLS, but this client connects in plaintext" in plain.stderr
+    missing = subprocess.run(
+        [*cli, "--ca", str(generated / "nope.pem")], env=env_with(), capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert missing.returncode == 1
+    assert f"TLS CA file {generated / 'nope.pem'} does not exist" in missing.stderr
+    assert "Traceback" not in missing.stderr
 
 
 async def test_plaintext_and_tls_mismatch_is_one_clear_error(
