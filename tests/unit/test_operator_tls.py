@@ -117,3 +117,13 @@ async def test_an_explicit_opt_out_is_a_warning_event() -> None:
     quiet, reconciler, _ = setup()
     await reconciler.reconcile(("ml", "demo"))
     assert not [e for e in quiet.events if e[1] == "TLSDisabled"]
+
+
+def test_the_pods_arguments_are_what_the_commands_accept() -> None:
+    from snakepit.cli import build_parser
+
+    built = children(TLS)
+    for name in ("Deployment/demo-router", "Deployment/demo-workers"):
+        args = build_parser().parse_args(container(built[name])["args"])
+        assert args.pool_tls_dir == "/etc/snakepit/tls"
+        assert args.health_port == HEALTH_PORT
