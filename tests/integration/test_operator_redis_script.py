@@ -176,7 +176,7 @@ def test_with_tls_redis_refuses_plaintext_and_reloads_a_renewed_certificate(
     port = free_port()
     password = "pw-" + os.urandom(8).hex()
     server = start_script(
-        tmp_path, port, REDIS_PASSWORD=password, REDISCLI_AUTH=password,
+        tmp_path, port, REDIS_PASSWORD=password,
         REDIS_TLS_DIR=str(tls_dir), REDIS_TLS_RELOAD_SECONDS="0.2",
     )  # fmt: skip
     url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={tls_dir / 'ca.crt'}"

@@ -69,6 +69,10 @@ REDIS_SCRIPT = "\n".join(
         '    echo "tls-key-file $REDIS_TLS_DIR/tls.key"',
         '    echo "tls-ca-cert-file $REDIS_TLS_DIR/ca.crt"',
         "    echo 'tls-auth-clients optional'",
+        # The reload loop's own user: CONFIG SET only, its password made here and never
+        # leaving this container (not the pool's password, which may not allow CONFIG).
+        "    reload_password=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \\n')",
+        '    echo "user snakepit-tls-reload on >$reload_password +config|set"',
         "  else",
         f"    echo 'port {REDIS_PORT}'",
         "  fi",
@@ -91,7 +95,8 @@ REDIS_SCRIPT = "\n".join(
         'while kill -0 "$pid" 2>/dev/null; do',
         '  sleep "${REDIS_TLS_RELOAD_SECONDS:-10}" & wait $! || true',
         "  now=$(tls_files)",
-        '  if [ "$now" != "$loaded" ] && redis-cli --tls --cacert "$REDIS_TLS_DIR/ca.crt" '
+        '  if [ "$now" != "$loaded" ] && REDISCLI_AUTH="$reload_password" redis-cli '
+        '--user snakepit-tls-reload --tls --cacert "$REDIS_TLS_DIR/ca.crt" '
         f"-h 127.0.0.1 -p {REDIS_PORT} CONFIG SET "
         'tls-cert-file "$REDIS_TLS_DIR/tls.crt" tls-key-file "$REDIS_TLS_DIR/tls.key" '
         'tls-ca-cert-file "$REDIS_TLS_DIR/ca.crt" | grep -q OK; then',
