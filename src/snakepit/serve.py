@@ -12,7 +12,9 @@ it is exercised here in seconds, on one machine.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -40,25 +42,68 @@ from .worker.server import DEFAULT_ADAPTER, DEFAULT_MAX_CALL_SECONDS
 log = logging.getLogger("snakepit.serve")
 
 
+POOL_TLS_PREFIX = "snakepit-pool-tls-"
+# serve's pool certificate is short-lived and renewed, while serve runs, at a third of its life.
+POOL_CERT_VALIDITY = datetime.timedelta(days=3)
+
+
 class PoolCA:
     """The pool CA of one ``serve``: made at start in a private temporary directory, it signs
     the one certificate the router and the workers prove pool membership with (they share a
-    machine, so one key serves them all); the directory goes when the pool stops."""
+    machine, so one key serves them all); the directory goes when the pool stops.
 
-    def __init__(self, ca: LocalCA | None = None) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="snakepit-pool-tls-"))  # mode 0700
+    A serve killed with SIGKILL cannot remove its directory, so each new one removes those of
+    dead serve processes (their pid is in the name) before making its own.
+    """
+
+    def __init__(
+        self, ca: LocalCA | None = None, validity: datetime.timedelta = POOL_CERT_VALIDITY
+    ) -> None:
+        sweep_stale_pool_dirs()
+        # mode 0700
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{POOL_TLS_PREFIX}{os.getpid()}-"))
         self.ca = ca or LocalCA.generate("snakepit serve pool CA")
+        self.validity = validity
         write_file(self.dir / CA_FILE, self.ca.cert_pem)
         self.renew()
         self.files = TlsFiles.from_dir(self.dir)
 
     def renew(self) -> None:
         """A fresh pool certificate in place of the old one (processes pick it up live)."""
-        issued = self.ca.issue(POOL_NAME, [POOL_NAME, "localhost", "127.0.0.1"])
+        issued = self.ca.issue(
+            POOL_NAME, [POOL_NAME, "localhost", "127.0.0.1"], valid_for=self.validity
+        )
         write_issued(issued, self.dir / CERT_FILE, self.dir / KEY_FILE)
+
+    async def keep_renewed(self) -> None:
+        while True:
+            await asyncio.sleep(self.validity.total_seconds() / 3)
+            self.renew()
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def sweep_stale_pool_dirs() -> None:
+    """Remove this user's pool TLS directories whose serve process is gone."""
+    for path in Path(tempfile.gettempdir()).glob(f"{POOL_TLS_PREFIX}*"):
+        pid = path.name[len(POOL_TLS_PREFIX) :].split("-", 1)[0]
+        try:
+            mine = path.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -184,6 +229,8 @@ class LocalPool:
             self._add_worker()
         self._publish()
         await self._wait_ready()
+        if self.pool_ca is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(self.pool_ca.keep_renewed()))
         policy = self.config.autoscale
         if policy is not None:
             self.autoscaler = ScaleLoop(

@@ -4,6 +4,8 @@ renewal seen (and a half-written renewal ignored), error sentences, the data pat
 from __future__ import annotations
 
 import ipaddress
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,50 @@ def test_the_haproxy_data_path_is_refused_with_tls() -> None:
     with pytest.raises(ValueError, match="does not carry TLS"):
         choose("haproxy", "hint", tls=True)
     assert choose("auto", "hint", tls=True)[0] == "python"
+
+
+def test_serve_removes_the_pool_directories_of_killed_serves_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    from snakepit.serve import POOL_TLS_PREFIX, PoolCA
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stale = tmp_path / f"{POOL_TLS_PREFIX}{gone.stdout.strip()}-abc"
+    live = tmp_path / f"{POOL_TLS_PREFIX}{os.getppid()}-def"
+    stale.mkdir()
+    live.mkdir()
+    pool = PoolCA()
+    assert not stale.exists()
+    assert live.exists() and pool.dir.exists()
+    assert pool.dir.name.startswith(f"{POOL_TLS_PREFIX}{os.getpid()}-")
+    pool.remove()
+    assert not pool.dir.exists()
+
+
+async def test_serve_renews_its_pool_certificate_while_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+    import datetime
+
+    from snakepit.serve import PoolCA
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    pool = PoolCA(validity=datetime.timedelta(seconds=0.3))
+    first = (pool.dir / "tls.crt").read_bytes()
+    task = asyncio.get_running_loop().create_task(pool.keep_renewed())
+    await asyncio.sleep(0.25)
+    task.cancel()
+    renewed = (pool.dir / "tls.crt").read_bytes()
+    assert renewed != first
+    assert matching_pair(renewed, (pool.dir / "tls.key").read_bytes())
+    pool.remove()
