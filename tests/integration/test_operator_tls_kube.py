@@ -8,9 +8,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from snakepit.operator.reconciler import TLS_DISABLED_MESSAGE
 
 from .test_operator_kube import POOLS, OperatorEnv, events_of, op, wait_for
+
+pytestmark = pytest.mark.kube  # its `op` fixture asks for the cluster at run time
 
 __all__ = ["op"]  # the module-scoped operator fixture, shared with test_operator_kube.py
 
