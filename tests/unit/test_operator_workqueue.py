@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -108,3 +109,25 @@ async def test_many_workers_never_process_one_key_at_the_same_time() -> None:
     await asyncio.gather(*workers, return_exceptions=True)
     assert overlaps == 0
     assert 3 <= passes < 200
+
+
+async def test_a_key_added_from_another_thread_is_processed_without_other_wakeups() -> None:
+    """kopf calls the event handlers (and so ``add``) from its executor's threads. The loop here
+    has nothing else to do: no timer, no I/O. Before ``add`` was handed to the loop, the worker
+    slept on until something unrelated woke the loop (here: never)."""
+    queue: WorkQueue[str] = WorkQueue()
+    processed = threading.Event()
+
+    async def handle(key: str) -> None:
+        processed.set()
+
+    worker = asyncio.create_task(run_worker(queue, handle))
+    await asyncio.sleep(0)  # the worker waits for work
+    # The add comes while the loop sleeps in its selector, waiting only for this thread.
+    adder = threading.Timer(0.2, queue.add, args=("pool",))
+    adder.start()
+    assert await asyncio.to_thread(processed.wait, 10), "the key added off-loop never ran"
+    adder.join()
+    worker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await worker

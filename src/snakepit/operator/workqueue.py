@@ -5,11 +5,17 @@ periodic resync) all mean the same thing: "reconcile this pool". The queue colla
 one pool is reconciled by at most one worker at a time, a key added while it is being
 processed is processed once more afterwards (never lost, never concurrent), and failures are
 retried with per-key exponential backoff.
+
+``add`` may be called from any thread: kopf runs the operator's (synchronous) event handlers in
+its executor's threads, and asyncio's primitives are not thread-safe. Called off the queue's
+event loop, it hands the key over with ``call_soon_threadsafe``; done directly, the worker's
+wake-up would wait for the loop's next unrelated wake-up, or be lost to a race with ``get``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
@@ -31,6 +37,8 @@ class WorkQueue(Generic[K]):
         self._failures: dict[K, int] = {}
         self._timers: dict[K, asyncio.TimerHandle] = {}
         self._wakeup = asyncio.Event()
+        # The loop the workers run on, known once one asks for work (see ``add``).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __len__(self) -> int:
         return len(self._ready)
@@ -40,7 +48,16 @@ class WorkQueue(Generic[K]):
         return len(self._processing)
 
     def add(self, key: K) -> None:
-        """Schedule ``key`` now; a no-op when it is already waiting."""
+        """Schedule ``key`` now; a no-op when it is already waiting. Safe from any thread."""
+        loop = self._loop
+        if loop is not None and not _running_in(loop):
+            # A closed loop (the operator is stopping) has nobody left to process the key.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._add, key)
+            return
+        self._add(key)
+
+    def _add(self, key: K) -> None:
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer.cancel()
@@ -64,6 +81,7 @@ class WorkQueue(Generic[K]):
 
     async def get(self) -> K:
         """The next key to process; it is not handed out again until ``done``."""
+        self._loop = asyncio.get_running_loop()
         while not self._ready:
             self._wakeup.clear()
             await self._wakeup.wait()
@@ -94,6 +112,13 @@ class WorkQueue(Generic[K]):
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+
+
+def _running_in(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:  # no loop in this thread: one of kopf's handler threads
+        return False
 
 
 async def run_worker(queue: WorkQueue[K], handle: Callable[[K], Awaitable[None]]) -> None:
