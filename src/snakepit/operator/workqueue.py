@@ -6,10 +6,12 @@ one pool is reconciled by at most one worker at a time, a key added while it is 
 processed is processed once more afterwards (never lost, never concurrent), and failures are
 retried with per-key exponential backoff.
 
-``add`` may be called from any thread: kopf runs the operator's (synchronous) event handlers in
-its executor's threads, and asyncio's primitives are not thread-safe. Called off the queue's
-event loop, it hands the key over with ``call_soon_threadsafe``; done directly, the worker's
-wake-up would wait for the loop's next unrelated wake-up, or be lost to a race with ``get``.
+``add`` may be called from any thread. The operator's kopf handlers are coroutines, so they call
+it on the loop; but kopf runs synchronous handlers in its executor's threads, and asyncio's
+primitives are not thread-safe, so a call from off the queue's event loop hands the key over
+with ``call_soon_threadsafe``. Done directly, the worker's wake-up would wait for the loop's
+next unrelated wake-up, or be lost to a race with ``get`` (the suspected cause of autoscaling
+passes that reached the Deployment 26-39 s after the decision, not yet confirmed).
 """
 
 from __future__ import annotations
