@@ -84,7 +84,13 @@ COMPONENTS = {
     "helm": Component("helm", C.HELM_VERSION, ("helm",)),
     "kind": Component("kind", C.KIND_VERSION, ("kind",)),
     "pause": Component("pause", C.PAUSE_VERSION, ("pause",)),
+    # Only the kind provider's node image needs these two; `ensure_all` leaves them out.
+    "kubeadm": Component("kubeadm", C.K8S_VERSION, ("kubeadm",)),
+    "runcwrap": Component("runcwrap", C.RUNCWRAP_VERSION, ("runcwrap",)),
 }
+# What the local provider needs (and `scripts/local-cluster build` builds).
+LOCAL_COMPONENTS = ("k8s", "etcd", "coredns", "helm", "kind", "pause")
+RUNCWRAP_SOURCE = C.PACKAGE_DIR / "kind" / "runcwrap.go"
 
 LDFLAGS = "-s -w"
 
@@ -115,6 +121,7 @@ def recipe_key(component: Component) -> str:
             component.binaries,
             LDFLAGS,
             PAUSE_MAIN if component.name == "pause" else "",
+            RUNCWRAP_SOURCE.read_text() if component.name == "runcwrap" else "",
         ]
     )
     return (
@@ -185,7 +192,7 @@ def _write_wrapper(
     write_file(src / "go.mod", "\n".join(lines))
 
 
-def _build_kubernetes(cfg: Config, out: Path) -> None:
+def _build_kubernetes(cfg: Config, out: Path, commands: tuple[str, ...] = K8S_COMMANDS) -> None:
     gomod = _module_gomod(cfg, "k8s.io/kubernetes", C.K8S_VERSION)
     staging = [m for m in _replaced_modules(gomod) if m.startswith("k8s.io/")]
     godebug = re.search(r"^godebug\s+(\S+)", gomod, re.MULTILINE)
@@ -197,7 +204,7 @@ def _build_kubernetes(cfg: Config, out: Path) -> None:
         {m: C.K8S_STAGING_VERSION for m in staging},
         godebug.group(1) if godebug else None,
     )
-    pkgs = [f"k8s.io/kubernetes/cmd/{c}" for c in K8S_COMMANDS]
+    pkgs = [f"k8s.io/kubernetes/cmd/{c}" for c in commands]
     run(
         [
             "go",
@@ -246,10 +253,25 @@ def _build_pause(cfg: Config, out: Path) -> None:
     )
 
 
+def _build_runcwrap(cfg: Config, out: Path) -> None:
+    src = out.parent / "src"
+    write_file(src / "go.mod", "module snakepit.local/runcwrap\n\ngo 1.24.0\n")
+    write_file(src / "main.go", RUNCWRAP_SOURCE.read_text())
+    run(
+        ["go", "build", "-o", str(out / "runcwrap"), f"-ldflags={LDFLAGS}", "."],
+        env=go_env(cfg),
+        cwd=src,
+    )
+
+
 def _build(cfg: Config, component: Component, out: Path) -> None:
     match component.name:
         case "k8s":
             _build_kubernetes(cfg, out)
+        case "kubeadm":
+            _build_kubernetes(cfg, out, ("kubeadm",))
+        case "runcwrap":
+            _build_runcwrap(cfg, out)
         case "etcd":
             _build_etcd(cfg, out)
         case "coredns":
@@ -305,7 +327,7 @@ def ensure_component(cfg: Config, name: str) -> float:
         return seconds
 
 
-def ensure_all(cfg: Config, names: tuple[str, ...] = tuple(COMPONENTS)) -> dict[str, float]:
+def ensure_all(cfg: Config, names: tuple[str, ...] = LOCAL_COMPONENTS) -> dict[str, float]:
     return {name: ensure_component(cfg, name) for name in names}
 
 

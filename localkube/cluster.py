@@ -65,6 +65,13 @@ def up(cfg: Config, tier: str = "node") -> dict[str, float]:
     """Start (or reuse) a cluster of at least ``tier``; return timings in seconds."""
     if tier not in TIERS:
         raise ValueError(f"tier must be one of {TIERS}")
+    from .kind.settings import KindConfig
+
+    if KindConfig().info_file.exists():
+        raise RuntimeError(
+            "a kind cluster of this tool runs: `scripts/local-cluster down --provider kind` "
+            "first (the two must not run at the same time)"
+        )
     timings: dict[str, float] = {}
     begin = time.monotonic()
     running = current_tier(cfg)

@@ -21,6 +21,8 @@ HELM_VERSION = "v3.22.0"
 KIND_VERSION = "v0.33.0"
 # Bumped whenever the pause program in build.py changes.
 PAUSE_VERSION = "3.10-snakepit1"
+# Bumped whenever localkube/kind/runcwrap.go changes (its source is also part of the recipe key).
+RUNCWRAP_VERSION = "1"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = Path(__file__).resolve().parent

@@ -2,9 +2,9 @@
 
 - ``local`` (default): the single-node cluster this package builds on this machine
   (``scripts/local-cluster``); needs root, Go, containerd, buildah and debootstrap.
-- ``kind``: a kind cluster (needs Docker, or podman with ``KIND_EXPERIMENTAL_PROVIDER=podman``);
-  images are built with ``docker build`` when Docker exists, else with buildah, and loaded with
-  ``kind load``.
+- ``kind``: ``scripts/local-cluster up --provider kind``: a kind cluster on a running Docker (kind's
+  stock node image), or on a Docker started here with a node image built here; the images are
+  built with buildah (as for ``local``) and loaded with ``kind load image-archive``.
 - ``existing``: the current kubeconfig (``KUBECONFIG`` or ~/.kube/config); the images must already
   be reachable by the cluster under ``$SNAKEPIT_E2E_IMAGE_PREFIX/<name>:dev``.
 
@@ -26,10 +26,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from .config import REPO_ROOT, Config
-from .images import PROJECT_IMAGES
 
 LOCAL_CLUSTER = REPO_ROOT / "scripts" / "local-cluster"
-KIND_CLUSTER_NAME = os.environ.get("SNAKEPIT_E2E_KIND_NAME", "snakepit-e2e")
 
 
 T = TypeVar("T")
@@ -196,9 +194,10 @@ class LocalProvider(Provider):
         missing = [t for t in self.TOOLS if not shutil.which(t, path=path)]
         if not Path("/usr/lib/cni/bridge").exists():
             missing.append("containernetworking-plugins (/usr/lib/cni)")
-        from .build import COMPONENTS, is_built
+        from .build import COMPONENTS, LOCAL_COMPONENTS, is_built
 
-        if not all(is_built(self.cfg, c) for c in COMPONENTS.values()) and not shutil.which("go"):
+        built = all(is_built(self.cfg, COMPONENTS[c]) for c in LOCAL_COMPONENTS)
+        if not built and not shutil.which("go"):
             missing.append("go (the binary cache is cold)")
         if missing:
             raise MissingPrerequisite("the local cluster needs: " + ", ".join(missing))
@@ -272,107 +271,120 @@ class LocalProvider(Provider):
 
 
 class KindProvider(Provider):
+    """Runs ``scripts/local-cluster up|images|down --provider kind`` in subprocesses.
+
+    On a machine whose Docker answers, kind's stock node image is used; where no engine runs
+    (these build machines) ``up`` starts a Docker of its own and builds the node image here.
+    ``SNAKEPIT_E2E_KIND_NODES`` (default 1) sets the number of nodes.
+    """
+
     name = "kind"
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        self.created = False
+        from .kind.settings import KindConfig
+
+        self.kcfg = KindConfig(cache_dir=cfg.cache_dir)
+        self.nodes = int(os.environ.get("SNAKEPIT_E2E_KIND_NODES") or 1)
+        self.preexisting: bool | None = None
         self.images_loaded = False
-        self.kubeconfig = cfg.cache_dir / f"kind-{KIND_CLUSTER_NAME}.kubeconfig"
+        self.log = cfg.cache_dir / "last-e2e-provider.log"
 
-    def _kind(self) -> str:
-        if found := shutil.which("kind"):
-            return found
-        from .build import ensure_component
+    def check_prerequisites(self) -> None:
+        if os.geteuid() != 0:
+            raise MissingPrerequisite("the kind provider here needs root (it may start dockerd)")
+        from .kind.engine import docker_answers
 
-        ensure_component(self.cfg, "kind")
-        return str(self.cfg.kind_bin)
+        if not shutil.which("docker"):
+            raise MissingPrerequisite("the kind provider needs docker (apt-get install docker.io)")
+        if not docker_answers(None) and not shutil.which("dockerd"):
+            raise MissingPrerequisite(
+                "the kind provider needs a running Docker, or dockerd to start one "
+                "(apt-get install docker.io)"
+            )
 
-    @staticmethod
-    def _check_engine() -> None:
-        """kind needs a running engine, not just its CLI (a docker client may exist without one)."""
-        engine = "podman" if os.environ.get("KIND_EXPERIMENTAL_PROVIDER") == "podman" else "docker"
-        if not shutil.which(engine):
-            raise MissingPrerequisite(f"the kind provider needs {engine}")
-        proc = subprocess.run([engine, "info"], capture_output=True, text=True, check=False)
+    def _script(self, *args: str, timeout: float = 3600) -> str:
+        self.check_prerequisites()
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("a") as log:
+            log.write(f"\n$ scripts/local-cluster {' '.join(args)}\n")
+            log.flush()
+            proc = subprocess.run(
+                [str(LOCAL_CLUSTER), *args],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                timeout=timeout,
+                env={**os.environ, "SNAKEPIT_CACHE": str(self.cfg.cache_dir)},
+            )
         if proc.returncode != 0:
-            detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
-            raise MissingPrerequisite(f"the kind provider needs a running {engine}: {detail}")
-
-    def _run(self, *cmd: str, timeout: float = 900) -> str:
-        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise ProviderError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
+            tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+            raise ProviderError(
+                f"scripts/local-cluster {' '.join(args)} failed "
+                f"({proc.returncode}); log {self.log}:\n{tail}"
+            )
         return proc.stdout
 
+    def status(self) -> dict[str, object]:
+        from .kind.cluster import status
+
+        return status(self.kcfg)
+
     def ensure(self, tier: str) -> KubeCluster:
-        self._check_engine()
-        kind = self._kind()
-        clusters = self._run(kind, "get", "clusters").split()
-        if KIND_CLUSTER_NAME not in clusters:
-            self._run(kind, "create", "cluster", "--name", KIND_CLUSTER_NAME, "--wait", "120s")
-            self.created = True
-        self.kubeconfig.parent.mkdir(parents=True, exist_ok=True)
-        self.kubeconfig.write_text(
-            self._run(kind, "get", "kubeconfig", "--name", KIND_CLUSTER_NAME)
-        )
+        running = self.status()
+        if self.preexisting is None:
+            self.preexisting = bool(running.get("running"))
+        if not running.get("running") or running.get("nodes") != self.nodes:
+            out = self._script("up", "--provider", "kind", "--nodes", str(self.nodes))
+            lines = out.strip().splitlines()
+            if not lines or not lines[-1].startswith("export KUBECONFIG="):
+                raise ProviderError(f"unexpected output of `up --provider kind`: {lines[-1:]}")
+            self.images_loaded = False
+            running = self.status()
         if not self.images_loaded:
-            self._load_images(kind)
+            self._script("images", "--provider", "kind")
             self.images_loaded = True
         return KubeCluster(
             provider=self.name,
-            kubeconfig=self.kubeconfig,
+            kubeconfig=self.kcfg.kubeconfig,
             kubectl=_kubectl_binary(self.cfg),
             pull_policy="Never",
             tier="node",
+            host_reaches_cluster_ips=bool(running.get("service_route")),
             tagger=self._tag,
         )
 
     def _tag(self, source: str, target: str) -> None:
-        """Tag inside every kind node's containerd (kind nodes are containers named
-        ``<cluster>-control-plane``, ``<cluster>-worker``…)."""
-        nodes = self._run(self._kind(), "get", "nodes", "--name", KIND_CLUSTER_NAME).split()
-        engine = "podman" if os.environ.get("KIND_EXPERIMENTAL_PROVIDER") == "podman" else "docker"
-        for node in nodes:
-            self._run(
-                engine,
-                "exec",
-                node,
-                "ctr",
-                "-n",
-                "k8s.io",
-                "images",
-                "tag",
-                "--force",
-                source,
-                target,
+        """Tag inside every node's containerd (kind nodes are containers named after them)."""
+        from .kind import cluster as kind
+        from .kind.engine import running_engine
+
+        engine = running_engine(self.kcfg)
+        if engine is None:
+            raise ProviderError("no container engine runs")
+        for node in kind.node_names(self.kcfg, engine):
+            kind.docker_exec(
+                engine, node, "ctr", "-n", "k8s.io", "images", "tag", "--force", source, target
             )
 
-    def _load_images(self, kind: str) -> None:
-        if shutil.which("docker"):
-            for name, dockerfile in PROJECT_IMAGES.items():
-                ref = f"snakepit/{name}:dev"
-                self._run(
-                    "docker",
-                    "build",
-                    "-f",
-                    str(REPO_ROOT / dockerfile),
-                    "-t",
-                    ref,
-                    str(REPO_ROOT),
-                    timeout=1800,
-                )
-                self._run(kind, "load", "docker-image", ref, "--name", KIND_CLUSTER_NAME)
-            return
-        from .images import build_images  # buildah archives, as for the local provider
+    def stop_node(self, node: str) -> None:
+        """Stop a node's container (what losing a machine looks like to the cluster)."""
+        from .kind import cluster as kind
 
-        archives, _ = build_images(self.cfg)
-        for archive in archives.values():
-            self._run(kind, "load", "image-archive", str(archive), "--name", KIND_CLUSTER_NAME)
+        kind.stop_node(self.kcfg, node)
+
+    def start_node(self, node: str) -> None:
+        from .kind import cluster as kind
+
+        kind.start_node(self.kcfg, node)
+
+    def down(self) -> None:
+        self._script("down", "--provider", "kind")
+        self.images_loaded = False
 
     def teardown(self) -> None:
-        if self.created and not os.environ.get("SNAKEPIT_E2E_KEEP"):
-            self._run(self._kind(), "delete", "cluster", "--name", KIND_CLUSTER_NAME)
+        if self.preexisting is False and not os.environ.get("SNAKEPIT_E2E_KEEP"):
+            self.down()
 
 
 class ExistingProvider(Provider):

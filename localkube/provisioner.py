@@ -9,7 +9,9 @@ a world-writable directory under the cluster's state dir and a hostPath Persiste
 pre-bound to the claim; when such a volume is Released and its policy is Delete it removes both.
 
 Run by ``scripts/local-cluster up`` as a supervised process:
-``python -m localkube.provisioner``.
+``python -m localkube.provisioner``. For a kind cluster made from this project's node image
+(``--kind-state-dir``) the same loop runs on the host, makes the directory inside the chosen node's
+container (``docker exec``) and binds the volume to that node.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,11 +37,46 @@ def _log(msg: str) -> None:
     print(f"{time.strftime('%F %T')} {msg}", flush=True)
 
 
+class HostDirs:
+    """Volumes are directories on this machine (the local cluster's only node is this machine)."""
+
+    def make(self, node: str, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o777)  # pods run as arbitrary non-root UIDs
+
+    def remove(self, node: str, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class NodeContainerDirs:
+    """Volumes are directories inside a kind node's container (named like the node)."""
+
+    def _exec(self, node: str, *cmd: str) -> None:
+        subprocess.run(["docker", "exec", node, *cmd], check=True, capture_output=True, timeout=60)
+
+    def make(self, node: str, path: Path) -> None:
+        self._exec(node, "mkdir", "-p", "-m", "0777", str(path))
+        self._exec(node, "chmod", "0777", str(path))
+
+    def remove(self, node: str, path: Path) -> None:
+        try:
+            self._exec(node, "rm", "-rf", str(path))
+        except (subprocess.SubprocessError, OSError) as exc:  # a stopped node keeps its files
+            _log(f"could not remove {path} on {node}: {exc}")
+
+
 class Provisioner:
-    def __init__(self, cfg: Config, kube: Kube) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        kube: Kube,
+        root: Path | None = None,
+        dirs: HostDirs | NodeContainerDirs | None = None,
+    ) -> None:
         self.cfg, self.kube = cfg, kube
         self.name = cfg.net.provisioner_name
-        self.root = cfg.volumes_dir
+        self.root = root or cfg.volumes_dir
+        self.dirs = dirs or HostDirs()
 
     def our_classes(self) -> dict[str, dict[str, Any]]:
         items = self.kube.get("/apis/storage.k8s.io/v1/storageclasses")["items"]
@@ -50,8 +88,8 @@ class Provisioner:
         if self.kube.exists(f"/api/v1/persistentvolumes/{pv_name}"):
             return
         path = self.root / f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
-        path.mkdir(parents=True, exist_ok=True)
-        path.chmod(0o777)  # pods run as arbitrary non-root UIDs
+        node = meta.get("annotations", {}).get(SELECTED_NODE) or self.cfg.node_name
+        self.dirs.make(node, path)
         pv = {
             "apiVersion": "v1",
             "kind": "PersistentVolume",
@@ -78,7 +116,7 @@ class Provisioner:
                                     {
                                         "key": "kubernetes.io/hostname",
                                         "operator": "In",
-                                        "values": [self.cfg.node_name],
+                                        "values": [node],
                                     }
                                 ]
                             }
@@ -94,7 +132,9 @@ class Provisioner:
         meta, spec = pv["metadata"], pv["spec"]
         path = Path(spec.get("hostPath", {}).get("path", ""))
         if path.parent == self.root:  # never delete anything we did not create
-            shutil.rmtree(path, ignore_errors=True)
+            terms = spec.get("nodeAffinity", {}).get("required", {}).get("nodeSelectorTerms", [])
+            nodes = [v for t in terms for e in t.get("matchExpressions", []) for v in e["values"]]
+            self.dirs.remove(nodes[0] if nodes else self.cfg.node_name, path)
         try:
             self.kube.delete(f"/api/v1/persistentvolumes/{meta['name']}")
         except ApiError as exc:
@@ -128,10 +168,22 @@ class Provisioner:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="hostPath volume provisioner of the local cluster")
     parser.add_argument("--state-dir", type=Path, help="the cluster's state dir (default: env)")
+    kind = parser.add_argument_group("kind cluster (volumes inside the node containers)")
+    kind.add_argument("--kind-state-dir", type=Path, help="state dir of the kind cluster")
+    kind.add_argument("--server", help="API server URL")
+    kind.add_argument("--ca", type=Path)
+    kind.add_argument("--cert", type=Path)
+    kind.add_argument("--key", type=Path)
+    kind.add_argument("--root", type=Path, help="folder of the volumes inside every node")
     args = parser.parse_args(argv)
-    cfg = Config(state_dir=args.state_dir) if args.state_dir else Config()
-    kube = Kube.for_identity(cfg, "provisioner")
-    prov = Provisioner(cfg, kube)
+    if args.kind_state_dir:
+        cfg = Config(state_dir=args.kind_state_dir)
+        kube = Kube(args.server, args.ca, args.cert, args.key)
+        prov = Provisioner(cfg, kube, args.root, NodeContainerDirs())
+    else:
+        cfg = Config(state_dir=args.state_dir) if args.state_dir else Config()
+        kube = Kube.for_identity(cfg, "provisioner")
+        prov = Provisioner(cfg, kube)
     stopping = False
 
     def stop(*_: object) -> None:
