@@ -121,8 +121,9 @@ def recipe_key(component: Component) -> str:
             component.binaries,
             LDFLAGS,
             PAUSE_MAIN if component.name == "pause" else "",
-            RUNCWRAP_SOURCE.read_text() if component.name == "runcwrap" else "",
         ]
+        # Only the wrapper's recipe names its source (the other keys stay as they were).
+        + ([RUNCWRAP_SOURCE.read_text()] if component.name == "runcwrap" else [])
     )
     return (
         f"{component.name}-{component.version}-{hashlib.sha256(material.encode()).hexdigest()[:12]}"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import build, hostnet, procs
+from ..cluster import current_tier
 from ..config import Config
 from ..run import log, wait_for, write_file
 from . import engine as eng
@@ -70,6 +71,16 @@ def read_sysctls() -> dict[str, str]:
         with contextlib.suppress(OSError):
             values[name] = Path("/proc/sys", name.replace(".", "/")).read_text().strip()
     return values
+
+
+def our_links(kcfg: KindConfig) -> list[str]:
+    """Our bridge and the host ends of veths plugged into it (never another runtime's veths)."""
+    found = []
+    for name in hostnet.links():
+        master = Path("/sys/class/net", name, "master")
+        if name == kcfg.bridge or (master.exists() and master.resolve().name == kcfg.bridge):
+            found.append(name)
+    return found
 
 
 def routes() -> list[str]:
@@ -138,9 +149,11 @@ def kind_bin(kcfg: KindConfig) -> str:
     return str(kcfg.cfg.kind_bin)
 
 
-def kubectl(kcfg: KindConfig, *args: str, check: bool = True, **kw: Any) -> str:
+def kubectl(
+    kcfg: KindConfig, *args: str, check: bool = True, timeout: float = 120, **kw: Any
+) -> str:
     cmd = [str(kcfg.cfg.kubectl_bin), f"--kubeconfig={kcfg.kubeconfig}", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120, **kw)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout, **kw)
     if check and proc.returncode != 0:
         raise RuntimeError(f"kubectl {' '.join(args)} failed:\n{proc.stderr}")
     return proc.stdout
@@ -194,6 +207,19 @@ name: {kcfg.name}
   kind: KubeletConfiguration
   failCgroupV1: false
 - |
+  # kind writes v1beta3 for Kubernetes 1.34 (extraArgs: maps) ...
+  apiVersion: kubeadm.k8s.io/v1beta3
+  kind: ClusterConfiguration
+  apiServer:
+    extraArgs:
+      default-not-ready-toleration-seconds: "10"
+      default-unreachable-toleration-seconds: "10"
+  controllerManager:
+    extraArgs:
+      node-monitor-grace-period: "20s"
+- |
+  # ... and v1beta4 for newer releases (kind's stock image; extraArgs: lists, replaced whole)
+  apiVersion: kubeadm.k8s.io/v1beta4
   kind: ClusterConfiguration
   apiServer:
     extraArgs:
@@ -340,8 +366,6 @@ def choose_image(kcfg: KindConfig, engine: eng.Engine) -> str:
 
 
 def up(kcfg: KindConfig, nodes: int = 1) -> dict[str, float]:
-    from ..cluster import current_tier
-
     if nodes < 1:
         raise ValueError("--nodes must be at least 1")
     if current_tier(Config()) is not None:
@@ -353,7 +377,8 @@ def up(kcfg: KindConfig, nodes: int = 1) -> dict[str, float]:
     begin = time.monotonic()
     info = read_info(kcfg)
     engine = eng.running_engine(kcfg)
-    if info and engine and cluster_exists(kcfg, engine):
+    complete = bool(info.get("up_timings"))  # written last: an `up` that failed left none
+    if complete and engine and cluster_exists(kcfg, engine):
         if info.get("nodes") == nodes:
             log(f"reusing the running kind cluster {kcfg.name} ({nodes} nodes)")
             return {"total": 0.0}
@@ -505,14 +530,19 @@ def down(kcfg: KindConfig) -> dict[str, object]:
     found = load_snapshot(kcfg)
     _unmount_under((kcfg.docker_exec_root, kcfg.docker_data_root))
     _clean_cgroups(kcfg, found)
-    for name in hostnet.links():
-        if name not in found.links and (name == kcfg.bridge or name.startswith("veth")):
+    for name in our_links(kcfg):
+        if name not in found.links:
             subprocess.run(["ip", "link", "delete", name], capture_output=True, check=False)
     shutil.rmtree(kcfg.docker_exec_root, ignore_errors=True)
-    for path in FOREIGN_PATHS:
-        if found.taken_at and path not in found.paths and os.path.lexists(path):
-            shutil.rmtree(path, ignore_errors=True)
-    hostnet.restore_sysctls(found.sysctls)
+    if current_tier(Config()) is not None:
+        # Someone started the local provider's cluster meanwhile (they must not run together):
+        # /run/containerd, the sysctls and such are its now; leave them to its own `down`.
+        log("the local provider's cluster runs: shared paths and kernel settings left alone")
+    else:
+        for path in FOREIGN_PATHS:
+            if found.taken_at and path not in found.paths and os.path.lexists(path):
+                shutil.rmtree(path, ignore_errors=True)
+        hostnet.restore_sysctls(found.sysctls)
     report = leftovers(kcfg, found)
     shutil.rmtree(kcfg.state_dir, ignore_errors=True)
     report["seconds"] = round(time.monotonic() - begin, 1)
@@ -572,15 +602,14 @@ def leftovers(kcfg: KindConfig, found: Found | None = None) -> dict[str, object]
                 continue  # an empty built-in chain of a table something else touched
             changes.append(f"{binary}: {'+' if line in current else '-'} {line}")
     prefixes = (str(kcfg.docker_exec_root) + "/", str(kcfg.docker_data_root) + "/")
+    if current_tier(Config()) is not None:
+        # The local cluster's own rules, paths and settings are not ours to report.
+        changes, now, found.sysctls, found.taken_at = [], {}, {}, ""
     return {
         "processes": {**procs.running(kcfg.cfg), **eng.stray_processes(kcfg)},
         "iptables_rules": changes,
         "mounts": [m for m in hostnet.mounts() if m.startswith(prefixes)],
-        "links": [
-            n
-            for n in hostnet.links()
-            if n not in found.links and (n == kcfg.bridge or n.startswith(("veth", "br-")))
-        ],
+        "links": [n for n in our_links(kcfg) if n not in found.links],
         "cgroups": [str(p) for p in cgroup_dirs(kcfg) if str(p) not in found.cgroups],
         "routes": sorted(set(routes()) ^ set(found.routes)) if found.taken_at else [],
         "paths": [
@@ -595,7 +624,7 @@ def leftovers(kcfg: KindConfig, found: Found | None = None) -> dict[str, object]
 def status(kcfg: KindConfig) -> dict[str, object]:
     info = read_info(kcfg)
     engine = eng.running_engine(kcfg)
-    running = bool(info) and engine is not None and cluster_exists(kcfg, engine)
+    running = bool(info.get("up_timings")) and engine is not None and cluster_exists(kcfg, engine)
     return {
         "provider": "kind",
         "running": running,

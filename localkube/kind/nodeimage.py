@@ -44,7 +44,7 @@ from .. import build, oci
 from .. import config as C
 from ..config import Config
 from ..images import DEBIAN_MIRROR, DEBIAN_SUITE
-from ..procs import log_file, read_pid, start, stop, wait_ready
+from ..procs import log_tail, start, stop, wait_ready
 from ..run import log, output, run
 from .engine import Engine
 from .settings import KindConfig
@@ -284,6 +284,8 @@ def _preload_images(cfg: Config, root: Path, archives: dict[str, Path]) -> None:
     sock = state / "containerd.sock"
     conf = state / "config.toml"
     state.mkdir(parents=True)
+    # PID and log files of this containerd live here too, never in a cluster's state dir.
+    cfg = Config(cache_dir=cfg.cache_dir, state_dir=state)
     conf.write_text(
         "version = 2\n"
         f'root = "{root / "var/lib/containerd"}"\n'
@@ -307,9 +309,10 @@ def _preload_images(cfg: Config, root: Path, archives: dict[str, Path]) -> None:
                 raise RuntimeError(f"importing {archive} did not give {ref}")
             # Never garbage-collected by the kubelet (kind pins its images the same way).
             run([*ctr, "images", "label", ref, "io.cri-containerd.pinned=pinned"], quiet=True)
+    except Exception:
+        log(f"containerd for the image import, last lines:\n{log_tail(cfg, name)}")
+        raise
     finally:
-        if read_pid(cfg, name) is None:
-            log(f"containerd for the image import died: see {log_file(cfg, name)}")
         stop(cfg, name)
         shutil.rmtree(state, ignore_errors=True)
 
@@ -365,20 +368,10 @@ def ensure_node_image(kcfg: KindConfig, engine: Engine) -> tuple[str, dict[str, 
         return ref, timings
     t = time.monotonic()
     log(f"importing {ref} into the engine")
+    rootfs_ref = f"{ref}-rootfs"
     with tarball.open("rb") as fh:
         imported = subprocess.run(
-            [
-                "docker",
-                "import",
-                "--change",
-                'ENTRYPOINT ["/usr/local/bin/entrypoint", "/sbin/init"]',
-                "--change",
-                "STOPSIGNAL SIGRTMIN+3",
-                "--change",
-                "ENV container=docker",
-                "-",
-                ref,
-            ],
+            ["docker", "import", "-", rootfs_ref],
             stdin=fh,
             capture_output=True,
             text=True,
@@ -387,6 +380,18 @@ def ensure_node_image(kcfg: KindConfig, engine: Engine) -> tuple[str, dict[str, 
         )
     if imported.returncode != 0:
         raise RuntimeError(f"docker import of the node image failed: {imported.stderr}")
+    # `docker import --change` cannot set STOPSIGNAL: one build step, no context, no registry.
+    # systemd as PID 1 shuts down cleanly on SIGRTMIN+3 (SIGTERM would make it re-execute).
+    dockerfile = (
+        f"FROM {rootfs_ref}\n"
+        "ENV container=docker\n"
+        "STOPSIGNAL SIGRTMIN+3\n"
+        'ENTRYPOINT ["/usr/local/bin/entrypoint", "/sbin/init"]\n'
+    )
+    built = _docker(engine, "build", "--network=none", "-t", ref, "-", input=dockerfile)
+    if built.returncode != 0:
+        raise RuntimeError(f"docker build of the node image failed: {built.stderr}")
+    _docker(engine, "rmi", rootfs_ref)
     timings["import"] = time.monotonic() - t
     _prune_old_images(engine, ref)
     return ref, timings
