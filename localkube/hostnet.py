@@ -267,8 +267,18 @@ def links() -> list[str]:
 
 
 def cluster_links(cfg: Config) -> list[str]:
-    """The CNI bridge and host ends of pod veth pairs (the bridge plugin names them veth*)."""
-    return [n for n in links() if n == cfg.net.bridge or n.startswith("veth")]
+    """The CNI bridge and host ends of pod veth pairs (the bridge plugin names them veth*).
+
+    A veth plugged into another bridge is someone else's (a container engine's, such as the
+    kind provider's Docker), never ours to delete.
+    """
+    found = []
+    for name in links():
+        master = Path("/sys/class/net", name, "master")
+        other = master.exists() and master.resolve().name != cfg.net.bridge
+        if name == cfg.net.bridge or (name.startswith("veth") and not other):
+            found.append(name)
+    return found
 
 
 def delete_links(cfg: Config, keep: list[str]) -> None:

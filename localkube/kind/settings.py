@@ -31,8 +31,10 @@ class KindConfig:
     network: str = "kind"
     bridge: str = "snakepit-kind0"
     node_subnet: str = "172.31.240.0/24"
-    pod_subnet: str = "10.244.0.0/16"
-    service_subnet: str = "10.96.0.0/16"
+    # Ranges of their own (not the local provider's 10.244/10.96): nothing on the host can mistake
+    # one cluster's addresses for the other's.
+    pod_subnet: str = "10.245.0.0/16"
+    service_subnet: str = "10.97.0.0/16"
     cgroup_parent: str = "snakepit-docker"
 
     @property
