@@ -43,6 +43,14 @@ def engine_processes(roots: tuple[str, ...]) -> list[str]:
     return found
 
 
+def iptables_rules() -> dict[str, list[str]]:
+    """Every table, chain and rule, without the dump's timestamp comments and packet counters."""
+    return {
+        save: [line.split(" [", 1)[0] for line in lines if not line.startswith("#")]
+        for save, lines in iptables_lines().items()
+    }
+
+
 def host_routes() -> list[str]:
     out = subprocess.run(["ip", "-4", "route", "show"], capture_output=True, text=True, check=True)
     return sorted(line.strip() for line in out.stdout.splitlines() if line.strip())
@@ -65,14 +73,14 @@ def test_kind_down_leaves_the_machine_clean_and_up_works_again(
     )
     found = json.loads(kcfg.snapshot_file.read_text())
     assert found["taken_at"], "up did not record the machine's state"
-    iptables_before = iptables_lines()
+    iptables_before = iptables_rules()
 
     kube_provider.down()  # type: ignore[attr-defined]
 
     roots = (str(kcfg.docker_exec_root), str(kcfg.docker_data_root))
     assert engine_processes(roots) == []
     # iptables: exactly as before (the engine runs with --iptables=false; nodes have their own)
-    assert iptables_lines() == iptables_before
+    assert iptables_rules() == iptables_before
     assert not [line for lines in iptables_lines().values() for line in lines if "DOCKER" in line]
     mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
     assert [m for m in mounts if m.startswith(roots)] == []
