@@ -25,7 +25,7 @@ import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 
-from . import build, oci
+from . import build, oci, procs
 from .components import PAUSE_IMAGE
 from .config import REPO_ROOT, Config
 from .run import log, output, run
@@ -110,19 +110,7 @@ def load_pause(cfg: Config) -> None:
 
 def stray_processes(cfg: Config) -> dict[str, int]:
     """Processes outside our PID files that still belong to the cluster (containerd shims)."""
-    marks = (str(cfg.containerd_socket), str(cfg.containerd_dir))
-    found: dict[str, int] = {}
-    me = os.getpid()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == me:
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(m in cmdline for m in marks):
-            found[f"{cmdline.split()[0]}:{proc.name}"] = int(proc.name)
-    return found
+    return procs.mentioning((str(cfg.containerd_socket), str(cfg.containerd_dir)))
 
 
 def kill_strays(cfg: Config) -> None:

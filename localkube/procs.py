@@ -146,3 +146,20 @@ def running(cfg: Config) -> dict[str, int]:
             if (pid := read_pid(cfg, path.stem)) is not None:
                 result[path.stem] = pid
     return result
+
+
+def mentioning(marks: Sequence[str]) -> dict[str, int]:
+    """``{"argv0:PID": PID}`` of every process (but this one) whose command line contains one of
+    ``marks``: what a runtime left behind outside our PID files (shims, proxies)."""
+    found: dict[str, int] = {}
+    me = os.getpid()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == me:
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(m in cmdline for m in marks):
+            found[f"{cmdline.split()[0]}:{proc.name}"] = int(proc.name)
+    return found

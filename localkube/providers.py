@@ -157,10 +157,9 @@ class Provider:
         """Remove what this provider created during the session (nothing by default)."""
 
 
-class LocalProvider(Provider):
-    """Runs ``scripts/local-cluster`` in subprocesses: exactly what a developer would type."""
-
-    name = "local"
+class ScriptProvider(Provider):
+    """A provider that runs ``scripts/local-cluster`` in subprocesses: exactly what a developer
+    would type. Their stderr goes to one log, whose tail a failure shows."""
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
@@ -168,6 +167,47 @@ class LocalProvider(Provider):
         self.preexisting: bool | None = None
         self.images_loaded = False
         self.log = cfg.cache_dir / "last-e2e-provider.log"
+
+    def check_prerequisites(self) -> None:
+        """Raise MissingPrerequisite for what this machine lacks; nothing is attempted before."""
+
+    def script_env(self) -> dict[str, str]:
+        return {"SNAKEPIT_CACHE": str(self.cfg.cache_dir)}
+
+    def _script(self, *args: str, timeout: float = 3600) -> str:
+        self.check_prerequisites()
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("a") as log:
+            log.write(f"\n$ scripts/local-cluster {' '.join(args)}\n")
+            log.flush()
+            proc = subprocess.run(
+                [str(LOCAL_CLUSTER), *args],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                timeout=timeout,
+                env={**os.environ, **self.script_env()},
+            )
+        if proc.returncode != 0:
+            tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+            raise ProviderError(
+                f"scripts/local-cluster {' '.join(args)} failed "
+                f"({proc.returncode}); log {self.log}:\n{tail}"
+            )
+        return proc.stdout
+
+    def down(self) -> None:
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        if self.preexisting is False and not os.environ.get("SNAKEPIT_E2E_KEEP"):
+            self.down()
+
+
+class LocalProvider(ScriptProvider):
+    """The single-node cluster this package runs as plain processes on this machine."""
+
+    name = "local"
 
     # Debian packages (apt-get install containerd runc containernetworking-plugins iptables
     # conntrack buildah debootstrap) plus openssl; Go only when the binary cache is cold.
@@ -202,31 +242,8 @@ class LocalProvider(Provider):
         if missing:
             raise MissingPrerequisite("the local cluster needs: " + ", ".join(missing))
 
-    def _script(self, *args: str, timeout: float = 3600) -> str:
-        self.check_prerequisites()
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("a") as log:
-            log.write(f"\n$ scripts/local-cluster {' '.join(args)}\n")
-            log.flush()
-            proc = subprocess.run(
-                [str(LOCAL_CLUSTER), *args],
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-                timeout=timeout,
-                env={
-                    **os.environ,
-                    "SNAKEPIT_CACHE": str(self.cfg.cache_dir),
-                    "SNAKEPIT_CLUSTER_DIR": str(self.cfg.state_dir),
-                },
-            )
-        if proc.returncode != 0:
-            tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
-            raise ProviderError(
-                f"scripts/local-cluster {' '.join(args)} failed "
-                f"({proc.returncode}); log {self.log}:\n{tail}"
-            )
-        return proc.stdout
+    def script_env(self) -> dict[str, str]:
+        return {**super().script_env(), "SNAKEPIT_CLUSTER_DIR": str(self.cfg.state_dir)}
 
     def running_tier(self) -> str | None:
         from .cluster import current_tier  # local import: keeps the plugin import light
@@ -265,12 +282,8 @@ class LocalProvider(Provider):
         self._script("down")
         self.images_loaded = False
 
-    def teardown(self) -> None:
-        if self.preexisting is False and not os.environ.get("SNAKEPIT_E2E_KEEP"):
-            self.down()
 
-
-class KindProvider(Provider):
+class KindProvider(ScriptProvider):
     """Runs ``scripts/local-cluster up|images|down --provider kind`` in subprocesses.
 
     On a machine whose Docker answers, kind's stock node image is used; where no engine runs
@@ -286,9 +299,6 @@ class KindProvider(Provider):
 
         self.kcfg = KindConfig(cache_dir=cfg.cache_dir)
         self.nodes = int(os.environ.get("SNAKEPIT_E2E_KIND_NODES") or 1)
-        self.preexisting: bool | None = None
-        self.images_loaded = False
-        self.log = cfg.cache_dir / "last-e2e-provider.log"
 
     def check_prerequisites(self) -> None:
         if os.geteuid() != 0:
@@ -302,28 +312,6 @@ class KindProvider(Provider):
                 "the kind provider needs a running Docker, or dockerd to start one "
                 "(apt-get install docker.io)"
             )
-
-    def _script(self, *args: str, timeout: float = 3600) -> str:
-        self.check_prerequisites()
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("a") as log:
-            log.write(f"\n$ scripts/local-cluster {' '.join(args)}\n")
-            log.flush()
-            proc = subprocess.run(
-                [str(LOCAL_CLUSTER), *args],
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-                timeout=timeout,
-                env={**os.environ, "SNAKEPIT_CACHE": str(self.cfg.cache_dir)},
-            )
-        if proc.returncode != 0:
-            tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
-            raise ProviderError(
-                f"scripts/local-cluster {' '.join(args)} failed "
-                f"({proc.returncode}); log {self.log}:\n{tail}"
-            )
-        return proc.stdout
 
     def status(self) -> dict[str, object]:
         from .kind.cluster import status
@@ -381,10 +369,6 @@ class KindProvider(Provider):
     def down(self) -> None:
         self._script("down", "--provider", "kind")
         self.images_loaded = False
-
-    def teardown(self) -> None:
-        if self.preexisting is False and not os.environ.get("SNAKEPIT_E2E_KEEP"):
-            self.down()
 
 
 class ExistingProvider(Provider):

@@ -128,19 +128,7 @@ def _path() -> str:
 
 def stray_processes(kcfg: KindConfig) -> dict[str, int]:
     """Processes of our engine outside its PID file: containerd, shims, docker-proxy."""
-    marks = (str(kcfg.docker_exec_root), str(kcfg.docker_data_root))
-    found: dict[str, int] = {}
-    me = os.getpid()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == me:
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(m in cmdline for m in marks):
-            found[f"{cmdline.split()[0]}:{proc.name}"] = int(proc.name)
-    return found
+    return procs.mentioning((str(kcfg.docker_exec_root), str(kcfg.docker_data_root)))
 
 
 def stop_engine(kcfg: KindConfig) -> None:
