@@ -16,9 +16,12 @@ N-1 workers; `build --provider kind` also builds the node image (docs/local-clus
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 from . import build, cluster, images
 from .config import TIERS, Config
@@ -61,21 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     match args.cmd:
         case "up":
             _require_root()
-            try:
+            with _on_failure(
+                f"start-up failed; logs are in {cfg.log_dir} "
+                "(run `scripts/local-cluster down` to clean up)"
+            ):
                 cluster.up(cfg, args.tier)
-            except BaseException:
-                log(
-                    "start-up failed; logs are in "
-                    + str(cfg.log_dir)
-                    + " (run `scripts/local-cluster down` to clean up)"
-                )
-                raise
             print(cluster.kubeconfig_export(cfg))
         case "down":
             _require_root()
-            report = cluster.down(cfg)
-            dirty = any(v for k, v in report.items() if k != "seconds")
-            return 1 if dirty else 0
+            return _exit_code(cluster.down(cfg))
         case "images":
             _require_root()
             names = args.names or list(images.PROJECT_IMAGES)
@@ -87,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             archives, timings = images.build_images(cfg, names)
             if not args.no_load:
                 timings["load"] = images.load_images(cfg, archives)
-            log("images: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
-            for name, archive in archives.items():
-                print(f"{images.image_ref(name)}\t{archive}")
+            _print_images(archives, timings)
         case "build":
             timings = build.ensure_all(cfg)
             print(json.dumps({"built_now": timings, "stamps": build.build_report(cfg)}, indent=1))
@@ -111,19 +106,15 @@ def _kind(args: argparse.Namespace) -> int:
     match args.cmd:
         case "up":
             _require_root()
-            try:
+            with _on_failure(
+                f"start-up failed; state and logs are in {kcfg.state_dir} "
+                "(run `scripts/local-cluster down --provider kind` to clean up)"
+            ):
                 kind.up(kcfg, args.nodes)
-            except BaseException:
-                log(
-                    f"start-up failed; state and logs are in {kcfg.state_dir} "
-                    "(run `scripts/local-cluster down --provider kind` to clean up)"
-                )
-                raise
             print(kind.kubeconfig_export(kcfg))
         case "down":
             _require_root()
-            report = kind.down(kcfg)
-            return 1 if any(v for k, v in report.items() if k != "seconds") else 0
+            return _exit_code(kind.down(kcfg))
         case "images":
             _require_root()
             names = args.names or list(images.PROJECT_IMAGES)
@@ -132,9 +123,7 @@ def _kind(args: argparse.Namespace) -> int:
             archives, timings = images.build_images(kcfg.cfg, names)
             if not args.no_load:
                 timings["load"] = kind.load_images(kcfg, archives)
-            log("images: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
-            for name, archive in archives.items():
-                print(f"{images.image_ref(name)}\t{archive}")
+            _print_images(archives, timings)
         case "build":
             _require_root()
             timings = build.ensure_all(kcfg.cfg)
@@ -150,6 +139,27 @@ def _kind(args: argparse.Namespace) -> int:
         case "leftovers":
             print(json.dumps(kind.leftovers(kcfg), indent=1))
     return 0
+
+
+@contextlib.contextmanager
+def _on_failure(message: str) -> Iterator[None]:
+    """Say where to look and how to clean up when ``up`` fails (the error itself follows)."""
+    try:
+        yield
+    except BaseException:
+        log(message)
+        raise
+
+
+def _exit_code(down_report: dict[str, object]) -> int:
+    """1 when ``down`` found anything left over (its report lists it), else 0."""
+    return 1 if any(v for k, v in down_report.items() if k != "seconds") else 0
+
+
+def _print_images(archives: dict[str, Path], timings: dict[str, float]) -> None:
+    log("images: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    for name, archive in archives.items():
+        print(f"{images.image_ref(name)}\t{archive}")
 
 
 if __name__ == "__main__":

@@ -162,6 +162,41 @@ def base_key() -> str:
     return hashlib.sha256(material.encode()).hexdigest()[:12]
 
 
+def debootstrap_tarball(
+    tarball: Path, packages: Iterable[str], trim: Iterable[str], stale: str
+) -> None:
+    """A minimal Debian root filesystem as a tarball: the contents of the ``trim`` folders and
+    the downloaded packages removed, older tarballs of the same recipe (glob ``stale`` next to
+    it) replaced. Made in a work folder next to it, so a failed run leaves no tarball."""
+    work = tarball.with_suffix(".work")
+    shutil.rmtree(work, ignore_errors=True)
+    run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            f"--include={','.join(packages)}",
+            DEBIAN_SUITE,
+            work,
+            DEBIAN_MIRROR,
+        ],
+        quiet=True,
+    )
+    for junk in trim:
+        for p in (work / junk).glob("*"):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    for p in (work / "var/cache/apt/archives").glob("*.deb"):
+        p.unlink()
+    tmp = tarball.with_suffix(".tmp")
+    run(["tar", "--numeric-owner", "-C", work, "-cf", tmp, "."])
+    for old in tarball.parent.glob(stale):
+        old.unlink()
+    tmp.replace(tarball)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def _buildah_has(cfg: Config, ref: str) -> bool:
     return (
         run(buildah_cmd(cfg, "inspect", "--type", "image", ref), check=False, quiet=True).returncode
@@ -184,32 +219,10 @@ def ensure_base(cfg: Config) -> float:
     begin = time.monotonic()
     rootfs_tar = cfg.images_cache / f"base-{DEBIAN_SUITE}-{key}.tar"
     if not rootfs_tar.exists():
-        work = cfg.images_cache / f"base-{key}.rootfs"
-        shutil.rmtree(work, ignore_errors=True)
         log(f"debootstrap {DEBIAN_SUITE} ({', '.join(BASE_PACKAGES)}) from {DEBIAN_MIRROR}")
-        run(
-            [
-                "debootstrap",
-                "--variant=minbase",
-                f"--include={','.join(BASE_PACKAGES)}",
-                DEBIAN_SUITE,
-                work,
-                DEBIAN_MIRROR,
-            ],
-            quiet=True,
+        debootstrap_tarball(
+            rootfs_tar, BASE_PACKAGES, BASE_TRIM, stale=f"base-{DEBIAN_SUITE}-*.tar"
         )
-        for junk in BASE_TRIM:
-            for p in (work / junk).glob("*"):
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink()
-        tmp = rootfs_tar.with_suffix(".tmp")
-        run(["tar", "--numeric-owner", "-C", work, "-cf", tmp, "."])
-        for old in cfg.images_cache.glob(f"base-{DEBIAN_SUITE}-*.tar"):
-            old.unlink()
-        tmp.replace(rootfs_tar)
-        shutil.rmtree(work, ignore_errors=True)
     ctr = output(buildah_cmd(cfg, "from", "scratch")).strip()
     try:
         run(buildah_cmd(cfg, "add", ctr, str(rootfs_tar), "/"), quiet=True)

@@ -1,4 +1,4 @@
-"""Write a one-layer OCI image archive by hand (used for the pause image).
+"""Write OCI image archives by hand (the pause image, the kind node's preloaded images).
 
 The pod sandbox image must exist in containerd before the first pod starts. Writing it directly
 keeps ``up`` independent of buildah and takes milliseconds.
@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import tarfile
+import tempfile
 from pathlib import Path
 
 
@@ -22,71 +23,13 @@ def _blob(tar: tarfile.TarFile, data: bytes) -> tuple[str, int]:
 
 
 def single_binary_image(binary: Path, dest: Path, name: str, entrypoint: str) -> Path:
-    """An image whose root holds only ``binary`` at ``entrypoint``, named ``name``."""
-    layer_buf = io.BytesIO()
-    with tarfile.open(fileobj=layer_buf, mode="w", format=tarfile.PAX_FORMAT) as layer:
-        data = binary.read_bytes()
-        info = tarfile.TarInfo(entrypoint.lstrip("/"))
-        info.size, info.mode = len(data), 0o755
-        layer.addfile(info, io.BytesIO(data))
-    layer_bytes = layer_buf.getvalue()
-    diff_id = "sha256:" + hashlib.sha256(layer_bytes).hexdigest()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(dest, "w") as tar:
-        layer_digest, layer_size = _blob(tar, layer_bytes)
-        config = json.dumps(
-            {
-                "architecture": "amd64",
-                "os": "linux",
-                "config": {"Entrypoint": [entrypoint]},
-                "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-            }
-        ).encode()
-        config_digest, config_size = _blob(tar, config)
-        manifest = json.dumps(
-            {
-                "schemaVersion": 2,
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {
-                    "mediaType": "application/vnd.oci.image.config.v1+json",
-                    "digest": config_digest,
-                    "size": config_size,
-                },
-                "layers": [
-                    {
-                        "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                        "digest": layer_digest,
-                        "size": layer_size,
-                    }
-                ],
-            }
-        ).encode()
-        manifest_digest, manifest_size = _blob(tar, manifest)
-        for fname, doc in (
-            ("oci-layout", {"imageLayoutVersion": "1.0.0"}),
-            (
-                "index.json",
-                {
-                    "schemaVersion": 2,
-                    "manifests": [
-                        {
-                            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                            "digest": manifest_digest,
-                            "size": manifest_size,
-                            "annotations": {
-                                "io.containerd.image.name": name,
-                                "org.opencontainers.image.ref.name": name.rsplit(":", 1)[1],
-                            },
-                        }
-                    ],
-                },
-            ),
-        ):
-            raw = json.dumps(doc).encode()
-            info = tarfile.TarInfo(fname)
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
-    return dest
+    """An image whose root holds only ``binary`` at ``entrypoint``, named ``name`` (its
+    ``ref.name`` is the tag alone: the local provider tags the import itself)."""
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        layer = binary_layer(binary, Path(tmp) / "layer.tar", entrypoint)
+        return layered_image(
+            [layer], dest, name, entrypoint=[entrypoint], ref_name=name.rsplit(":", 1)[1]
+        )
 
 
 def _file_blob(tar: tarfile.TarFile, path: Path) -> tuple[str, int]:
@@ -120,9 +63,11 @@ def layered_image(
     name: str,
     entrypoint: list[str] | None = None,
     env: list[str] | None = None,
+    ref_name: str | None = None,
 ) -> Path:
     """An OCI archive of ``layers`` (uncompressed tars, lowest first), named ``name``, with
-    ``org.opencontainers.image.ref.name`` set so ``ctr images import`` keeps the full name."""
+    ``org.opencontainers.image.ref.name`` (default: ``name``) set so ``ctr images import``
+    keeps the full name."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".tmp")
     with tarfile.open(tmp, "w") as tar:
@@ -173,7 +118,7 @@ def layered_image(
                     "size": manifest_size,
                     "annotations": {
                         "io.containerd.image.name": name,
-                        "org.opencontainers.image.ref.name": name,
+                        "org.opencontainers.image.ref.name": ref_name or name,
                     },
                 }
             ],

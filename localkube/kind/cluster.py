@@ -55,14 +55,12 @@ BUILT = "built"
 
 
 @dataclass
-class Found:
-    sysctls: dict[str, str] = field(default_factory=dict)
-    paths: list[str] = field(default_factory=list)
-    iptables: dict[str, list[str]] = field(default_factory=dict)
-    links: list[str] = field(default_factory=list)
+class Found(hostnet.Snapshot):
+    """The local provider's snapshot, plus what a kind cluster changes besides: cgroups of the
+    engine's parent and routes to the nodes' pod and Service ranges."""
+
     cgroups: list[str] = field(default_factory=list)
     routes: list[str] = field(default_factory=list)
-    taken_at: str = ""
 
 
 def read_sysctls() -> dict[str, str]:

@@ -44,7 +44,7 @@ from pathlib import Path
 from .. import build, oci
 from .. import config as C
 from ..config import Config
-from ..images import DEBIAN_MIRROR, DEBIAN_SUITE
+from ..images import DEBIAN_MIRROR, DEBIAN_SUITE, debootstrap_tarball
 from ..procs import log_tail, start, stop, wait_ready
 from ..run import log, output, run
 from .engine import Engine
@@ -117,34 +117,8 @@ def ensure_rootfs(cfg: Config, name: str, packages: tuple[str, ...]) -> tuple[Pa
     if not shutil.which("debootstrap"):
         raise RuntimeError("debootstrap is needed to build the kind node image")
     begin = time.monotonic()
-    work = cfg.images_cache / f"kind-{name}-rootfs.work"
-    shutil.rmtree(work, ignore_errors=True)
     log(f"debootstrap {DEBIAN_SUITE} for the kind {name} image ({len(packages)} packages)")
-    run(
-        [
-            "debootstrap",
-            "--variant=minbase",
-            f"--include={','.join(packages)}",
-            DEBIAN_SUITE,
-            work,
-            DEBIAN_MIRROR,
-        ],
-        quiet=True,
-    )
-    for junk in TRIM:
-        for p in (work / junk).glob("*"):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-    for p in (work / "var/cache/apt/archives").glob("*.deb"):
-        p.unlink()
-    tmp = tarball.with_suffix(".tmp")
-    run(["tar", "--numeric-owner", "-C", work, "-cf", tmp, "."])
-    for old in cfg.images_cache.glob(f"kind-{name}-rootfs-*.tar"):
-        old.unlink()
-    tmp.replace(tarball)
-    shutil.rmtree(work, ignore_errors=True)
+    debootstrap_tarball(tarball, packages, TRIM, stale=f"kind-{name}-rootfs-*.tar")
     return tarball, time.monotonic() - begin
 
 

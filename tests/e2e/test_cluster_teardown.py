@@ -62,10 +62,9 @@ spec:
 """
 
 
-def cluster_processes(state_dir: Path) -> list[str]:
-    """Live processes of this cluster: every component names the state dir in its argv, and
-    container processes sit in a kubepods cgroup. (Other clusters built from the same binary
-    cache, with other state dirs, may legitimately run at the same time.)"""
+def live_processes(argv_marks: tuple[str, ...], cgroup_mark: str) -> list[str]:
+    """Live processes whose argv names one of ``argv_marks`` or whose cgroup path contains
+    ``cgroup_mark`` (read from /proc, not from the clean-up code's own bookkeeping)."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
@@ -77,9 +76,39 @@ def cluster_processes(state_dir: Path) -> list[str]:
             continue  # already gone
         if not argv:
             continue  # kernel thread or zombie
-        if str(state_dir) in argv or "/kubepods" in cgroups:
+        if any(m in argv for m in argv_marks) or cgroup_mark in cgroups:
             found.append(f"{proc.name}: {argv[:120]}")
     return found
+
+
+def cluster_processes(state_dir: Path) -> list[str]:
+    """Live processes of this cluster: every component names the state dir in its argv, and
+    container processes sit in a kubepods cgroup. (Other clusters built from the same binary
+    cache, with other state dirs, may legitimately run at the same time.)"""
+    return live_processes((str(state_dir),), "/kubepods")
+
+
+def run_workload(cluster: KubeCluster, ns: str) -> None:
+    """The workload below in ``ns`` (made if missing), rolled out."""
+    cluster.kubectl_run("create", "namespace", ns, check=False)
+    cluster.apply(workload(cluster), ns)
+    cluster.kubectl_run(
+        "-n", ns, "rollout", "status", "statefulset/sleeper", "--timeout=180s", timeout=200
+    )
+
+
+def assert_clean_report(path: Path) -> None:
+    """``down``'s own report of what remained lists nothing."""
+    report = json.loads(path.read_text())
+    assert {k: v for k, v in report.items() if v and k != "seconds"} == {}
+
+
+def assert_up_again_runs_pods(provider: Provider, before: KubeCluster, ns: str) -> None:
+    """A second ``up`` after ``down`` gives the same kubeconfig path, and pods run again."""
+    again = provider.ensure("node")
+    assert again.kubeconfig == before.kubeconfig
+    run_workload(again, ns)
+    again.kubectl_run("delete", "namespace", ns, "--wait=false")
 
 
 def iptables_lines() -> dict[str, list[str]]:
@@ -103,11 +132,7 @@ def test_down_leaves_the_machine_clean_and_up_works_again(
         pytest.skip("inspects this machine: only for SNAKEPIT_E2E_CLUSTER=local")
     cfg = kube_provider.cfg
     ns = "teardown-check"
-    kube_node.kubectl_run("create", "namespace", ns, check=False)
-    kube_node.apply(workload(kube_node), ns)
-    kube_node.kubectl_run(
-        "-n", ns, "rollout", "status", "statefulset/sleeper", "--timeout=180s", timeout=200
-    )
+    run_workload(kube_node, ns)
     found = hostnet.load_snapshot(cfg)
     assert found.taken_at, "up did not record the machine's state"
 
@@ -142,15 +167,7 @@ def test_down_leaves_the_machine_clean_and_up_works_again(
     for path in hostnet.FOREIGN_PATHS:
         if path not in found.paths:
             assert not os.path.lexists(path), f"{path} was left behind"
-    report = json.loads((cfg.cache_dir / "last-down-report.json").read_text())
-    assert {k: v for k, v in report.items() if v and k != "seconds"} == {}
+    assert_clean_report(cfg.cache_dir / "last-down-report.json")
 
     # ... and a second `up` after `down` works: pods run again.
-    again = kube_provider.ensure("node")
-    assert again.kubeconfig == kube_node.kubeconfig
-    kube_node.kubectl_run("create", "namespace", ns)
-    kube_node.apply(workload(kube_node), ns)
-    kube_node.kubectl_run(
-        "-n", ns, "rollout", "status", "statefulset/sleeper", "--timeout=180s", timeout=200
-    )
-    kube_node.kubectl_run("delete", "namespace", ns, "--wait=false")
+    assert_up_again_runs_pods(kube_provider, kube_node, ns)

@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 
 from localkube.providers import KubeCluster, Provider
-from tests.e2e.test_cluster_teardown import iptables_lines, workload
+from tests.e2e.test_cluster_teardown import (
+    assert_clean_report,
+    assert_up_again_runs_pods,
+    iptables_lines,
+    live_processes,
+    run_workload,
+)
 
 pytestmark = [
     pytest.mark.e2e,
@@ -29,18 +35,7 @@ pytestmark = [
 def engine_processes(roots: tuple[str, ...]) -> list[str]:
     """Processes of our engine: dockerd, its containerd, shims and docker-proxy all name its
     exec root or data root in their argv; node containers' processes sit in its cgroup parent."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cgroups = (proc / "cgroup").read_text()
-        except OSError:
-            continue
-        if argv and (any(r in argv for r in roots) or "/snakepit-docker" in cgroups):
-            found.append(f"{proc.name}: {argv[:120]}")
-    return found
+    return live_processes(roots, "/snakepit-docker")
 
 
 def iptables_rules() -> dict[str, list[str]]:
@@ -66,11 +61,7 @@ def test_kind_down_leaves_the_machine_clean_and_up_works_again(
         pytest.skip("the engine is the user's own: `down` leaves the machine's setup to it")
     kcfg = kube_provider.kcfg  # type: ignore[attr-defined]
     ns = "kind-teardown-check"
-    kube_node.kubectl_run("create", "namespace", ns, check=False)
-    kube_node.apply(workload(kube_node), ns)
-    kube_node.kubectl_run(
-        "-n", ns, "rollout", "status", "statefulset/sleeper", "--timeout=180s", timeout=200
-    )
+    run_workload(kube_node, ns)
     found = json.loads(kcfg.snapshot_file.read_text())
     assert found["taken_at"], "up did not record the machine's state"
     iptables_before = iptables_rules()
@@ -94,14 +85,5 @@ def test_kind_down_leaves_the_machine_clean_and_up_works_again(
         if path not in found["paths"]:
             assert not os.path.lexists(path), f"{path} was left behind"
     assert not kcfg.state_dir.exists()
-    report = json.loads((kcfg.cache_dir / "last-kind-down-report.json").read_text())
-    assert {k: v for k, v in report.items() if v and k != "seconds"} == {}
-
-    again = kube_provider.ensure("node")
-    assert again.kubeconfig == kube_node.kubeconfig
-    again.kubectl_run("create", "namespace", ns)
-    again.apply(workload(again), ns)
-    again.kubectl_run(
-        "-n", ns, "rollout", "status", "statefulset/sleeper", "--timeout=180s", timeout=200
-    )
-    again.kubectl_run("delete", "namespace", ns, "--wait=false")
+    assert_clean_report(kcfg.cache_dir / "last-kind-down-report.json")
+    assert_up_again_runs_pods(kube_provider, kube_node, ns)
