@@ -491,7 +491,10 @@ def test_an_application_outside_the_cluster_hosts_a_tool_with_two_routers(
         return  # the pinned check below needs the router pods' own addresses
     # Pinned: the stream on router pod A, the calling tool's call entering at pod B, which
     # forwards it to A by pod address (the call a worker's ctx.call_tool makes).
-    a, b = (f"{p['status']['podIP']}:{ROUTER_PORT}" for p in pods(kube_node, ns, "router")[:2])
+    # Two Ready routers: a pod that is not (yet, or no longer) Ready may not listen at all.
+    serving = [p for p in pods(kube_node, ns, "router") if _ready(p)]
+    assert len(serving) >= 2, [(p["metadata"]["name"], p.get("status")) for p in serving]
+    a, b = (f"{p['status']['podIP']}:{ROUTER_PORT}" for p in serving[:2])
     with Client(a, timeout=60) as app, app.session() as session:
         app.register_tool("lookup_price", _lookup_price)
         with grpc.insecure_channel(b) as channel:
