@@ -256,9 +256,8 @@ def conflist(pod_cidr: str) -> str:
     )
 
 
-def setup_pod_network(kcfg: KindConfig, engine: eng.Engine, nodes: list[str]) -> None:
-    """Each node: a CNI config for its podCIDR, and a route to every other node's podCIDR via
-    that node's address on the kind network (all nodes share one bridge, so no overlay)."""
+def pod_cidrs(kcfg: KindConfig, nodes: list[str]) -> dict[str, str]:
+    """{node: podCIDR}, once the controller-manager has given every node one."""
     cidrs: dict[str, str] = {}
 
     def all_cidrs() -> bool:
@@ -270,6 +269,13 @@ def setup_pod_network(kcfg: KindConfig, engine: eng.Engine, nodes: list[str]) ->
         return True
 
     wait_for("podCIDRs for every node", all_cidrs, 120, 1)
+    return cidrs
+
+
+def setup_pod_network(kcfg: KindConfig, engine: eng.Engine, nodes: list[str]) -> None:
+    """Each node: a CNI config for its podCIDR, and a route to every other node's podCIDR via
+    that node's address on the kind network (all nodes share one bridge, so no overlay)."""
+    cidrs = pod_cidrs(kcfg, nodes)
     ips = {node: node_ip(engine, node) for node in nodes}
     for node in nodes:
         docker_exec(
@@ -284,6 +290,23 @@ def setup_pod_network(kcfg: KindConfig, engine: eng.Engine, nodes: list[str]) ->
             if other != node:
                 docker_exec(engine, node, "ip", "route", "replace", cidrs[other], "via", ips[other])
     log("pod network: " + ", ".join(f"{n} {cidrs[n]} via {ips[n]}" for n in nodes))
+
+
+def host_routes(kcfg: KindConfig, engine: eng.Engine, nodes: list[str]) -> str:
+    """The host reaches pods and Services as the nodes do, and nothing of their ranges leaves
+    the machine by the default route: each node's podCIDR is routed to that node, ClusterIPs to
+    the control-plane node (whose kube-proxy forwards, and masquerades, to any node), and the
+    rest of the pod range is unreachable. The routes via nodes go with the bridge; ``down``
+    deletes the unreachable one. Returns the Service route."""
+    env = engine.env
+    _run(["ip", "route", "replace", "unreachable", kcfg.pod_subnet], env)
+    for node, cidr in pod_cidrs(kcfg, nodes).items():
+        _run(
+            ["ip", "route", "replace", cidr, "via", node_ip(engine, node), "dev", kcfg.bridge], env
+        )
+    via = node_ip(engine, f"{kcfg.name}-control-plane")
+    _run(["ip", "route", "replace", kcfg.service_subnet, "via", via, "dev", kcfg.bridge], env)
+    return f"{kcfg.service_subnet} via {via}"
 
 
 def without_forward(corefile: str) -> str:
@@ -434,11 +457,7 @@ def up(kcfg: KindConfig, nodes: int = 1) -> dict[str, float]:
         setup_pod_network(kcfg, engine, names)
         start_provisioner(kcfg, engine)
     if engine.owned:
-        # The host reaches Services as pods do: ClusterIPs are routed to the control-plane node,
-        # whose kube-proxy forwards (and masquerades) to any node. The route goes with the bridge.
-        via = node_ip(engine, f"{kcfg.name}-control-plane")
-        _run(["ip", "route", "replace", kcfg.service_subnet, "via", via, "dev", kcfg.bridge], env)
-        info["service_route"] = f"{kcfg.service_subnet} via {via}"
+        info["service_route"] = host_routes(kcfg, engine, names)
     kubectl(kcfg, "wait", "--for=condition=Ready", "node", "--all", "--timeout=180s", timeout=200)
     kubectl(
         kcfg,
@@ -523,9 +542,15 @@ def down(kcfg: KindConfig) -> dict[str, object]:
                 env=engine.env,
                 check=False,
             )
+    found = load_snapshot(kcfg)
     if engine is None or engine.owned or info.get("engine", {}).get("owned"):
         eng.stop_engine(kcfg)
-    found = load_snapshot(kcfg)
+        if f"unreachable {kcfg.pod_subnet}" not in found.routes:
+            subprocess.run(
+                ["ip", "route", "delete", "unreachable", kcfg.pod_subnet],
+                capture_output=True,
+                check=False,
+            )
     _unmount_under((kcfg.docker_exec_root, kcfg.docker_data_root))
     _clean_cgroups(kcfg, found)
     for name in our_links(kcfg):
