@@ -79,6 +79,18 @@ class Internal(SnakepitError):
     code = grpc.StatusCode.INTERNAL
 
 
+class Unauthenticated(SnakepitError):
+    """The caller did not prove who it is: no credential, or one that is wrong or expired."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(SnakepitError):
+    """The caller is known but may not do this (e.g. ask for the routing table)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ToolError(Internal):
     """A tool raised an exception; ``remote_type`` and ``remote_traceback`` say which and where."""
 
@@ -96,6 +108,8 @@ _BY_CODE: dict[grpc.StatusCode, type[SnakepitError]] = {
         Cancelled,
         Unimplemented,
         Internal,
+        Unauthenticated,
+        PermissionDenied,
     )
 }
 

@@ -1741,11 +1741,18 @@ class RoutingTable(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     AFFINITY_FIELD_NUMBER: _builtins.int
     WORKER_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
+    TICKET_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     vnodes: _builtins.int
     hash: _builtins.str
     version: _builtins.int
     affinity: _builtins.str
     worker_concurrency: _builtins.int
+    ticket: _builtins.str
+    """With auth on: a pool-signed ticket naming the caller, which workers accept from it in direct
+    mode (metadata "snakepit-ticket"), and when it expires (seconds since the epoch).
+    """
+    ticket_expires_at: _builtins.float
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoutingEntry]:
         """Ring nodes are hash(worker_id + "#" + i) for i in [0, vnodes) with blake2b-64 (big-endian)."""
@@ -1759,10 +1766,12 @@ class RoutingTable(_message.Message):
         version: _builtins.int = ...,
         affinity: _builtins.str = ...,
         worker_concurrency: _builtins.int = ...,
+        ticket: _builtins.str = ...,
+        ticket_expires_at: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity", b"affinity", "hash", b"hash", "version", b"version", "vnodes", b"vnodes", "worker_concurrency", b"worker_concurrency", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity", b"affinity", "hash", b"hash", "ticket", b"ticket", "ticket_expires_at", b"ticket_expires_at", "version", b"version", "vnodes", b"vnodes", "worker_concurrency", b"worker_concurrency", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
