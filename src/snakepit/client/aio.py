@@ -39,6 +39,7 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
         tls: bool | ChannelTls = False,
         cert: str | None = None,
         key: str | None = None,
+        token: str | None = None,
     ) -> None:
         super().__init__(
             target,
@@ -49,6 +50,7 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
             metadata=metadata,
             max_message_mb=max_message_mb,
             binary_threshold=binary_threshold,
+            token=token,
         )
         self._host: ToolHost | None = None
 
@@ -149,9 +151,15 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
         return AsyncSession(self, info.session_id, keep=keep)
 
     # Transport ------------------------------------------------------------------------------
-    async def _call(self, channel: grpc.aio.Channel, op: Op[Any], timeout: float | None) -> bytes:
+    async def _call(
+        self,
+        channel: grpc.aio.Channel,
+        op: Op[Any],
+        timeout: float | None,
+        routes: DirectRoutes | None = None,
+    ) -> bytes:
         raw: bytes = await self._stub(channel, op.method, False)(
-            op.request, **self._call_args(op, timeout)
+            op.request, **self._call_args(op, timeout, routes)
         )
         return raw
 
@@ -167,7 +175,7 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
             while (picked := await self._pick_worker(op, tried)) is not None:
                 worker, channel, routes = picked
                 try:
-                    raw = await self._call(channel, op, timeout)
+                    raw = await self._call(channel, op, timeout, routes)
                 except grpc.RpcError as exc:
                     error = error_from_rpc(exc)
                     if not never_started(error):
@@ -188,7 +196,10 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
         while True:
             picked = await self._pick_worker(op, tried) if op.is_tool and self.direct else None
             channel = picked[1] if picked else self._channel
-            call = self._stub(channel, op.method, True)(op.request, **self._call_args(op, timeout))
+            routes = picked[2] if picked else None
+            call = self._stub(channel, op.method, True)(
+                op.request, **self._call_args(op, timeout, routes)
+            )
             received = False
             try:
                 async for raw in call:

@@ -6,6 +6,7 @@ Only the transport differs between the two (``grpc`` vs ``grpc.aio`` channels, `
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -22,6 +23,18 @@ from .hosting import ToolHost
 from .ops import Op
 
 ChannelT = TypeVar("ChannelT")
+TOKEN_ENV = "SNAKEPIT_TOKEN"
+
+
+def credentials(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata that proves the caller to a router: ``token``, else ``$SNAKEPIT_TOKEN``
+    (``None``), or nothing (``""``, or neither set)."""
+    if token is None:
+        token = os.environ.get(TOKEN_ENV, "")
+    token = token.strip()
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 ClientT = TypeVar("ClientT")
 
 
@@ -37,6 +50,7 @@ class ClientBase(Generic[ChannelT]):
         metadata: Mapping[str, str] | None,
         max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
         binary_threshold: int | None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.direct = direct
@@ -44,6 +58,8 @@ class ClientBase(Generic[ChannelT]):
         self.binary_threshold = binary_threshold
         self.max_message_mb = max_message_mb
         self._metadata = tuple((metadata or {}).items())
+        # Sent to the router only; workers (direct mode) get the routing table's ticket instead.
+        self._credentials = credentials(token)
         # Sessions opened through this client: the ones its hosted tools serve.
         self._own_sessions: set[str] = set()
         self._options = channel_options(max_message_mb)
@@ -61,7 +77,10 @@ class ClientBase(Generic[ChannelT]):
 
     def _new_tool_host(self) -> ToolHost:
         host = ToolHost(
-            self.target, metadata=self._metadata, max_message_mb=self.max_message_mb, tls=self.tls
+            self.target,
+            metadata=self._metadata + self._credentials,
+            max_message_mb=self.max_message_mb,
+            tls=self.tls,
         )
         host.sessions.update(self._own_sessions)
         return host
@@ -90,8 +109,12 @@ class ClientBase(Generic[ChannelT]):
             stub = self._stubs[key] = factory(method_path(method))
         return stub
 
-    def _call_args(self, op: Op[Any], timeout: float | None) -> dict[str, Any]:
-        metadata = op.metadata(self._metadata)
+    def _call_args(
+        self, op: Op[Any], timeout: float | None, routes: DirectRoutes | None = None
+    ) -> dict[str, Any]:
+        """Deadline and metadata of a call to the router, or with ``routes`` to a worker."""
+        proof = self._credentials if routes is None else routes.credentials
+        metadata = op.metadata(self._metadata + proof)
         if tracing.tracer() is not None:
             metadata += tracing.inject()  # W3C trace context of the current span
         return {"timeout": timeout if timeout is not None else self.timeout, "metadata": metadata}

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 from ..protocol import pb
 from ..router.ring import HashRing
+from ..security.tickets import TICKET_KEY
 
 REFRESH_SECONDS = 10.0
 MAX_ATTEMPTS = 3
@@ -26,11 +27,20 @@ class DirectRoutes:
         self.concurrency = max(1, table.worker_concurrency)
         self.in_flight: dict[str, int] = dict.fromkeys(self.addresses, 0)
         self.fetched_at = time.monotonic()
+        # With auth on: what proves the caller to workers (never its own credential).
+        self.credentials: tuple[tuple[str, str], ...] = (
+            ((TICKET_KEY, table.ticket),) if table.ticket else ()
+        )
+        self._ticket_left = table.ticket_expires_at - time.time() if table.ticket else None
         self._turn = itertools.count()
 
     @property
     def stale(self) -> bool:
-        return time.monotonic() - self.fetched_at > REFRESH_SECONDS
+        """Time to fetch the table again: every few seconds, and well before the ticket ends."""
+        age = time.monotonic() - self.fetched_at
+        if self._ticket_left is not None and age > self._ticket_left / 2:
+            return True
+        return age > REFRESH_SECONDS
 
     def acquire(self, session_id: str, exclude: Iterable[str] = ()) -> str | None:
         """Choose a worker and count the call on it until ``release``."""

@@ -31,9 +31,11 @@ class Op(Generic[T]):
     session_id: str = ""
     is_tool: bool = False
     default: Any = field(default=MISSING)  # returned instead of raising NotFound
+    # Sent with this call only: e.g. the ticket a worker's call back to the router carries.
+    headers: tuple[tuple[str, str], ...] = ()
 
     def metadata(self, extra: Iterable[tuple[str, str]] = ()) -> tuple[tuple[str, str], ...]:
-        items = [(CORRELATION_ID_KEY, uuid.uuid4().hex[:16]), *extra]
+        items = [(CORRELATION_ID_KEY, uuid.uuid4().hex[:16]), *extra, *self.headers]
         if self.session_id:
             items.append((SESSION_ID_KEY, self.session_id))
         return tuple(items)

@@ -42,6 +42,7 @@ class Client(ClientBase[grpc.Channel]):
         tls: bool | ChannelTls = False,
         cert: str | None = None,
         key: str | None = None,
+        token: str | None = None,
     ) -> None:
         super().__init__(
             target,
@@ -52,6 +53,7 @@ class Client(ClientBase[grpc.Channel]):
             metadata=metadata,
             max_message_mb=max_message_mb,
             binary_threshold=binary_threshold,
+            token=token,
         )
         self._host: HostThread | None = None
 
@@ -158,9 +160,15 @@ class Client(ClientBase[grpc.Channel]):
         return Session(self, info.session_id, keep=keep)
 
     # Transport ------------------------------------------------------------------------------
-    def _call(self, channel: grpc.Channel, op: Op[Any], timeout: float | None) -> bytes:
+    def _call(
+        self,
+        channel: grpc.Channel,
+        op: Op[Any],
+        timeout: float | None,
+        routes: DirectRoutes | None = None,
+    ) -> bytes:
         raw: bytes = self._stub(channel, op.method, False)(
-            op.request, **self._call_args(op, timeout)
+            op.request, **self._call_args(op, timeout, routes)
         )
         return raw
 
@@ -176,7 +184,7 @@ class Client(ClientBase[grpc.Channel]):
             while (picked := self._pick_worker(op, tried)) is not None:
                 worker, channel, routes = picked
                 try:
-                    raw = self._call(channel, op, timeout)
+                    raw = self._call(channel, op, timeout, routes)
                 except grpc.RpcError as exc:
                     error = error_from_rpc(exc)
                     if not never_started(error):
@@ -197,7 +205,10 @@ class Client(ClientBase[grpc.Channel]):
         while True:
             picked = self._pick_worker(op, tried) if op.is_tool and self.direct else None
             channel = picked[1] if picked else self._channel
-            call = self._stub(channel, op.method, True)(op.request, **self._call_args(op, timeout))
+            routes = picked[2] if picked else None
+            call = self._stub(channel, op.method, True)(
+                op.request, **self._call_args(op, timeout, routes)
+            )
             received = False
             try:
                 for raw in call:
