@@ -19,12 +19,15 @@ AUTO, HAPROXY, PYTHON = "auto", "haproxy", "python"
 DATA_PATHS = (AUTO, HAPROXY, PYTHON)
 
 
-def choose(requested: str, affinity: str, *, tls: bool = False) -> tuple[str, str]:
+def choose(
+    requested: str, affinity: str, *, tls: bool = False, auth: bool = False
+) -> tuple[str, str]:
     """The data path to use and why, for the start-up message.
 
     With TLS the Python router it is: HAProxy here forwards plaintext HTTP/2 and cannot prove
     the pool's identity to workers (mutual TLS with the pool CA), so it is refused, not silently
-    left unencrypted.
+    left unencrypted. Nor can it check callers' credentials or hand workers a ticket: with auth
+    on it is refused (``haproxy``) or passed over (``auto``) rather than open a door around it.
     """
     from .haproxy.process import haproxy_binary
 
@@ -38,6 +41,13 @@ def choose(requested: str, affinity: str, *, tls: bool = False) -> tuple[str, st
                 "--data-path haproxy does not carry TLS yet; use --data-path python with TLS"
             )
         return PYTHON, "TLS needs the Python router"
+    if auth:
+        if requested == HAPROXY:
+            raise ValueError(
+                "--data-path haproxy cannot verify callers' credentials: with auth on "
+                "(--auth-tokens) use --data-path python"
+            )
+        return PYTHON, "auth is on, which HAProxy cannot check"
     binary = haproxy_binary()
     if affinity == STRICT:
         return PYTHON, "strict affinity needs the Python router"
@@ -51,7 +61,7 @@ def choose(requested: str, affinity: str, *, tls: bool = False) -> tuple[str, st
 def make_router(config: RouterConfig, **kwargs: Any) -> tuple[RouterServer, str]:
     """A router on the chosen data path, and a line saying which."""
     tls = config.tls is not None or config.pool_tls is not None
-    path, why = choose(config.data_path, config.pool.affinity, tls=tls)
+    path, why = choose(config.data_path, config.pool.affinity, tls=tls, auth=config.auth.enabled)
     if path == HAPROXY:
         from .haproxy.router import HaproxyRouter
 

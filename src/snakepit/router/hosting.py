@@ -63,6 +63,10 @@ class Host:
     outbox: asyncio.Queue[pb.ToolHostEvent | None] = field(default_factory=asyncio.Queue)
     calls: dict[str, asyncio.Queue[Any]] = field(default_factory=dict)
     closed: bool = False
+    # The store key of a session id this host names: its principal's (security.identity),
+    # and back: the id the host knows a key by.
+    key_of: Callable[[str], str] = str
+    id_of: Callable[[str], str] = str
 
     def send(self, event: pb.ToolHostEvent) -> None:
         if not self.closed:
@@ -89,8 +93,16 @@ class HostRegistry:
         self._peers: dict[str, _Peer] = {}
 
     # The RegisterTool stream ------------------------------------------------------------------
-    async def serve(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
-        host = Host(host_id=uuid.uuid4().hex[:16])
+    async def serve(
+        self,
+        requests: AsyncIterator[bytes],
+        context: Any,
+        key_of: Callable[[str], str] = str,
+        id_of: Callable[[str], str] = str,
+    ) -> AsyncIterator[bytes]:
+        """One host's stream; the sessions it names are keyed with ``key_of`` (its principal's
+        keys), so a host can only serve its own principal's sessions."""
+        host = Host(host_id=uuid.uuid4().hex[:16], key_of=key_of, id_of=id_of)
         self.hosts[host.host_id] = host
         reader = asyncio.get_running_loop().create_task(self._read(host, requests))
         log.info("tool host connected", extra={"host": host.host_id})
@@ -126,9 +138,15 @@ class HostRegistry:
             host.send(pb.ToolHostEvent(ack=ack))
         elif kind == "sessions":
             sessions = message.sessions
-            released = self._serve_sessions(host, sessions.add, sessions.remove)
+            released = self._serve_sessions(
+                host,
+                [host.key_of(s) for s in sessions.add],
+                [host.key_of(s) for s in sessions.remove],
+            )
             if self.directory is not None:  # routed here by every replica before the ack
-                await self.directory.update(self.address, list(sessions.add), released)
+                await self.directory.update(
+                    self.address, [host.key_of(s) for s in sessions.add], released
+                )
             ack = pb.HostAck(request_id=sessions.request_id, host_id=host.host_id)
             host.send(pb.ToolHostEvent(ack=ack))
 
@@ -195,7 +213,7 @@ class HostRegistry:
             if session_id in alive or host is None:  # None: its host let it go meanwhile
                 continue
             self._serve_sessions(host, (), [session_id])
-            host.send(pb.ToolHostEvent(session_ended=session_id))
+            host.send(pb.ToolHostEvent(session_ended=host.id_of(session_id)))
             ended.append(session_id)
         if ended:
             log.info("hosted sessions ended", extra={"sessions": len(ended)})
@@ -208,17 +226,24 @@ class HostRegistry:
         host = self.by_session.get(session_id) if session_id else None
         return [tool.spec for tool in host.tools.values()] if host is not None else []
 
-    async def hosted_specs(self, session_id: str, timeout: float | None) -> list[pb.ToolSpec]:
-        """The tools hosted for ``session_id``, asking the replica holding its host if need be."""
-        if not session_id or session_id in self.by_session or self.directory is None:
-            return self.specs_for(session_id)
-        owner = await self.directory.locate(session_id)
+    async def hosted_specs(
+        self,
+        key: str,
+        timeout: float | None,
+        session_id: str = "",
+        metadata: tuple[tuple[str, Any], ...] = (),
+    ) -> list[pb.ToolSpec]:
+        """The tools hosted for session key ``key``, asking the replica holding its host if
+        need be (by the caller's ``session_id``, with ``metadata`` saying on whose behalf)."""
+        if not key or key in self.by_session or self.directory is None:
+            return self.specs_for(key)
+        owner = await self.directory.locate(key)
         if not owner or owner == self.address:
             return []
-        request = pb.ListToolsRequest(session_id=session_id).SerializeToString()
+        request = pb.ListToolsRequest(session_id=session_id or key).SerializeToString()
         try:
             raw = await self._peer(owner).list_tools(
-                request, timeout=timeout, metadata=((FORWARDED_KEY, "1"),)
+                request, timeout=timeout, metadata=(*metadata, (FORWARDED_KEY, "1"))
             )
         except grpc.aio.AioRpcError:
             return []  # a listing leaves out what it cannot reach; a call would say why

@@ -3,6 +3,10 @@
 Tool calls are forwarded as opaque bytes (the session id comes from request metadata, so a 100 MB
 tensor argument is never parsed here) to the worker the pool picks; session and variable RPCs are
 served from the session store; Ping, GetPoolStatus and GetRoutingTable describe the pool.
+
+Every RPC of BridgeService first asks the ``Gate`` who calls (``security.gate``; open when auth
+is off). Tool calls then travel to the worker with a pool-signed ticket naming that principal in
+place of the caller's credential, and reach the caller's own session keys only.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from ..metrics.common import MetricsServer, serve_http, timed_store
 from ..protocol import SERVICE_NAME, pb
 from ..protocol import handlers as handlers_for
 from ..protocol.status import SESSION_ID_KEY, abort_with, error_from_rpc, find_metadata
+from ..security.gate import CREDENTIAL_KEYS, AuthConfig, Gate, build_gate
+from ..security.identity import Principal, session_id_of, session_key
 from ..security.tls import ChannelTls, ServerTls, TlsFiles
 from ..store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL, SessionStore
 from ..store.limits import StoreLimits
@@ -45,6 +51,8 @@ from .workers import WorkerHandle
 TLS_RENEW_CHECK = 1.0
 
 log = logging.getLogger("snakepit.router")
+# Whom the router's own calls to workers (listing their tools) are on behalf of.
+ROUTER_PRINCIPAL = Principal("snakepit-router", source="router")
 
 _HOP_HEADERS = (
     "user-agent",
@@ -82,6 +90,7 @@ class RouterConfig:
     # Tool calls through HAProxy or the Python router: auto, haproxy, python (router/dataplane.py).
     data_path: str = "python"
     limits: StoreLimits = field(default_factory=StoreLimits)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     # TLS on the router's port: ``cert``/``key`` it presents and, if ``ca`` is set, the CA whose
     # client certificates it then requires. None: plaintext.
     tls: TlsFiles | None = None
@@ -121,8 +130,8 @@ def routing_metadata(metadata: Sequence[Any] | None) -> tuple[str, tuple[tuple[s
     for key, value in metadata or ():
         if key == SESSION_ID_KEY:
             session_id = value
-        elif key.startswith(":") or key in _HOP_HEADERS:
-            continue
+        elif key.startswith(":") or key in _HOP_HEADERS or key in CREDENTIAL_KEYS:
+            continue  # credentials never go on: the worker gets a ticket instead
         forwarded.append((key, value))
     return session_id, tuple(forwarded)
 
@@ -134,8 +143,10 @@ class RouterServer:
         *,
         store: SessionStore | None = None,
         discovery: Discovery | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.config = config
+        self.gate = gate if gate is not None else build_gate(config.auth)
         self.router_id = config.router_id or default_router_id()
         self.store = store
         self.discovery = discovery
@@ -315,12 +326,14 @@ class RouterServer:
         from ..store.service import StoreService, method_handlers
 
         assert self.store is not None
-        handlers: dict[str, grpc.RpcMethodHandler] = method_handlers(StoreService(self.store))
+        handlers: dict[str, grpc.RpcMethodHandler] = method_handlers(
+            StoreService(self.store, self.gate)
+        )
         handlers.update(
             ExecuteTool=grpc.unary_unary_rpc_method_handler(self._execute),
             ExecuteStreamingTool=grpc.unary_stream_rpc_method_handler(self._execute_stream),
             ListTools=grpc.unary_unary_rpc_method_handler(self._list_tools),
-            RegisterTool=grpc.stream_stream_rpc_method_handler(self.hosting.serve),
+            RegisterTool=grpc.stream_stream_rpc_method_handler(self._register_tool),
             ExecuteHostedTool=grpc.unary_unary_rpc_method_handler(self._execute_hosted),
             ExecuteHostedStreamingTool=grpc.unary_stream_rpc_method_handler(
                 self._execute_hosted_stream
@@ -331,8 +344,25 @@ class RouterServer:
         )
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
-    async def _execute(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    async def _principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+        """The verified caller of this call; the call ends UNAUTHENTICATED when there is none."""
+        try:
+            return await self.gate.authenticate(context.invocation_metadata())
+        except SnakepitError as exc:
+            await abort_with(context, exc)
+            raise  # unreachable: abort raises
+
+    async def _call_metadata(
+        self, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[Principal, str, tuple[tuple[str, Any], ...]]:
+        """Who calls, the call's session id and what goes on to the worker (a ticket naming
+        the caller, no credential)."""
+        who = await self._principal(context)
         session_id, forwarded = routing_metadata(context.invocation_metadata())
+        return who, session_id, forwarded + self.gate.ticket_metadata(who)
+
+    async def _execute(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        who, session_id, forwarded = await self._call_metadata(context)
         attempts = Attempts(self.pool.config.queue_timeout)
         started = time.perf_counter()
         ok = False
@@ -361,7 +391,7 @@ class RouterServer:
                     self.pool.release(handle, ok=ok)
                     observer.attempt_done(handle.worker_id, ok)
                     if session_id:
-                        self._note_session(session_id, handle.worker_id)
+                        self._note_session(who, session_id, handle.worker_id)
                 if step is Next.LATER:
                     await asyncio.sleep(attempts.backoff)
         finally:
@@ -371,7 +401,7 @@ class RouterServer:
     async def _execute_stream(
         self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes]:
-        session_id, forwarded = routing_metadata(context.invocation_metadata())
+        who, session_id, forwarded = await self._call_metadata(context)
         attempts = Attempts(self.pool.config.queue_timeout)
         started = time.perf_counter()
         ok = sent = headers_sent = False
@@ -412,7 +442,7 @@ class RouterServer:
                     self.pool.release(handle, ok=ok)
                     observer.attempt_done(handle.worker_id, ok)
                     if session_id:
-                        self._note_session(session_id, handle.worker_id)
+                        self._note_session(who, session_id, handle.worker_id)
                 if step is Next.LATER:
                     await asyncio.sleep(attempts.backoff)
         finally:
@@ -467,9 +497,10 @@ class RouterServer:
             context.set_trailing_metadata(forwardable(trailing))
         await context.abort(exc.code(), exc.details() or "")
 
-    def _note_session(self, session_id: str, worker_id: str) -> None:
+    def _note_session(self, who: Principal, session_id: str, worker_id: str) -> None:
         """Slide the session's TTL and record its worker, at most every few seconds per session."""
         self.pool.remember(session_id, worker_id)
+        session_id = session_key(who, session_id)
         now = time.monotonic()
         last = self._touched.get(session_id)
         if last is not None and last[0] == worker_id and now - last[1] < _TOUCH_INTERVAL:
@@ -503,36 +534,54 @@ class RouterServer:
     async def _hosted(
         self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any], *, streaming: bool
     ) -> AsyncIterator[bytes]:
-        session_id, forwarded = routing_metadata(context.invocation_metadata())
+        who, session_id, forwarded = await self._call_metadata(context)
         if session_id:
             forwarded = (*forwarded, (SESSION_ID_KEY, session_id))
+        key = session_key(who, session_id) if session_id else ""
         try:
             async for item in self.hosting.call(
-                raw, session_id, forwarded, context.time_remaining(), streaming
+                raw, key, forwarded, context.time_remaining(), streaming
             ):
                 yield item
         except SnakepitError as exc:
             await abort_with(context, exc)
 
+    async def _register_tool(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        """A caller hosting tools: for its own sessions only (their keys are its principal's)."""
+        who = await self._principal(context)
+        async for event in self.hosting.serve(
+            requests,
+            context,
+            key_of=lambda sid: session_key(who, sid),
+            id_of=lambda key: session_id_of(who, key) or key,
+        ):
+            yield event
+
     async def _list_tools(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        who = await self._principal(context)
         try:
             session_id = pb.ListToolsRequest.FromString(raw).session_id
         except DecodeError:
             session_id = ""  # the worker answers a malformed request with INVALID_ARGUMENT
+        key = session_key(who, session_id) if session_id else ""
         if find_metadata(context.invocation_metadata(), FORWARDED_KEY):  # another replica asks
-            return pb.ListToolsResponse(
-                tools=self.hosting.specs_for(session_id)
-            ).SerializeToString()
+            return pb.ListToolsResponse(tools=self.hosting.specs_for(key)).SerializeToString()
         handle = self.pool.any_ready()
         if handle is None:
             await abort_with(context, Unavailable("no worker is ready to list its tools"))
             raise AssertionError("unreachable")
         try:
-            response: bytes = await handle.list_tools(raw, timeout=context.time_remaining())
+            response: bytes = await handle.list_tools(
+                raw, timeout=context.time_remaining(), metadata=self.gate.ticket_metadata(who)
+            )
         except grpc.aio.AioRpcError as exc:
             await self._forward_error(context, exc)
             raise
-        hosted = await self.hosting.hosted_specs(session_id, context.time_remaining())
+        hosted = await self.hosting.hosted_specs(
+            key, context.time_remaining(), session_id, self.gate.ticket_metadata(who)
+        )
         if hosted:  # the caller-hosted tools of the session come after the pool's
             merged = pb.ListToolsResponse.FromString(response)
             merged.tools.extend(hosted)
@@ -548,7 +597,11 @@ class RouterServer:
         if handle is None:
             return None
         try:
-            raw = await handle.list_tools(pb.ListToolsRequest().SerializeToString(), timeout=5.0)
+            raw = await handle.list_tools(
+                pb.ListToolsRequest().SerializeToString(),
+                timeout=5.0,
+                metadata=self.gate.ticket_metadata(ROUTER_PRINCIPAL),
+            )
         except grpc.aio.AioRpcError:
             return None
         names = {tool.name for tool in pb.ListToolsResponse.FromString(raw).tools}
@@ -558,11 +611,13 @@ class RouterServer:
     async def _ping(
         self, request: pb.PingRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PingResponse:
+        await self._principal(context)
         return handlers_for.pong(request, self.router_id, "router")
 
     async def _pool_status(
         self, request: pb.GetPoolStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PoolStatus:
+        await self._principal(context)
         pool = self.pool
         workers = pool.worker_statuses()
         for worker in workers:
@@ -617,7 +672,17 @@ class RouterServer:
     async def _routing_table(
         self, request: pb.GetRoutingTableRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RoutingTable:
-        return self.pool.routing_table()
+        """The ring, for direct mode: to principals the pool allows it, with a ticket that
+        workers accept on their behalf (refreshed with the table)."""
+        who = await self._principal(context)
+        try:
+            self.gate.require_direct(who)
+        except SnakepitError as exc:
+            await abort_with(context, exc)
+        table = self.pool.routing_table()
+        if self.gate.issuer is not None and not who.anonymous:
+            table.ticket, table.ticket_expires_at = self.gate.issuer.ticket_for(who.name)
+        return table
 
 
 def _outcome(ok: bool, context: grpc.aio.ServicerContext[Any, Any]) -> str:

@@ -7,6 +7,7 @@ server-side store raised (``error_from_rpc``), so tool code cannot tell the diff
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,6 +59,20 @@ class RemoteStore(SessionStore):
         self._channel = channel
         self._owns_channel = channel is None
         self._stub: pb_grpc.BridgeServiceStub | None = None
+        # Sent with every call: e.g. the ticket of the tool call a worker's store calls serve.
+        self.metadata: tuple[tuple[str, str], ...] = ()
+
+    def on_behalf(self, metadata: Sequence[tuple[str, str]]) -> RemoteStore:
+        """This store over the same channel, its calls carrying ``metadata`` (a worker's
+        store calls carry the ticket of the call they serve, so the router knows for whom)."""
+        self.stub  # noqa: B018 - the channel is made here, once, and shared by every view
+        view = copy.copy(self)
+        view.metadata = tuple(metadata)
+        view._owns_channel = False
+        return view
+
+    def _metadata(self, session_id: str) -> tuple[tuple[str, str], ...]:
+        return (*self.metadata, (SESSION_ID_KEY, session_id)) if session_id else self.metadata
 
     @property
     def stub(self) -> pb_grpc.BridgeServiceStub:
@@ -69,9 +84,10 @@ class RemoteStore(SessionStore):
         return self._stub
 
     async def _call(self, method: Any, request: Any, session_id: str = "") -> Any:
-        metadata = ((SESSION_ID_KEY, session_id),) if session_id else None
         try:
-            return await method(request, timeout=self.timeout, metadata=metadata)
+            return await method(
+                request, timeout=self.timeout, metadata=self._metadata(session_id) or None
+            )
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
 
@@ -231,7 +247,7 @@ class RemoteFeed(ChangeFeed):
     async def ready(self) -> None:
         if self._call is not None or self._closed:
             return
-        metadata = ((SESSION_ID_KEY, self._session_id),)
+        metadata = self._store._metadata(self._session_id)
         self._call = self._store.stub.WatchVariables(self._request, metadata=metadata)
         try:
             initial = await self._call.initial_metadata()

@@ -4,6 +4,10 @@ The router mounts these handlers next to its own tool-forwarding handlers (``met
 gives them in the form ``grpc.method_handlers_generic_handler`` takes). Every failure leaves
 as its status code plus an ErrorDetail (``abort_with``), so a RemoteStore on the other side
 raises the same ``snakepit.errors`` exception the store raised here.
+
+Every method first asks the ``Gate`` who calls, then works on that principal's store keys
+(``security.identity.session_key``): another principal's session is simply not there (NOT_FOUND),
+and ListSessions shows a caller its own sessions only (all of them to an admin).
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from ..errors import InvalidArgument, ResourceExhausted
 from ..protocol import SERVICE_NAME, Constraints, from_pb, pb
 from ..protocol import handlers as handlers_for
 from ..protocol.status import abort_with, hide_internal
+from ..security.gate import Gate
+from ..security.identity import Principal, session_id_of, session_key
 from . import rules
-from .base import SessionStore, VariableChange
+from .base import SessionInfo, SessionStore, VariableChange
 from .limits import StoreLimits
 
 # Initial metadata a WatchVariables call sends once its subscription is in place.
@@ -30,7 +36,8 @@ WATCH_READY_KEY = "snakepit-watch-ready"
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-Handler = Callable[["StoreService", Req, Context], Awaitable[Resp]]
+Handler = Callable[["StoreService", Req, Context, Principal], Awaitable[Resp]]
+Wrapped = Callable[["StoreService", Req, Context], Awaitable[Resp]]
 
 # name -> (request class, response class, server-streaming)
 _METHODS: dict[str, tuple[type[Message], type[Message], bool]] = {
@@ -52,13 +59,14 @@ _METHODS: dict[str, tuple[type[Message], type[Message], bool]] = {
 STORE_METHODS: tuple[str, ...] = tuple(_METHODS)
 
 
-def _unary(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Turn any exception into its status code and ErrorDetail."""
+def _unary(fn: Handler[Req, Resp]) -> Wrapped[Req, Resp]:
+    """Authenticate the caller; turn any exception into its status code and ErrorDetail."""
 
     @functools.wraps(fn)
     async def handler(self: StoreService, request: Req, context: Context) -> Resp:
         try:
-            return await fn(self, request, context)
+            who = await self.gate.authenticate(context.invocation_metadata())
+            return await fn(self, request, context, who)
         except Exception as exc:
             await abort_with(context, hide_internal(exc))
             raise  # abort_with has already ended the call by raising; this is for type checkers
@@ -66,8 +74,16 @@ def _unary(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
     return handler
 
 
-def _sid(session_id: str) -> str:
-    return rules.check_session_id(session_id)
+def _sid(who: Principal, session_id: str) -> str:
+    """The store key of the caller's session ``session_id`` (checked first, as the caller sent it)."""
+    return session_key(who, rules.check_session_id(session_id))
+
+
+def _session(who: Principal, info: SessionInfo) -> pb.Session:
+    """``info`` as its caller knows it: by the id it chose, not the store key."""
+    msg = info.to_proto()
+    msg.session_id = session_id_of(who, info.session_id) or info.session_id
+    return msg
 
 
 # Room for a value's framing (type name, tensor header) above the limit on its stored bytes.
@@ -109,8 +125,13 @@ def _decode(value: pb.Value, what: str, limits: StoreLimits) -> Any:
         raise InvalidArgument(f"{what}: {exc.message}") from None
 
 
-def update_of(change: VariableChange) -> pb.VariableUpdate:
-    msg = pb.VariableUpdate(session_id=change.session_id, name=change.name, kind=change.kind)
+def update_of(change: VariableChange, session_id: str | None = None) -> pb.VariableUpdate:
+    """``change`` on the wire, naming the session ``session_id`` (default: its store key)."""
+    msg = pb.VariableUpdate(
+        session_id=change.session_id if session_id is None else session_id,
+        name=change.name,
+        kind=change.kind,
+    )
     if change.variable is not None:
         msg.variable.CopyFrom(change.variable.to_proto())
     return msg
@@ -119,8 +140,9 @@ def update_of(change: VariableChange) -> pb.VariableUpdate:
 class StoreService:
     """BridgeService's session and variable methods over ``store``."""
 
-    def __init__(self, store: SessionStore) -> None:
+    def __init__(self, store: SessionStore, gate: Gate | None = None) -> None:
         self.store = store
+        self.gate = gate or Gate()
         self.limits = store.limits
         # Largest store request parsed at all: a SetVariables may fill a whole session.
         self.max_request_bytes = store.limits.max_session_bytes + (1 << 20)
@@ -128,13 +150,14 @@ class StoreService:
             collections.OrderedDict()
         )
 
-    def encoded_update(self, change: VariableChange) -> bytes:
-        """``change`` as a serialised VariableUpdate, encoded once for all its watchers."""
+    def encoded_update(self, change: VariableChange, session_id: str | None = None) -> bytes:
+        """``change`` as a serialised VariableUpdate, encoded once for all its watchers (who all
+        watch the same store key, so all know its session by the same ``session_id``)."""
         key = id(change)
         cached = self._updates.get(key)
         if cached is not None and cached[0] is change:
             return cached[1]
-        data = update_of(change).SerializeToString()
+        data = update_of(change, session_id).SerializeToString()
         self._updates[key] = (change, data)  # the change is kept, so its id is not reused
         if len(self._updates) > _SHARED_UPDATES:
             self._updates.popitem(last=False)
@@ -143,53 +166,63 @@ class StoreService:
     # Sessions -------------------------------------------------------------------------------
     @_unary
     async def InitializeSession(
-        self, request: pb.InitializeSessionRequest, context: Context
+        self, request: pb.InitializeSessionRequest, context: Context, who: Principal
     ) -> pb.InitializeSessionResponse:
+        # The id is chosen here, so that the store key it gets is the caller's.
+        session_id = request.session_id or rules.new_session_id()
         info, created = await self.store.create_session(
-            _sid(request.session_id) if request.session_id else None,
+            _sid(who, session_id),
             ttl=request.ttl_seconds or None,
             metadata=dict(request.metadata),
             get_or_create=request.get_or_create,
         )
-        return pb.InitializeSessionResponse(session=info.to_proto(), created=created)
+        return pb.InitializeSessionResponse(session=_session(who, info), created=created)
 
     @_unary
     async def GetSession(
-        self, request: pb.GetSessionRequest, context: Context
+        self, request: pb.GetSessionRequest, context: Context, who: Principal
     ) -> pb.GetSessionResponse:
-        info = await self.store.get_session(_sid(request.session_id))
-        return pb.GetSessionResponse(session=info.to_proto())
+        info = await self.store.get_session(_sid(who, request.session_id))
+        return pb.GetSessionResponse(session=_session(who, info))
 
     @_unary
     async def CleanupSession(
-        self, request: pb.CleanupSessionRequest, context: Context
+        self, request: pb.CleanupSessionRequest, context: Context, who: Principal
     ) -> pb.CleanupSessionResponse:
-        deleted = await self.store.delete_session(_sid(request.session_id))
+        deleted = await self.store.delete_session(_sid(who, request.session_id))
         return pb.CleanupSessionResponse(deleted=deleted)
 
     @_unary
     async def Heartbeat(
-        self, request: pb.HeartbeatRequest, context: Context
+        self, request: pb.HeartbeatRequest, context: Context, who: Principal
     ) -> pb.HeartbeatResponse:
-        info = await self.store.touch_session(_sid(request.session_id))
-        return pb.HeartbeatResponse(session=info.to_proto())
+        info = await self.store.touch_session(_sid(who, request.session_id))
+        return pb.HeartbeatResponse(session=_session(who, info))
 
     @_unary
     async def ListSessions(
-        self, request: pb.ListSessionsRequest, context: Context
+        self, request: pb.ListSessionsRequest, context: Context, who: Principal
     ) -> pb.ListSessionsResponse:
         sessions = await self.store.list_sessions()
-        return pb.ListSessionsResponse(sessions=[info.to_proto() for info in sessions])
+        if who.admin:  # every session, by its store key (which names its owner)
+            return pb.ListSessionsResponse(sessions=[info.to_proto() for info in sessions])
+        return pb.ListSessionsResponse(
+            sessions=[
+                _session(who, info)
+                for info in sessions
+                if session_id_of(who, info.session_id) is not None
+            ]
+        )
 
     # Variables ------------------------------------------------------------------------------
     @_unary
     async def RegisterVariable(
-        self, request: pb.RegisterVariableRequest, context: Context
+        self, request: pb.RegisterVariableRequest, context: Context, who: Principal
     ) -> pb.VariableResponse:
         what = f"RegisterVariable {request.name!r}"
         value = _value(request, "value", what, self.limits) if request.type != "null" else None
         var = await self.store.register_variable(
-            _sid(request.session_id),
+            _sid(who, request.session_id),
             rules.check_name(request.name),
             request.type,
             value,
@@ -200,18 +233,18 @@ class StoreService:
 
     @_unary
     async def GetVariable(
-        self, request: pb.GetVariableRequest, context: Context
+        self, request: pb.GetVariableRequest, context: Context, who: Principal
     ) -> pb.VariableResponse:
-        var = await self.store.get_variable(_sid(request.session_id), request.name)
+        var = await self.store.get_variable(_sid(who, request.session_id), request.name)
         return pb.VariableResponse(variable=var.to_proto())
 
     @_unary
     async def SetVariable(
-        self, request: pb.SetVariableRequest, context: Context
+        self, request: pb.SetVariableRequest, context: Context, who: Principal
     ) -> pb.VariableResponse:
         value = _value(request, "value", f"SetVariable {request.name!r}", self.limits)
         var = await self.store.set_variable(
-            _sid(request.session_id),
+            _sid(who, request.session_id),
             request.name,
             value,
             expected_version=(
@@ -223,7 +256,7 @@ class StoreService:
 
     @_unary
     async def GetVariables(
-        self, request: pb.GetVariablesRequest, context: Context
+        self, request: pb.GetVariablesRequest, context: Context, who: Principal
     ) -> pb.VariablesResponse:
         # Each name once: repeated names would make a small request ask for many copies.
         names = list(dict.fromkeys(request.names))
@@ -232,14 +265,14 @@ class StoreService:
                 f"GetVariables asks for {len(names)} names; a session holds at most "
                 f"{self.store.limits.max_variables} variables"
             )
-        found = await self.store.get_variables(_sid(request.session_id), names)
+        found = await self.store.get_variables(_sid(who, request.session_id), names)
         return pb.VariablesResponse(variables=[var.to_proto() for var in found.values()])
 
     @_unary
     async def SetVariables(
-        self, request: pb.SetVariablesRequest, context: Context
+        self, request: pb.SetVariablesRequest, context: Context, who: Principal
     ) -> pb.VariablesResponse:
-        sid = _sid(request.session_id)
+        sid = _sid(who, request.session_id)
         values = {}
         for name, msg in request.values.items():
             values[name] = _decode(msg, f"SetVariables {name!r}", self.limits)
@@ -248,35 +281,36 @@ class StoreService:
 
     @_unary
     async def ListVariables(
-        self, request: pb.ListVariablesRequest, context: Context
+        self, request: pb.ListVariablesRequest, context: Context, who: Principal
     ) -> pb.VariablesResponse:
-        found = await self.store.list_variables(_sid(request.session_id))
+        found = await self.store.list_variables(_sid(who, request.session_id))
         return pb.VariablesResponse(variables=[var.to_proto() for var in found])
 
     @_unary
     async def DeleteVariable(
-        self, request: pb.DeleteVariableRequest, context: Context
+        self, request: pb.DeleteVariableRequest, context: Context, who: Principal
     ) -> pb.DeleteVariableResponse:
-        deleted = await self.store.delete_variable(_sid(request.session_id), request.name)
+        deleted = await self.store.delete_variable(_sid(who, request.session_id), request.name)
         return pb.DeleteVariableResponse(deleted=deleted)
 
     @_unary
     async def IncrementVariable(
-        self, request: pb.IncrementVariableRequest, context: Context
+        self, request: pb.IncrementVariableRequest, context: Context, who: Principal
     ) -> pb.VariableResponse:
         by = (
             _value(request, "by", f"IncrementVariable {request.name!r}", self.limits)
             if request.HasField("by")
             else 1
         )
-        var = await self.store.increment(_sid(request.session_id), request.name, by)
+        var = await self.store.increment(_sid(who, request.session_id), request.name, by)
         return pb.VariableResponse(variable=var.to_proto())
 
     async def WatchVariables(
         self, request: pb.WatchVariablesRequest, context: Context
     ) -> AsyncIterator[bytes]:
         try:
-            feed = self.store.watch(_sid(request.session_id), list(request.names) or None)
+            who = await self.gate.authenticate(context.invocation_metadata())
+            feed = self.store.watch(_sid(who, request.session_id), list(request.names) or None)
             await feed.ready()
         except Exception as exc:
             await abort_with(context, hide_internal(exc))
@@ -284,7 +318,7 @@ class StoreService:
         try:
             await context.send_initial_metadata(((WATCH_READY_KEY, "1"),))
             async for change in feed:
-                yield self.encoded_update(change)
+                yield self.encoded_update(change, request.session_id)
         except Exception as exc:
             await abort_with(context, hide_internal(exc))
         finally:

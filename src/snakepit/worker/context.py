@@ -33,6 +33,8 @@ class SessionContext:
         *,
         session_id: str,
         metadata: Mapping[str, str],
+        principal: str = "anonymous",
+        store_key: str | None = None,
         worker_id: str,
         store: SessionStore | None,
         loop: asyncio.AbstractEventLoop,
@@ -43,6 +45,9 @@ class SessionContext:
         on_cache: Callable[[bool], None] | None = None,
     ) -> None:
         self.session_id = session_id
+        self._principal = principal
+        # The session's key in ``store``: its id, or its owner's namespaced key (identity).
+        self._store_key = session_id if store_key is None else store_key
         self.metadata = metadata
         self.worker_id = worker_id
         self.deadline = deadline  # time.monotonic() by which the call must answer, if any
@@ -56,6 +61,12 @@ class SessionContext:
         self._on_cache = on_cache  # told hit (True) or miss (False) per variable read
 
     # Call facts ---------------------------------------------------------------------------
+    @property
+    def principal(self) -> str:
+        """Who the call is on behalf of, as the pool verified it (``anonymous`` with auth off).
+        Read-only; the caller's credential itself never reaches a tool."""
+        return self._principal
+
     def time_remaining(self) -> float | None:
         """Seconds left before the caller's deadline, or None without one."""
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
@@ -88,7 +99,7 @@ class SessionContext:
             )
         if not self.session_id:
             raise FailedPrecondition("this call has no session: call the tool within a session")
-        return self._store, self.session_id
+        return self._store, self._store_key
 
     # Async API ------------------------------------------------------------------------------
     async def avariable(self, name: str) -> Variable:

@@ -25,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
+import functools
 import logging
 import os
 import random
@@ -39,7 +41,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from .. import logs, tracing
-from ..errors import DeadlineExceeded, Internal, NotFound, ResourceExhausted, Unavailable
+from ..errors import (
+    DeadlineExceeded,
+    Internal,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
 from ..grpc_options import DEFAULT_MAX_MESSAGE_MB
 from ..metrics import WorkerMetrics
 from ..metrics.common import MetricsServer, serve_http, timed_store
@@ -47,8 +56,11 @@ from ..protocol import SERVICE_NAME, pb
 from ..protocol import handlers as handlers_for
 from ..protocol.messages import ToolRequest, decode_request, encode_chunk, encode_result
 from ..protocol.status import CORRELATION_ID_KEY, WORKER_ID_KEY, abort_with, status_of
+from ..security.identity import ANONYMOUS, Principal, session_key
+from ..security.tickets import DEFAULT_AUDIENCE, TICKET_KEY, TicketVerifier, load_public_key
 from ..security.tls import ChannelTls, ServerTls, TlsFiles, channel_factory
 from ..store.base import SessionStore
+from ..store.remote import RemoteStore
 from .adapter import Adapter, load_adapter_class
 from .context import SessionContext
 from .runner import ToolRunner
@@ -87,6 +99,9 @@ class WorkerConfig:
 
     # Prometheus metrics at http://host:metrics_port/metrics; None records and serves none.
     metrics_port: int | None = None
+    # The pool's ticket public key (security.tickets.load_public_key): calls need a ticket.
+    ticket_public_key: str = ""
+    ticket_audience: str = DEFAULT_AUDIENCE
     # The pool's TLS files (its certificate from the pool CA, the pool CA): the worker then
     # serves mutual TLS only, to clients with a certificate from the pool CA or from one of
     # ``tls_client_cas`` (direct-mode clients), and calls its router the same way. None:
@@ -120,6 +135,12 @@ class WorkerServer:
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
         self.store: SessionStore | None = None
+        self._remote: RemoteStore | None = None  # the store, when it is the router (untimed)
+        self.verifier: TicketVerifier | None = None
+        if config.ticket_public_key:
+            self.verifier = TicketVerifier(
+                load_public_key(config.ticket_public_key), audience=config.ticket_audience
+            )
         self._router_client: Any = None
         self.in_flight = 0
         self._backlog: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -212,9 +233,14 @@ class WorkerServer:
                 self.store = open_store(
                     "router", default_ttl=self.config.session_ttl, channel=channel
                 )
-                return
-            url = f"grpc://{self.config.router_address}"
-        self.store = open_store(url, default_ttl=self.config.session_ttl)
+            else:
+                self.store = open_store(
+                    f"grpc://{self.config.router_address}", default_ttl=self.config.session_ttl
+                )
+        else:
+            self.store = open_store(url, default_ttl=self.config.session_ttl)
+        if isinstance(self.store, RemoteStore):  # its calls will carry each call's ticket
+            self._remote = self.store
 
     async def drain(self, reason: str) -> None:
         """Refuse new calls, let in-flight ones finish (up to drain_timeout), linger, then stop."""
@@ -292,7 +318,28 @@ class WorkerServer:
     async def _list_tools(
         self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListToolsResponse:
+        try:
+            self._caller(context)
+        except Unauthenticated as exc:
+            await abort_with(context, exc, self.worker_id)
         return self.tool_list
+
+    def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Principal, str]:
+        """Whom a call is on behalf of, and its ticket: with a verifier, only a valid pool
+        ticket gets a call in (Unauthenticated otherwise); without, everyone is anonymous."""
+        if self.verifier is None:
+            return ANONYMOUS, ""
+        ticket = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == TICKET_KEY:
+                ticket = str(value)
+        if not ticket:
+            raise Unauthenticated(
+                "this worker takes calls only with a pool ticket (metadata "
+                f"{TICKET_KEY!r}): call through the router, or in direct mode with the ticket "
+                "the routing table carries"
+            )
+        return self.verifier.verify(ticket), ticket
 
     def _refused_draining(self) -> Unavailable:
         return Unavailable(f"worker {self.worker_id} is draining", not_started=True)
@@ -359,7 +406,7 @@ class WorkerServer:
             self.metrics.refused.labels(reason).inc()
 
     def _prepare(
-        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any], call: _Call
     ) -> tuple[ToolDef, dict[str, Any], SessionContext | None]:
         request = decode_request(raw)
         tool = self.tools.get(request.tool_name)
@@ -369,65 +416,100 @@ class WorkerServer:
         kwargs = tool.bind(request.arguments)
         ctx = None
         if tool.context_param is not None:
-            ctx = self._session_context(request, context)
+            ctx = self._session_context(request, context, call)
             kwargs[tool.context_param] = ctx
         return tool, kwargs, ctx
 
     def _session_context(
-        self, request: ToolRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: ToolRequest, context: grpc.aio.ServicerContext[Any, Any], call: _Call
     ) -> SessionContext:
         remaining = context.time_remaining()
+        store, key = self._store_for(call, request.session_id)
+        headers = ((TICKET_KEY, call.ticket),) if call.ticket else ()
+        routed = bool(self.config.router_address)
         return SessionContext(
             session_id=request.session_id,
+            store_key=key,
+            principal=call.principal.name,
             metadata=request.metadata,
             worker_id=self.worker_id,
-            store=self.store,
+            store=store,
             loop=asyncio.get_running_loop(),
-            tool_caller=self._call_tool if self.config.router_address else None,
-            tool_streamer=self._stream_tool if self.config.router_address else None,
+            tool_caller=functools.partial(self._call_tool, headers=headers) if routed else None,
+            tool_streamer=functools.partial(self._stream_tool, headers=headers) if routed else None,
             deadline=None if remaining is None else time.monotonic() + remaining,
             on_cache=None if self.metrics is None else self.metrics.cache_lookup,
         )
+
+    def _store_for(self, call: _Call, session_id: str) -> tuple[SessionStore | None, str]:
+        """The store a call's tools use, and the key of its session there. Through the router,
+        store calls carry the call's ticket and the router keys them to its principal; with the
+        store at hand (Redis), the worker keys them itself."""
+        if not call.ticket:
+            return self.store, session_key(call.principal, session_id)
+        if self._remote is not None:
+            view = self._remote.on_behalf(((TICKET_KEY, call.ticket),))
+            return timed_store(view, self.metrics, self.tracer), session_id
+        return self.store, session_key(call.principal, session_id)
 
     def _router(self) -> Any:
         if self._router_client is None:
             from ..client import AsyncClient
 
+            # token="": its calls carry the ticket of the call they serve, never a token
             self._router_client = AsyncClient(
-                self.config.router_address, tls=self._router_tls() or False
+                self.config.router_address, tls=self._router_tls() or False, token=""
             )
         return self._router_client
 
     async def _call_tool(
-        self, name: str, arguments: dict[str, Any], session_id: str, timeout: float | None
+        self,
+        name: str,
+        arguments: dict[str, Any],
+        session_id: str,
+        timeout: float | None,
+        *,
+        headers: tuple[tuple[str, str], ...] = (),
     ) -> Any:
-        """A pool tool through the router, or else a tool hosted by the session's caller."""
+        """A pool tool through the router, or else a tool hosted by the session's caller; on
+        behalf of the caller of the call it serves (``headers`` carry that call's ticket)."""
         from ..client import ops
 
         hosted = name not in self.tools
-        return await self._router()._send(
-            ops.execute(name, arguments, session_id, hosted=hosted), timeout
-        )
+        op = ops.execute(name, arguments, session_id, hosted=hosted)
+        return await self._router()._send(dataclasses.replace(op, headers=headers), timeout)
 
     def _stream_tool(
-        self, name: str, arguments: dict[str, Any], session_id: str, timeout: float | None
+        self,
+        name: str,
+        arguments: dict[str, Any],
+        session_id: str,
+        timeout: float | None,
+        *,
+        headers: tuple[tuple[str, str], ...] = (),
     ) -> AsyncIterator[Any]:
         from ..client import ops
 
         hosted = name not in self.tools
-        op = ops.stream(name, arguments, session_id, hosted=hosted)
+        op = dataclasses.replace(
+            ops.stream(name, arguments, session_id, hosted=hosted), headers=headers
+        )
         stream: AsyncIterator[Any] = self._router()._stream(op, timeout)
         return stream
 
     @contextlib.asynccontextmanager
     async def _serving(self, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[_Call]:
-        """Admission, in-flight accounting, the correlation id and the outcome of one call."""
+        """Who calls, admission, in-flight accounting, the correlation id and the outcome."""
+        call = _Call()
+        try:
+            call.principal, call.ticket = self._caller(context)
+        except Unauthenticated as exc:
+            await abort_with(context, exc, self.worker_id)
         try:
             await self._admit(context)
         except Exception as exc:
             self._refused(exc)
             await abort_with(context, exc, self.worker_id)
-        call = _Call()
         token = logs.correlation_id.set(_correlation(context))
         started = time.perf_counter()
         code = "OK"
@@ -475,7 +557,7 @@ class WorkerServer:
     async def _execute(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         started = time.perf_counter()
         async with self._serving(context) as call:
-            tool, kwargs, call.ctx = self._prepare(raw, context)
+            tool, kwargs, call.ctx = self._prepare(raw, context, call)
             with self._tool_span(tool):
                 async with asyncio.timeout(self._time_limit(context, tool, call)):
                     if tool.streaming:
@@ -494,7 +576,7 @@ class WorkerServer:
         self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes]:
         async with self._serving(context) as call:
-            tool, kwargs, call.ctx = self._prepare(raw, context)
+            tool, kwargs, call.ctx = self._prepare(raw, context, call)
             await context.send_initial_metadata(((WORKER_ID_KEY, self.worker_id),))
             with self._tool_span(tool):
                 async with asyncio.timeout(self._time_limit(context, tool, call)):
@@ -559,6 +641,8 @@ class _Call:
     ctx: SessionContext | None = None
     tool: ToolDef | None = None
     capped: float | None = None  # the server's limit, when it is shorter than the deadline
+    principal: Principal = ANONYMOUS
+    ticket: str = ""  # the call's pool ticket, which its calls back to the router carry
 
 
 def _correlation(context: grpc.aio.ServicerContext[Any, Any]) -> str:
