@@ -144,6 +144,42 @@ def _pool_config(args: argparse.Namespace) -> Any:
     )
 
 
+def _repeatable(parser: argparse.ArgumentParser, flag: str, metavar: str, text: str) -> None:
+    """A flag given any number of times; its environment variable holds a comma-separated list."""
+    raw = _env(flag.lstrip("-"), "")
+    parser.add_argument(
+        flag,
+        action="append",
+        default=[v.strip() for v in raw.split(",") if v.strip()],
+        metavar=metavar,
+        help=text + " (repeatable)",
+    )
+
+
+def _auth_options(parser: argparse.ArgumentParser, *, router: bool) -> None:
+    """Identity flags of ``serve`` and ``router`` (docs/security.md)."""
+    _add(parser, "--auth-tokens", "", help="PRINCIPAL:TOKEN per line; callers must present one")
+    _repeatable(parser, "--admin", "PRINCIPAL", "a principal that sees every session")
+    _repeatable(parser, "--allow-direct", "PRINCIPAL", "a principal allowed direct mode; '*': all")
+    if router:
+        _add(
+            parser, "--ticket-key", "", help="Ed25519 PEM key the pool's routers sign tickets with"
+        )
+        _add(parser, "--ticket-audience", "snakepit", help="the pool's name in its tickets")
+
+
+def _auth_config(args: argparse.Namespace) -> Any:
+    from .security.gate import AuthConfig
+
+    return AuthConfig(
+        tokens_file=args.auth_tokens,
+        admins=tuple(args.admin),
+        direct=tuple(args.allow_direct),
+        signing_key=getattr(args, "ticket_key", ""),
+        audience=getattr(args, "ticket_audience", "snakepit"),
+    )
+
+
 def _metrics_option(parser: argparse.ArgumentParser, default: int | None, text: str) -> None:
     """``--metrics-port P``: serve Prometheus metrics at http://HOST:P/metrics (0: any port)."""
     _add(parser, "--metrics-port", default, _port_or_none, help=text)
@@ -333,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="make a throwaway CA in DIR (ca.pem, server.pem, client.pem and keys) and serve "
         "TLS with it; clients then pass --ca DIR/ca.pem",
     )
+    _auth_options(serve, router=False)
     serve.add_argument("--verbose", action="store_true", help="show the workers' JSON logs")
 
     worker = sub.add_parser("worker", help="run one worker process (what worker pods run)")
@@ -397,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="with --pool-tls-dir: also accept client certificates from this CA (direct mode)",
     )
+    _add(
+        worker,
+        "--ticket-public-key",
+        "",
+        help="the pool's ticket key (ed25519:BASE64 or a PEM file): calls need a ticket",
+    )
+    _add(worker, "--ticket-audience", "snakepit", help="the pool's name in its tickets")
 
     router = sub.add_parser("router", help="run the router (what router pods run)")
     _add(router, "--host", "0.0.0.0")
@@ -437,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
         int,
         help="with --pool-tls-dir: the mutual-TLS port for workers and peer routers",
     )
+    _auth_options(router, router=True)
 
     operator = sub.add_parser("operator", help="run the Kubernetes operator")
     operator.add_argument(
@@ -456,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     call.add_argument("--session", default=None, help="run in this session (created if missing)")
     _add(call, "--target", DEFAULT_TARGET)
+    _add(call, "--token", "", help="bearer token of a secured pool (default $SNAKEPIT_TOKEN)")
     call.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     call.add_argument(
         "--stream", action="store_true", help="print each streamed item on its own line"
@@ -464,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show the pool's workers, queue and totals")
     _add(status, "--target", DEFAULT_TARGET)
+    _add(status, "--token", "", help="bearer token of a secured pool (default $SNAKEPIT_TOKEN)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     _client_tls_options(status)
     status.add_argument(
@@ -510,7 +557,7 @@ def _cmd_call(args: argparse.Namespace) -> int:
     from .errors import SnakepitError
 
     arguments = parse_arguments(args.arguments)
-    with Client(args.target, timeout=args.timeout, **_client_tls(args)) as client:
+    with Client(args.target, timeout=args.timeout, token=args.token, **_client_tls(args)) as client:
         try:
             if args.session:
                 session = client.session(args.session, keep=True)
@@ -538,7 +585,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from .client import Client
     from .errors import SnakepitError
 
-    with Client(args.target, timeout=10, **_client_tls(args)) as client:
+    with Client(args.target, timeout=10, token=args.token, **_client_tls(args)) as client:
         while True:
             try:
                 status = client.status()
@@ -621,6 +668,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         data_path=args.data_path,
         autoscale=_autoscale_policy(args),
         scale_period=args.scale_interval,
+        auth=_auth_config(args),
     )
     config.tls, config.pool_ca = _serve_tls(args)
     return asyncio.run(run(config))
@@ -675,6 +723,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         pool_tls=_pool_tls(args),
         tls_client_cas=tuple(args.tls_client_ca),
         health_port=args.health_port or None,
+        ticket_public_key=args.ticket_public_key,
+        ticket_audience=args.ticket_audience,
     )
     return asyncio.run(serve(config))
 
@@ -703,6 +753,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
         pool_tls=_pool_tls(args),
         internal_port=args.internal_port,
         health_port=args.health_port or None,
+        auth=_auth_config(args),
     )
     return asyncio.run(serve(config, shutdown_delay=args.shutdown_delay))
 

@@ -27,12 +27,15 @@ from urllib.parse import urlsplit, urlunsplit
 from . import logs, tracing
 from .autoscale.loop import Round, ScaleLoop
 from .autoscale.policy import Decision, Policy, Sample
+from .errors import SnakepitError
 from .grpc_options import DEFAULT_MAX_MESSAGE_MB
 from .router.dataplane import make_router
 from .router.discovery import StaticDiscovery
 from .router.pool import PoolConfig
 from .router.server import RouterConfig, RouterServer
+from .security.gate import AuthConfig
 from .security.localca import LocalCA, write_file, write_issued
+from .security.tickets import public_key_text
 from .security.tls import CA_FILE, CERT_FILE, KEY_FILE, POOL_NAME, TlsFiles
 from .store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL
 from .store.limits import StoreLimits
@@ -137,6 +140,8 @@ class ServeConfig:
     # passes the CA it generated, so its ca.pem is all a direct-mode client needs).
     tls: TlsFiles | None = None
     pool_ca: LocalCA | None = None
+    # Identity (--auth-tokens, --admin, --allow-direct); off by default on one machine.
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     @property
     def initial_workers(self) -> int:
@@ -178,6 +183,7 @@ class LocalPool:
                 limits=config.limits,
                 tls=config.tls,
                 pool_tls=None if self.pool_ca is None else self.pool_ca.files,
+                auth=config.auth,
             ),
             discovery=StaticDiscovery([]),
         )
@@ -195,6 +201,7 @@ class LocalPool:
             "--max-message-mb", str(config.max_message_mb),
             "--session-ttl", str(config.session_ttl),
             *self._metrics_argv(slot_id),
+            *self._ticket_argv(),
             "--max-call-seconds", str(config.max_call_seconds),
             *self._tls_argv(),
             *config.worker_args,
@@ -208,6 +215,16 @@ class LocalPool:
         if self.config.tls is not None and self.config.tls.ca:
             argv += ["--tls-client-ca", self.config.tls.ca]
         return argv
+
+    def _ticket_argv(self) -> list[str]:
+        """With auth on, workers get the pool's ticket public key (never the private one)."""
+        issuer = self.router.gate.issuer
+        if issuer is None:
+            return []
+        return [
+            "--ticket-public-key", public_key_text(issuer.key.public_key()),
+            "--ticket-audience", issuer.audience,
+        ]  # fmt: skip
 
     def _metrics_argv(self, slot_id: str) -> list[str]:
         """A worker's ``--metrics-port`` (a free port, published in the pool status), if any."""
@@ -356,7 +373,7 @@ async def run(config: ServeConfig) -> int:
     tracing.setup("snakepit-router")  # the workers, children with this environment, do the same
     try:
         pool = LocalPool(config)
-    except ValueError as exc:
+    except (ValueError, SnakepitError) as exc:  # e.g. a bad --data-path or --auth-tokens file
         print(f"snakepit: {exc}", file=sys.stderr)
         return 2
     stop = asyncio.Event()
