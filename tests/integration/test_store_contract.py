@@ -36,7 +36,8 @@ from snakepit.store.redis import RedisStore
 from snakepit.store.remote import RemoteStore
 from snakepit.store.service import StoreService, generic_handler
 
-BACKENDS = ("memory", "redis", "remote")
+# redis-acl: Redis as the pool's ACL user (store/acl.py), which may send only the store's commands.
+BACKENDS = ("memory", "redis", "redis-acl", "remote")
 
 
 async def serve_store(store: SessionStore) -> tuple[grpc.aio.Server, str]:
@@ -66,7 +67,7 @@ class Backend:
         store: SessionStore
         if self.name == "memory":
             store = MemoryStore(default_ttl=default_ttl, max_sessions=max_sessions, limits=limits)
-        elif self.name == "redis":
+        elif self.name.startswith("redis"):
             store = RedisStore(
                 self.redis_url,
                 default_ttl=default_ttl,
@@ -85,7 +86,7 @@ class Backend:
         return store
 
     async def share(self, store: SessionStore) -> str:
-        if self.name == "redis":
+        if self.name.startswith("redis"):
             return self.redis_url
         if id(store) not in self.targets:
             server, target = await serve_store(store)
@@ -107,6 +108,8 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
         server = request.getfixturevalue("redis_server")
         prefix = request.getfixturevalue("redis_prefix")
         chosen.redis_url = f"{server.url}?prefix={prefix}"
+    elif request.param == "redis-acl":
+        chosen.redis_url = request.getfixturevalue("redis_acl_url")
     try:
         yield chosen
     finally:
@@ -604,7 +607,7 @@ async def test_out_of_range_ttls_and_large_metadata_are_refused_leaving_nothing(
     with pytest.raises(InvalidArgument, match="larger than 1024 bytes"):
         await store.register_variable("s", "x", "integer", 1, metadata={"k": "v" * 2000})
     assert [s.session_id for s in await store.list_sessions()] == ["s"]
-    if backend.name == "redis":  # every key the store wrote expires (the review's leak)
+    if backend.name.startswith("redis"):  # every key the store wrote expires (the review's leak)
         import redis.asyncio as aioredis
 
         client = aioredis.Redis.from_url(request.getfixturevalue("redis_server").url)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from snakepit import Adapter, SessionContext, tool
+from snakepit.examples.showcase import ShowcaseAdapter
 
 
 def _mark(name: str) -> None:
@@ -70,3 +71,20 @@ class SlowStartAdapter(Adapter):
     @tool
     def ok(self) -> bool:
         return True
+
+
+class IdentityProbeAdapter(ShowcaseAdapter):
+    """The showcase tools plus ``whoami``, which shows all a tool can see of its call."""
+
+    @tool
+    def whoami(self, ctx: SessionContext) -> dict[str, object]:
+        """The call's principal, and everything the context and the process environment hold,
+        as text: a test searches it for the caller's credential."""
+        seen = {name: repr(value) for name, value in vars(ctx).items()}
+        return {
+            "principal": ctx.principal,
+            "session_id": ctx.session_id,
+            "metadata": dict(ctx.metadata),
+            "context": repr(seen),
+            "environ": repr(dict(os.environ)),
+        }

@@ -1,0 +1,399 @@
+"""Identity on real processes: a router with --auth-tokens and workers that need pool tickets.
+
+One pool per module (router + 2 workers as separate processes, the store through the router), so
+the test can hold the pool's signing key and forge tickets: expired, for another pool, signed by
+another key. Every refusal is checked for its status code and for a message that says what was
+expected without echoing the credential.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from snakepit import Client
+from snakepit.client.sync import Session
+from snakepit.errors import NotFound, PermissionDenied, Unauthenticated
+from snakepit.protocol import method_path, pb
+from snakepit.protocol.messages import encode_request
+from snakepit.security.tickets import (
+    TICKET_KEY,
+    TicketIssuer,
+    new_private_key,
+    private_key_pem,
+    public_key_pem,
+)
+from tests.fixtures.processes import ProcessFactory, start_pool, wait_for
+from tests.fixtures.processes import test_env as child_env
+
+ALICE = "alice-token-0123456789abcdef"
+BOB = "bob-token-0123456789abcdef00"
+ROOT = "root-token-0123456789abcdef0"
+CAROL = "carol-token-0123456789abcdef"
+AUDIENCE = "pool-a"
+ADAPTER = "tests.support.adapters:IdentityProbeAdapter"
+
+
+class Pool:
+    def __init__(self, procs: ProcessFactory, tmp: Path) -> None:
+        self.key = new_private_key()
+        key_file = tmp / "ticket.key"
+        key_file.write_bytes(private_key_pem(self.key))
+        public_file = tmp / "ticket.pub"
+        public_file.write_bytes(public_key_pem(self.key.public_key()))
+        self.tokens = tmp / "tokens"
+        self.tokens.write_text(
+            f"# principals of the test pool\nalice:{ALICE}\nbob:{BOB}  # no direct mode\n"
+            f"root:{ROOT}\n"
+        )
+        self.router, self.workers = start_pool(
+            procs,
+            2,
+            "--auth-tokens", str(self.tokens),
+            "--admin", "root",
+            "--allow-direct", "alice",
+            "--ticket-key", str(key_file),
+            "--ticket-audience", AUDIENCE,
+            adapter=ADAPTER,
+            worker_args=("--ticket-public-key", str(public_file), "--ticket-audience", AUDIENCE),
+            token=ROOT,
+        )  # fmt: skip
+        self.address = self.router.address
+
+    def client(self, token: str = "", **kw: Any) -> Client:
+        return Client(self.address, token=token, **kw)
+
+    def ticket(self, principal: str, *, audience: str = AUDIENCE, lifetime: float = 60.0) -> str:
+        return TicketIssuer(self.key, audience=audience).issue(principal, lifetime=lifetime)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    tmp = tmp_path_factory.mktemp("identity")
+    procs = ProcessFactory(tmp)
+    try:
+        yield Pool(procs, tmp)
+    finally:
+        procs.close()
+
+
+def _raw(address: str, method: str, request: bytes, metadata: tuple[tuple[str, str], ...]) -> Any:
+    with grpc.insecure_channel(address) as channel:
+        return channel.unary_unary(method_path(method))(request, metadata=metadata, timeout=10)
+
+
+def _refused(call: Any, code: grpc.StatusCode) -> str:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    assert caught.value.code() == code, caught.value
+    return str(caught.value.details())
+
+
+# Authentication at the router -------------------------------------------------------------
+def test_each_token_is_its_own_principal_and_reaches_tools_only_as_a_name(pool: Pool) -> None:
+    for token, name in ((ALICE, "alice"), (BOB, "bob"), (ROOT, "root")):
+        with pool.client(token) as client, client.session() as session:
+            seen = session.execute("whoami")
+            assert seen["principal"] == name
+            everything = repr(seen)
+            assert token not in everything
+            assert "Bearer" not in everything and "authorization" not in everything
+
+
+def test_missing_wrong_and_malformed_credentials_are_unauthenticated(pool: Pool) -> None:
+    with pool.client("") as client:
+        with pytest.raises(Unauthenticated, match="Bearer <token>"):
+            client.execute("add", a=1, b=2)
+        with pytest.raises(Unauthenticated, match="Bearer <token>"):
+            client.session()
+    wrong = "not-a-token-of-this-pool-1234"
+    with pool.client(wrong) as client:
+        with pytest.raises(Unauthenticated, match="not one this pool accepts") as caught:
+            client.execute("add", a=1, b=2)
+        assert wrong not in str(caught.value)
+        with pytest.raises(Unauthenticated):
+            client.ping()
+    details = _refused(
+        lambda: _raw(
+            pool.address,
+            "Ping",
+            pb.PingRequest().SerializeToString(),
+            (("authorization", f"Basic {ALICE}"),),
+        ),
+        grpc.StatusCode.UNAUTHENTICATED,
+    )
+    assert "must be 'Bearer <token>'" in details and ALICE not in details
+
+
+def test_health_stays_open_for_probes(pool: Pool) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(pool.address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_token_env_and_cli_flag(pool: Pool) -> None:
+    argv = [sys.executable, "-m", "snakepit", "call", "add", "a=1", "b=2", "--target", pool.address]
+    ok = subprocess.run(argv, env=child_env(SNAKEPIT_TOKEN=ALICE), capture_output=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.strip() == b"3.0", ok.stderr
+    flag = subprocess.run([*argv, "--token", BOB], env=child_env(), capture_output=True, timeout=60)
+    assert flag.returncode == 0, flag.stderr
+    refused = subprocess.run(argv, env=child_env(), capture_output=True, timeout=60)
+    assert refused.returncode == 1 and b"UNAUTHENTICATED" in refused.stderr
+
+
+def test_tokens_file_edits_apply_without_a_restart(pool: Pool) -> None:
+    original = pool.tokens.read_text()
+    try:
+        pool.tokens.write_text(original + f"carol:{CAROL}\n")
+        with pool.client(CAROL) as carol:
+            wait_for(lambda: _works(carol), timeout=10)
+        pool.tokens.write_text(original.replace(f"bob:{BOB}", ""))
+        with pool.client(BOB) as bob:
+            wait_for(lambda: not _works(bob), timeout=10)
+            with pytest.raises(Unauthenticated):
+                bob.execute("add", a=1, b=2)
+    finally:
+        pool.tokens.write_text(original)
+    with pool.client(BOB) as bob:
+        wait_for(lambda: _works(bob), timeout=10)
+
+
+def _works(client: Client) -> bool:
+    try:
+        return bool(client.execute("add", a=1, b=2) == 3.0)
+    except Unauthenticated:
+        return False
+
+
+# Tickets at the workers ---------------------------------------------------------------------
+def _worker_call(pool: Pool, metadata: tuple[tuple[str, str], ...]) -> Any:
+    request = encode_request("whoami", {}, "")
+    return _raw(pool.workers[0].address, "ExecuteTool", request, metadata)
+
+
+def test_workers_refuse_calls_without_a_valid_ticket(pool: Pool) -> None:
+    details = _refused(lambda: _worker_call(pool, ()), grpc.StatusCode.UNAUTHENTICATED)
+    assert "pool ticket" in details
+    # A caller's own token is no ticket: workers never accept (or see) bearer tokens.
+    _refused(
+        lambda: _worker_call(pool, (("authorization", f"Bearer {ALICE}"),)),
+        grpc.StatusCode.UNAUTHENTICATED,
+    )
+    cases = {
+        "expired": (pool.ticket("alice", lifetime=-120), "expired"),
+        "wrong audience": (pool.ticket("alice", audience="pool-b"), "audience 'pool-b'"),
+        "another key": (
+            TicketIssuer(new_private_key(), audience=AUDIENCE).issue("alice"),
+            "signature does not verify",
+        ),
+        "garbage": ("v1.e30.x", "malformed"),
+    }
+    for name, (ticket, expected) in cases.items():
+        details = _refused(
+            lambda t=ticket: _worker_call(pool, ((TICKET_KEY, t),)),  # type: ignore[misc]
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+        assert expected in details, (name, details)
+    valid = pool.ticket("alice")
+    reply = pb.ExecuteToolResponse.FromString(_worker_call(pool, ((TICKET_KEY, valid),)))
+    assert reply.worker_id == "worker-0"  # the call ran, on alice's behalf
+
+
+def test_router_refuses_forged_tickets_too(pool: Pool) -> None:
+    forged = TicketIssuer(new_private_key(), audience=AUDIENCE).issue("root")
+    details = _refused(
+        lambda: _raw(
+            pool.address,
+            "ListSessions",
+            pb.ListSessionsRequest().SerializeToString(),
+            ((TICKET_KEY, forged),),
+        ),
+        grpc.StatusCode.UNAUTHENTICATED,
+    )
+    assert "signature" in details
+
+
+# Sessions belong to principals --------------------------------------------------------------
+def test_another_principals_session_is_not_found(pool: Pool) -> None:
+    with pool.client(ALICE) as alice, pool.client(BOB) as bob:
+        session = alice.session(keep=True)
+        session.set("secret", 42)
+        session.execute("counter_increment")
+        theirs = Session(bob, session.id)
+        with pytest.raises(NotFound):
+            theirs.get("secret")
+        with pytest.raises(NotFound):
+            theirs.set("secret", 0)
+        with pytest.raises(NotFound):
+            theirs.info()
+        with pytest.raises(NotFound):
+            theirs.list()
+        with pytest.raises(NotFound):  # a tool call in it reaches bob's own (missing) session
+            theirs.execute("counter_increment")
+        with pytest.raises(NotFound):
+            next(iter(theirs.watch(timeout=5)))
+        theirs.close()  # cleanup of a session bob does not have: nothing happens to alice's
+        assert session.get("secret") == 42
+        assert session.get("counter") == 1
+        assert session.close() is True
+
+
+def test_the_same_chosen_id_is_a_different_session_per_principal(pool: Pool) -> None:
+    with (
+        pool.client(ALICE) as alice,
+        pool.client(BOB) as bob,
+        alice.session("shared-name") as mine,
+        bob.session("shared-name") as yours,
+    ):
+        assert mine.id == yours.id == "shared-name"
+        mine.set("owner", "alice")
+        yours.set("owner", "bob")
+        assert mine.get("owner") == "alice"
+        assert yours.get("owner") == "bob"
+        assert mine.execute("whoami")["session_id"] == "shared-name"
+
+
+def _list_sessions(pool: Pool, token: str) -> set[str]:
+    raw = _raw(
+        pool.address,
+        "ListSessions",
+        pb.ListSessionsRequest().SerializeToString(),
+        (("authorization", f"Bearer {token}"),),
+    )
+    return {s.session_id for s in pb.ListSessionsResponse.FromString(raw).sessions}
+
+
+def test_list_sessions_shows_own_sessions_and_admins_see_all(pool: Pool) -> None:
+    with (
+        pool.client(ALICE) as alice,
+        pool.client(BOB) as bob,
+        alice.session() as a,
+        bob.session() as b,
+    ):
+        assert a.id in _list_sessions(pool, ALICE)
+        assert b.id not in _list_sessions(pool, ALICE)
+        assert b.id in _list_sessions(pool, BOB)
+        everything = _list_sessions(pool, ROOT)
+        assert {f"alice/{a.id}", f"bob/{b.id}"} <= everything
+
+
+# Calls back from tools carry the ticket of the call they serve --------------------------------
+def test_tools_calling_tools_and_the_store_act_for_the_caller(pool: Pool) -> None:
+    with pool.client(ALICE) as alice, alice.session() as session:
+        assert session.execute("relay", tool="whoami", arguments={})["principal"] == "alice"
+        assert session.execute("counter_increment", by=5) == 5
+        assert session.get("counter") == 5
+
+        def lookup_price(item: str) -> float:
+            return {"fig": 1.25}[item]
+
+        handle = alice.register_tool("lookup_price", lookup_price)
+        try:
+            assert session.execute("quote", items={"fig": 2})["total"] == 2.5
+        finally:
+            handle.unregister()
+
+
+def test_a_hosts_session_that_ends_is_named_to_it_by_its_own_id(pool: Pool) -> None:
+    """The router sweeps hosted sessions by store key (alice/ID); the host hears its own ID."""
+    with pool.client(ALICE) as alice, pool.client(ALICE) as elsewhere:
+        alice.register_tool("lookup_price", lambda item: 1.0)
+        session = alice.session(keep=True)
+        assert session.execute("quote", items={"fig": 2})["total"] == 2.0
+        assert alice._host is not None
+        served = alice._host.host.sessions
+        assert session.id in served
+        assert Session(elsewhere, session.id).close()  # deleted by another client of alice's
+        wait_for(lambda: session.id not in served, timeout=20, interval=0.2)
+
+
+def test_a_host_serves_only_its_own_principals_sessions(pool: Pool) -> None:
+    with pool.client(ALICE) as alice, pool.client(BOB) as bob, alice.session() as session:
+        theirs = Session(bob, session.id)
+        bob._serve_sessions([session.id], [])  # bob claims to host for alice's session id
+        handle = bob.register_tool("lookup_price", lambda item: 0.0)
+        try:
+            with pytest.raises(NotFound, match="no tool 'lookup_price'"):
+                session.execute("quote", items={"fig": 2})
+            assert theirs.id == session.id
+        finally:
+            handle.unregister()
+
+
+# Routing table and direct mode ----------------------------------------------------------------
+def test_routing_table_only_for_allowed_principals(pool: Pool) -> None:
+    with pool.client(BOB) as bob, pytest.raises(PermissionDenied, match="may not use direct mode"):
+        bob.routing_table()
+    with pool.client(BOB, direct=True) as bob, pytest.raises(PermissionDenied):
+        bob.execute("add", a=1, b=2)
+    with pool.client(ALICE) as alice:
+        assert len(alice.routing_table()["workers"]) == 2
+
+
+def test_direct_mode_calls_workers_with_a_ticket(pool: Pool) -> None:
+    with pool.client(ROOT) as admin:
+        before = admin.status()["calls_total"]
+    with pool.client(ALICE, direct=True) as alice, alice.session() as session:
+        for _ in range(5):
+            assert session.execute("whoami")["principal"] == "alice"
+        assert session.execute("counter_increment") == 1
+        assert alice._routes is not None and alice._routes.credentials
+    with pool.client(ROOT) as admin:
+        assert admin.status()["calls_total"] == before  # none went through the router
+
+
+def test_haproxy_data_path_refuses_to_start_with_auth(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice:{ALICE}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "snakepit", "serve", "--port", "0", "--workers", "1",
+         "--data-path", "haproxy", "--auth-tokens", str(tokens)],
+        env=child_env(), capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert b"cannot verify callers' credentials" in done.stderr, done.stderr
+
+
+def test_tls_and_tokens_together_every_hop(procs: ProcessFactory, tmp_path: Path) -> None:
+    """serve with mutual TLS and tokens: the token is checked over TLS, tickets ride the pool's
+    mutual-TLS hops (worker -> router for the store and ctx.call_tool), and direct mode needs
+    both a client certificate the workers trust and a ticket."""
+    generated = tmp_path / "tls"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
+    pool = procs.serve(
+        "--tls-generate", str(generated), "--tls-client-ca", str(generated / "ca.pem"),
+        "--auth-tokens", str(tokens), "--allow-direct", "alice", "--adapter", ADAPTER,
+    )  # fmt: skip
+    mtls = {
+        "ca": str(generated / "ca.pem"),
+        "cert": str(generated / "client.pem"),
+        "key": str(generated / "client-key.pem"),
+    }
+    with Client(pool.address, timeout=20, token=ALICE, **mtls) as alice:
+        with alice.session() as session:
+            assert session.execute("counter_increment") == 1
+            assert session.execute("relay", tool="whoami", arguments={})["principal"] == "alice"
+            with (
+                Client(pool.address, timeout=20, token=BOB, **mtls) as bob,
+                pytest.raises(NotFound),
+            ):
+                Session(bob, session.id).get("counter")
+        routed = alice.status()["calls_total"]
+    with (
+        Client(pool.address, timeout=20, token="", **mtls) as nobody,
+        pytest.raises(Unauthenticated),
+    ):
+        nobody.execute("add", a=1, b=2)
+    with Client(pool.address, timeout=20, token=ALICE, direct=True, **mtls) as direct:
+        assert [direct.execute("whoami")["principal"] for _ in range(3)] == ["alice"] * 3
+    with Client(pool.address, timeout=20, token=ALICE, **mtls) as alice:
+        assert alice.status()["calls_total"] == routed  # the direct calls skipped the router

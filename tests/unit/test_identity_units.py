@@ -1,0 +1,105 @@
+"""The pure parts of identity: session keys, tokens files, tickets, ServiceAccount names."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from snakepit.errors import InvalidArgument, Unauthenticated
+from snakepit.security.identity import (
+    ANONYMOUS,
+    Principal,
+    check_principal_name,
+    session_id_of,
+    session_key,
+)
+from snakepit.security.tickets import (
+    TicketIssuer,
+    TicketVerifier,
+    load_public_key,
+    new_private_key,
+    public_key_text,
+)
+from snakepit.security.tokens import StaticTokens, parse_tokens
+
+ALICE = Principal("alice", source="token")
+
+
+def test_session_keys_are_per_principal_and_anonymous_keeps_bare_ids() -> None:
+    assert session_key(ANONYMOUS, "s1") == "s1"
+    assert session_key(ALICE, "s1") == "alice/s1"
+    assert session_id_of(ALICE, "alice/s1") == "s1"
+    assert session_id_of(ALICE, "bob/s1") is None
+    assert session_id_of(ALICE, "alicex/s1") is None
+    # No caller-chosen id reaches into another principal's keys: names hold no '/'.
+    with pytest.raises(InvalidArgument):
+        check_principal_name("alice/evil")
+    check_principal_name("system:serviceaccount:team-a:caller")
+
+
+def test_tokens_file_format_and_errors_never_echo_a_token() -> None:
+    text = "# comment\n\nalice: token-aaaaaaaaaaaaaaaa  # trailing\nbob:token-bbbbbbbbbbbbbbbb\n"
+    assert parse_tokens(text) == [
+        ("alice", b"token-aaaaaaaaaaaaaaaa"),
+        ("bob", b"token-bbbbbbbbbbbbbbbb"),
+    ]
+    for bad, expected in (
+        ("only-a-token-without-name\n", "line 1: expected PRINCIPAL:TOKEN"),
+        ("al/ice:token-aaaaaaaaaaaaaaaa\n", "line 1: principal name"),
+        ("# x\nalice:short-secret\n", "line 2: the token of 'alice' is shorter than 16"),
+    ):
+        with pytest.raises(InvalidArgument, match=expected) as caught:
+            parse_tokens(bad)
+        assert "short-secret" not in str(caught.value)
+        assert "only-a-token" not in str(caught.value)
+
+
+def test_a_broken_edit_keeps_the_last_good_tokens(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("alice:token-aaaaaaaaaaaaaaaa\n")
+    tokens = StaticTokens(path, recheck=0)
+    assert tokens.principal_of("token-aaaaaaaaaaaaaaaa") == "alice"
+    assert tokens.principal_of("token-aaaaaaaaaaaaaaab") is None
+    path.write_text("alice token without colon\n")
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+    assert tokens.principal_of("token-aaaaaaaaaaaaaaaa") == "alice"
+    path.write_text("bob:token-bbbbbbbbbbbbbbbb\n")
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 2_000_000))
+    assert tokens.principal_of("token-aaaaaaaaaaaaaaaa") is None
+    assert tokens.principal_of("token-bbbbbbbbbbbbbbbb") == "bob"
+    with pytest.raises(InvalidArgument, match="cannot use tokens file"):
+        StaticTokens(tmp_path / "missing")
+
+
+def test_tickets_round_trip_and_refusals() -> None:
+    key = new_private_key()
+    issuer = TicketIssuer(key, audience="pool-a")
+    verifier = TicketVerifier(load_public_key(public_key_text(key.public_key())), audience="pool-a")
+    ticket, expires = issuer.ticket_for("alice")
+    assert issuer.ticket_for("alice") == (ticket, expires)  # reused, not signed per call
+    assert verifier.verify(ticket) == Principal("alice", source="ticket")
+    verifier.verify(ticket)
+    assert verifier.misses == 1
+    with pytest.raises(Unauthenticated, match="expired"):
+        verifier.verify(issuer.issue("alice", lifetime=-60))
+    with pytest.raises(Unauthenticated, match="audience 'pool-b'"):
+        verifier.verify(TicketIssuer(key, audience="pool-b").issue("alice"))
+    with pytest.raises(Unauthenticated, match="signature"):
+        verifier.verify(TicketIssuer(new_private_key(), audience="pool-a").issue("alice"))
+    head, payload, signature = ticket.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    claims["sub"] = "root"  # a changed payload no longer matches its signature
+    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    with pytest.raises(Unauthenticated, match="signature"):
+        verifier.verify(f"{head}.{forged}.{signature}")
+    with pytest.raises(Unauthenticated, match="malformed"):
+        verifier.verify("Bearer something")
+    # A cached ticket still ends when it expires.
+    assert verifier.verify(ticket, now=expires + 1) is not None  # within the clock skew
+    with pytest.raises(Unauthenticated, match="expired"):
+        verifier.verify(ticket, now=expires + 3600)
