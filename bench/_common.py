@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -45,6 +47,68 @@ def wait_serving(address: str, timeout: float = 30.0) -> None:
                 pass
             time.sleep(0.02)
     raise TimeoutError(f"{address} not serving after {timeout}s")
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def spawn_pair(
+    worker_args: Sequence[str] = (), router_args: Sequence[str] = (), **env: str
+) -> tuple[list[subprocess.Popen[bytes]], str]:
+    """One worker (id w0) and a router in front of it, both serving: (processes, router)."""
+    worker, router = free_port(), free_port()
+    procs = [
+        spawn(["worker", "--host", "127.0.0.1", "--port", str(worker), "--worker-id", "w0",
+               *worker_args], **env),
+        spawn(["router", "--host", "127.0.0.1", "--port", str(router),
+               "--workers", f"w0=127.0.0.1:{worker}", *router_args], **env),
+    ]  # fmt: skip
+    try:
+        for port in (worker, router):
+            wait_serving(f"127.0.0.1:{port}")
+    except BaseException:  # e.g. another process took the free port first: leave nothing behind
+        stop_all(procs)
+        raise
+    return procs, f"127.0.0.1:{router}"
+
+
+def stop_all(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(timeout=20)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` has used (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+async def small_calls(
+    client: Any, seconds: float, in_flight: int, procs: Sequence[subprocess.Popen[bytes]]
+) -> tuple[float, float]:
+    """``add`` calls through ``client`` (an AsyncClient), ``in_flight`` at once for ``seconds``
+    after a warm-up: (calls/s, CPU ms per call that ``procs`` spent)."""
+    while (await client.status())["workers_ready"] < 1:  # noqa: ASYNC110 - polling a remote pool
+        await asyncio.sleep(0.05)
+    for _ in range(50):
+        await client.execute("add", a=1, b=2)
+    done = 0
+    stop = time.perf_counter() + seconds
+    cpu_before = sum(cpu_seconds(p.pid) for p in procs)
+
+    async def loop() -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            await client.execute("add", a=1, b=2)
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(in_flight)))
+    elapsed = time.perf_counter() - started
+    cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu_before
+    return done / elapsed, cpu / done * 1000
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

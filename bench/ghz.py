@@ -81,6 +81,7 @@ class Ghz:
         concurrency: int = 32,
         connections: int = 4,
         rps: int = 0,
+        metadata: dict[str, str] | None = None,
         tls: list[str] | None = None,
     ) -> Result:
         """``tls``: ghz's TLS flags (``--cacert``, ``--cert``/``--key``, ``--cname``); None:
@@ -92,6 +93,8 @@ class Ghz:
                 "--format", "json", "--skipFirst", str(concurrency)]  # fmt: skip
         if rps:
             args += ["--rps", str(rps)]
+        if metadata:
+            args += ["--metadata", json.dumps(metadata)]
         report = json.loads(subprocess.run([*args, target], capture_output=True, check=True).stdout)
         latencies = {
             d["percentage"]: d["latency"] / 1e6 for d in report.get("latencyDistribution") or ()

@@ -17,28 +17,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import free_port, spawn, table, wait_serving
+from _common import small_calls, spawn_pair, stop_all, table
 
 from snakepit import AsyncClient
 from tests.fixtures.jaeger import Jaeger, jaeger_binary
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 @dataclass
@@ -61,44 +52,17 @@ class Config:
                 "OTEL_TRACES_SAMPLER_ARG": str(self.sampling),
             }
         metrics = ["--metrics-port", "0"] if self.metrics else []
-        worker, router = free_port(), free_port()
-        self.procs.append(spawn(["worker", "--host", "127.0.0.1", "--port", str(worker),
-                                 "--worker-id", "w0", *metrics], **env))  # fmt: skip
-        self.procs.append(spawn(["router", "--host", "127.0.0.1", "--port", str(router),
-                                 "--workers", f"w0=127.0.0.1:{worker}", *metrics], **env))  # fmt: skip
-        for port in (worker, router):
-            wait_serving(f"127.0.0.1:{port}")
-        self.router = f"127.0.0.1:{router}"
+        self.procs, self.router = spawn_pair(metrics, metrics, **env)
 
     def close(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            proc.wait(timeout=20)
+        stop_all(self.procs)
 
 
 async def measure(config: Config, seconds: float, in_flight: int) -> None:
     async with AsyncClient(config.router) as client:
-        while (await client.status())["workers_ready"] < 1:  # noqa: ASYNC110 - polling a remote pool
-            await asyncio.sleep(0.05)
-        for _ in range(50):  # warm up
-            await client.execute("add", a=1, b=2)
-        done = 0
-        stop = time.perf_counter() + seconds
-        cpu_before = sum(cpu_seconds(p.pid) for p in config.procs)
-
-        async def loop() -> None:
-            nonlocal done
-            while time.perf_counter() < stop:
-                await client.execute("add", a=1, b=2)
-                done += 1
-
-        started = time.perf_counter()
-        await asyncio.gather(*(loop() for _ in range(in_flight)))
-        elapsed = time.perf_counter() - started
-        cpu = sum(cpu_seconds(p.pid) for p in config.procs) - cpu_before
-    config.rates.append(done / elapsed)
-    config.cpu_ms.append(cpu / done * 1000)
+        rate, cpu_ms = await small_calls(client, seconds, in_flight, config.procs)
+    config.rates.append(rate)
+    config.cpu_ms.append(cpu_ms)
 
 
 def main() -> int:
