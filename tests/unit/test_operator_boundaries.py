@@ -4,15 +4,18 @@ refusal, default resources and /tmp limits, Redis memory bound, limits reaching 
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
+from snakepit.operator.builders import build_children
 from snakepit.operator.builders.common import quantity_bytes
 from snakepit.operator.builders.store import redis_maxmemory
+from snakepit.operator.config import OperatorConfig
 from snakepit.operator.spec import SpecError
 
-from .test_operator_builders import arg, children, container, env
+from .test_operator_builders import CONFIG, arg, children, container, env, make_pool
 
 METADATA = ipaddress.ip_address("169.254.169.254")
 
@@ -52,6 +55,37 @@ def test_the_router_admits_this_namespace_by_default_and_the_listed_callers_othe
     listed = children({"networkPolicy": {"routerClients": callers}})["NetworkPolicy/demo-router"]
     # the listed callers, and the pool's own pods (ctx.call_tool, routers forwarding to routers)
     assert listed["spec"]["ingress"][0]["from"] == [*callers, pool_pods]
+
+
+def test_an_autoscaled_router_admits_the_operator_pods_that_read_its_load() -> None:
+    """Found under a real engine: the autoscaler (in the operator's namespace) reads each
+    router over gRPC, which the default rule (this namespace's pods) refuses."""
+    config = replace(
+        CONFIG,
+        namespace="snakepit-system",
+        pod_labels=(("app.kubernetes.io/instance", "sp"), ("app.kubernetes.io/name", "op")),
+    )
+    operator = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "snakepit-system"}},
+        "podSelector": {
+            "matchLabels": {"app.kubernetes.io/instance": "sp", "app.kubernetes.io/name": "op"}
+        },
+    }
+
+    def router_peers(spec: dict[str, Any], config: OperatorConfig) -> list[Any]:
+        built = build_children(make_pool(spec), config, "sec")
+        (policy,) = [
+            o
+            for o in built
+            if o["metadata"]["name"] == "demo-router" and o["kind"] == "NetworkPolicy"
+        ]
+        return list(policy["spec"]["ingress"][0]["from"])
+
+    autoscaled = {"autoscaling": {"minReplicas": 1, "maxReplicas": 4}}
+    assert operator in router_peers(autoscaled, config)
+    assert operator not in router_peers({}, config)  # no autoscaler, no access
+    # An operator that does not know where it runs admits nobody extra.
+    assert router_peers(autoscaled, CONFIG) == router_peers({}, CONFIG)
 
 
 def test_no_pod_may_reach_the_cloud_metadata_endpoint() -> None:

@@ -49,10 +49,17 @@ def test_operator_config_reads_its_environment() -> None:
             "SNAKEPIT_REDIS_IMAGE": "db:1",
             "SNAKEPIT_WORKER_IMAGE": "w:1",
             "SNAKEPIT_IMAGE_PULL_SECRETS": "a, b,",
+            "POD_NAMESPACE": "ops",
+            "SNAKEPIT_OPERATOR_POD_LABELS": "b=2,a=1",
         }
     )
+    assert config.operator_peer() == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ops"}},
+        "podSelector": {"matchLabels": {"a": "1", "b": "2"}},
+    }
     assert (config.router_image, config.redis_image, config.worker_image) == ("r:1", "db:1", "w:1")
     assert config.image_pull_secrets == ("a", "b")
     defaults = OperatorConfig.from_env({})
+    assert defaults.operator_peer() is None
     assert defaults.router_image == "snakepit/operator:dev"
     assert defaults.redis_image == "snakepit/redis:dev"

@@ -28,6 +28,11 @@ class OperatorConfig:
     resync_seconds: float = 60.0
     # Seconds between two readings of an autoscaled pool's routers (a held call wakes it sooner).
     autoscale_period: float = 1.0
+    # Where the operator's own pods run and the labels that select them (set by the chart): an
+    # autoscaled pool's router NetworkPolicy admits them, since the autoscaler reads each
+    # router's load over gRPC. Empty when unknown (the operator runs outside the cluster).
+    namespace: str = ""
+    pod_labels: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -41,4 +46,21 @@ class OperatorConfig:
             image_pull_secrets=tuple(s.strip() for s in secrets.split(",") if s.strip()),
             resync_seconds=float(env.get("SNAKEPIT_RESYNC_SECONDS") or 60.0),
             autoscale_period=float(env.get("SNAKEPIT_AUTOSCALE_PERIOD") or 1.0),
+            namespace=env.get("POD_NAMESPACE", ""),
+            pod_labels=_labels(env.get("SNAKEPIT_OPERATOR_POD_LABELS", "")),
         )
+
+    def operator_peer(self) -> dict[str, object] | None:
+        """The NetworkPolicy peer that is this operator's pods, or None when unknown."""
+        if not self.namespace or not self.pod_labels:
+            return None
+        return {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.namespace}},
+            "podSelector": {"matchLabels": dict(self.pod_labels)},
+        }
+
+
+def _labels(text: str) -> tuple[tuple[str, str], ...]:
+    """``k=v,k2=v2`` (a label selector of equalities, as kubectl writes it) as sorted pairs."""
+    pairs = (item.split("=", 1) for item in text.split(",") if "=" in item)
+    return tuple(sorted((k.strip(), v.strip()) for k, v in pairs))

@@ -81,7 +81,7 @@ def build_children(
         children.append(build_metrics_service(pool))
     if pool.spec.network_policy.enabled:
         children.append(build_worker_network_policy(pool))
-        children.append(build_router_network_policy(pool))
+        children.append(build_router_network_policy(pool, config))
         if managed:
             children.append(build_store_network_policy(pool))
     return children

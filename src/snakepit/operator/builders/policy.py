@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from ..config import OperatorConfig
 from ..spec import JSON, REDIS_PORT, ROUTER_PORT, WORKER_PORT, Pool
 from .common import POOL_LABEL, ROUTER, STORE, WORKER, Names, metadata, selector
 from .metrics import metrics_ingress
@@ -114,14 +115,19 @@ def build_worker_network_policy(pool: Pool) -> JSON:
     return _policy(pool, Names(pool.name).workers, WORKER, ingress, egress)
 
 
-def build_router_network_policy(pool: Pool) -> JSON:
+def build_router_network_policy(pool: Pool, config: OperatorConfig) -> JSON:
     """The front door: callers from ``routerClients`` (this namespace's pods when empty), and
     the pool's own pods (workers' ``ctx.call_tool``; routers forwarding hosted-tool calls to
-    the replica that holds the host's stream). It reaches DNS, workers, the other routers, the
-    store and the API server (it watches EndpointSlices)."""
+    the replica that holds the host's stream); with ``spec.autoscaling``, also the operator's
+    pods, whose autoscaler reads each router's load. It reaches DNS, workers, the other
+    routers, the store and the API server (it watches EndpointSlices)."""
     clients = pool.spec.network_policy.router_clients or [{"podSelector": {}}]
+    operator = config.operator_peer() if pool.spec.autoscaling else None
     ingress = [
-        {"from": [*clients, _pool_pods(pool)], "ports": _tcp(ROUTER_PORT)},
+        {
+            "from": [*clients, _pool_pods(pool), *([operator] if operator else [])],
+            "ports": _tcp(ROUTER_PORT),
+        },
         *metrics_ingress(pool),
     ]
     if tls_enabled(pool):
