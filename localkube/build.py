@@ -3,8 +3,8 @@
 Kubernetes' own go.mod replaces its staging modules (k8s.io/api, …) with local folders, so
 ``go install k8s.io/kubernetes/cmd/…@vX`` is refused. We write a tiny wrapper module that requires
 ``k8s.io/kubernetes`` and replaces every staging module with its published ``v0.Y.Z`` twin, then
-``go build`` the commands from it. etcd's server module has the same shape. CoreDNS, helm and kind
-install with a plain ``go install``. A stamp file per component records the recipe and the build
+``go build`` the commands from it. etcd's server module has the same shape. CoreDNS, helm, kind
+and kube-router install with a plain ``go install``. A stamp file per component records the recipe and the build
 time; a rerun whose stamp matches builds nothing.
 """
 
@@ -84,12 +84,13 @@ COMPONENTS = {
     "helm": Component("helm", C.HELM_VERSION, ("helm",)),
     "kind": Component("kind", C.KIND_VERSION, ("kind",)),
     "pause": Component("pause", C.PAUSE_VERSION, ("pause",)),
+    "kube-router": Component("kube-router", C.KUBE_ROUTER_VERSION, ("kube-router",)),
     # Only the kind provider's node image needs these two; `ensure_all` leaves them out.
     "kubeadm": Component("kubeadm", C.K8S_VERSION, ("kubeadm",)),
     "runcwrap": Component("runcwrap", C.RUNCWRAP_VERSION, ("runcwrap",)),
 }
 # What the local provider needs (and `scripts/local-cluster build` builds).
-LOCAL_COMPONENTS = ("k8s", "etcd", "coredns", "helm", "kind", "pause")
+LOCAL_COMPONENTS = ("k8s", "etcd", "coredns", "helm", "kind", "pause", "kube-router")
 RUNCWRAP_SOURCE = C.PACKAGE_DIR / "kind" / "runcwrap.go"
 
 LDFLAGS = "-s -w"
@@ -283,6 +284,9 @@ def _build(cfg: Config, component: Component, out: Path) -> None:
             _go_install(cfg, out, f"sigs.k8s.io/kind@{component.version}")
         case "pause":
             _build_pause(cfg, out)
+        case "kube-router":
+            pkg = "github.com/cloudnativelabs/kube-router/v2/cmd/kube-router"
+            _go_install(cfg, out, f"{pkg}@{component.version}")
         case _:
             raise ValueError(component.name)
 

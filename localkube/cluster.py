@@ -4,7 +4,7 @@
 reused, and a ``control-plane`` cluster is extended in place to ``node``. ``down`` undoes
 everything, in the order the notes on this machine prescribe: workloads are deleted while the
 kubelet still runs (so it unmounts volumes and CNI releases addresses), then components stop by
-PID, then iptables chains, mounts, cgroups, links, files and kernel settings are put back.
+PID, then iptables chains, ipsets, mounts, cgroups, links, files and kernel settings are put back.
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ from .kubeapi import Kube
 from .run import log, run, wait_for
 
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager")
-NODE = ("containerd", "kube-scheduler", "kubelet", "kube-proxy", "coredns", "provisioner")
+NODE = (
+    "containerd",
+    "kube-scheduler",
+    "kubelet",
+    "kube-proxy",
+    "kube-router",
+    "coredns",
+    "provisioner",
+)
 # Reverse start order, plus anything a crashed earlier run may have left.
 STOP_ORDER = (*reversed(NODE), *reversed(CONTROL_PLANE))
 
@@ -135,7 +143,7 @@ def _apply_manifests(cfg: Config) -> None:
     dns = (MANIFESTS_DIR / "kube-dns.yaml.in").read_text()
     for key, value in {
         "@DNS_IP@": cfg.net.dns_service_ip,
-        "@DNS_PORT@": str(cfg.net.coredns_port),
+        "@DNS_PORT@": str(cfg.net.dns_node_port),
         "@NODE_IP@": cfg.node_ip,
     }.items():
         dns = dns.replace(key, value)
@@ -192,6 +200,14 @@ def _start_node(cfg: Config, timings: dict[str, float]) -> None:
     admin = Kube.for_identity(cfg, "admin", timeout=3)
     procs.wait_ready(cfg, "kubelet", lambda: _node_ready(admin, cfg.node_name), 120)
     timings["node"] = time.monotonic() - t
+    # After the Node exists (kube-router looks itself up by name and exits otherwise); healthy
+    # once its informers synced and its first full sync wrote the chains, so no test pod starts
+    # before NetworkPolicies are enforced.
+    t = time.monotonic()
+    procs.start(cfg, "kube-router", components.kube_router(cfg), env)
+    health = f"http://127.0.0.1:{cfg.net.kube_router_health_port}/healthz"
+    procs.wait_ready(cfg, "kube-router", lambda: _http_ok(health), 60)
+    timings["netpol"] = time.monotonic() - t
 
 
 def _node_ready(kube: Kube, name: str) -> bool:
@@ -284,6 +300,7 @@ def down(cfg: Config) -> dict[str, object]:
         run([proxy, "--cleanup"], check=False, quiet=True, env=components.component_env(cfg))
     found = hostnet.load_snapshot(cfg)
     hostnet.clean_iptables()
+    hostnet.clean_ipsets(found)
     hostnet.clean_cgroups()
     hostnet.unmount_all(cfg)
     hostnet.delete_links(cfg, keep=found.links)
@@ -310,6 +327,7 @@ def leftovers(cfg: Config) -> dict[str, object]:
         "processes": procs.running(cfg) or images.stray_processes(cfg),
         "iptables_chains": hostnet.leftover_chains(),
         "iptables_rules": hostnet.iptables_changes(found),
+        "ipsets": hostnet.leftover_ipsets(found),
         "mounts": hostnet.cluster_mounts(cfg),
         "links": [n for n in hostnet.cluster_links(cfg) if n not in found.links],
         "cgroups": [str(p) for p in hostnet.cgroup_dirs()],

@@ -286,12 +286,10 @@ def kube_proxy(cfg: Config) -> list[str]:
 
 
 def corefile(cfg: Config) -> Path:
+    """Two listeners with one zone: node IP port 53 for pods (via the kube-dns Service), and
+    127.0.0.1 on ``coredns_port`` for the host. Health and readiness are served once."""
     n = cfg.net
-    text = f""".:{n.coredns_port} {{
-    bind {cfg.node_ip} 127.0.0.1
-    errors
-    health 127.0.0.1:18080
-    ready 127.0.0.1:18181
+    zone = f"""    errors
     kubernetes cluster.local in-addr.arpa ip6.arpa {{
         kubeconfig {kubeconfig_path(cfg, "coredns")} snakepit-local
         pods insecure
@@ -300,7 +298,15 @@ def corefile(cfg: Config) -> Path:
     }}
     cache 5
     loadbalance
-}}
+"""
+    text = f""".:{n.dns_node_port} {{
+    bind {cfg.node_ip}
+    health 127.0.0.1:18080
+    ready 127.0.0.1:18181
+{zone}}}
+.:{n.coredns_port} {{
+    bind 127.0.0.1
+{zone}}}
 """
     # No `forward` plugin: names outside the cluster are never sent to another resolver.
     return write_file(cfg.state_dir / "Corefile", text)
@@ -308,6 +314,31 @@ def corefile(cfg: Config) -> Path:
 
 def coredns(cfg: Config) -> list[str]:
     return [str(cfg.coredns_bin), "-conf", str(corefile(cfg))]
+
+
+def kube_router(cfg: Config) -> list[str]:
+    """The NetworkPolicy engine: kube-router's firewall controller alone, as a host process.
+
+    It writes iptables chains (KUBE-ROUTER-*, KUBE-POD-FW-*, KUBE-NWPLCY-*) and ipsets (KUBE-SRC-*,
+    KUBE-DST-*) that match pod traffic on the CNI bridge (br_netfilter is on) and to the host.
+    Its BGP router and service proxy, where its published advisories are, stay off; kube-proxy
+    keeps serving Services.
+    """
+    return [
+        str(cfg.kube_router_bin),
+        f"--kubeconfig={kubeconfig_path(cfg, 'kube-router')}",
+        f"--hostname-override={cfg.node_name}",
+        "--run-firewall=true",
+        "--run-router=false",
+        "--run-service-proxy=false",
+        "--run-loadbalancer=false",
+        "--enable-ipv4=true",
+        "--enable-ipv6=false",
+        f"--service-cluster-ip-range={cfg.net.service_cidr}",
+        f"--health-port={cfg.net.kube_router_health_port}",
+        "--metrics-port=0",
+        "--v=1",
+    ]
 
 
 def provisioner(cfg: Config) -> list[str]:

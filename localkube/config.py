@@ -23,6 +23,11 @@ KIND_VERSION = "v0.33.0"
 PAUSE_VERSION = "3.10-snakepit1"
 # Bumped whenever localkube/kind/runcwrap.go changes (its source is also part of the recipe key).
 RUNCWRAP_VERSION = "1"
+# The NetworkPolicy engine: only kube-router's firewall controller runs (iptables + ipset). The
+# advisories against v2.1.0 are in its service proxy and BGP router, which stay off (the Go
+# module proxy serves no later v2 release); kube-network-policies needs `nft queue`, which this
+# kernel lacks (docs/local-cluster.md).
+KUBE_ROUTER_VERSION = "v2.1.0"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -51,8 +56,13 @@ class Network:
     apiserver_port: int = 6443
     etcd_client_port: int = 2379
     etcd_peer_port: int = 2380
-    # CoreDNS runs on the host; the kube-dns Service forwards port 53 to this port on the node IP.
+    # CoreDNS runs on the host: on port 53 of the node IP, where the kube-dns Service sends pods'
+    # queries (a NetworkPolicy sees the port after kube-proxy's DNAT, and DNS rules name 53, as
+    # with a CoreDNS pod), and on this port of 127.0.0.1 for the host itself.
     coredns_port: int = 1053
+    dns_node_port: int = 53
+    # kube-router's health endpoint (its default; served on every address of the host).
+    kube_router_health_port: int = 20244
     provisioner_name: str = "snakepit.dev/local-path"
 
 
@@ -106,6 +116,10 @@ class Config:
     @property
     def pause_bin(self) -> Path:
         return self.bin_dir("pause", PAUSE_VERSION) / "pause"
+
+    @property
+    def kube_router_bin(self) -> Path:
+        return self.bin_dir("kube-router", KUBE_ROUTER_VERSION) / "kube-router"
 
     @property
     def kubectl_bin(self) -> Path:

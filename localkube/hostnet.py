@@ -62,6 +62,8 @@ FOREIGN_PATHS = (
 # Chains made by the kubelet (KUBE-KUBELET-CANARY, KUBE-IPTABLES-HINT, …), kube-proxy (KUBE-*),
 # the CNI plugins (CNI-*) and our fence (SNAKEPIT-*).
 CHAIN_PREFIXES = ("KUBE-", "CNI-", "SNAKEPIT-")
+# ipsets of kube-router's firewall controller (KUBE-SRC-*, KUBE-DST-*), the NetworkPolicy engine.
+IPSET_PREFIXES = ("KUBE-",)
 TABLES = ("filter", "nat", "mangle", "raw")
 FENCE_CHAIN = "SNAKEPIT-FENCE"
 
@@ -119,6 +121,7 @@ class Snapshot:
     paths: list[str] = field(default_factory=list)
     iptables: dict[str, list[str]] = field(default_factory=dict)
     links: list[str] = field(default_factory=list)
+    ipsets: list[str] = field(default_factory=list)
     taken_at: str = ""
 
 
@@ -132,6 +135,7 @@ def snapshot(cfg: Config) -> None:
         paths=[p for p in FOREIGN_PATHS if os.path.lexists(p)],
         iptables={b: _dump_without_counters(iptables_dump(b)) for b in iptables_binaries()},
         links=sorted(links()),
+        ipsets=ipsets(),
         taken_at=time.strftime("%F %T"),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -259,6 +263,25 @@ def leftover_chains() -> list[str]:
             if line.startswith(":") and _ours(line[1:].split()[0]):
                 found.append(f"{binary}: {line[1:].split()[0]}")
     return found
+
+
+# ---------------------------------------------------------------- ipsets
+def ipsets() -> list[str]:
+    """Names of every ipset on the machine (none when the ipset tool is missing)."""
+    if not shutil.which("ipset"):
+        return []
+    return sorted(run(["ipset", "list", "-n"], capture=True, check=False).stdout.split())
+
+
+def leftover_ipsets(found: Snapshot) -> list[str]:
+    return [n for n in ipsets() if n.startswith(IPSET_PREFIXES) and n not in found.ipsets]
+
+
+def clean_ipsets(found: Snapshot) -> None:
+    """Destroy the engine's sets; only once no iptables rule refers to them (after
+    `clean_iptables`), since the kernel refuses to destroy a set in use."""
+    for name in leftover_ipsets(found):
+        run(["ipset", "destroy", name], check=False, quiet=True)
 
 
 # ---------------------------------------------------------------- links, mounts, cgroups

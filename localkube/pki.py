@@ -157,6 +157,7 @@ def identities(cfg: Config) -> list[Identity]:
         # Users bound by manifests/rbac.yaml to exactly what they need.
         Identity("coredns", "snakepit:coredns"),
         Identity("provisioner", "snakepit:provisioner"),
+        Identity("kube-router", "snakepit:kube-router"),
     ]
 
 

@@ -210,7 +210,7 @@ class LocalProvider(ScriptProvider):
     name = "local"
 
     # Debian packages (apt-get install containerd runc containernetworking-plugins iptables
-    # conntrack buildah debootstrap) plus openssl; Go only when the binary cache is cold.
+    # conntrack ipset buildah debootstrap) plus openssl; Go only when the binary cache is cold.
     TOOLS = (
         "containerd",
         "containerd-shim-runc-v2",
@@ -218,6 +218,7 @@ class LocalProvider(ScriptProvider):
         "ctr",
         "iptables",
         "conntrack",
+        "ipset",  # kube-router, the NetworkPolicy engine
         "buildah",
         "debootstrap",
         "openssl",

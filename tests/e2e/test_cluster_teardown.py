@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from localkube import hostnet
-from localkube.providers import KubeCluster, LocalProvider, Provider
+from localkube.providers import KubeCluster, LocalProvider, Provider, wait_until
 
 pytestmark = [
     pytest.mark.e2e,
@@ -28,7 +28,8 @@ OUR_CHAINS = ("KUBE-", "CNI-", "SNAKEPIT-")
 
 
 def workload(cluster: KubeCluster) -> str:
-    """Pods with a projected token, an emptyDir, a PVC and a Service: all of it must go."""
+    """Pods with a projected token, an emptyDir, a PVC, a Service and a NetworkPolicy (so the
+    policy engine writes chains and ipsets): all of it must go."""
     image, policy = cluster.image("worker"), cluster.pull_policy
     return f"""
 apiVersion: v1
@@ -59,6 +60,14 @@ spec:
   volumeClaimTemplates:
     - metadata: {{name: data}}
       spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 8Mi}}}}}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: sleepers-only}}
+spec:
+  podSelector: {{matchLabels: {{app: sleeper}}}}
+  policyTypes: [Ingress]
+  ingress: [{{from: [{{podSelector: {{matchLabels: {{app: sleeper}}}}}}]}}]
 """
 
 
@@ -125,6 +134,11 @@ def iptables_lines() -> dict[str, list[str]]:
     return dumps
 
 
+def ipsets() -> list[str]:
+    proc = subprocess.run(["ipset", "list", "-n"], capture_output=True, text=True, check=False)
+    return sorted(proc.stdout.split())
+
+
 def test_down_leaves_the_machine_clean_and_up_works_again(
     kube_node: KubeCluster, kube_provider: Provider
 ) -> None:
@@ -135,6 +149,13 @@ def test_down_leaves_the_machine_clean_and_up_works_again(
     run_workload(kube_node, ns)
     found = hostnet.load_snapshot(cfg)
     assert found.taken_at, "up did not record the machine's state"
+    # The policy engine enforces the workload's NetworkPolicy with its own chains and ipsets.
+    wait_until(
+        "kube-router's ipsets",
+        lambda: [n for n in ipsets() if n.startswith("KUBE-") and n not in found.ipsets],
+        timeout=60,
+    )
+    assert any("KUBE-ROUTER-FORWARD" in line for line in iptables_lines()["iptables-save"])
 
     kube_provider.down()
 
@@ -157,6 +178,8 @@ def test_down_leaves_the_machine_clean_and_up_works_again(
     assert cfg.net.bridge not in links
     assert [n for n in links if n.startswith("veth")] == []
     assert sorted(links) == sorted(found.links)
+    # ipsets: the policy engine's are gone, any that existed before are still there
+    assert ipsets() == sorted(found.ipsets)
     # cgroups: no kubepods in any hierarchy
     assert list(Path("/sys/fs/cgroup").glob("*/kubepods")) == []
     # kernel settings: back to what up found
