@@ -35,6 +35,7 @@ from snakepit.protocol.messages import decode_result, encode_request
 from snakepit.protocol.status import SESSION_ID_KEY
 from tests.e2e.report import report
 from tests.support.load import MixedLoad, Window
+from tests.unit.test_operator_boundaries import METADATA, egress_reaches
 
 pytestmark = [pytest.mark.e2e, pytest.mark.node, pytest.mark.timeout(1200)]
 
@@ -261,6 +262,175 @@ def test_session_variables_affinity_and_tools_reading_them(router: str) -> None:
         assert session.list().keys() == {"lr", "weights", "counter"}
         workers = {session.execute("whoami")["worker_id"] for _ in range(10)}
         assert len(workers) == 1  # one worker for the session's calls while it lives
+
+
+# NetworkPolicy enforcement (the local cluster runs kube-router's firewall as its engine) ---------
+
+# Tries a TCP connection to every host:port argument, with bash's /dev/tcp (every image has bash,
+# not every one Python): exit 0 is "open", 124 a timeout (a DROP), anything else a refusal (a
+# policy REJECT) or a name that does not resolve.
+REACH = (
+    'for t in "$@"; do timeout 3 bash -c "exec 3<>/dev/tcp/${t%:*}/${t##*:}" 2>/dev/null; '
+    'echo "$t $?"; done'
+)
+OUTCOME = {"0": "open", "124": "timeout"}
+LISTEN_PORT = 8080  # the probe pods' own listener: an in-cluster target no pool rule allows
+STORE, COMPONENT = "session-store", "app.kubernetes.io/component"
+
+
+def _probe_pod(cluster: KubeCluster, ns: str, name: str) -> str:
+    """A pod outside the pool (worker image, not a pool pod) that listens on LISTEN_PORT and
+    from which ``_reach`` connects; returns its IP once it runs."""
+    overrides = {"spec": {"securityContext": {"runAsNonRoot": True, "runAsUser": 10001}}}
+    cluster.kubectl_run(
+        "-n", ns, "run", name, "--restart=Never", "--labels=app=netpol-probe",
+        f"--image={cluster.image('worker')}", f"--image-pull-policy={cluster.pull_policy}",
+        f"--overrides={json.dumps(overrides)}", "--command", "--",
+        "python", "-m", "http.server", str(LISTEN_PORT), "--directory", "/tmp",
+    )  # fmt: skip
+    cluster.kubectl_run("-n", ns, "wait", "pod", name, "--for=condition=Ready", "--timeout=120s")
+    return str(kube_json(cluster, "-n", ns, "get", "pod", name)["status"]["podIP"])
+
+
+def _reach(cluster: KubeCluster, ns: str, pod: str, targets: tuple[str, ...]) -> dict[str, str]:
+    """What a connection from ``pod`` to each ``host:port`` does (see REACH)."""
+    proc = cluster.kubectl_run("-n", ns, "exec", pod, "--", "bash", "-c", REACH, "reach", *targets)
+    lines = (line.rsplit(" ", 1) for line in proc.stdout.strip().splitlines())
+    return {target: OUTCOME.get(code, "refused") for target, code in lines}
+
+
+def _all_blocked(cluster: KubeCluster, ns: str, pod: str, *targets: str) -> dict[str, str]:
+    """Every target refused or timed out. Polled, like ``_all_open``: the engine applies a
+    policy change, or a new pod's rules, a moment after the API has it."""
+
+    def blocked() -> dict[str, str]:
+        result = _reach(cluster, ns, pod, targets)
+        return result if "open" not in result.values() else {}
+
+    return wait_until(f"{pod} blocked from {targets}", blocked, timeout=60)
+
+
+def _all_open(cluster: KubeCluster, ns: str, pod: str, *targets: str) -> dict[str, str]:
+    def reached() -> dict[str, str]:
+        result = _reach(cluster, ns, pod, targets)
+        return result if set(result.values()) == {"open"} else {}
+
+    return wait_until(f"{pod} reaches {targets}", reached, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def probes(kube_node: KubeCluster, ns: str) -> Iterator[dict[str, tuple[str, str, str]]]:
+    """Probe pods: one in the pool's namespace, one in a namespace no rule lists ("outside"),
+    one in a namespace the router test lists ("clients"). Name -> (namespace, pod, IP)."""
+    made = {}
+    for role, namespace in (("inside", ns), ("outside", f"{ns}-out"), ("clients", f"{ns}-cli")):
+        if namespace != ns:
+            kube_node.kubectl_run("create", "namespace", namespace)
+        made[role] = (namespace, f"probe-{role}", _probe_pod(kube_node, namespace, f"probe-{role}"))
+    yield made
+    kube_node.kubectl_run("-n", ns, "delete", "pod", "probe-inside", "--wait=false", check=False)
+    for namespace in (f"{ns}-out", f"{ns}-cli"):
+        kube_node.kubectl_run("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def _pool_targets(cluster: KubeCluster, ns: str) -> dict[str, list[str]]:
+    """host:port of the router Service and of every router, worker and Redis pod."""
+    ip = {
+        c: [p["status"]["podIP"] for p in pods(cluster, ns, c)] for c in ("router", "worker", STORE)
+    }
+    return {
+        "router": [f"{POOL}-router.{ns}.svc:{ROUTER_PORT}", *(f"{i}:{ROUTER_PORT}" for i in ip["router"])],
+        "workers": [f"{i}:50052" for i in ip["worker"]],
+        "redis": [f"{i}:6379" for i in ip[STORE]],
+    }  # fmt: skip
+
+
+def test_network_policies_keep_pods_outside_the_pool_off_workers_redis_and_router(
+    kube_node: KubeCluster, ns: str, router: str, probes: dict[str, tuple[str, str, str]]
+) -> None:
+    targets = _pool_targets(kube_node, ns)
+    assert targets["workers"] and targets["redis"]
+    out_ns, out_pod, _ = probes["outside"]
+    in_ns, in_pod, in_ip = probes["inside"]
+    # The network works for pods without policies: the outsider reaches a pod in the pool's
+    # namespace that no policy selects, so every refusal below is a policy's doing.
+    _all_open(kube_node, out_ns, out_pod, f"{in_ip}:{LISTEN_PORT}")
+    # A namespace the spec does not list reaches nothing of the pool, not even the router.
+    refused = _all_blocked(
+        kube_node, out_ns, out_pod, *targets["router"], *targets["workers"], *targets["redis"]
+    )
+    report(f"NetworkPolicy, pod in another namespace -> pool: {sorted(set(refused.values()))}")
+    # A pod of the pool's namespace that is not a pool pod: the router (default routerClients),
+    # but no worker (only the pool's pods call workers) and not Redis.
+    _all_open(kube_node, in_ns, in_pod, *targets["router"])
+    _all_blocked(kube_node, in_ns, in_pod, *targets["workers"], *targets["redis"])
+
+
+def test_router_clients_admit_a_listed_namespace_and_only_it(
+    kube_node: KubeCluster, ns: str, router: str, probes: dict[str, tuple[str, str, str]]
+) -> None:
+    cli_ns, cli_pod, _ = probes["clients"]
+    out_ns, out_pod, _ = probes["outside"]
+    listed = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": cli_ns}}}
+    patch = {"spec": {"networkPolicy": {"routerClients": [listed]}}}
+    kube_node.kubectl_run("-n", ns, "patch", "spp", POOL, "--type=merge", "-p", json.dumps(patch))
+    try:
+        wait_until("policy applied", lambda: pool_ready(kube_node, ns), timeout=120, interval=0.5)
+        targets = _pool_targets(kube_node, ns)
+        _all_open(kube_node, cli_ns, cli_pod, *targets["router"])
+        call = (
+            "from snakepit import Client\n"
+            f"with Client('{POOL}-router.{ns}.svc:{ROUTER_PORT}', timeout=30) as c:\n"
+            "    print(c.execute('add', a=20, b=22))\n"
+        )
+        out = kube_node.kubectl_run("-n", cli_ns, "exec", cli_pod, "--", "python", "-c", call)
+        assert out.stdout.strip().splitlines()[-1] == "42.0"
+        # Listed for the router only: still no worker, no Redis; the unlisted namespace still
+        # reaches nothing.
+        _all_blocked(kube_node, cli_ns, cli_pod, *targets["workers"], *targets["redis"])
+        _all_blocked(kube_node, out_ns, out_pod, *targets["router"])
+    finally:
+        unset = {"spec": {"networkPolicy": {"routerClients": None}}}
+        kube_node.kubectl_run(
+            "-n", ns, "patch", "spp", POOL, "--type=merge", "-p", json.dumps(unset)
+        )
+        wait_until("policy restored", lambda: pool_ready(kube_node, ns), timeout=120, interval=0.5)
+
+
+def test_pool_pods_reach_only_what_their_egress_rules_allow(
+    kube_node: KubeCluster, ns: str, router: str, probes: dict[str, tuple[str, str, str]]
+) -> None:
+    targets = _pool_targets(kube_node, ns)
+    _, out_pod, out_ip = probes["outside"]
+    outside = f"{out_ip}:{LISTEN_PORT}"
+    api = "kubernetes.default.svc:443"
+    # Control: a pod with no policy reaches both the API server and the outside listener.
+    _all_open(kube_node, f"{ns}-out", out_pod, api, outside)
+    worker = pods(kube_node, ns, "worker")[0]["metadata"]["name"]
+    # A worker resolves names (DNS is allowed), reaches its router and Redis ...
+    _all_open(kube_node, ns, worker, *targets["router"], *targets["redis"])
+    # ... but neither the API server nor any other pod.
+    _all_blocked(kube_node, ns, worker, api, outside)
+    # The router reaches the API server (it watches EndpointSlices), not the outside pod.
+    router_pod = pods(kube_node, ns, "router")[0]["metadata"]["name"]
+    _all_open(kube_node, ns, router_pod, api, *targets["workers"], *targets["redis"])
+    _all_blocked(kube_node, ns, router_pod, outside)
+    # Redis connects nowhere.
+    redis_pod = pods(kube_node, ns, STORE)[0]["metadata"]["name"]
+    _all_blocked(kube_node, ns, redis_pod, outside, *targets["workers"])
+
+
+def test_no_applied_egress_rule_reaches_the_cloud_metadata_address(
+    kube_node: KubeCluster, ns: str, router: str
+) -> None:
+    """Checked on the policies the operator applied, never with traffic to that address."""
+    policies = kube_json(kube_node, "-n", ns, "get", "networkpolicies")["items"]
+    components = {p["spec"]["podSelector"]["matchLabels"][COMPONENT] for p in policies}
+    assert components == {"router", "worker", STORE}
+    for policy in policies:
+        assert "Egress" in policy["spec"]["policyTypes"]
+        for rule in policy["spec"].get("egress", []):
+            assert not egress_reaches(rule, METADATA), (policy["metadata"]["name"], rule)
 
 
 def test_direct_mode_from_a_pod_inside_the_cluster(
