@@ -42,6 +42,31 @@ pytestmark = [pytest.mark.e2e, pytest.mark.node, pytest.mark.timeout(1200)]
 ROOT = Path(__file__).resolve().parents[2]
 POOL = "demo"
 ROUTER_PORT = 50051
+# Client pods run this first. A NetworkPolicy engine admits a new pod's address a moment after the
+# pod starts (kube-router adds it to the policy's ipset when it sees the pod): until then the
+# router, and in direct mode the workers, refuse its connections. Real clusters behave the same
+# (Calico, Cilium): a client that starts with its pod waits for that, as this does.
+WAIT_ADMITTED = """
+import socket, time
+from snakepit import Client
+from snakepit.errors import Unavailable
+
+def wait_admitted(target):
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with Client(target, timeout=5) as probe:
+                probe.ping()
+                addresses = [w["address"] for w in probe.routing_table()["workers"]]
+            for address in addresses:
+                host, port = address.rsplit(":", 1)
+                socket.create_connection((host, int(port)), timeout=3).close()
+            return
+        except (Unavailable, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+"""
 SESSIONS = 32
 FULL = bool(os.environ.get("SNAKEPIT_E2E_FULL"))
 
@@ -448,10 +473,13 @@ def test_direct_mode_from_a_pod_inside_the_cluster(
     }
     kube_node.kubectl_run("-n", ns, "patch", "spp", POOL, "--type=merge", "-p", json.dumps(peers))
     wait_until("policy applied", lambda: pool_ready(kube_node, ns), timeout=120, interval=0.5)
-    script = f"""
+    script = (
+        WAIT_ADMITTED
+        + f"""
 import json, numpy as np
 from snakepit import Client
 target = "{POOL}-router.{ns}.svc:{ROUTER_PORT}"
+wait_admitted(target)
 out = {{}}
 with Client(target, timeout=30) as routed, Client(target, direct=True, timeout=30) as direct:
     out["add"] = [routed.execute("add", a=2, b=3), direct.execute("add", a=2, b=3)]
@@ -465,6 +493,7 @@ with Client(target, timeout=30) as routed, Client(target, direct=True, timeout=3
     out["workers"] = len(direct.routing_table()["workers"])
 print("RESULT " + json.dumps(out))
 """
+    )
     result = json.loads(_client_pod_result(kube_node, ns, _start_client_pod(kube_node, ns, script)))
     assert result == {"add": [5.0, 5.0], "scale": True, "same_worker": [True] * 6, "workers": 2}
 
@@ -760,9 +789,11 @@ def test_direct_mode_load_from_a_pod_during_a_scale_fails_no_call(
     control = f"direct-load-{uuid.uuid4().hex[:6]}"
     script = (
         (ROOT / "tests/support/load.py").read_text()
+        + WAIT_ADMITTED
         + f"""
 import json
 target = "{POOL}-router.{ns}.svc:{ROUTER_PORT}"
+wait_admitted(target)
 with Client(target, timeout=30) as control, MixedLoad(target, sessions=16, direct=True,
                                                       tensor_mb=0.5) as load:
     flag = control.session("{control}", keep=True)
