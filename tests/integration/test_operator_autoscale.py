@@ -135,6 +135,7 @@ def test_autoscaler_follows_the_routers_and_wakes_from_zero(
     op: OperatorEnv, procs: ProcessFactory
 ) -> None:
     name = "scaled"
+    created = time.monotonic()
     op.create_pool(
         name,
         {
@@ -160,12 +161,14 @@ def test_autoscaler_follows_the_routers_and_wakes_from_zero(
     router_port = int(router.address.rsplit(":", 1)[1])
     put_router_slices(op, name, [router_port])
 
-    # No calls at all: down to zero once the idle time has passed.
+    # No calls at all: down to zero once the idle time has passed. The pool has had no load
+    # since it was created (no router answered before the slices above), so the idle time runs
+    # from its creation, not from the slices: starting the router may take longer than it.
     started = time.monotonic()
     wait_for("zero workers", lambda: deployment_replicas(op, name) == 0, timeout=30)
     idle = time.monotonic() - started
     assert desired(op, name) == 0
-    assert idle >= 3.5, "went to zero before the idle time"
+    assert time.monotonic() - created >= 4, "went to zero before the idle time"
 
     with Client(router.address, timeout=60) as client:
         # Scale from zero: the router holds the call and tells the operator at once.
