@@ -50,6 +50,14 @@ def _pool_options(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--queue-timeout", 30.0, float, help="seconds a call may wait in the queue")
     _add(
         parser,
+        "--max-calls-per-principal",
+        0,
+        int,
+        help="calls one caller may have running through a router at once; the rest wait "
+        "(0: no limit, the default)",
+    )
+    _add(
+        parser,
         "--affinity",
         "hint",
         choices=["hint", "strict"],
@@ -57,6 +65,13 @@ def _pool_options(parser: argparse.ArgumentParser) -> None:
     )
     _add(parser, "--session-ttl", 3600.0, float, help="seconds a session lives after its last use")
     _add(parser, "--max-sessions", 10_000, int, help="live sessions the store accepts")
+    _add(
+        parser,
+        "--max-sessions-per-principal",
+        1000,
+        int,
+        help="live sessions one authenticated caller may hold (default 1000)",
+    )
     _add(parser, "--max-message-mb", DEFAULT_MAX_MESSAGE_MB, int, help="largest message accepted")
     _add(
         parser,
@@ -129,6 +144,7 @@ def _store_limits(args: argparse.Namespace) -> Any:
         max_ttl=args.max_session_ttl,
         max_watchers=args.max_watchers,
         max_watchers_per_session=args.max_watchers_per_session,
+        max_sessions_per_principal=args.max_sessions_per_principal,
     )
 
 
@@ -141,6 +157,7 @@ def _pool_config(args: argparse.Namespace) -> Any:
         queue_timeout=args.queue_timeout,
         affinity=args.affinity,
         max_message_mb=args.max_message_mb,
+        max_calls_per_principal=args.max_calls_per_principal,
     )
 
 

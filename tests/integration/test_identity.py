@@ -9,6 +9,7 @@ expected without echoing the credential.
 from __future__ import annotations
 
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 
 from snakepit import Client
 from snakepit.client.sync import Session
-from snakepit.errors import NotFound, PermissionDenied, Unauthenticated
+from snakepit.errors import NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
 from snakepit.protocol import method_path, pb
 from snakepit.protocol.messages import encode_request
 from snakepit.security.tickets import (
@@ -36,6 +37,9 @@ ALICE = "alice-token-0123456789abcdef"
 BOB = "bob-token-0123456789abcdef00"
 ROOT = "root-token-0123456789abcdef0"
 CAROL = "carol-token-0123456789abcdef"
+QUOTA = "quota-token-0123456789abcdef"
+SESSIONS_PER_PRINCIPAL = 12
+CALLS_PER_PRINCIPAL = 3  # of the pool's 8 slots (2 workers x 4)
 AUDIENCE = "pool-a"
 ADAPTER = "tests.support.adapters:IdentityProbeAdapter"
 
@@ -50,7 +54,7 @@ class Pool:
         self.tokens = tmp / "tokens"
         self.tokens.write_text(
             f"# principals of the test pool\nalice:{ALICE}\nbob:{BOB}  # no direct mode\n"
-            f"root:{ROOT}\n"
+            f"root:{ROOT}\nquota:{QUOTA}\n"
         )
         self.router, self.workers = start_pool(
             procs,
@@ -60,6 +64,8 @@ class Pool:
             "--allow-direct", "alice",
             "--ticket-key", str(key_file),
             "--ticket-audience", AUDIENCE,
+            "--max-sessions-per-principal", str(SESSIONS_PER_PRINCIPAL),
+            "--max-calls-per-principal", str(CALLS_PER_PRINCIPAL),
             adapter=ADAPTER,
             worker_args=("--ticket-public-key", str(public_file), "--ticket-audience", AUDIENCE),
             token=ROOT,
@@ -244,6 +250,50 @@ def test_another_principals_session_is_not_found(pool: Pool) -> None:
         assert session.get("secret") == 42
         assert session.get("counter") == 1
         assert session.close() is True
+
+
+def test_one_principal_holding_its_maximum_of_sessions_blocks_nobody_else(pool: Pool) -> None:
+    """Issue 13's sessions per principal: the (SESSIONS_PER_PRINCIPAL + 1)th live session of one
+    caller is RESOURCE_EXHAUSTED naming the limit; its sessions keep working, another principal
+    still opens sessions, and a closed session frees a slot."""
+    with pool.client(QUOTA) as hog, pool.client(BOB) as bob:
+        held = [hog.session(keep=True) for _ in range(SESSIONS_PER_PRINCIPAL)]
+        with pytest.raises(ResourceExhausted, match="max-sessions-per-principal 12") as caught:
+            hog.session(keep=True)
+        assert "'quota'" in str(caught.value)
+        held[0].set("x", 1)
+        assert held[0].execute("add", a=1, b=2) == 3
+        with bob.session() as other:
+            other.set("y", 2)
+            assert other.get("y") == 2
+        assert held.pop().close() is True
+        held.append(hog.session(keep=True))
+        for session in held:
+            session.close()
+
+
+def test_a_principal_sending_more_calls_than_its_share_waits_and_others_pass(pool: Pool) -> None:
+    """Issue 13's slot hogging: a caller with 8 long calls (as many as the pool has slots) runs
+    CALLS_PER_PRINCIPAL of them while the rest wait in its own line; another principal's calls
+    run meanwhile, and every one of the hog's calls still completes."""
+    hog_calls = 8
+    with (
+        pool.client(QUOTA) as hog,
+        pool.client(BOB) as bob,
+        ThreadPoolExecutor(hog_calls) as threads,
+    ):
+        running = [threads.submit(hog.execute, "sleep", seconds=3.0) for _ in range(hog_calls)]
+        wait_for(lambda: _calls_in_flight(pool) >= CALLS_PER_PRINCIPAL, timeout=10)
+        for n in range(10):  # each would wait for a hog's call to end if the hog held all slots
+            assert bob.execute("add", a=n, b=1) == n + 1
+        assert not all(f.done() for f in running)
+        assert _calls_in_flight(pool) <= CALLS_PER_PRINCIPAL
+        assert [f.result(timeout=30) for f in running] == [3.0] * hog_calls
+
+
+def _calls_in_flight(pool: Pool) -> int:
+    with pool.client(ROOT) as root:
+        return int(root.status().get("in_flight", 0))
 
 
 def test_the_same_chosen_id_is_a_different_session_per_principal(pool: Pool) -> None:

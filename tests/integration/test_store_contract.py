@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -230,6 +230,42 @@ async def test_quota_counts_live_sessions_only(backend: Backend) -> None:
     with pytest.raises(ResourceExhausted):
         await store.create_session("s5")
     assert sorted(s.session_id for s in await store.list_sessions()) == ["s2", "s3", "s4"]
+
+
+async def test_each_principal_holds_at_most_its_share_of_sessions(backend: Backend) -> None:
+    """Keys ``PRINCIPAL/ID`` count against that principal's limit only; bare (anonymous) ids
+    against none but the total; a deleted or expired session frees its principal's slot."""
+    store = await backend.make(
+        max_sessions=10, limits=replace(DEFAULT_LIMITS, max_sessions_per_principal=2)
+    )
+    await store.create_session("alice/a", ttl=0.3)
+    await store.create_session("alice/b")
+    with pytest.raises(
+        ResourceExhausted, match=r"principal 'alice' holds 2 sessions.*per-principal"
+    ):
+        await store.create_session("alice/c")
+    with pytest.raises(ResourceExhausted):
+        await store.create_session("alice/d", get_or_create=True)
+    await store.create_session("bob/a")  # another principal is not affected
+    await store.create_session("bob/b")
+    for i in range(3):  # nor the anonymous caller's bare ids
+        await store.create_session(f"bare{i}")
+    # Refused creates left nothing behind; an existing session is still got, not created.
+    assert not await store.existing(["alice/c", "alice/d"])
+    info, created = await store.create_session("alice/b", get_or_create=True)
+    assert not created and info.session_id == "alice/b"
+    await store.delete_session("alice/b")
+    await store.create_session("alice/c")
+    await asyncio.sleep(0.4)  # alice/a expires: its slot frees without any cleanup call
+    await store.create_session("alice/d")
+    with pytest.raises(ResourceExhausted, match="alice"):
+        await store.create_session("alice/e")
+    assert sorted(s.session_id for s in await store.list_sessions() if "/" in s.session_id) == [
+        "alice/c",
+        "alice/d",
+        "bob/a",
+        "bob/b",
+    ]
 
 
 # Types, constraints, versions ----------------------------------------------------------------

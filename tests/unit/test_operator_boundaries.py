@@ -167,13 +167,21 @@ def test_redis_refuses_writes_before_its_memory_limit_kills_it() -> None:
 
 def test_limits_and_max_call_seconds_reach_the_pods() -> None:
     built = children(
-        {"maxCallSeconds": 42, "limits": {"maxValueBytes": 1000, "maxWatchersPerSession": 3}}
+        {
+            "maxCallSeconds": 42,
+            "limits": {
+                "maxValueBytes": 1000,
+                "maxWatchersPerSession": 3,
+                "maxSessionsPerPrincipal": 50,
+            },
+        }
     )
     worker_args = container(built["Deployment/demo-workers"])["args"]
     assert arg(worker_args, "--max-call-seconds") == "42"
     router_args = container(built["Deployment/demo-router"])["args"]
     assert arg(router_args, "--max-value-bytes") == "1000"
     assert arg(router_args, "--max-watchers-per-session") == "3"
+    assert arg(router_args, "--max-sessions-per-principal") == "50"
     assert "--max-variables" not in router_args  # unset limits keep the router's default
     assert arg(container(children()["Deployment/demo-workers"])["args"], "--max-call-seconds") == (
         "300"

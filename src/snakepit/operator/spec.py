@@ -107,6 +107,8 @@ class LimitsSpec:
     max_session_ttl_seconds: int | None = None
     max_watchers: int | None = None
     max_watchers_per_session: int | None = None
+    max_sessions_per_principal: int | None = None
+    max_calls_per_principal: int | None = None
 
 
 @dataclass(frozen=True)
@@ -288,6 +290,8 @@ def _parse_limits(raw: Mapping[str, Any]) -> LimitsSpec:
         max_session_ttl_seconds=_opt_int(raw, "maxSessionTTLSeconds"),
         max_watchers=_opt_int(raw, "maxWatchers"),
         max_watchers_per_session=_opt_int(raw, "maxWatchersPerSession"),
+        max_sessions_per_principal=_opt_int(raw, "maxSessionsPerPrincipal"),
+        max_calls_per_principal=_opt_int(raw, "maxCallsPerPrincipal"),
     )
 
 

@@ -20,7 +20,12 @@ DATA_PATHS = (AUTO, HAPROXY, PYTHON)
 
 
 def choose(
-    requested: str, affinity: str, *, tls: bool = False, auth: bool = False
+    requested: str,
+    affinity: str,
+    *,
+    tls: bool = False,
+    auth: bool = False,
+    per_principal: bool = False,
 ) -> tuple[str, str]:
     """The data path to use and why, for the start-up message.
 
@@ -51,6 +56,13 @@ def choose(
     binary = haproxy_binary()
     if affinity == STRICT:
         return PYTHON, "strict affinity needs the Python router"
+    if per_principal:
+        if requested == HAPROXY:
+            raise ValueError(
+                "--data-path haproxy cannot count calls per principal: with "
+                "--max-calls-per-principal use --data-path python"
+            )
+        return PYTHON, "calls per principal are counted by the Python router"
     if binary is None:
         if requested == HAPROXY:
             raise ValueError("--data-path haproxy, but no haproxy binary was found")
@@ -61,7 +73,13 @@ def choose(
 def make_router(config: RouterConfig, **kwargs: Any) -> tuple[RouterServer, str]:
     """A router on the chosen data path, and a line saying which."""
     tls = config.tls is not None or config.pool_tls is not None
-    path, why = choose(config.data_path, config.pool.affinity, tls=tls, auth=config.auth.enabled)
+    path, why = choose(
+        config.data_path,
+        config.pool.affinity,
+        tls=tls,
+        auth=config.auth.enabled,
+        per_principal=bool(config.pool.max_calls_per_principal),
+    )
     if path == HAPROXY:
         from .haproxy.router import HaproxyRouter
 

@@ -30,6 +30,8 @@ class PoolConfig:
     queue_size: int = 1000
     queue_timeout: float = 30.0
     affinity: str = HINT
+    # Calls one principal may have running through this router at once (0: no limit; shares.py).
+    max_calls_per_principal: int = 0
     vnodes: int = DEFAULT_VNODES
     max_message_mb: int = 256
 

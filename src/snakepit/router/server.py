@@ -45,6 +45,7 @@ from .hosting import FORWARDED_KEY, HostRegistry
 from .observe import NULL_OBSERVER, CallObserver, NullObserver
 from .pool import PoolConfig, WorkerPool
 from .retry import Attempts, Next
+from .shares import PrincipalShares
 from .workers import WorkerHandle
 
 # How often the router looks whether its pool certificate was renewed (then redials workers).
@@ -151,6 +152,11 @@ class RouterServer:
         self.store = store
         self.discovery = discovery
         self.pool = WorkerPool(config.pool)
+        self.shares = PrincipalShares(
+            config.pool.max_calls_per_principal,
+            queue_size=config.pool.queue_size,
+            queue_timeout=config.pool.queue_timeout,
+        )
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
@@ -368,7 +374,10 @@ class RouterServer:
         ok = False
         sent = 0
         observer = self._observe("ExecuteTool", raw, context)
+        shared = False
         try:
+            if self.shares.limit:
+                shared = await self._take_share(who, context, observer)
             while True:
                 handle = self.pool.take(session_id, attempts.avoid) or await self._wait(
                     session_id, [], context, observer
@@ -395,6 +404,8 @@ class RouterServer:
                 if step is Next.LATER:
                     await asyncio.sleep(attempts.backoff)
         finally:
+            if shared:
+                self.shares.release(who.name)
             self.pool.record(ok=ok, started=started)
             observer.done(_outcome(ok, context), sent)
 
@@ -407,7 +418,10 @@ class RouterServer:
         ok = sent = headers_sent = False
         sent_bytes = 0
         observer = self._observe("ExecuteStreamingTool", raw, context)
+        shared = False
         try:
+            if self.shares.limit:
+                shared = await self._take_share(who, context, observer)
             while True:
                 handle = self.pool.take(session_id, attempts.avoid) or await self._wait(
                     session_id, [], context, observer
@@ -446,8 +460,28 @@ class RouterServer:
                 if step is Next.LATER:
                     await asyncio.sleep(attempts.backoff)
         finally:
+            if shared:
+                self.shares.release(who.name)
             self.pool.record(ok=ok, started=started)
             observer.done(_outcome(ok, context), sent_bytes)
+
+    async def _take_share(
+        self,
+        who: Principal,
+        context: grpc.aio.ServicerContext[Any, Any],
+        observer: NullObserver = NULL_OBSERVER,
+    ) -> bool:
+        """One of the caller's slots (``--max-calls-per-principal``); refusals end the call."""
+        started = time.perf_counter()
+        try:
+            waited = await self.shares.acquire(who.name, context.time_remaining())
+        except SnakepitError as exc:
+            observer.rejected(exc)
+            await abort_with(context, exc)
+            raise  # unreachable: abort raises
+        if waited:
+            observer.waited(started)
+        return True
 
     async def _wait(
         self,

@@ -63,3 +63,9 @@ def session_id_of(principal: Principal, key: str) -> str | None:
         return key
     prefix = principal.name + SEPARATOR
     return key[len(prefix) :] if key.startswith(prefix) else None
+
+
+def owner_of_key(key: str) -> str | None:
+    """The principal whose session store key ``key`` is; None for anonymous (bare) keys."""
+    name, sep, _ = key.partition(SEPARATOR)
+    return name if sep else None

@@ -36,6 +36,7 @@ CLIENT_COMMANDS = (
 # What the Lua scripts run.
 SCRIPT_COMMANDS = (
     "del",
+    "exists",
     "hdel",
     "hexists",
     "hget",
@@ -47,6 +48,10 @@ SCRIPT_COMMANDS = (
     "hstrlen",
     "pexpire",
     "pttl",
+    "sadd",
+    "scard",
+    "smembers",
+    "srem",
     "time",
     "xadd",
     "xrevrange",

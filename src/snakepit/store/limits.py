@@ -3,8 +3,10 @@
 Every backend enforces the same ``StoreLimits`` (the router's ``--max-*`` flags and a pool's
 ``spec.limits`` set them; docs/security.md lists the defaults and why). A write that would break
 a limit raises ResourceExhausted and changes nothing; a malformed request (a TTL outside the
-range, metadata that is not strings) is InvalidArgument. Sessions per principal need
-authenticated callers and are not enforced yet: ``max_sessions`` bounds the total.
+range, metadata that is not strings) is InvalidArgument. ``max_sessions_per_principal`` bounds
+what one authenticated caller holds (its sessions' keys start ``PRINCIPAL/``), so one tenant
+cannot take the whole of ``max_sessions`` from the others; with auth off every caller is the one
+anonymous principal, whose bare keys only the total bounds.
 """
 
 from __future__ import annotations
@@ -32,6 +34,16 @@ class StoreLimits:
     max_watchers_per_session: int = 16
     max_watchers: int = 1024
     watch_backlog_bytes: int = 64 * MiB
+    # A tenth of the default total: room for a busy application, not for the whole store.
+    max_sessions_per_principal: int = 1000
+
+    def principal_full(self, principal: str, held: int) -> ResourceExhausted:
+        """The error for ``principal`` creating a session while holding ``held``."""
+        return ResourceExhausted(
+            f"principal {principal!r} holds {held} sessions, its maximum "
+            f"(--max-sessions-per-principal {self.max_sessions_per_principal}); "
+            "delete or let some expire first"
+        )
 
     def check_ttl(self, ttl: float | None, default: float) -> float:
         """A session's TTL in seconds: ``None`` or 0 means the store's default."""

@@ -11,6 +11,9 @@ Keys of one session (``{sid}`` is a Redis Cluster hash tag, so they share a slot
   ``P:{sid}:o``  sorted set of recent write ids (score: ms), so a retried write that had been
                        applied is not applied twice
   ``P:sessions`` sorted set sid -> expiry ms, to count and list live sessions
+  ``P:sessions:PRINCIPAL`` set of the session hash keys of an authenticated principal's
+                       sessions (ids ``PRINCIPAL/ID``), to bound what one caller holds; expired
+                       members are removed only when the set reaches its limit
 KEYS[1] is ``P:{sid}`` and KEYS[2] the index; the other three are derived from KEYS[1] (same
 hash slot), which keeps every call two arguments shorter. ARGV[1] is always the session id.
 Every script slides the session keys' TTL together and answers ``{status, ...}``; statuses other
@@ -28,6 +31,13 @@ local T = redis.call('TIME')
 local NOW = tonumber(T[1]) * 1000 + math.floor(tonumber(T[2]) / 1000)
 
 local function int(n) return string.format('%.0f', n) end
+
+-- The set of the session's principal (ids PRINCIPAL/ID); nil for an anonymous (bare) id.
+local function principal_key()
+  local slash = string.find(SID, '/', 1, true)
+  if not slash then return nil end
+  return IX .. ':' .. string.sub(SID, 1, slash - 1)
+end
 
 local LEASE = 0
 local ACCESSED = 0
@@ -129,7 +139,7 @@ end
 """
 
 # ARGV: sid, opid, window_ms, ttl_ms, metadata, get_or_create, max_sessions, max_variables,
-#       max_session_bytes
+#       max_session_bytes, max_sessions_per_principal
 CREATE = r"""
 redis.call('ZREMRANGEBYSCORE', IX, '-inf', int(NOW))
 local ttl = session_ttl()
@@ -141,6 +151,19 @@ if ttl then
 end
 local n = redis.call('ZCARD', IX)
 if n >= tonumber(ARGV[7]) then return {'full', n} end
+local PK = principal_key()
+if PK then
+  local most = tonumber(ARGV[10])
+  if redis.call('SCARD', PK) >= most then
+    -- Only at the limit: forget the principal's sessions that expired (at most `most` EXISTS).
+    for _, key in ipairs(redis.call('SMEMBERS', PK)) do
+      if redis.call('EXISTS', key) == 0 then redis.call('SREM', PK, key) end
+    end
+    local held = redis.call('SCARD', PK)
+    if held >= most then return {'principal_full', held} end
+  end
+  redis.call('SADD', PK, SK)
+end
 redis.call('DEL', VK, WK, OK)
 redis.call('HSET', SK, 'c', int(NOW), 't', ARGV[4], 'm', ARGV[5], 'w', '', 'q', 0,
   'x', ARGV[8], 'y', ARGV[9], 'b', 0)
@@ -161,6 +184,8 @@ return {'ok', info()}
 # ARGV: sid
 DELETE_SESSION = r"""
 redis.call('ZREM', IX, SID)
+local PK = principal_key()
+if PK then redis.call('SREM', PK, SK) end
 if not session_ttl() then return 0 end
 redis.call('DEL', SK, VK, OK)
 if LEASE >= NOW then

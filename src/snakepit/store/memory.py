@@ -16,6 +16,7 @@ import asyncio
 import heapq
 import itertools
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 from ..errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from ..protocol import Constraints
 from ..protocol.constraints import EMPTY
+from ..security.identity import owner_of_key
 from . import rules
 from .base import (
     DEFAULT_MAX_SESSIONS,
@@ -129,6 +131,7 @@ class MemoryStore(SessionStore):
         self.watch_backlog = watch_backlog
         self.watchers = WatcherSlots(self.limits)
         self._sessions: dict[str, _Session] = {}
+        self._held: Counter[str] = Counter()  # live sessions per principal (keys PRINCIPAL/ID)
         self._heap: list[tuple[float, int, str]] = []
         self._gens = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
@@ -174,6 +177,10 @@ class MemoryStore(SessionStore):
 
     def _drop(self, session: _Session) -> None:
         del self._sessions[session.session_id]
+        if (owner := owner_of_key(session.session_id)) is not None:
+            self._held[owner] -= 1
+            if not self._held[owner]:
+                del self._held[owner]
         for feed in list(session.feeds):
             feed.end(VariableChange(session.session_id, "", "expired"))
         session.feeds.clear()
@@ -214,6 +221,11 @@ class MemoryStore(SessionStore):
             raise ResourceExhausted(
                 f"the session store holds its maximum of {self.max_sessions} sessions"
             )
+        owner = owner_of_key(sid)
+        if owner is not None:
+            if self._held[owner] >= self.limits.max_sessions_per_principal:
+                raise self.limits.principal_full(owner, self._held[owner])
+            self._held[owner] += 1
         session = _Session(sid, next(self._gens), now, now, ttl_s, meta)
         self._sessions[sid] = session
         heapq.heappush(self._heap, (session.expires_at, session.gen, sid))

@@ -185,6 +185,7 @@ class RedisStore(SessionStore):
             self.max_sessions,
             self.limits.max_variables,
             self.limits.max_session_bytes,
+            self.limits.max_sessions_per_principal,
         )
         if reply[0] == b"exists":
             raise AlreadyExists(f"session {sid!r} already exists")
@@ -192,6 +193,8 @@ class RedisStore(SessionStore):
             raise ResourceExhausted(
                 f"the session store holds its maximum of {self.max_sessions} sessions"
             )
+        if reply[0] == b"principal_full":
+            raise self.limits.principal_full(sid.partition("/")[0], int(reply[1]))
         return session_info(sid, reply[2]), bool(reply[1])
 
     async def get_session(self, session_id: str) -> SessionInfo:

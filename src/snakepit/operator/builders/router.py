@@ -57,6 +57,8 @@ _LIMIT_FLAGS = {
     "max_session_ttl_seconds": "--max-session-ttl",
     "max_watchers": "--max-watchers",
     "max_watchers_per_session": "--max-watchers-per-session",
+    "max_sessions_per_principal": "--max-sessions-per-principal",
+    "max_calls_per_principal": "--max-calls-per-principal",
 }
 
 
