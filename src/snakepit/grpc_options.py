@@ -47,6 +47,12 @@ def channel_options(
         ("grpc.max_send_message_length", limit),
         # Each client and router replica keeps its own connections, even to the same target.
         ("grpc.use_local_subchannel_pool", 1),
+        # A call that meets a server's GOAWAY (connection ageing, a stopping server) before the
+        # server saw it is resent by gRPC itself ("transparent retry"), but only while the
+        # request is still in the call's retry buffer (256 KiB by default): a 1 MB tensor call in
+        # that race failed UNAVAILABLE "Stream removed" instead. The buffer holds references to
+        # the request the call sends anyway, up to the message limit.
+        ("grpc.per_rpc_retry_buffer_size", limit),
     ]
     if keepalive_ms:
         options += [

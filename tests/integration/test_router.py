@@ -331,6 +331,37 @@ def test_serve_stops_cleanly_on_sigterm(procs: ProcessFactory) -> None:
     assert not alive
 
 
+def test_large_requests_meeting_connection_ageing_are_resent_not_failed(
+    procs: ProcessFactory,
+) -> None:
+    """A call whose request is on the wire when the router ages its connection out (GOAWAY) and
+    that the router never saw is resent by gRPC on a new connection. gRPC only does that while
+    the request fits the call's retry buffer (256 KiB by default): 1 MB tensor calls failed
+    UNAVAILABLE "Stream removed (GOAWAY received ... max_age)" (3-5 per run here, and one call
+    of a router rolling update on the cluster) until the client raised the buffer to its
+    message limit (grpc_options.channel_options)."""
+    router, _ = start_pool(procs, 2, "--max-connection-age", "0.3")
+    failures: list[str] = []
+    deadline = time.monotonic() + 10
+    tensor = np.arange(125_000, dtype=np.float64)  # 1 MB
+
+    def steady() -> int:
+        done = 0
+        with Client(router.address) as client:
+            while time.monotonic() < deadline:
+                try:
+                    assert client.execute("tensor_sum", x=tensor) == float(tensor.sum())
+                    done += 1
+                except Exception as exc:  # counted, not raised: the assertion is below
+                    failures.append(repr(exc)[:300])
+        return done
+
+    with ThreadPoolExecutor(6) as pool:
+        counts = [pool.submit(steady) for _ in range(6)]
+        assert all(c.result(timeout=60) > 20 for c in counts)
+    assert not failures, failures[:3]
+
+
 def test_connection_age_moves_clients_without_failing_calls(procs: ProcessFactory) -> None:
     """The router sends GOAWAY to old connections; calls in flight finish, new ones reconnect."""
     router, _ = start_pool(procs, 2, "--max-connection-age", "0.3")
