@@ -603,23 +603,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from .errors import SnakepitError
 
     with Client(args.target, timeout=10, token=args.token, **_client_tls(args)) as client:
-        while True:
+        if args.watch is None:
             try:
                 status = client.status()
             except SnakepitError as exc:
                 print(f"error: {exc.code.name}: {exc}", file=sys.stderr)
-                if args.watch is None:
-                    return 1
-                status = None
-            if args.watch is None:
-                assert status is not None
-                print(json.dumps(status, indent=2) if args.json else format_status(status))
-                return 0
-            _redraw(status, args)
-            try:
+                return 1
+            print(json.dumps(status, indent=2) if args.json else format_status(status))
+            return 0
+        try:  # Ctrl-C ends the watch wherever it lands: asking, drawing or waiting
+            while True:
+                try:
+                    watched: dict[str, Any] | None = client.status()
+                except SnakepitError as exc:
+                    print(f"error: {exc.code.name}: {exc}", file=sys.stderr)
+                    watched = None
+                _redraw(watched, args)
                 time.sleep(args.watch)
-            except KeyboardInterrupt:
-                return 0
+        except KeyboardInterrupt:
+            return 0
 
 
 def _redraw(status: dict[str, Any] | None, args: argparse.Namespace) -> None:
@@ -650,7 +652,7 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     for w in status["workers"]:
         lines.append(
-            f"{w['worker_id']:<24} {w['address']:<22} {w['state']:<12} "
+            f"{w['worker_id']:<24} {w['address'] or '-':<22} {w['state']:<12} "
             f"{w['in_flight']:>4}/{w['capacity']:<4} {w['served']:>8} {w['failed']:>7}"
             f"  {w.get('metrics_address') or '-'}"
         )

@@ -388,6 +388,18 @@ def test_routing_table_only_for_allowed_principals(pool: Pool) -> None:
         assert len(alice.routing_table()["workers"]) == 2
 
 
+def test_pool_status_details_only_for_admins_and_direct_principals(pool: Pool) -> None:
+    """The security review's finding: any caller read every worker's address and the pool's
+    session count from GetPoolStatus. Others now see the load, not the map."""
+    with pool.client(BOB) as bob, pool.client(ROOT) as root, pool.client(ALICE) as alice:
+        theirs, full, direct = bob.status(), root.status(), alice.status()
+    assert len(theirs["workers"]) == 2 and theirs["workers_ready"] == 2
+    assert all(not w.get("address") for w in theirs["workers"])
+    assert not theirs.get("sessions") and not theirs.get("store")
+    assert all(w["address"] for w in full["workers"]) and full["store"]
+    assert all(w["address"] for w in direct["workers"])
+
+
 def test_direct_mode_calls_workers_with_a_ticket(pool: Pool) -> None:
     with pool.client(ROOT) as admin:
         before = admin.status()["calls_total"]

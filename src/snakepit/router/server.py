@@ -651,15 +651,22 @@ class RouterServer:
     async def _pool_status(
         self, request: pb.GetPoolStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PoolStatus:
-        await self._principal(context)
+        who = await self._principal(context)
+        # Where workers and metrics listen, and how many sessions the whole pool holds, are for
+        # admins and direct-mode principals (who get the addresses from the routing table
+        # anyway); everyone else sees the pool's load, not a map of it (docs/security.md).
+        detailed = who.admin or who.direct
         pool = self.pool
         workers = pool.worker_statuses()
         for worker in workers:
-            worker.metrics_address = self.worker_metrics.get(worker.worker_id, "")
+            if detailed:
+                worker.metrics_address = self.worker_metrics.get(worker.worker_id, "")
+            else:
+                worker.address = ""
         latencies = sorted(pool.latencies_ms)
         sessions = 0
         store_name = ""
-        if self.store is not None:
+        if self.store is not None and detailed:
             store_name = self.store.backend
             try:
                 sessions = (await self.store.stats()).sessions
@@ -683,7 +690,7 @@ class RouterServer:
             affinity=pool.config.affinity,
             store=store_name,
             uptime_seconds=time.monotonic() - self.started,
-            metrics_address=self._metrics_address(),
+            metrics_address=self._metrics_address() if detailed else "",
             workers_desired=len(workers) if self.desired_workers is None else self.desired_workers,
             scale_reason=self.scale_reason,
         )
