@@ -178,6 +178,13 @@ def _auth_options(parser: argparse.ArgumentParser, *, router: bool) -> None:
     _add(parser, "--auth-tokens", "", help="PRINCIPAL:TOKEN per line; callers must present one")
     _repeatable(parser, "--admin", "PRINCIPAL", "a principal that sees every session")
     _repeatable(parser, "--allow-direct", "PRINCIPAL", "a principal allowed direct mode; '*': all")
+    _repeatable(
+        parser,
+        "--allow-pool-tools",
+        "PRINCIPAL",
+        "a principal that may host tools for the whole pool (register_tool(pool_wide=True)); "
+        "'*': all",
+    )
     if router:
         _add(
             parser, "--ticket-key", "", help="Ed25519 PEM key the pool's routers sign tickets with"
@@ -192,6 +199,7 @@ def _auth_config(args: argparse.Namespace) -> Any:
         tokens_file=args.auth_tokens,
         admins=tuple(args.admin),
         direct=tuple(args.allow_direct),
+        pool_tools=tuple(args.allow_pool_tools),
         signing_key=getattr(args, "ticket_key", ""),
         audience=getattr(args, "ticket_audience", "snakepit"),
     )

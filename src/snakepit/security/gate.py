@@ -59,18 +59,20 @@ class Gate:
     verifier: TicketVerifier | None = None
     admins: frozenset[str] = frozenset()
     direct: frozenset[str] = frozenset()
+    pool_tools: frozenset[str] = frozenset()  # who may host pool-wide tools ('*': all)
 
     def __post_init__(self) -> None:
         self._granted: dict[Principal, Principal] = {}
 
     def grant(self, principal: Principal) -> Principal:
-        """``principal`` with the admin and direct-mode grants this pool gives its name
+        """``principal`` with the admin, direct-mode and pool-tool grants this pool gives its name
         (remembered: the call path makes no new object per call)."""
         granted = self._granted.get(principal)
         if granted is None:
             admin = principal.name in self.admins
-            direct = admin or EVERYONE in self.direct or principal.name in self.direct
-            granted = replace(principal, admin=admin, direct=direct)
+            direct = admin or _allows(self.direct, principal.name)
+            pool_tools = admin or _allows(self.pool_tools, principal.name)
+            granted = replace(principal, admin=admin, direct=direct, pool_tools=pool_tools)
             if len(self._granted) > 10_000:
                 self._granted.clear()
             self._granted[principal] = granted
@@ -116,6 +118,21 @@ class Gate:
             )
 
 
+def require_pool_tools(principal: Principal, tool: str) -> None:
+    """Hosting a tool for every session of the pool is a grant (--allow-pool-tools): such a
+    tool sees the arguments of every principal's calls to it."""
+    if not principal.pool_tools:
+        raise PermissionDenied(
+            f"principal {principal.name!r} may not host tool {tool!r} for the whole pool; "
+            "register it for its own sessions (without pool_wide), or have the pool allow it "
+            "(--allow-pool-tools)"
+        )
+
+
+def _allows(allowed: frozenset[str], name: str) -> bool:
+    return EVERYONE in allowed or name in allowed
+
+
 def names(values: Iterable[str]) -> frozenset[str]:
     return frozenset(v.strip() for v in values if v.strip())
 
@@ -127,6 +144,7 @@ class AuthConfig:
     tokens_file: str = ""  # PRINCIPAL:TOKEN lines; auth is on when set
     admins: tuple[str, ...] = ()
     direct: tuple[str, ...] = ()  # principals allowed direct mode ('*': all)
+    pool_tools: tuple[str, ...] = ()  # principals allowed pool-wide hosted tools ('*': all)
     signing_key: str = ""  # Ed25519 PEM shared by the pool's routers; empty: one made up now
     audience: str = DEFAULT_AUDIENCE
 
@@ -150,4 +168,5 @@ def build_gate(config: AuthConfig) -> Gate:
         verifier=TicketVerifier(key.public_key(), audience=config.audience),
         admins=names(config.admins),
         direct=names(config.direct),
+        pool_tools=names(config.pool_tools),
     )

@@ -30,6 +30,7 @@ class Principal:
     admin: bool = False
     source: str = "anonymous"
     direct: bool = False  # may read the routing table and call workers directly
+    pool_tools: bool = False  # may host tools for every session of the pool (--allow-pool-tools)
 
     @property
     def anonymous(self) -> bool:
@@ -37,7 +38,7 @@ class Principal:
 
 
 # Auth off: everyone is this one principal, who may do everything (today's behaviour).
-ANONYMOUS = Principal("anonymous", admin=True, source="anonymous", direct=True)
+ANONYMOUS = Principal("anonymous", admin=True, source="anonymous", direct=True, pool_tools=True)
 
 
 def check_principal_name(name: str) -> str:

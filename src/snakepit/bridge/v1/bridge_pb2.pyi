@@ -1095,6 +1095,7 @@ class ToolSpec(_message.Message):
     STREAMING_FIELD_NUMBER: _builtins.int
     USES_CONTEXT_FIELD_NUMBER: _builtins.int
     CALLER_HOSTED_FIELD_NUMBER: _builtins.int
+    POOL_WIDE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
     streaming: _builtins.bool
@@ -1102,6 +1103,8 @@ class ToolSpec(_message.Message):
     """The tool takes a SessionContext (it may read session variables or call other tools)."""
     caller_hosted: _builtins.bool
     """Hosted by a caller (an application on a RegisterTool stream), not by the pool's workers."""
+    pool_wide: _builtins.bool
+    """A caller-hosted tool registered for the whole pool: every session's calls reach it."""
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterSpec]: ...
     def __init__(
@@ -1113,10 +1116,11 @@ class ToolSpec(_message.Message):
         streaming: _builtins.bool = ...,
         uses_context: _builtins.bool = ...,
         caller_hosted: _builtins.bool = ...,
+        pool_wide: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller_hosted", b"caller_hosted", "description", b"description", "name", b"name", "parameters", b"parameters", "streaming", b"streaming", "uses_context", b"uses_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller_hosted", b"caller_hosted", "description", b"description", "name", b"name", "parameters", b"parameters", "pool_wide", b"pool_wide", "streaming", b"streaming", "uses_context", b"uses_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1334,9 +1338,14 @@ class ToolRegistration(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    POOL_WIDE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     max_concurrency: _builtins.int
     """Calls of this tool the host runs at once; more wait at the router within their deadline."""
+    pool_wide: _builtins.bool
+    """For every session of the pool (and calls without one), not only the host's own sessions;
+    only for principals the pool allows (--allow-pool-tools), else PERMISSION_DENIED.
+    """
     @_builtins.property
     def spec(self) -> Global___ToolSpec: ...
     def __init__(
@@ -1345,10 +1354,11 @@ class ToolRegistration(_message.Message):
         request_id: _builtins.int = ...,
         spec: Global___ToolSpec | None = ...,
         max_concurrency: _builtins.int = ...,
+        pool_wide: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_concurrency", b"max_concurrency", "request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_concurrency", b"max_concurrency", "pool_wide", b"pool_wide", "request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1381,7 +1391,8 @@ Global___ToolUnregistration: _TypeAlias = ToolUnregistration  # noqa: Y015
 @_typing.final
 class HostSessions(_message.Message):
     """The sessions whose tool calls may reach this host's tools (its own sessions); answered by a
-    HostAck with the same request_id once the router routes them here.
+    HostAck with the same request_id once the router routes them here. A session the host's
+    principal does not own (or that does not exist) is not routed: NOT_FOUND, and a session_ended.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1546,6 +1557,7 @@ class HostCall(_message.Message):
     REQUEST_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     STREAMING_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     request: _builtins.bytes
     """a serialised ExecuteToolRequest, as the calling tool sent it"""
@@ -1553,6 +1565,10 @@ class HostCall(_message.Message):
     """0: no deadline"""
     streaming: _builtins.bool
     """answer with chunks and `end` (else one result)"""
+    principal: _builtins.str
+    """On whose behalf: the principal of the calling session (empty with auth off); never a
+    credential. The session id is the request's own (as that principal knows it).
+    """
     def __init__(
         self,
         *,
@@ -1560,10 +1576,11 @@ class HostCall(_message.Message):
         request: _builtins.bytes = ...,
         timeout_seconds: _builtins.float = ...,
         streaming: _builtins.bool = ...,
+        principal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "request", b"request", "streaming", b"streaming", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "principal", b"principal", "request", b"request", "streaming", b"streaming", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
