@@ -22,6 +22,7 @@ from snakepit.errors import (
 )
 from tests.fixtures import processes
 from tests.fixtures.processes import ProcessFactory
+from tests.fixtures.redis import RedisServer
 from tests.integration.test_router import start_pool, wait_for, wait_ready
 
 
@@ -289,14 +290,19 @@ def test_the_example_application_gets_a_quote_priced_by_its_own_tool(
     assert run.stdout.strip() == "{'lines': {'apple': 2.0, 'fig': 2.5}, 'total': 4.5}"
 
 
-def test_the_host_registers_again_when_its_router_restarts(procs: ProcessFactory) -> None:
-    router, workers = start_pool(procs, 2)
+def test_the_host_registers_again_when_its_router_restarts(
+    procs: ProcessFactory, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """The sessions live in Redis, so they outlive the router (a router with the in-memory store
+    takes its sessions with it, and a host may serve only sessions that exist)."""
+    store = f"{redis_server.url}?prefix={redis_prefix}"
+    router, workers = start_pool(procs, 2, "--store", store)
     port = int(router.address.rsplit(":", 1)[1])
     with Client(router.address) as client, client.session() as session:
         client.register_tool("lookup_price", lookup_price)
         assert session.execute("relay", tool="lookup_price", arguments={"item": "apple"}) == 0.5
         router.kill()
-        procs.router(workers, port=port)  # the workers' router address, now a fresh process
+        procs.router(workers, port=port, store=store)  # the workers' router, a fresh process
         wait_ready(router.address, 2)
 
         def priced() -> bool:
