@@ -7,21 +7,28 @@ tool of that name): the router looks the call's session up here, sends the reque
 the host's stream as they came (never decoded) and returns the host's answer bytes as they came.
 
 Scope: a host's tools are visible to calls in the sessions it serves, and nowhere else, so two
-applications may host the same name for their own sessions. A session that is deleted (by any
+applications may host the same name for their own sessions. A principal the pool allows
+(``--allow-pool-tools``) may register a tool *pool-wide*: every call reaches it, with or without
+a session, unless the calling session's own host has a tool of that name (it shadows the
+pool-wide one for that session only). One pool-wide name belongs to one principal; several hosts
+of that principal (replicas of one application) share its calls. A session that is deleted (by any
 client, through any replica) or expires stops being served: every ``SWEEP_SECONDS`` the router
 asks the store which of its served sessions still exist and tells each host which of its sessions
 ended (``session_ended``), so a later session under the same id does not reach the old host.
 When several router replicas share a Redis store, the replica holding the stream records
 "session -> my address" in the store (``directory``); another replica that gets the call forwards
-it there (see docs/architecture.md).
+it there; pool-wide tools are recorded per router in the same store, and a replica without a
+host of one forwards to a replica that has one (see docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
+import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,11 +36,21 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from ..errors import DeadlineExceeded, NotFound, SnakepitError, Unavailable, error_class_for
+from ..errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    NotFound,
+    SnakepitError,
+    Unavailable,
+    error_class_for,
+)
 from ..protocol import pb
 from ..protocol.messages import request_tool_name
 from ..protocol.status import error_from_rpc, never_started
+from ..security.gate import require_pool_tools
+from ..security.identity import ANONYMOUS, Principal
 from ..security.tls import ChannelTls
+from .host_directory import PoolToolEntry
 
 if TYPE_CHECKING:
     from .host_directory import HostDirectory
@@ -52,6 +69,29 @@ class HostedTool:
     spec: pb.ToolSpec
     slots: asyncio.Semaphore
 
+    @property
+    def pool_wide(self) -> bool:
+        return self.spec.pool_wide
+
+
+class _NotHere(Exception):
+    """A replica asked to run a hosted call has no host of that tool (try the next one)."""
+
+
+class NoHostedTool(NotFound):
+    """No host of the tool here (its type name tells a forwarding replica to try the next)."""
+
+
+class Unreachable(Unavailable):
+    """The replica holding a host could not be reached; the call never started there."""
+
+
+def spec_signature(spec: pb.ToolSpec) -> str:
+    """What hosts of one pool-wide name must agree on: its parameters and whether it streams
+    (descriptions may differ)."""
+    shape = pb.ToolSpec(name=spec.name, parameters=spec.parameters, streaming=spec.streaming)
+    return hashlib.sha256(shape.SerializeToString(deterministic=True)).hexdigest()[:32]
+
 
 @dataclass(eq=False)
 class Host:
@@ -67,6 +107,7 @@ class Host:
     # and back: the id the host knows a key by.
     key_of: Callable[[str], str] = str
     id_of: Callable[[str], str] = str
+    principal: Principal = ANONYMOUS
 
     def send(self, event: pb.ToolHostEvent) -> None:
         if not self.closed:
@@ -91,6 +132,9 @@ class HostRegistry:
         self._existing_sessions = existing_sessions
         self._call_ids = itertools.count(1)
         self._peers: dict[str, _Peer] = {}
+        # Pool-wide tools hosted on this router's streams: name -> its hosts (one principal).
+        self.pool_wide: dict[str, list[Host]] = {}
+        self._turns = itertools.count()
 
     # The RegisterTool stream ------------------------------------------------------------------
     async def serve(
@@ -99,10 +143,11 @@ class HostRegistry:
         context: Any,
         key_of: Callable[[str], str] = str,
         id_of: Callable[[str], str] = str,
+        principal: Principal = ANONYMOUS,
     ) -> AsyncIterator[bytes]:
         """One host's stream; the sessions it names are keyed with ``key_of`` (its principal's
         keys), so a host can only serve its own principal's sessions."""
-        host = Host(host_id=uuid.uuid4().hex[:16], key_of=key_of, id_of=id_of)
+        host = Host(host_id=uuid.uuid4().hex[:16], key_of=key_of, id_of=id_of, principal=principal)
         self.hosts[host.host_id] = host
         reader = asyncio.get_running_loop().create_task(self._read(host, requests))
         log.info("tool host connected", extra={"host": host.host_id})
@@ -133,22 +178,34 @@ class HostRegistry:
         elif kind == "register":
             host.send(pb.ToolHostEvent(ack=await self._register(host, message.register)))
         elif kind == "unregister":
-            host.tools.pop(message.unregister.name, None)  # idempotent: a replay may repeat it
+            self._withdraw(host, message.unregister.name)  # idempotent: a replay may repeat it
             ack = pb.HostAck(request_id=message.unregister.request_id, host_id=host.host_id)
             host.send(pb.ToolHostEvent(ack=ack))
         elif kind == "sessions":
-            sessions = message.sessions
-            released = self._serve_sessions(
-                host,
-                [host.key_of(s) for s in sessions.add],
-                [host.key_of(s) for s in sessions.remove],
+            host.send(pb.ToolHostEvent(ack=await self._host_sessions(host, message.sessions)))
+
+    async def _host_sessions(self, host: Host, sessions: pb.HostSessions) -> pb.HostAck:
+        """Route the sessions a host names to it, those of its own principal that exist only:
+        the rest are NOT_FOUND (told as ``session_ended``), whether another principal has a
+        session of that id or nobody does, so existence is never disclosed."""
+        ack = pb.HostAck(request_id=sessions.request_id, host_id=host.host_id)
+        wanted = [host.key_of(s) for s in sessions.add]
+        alive = await self._existing_sessions(wanted) if wanted else set()
+        missing = [key for key in wanted if key not in alive]
+        add = [key for key in wanted if key in alive]
+        released = self._serve_sessions(host, add, [host.key_of(s) for s in sessions.remove])
+        if self.directory is not None:  # routed here by every replica before the ack
+            await self.directory.update(self.address, add, released)
+        if missing:
+            for key in missing:
+                host.send(pb.ToolHostEvent(session_ended=host.id_of(key)))
+            ids = ", ".join(repr(host.id_of(key)) for key in missing[:5])
+            ack.code = grpc.StatusCode.NOT_FOUND.value[0]
+            ack.message = (
+                f"no session {ids} of this caller: a host serves only sessions its own "
+                "principal created (and that still exist)"
             )
-            if self.directory is not None:  # routed here by every replica before the ack
-                await self.directory.update(
-                    self.address, [host.key_of(s) for s in sessions.add], released
-                )
-            ack = pb.HostAck(request_id=sessions.request_id, host_id=host.host_id)
-            host.send(pb.ToolHostEvent(ack=ack))
+        return ack
 
     async def _register(self, host: Host, registration: pb.ToolRegistration) -> pb.HostAck:
         ack = pb.HostAck(request_id=registration.request_id, host_id=host.host_id)
@@ -165,10 +222,84 @@ class HostRegistry:
         spec = pb.ToolSpec()
         spec.CopyFrom(registration.spec)
         spec.caller_hosted = True
+        spec.pool_wide = registration.pool_wide
+        if spec.pool_wide:
+            try:
+                await self._claim_pool_wide(host, spec)
+            except SnakepitError as exc:
+                ack.code = exc.code.value[0]
+                ack.message = str(exc)
+                return ack
+        self._withdraw(host, name)
         limit = registration.max_concurrency or DEFAULT_HOST_CONCURRENCY
         host.tools[name] = HostedTool(spec, asyncio.Semaphore(limit))
-        log.info("tool hosted", extra={"host": host.host_id, "tool": name, "limit": limit})
+        if spec.pool_wide:
+            self.pool_wide.setdefault(name, []).append(host)
+        log.info(
+            "tool hosted",
+            extra={"host": host.host_id, "tool": name, "limit": limit, "pool_wide": spec.pool_wide},
+        )
         return ack
+
+    async def _claim_pool_wide(self, host: Host, spec: pb.ToolSpec) -> None:
+        """May ``host`` take pool-wide name ``spec.name``? PermissionDenied for a principal the
+        pool does not allow; AlreadyExists when another principal hosts the name, or hosts of
+        it take other parameters (here or, through the store, on another replica)."""
+        name = spec.name
+        require_pool_tools(host.principal, name)
+        signature = spec_signature(spec)
+        verdict = "ok"
+        for other in self.pool_wide.get(name, ()):
+            if other is host:
+                continue
+            if other.principal.name != host.principal.name:
+                verdict = "principal"
+            elif spec_signature(other.tools[name].spec) != signature:
+                verdict = "signature"
+        if verdict == "ok" and self.directory is not None:
+            entry = self._pool_entry(host, spec)
+            verdict = await self.directory.claim_pool_tool(entry)
+        if verdict == "principal":
+            raise AlreadyExists(
+                f"tool {name!r} is hosted for the whole pool by another principal; a pool-wide "
+                "name belongs to one principal (its replicas share the calls)"
+            )
+        if verdict == "signature":
+            raise AlreadyExists(
+                f"tool {name!r} is hosted for the whole pool with other parameters; every host "
+                "of a pool-wide name must take the same parameters"
+            )
+
+    def _pool_entry(self, host: Host, spec: pb.ToolSpec) -> PoolToolEntry:
+        return PoolToolEntry(
+            spec.name,
+            self.address,
+            host.principal.name,
+            spec_signature(spec),
+            spec.SerializeToString(),
+        )
+
+    def pool_entries(self) -> dict[str, PoolToolEntry]:
+        """This router's pool-wide tools, as the store records them (refreshed by the directory)."""
+        return {
+            name: self._pool_entry(hosts[0], hosts[0].tools[name].spec)
+            for name, hosts in self.pool_wide.items()
+            if hosts
+        }
+
+    def _withdraw(self, host: Host, name: str) -> None:
+        """``host`` no longer hosts ``name``; the store forgets a pool-wide name this router
+        has no host of any more."""
+        tool = host.tools.pop(name, None)
+        if tool is None or not tool.pool_wide:
+            return
+        hosts = self.pool_wide.get(name, [])
+        if host in hosts:
+            hosts.remove(host)
+        if not hosts:
+            self.pool_wide.pop(name, None)
+            if self.directory is not None:
+                self._spawn(self.directory.release_pool_tool(name, self.address))
 
     def _serve_sessions(self, host: Host, add: Any, remove: Any) -> list[str]:
         """Route ``add`` to ``host``; stop routing ``remove``; return the sessions let go."""
@@ -187,6 +318,8 @@ class HostRegistry:
         """The stream ended: forget the host; its calls in flight fail with UNAVAILABLE."""
         host.closed = True
         self.hosts.pop(host.host_id, None)
+        for name in list(host.tools):
+            self._withdraw(host, name)
         gone = self._serve_sessions(host, (), list(host.sessions))
         if self.directory is not None and gone:
             self._spawn(self.directory.update(self.address, (), gone))
@@ -222,9 +355,14 @@ class HostRegistry:
         return ended
 
     def specs_for(self, session_id: str) -> list[pb.ToolSpec]:
-        """The tools hosted for ``session_id`` by a host on this router."""
+        """The tools hosted for ``session_id`` by a host on this router, then the pool-wide ones
+        hosted here that the session's own do not shadow."""
         host = self.by_session.get(session_id) if session_id else None
-        return [tool.spec for tool in host.tools.values()] if host is not None else []
+        specs = [tool.spec for tool in host.tools.values()] if host is not None else []
+        return _merged(specs, self._local_pool_specs())
+
+    def _local_pool_specs(self) -> list[pb.ToolSpec]:
+        return [hosts[0].tools[name].spec for name, hosts in self.pool_wide.items() if hosts]
 
     async def hosted_specs(
         self,
@@ -233,10 +371,27 @@ class HostRegistry:
         session_id: str = "",
         metadata: tuple[tuple[str, Any], ...] = (),
     ) -> list[pb.ToolSpec]:
-        """The tools hosted for session key ``key``, asking the replica holding its host if
-        need be (by the caller's ``session_id``, with ``metadata`` saying on whose behalf)."""
-        if not key or key in self.by_session or self.directory is None:
+        """The tools hosted for session key ``key`` (asking the replica holding its host if need
+        be, by the caller's ``session_id``, with ``metadata`` saying on whose behalf), then every
+        pool-wide tool of every replica that those do not shadow."""
+        if self.directory is None:
             return self.specs_for(key)
+        specs = self.specs_for(key)
+        if key and key not in self.by_session:
+            specs = _merged(
+                await self._remote_session_specs(key, timeout, session_id, metadata), specs
+            )
+        remote = [pb.ToolSpec.FromString(entry.spec) for entry in await self.directory.pool_tools()]
+        return _merged(specs, remote)
+
+    async def _remote_session_specs(
+        self,
+        key: str,
+        timeout: float | None,
+        session_id: str,
+        metadata: tuple[tuple[str, Any], ...],
+    ) -> list[pb.ToolSpec]:
+        assert self.directory is not None
         owner = await self.directory.locate(key)
         if not owner or owner == self.address:
             return []
@@ -257,28 +412,66 @@ class HostRegistry:
         metadata: tuple[tuple[str, Any], ...],
         timeout: float | None,
         streaming: bool,
+        principal: str = "",
     ) -> AsyncIterator[bytes]:
-        """The host's answer to one call: a result (unary) or chunks (streaming), as bytes."""
+        """The host's answer to one call: a result (unary) or chunks (streaming), as bytes.
+
+        In order: the session's own host (here, else the replica holding it), then a pool-wide
+        host (here, else a replica that has one). ``principal`` is told to the host.
+        """
         name = request_tool_name(raw)
+        forwarded = any(key == FORWARDED_KEY for key, _ in metadata)
         host = self.by_session.get(session_id) if session_id else None
         if host is not None and name in host.tools and not host.closed:
-            async for item in self._run(host, host.tools[name], raw, timeout, streaming):
+            async for item in self._run(host, host.tools[name], raw, timeout, streaming, principal):
                 yield item
             return
-        forwarded = any(key == FORWARDED_KEY for key, _ in metadata)
-        if not forwarded and session_id and self.directory is not None:
-            owner = await self.directory.locate(session_id)
+        owners: list[str] = []
+        if not forwarded and self.directory is not None:
+            owner = await self.directory.locate(session_id) if session_id else None
             if owner and owner != self.address:
+                owners.append(owner)
+        pool_host = self._pool_host(name)
+        if pool_host is None and not forwarded and self.directory is not None:
+            routers = {e.address for e in await self.directory.pool_tools() if e.name == name}
+            routers -= {self.address, *owners}
+            owners += random.sample(sorted(routers), len(routers))  # spread over the replicas
+        unreachable: Unavailable | None = None
+        for owner in owners:
+            try:
                 async for item in self._forward(owner, raw, metadata, timeout, streaming, name):
                     yield item
                 return
+            except _NotHere:
+                continue
+            except Unreachable as exc:  # a router that died; its entries have not expired yet
+                unreachable = exc
+        if pool_host is not None:
+            tool = pool_host.tools[name]
+            async for item in self._run(pool_host, tool, raw, timeout, streaming, principal):
+                yield item
+            return
+        if unreachable is not None:
+            raise unreachable
         where = f"session {session_id!r}" if session_id else "calls without a session"
-        raise NotFound(
-            f"no tool {name!r}: the pool has none, and no application hosts one for {where}"
+        raise NoHostedTool(
+            f"no tool {name!r}: the pool has none, and no application hosts one for {where} "
+            "or for the whole pool"
         )
 
+    def _pool_host(self, name: str) -> Host | None:
+        """One of this router's hosts of pool-wide tool ``name``, taking turns."""
+        hosts = [host for host in self.pool_wide.get(name, ()) if not host.closed]
+        return hosts[next(self._turns) % len(hosts)] if hosts else None
+
     async def _run(
-        self, host: Host, tool: HostedTool, raw: bytes, timeout: float | None, streaming: bool
+        self,
+        host: Host,
+        tool: HostedTool,
+        raw: bytes,
+        timeout: float | None,
+        streaming: bool,
+        principal: str,
     ) -> AsyncIterator[bytes]:
         name = tool.spec.name
         call_id = str(next(self._call_ids))
@@ -297,6 +490,7 @@ class HostRegistry:
                                 request=raw,
                                 timeout_seconds=timeout or 0.0,
                                 streaming=streaming,
+                                principal=principal,
                             )
                         )
                     )
@@ -336,7 +530,8 @@ class HostRegistry:
         streaming: bool,
         name: str,
     ) -> AsyncIterator[bytes]:
-        """Send the call to the router replica that holds the host's stream."""
+        """Send the call to the router replica that holds a host of it; ``_NotHere`` when that
+        replica has none (any more)."""
         peer = self._peer(owner)
         headers = (*metadata, (FORWARDED_KEY, "1"))
         try:
@@ -347,8 +542,10 @@ class HostRegistry:
                 yield await peer.unary(raw, timeout=timeout, metadata=headers)
         except grpc.aio.AioRpcError as exc:
             error = error_from_rpc(exc)
+            if error.code == grpc.StatusCode.NOT_FOUND and error.remote_type == "NoHostedTool":
+                raise _NotHere from None
             if never_started(error):
-                raise Unavailable(
+                raise Unreachable(
                     f"tool {name!r}: the router holding its host's stream ({owner}) "
                     f"cannot be reached: {error.message}"
                 ) from None
@@ -389,6 +586,17 @@ class _Peer:
         self.unary = self.channel.unary_unary(method_path("ExecuteHostedTool"))
         self.stream = self.channel.unary_stream(method_path("ExecuteHostedStreamingTool"))
         self.list_tools = self.channel.unary_unary(method_path("ListTools"))
+
+
+def _merged(first: list[pb.ToolSpec], then: list[pb.ToolSpec]) -> list[pb.ToolSpec]:
+    """``first``, then the tools of ``then`` whose names ``first`` does not have (shadowing)."""
+    names = {spec.name for spec in first}
+    merged = list(first)
+    for spec in then:
+        if spec.name not in names:
+            names.add(spec.name)
+            merged.append(spec)
+    return merged
 
 
 def host_error(error: pb.HostError) -> SnakepitError:

@@ -266,7 +266,11 @@ class RouterServer:
 
             directory = HostDirectory(redis, getattr(self.store, "prefix", "sp"))
             self.hosting.directory = directory
-            self._spawn(directory.keep_fresh(self.hosting.address, self.hosting.local_sessions))
+            self._spawn(
+                directory.keep_fresh(
+                    self.hosting.address, self.hosting.local_sessions, self.hosting.pool_entries
+                )
+            )
         self._spawn(self.hosting.sweep_forever())
 
     async def _existing_sessions(self, session_ids: list[str]) -> set[str]:
@@ -574,7 +578,12 @@ class RouterServer:
         key = session_key(who, session_id) if session_id else ""
         try:
             async for item in self.hosting.call(
-                raw, key, forwarded, context.time_remaining(), streaming
+                raw,
+                key,
+                forwarded,
+                context.time_remaining(),
+                streaming,
+                "" if who.anonymous else who.name,
             ):
                 yield item
         except SnakepitError as exc:
@@ -590,6 +599,7 @@ class RouterServer:
             context,
             key_of=lambda sid: session_key(who, sid),
             id_of=lambda key: session_id_of(who, key) or key,
+            principal=who,
         ):
             yield event
 
