@@ -125,11 +125,12 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
         *,
         description: str | None = None,
         concurrency: int | None = None,
+        pool_wide: bool = False,
     ) -> AsyncHostedTool:
         """``Client.register_tool``; the host runs on this event loop."""
         if self._host is None:
             self._host = self._new_tool_host()
-        await self._host.register(name, fn, description, concurrency)
+        await self._host.register(name, fn, description, concurrency, pool_wide)
         return AsyncHostedTool(name, self._host)
 
     async def _serve_sessions(self, add: list[str], remove: list[str]) -> None:

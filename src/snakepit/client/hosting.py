@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import itertools
 import logging
@@ -49,6 +50,30 @@ class _Hosted:
     tool: ToolDef
     concurrency: int
     request_id: int
+    pool_wide: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HostedCall:
+    """On whose behalf a hosted tool runs: the principal of the calling session (``""`` with
+    auth off) and that session's id as the principal knows it (``""``: a call without one).
+    The caller's credential never reaches the host."""
+
+    principal: str
+    session_id: str
+
+
+_CURRENT: contextvars.ContextVar[HostedCall | None] = contextvars.ContextVar(
+    "snakepit_hosted_call", default=None
+)
+
+
+def hosted_call() -> HostedCall | None:
+    """Inside a function this application hosts: who the call is for (None elsewhere).
+
+    A pool-wide tool serves every principal's sessions, so it may use this to decide what the
+    call may see; a tool registered for the application's own sessions always sees its own."""
+    return _CURRENT.get()
 
 
 class ToolHost:
@@ -81,7 +106,12 @@ class ToolHost:
 
     # Public (coroutines on the host's loop) -------------------------------------------------
     async def register(
-        self, name: str, fn: Callable[..., Any], description: str | None, concurrency: int | None
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        description: str | None,
+        concurrency: int | None,
+        pool_wide: bool = False,
     ) -> None:
         tool = build_tool(fn, ToolOptions(name=name, description=description))
         if tool.context_param is not None:
@@ -89,7 +119,7 @@ class ToolHost:
         if name in self._tools:
             raise ValueError(f"this client already hosts a tool named {name!r}")
         hosted = self._tools[name] = _Hosted(
-            tool, concurrency or DEFAULT_CONCURRENCY, next(self._ids)
+            tool, concurrency or DEFAULT_CONCURRENCY, next(self._ids), pool_wide
         )
         self._ensure_running()
         try:
@@ -137,6 +167,7 @@ class ToolHost:
                 request_id=hosted.request_id,
                 spec=hosted.tool.spec,
                 max_concurrency=hosted.concurrency,
+                pool_wide=hosted.pool_wide,
             )
         )
 
@@ -240,6 +271,7 @@ class ToolHost:
                 raise Unavailable(f"tool {request.tool_name!r} is no longer hosted here")
             tool = hosted.tool
             kwargs = tool.bind(request.arguments)
+            _CURRENT.set(HostedCall(call.principal, request.session_id))
             async with asyncio.timeout(call.timeout_seconds or None):
                 if call.streaming:
                     seq = 0

@@ -64,6 +64,7 @@ class ToolInfo:
     streaming: bool
     uses_context: bool
     caller_hosted: bool = False
+    pool_wide: bool = False  # caller-hosted for every session of the pool
 
 
 def _parser(message_type: type[Message], convert: Callable[[Any], T]) -> Callable[[bytes], T]:
@@ -105,6 +106,7 @@ def _tool_info(spec: pb.ToolSpec) -> ToolInfo:
         streaming=spec.streaming,
         uses_context=spec.uses_context,
         caller_hosted=spec.caller_hosted,
+        pool_wide=spec.pool_wide,
     )
 
 

@@ -129,15 +129,19 @@ class Client(ClientBase[grpc.Channel]):
         *,
         description: str | None = None,
         concurrency: int | None = None,
+        pool_wide: bool = False,
     ) -> HostedTool:
         """Host ``fn`` as tool ``name`` for the tools running in this client's sessions.
 
         Parameters come from ``fn``'s signature as for a worker's tool; ``concurrency`` bounds
-        the calls run at once (more wait at the router, within their deadline).
+        the calls run at once (more wait at the router, within their deadline). ``pool_wide``:
+        for every session of the pool (a grant: ``--allow-pool-tools``, else PermissionDenied);
+        a session's own tool of that name shadows it there. ``hosted_call()`` tells ``fn`` on
+        whose behalf it runs.
         """
         if self._host is None:
             self._host = HostThread(self._new_tool_host())
-        self._host.run(self._host.host.register(name, fn, description, concurrency))
+        self._host.run(self._host.host.register(name, fn, description, concurrency, pool_wide))
         return HostedTool(name, self._host)
 
     def _serve_sessions(self, add: list[str], remove: list[str]) -> None:
