@@ -19,8 +19,15 @@ import grpc
 import pytest
 
 from snakepit import Client
+from snakepit.client import hosted_call
 from snakepit.client.sync import Session
-from snakepit.errors import NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
+from snakepit.errors import (
+    AlreadyExists,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from snakepit.protocol import method_path, pb
 from snakepit.protocol.messages import encode_request
 from snakepit.security.tickets import (
@@ -62,6 +69,7 @@ class Pool:
             "--auth-tokens", str(self.tokens),
             "--admin", "root",
             "--allow-direct", "alice",
+            "--allow-pool-tools", "alice",
             "--ticket-key", str(key_file),
             "--ticket-audience", AUDIENCE,
             "--max-sessions-per-principal", str(SESSIONS_PER_PRINCIPAL),
@@ -374,8 +382,73 @@ def test_a_host_serves_only_its_own_principals_sessions(pool: Pool) -> None:
             with pytest.raises(NotFound, match="no tool 'lookup_price'"):
                 session.execute("quote", items={"fig": 2})
             assert theirs.id == session.id
+            # Claimed again on the open stream: refused as a session that does not exist.
+            with pytest.raises(NotFound, match=f"no session '{session.id}' of this caller"):
+                bob._serve_sessions([session.id], [])
+            assert bob._host is not None and session.id not in bob._host.host.sessions
         finally:
             handle.unregister()
+
+
+# Pool-wide hosted tools ------------------------------------------------------------------------
+def _on_whose_behalf() -> dict[str, str]:
+    call = hosted_call()
+    assert call is not None
+    return {"principal": call.principal, "session_id": call.session_id}
+
+
+def test_a_pool_wide_tool_serves_every_principals_sessions_and_sees_no_credential(
+    pool: Pool,
+) -> None:
+    with pool.client(ALICE) as alice:
+        alice.register_tool("on_whose_behalf", _on_whose_behalf, pool_wide=True)
+        assert alice._host is not None
+        host = alice._host.host
+        seen: list[bytes] = []
+        serve = host._serve
+
+        async def recording(call: pb.HostCall) -> None:  # what crosses to the host, as bytes
+            seen.append(call.SerializeToString())
+            await serve(call)
+
+        host._serve = recording  # type: ignore[method-assign]
+        for token, name in ((BOB, "bob"), (ROOT, "root"), (ALICE, "alice")):
+            with pool.client(token) as caller, caller.session() as session:
+                got = session.execute("relay", tool="on_whose_behalf", arguments={})
+                assert got == {"principal": name, "session_id": session.id}
+                listed = {t.name: t for t in session.list_tools()}
+                assert listed["on_whose_behalf"].pool_wide
+        with pool.client(BOB) as bob:  # a call without a session
+            assert bob.execute("relay", tool="on_whose_behalf", arguments={}) == {
+                "principal": "bob",
+                "session_id": "",
+            }
+        assert len(seen) == 4
+        for raw in seen:
+            for secret in (ALICE, BOB, ROOT, TICKET_KEY, "authorization", "Bearer"):
+                assert secret.encode() not in raw
+
+
+def test_only_allowed_principals_host_pool_wide_tools_and_a_name_has_one_principal(
+    pool: Pool,
+) -> None:
+    with pool.client(BOB) as bob, pytest.raises(PermissionDenied) as refused:
+        bob.register_tool("catalog", lambda: "bob", pool_wide=True)
+    assert "principal 'bob' may not host tool 'catalog' for the whole pool" in str(refused.value)
+    assert "--allow-pool-tools" in str(refused.value)
+    assert BOB not in str(refused.value)
+
+    with pool.client(ALICE) as alice, pool.client(ALICE) as replica, pool.client(ROOT) as root:
+        alice.register_tool("catalog", lambda: "alice", pool_wide=True)
+        replica.register_tool("catalog", lambda: "alice", pool_wide=True)  # same principal
+        with pytest.raises(AlreadyExists, match="hosted for the whole pool by another principal"):
+            root.register_tool("catalog", lambda: "root", pool_wide=True)  # admins are allowed
+        with pool.client(BOB) as bob, bob.session() as own:
+            assert own.execute("relay", tool="catalog", arguments={}) == "alice"
+            bob.register_tool("catalog", lambda: "bob")  # bob's own sessions: shadows it there
+            assert own.execute("relay", tool="catalog", arguments={}) == "bob"
+            with pool.client(ROOT) as other, other.session() as theirs:
+                assert theirs.execute("relay", tool="catalog", arguments={}) == "alice"
 
 
 # Routing table and direct mode ----------------------------------------------------------------
