@@ -8,10 +8,6 @@ the pool allows (as it allows everything), so every host of one name is one prin
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-import threading
-import time
 from collections import Counter
 
 import pytest
@@ -23,9 +19,9 @@ from snakepit.errors import AlreadyExists, InvalidArgument, NotFound, Unavailabl
 from snakepit.protocol import pb
 from snakepit.router.host_directory import HostDirectory, PoolToolEntry
 from snakepit.router.hosting import spec_signature
-from tests.fixtures import processes
 from tests.fixtures.processes import ProcessFactory, start_pool, wait_ready
 from tests.fixtures.redis import RedisServer
+from tests.support import host_app
 
 
 def lookup_price(item: str) -> dict[str, object]:
@@ -109,38 +105,19 @@ def test_a_pool_wide_host_that_dies_fails_its_call_fast_and_leaves_the_listing(
     procs: ProcessFactory,
 ) -> None:
     router, _ = start_pool(procs, 2)
-    host = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.host_app", router.address, "host-own", "pool-wide"],
-        stdout=subprocess.PIPE,
-        env=processes.test_env(),
-    )
-    try:
-        assert host.stdout is not None and host.stdout.readline().strip() == b"READY"
-        with Client(router.address) as client, client.session() as session:
-            assert relay(session, "stall", seconds=0) == 0
-            assert "stall" in {t.name for t in session.list_tools() if t.pool_wide}
-            outcome: list[BaseException] = []
-
-            def call() -> None:
-                try:
-                    session.execute("relay", tool="stall", arguments={"seconds": 60}, timeout=60)
-                except BaseException as exc:
-                    outcome.append(exc)
-
-            caller = threading.Thread(target=call)
-            caller.start()
-            time.sleep(0.5)  # the call is running in the host
-            host.kill()
-            caller.join(timeout=10)
-            assert not caller.is_alive(), "the call waited for its deadline"
-            assert isinstance(outcome[0], Unavailable)
-            assert "application hosting tool 'stall' went away" in str(outcome[0])
-            assert "stall" not in {t.name for t in session.list_tools()}
-            with pytest.raises(NotFound, match="no tool 'stall'"):
-                relay(session, "stall", seconds=0)
-    finally:
-        host.kill()
-        host.wait()
+    with (
+        host_app.hosting(router.address, "host-own", "pool-wide") as host,
+        Client(router.address) as client,
+        client.session() as session,
+    ):
+        assert relay(session, "stall", seconds=0) == 0
+        assert "stall" in {t.name for t in session.list_tools() if t.pool_wide}
+        error = host_app.killed_mid_call(host, session)
+        assert isinstance(error, Unavailable)
+        assert "application hosting tool 'stall' went away" in str(error)
+        assert "stall" not in {t.name for t in session.list_tools()}
+        with pytest.raises(NotFound, match="no tool 'stall'"):
+            relay(session, "stall", seconds=0)
 
 
 def test_a_pool_wide_tool_on_one_router_is_reached_through_another(

@@ -24,6 +24,7 @@ from tests.fixtures import processes
 from tests.fixtures.processes import ProcessFactory
 from tests.fixtures.redis import RedisServer
 from tests.integration.test_router import start_pool, wait_for, wait_ready
+from tests.support import host_app
 
 
 def scale_and_sum(x: np.ndarray, factor: float) -> dict[str, object]:
@@ -82,37 +83,14 @@ def test_a_host_that_dies_mid_call_fails_the_call_fast_and_later_calls_find_noth
     procs: ProcessFactory,
 ) -> None:
     router, _ = start_pool(procs, 2)
-    host = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.host_app", router.address, "doomed"],
-        stdout=subprocess.PIPE,
-        env=processes.test_env(),
-    )
-    try:
-        assert host.stdout is not None and host.stdout.readline().strip() == b"READY"
-        with Client(router.address) as client:
-            session = client.session("doomed", keep=True)
-            assert session.execute("relay", tool="stall", arguments={"seconds": 0}) == 0
-            outcome: list[BaseException] = []
-
-            def call() -> None:
-                try:
-                    session.execute("relay", tool="stall", arguments={"seconds": 60}, timeout=60)
-                except BaseException as exc:
-                    outcome.append(exc)
-
-            caller = threading.Thread(target=call)
-            caller.start()
-            time.sleep(0.5)  # the call is running in the host
-            host.kill()
-            caller.join(timeout=10)
-            assert not caller.is_alive(), "the call waited for its deadline"
-            assert isinstance(outcome[0], Unavailable)
-            assert "application hosting tool 'stall' went away" in str(outcome[0])
-            with pytest.raises(NotFound, match="no application hosts one for session 'doomed'"):
-                session.execute("relay", tool="stall", arguments={"seconds": 0})
-    finally:
-        host.kill()
-        host.wait()
+    with host_app.hosting(router.address, "doomed") as host, Client(router.address) as client:
+        session = client.session("doomed", keep=True)
+        assert session.execute("relay", tool="stall", arguments={"seconds": 0}) == 0
+        error = host_app.killed_mid_call(host, session)
+        assert isinstance(error, Unavailable)
+        assert "application hosting tool 'stall' went away" in str(error)
+        with pytest.raises(NotFound, match="no application hosts one for session 'doomed'"):
+            session.execute("relay", tool="stall", arguments={"seconds": 0})
 
 
 def test_two_applications_host_one_name_for_their_own_sessions(procs: ProcessFactory) -> None:
