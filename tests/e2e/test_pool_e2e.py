@@ -686,6 +686,18 @@ def test_an_application_outside_the_cluster_hosts_a_tool_with_two_routers(
         assert failure.value.remote_type == "LookupError"
         listed = {t.name: t.caller_hosted for t in session.list_tools()}
         assert listed["lookup_price"] and not listed["quote"]
+    # Pool-wide (auth off: everyone may): sessions of a client that hosts nothing reach it,
+    # whichever replica the worker's call and the host's stream went through.
+    with (
+        Client(router, timeout=60) as host,
+        Client(router, timeout=60) as caller,
+        caller.session() as session,
+    ):
+        host.register_tool("lookup_price", _lookup_price, pool_wide=True)
+        started = time.monotonic()
+        while time.monotonic() - started < 12:
+            assert session.execute("quote", items={"fig": 2})["total"] == 2.5
+        assert {t.name for t in caller.list_tools() if t.pool_wide} == {"lookup_price"}
     if not kube_node.host_reaches_cluster_ips:
         return  # the pinned check below needs the router pods' own addresses
     # Pinned: the stream on router pod A, the calling tool's call entering at pod B, which
