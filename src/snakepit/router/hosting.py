@@ -30,6 +30,7 @@ import itertools
 import logging
 import random
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -134,6 +135,7 @@ class HostRegistry:
         self._peers: dict[str, _Peer] = {}
         # Pool-wide tools hosted on this router's streams: name -> its hosts (one principal).
         self.pool_wide: dict[str, list[Host]] = {}
+        self._claiming: Counter[str] = Counter()  # pool-wide names being claimed in the store
         self._turns = itertools.count()
 
     # The RegisterTool stream ------------------------------------------------------------------
@@ -258,7 +260,13 @@ class HostRegistry:
                 verdict = "signature"
         if verdict == "ok" and self.directory is not None:
             entry = self._pool_entry(host, spec)
-            verdict = await self.directory.claim_pool_tool(entry)
+            self._claiming[name] += 1
+            try:
+                verdict = await self.directory.claim_pool_tool(entry)
+            finally:
+                self._claiming[name] -= 1
+                if not self._claiming[name]:
+                    del self._claiming[name]
         if verdict == "principal":
             raise AlreadyExists(
                 f"tool {name!r} is hosted for the whole pool by another principal; a pool-wide "
@@ -298,8 +306,14 @@ class HostRegistry:
             hosts.remove(host)
         if not hosts:
             self.pool_wide.pop(name, None)
-            if self.directory is not None:
-                self._spawn(self.directory.release_pool_tool(name, self.address))
+            self._spawn(self._release_pool_tool(name))
+
+    async def _release_pool_tool(self, name: str) -> None:
+        """Forget this router's store entry of ``name``, unless a host took the name again
+        meanwhile (or is claiming it: its entry is the one in the store now)."""
+        if self.directory is None or name in self.pool_wide or name in self._claiming:
+            return
+        await self.directory.release_pool_tool(name, self.address)
 
     def _serve_sessions(self, host: Host, add: Any, remove: Any) -> list[str]:
         """Route ``add`` to ``host``; stop routing ``remove``; return the sessions let go."""
@@ -426,31 +440,28 @@ class HostRegistry:
             async for item in self._run(host, host.tools[name], raw, timeout, streaming, principal):
                 yield item
             return
-        owners: list[str] = []
-        if not forwarded and self.directory is not None:
-            owner = await self.directory.locate(session_id) if session_id else None
-            if owner and owner != self.address:
-                owners.append(owner)
-        pool_host = self._pool_host(name)
-        if pool_host is None and not forwarded and self.directory is not None:
-            routers = {e.address for e in await self.directory.pool_tools() if e.name == name}
-            routers -= {self.address, *owners}
-            owners += random.sample(sorted(routers), len(routers))  # spread over the replicas
         unreachable: Unavailable | None = None
-        for owner in owners:
-            try:
-                async for item in self._forward(owner, raw, metadata, timeout, streaming, name):
+        asked: set[str] = {self.address}
+        for stage in ("session", "pool"):
+            pool_host = self._pool_host(name) if stage == "pool" else None
+            if pool_host is not None:
+                tool = pool_host.tools[name]
+                async for item in self._run(pool_host, tool, raw, timeout, streaming, principal):
                     yield item
                 return
-            except _NotHere:
-                continue
-            except Unreachable as exc:  # a router that died; its entries have not expired yet
-                unreachable = exc
-        if pool_host is not None:
-            tool = pool_host.tools[name]
-            async for item in self._run(pool_host, tool, raw, timeout, streaming, principal):
-                yield item
-            return
+            if forwarded or self.directory is None:
+                continue  # a forwarded call never hops twice; one router has no directory
+            owners = await self._owners(stage, session_id, name, asked)
+            asked.update(owners)
+            for owner in owners:
+                try:
+                    async for item in self._forward(owner, raw, metadata, timeout, streaming, name):
+                        yield item
+                    return
+                except _NotHere:
+                    continue
+                except Unreachable as exc:  # a router that died; its entries have not expired
+                    unreachable = exc
         if unreachable is not None:
             raise unreachable
         where = f"session {session_id!r}" if session_id else "calls without a session"
@@ -458,6 +469,17 @@ class HostRegistry:
             f"no tool {name!r}: the pool has none, and no application hosts one for {where} "
             "or for the whole pool"
         )
+
+    async def _owners(self, stage: str, session_id: str, name: str, asked: set[str]) -> list[str]:
+        """The replicas to forward to: the one holding the session's host, or (``pool``) those
+        holding a host of pool-wide ``name``, in random order (spreading the calls)."""
+        assert self.directory is not None
+        if stage == "session":
+            owner = await self.directory.locate(session_id) if session_id else None
+            return [owner] if owner and owner not in asked else []
+        routers = sorted({e.address for e in await self.directory.pool_tools() if e.name == name})
+        routers = [r for r in routers if r not in asked]
+        return random.sample(routers, len(routers))
 
     def _pool_host(self, name: str) -> Host | None:
         """One of this router's hosts of pool-wide tool ``name``, taking turns."""
