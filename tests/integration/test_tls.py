@@ -359,7 +359,8 @@ def test_the_store_over_tls_and_hosted_calls_between_routers_over_mutual_tls(
     procs: ProcessFactory, pki: Pki, redis_server_factory: RedisFactory
 ) -> None:
     """Two routers share a Redis that speaks only TLS; the workers call router B, the
-    application's tool is hosted on router A, so B forwards over the pool's mutual TLS."""
+    application's tool is hosted on router A, so B forwards over the pool's mutual TLS (a
+    session's tool and a pool-wide one, whose record B reads from the TLS store)."""
     server = redis_server_factory(tls=TlsFiles.from_dir(pki.pool_dir("redis")), appendonly=False)
     plain = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=5)
     with pytest.raises(redis.ConnectionError):
@@ -381,6 +382,13 @@ def test_the_store_over_tls_and_hosted_calls_between_routers_over_mutual_tls(
                 assert (
                     via_b.execute("relay", tool="lookup_price", arguments={"item": "apple"}) == 0.5
                 )
+                # A pool-wide tool on router A, for a session of a client of router B.
+                client.register_tool("shared_price", lookup_price, pool_wide=True)
+                with other.session() as theirs:
+                    shared = theirs.execute(
+                        "relay", tool="shared_price", arguments={"item": "pear"}
+                    )
+                    assert shared == 0.75
             with redis.Redis.from_url(server.url) as tls:
                 assert any(session.id.encode() in key for key in tls.keys("*"))
 
