@@ -233,6 +233,9 @@ class HostRegistry:
                 ack.message = str(exc)
                 return ack
         self._withdraw(host, name)
+        if host.closed:  # the stream ended while the store answered: nothing to keep
+            self._spawn(self._release_pool_tool(name))
+            return ack
         limit = registration.max_concurrency or DEFAULT_HOST_CONCURRENCY
         host.tools[name] = HostedTool(spec, asyncio.Semaphore(limit))
         if spec.pool_wide:
@@ -249,15 +252,7 @@ class HostRegistry:
         it take other parameters (here or, through the store, on another replica)."""
         name = spec.name
         require_pool_tools(host.principal, name)
-        signature = spec_signature(spec)
-        verdict = "ok"
-        for other in self.pool_wide.get(name, ()):
-            if other is host:
-                continue
-            if other.principal.name != host.principal.name:
-                verdict = "principal"
-            elif spec_signature(other.tools[name].spec) != signature:
-                verdict = "signature"
+        verdict = self._local_verdict(host, spec)
         if verdict == "ok" and self.directory is not None:
             entry = self._pool_entry(host, spec)
             self._claiming[name] += 1
@@ -267,6 +262,8 @@ class HostRegistry:
                 self._claiming[name] -= 1
                 if not self._claiming[name]:
                     del self._claiming[name]
+            if verdict == "ok":  # another host of this router may have taken it meanwhile
+                verdict = self._local_verdict(host, spec)
         if verdict == "principal":
             raise AlreadyExists(
                 f"tool {name!r} is hosted for the whole pool by another principal; a pool-wide "
@@ -277,6 +274,18 @@ class HostRegistry:
                 f"tool {name!r} is hosted for the whole pool with other parameters; every host "
                 "of a pool-wide name must take the same parameters"
             )
+
+    def _local_verdict(self, host: Host, spec: pb.ToolSpec) -> str:
+        """``ok``, or why this router's hosts of pool-wide ``spec.name`` refuse ``host``."""
+        signature = spec_signature(spec)
+        for other in self.pool_wide.get(spec.name, ()):
+            if other is host:
+                continue
+            if other.principal.name != host.principal.name:
+                return "principal"
+            if spec_signature(other.tools[spec.name].spec) != signature:
+                return "signature"
+        return "ok"
 
     def _pool_entry(self, host: Host, spec: pb.ToolSpec) -> PoolToolEntry:
         return PoolToolEntry(
