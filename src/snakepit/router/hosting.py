@@ -484,7 +484,9 @@ class HostRegistry:
         holding a host of pool-wide ``name``, in random order (spreading the calls)."""
         assert self.directory is not None
         if stage == "session":
-            owner = await self.directory.locate(session_id) if session_id else None
+            if not session_id or session_id in self.by_session:
+                return []  # no session, or its host is here: no other replica holds it
+            owner = await self.directory.locate(session_id)
             return [owner] if owner and owner not in asked else []
         routers = sorted({e.address for e in await self.directory.pool_tools() if e.name == name})
         routers = [r for r in routers if r not in asked]
