@@ -196,3 +196,15 @@ def test_limits_and_max_call_seconds_reach_the_pods() -> None:
 def test_peers_that_admit_anybody_are_refused(field: str, peer: dict[str, Any]) -> None:
     with pytest.raises(SpecError, match="admits every"):
         children({"networkPolicy": {field: [peer]}})
+
+
+def test_pool_wide_hosted_tool_principals_reach_the_router() -> None:
+    built = children(
+        {"hostedTools": {"poolWidePrincipals": ["alice", "system:serviceaccount:ml:app"]}}
+    )
+    args = container(built["Deployment/demo-router"])["args"]
+    pairs = [args[i + 1] for i, word in enumerate(args) if word == "--allow-pool-tools"]
+    assert pairs == ["alice", "system:serviceaccount:ml:app"]
+    assert "--allow-pool-tools" not in container(children()["Deployment/demo-router"])["args"]
+    with pytest.raises(SpecError, match="poolWidePrincipals"):
+        children({"hostedTools": {"poolWidePrincipals": ["a/b"]}})

@@ -11,6 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import InvalidArgument
+from ..security.identity import check_principal_name
+
 JSON = dict[str, Any]
 
 GROUP = "snakepit.dev"
@@ -171,6 +174,8 @@ class PoolSpec:
     limits: LimitsSpec = field(default_factory=LimitsSpec)
     autoscaling: AutoscalingSpec | None = None
     tls: TlsSpec = field(default_factory=TlsSpec)
+    # spec.hostedTools.poolWidePrincipals: who may register pool-wide caller-hosted tools.
+    pool_tool_principals: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -380,7 +385,23 @@ def parse_spec(raw: Mapping[str, Any]) -> PoolSpec:
         limits=_parse_limits(_map(raw.get("limits"))),
         autoscaling=_parse_autoscaling(raw.get("autoscaling")),
         tls=_parse_tls(_map(raw.get("tls"))),
+        pool_tool_principals=_principals(
+            _map(raw.get("hostedTools")).get("poolWidePrincipals"),
+            "spec.hostedTools.poolWidePrincipals",
+        ),
     )
+
+
+def _principals(raw: Any, where: str) -> tuple[str, ...]:
+    """Principal names (or ``*``), checked as the router checks them."""
+    names = tuple(str(name) for name in _list(raw))
+    for name in names:
+        if name != "*":
+            try:
+                check_principal_name(name)
+            except InvalidArgument as exc:
+                raise SpecError(f"{where}: {exc}") from None
+    return names
 
 
 def parse_pool(body: Mapping[str, Any]) -> Pool:

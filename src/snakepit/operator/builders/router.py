@@ -84,6 +84,7 @@ def router_args(pool: Pool) -> list[str]:
         str(spec.session.max_sessions),
         *metrics_args(pool),
         *limits,
+        *(word for name in spec.pool_tool_principals for word in ("--allow-pool-tools", name)),
         *(router_tls_args() if tls_enabled(pool) else []),
     ]
 
