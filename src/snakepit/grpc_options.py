@@ -3,6 +3,16 @@
 Message limits are raised for tensors; SO_REUSEPORT is off so two processes can never share a
 port silently; keepalive pings let a router notice a worker that stopped answering without
 waiting for a call's deadline, and servers accept those pings.
+
+Channels send no BDP probes (``grpc.http2.bdp_probe`` off). A server closes a connection it
+sent GOAWAY on (connection ageing, stopping) as soon as its last call is answered; if a probe
+PING the client sent while reading that answer is still unread in the server's socket then,
+the kernel resets the connection instead of closing it and drops what the server had not yet
+sent: the end of that answer. A call that *ran* then failed ``UNAVAILABLE: Stream removed
+(recvmsg:Connection reset by peer … max_age)``, which no one may retry (1 MB answers: 2 to 7
+calls in ~1,700 with a 50 ms connection age; none in 5,466 without probes). The probes only
+tune the flow-control window to a link's delay; on a pool's network the fixed window is as
+fast (``bench/bdp_probe.py``, docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -53,6 +63,8 @@ def channel_options(
         # that race failed UNAVAILABLE "Stream removed" instead. The buffer holds references to
         # the request the call sends anyway, up to the message limit.
         ("grpc.per_rpc_retry_buffer_size", limit),
+        # No probe PING may be unread when a server closes an aged-out connection (docstring).
+        ("grpc.http2.bdp_probe", 0),
     ]
     if keepalive_ms:
         options += [
