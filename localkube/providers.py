@@ -53,6 +53,9 @@ class KubeCluster:
     tier: str = "node"
     # The host routes to ClusterIPs directly (local provider) instead of port-forwarding.
     host_reaches_cluster_ips: bool = False
+    # A NetworkPolicy engine enforces policies (kube-router on the local cluster; none on kind
+    # with the node image built here, whose pod network is static routes without a CNI daemon).
+    enforces_network_policies: bool = True
     extra: dict[str, str] = field(default_factory=dict)
     # Adds a tag to an image in the node's runtime: (fully qualified source, new) -> None.
     tagger: Callable[[str, str], None] | None = field(default=None, repr=False)
@@ -320,6 +323,8 @@ class KindProvider(ScriptProvider):
         return status(self.kcfg)
 
     def ensure(self, tier: str) -> KubeCluster:
+        from .kind.cluster import built_image
+
         running = self.status()
         if self.preexisting is None:
             self.preexisting = bool(running.get("running"))
@@ -340,6 +345,7 @@ class KindProvider(ScriptProvider):
             pull_policy="Never",
             tier="node",
             host_reaches_cluster_ips=bool(running.get("service_route")),
+            enforces_network_policies=not built_image(running),
             tagger=self._tag,
         )
 

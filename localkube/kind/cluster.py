@@ -644,6 +644,12 @@ def leftovers(kcfg: KindConfig, found: Found | None = None) -> dict[str, object]
     }
 
 
+def built_image(info: dict[str, object]) -> bool:
+    """Whether the cluster ``info`` describes runs the node image built here (no CNI daemon, so
+    no NetworkPolicy engine: pods are wired by static routes) rather than kind's stock one."""
+    return str(info.get("image", "")).startswith(nodeimage.REPOSITORY)
+
+
 def status(kcfg: KindConfig) -> dict[str, object]:
     info = read_info(kcfg)
     engine = eng.running_engine(kcfg)
@@ -678,7 +684,7 @@ def start_node(kcfg: KindConfig, node: str) -> None:
     after = node_ip(engine, node)
     if before and after != before:
         raise RuntimeError(f"{node} came back with address {after}, not {before}")
-    if str(info.get("image", "")).startswith(nodeimage.REPOSITORY):
+    if built_image(info):
         wait_for(
             f"{node}'s systemd",
             lambda: (

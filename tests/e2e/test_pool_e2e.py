@@ -346,7 +346,12 @@ def _all_open(cluster: KubeCluster, ns: str, pod: str, *targets: str) -> dict[st
 @pytest.fixture(scope="module")
 def probes(kube_node: KubeCluster, ns: str) -> Iterator[dict[str, tuple[str, str, str]]]:
     """Probe pods: one in the pool's namespace, one in a namespace no rule lists ("outside"),
-    one in a namespace the router test lists ("clients"). Name -> (namespace, pod, IP)."""
+    one in a namespace the router test lists ("clients"). Name -> (namespace, pod, IP).
+
+    The tests that use them check what a NetworkPolicy engine does, so they are skipped on a
+    cluster without one (kind with the node image built here, docs/local-cluster.md)."""
+    if not kube_node.enforces_network_policies:
+        pytest.skip(f"no NetworkPolicy engine on this {kube_node.provider} cluster")
     made = {}
     for role, namespace in (("inside", ns), ("outside", f"{ns}-out"), ("clients", f"{ns}-cli")):
         if namespace != ns:
