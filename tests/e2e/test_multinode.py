@@ -107,12 +107,8 @@ def store_node(cluster: KubeCluster, ns: str) -> str:
     return str(store["spec"]["nodeName"])
 
 
-def test_draining_a_node_under_load_fails_no_call(
-    kube_node: KubeCluster, pool: str, ns: str, router: str
-) -> None:
-    # The session store is one pod on one node's volume: drain a node without it.
-    victim = next(n for n in schedulable_nodes(kube_node) if n != store_node(kube_node, ns))
-    assert victim in placement(kube_node, ns, "worker").values()
+def _drain_under_load(kube_node: KubeCluster, ns: str, router: str, victim: str) -> None:
+    """``kubectl drain`` of ``victim`` under a steady load: no call fails, no write is lost."""
     with Client(router, timeout=60) as client, client.session() as session:
         session.set("weights", np.arange(256.0))
         session.set("counter", 0, type="integer")
@@ -138,7 +134,18 @@ def test_draining_a_node_under_load_fails_no_call(
             load.check_no_acknowledged_write_lost()
         assert session.execute("counter_increment") == 1
         assert np.array_equal(session.get("weights"), np.arange(256.0))
-    kube_node.kubectl_run("uncordon", victim)
+
+
+def test_draining_a_node_under_load_fails_no_call(
+    kube_node: KubeCluster, pool: str, ns: str, router: str
+) -> None:
+    # The session store is one pod on one node's volume: drain a node without it.
+    victim = next(n for n in schedulable_nodes(kube_node) if n != store_node(kube_node, ns))
+    assert victim in placement(kube_node, ns, "worker").values()
+    try:
+        _drain_under_load(kube_node, ns, router, victim)
+    finally:  # a failed drain must not leave the node cordoned for the next test
+        kube_node.kubectl_run("uncordon", victim)
     # Back to an even spread for the next test: let the scheduler place fresh pods.
     kube_node.kubectl_run("-n", ns, "rollout", "restart", f"deployment/{POOL}-workers")
     wait_until(

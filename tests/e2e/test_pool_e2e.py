@@ -358,7 +358,13 @@ def probes(kube_node: KubeCluster, ns: str) -> Iterator[dict[str, tuple[str, str
             kube_node.kubectl_run("create", "namespace", namespace)
         made[role] = (namespace, f"probe-{role}", _probe_pod(kube_node, namespace, f"probe-{role}"))
     yield made
-    kube_node.kubectl_run("-n", ns, "delete", "pod", "probe-inside", "--wait=false", check=False)
+    # Gone before the next module: a bare pod left terminating blocks `kubectl drain`
+    # (test_multinode.py) on a cluster of several nodes.
+    for namespace, pod, _ in made.values():
+        kube_node.kubectl_run(
+            "-n", namespace, "delete", "pod", pod, "--grace-period=1", "--timeout=120s",
+            check=False, timeout=150,
+        )  # fmt: skip
     for namespace in (f"{ns}-out", f"{ns}-cli"):
         kube_node.kubectl_run("delete", "namespace", namespace, "--wait=false", check=False)
 
