@@ -3,7 +3,8 @@
 up [--tier control-plane|node]   start (or reuse) a cluster; last stdout line: export KUBECONFIG=…
 down                             stop everything and restore the machine
 images [--no-load] [NAME…]       build the project images; load them into the node's containerd
-build                            build/cached binaries only, print their build times
+build [--check]                  build/cached binaries only, print their build times
+                                 (--check: build nothing, exit 1 unless everything is cached)
 status                           JSON: tier, processes, paths
 path TOOL                        print the path of kubectl, helm, kind, etcd or coredns
 leftovers                        JSON: whatever of a cluster remains on the machine
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     p_img.add_argument("--no-load", action="store_true", help="only build the archives")
     p_img.add_argument("names", nargs="*", choices=[[], *images.PROJECT_IMAGES], default=[])
     p_build = sub.add_parser("build", help="build the pinned binaries into the cache")
+    p_build.add_argument(
+        "--check", action="store_true", help="build nothing; exit 1 unless all is cached"
+    )
     p_status = sub.add_parser("status", help="print the cluster's status as JSON")
     p_path = sub.add_parser("path", help="print the path of a cached tool")
     p_path.add_argument("tool", choices=["kubectl", "helm", "kind", "etcd", "coredns"])
@@ -85,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_load:
                 timings["load"] = images.load_images(cfg, archives)
             _print_images(archives, timings)
+        case "build" if args.check:
+            absent = [
+                n for n in build.LOCAL_COMPONENTS if not build.is_built(cfg, build.COMPONENTS[n])
+            ]
+            print(json.dumps({"missing": absent}))
+            return 1 if absent else 0
         case "build":
             timings = build.ensure_all(cfg)
             print(json.dumps({"built_now": timings, "stamps": build.build_report(cfg)}, indent=1))
@@ -124,6 +134,10 @@ def _kind(args: argparse.Namespace) -> int:
             if not args.no_load:
                 timings["load"] = kind.load_images(kcfg, archives)
             _print_images(archives, timings)
+        case "build" if args.check:
+            absent = nodeimage.missing(kcfg.cfg)
+            print(json.dumps({"missing": absent}))
+            return 1 if absent else 0
         case "build":
             _require_root()
             timings = build.ensure_all(kcfg.cfg)

@@ -296,6 +296,16 @@ def node_tarball(cfg: Config) -> Path:
     return cfg.images_cache / f"kind-node-{C.K8S_VERSION}-{image_key(cfg)}.tar"
 
 
+def missing(cfg: Config) -> list[str]:
+    """What ``build --provider kind`` would still have to build: binaries, then the node image
+    (empty when the cache is warm)."""
+    names = dict.fromkeys((*build.LOCAL_COMPONENTS, *NODE_COMPONENTS))
+    absent = [n for n in names if not build.is_built(cfg, build.COMPONENTS[n])]
+    if absent or not node_tarball(cfg).exists():
+        absent.append("node image")
+    return absent
+
+
 def build_node_tarball(cfg: Config) -> tuple[Path, dict[str, float]]:
     """The node image's root filesystem as a tarball in the cache (no engine needed); built
     once per key."""
