@@ -103,3 +103,17 @@ def test_runcwrap_drops_the_capability_from_bundle_and_process_files(
     # Anything else passes through untouched.
     subprocess.run([runcwrap, "state", "id1"], env=env, check=True)
     assert (tmp_path / "args").read_text().split() == ["state", "id1"]
+
+
+def test_an_empty_cache_misses_every_kind_artefact_and_the_built_image_is_told_apart(
+    tmp_path: Path,
+) -> None:
+    """What `build --provider kind --check` reports (scripts/test's cold-cache rule), and which
+    clusters have no NetworkPolicy engine (the built image)."""
+    from localkube.config import Config
+
+    missing = nodeimage.missing(Config(cache_dir=tmp_path))
+    assert missing[-1] == "node image"
+    assert {"k8s", "kubeadm", "runcwrap", "kube-router"} <= set(missing)
+    assert cluster.built_image({"image": f"{nodeimage.REPOSITORY}:v1.34.4-abc"})
+    assert not cluster.built_image({"image": "kind default"})
