@@ -106,6 +106,14 @@ def kube_json(cluster: KubeCluster, *args: str) -> Any:
     return json.loads(cluster.kubectl_run(*args, "-o", "json").stdout)
 
 
+def pool_manifest(cluster: KubeCluster, name: str, spec: dict[str, Any]) -> str:
+    """A SnakepitPool of ``spec`` that uses the images loaded into ``cluster`` as they are."""
+    if cluster.pull_policy == "Never":
+        spec = {**spec, "imagePullPolicy": "Never"}
+    pool = {"apiVersion": "snakepit.dev/v1alpha1", "kind": "SnakepitPool"}
+    return json.dumps({**pool, "metadata": {"name": name}, "spec": spec})
+
+
 def pool_object(cluster: KubeCluster, ns: str) -> Any:
     return kube_json(cluster, "-n", ns, "get", "snakepitpool", POOL)
 
