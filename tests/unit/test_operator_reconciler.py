@@ -6,6 +6,8 @@ only stores objects, so the pass's decisions can be checked precisely and fast.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 from typing import Any
 
@@ -18,6 +20,7 @@ from snakepit.operator.controller import Controller, pool_needs_pass
 from snakepit.operator.kube import ApiError
 from snakepit.operator.reconciler import ReconcileError, Reconciler
 from snakepit.operator.spec import parse_pool
+from snakepit.operator.workqueue import WorkQueue
 
 Key = tuple[str, str, str, str]  # apiVersion, kind, namespace, name
 
@@ -278,6 +281,42 @@ def test_child_events_enqueue_their_known_pool() -> None:
     assert len(controller.queue) == 1  # deduplicated
     controller.on_pool_event("DELETED", pool_body())
     assert ("ml", "demo") not in controller.known
+
+
+class RecordingReconciler:
+    """Stands in for the reconciler: the subject here is which queue the controller's workers
+    read, not what a pass does (that is the rest of this file)."""
+
+    def __init__(self) -> None:
+        self.passed = asyncio.Event()
+        self.keys: list[tuple[str, str]] = []
+
+    async def reconcile(self, key: tuple[str, str]) -> None:
+        self.keys.append(key)
+        self.passed.set()
+
+    def forget(self, key: tuple[str, str]) -> None:
+        pass
+
+
+async def test_a_key_added_to_the_queue_handed_over_gets_a_pass_before_any_resync() -> None:
+    """The operator gives one empty queue to both the autoscaler (``queue.add``) and the
+    controller. An empty WorkQueue is falsy (it has a length); the controller once replaced it
+    with its own, so an autoscaler decision reached the Deployment only at the next resync."""
+    queue: WorkQueue[tuple[str, str]] = WorkQueue()
+    reconciler = RecordingReconciler()
+    controller = Controller(reconciler, Children(), queue, resync_seconds=3600)  # type: ignore[arg-type]
+    assert controller.queue is queue
+    workers = asyncio.create_task(controller.run())
+    try:
+        queue.add(("ml", "demo"))  # what the autoscaler does after writing desiredReplicas
+        async with asyncio.timeout(30):  # a bound on a hang, not a timing claim: resync is 1 h
+            await reconciler.passed.wait()
+        assert reconciler.keys == [("ml", "demo")]
+    finally:
+        workers.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await workers
 
 
 def watch_everything(kube: FakeKube, children: Children) -> None:

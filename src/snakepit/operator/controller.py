@@ -55,7 +55,10 @@ class Controller:
     ) -> None:
         self.reconciler = reconciler
         self.children = children
-        self.queue: WorkQueue[PoolKey] = queue or WorkQueue()
+        # Not ``queue or WorkQueue()``: a WorkQueue has a length, so the operator's queue, still
+        # empty when handed over, is falsy; a fresh one here would leave the autoscaler adding
+        # keys to a queue nobody reads (its decisions then waited for the next resync).
+        self.queue: WorkQueue[PoolKey] = WorkQueue() if queue is None else queue
         self.resync_seconds = resync_seconds
         self.workers = workers
         self.known: set[PoolKey] = set()

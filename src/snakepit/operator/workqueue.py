@@ -10,8 +10,9 @@ retried with per-key exponential backoff.
 it on the loop; but kopf runs synchronous handlers in its executor's threads, and asyncio's
 primitives are not thread-safe, so a call from off the queue's event loop hands the key over
 with ``call_soon_threadsafe``. Done directly, the worker's wake-up would wait for the loop's
-next unrelated wake-up, or be lost to a race with ``get`` (the suspected cause of autoscaling
-passes that reached the Deployment 26-39 s after the decision, not yet confirmed).
+next unrelated wake-up, or be lost to a race with ``get``. (That was suspected of making
+autoscaling decisions reach the Deployment 24-39 s late; the cause was elsewhere: the controller
+replaced the operator's empty, hence falsy, queue with its own, see ``Controller``.)
 """
 
 from __future__ import annotations
