@@ -160,6 +160,14 @@ def test_pool_follows_a_stepped_load_idles_to_zero_and_wakes(
     kube_node.apply(pool_e2e.pool_manifest(kube_node, pool, SPEC), namespace=ns)
     results: dict[str, float] = {}
     try:
+        # the operator's first pass creates the router Service a moment after the pool exists
+        wait_until(
+            "router Service",
+            lambda: kube_node.kubectl_run(
+                "-n", ns, "get", "svc", f"{pool}-router", check=False
+            ).returncode == 0,
+            timeout=120,
+        )  # fmt: skip
         with kube_node.service_address(ns, f"{pool}-router", ROUTER_PORT) as address:
             with Client(address, timeout=30) as client:
                 wait_until("router answers", client.ping, timeout=300)
