@@ -85,15 +85,22 @@ COMPONENTS = {
     "kind": Component("kind", C.KIND_VERSION, ("kind",)),
     "pause": Component("pause", C.PAUSE_VERSION, ("pause",)),
     "kube-router": Component("kube-router", C.KUBE_ROUTER_VERSION, ("kube-router",)),
+    # Not part of the cluster: the real Prometheus of the e2e metrics test (pod discovery).
+    "prometheus": Component("prometheus", C.PROMETHEUS_VERSION, ("prometheus",)),
     # Only the kind provider's node image needs these two; `ensure_all` leaves them out.
     "kubeadm": Component("kubeadm", C.K8S_VERSION, ("kubeadm",)),
     "runcwrap": Component("runcwrap", C.RUNCWRAP_VERSION, ("runcwrap",)),
 }
 # What the local provider needs (and `scripts/local-cluster build` builds).
-LOCAL_COMPONENTS = ("k8s", "etcd", "coredns", "helm", "kind", "pause", "kube-router")
+LOCAL_COMPONENTS = ("k8s", "etcd", "coredns", "helm", "kind", "pause", "kube-router", "prometheus")
 RUNCWRAP_SOURCE = C.PACKAGE_DIR / "kind" / "runcwrap.go"
 
 LDFLAGS = "-s -w"
+# Prometheus with only the service discovery the tests use (its plugins/plugin_*.go files carry
+# `!remove_all_sd || enable_<name>_sd`): the cloud SDKs (AWS, Azure, GCE, …) are most of its
+# compile time. Without the `builtinassets` tag the web UI is not embedded either (the tests use
+# the HTTP API only).
+PROMETHEUS_TAGS = "remove_all_sd,enable_kubernetes_sd"
 
 
 def go_env(cfg: Config) -> dict[str, str]:
@@ -123,6 +130,7 @@ def recipe_key(component: Component) -> str:
             LDFLAGS,
             PAUSE_MAIN if component.name == "pause" else "",
         ]
+        + ([PROMETHEUS_TAGS] if component.name == "prometheus" else [])
         # Only the wrapper's recipe names its source (the other keys stay as they were).
         + ([RUNCWRAP_SOURCE.read_text()] if component.name == "runcwrap" else [])
     )
@@ -236,9 +244,9 @@ def _build_etcd(cfg: Config, out: Path) -> None:
     )
 
 
-def _go_install(cfg: Config, out: Path, pkg: str) -> None:
+def _go_install(cfg: Config, out: Path, pkg: str, tags: str = "") -> None:
     run(
-        ["go", "install", f"-ldflags={LDFLAGS}", pkg],
+        ["go", "install", f"-ldflags={LDFLAGS}", *([f"-tags={tags}"] if tags else []), pkg],
         env={**go_env(cfg), "GOBIN": str(out)},
         cwd=Path("/"),
     )
@@ -287,6 +295,9 @@ def _build(cfg: Config, component: Component, out: Path) -> None:
         case "kube-router":
             pkg = "github.com/cloudnativelabs/kube-router/v2/cmd/kube-router"
             _go_install(cfg, out, f"{pkg}@{component.version}")
+        case "prometheus":
+            pkg = "github.com/prometheus/prometheus/cmd/prometheus"
+            _go_install(cfg, out, f"{pkg}@{component.version}", PROMETHEUS_TAGS)
         case _:
             raise ValueError(component.name)
 

@@ -28,6 +28,9 @@ RUNCWRAP_VERSION = "1"
 # module proxy serves no later v2 release); kube-network-policies needs `nft queue`, which this
 # kernel lacks (docs/local-cluster.md).
 KUBE_ROUTER_VERSION = "v2.1.0"
+# The Prometheus the e2e test runs against the cluster (pod discovery): built from its Go module
+# because Debian's package has no Kubernetes service discovery (docs/observability.md).
+PROMETHEUS_VERSION = "v0.316.0"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -120,6 +123,10 @@ class Config:
     @property
     def kube_router_bin(self) -> Path:
         return self.bin_dir("kube-router", KUBE_ROUTER_VERSION) / "kube-router"
+
+    @property
+    def prometheus_bin(self) -> Path:
+        return self.bin_dir("prometheus", PROMETHEUS_VERSION) / "prometheus"
 
     @property
     def kubectl_bin(self) -> Path:

@@ -1,7 +1,7 @@
 """A real Prometheus finds the pool on the cluster by Kubernetes pod discovery and scrapes it.
 
-Prometheus runs on this machine (Debian's package, ``tests/fixtures/prometheus.py``) with the
-scrape job docs/observability.md tells users to copy, parsed from that page: ``role: pod``
+Prometheus runs on this machine (built from its Go module by ``scripts/local-cluster build``)
+with the scrape job docs/observability.md tells users to copy, parsed from that page: ``role: pod``
 discovery and the relabelling that keeps annotated pods' ``metrics`` port and adds ``pool``,
 ``component``, ``namespace`` and ``pod`` (what the chart's PodMonitor does). Outside the cluster
 it needs what a pod would get for free: the API server's address, the cluster CA and a
@@ -128,7 +128,7 @@ def prometheus_binary() -> Path:
     if binary is None:
         pytest.fail(
             "Debian's prometheus has no Kubernetes service discovery; build Prometheus "
-            f"{PROMETHEUS_MODULE_VERSION} from its Go module (see tests/fixtures/prometheus.py)",
+            f"{PROMETHEUS_MODULE_VERSION} from its Go module: scripts/local-cluster build",
             pytrace=False,
         )
     return binary
