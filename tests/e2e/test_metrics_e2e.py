@@ -108,12 +108,7 @@ def router(kube_node: KubeCluster, ns: str, release: str) -> Iterator[str]:
         pytest.skip(f"the {kube_node.provider} provider does not route pod IPs to this machine")
     kube_node.apply(pool_e2e.pool_manifest(kube_node, POOL, SPEC), namespace=ns)
     wait_until(
-        "pool ready",
-        lambda: (
-            pool_e2e.pool_object(kube_node, ns).get("status", {}).get("readyReplicas") == WORKERS
-        ),
-        timeout=600,
-        interval=0.5,
+        "pool ready", lambda: ready_workers(kube_node, ns) == WORKERS, timeout=600, interval=0.5
     )
     with kube_node.service_address(ns, f"{POOL}-router", ROUTER_PORT) as address:
         with Client(address, timeout=30) as client:
