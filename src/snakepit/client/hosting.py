@@ -222,13 +222,19 @@ class ToolHost:
             backoff = min(backoff * 2, _RECONNECT_MAX)
 
     def _replay(self) -> asyncio.Queue[pb.ToolHostMessage]:
-        """A fresh stream's first messages: every tool and session, then what awaits an ack."""
+        """A fresh stream's first messages: every session, every tool, then what awaits an ack.
+
+        Sessions go first: the router handles a stream's messages in order, so a tool's
+        registration is acknowledged only after its sessions are routed here (and named to the
+        other replicas through the store). The other way round, ``register_tool`` returned while
+        the sessions were still being checked, and a call entering at another replica right
+        then was NOT_FOUND (kind e2e, two routers)."""
         outbox: asyncio.Queue[pb.ToolHostMessage] = asyncio.Queue()
-        for hosted in self._tools.values():
-            outbox.put_nowait(self._registration(hosted))
         if self.sessions:
             sessions = pb.HostSessions(request_id=next(self._ids), add=sorted(self.sessions))
             outbox.put_nowait(pb.ToolHostMessage(sessions=sessions))
+        for hosted in self._tools.values():
+            outbox.put_nowait(self._registration(hosted))
         for message in self._unacked.values():
             if message.WhichOneof("kind") != "register":
                 outbox.put_nowait(message)
