@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2
 from snakepit import Client
 from snakepit.errors import ResourceExhausted, SnakepitError
 from snakepit.protocol.status import never_started
+from snakepit.router.haproxy.process import haproxy_binary
 from tests.fixtures.processes import (
     ProcessFactory,
     health_status,
@@ -48,11 +49,21 @@ def test_a_worker_stopping_under_load_fails_no_call(procs: ProcessFactory) -> No
         assert client.status()["workers_ready"] == 2
 
 
+@pytest.mark.parametrize("data_path", ["python", "haproxy"])
 def test_two_routers_over_capacity_queue_instead_of_refusing(
-    procs: ProcessFactory, redis_server: RedisServer, redis_prefix: str
+    procs: ProcessFactory,
+    redis_server: RedisServer,
+    redis_prefix: str,
+    data_path: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two router replicas each count only their own calls, so together they send a worker
-    twice its slots; the excess waits (worker backlog, router backoff) and nothing is refused."""
+    twice its slots; the excess waits (worker backlog, router backoff) and nothing is refused.
+    On the HAProxy data path too: each HAProxy holds at most its worker-concurrency per worker
+    (``maxconn``), and the worker's backlog absorbs what the other replica adds."""
+    if data_path == "haproxy" and haproxy_binary() is None:
+        pytest.skip("haproxy is not installed")
+    monkeypatch.setenv("SNAKEPIT_DATA_PATH", data_path)
     store = f"{redis_server.url}?prefix={redis_prefix}"
     router_a, workers = start_pool(procs, 2, "--store", store, concurrency=2)
     router_b = procs.router(workers, "--worker-concurrency", "2", store=store)
