@@ -59,7 +59,9 @@ class Writer:
             except Unavailable:
                 self.unavailable += 1
 
-    async def wait_for(self, count: int, timeout: float = 10.0) -> None:
+    async def wait_for(self, count: int, timeout: float = 60.0) -> None:
+        """Until ``count`` writes were acknowledged. Generous: with ``appendfsync always`` each
+        write waits for an fsync, which a disk busy with other work can take 100+ ms to give."""
         deadline = time.monotonic() + timeout
         while len(self.acked) < count:
             assert time.monotonic() < deadline, f"only {len(self.acked)} writes acknowledged"
@@ -75,11 +77,11 @@ async def test_restart_mid_stream_loses_no_acknowledged_write(
     writers = [Writer(store, tag) for tag in ("a", "b")]
     tasks = [asyncio.create_task(w.run()) for w in writers]
     try:
-        await asyncio.gather(*(w.wait_for(50) for w in writers))
+        await asyncio.gather(*(w.wait_for(20) for w in writers))
         # SIGKILL: nothing gets a chance to flush; only what was fsynced survives.
         await asyncio.to_thread(server.restart, kill=True, down_for=0.8)
         before = [len(w.acked) for w in writers]
-        await asyncio.gather(*(w.wait_for(n + 50) for w, n in zip(writers, before, strict=True)))
+        await asyncio.gather(*(w.wait_for(n + 20) for w, n in zip(writers, before, strict=True)))
     finally:
         for w in writers:
             w.stop.set()
