@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -22,6 +23,7 @@ from snakepit.protocol.status import never_started
 from snakepit.router.haproxy.process import haproxy_binary
 from tests.fixtures.processes import (
     ProcessFactory,
+    free_port,
     health_status,
     start_pool,
     wait_for,
@@ -86,12 +88,15 @@ def test_a_worker_backlog_that_is_full_refuses_at_once(procs: ProcessFactory) ->
     """Straight to a worker (no router to wait for it): beyond concurrency + backlog a call is
     refused at once with RESOURCE_EXHAUSTED marked not started; the calls that fit all run, the
     waiting ones in arrival order."""
-    worker = procs.worker("--backlog", "2", concurrency=1)
+    metrics_port = free_port()
+    worker = procs.worker("--backlog", "2", "--metrics-port", str(metrics_port), concurrency=1)
     with Client(worker.address) as client, ThreadPoolExecutor(4) as pool:
         held = []
-        for _ in range(3):
+        for i in range(3):
             held.append(pool.submit(client.execute, "sleep", seconds=0.5))
-            time.sleep(0.1)
+            # Each call in place (running, then waiting) before the next: on a busy machine a
+            # call sent later could otherwise overtake one still in its client thread.
+            wait_for(lambda n=i + 1: _taken(metrics_port) == n)
         started = time.monotonic()
         with pytest.raises(ResourceExhausted, match="2 calls already wait for a slot") as info:
             client.execute("add", a=1, b=2)
@@ -99,6 +104,17 @@ def test_a_worker_backlog_that_is_full_refuses_at_once(procs: ProcessFactory) ->
         assert time.monotonic() - started < 0.3
         assert [f.result(timeout=10) for f in held] == [0.5, 0.5, 0.5]
         assert client.execute("add", a=1, b=2) == 3
+
+
+def _taken(metrics_port: int) -> int:
+    """A worker's calls running plus waiting for a slot, from its metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return sum(
+        int(float(line.split()[-1]))
+        for line in text.splitlines()
+        if line.startswith(("snakepit_worker_in_flight ", "snakepit_worker_backlog "))
+    )
 
 
 def test_a_wait_in_the_backlog_is_bounded(procs: ProcessFactory) -> None:
