@@ -14,8 +14,8 @@ from snakepit.protocol import pb
 from snakepit.router.haproxy.config import HaproxySpec, build_config, error_headers
 from snakepit.router.haproxy.process import haproxy_binary
 from snakepit.router.haproxy.runtime import RuntimeApi
-from snakepit.router.ring import HashRing
-from tests.fixtures.processes import ProcessFactory, free_port, start_pool
+from snakepit.router.ring import HashRing, server_id
+from tests.fixtures.processes import ProcessFactory, free_port, start_pool, wait_ready
 
 pytestmark = pytest.mark.skipif(haproxy_binary() is None, reason="haproxy is not installed")
 
@@ -71,6 +71,69 @@ def test_haproxy_sends_each_session_where_the_python_ring_says(
         for i in range(150):
             session = client.session(f"ring-{i}-{'x' * (i % 7)}", keep=True)
             assert session.execute("whoami")["worker_id"] == ring.preferred(session.id)
+
+
+def test_workers_whose_ring_ids_clash_still_get_the_sessions_the_python_ring_gives_them(
+    procs: ProcessFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ring ids are 1..1024 (HAProxy's server slots), so two names can want the same one: both
+    sides settle the clash in name order."""
+    monkeypatch.setenv("SNAKEPIT_DATA_PATH", "haproxy")
+    names = ["clash-158", "clash-304", "other"]
+    assert server_id(names[0]) == server_id(names[1])
+    workers = [procs.worker(worker_id=name) for name in names]
+    router = procs.router(workers)
+    wait_ready(router.address, len(names))
+    ring = HashRing(names)
+    from snakepit import Client
+
+    with Client(router.address) as client:
+        seen = set()
+        for i in range(150):
+            session = client.session(f"clash-{i}", keep=True)
+            seen.add(worker := session.execute("whoami")["worker_id"])
+            assert worker == ring.preferred(session.id)
+    assert seen == set(names)
+
+
+def _established(port: int) -> int:
+    """TCP connections established to local ``port`` (every client of the server there)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            for line in list(lines)[1:]:
+                local, state = line.split()[1], line.split()[3]
+                count += state == "01" and int(local.rpartition(":")[2], 16) == port
+    return count
+
+
+def test_calls_in_flight_to_a_worker_share_its_connections(
+    procs: ProcessFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """32 calls in flight through HAProxy reach their worker as HTTP/2 streams on one or two
+    connections, not one connection per call (what HAProxy 2.6 does for a server added at run
+    time: docs/architecture.md)."""
+    monkeypatch.setenv("SNAKEPIT_DATA_PATH", "haproxy")
+    router, (worker,) = start_pool(procs, 1, concurrency=32)
+    worker_port = int(worker.address.rpartition(":")[2])
+    from snakepit import AsyncClient
+
+    async def run() -> tuple[int, list[float]]:
+        async with AsyncClient(router.address) as client:
+            calls = [asyncio.ensure_future(client.execute("sleep", seconds=2.0)) for i in range(32)]
+            for _ in range(150):
+                if (await client.status())["in_flight"] == 32:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("32 calls never were in flight at once")
+            connections = _established(worker_port)
+            return connections, await asyncio.gather(*calls)
+
+    connections, results = asyncio.run(run())
+    assert results == [2.0] * 32
+    # HAProxy's, plus the Python router's own (health watch, store calls from the worker).
+    assert connections <= 4, f"{connections} connections to the worker for 32 calls"
 
 
 def test_the_runtime_api_answers_on_an_abstract_socket() -> None:

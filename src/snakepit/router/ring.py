@@ -11,7 +11,12 @@ HAProxy).
 Node positions depend only on a server's numeric id, so the id is derived from the worker's
 name (``server_id``): two router replicas, or a router and a client, that see the same worker
 names build the same ring without talking to each other. Adding or removing one worker moves only
-the sessions that worker owned or takes over.
+the sessions that worker owned or takes over (and, when its id clashed with another worker's,
+that worker's: the clash is resolved in name order, see ``server_ids``).
+
+Ids are ``1..SERVER_SLOTS``: HAProxy's data path declares that many servers in its config and
+gives a worker the one with its id (``router/haproxy/servers.py``); HAProxy 2.6 cannot
+multiplex calls on a connection to a server added at run time (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping
 
 DEFAULT_VNODES = 64
-HASH_NAME = "haproxy-chash-crc32"
+HASH_NAME = "haproxy-chash-crc32-1024"
 WEIGHT_SCALE = 16  # HAProxy's BE_WEIGHT_SCALE: ring nodes per unit of server weight
 # lb_chash.c: a server's nodes sit at full_hash(puid * SRV_EWGHT_RANGE + node).
 _EWGHT_RANGE = 256 * WEIGHT_SCALE
-# Ids stay below 2**19 so that id * 4096 + node fits HAProxy's 32-bit signed int.
-MAX_SERVER_ID = (1 << 19) - 1
+# Ids 1..SERVER_SLOTS: the servers HAProxy declares up front, so the most workers one router
+# can send calls to. Stays below 2**19 so that id * 4096 + node fits HAProxy's 32-bit int.
+SERVER_SLOTS = 1024
+MAX_SERVER_ID = SERVER_SLOTS
 _MASK = 0xFFFFFFFF
 
 
@@ -50,6 +57,8 @@ def key_hash(key: str) -> int:
 def server_id(worker_id: str, taken: Iterable[int] = ()) -> int:
     """A worker's HAProxy server id: from its name, probing past ids already in use."""
     used = set(taken)
+    if len(used) >= MAX_SERVER_ID:
+        raise ValueError(f"more than {MAX_SERVER_ID} workers: every server id is taken")
     candidate = 1 + zlib.crc32(worker_id.encode()) % MAX_SERVER_ID
     while candidate in used:
         candidate = candidate % MAX_SERVER_ID + 1

@@ -5,9 +5,14 @@ HAProxy listens on the router's public port (HTTP/2 cleartext, gRPC's transport)
 the ``snakepit-session-id`` header with bounded load (``hash-balance-factor``), at most
 ``worker_concurrency`` calls per worker (``maxconn``), the rest in HAProxy's queue for at most
 ``queue_timeout``. Every other RPC (sessions, variables, status, health) goes to the Python
-router on a loopback port. Worker servers are not in the file: the Python router adds, drains
-and deletes them through the runtime API as discovery and health change, so scaling never
-reloads HAProxy.
+router on a loopback port. Worker servers are declared up front as ``SERVER_SLOTS`` idle slots
+``s1``..``sN`` (id = slot number = the worker's ring id): the Python router points a slot at a
+worker, drains it and takes it back through the runtime API as discovery and health change, so
+scaling never reloads HAProxy. Slots rather than ``add server``: HAProxy 2.6 starts a server
+added at run time with ``max-reuse 0`` (and refuses that keyword for it), so each HTTP/2
+connection to it carried one call and was closed (HAProxy commit 8a31783b6, fixed in 3.0, not in
+Debian's 2.6.12); declared servers inherit ``max-reuse -1`` and ``http-reuse always`` then puts
+every call to a worker on one or two connections.
 
 Errors HAProxy answers itself are real gRPC answers (``grpc-status`` and the
 ``snakepit-error-bin`` detail, marked ``not_started``), with the status codes and messages the
@@ -18,21 +23,18 @@ out the queue timeout, UNAVAILABLE when no worker is ready or none could be reac
 from __future__ import annotations
 
 import base64
-import re
 from dataclasses import dataclass
 
 from ...errors import DeadlineExceeded, ResourceExhausted, SnakepitError, Unavailable
 from ...protocol import SERVICE_NAME
 from ...protocol.status import ERROR_DETAIL_KEY, SESSION_ID_KEY, detail_of
-from ..ring import weight_for
+from ..ring import SERVER_SLOTS, weight_for
 
 WORKERS_BACKEND = "workers"
 CONTROL_BACKEND = "control"
 TOOL_METHODS = ("ExecuteTool", "ExecuteStreamingTool")
 BUFSIZE = 65536
 H2_WINDOW = 32768
-# HAProxy forbids most punctuation in server names; worker ids are pod names or host:port.
-_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]")
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,9 @@ class HaproxySpec:
     log_requests: bool = False  # one line per call on stderr (debugging)
 
 
-def server_name(worker_id: str) -> str:
-    return _NAME_UNSAFE.sub("_", worker_id)[:100] or "_"
+def slot_name(server_id: int) -> str:
+    """The HAProxy server that carries the worker with ring id ``server_id``."""
+    return f"s{server_id}"
 
 
 def _milliseconds(seconds: float) -> int:
@@ -143,6 +146,16 @@ def build_config(spec: HaproxySpec) -> str:
         f"  balance hdr({SESSION_ID_KEY})",
         "  hash-type consistent crc32",
         f"  hash-balance-factor {spec.balance_factor}",
+        # Any call may take a free stream on an open connection to its worker: gRPC servers
+        # multiplex, and a worker that stops says GOAWAY first (no new stream goes there).
+        "  http-reuse always",
+        # Every slot starts in maintenance, pointing nowhere (its checks paused until used).
+        f"  default-server proto h2 disabled weight {weight_for(spec.vnodes)} "
+        f"maxconn {spec.worker_concurrency} "
+        # Passive ejection: the first failed connect marks the worker down, so the retry (and
+        # every later call) goes elsewhere; a TCP check every 250 ms brings it back.
+        "check inter 2s fastinter 250ms downinter 250ms rise 1 fall 2 "
+        "observe layer4 error-limit 1 on-error mark-down",
         # 503 is what HAProxy answers both for a queue timeout and for workers it could not
         # reach; the time the call spent queued tells them apart.
         f"  http-error status 503 {error_headers(errors['waited'])}",
@@ -154,6 +167,7 @@ def build_config(spec: HaproxySpec) -> str:
         f"  http-after-response set-header {ERROR_DETAIL_KEY} "
         f"{_detail(errors['unreachable'])} "
         f"if {{ status 503 }} {{ var(txn.queued_ms) -m int lt {queue_ms} }}",
+        *(f"  server {slot_name(i)} 0.0.0.0:0 id {i}" for i in range(1, SERVER_SLOTS + 1)),
         "",
         f"backend {CONTROL_BACKEND}",
         f"  server router 127.0.0.1:{spec.control_port} proto h2",
@@ -166,13 +180,7 @@ def _detail(error: SnakepitError) -> str:
     return base64.b64encode(detail_of(error).SerializeToString()).decode()
 
 
-def add_server_command(spec: HaproxySpec, worker_id: str, address: str, server_id: int) -> str:
-    """The runtime API command that adds one worker (in maintenance until enabled)."""
-    return (
-        f"add server {WORKERS_BACKEND}/{server_name(worker_id)} {address} proto h2 "
-        f"id {server_id} weight {weight_for(spec.vnodes)} maxconn {spec.worker_concurrency} "
-        # Passive ejection: the first failed connect marks the worker down, so the retry (and
-        # every later call) goes elsewhere; a TCP check every 250 ms brings it back.
-        "check inter 2s fastinter 250ms downinter 250ms rise 1 fall 2 "
-        "observe layer4 error-limit 1 on-error mark-down"
-    )
+def point_slot_command(server_id: int, host: str, port: int) -> str:
+    """The runtime API command that points a slot at a worker (the slot stays in maintenance);
+    HAProxy closes the slot's idle connections to its previous worker."""
+    return f"set server {WORKERS_BACKEND}/{slot_name(server_id)} addr {host} port {port}"

@@ -17,8 +17,9 @@ from typing import Any
 
 from ...protocol import pb
 from ...supervisor import free_port
+from ..ring import SERVER_SLOTS
 from ..server import RouterConfig, RouterServer, advertised_address
-from .config import WORKERS_BACKEND, HaproxySpec, build_config, server_name
+from .config import WORKERS_BACKEND, HaproxySpec, build_config
 from .process import HaproxyProcess
 from .runtime import HaproxyError, RuntimeApi
 from .servers import ServerSync
@@ -88,7 +89,8 @@ class HaproxyRouter(RouterServer):
         except (OSError, TimeoutError, HaproxyError):
             return status
         for worker in status.workers:
-            counters = stats.servers.get(server_name(worker.worker_id))
+            slot = None if self.sync is None else self.sync.slot_of(worker.worker_id)
+            counters = None if slot is None else stats.servers.get(slot)
             # Ready means HAProxy sends it calls (the Python view may be a moment ahead).
             worker.ready = counters is not None and (
                 counters.status.startswith("UP") or counters.status == "no check"
@@ -107,8 +109,9 @@ class HaproxyRouter(RouterServer):
 
 
 def _maxconn(ceiling: int = 10_000) -> int:
-    """As many connections as the file descriptor limit allows (HAProxy refuses to start above)."""
+    """As many connections as the file descriptor limit allows (HAProxy refuses to start above):
+    two descriptors per proxied connection, one reserved per server slot for its checks."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         return ceiling
-    return max(256, min(ceiling, (hard - 100) // 2))
+    return max(256, min(ceiling, (hard - 100 - SERVER_SLOTS) // 2))

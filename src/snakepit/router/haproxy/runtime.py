@@ -67,7 +67,7 @@ class RuntimeApi:
 
     async def backend_stats(self, backend: str) -> BackendStats:
         """Per-server counters of ``backend`` and its own queue (``show stat``, CSV)."""
-        text = await self.run("show stat")
+        text = await self.run(f"show stat {backend} -1 -1")
         servers: dict[str, ServerStats] = {}
         queued = 0
         for row in csv.DictReader(io.StringIO(text.lstrip("# "))):
@@ -85,6 +85,25 @@ class RuntimeApi:
                 status=row.get("status", ""),
             )
         return BackendStats(servers, queued + sum(s.queued for s in servers.values()))
+
+    async def connections_in_use(self, backend: str) -> dict[str, int]:
+        """Connections each server of ``backend`` has carrying calls now (``used_cur`` of
+        ``show servers conn``; idle ones are not counted)."""
+        return parse_servers_conn(await self.run(f"show servers conn {backend}"))
+
+
+def parse_servers_conn(text: str) -> dict[str, int]:
+    """``show servers conn``: server name -> used_cur."""
+    lines = text.splitlines()
+    if not lines or not lines[0].startswith("#"):
+        raise HaproxyError(text.strip())
+    column = lines[0].lstrip("# ").split().index("used_cur")
+    used: dict[str, int] = {}
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) > column:
+            used[fields[0].rpartition("/")[2]] = _int(fields[column])
+    return used
 
 
 def _int(value: str | None) -> int:

@@ -1,23 +1,28 @@
 """Keep HAProxy's worker servers equal to the router's view of the pool, through the runtime API.
 
 The Python router already follows discovery (EndpointSlices or a static list) and watches every
-worker's ``grpc.health.v1`` stream. This maps that view onto HAProxy servers: a worker that
-appears is added (in maintenance), SERVING makes it ``ready``, NOT_SERVING (a worker draining)
+worker's ``grpc.health.v1`` stream. This maps that view onto HAProxy's server slots (declared
+in haproxy.cfg, see ``config``): a worker that appears gets the slot of its ring id, pointed at
+its address (in maintenance), SERVING makes it ``ready``, NOT_SERVING (a worker draining)
 ``drain`` (no new calls, the running ones finish), a broken health stream ``maint`` at once
 (passive ejection: HAProxy stops choosing it before any call times out). A worker that leaves
-discovery is put in maintenance and deleted once its connections are gone. No reload, ever.
+discovery (or whose ring id moves, when a clash between two names resolves anew) puts its slot in
+maintenance, and the slot is free again once no call and no connection in use is left on it.
+No reload, ever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 from dataclasses import dataclass
 
 from ..pool import WorkerPool
-from ..ring import server_id
+from ..ring import server_ids
 from ..workers import DRAINING, READY, WorkerHandle
-from .config import WORKERS_BACKEND, HaproxySpec, add_server_command, server_name
+from .config import WORKERS_BACKEND, HaproxySpec, point_slot_command, slot_name
 from .runtime import HaproxyError, RuntimeApi, check
 
 log = logging.getLogger("snakepit.router")
@@ -26,11 +31,14 @@ RETRY_SECONDS = 0.5
 
 
 @dataclass
-class _Server:
-    name: str
-    address: str
+class _Slot:
     server_id: int
+    address: str  # the worker's, as discovery gave it
     state: str  # the admin state last set: ready, drain, maint
+
+    @property
+    def path(self) -> str:
+        return f"{WORKERS_BACKEND}/{slot_name(self.server_id)}"
 
 
 def desired_state(handle: WorkerHandle) -> str:
@@ -48,7 +56,8 @@ class ServerSync:
         self.api = api
         self.spec = spec
         self.pool = pool
-        self.servers: dict[str, _Server] = {}  # by worker id, as HAProxy has them now
+        self.servers: dict[str, _Slot] = {}  # by worker id: the slot each worker holds now
+        self.releasing: set[int] = set()  # slots in maintenance until their calls are over
         self._dirty = asyncio.Event()
 
     def notify(self) -> None:
@@ -56,9 +65,15 @@ class ServerSync:
         self._dirty.set()
 
     def reset(self) -> None:
-        """HAProxy restarted empty: add every server again."""
+        """HAProxy restarted with every slot free: point them again."""
         self.servers.clear()
+        self.releasing.clear()
         self._dirty.set()
+
+    def slot_of(self, worker_id: str) -> str | None:
+        """The HAProxy server name a worker's calls go through, if it has one."""
+        slot = self.servers.get(worker_id)
+        return None if slot is None else slot_name(slot.server_id)
 
     async def run(self) -> None:
         while True:
@@ -69,54 +84,81 @@ class ServerSync:
             except (OSError, TimeoutError, HaproxyError) as exc:
                 log.warning("haproxy server sync failed", extra={"error": str(exc)})
                 done = False
-            if not done:  # a deletion waits for connections to close, or HAProxy was away
+            if not done:  # a slot waits for its calls to end, or HAProxy was away
                 await asyncio.sleep(RETRY_SECONDS)
                 self._dirty.set()
 
     async def apply(self) -> bool:
         """One pass; False while something is left to do later."""
-        done = True
         wanted = {w.worker_id: w for w in self.pool.workers.values() if not w.removed}
-        for worker_id in [w for w in self.servers if w not in wanted]:
-            done &= await self._delete(worker_id)
+        # The ids every replica and direct-mode client computes for these workers.
+        ids = server_ids(wanted)
+        for worker_id, slot in list(self.servers.items()):
+            handle = wanted.get(worker_id)
+            if handle is None or (handle.address, ids[worker_id]) != (
+                slot.address,
+                slot.server_id,
+            ):
+                await self._set_state(slot, "maint")
+                del self.servers[worker_id]
+                self.releasing.add(slot.server_id)
+        if self.releasing:
+            await self._reclaim()
+        done = not self.releasing
         for worker_id, handle in wanted.items():
-            server = self.servers.get(worker_id)
-            if server is not None and server.address != handle.address:
-                if not await self._delete(worker_id):
-                    done = False
-                    continue
-                server = None
-            if server is None:
-                server = await self._add(worker_id, handle.address)
+            held = self.servers.get(worker_id)
+            if held is not None:
+                slot = held
+            elif ids[worker_id] in self.releasing:
+                done = False  # its slot still carries the previous worker's calls
+                continue
+            else:
+                slot = await self._point(worker_id, ids[worker_id], handle.address)
             state = desired_state(handle)
-            if state != server.state:
-                check(await self.api.run(f"set server {self._path(server)} state {state}"))
-                server.state = state
+            if state != slot.state:
+                await self._set_state(slot, state)
         return done
 
-    async def _add(self, worker_id: str, address: str) -> _Server:
-        sid = server_id(worker_id, (s.server_id for s in self.servers.values()))
-        name = server_name(worker_id)
-        answer = await self.api.run(add_server_command(self.spec, worker_id, address, sid))
-        if "already exists" not in answer:  # left over from before a sync failure
-            check(answer, ok=("New server registered.",))
-        server = self.servers[worker_id] = _Server(name, address, sid, "maint")
-        check(await self.api.run(f"enable health {self._path(server)}"))
-        log.info("haproxy server added", extra={"worker": worker_id, "address": address})
-        return server
+    async def _point(self, worker_id: str, server_id: int, address: str) -> _Slot:
+        host, port = await _resolve(address)
+        answer = await self.api.run(point_slot_command(server_id, host, port))
+        if "changed" not in answer and "no need to change" not in answer:
+            raise HaproxyError(answer.strip())
+        slot = self.servers[worker_id] = _Slot(server_id, address, "maint")
+        log.info(
+            "haproxy server pointed at a worker",
+            extra={"worker": worker_id, "address": address, "server": slot.path},
+        )
+        return slot
 
-    async def _delete(self, worker_id: str) -> bool:
-        server = self.servers[worker_id]
-        if server.state != "maint":
-            check(await self.api.run(f"set server {self._path(server)} state maint"))
-            server.state = "maint"
-        answer = await self.api.run(f"del server {self._path(server)}")
-        if "Server deleted" in answer or "No such server" in answer:
-            del self.servers[worker_id]
-            log.info("haproxy server deleted", extra={"worker": worker_id})
-            return True
-        return False  # calls or connections still on it: try again shortly
+    async def _set_state(self, slot: _Slot, state: str) -> None:
+        if slot.state != state:
+            check(await self.api.run(f"set server {slot.path} state {state}"))
+            slot.state = state
 
-    @staticmethod
-    def _path(server: _Server) -> str:
-        return f"{WORKERS_BACKEND}/{server.name}"
+    async def _reclaim(self) -> None:
+        """Free the releasing slots that carry no call and no busy connection any more."""
+        stats = await self.api.backend_stats(WORKERS_BACKEND)
+        used = await self.api.connections_in_use(WORKERS_BACKEND)
+        for server_id in sorted(self.releasing):
+            name = slot_name(server_id)
+            counters = stats.servers.get(name)
+            busy = counters is not None and (counters.in_flight or counters.queued)
+            if not busy and not used.get(name, 0):
+                self.releasing.discard(server_id)
+                log.info("haproxy server free", extra={"server": f"{WORKERS_BACKEND}/{name}"})
+
+
+async def _resolve(address: str) -> tuple[str, int]:
+    """``host:port`` (or ``[v6]:port``) as an IP address and a port: HAProxy's runtime API takes
+    addresses only, and discovery may name a host."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, int(port), type=socket.SOCK_STREAM
+        )
+        host = str(infos[0][4][0])
+    return host, int(port)
