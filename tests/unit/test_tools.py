@@ -104,3 +104,65 @@ def test_declared_streaming_must_be_a_generator() -> None:
 
     with pytest.raises(TypeError, match="declared streaming but is not a generator"):
         discover(Broken())
+
+
+@pytest.mark.parametrize("kind", ["async", "generator", "context"])
+def test_only_plain_sync_tools_may_run_inline(kind: str) -> None:
+    class Broken(Adapter):
+        if kind == "async":
+
+            @tool(inline=True)
+            async def quick(self) -> int:
+                return 1
+        elif kind == "generator":
+
+            @tool(inline=True)
+            def quick(self) -> Iterator[int]:
+                yield 1
+        else:
+
+            @tool(inline=True)
+            def quick(self, ctx: SessionContext) -> int:
+                return 1
+
+    with pytest.raises(TypeError, match="inline=True is for plain sync tools"):
+        discover(Broken())
+
+
+def test_an_inline_tool_that_proves_slow_moves_to_the_thread_pool(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It holds the event loop once, not on every call."""
+    import asyncio
+    import threading
+    import time
+
+    from snakepit.worker.runner import INLINE_BUDGET_SECONDS, ToolRunner
+
+    class Tools(Adapter):
+        @tool(inline=True)
+        def quick(self) -> str:
+            return threading.current_thread().name
+
+        @tool(inline=True)
+        def slow(self) -> str:
+            time.sleep(INLINE_BUDGET_SECONDS * 4)
+            return threading.current_thread().name
+
+    tools = discover(Tools())
+    runner = ToolRunner(threads=1)
+
+    async def run(name: str) -> str:
+        return str(await runner.call(tools[name], {}))
+
+    try:
+        loop_thread = threading.current_thread().name
+        assert asyncio.run(run("quick")) == loop_thread
+        assert asyncio.run(run("quick")) == loop_thread
+        assert tools["quick"].inline
+        assert asyncio.run(run("slow")) == loop_thread  # the once it holds the loop
+        assert not tools["slow"].inline
+        assert "inline tool too slow for the event loop" in caplog.text
+        assert asyncio.run(run("slow")).startswith("snakepit-tool")
+    finally:
+        runner.shutdown()

@@ -23,15 +23,15 @@ MAX_SLEEP_SECONDS = 60.0
 
 
 class ShowcaseAdapter(Adapter):
-    @tool(description="Return the value unchanged, whatever its type")
+    @tool(description="Return the value unchanged, whatever its type", inline=True)
     def echo(self, value: Any) -> Any:
         return value
 
-    @tool(description="Add two numbers")
+    @tool(description="Add two numbers", inline=True)
     def add(self, a: float, b: float) -> float:
         return a + b
 
-    @tool(description="Which worker process served this call")
+    @tool(description="Which worker process served this call", inline=True)
     def whoami(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "pid": os.getpid()}
 

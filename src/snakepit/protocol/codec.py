@@ -258,7 +258,8 @@ def array_from_buffer(dtype_name: str, shape: list[int], data: bytes | memoryvie
 
 def _from_json(payload: memoryview, type_name: str) -> Any:
     try:
-        value = json.loads(bytes(payload))
+        # UTF-8 text (what every encoder writes), so json skips its encoding detection.
+        value = json.loads(str(payload, "utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidArgument(
             f"malformed value of type {type_name}: bad JSON payload ({exc})"

@@ -106,7 +106,13 @@ def iter_fields(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int,
     to skip, which keeps the format forward-compatible.
     """
     while pos < end:
-        key, pos = read_varint(buf, pos, end)
+        # One-byte varints (tags of fields 1-15, lengths below 128) without a call: most of a
+        # small message's fields, decoded on the worker's event loop for every call.
+        key = buf[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = read_varint(buf, pos, end)
         field, wire_type = key >> 3, key & 7
         if field == 0:
             raise InvalidArgument("malformed message: field number 0")
@@ -114,7 +120,11 @@ def iter_fields(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int,
             value, pos = read_varint(buf, pos, end)
             yield field, wire_type, value, pos
         elif wire_type == WIRE_LEN:
-            length, pos = read_varint(buf, pos, end)
+            length = buf[pos] if pos < end else 0x80
+            if length < 0x80:
+                pos += 1
+            else:
+                length, pos = read_varint(buf, pos, end)
             stop = pos + length
             if stop > end:
                 raise InvalidArgument("malformed message: length-delimited field runs past the end")

@@ -559,11 +559,15 @@ class WorkerServer:
         async with self._serving(context) as call:
             tool, kwargs, call.ctx = self._prepare(raw, context, call)
             with self._tool_span(tool):
-                async with asyncio.timeout(self._time_limit(context, tool, call)):
-                    if tool.streaming:
-                        value: Any = [item async for item in self.runner.stream(tool, kwargs)]
-                    else:
-                        value = await self.runner.call(tool, kwargs)
+                if tool.inline:  # nothing could interrupt it: no timer to arm
+                    call.tool = tool
+                    value: Any = self.runner.call_inline(tool, kwargs)
+                else:
+                    async with asyncio.timeout(self._time_limit(context, tool, call)):
+                        if tool.streaming:
+                            value = [item async for item in self.runner.stream(tool, kwargs)]
+                        else:
+                            value = await self.runner.call(tool, kwargs)
             try:
                 return encode_result(value, self.worker_id, (time.perf_counter() - started) * 1000)
             except Exception as exc:

@@ -45,6 +45,7 @@ class ToolOptions:
     name: str | None = None
     description: str | None = None
     streaming: bool | None = None
+    inline: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,9 @@ class ToolDef:
     is_async: bool
     context_param: str | None
     accepts_extra: bool
+    # A sync tool that runs on the worker's event loop instead of its thread pool (``@tool(inline=
+    # True)``); the runner turns it off for good if a call proves the tool is not quick.
+    inline: bool = False
     spec: pb.ToolSpec = field(init=False)
 
     def __post_init__(self) -> None:
@@ -127,7 +131,11 @@ def _default_value(value: Any) -> pb.Value | None:
 def tool(fn: F, /) -> F: ...
 @overload
 def tool(
-    *, name: str | None = None, description: str | None = None, streaming: bool | None = None
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    streaming: bool | None = None,
+    inline: bool = False,
 ) -> Callable[[F], F]: ...
 def tool(
     fn: F | None = None,
@@ -136,11 +144,23 @@ def tool(
     name: str | None = None,
     description: str | None = None,
     streaming: bool | None = None,
+    inline: bool = False,
 ) -> F | Callable[[F], F]:
-    """Mark an adapter method as a tool. Works bare (``@tool``) or with options."""
+    """Mark an adapter method as a tool. Works bare (``@tool``) or with options.
+
+    ``inline=True`` (plain sync tools only) runs the tool on the worker's event loop instead of
+    handing it to a thread, which is about a third of a small call's cost. Only for tools that
+    finish in well under a millisecond whatever their arguments (arithmetic, lookups): while one
+    runs, the worker serves nothing else, and no time limit can interrupt it. A call that takes
+    longer than ``runner.INLINE_BUDGET_SECONDS`` moves the tool to the thread pool for the rest
+    of the worker's life (logged), so a tool wrongly declared quick stalls the loop once.
+    """
 
     def mark(func: F) -> F:
-        setattr(func, _MARK, ToolOptions(name=name, description=description, streaming=streaming))
+        options = ToolOptions(
+            name=name, description=description, streaming=streaming, inline=inline
+        )
+        setattr(func, _MARK, options)
         return func
 
     return mark(fn) if fn is not None else mark
@@ -194,15 +214,22 @@ def build_tool(fn: Callable[..., Any], options: ToolOptions) -> ToolDef:
     if streaming and not (is_async_gen or is_gen):
         raise TypeError(f"tool {fn.__name__!r} is declared streaming but is not a generator")
     description = options.description or inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0]
+    is_async = inspect.iscoroutinefunction(fn) or is_async_gen
+    if options.inline and (is_async or streaming or context_param is not None):
+        raise TypeError(
+            f"tool {fn.__name__!r}: inline=True is for plain sync tools (not async, streaming "
+            "or taking a session context, whose store calls would block the loop)"
+        )
     return ToolDef(
         name=options.name or fn.__name__,
         description=description,
         fn=fn,
         parameters=parameters,
         streaming=streaming,
-        is_async=inspect.iscoroutinefunction(fn) or is_async_gen,
+        is_async=is_async,
         context_param=context_param,
         accepts_extra=accepts_extra,
+        inline=options.inline,
     )
 
 
