@@ -96,6 +96,21 @@ def test_workers_whose_ring_ids_clash_still_get_the_sessions_the_python_ring_giv
     assert seen == set(names)
 
 
+def test_a_worker_haproxy_cannot_be_pointed_at_does_not_hold_up_the_others(
+    procs: ProcessFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host name that does not resolve (listed first) is skipped, logged and retried."""
+    monkeypatch.setenv("SNAKEPIT_DATA_PATH", "haproxy")
+    worker = procs.worker(worker_id="good")
+    router = procs.router(["bad=no-such-host.invalid:50051", worker])
+    wait_ready(router.address, 1)
+    from snakepit import Client
+
+    with Client(router.address) as client:
+        assert client.execute("add", a=1, b=2) == 3
+    assert "haproxy server not pointed at a worker" in router.logs()
+
+
 def _established(port: int) -> int:
     """TCP connections established to local ``port`` (every client of the server there)."""
     count = 0

@@ -113,7 +113,15 @@ class ServerSync:
                 done = False  # its slot still carries the previous worker's calls
                 continue
             else:
-                slot = await self._point(worker_id, ids[worker_id], handle.address)
+                try:
+                    slot = await self._point(worker_id, ids[worker_id], handle.address)
+                except (OSError, HaproxyError) as exc:  # this worker only: the others go on
+                    log.warning(
+                        "haproxy server not pointed at a worker",
+                        extra={"worker": worker_id, "address": handle.address, "error": str(exc)},
+                    )
+                    done = False
+                    continue
             state = desired_state(handle)
             if state != slot.state:
                 await self._set_state(slot, state)
