@@ -185,6 +185,13 @@ def _auth_options(parser: argparse.ArgumentParser, *, router: bool) -> None:
         "a principal that may host tools for the whole pool (register_tool(pool_wide=True)); "
         "'*': all",
     )
+    _repeatable(
+        parser,
+        "--allow-service-account",
+        "NAMESPACE/NAME",
+        "a ServiceAccount whose tokens may call (TokenReview); NAMESPACE/* for all",
+    )
+    _add(parser, "--token-audience", "snakepit", help="audience ServiceAccount tokens must carry")
     if router:
         _add(
             parser, "--ticket-key", "", help="Ed25519 PEM key the pool's routers sign tickets with"
@@ -200,6 +207,8 @@ def _auth_config(args: argparse.Namespace) -> Any:
         admins=tuple(args.admin),
         direct=tuple(args.allow_direct),
         pool_tools=tuple(args.allow_pool_tools),
+        service_accounts=tuple(args.allow_service_account),
+        token_audience=args.token_audience,
         signing_key=getattr(args, "ticket_key", ""),
         audience=getattr(args, "ticket_audience", "snakepit"),
     )

@@ -25,6 +25,11 @@ from snakepit.security.tickets import (
     new_private_key,
     public_key_text,
 )
+from snakepit.security.tokenreview import (
+    _expires_at,
+    parse_service_accounts,
+    service_account_of,
+)
 from snakepit.security.tokens import StaticTokens, parse_tokens
 
 ALICE = Principal("alice", source="token")
@@ -103,3 +108,21 @@ def test_tickets_round_trip_and_refusals() -> None:
     assert verifier.verify(ticket, now=expires + 1) is not None  # within the clock skew
     with pytest.raises(Unauthenticated, match="expired"):
         verifier.verify(ticket, now=expires + 3600)
+
+
+def test_service_account_names() -> None:
+    assert service_account_of("system:serviceaccount:team-a:caller") == ("team-a", "caller")
+    assert service_account_of("system:node:n1") is None
+    assert service_account_of("alice") is None
+    assert parse_service_accounts(["team-a/caller", "team-b/*"]) == {
+        ("team-a", "caller"),
+        ("team-b", "*"),
+    }
+    with pytest.raises(ValueError, match="NAMESPACE/NAME"):
+        parse_service_accounts(["caller"])
+
+
+def test_token_expiry_bounds_the_review_cache() -> None:
+    claims = base64.urlsafe_b64encode(json.dumps({"exp": 1234}).encode()).decode().rstrip("=")
+    assert _expires_at(f"h.{claims}.s") == 1234.0
+    assert _expires_at("opaque-static-token") == float("inf")

@@ -142,6 +142,9 @@ class AuthConfig:
     """The router's identity settings (flags of ``snakepit router`` and ``serve``)."""
 
     tokens_file: str = ""  # PRINCIPAL:TOKEN lines; auth is on when set
+    # NAMESPACE/NAME (or NAMESPACE/*) ServiceAccounts whose tokens (TokenReview) may call
+    service_accounts: tuple[str, ...] = ()
+    token_audience: str = DEFAULT_AUDIENCE  # the audience their tokens must be minted for
     admins: tuple[str, ...] = ()
     direct: tuple[str, ...] = ()  # principals allowed direct mode ('*': all)
     pool_tools: tuple[str, ...] = ()  # principals allowed pool-wide hosted tools ('*': all)
@@ -150,7 +153,7 @@ class AuthConfig:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.tokens_file)
+        return bool(self.tokens_file or self.service_accounts)
 
 
 def build_gate(config: AuthConfig) -> Gate:
@@ -161,6 +164,17 @@ def build_gate(config: AuthConfig) -> Gate:
     authenticators = []
     if config.tokens_file:
         authenticators.append(static_authenticator(StaticTokens(config.tokens_file)))
+    if config.service_accounts:
+        from ..router.discovery import _api_client
+        from .tokenreview import TokenReviewAuthenticator, kube_review, parse_service_accounts
+
+        authenticators.append(
+            TokenReviewAuthenticator(
+                config.token_audience,
+                parse_service_accounts(config.service_accounts),
+                kube_review(_api_client),
+            )
+        )
     return Gate(
         enabled=True,
         authenticators=authenticators,
