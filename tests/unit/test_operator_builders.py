@@ -467,3 +467,78 @@ def test_replicas_reach_the_worker_deployment(replicas: int) -> None:
     built = children({"replicas": replicas, "router": {"replicas": 3}})
     assert built["Deployment/demo-workers"]["spec"]["replicas"] == replicas
     assert built["Deployment/demo-router"]["spec"]["replicas"] == 3
+
+
+# ---------------------------------------------------------------- spec.auth (issue 12)
+AUTH = {
+    "auth": {
+        "serviceAccounts": [
+            {"namespace": "apps", "name": "caller"},
+            {"namespace": "ci", "name": "*"},
+        ],
+        "tokensSecret": "demo-tokens",
+        "admins": ["ops"],
+        "directMode": ["batch"],
+    }
+}
+
+
+def test_without_spec_auth_nothing_changes() -> None:
+    built = children()
+    router = built["Deployment/demo-router"]
+    assert "--ticket-key" not in container(router)["args"]
+    assert [v["name"] for v in pod_spec(router)["volumes"]] == ["tmp"]
+    assert "SNAKEPIT_TICKET_PUBLIC_KEY" not in env(built["Deployment/demo-workers"])
+
+
+def test_spec_auth_turns_authentication_on_in_routers_and_tickets_in_workers() -> None:
+    built = children(AUTH)
+    router = container(built["Deployment/demo-router"])
+    args = router["args"]
+    assert arg(args, "--auth-tokens") == "/etc/snakepit/tokens/tokens"
+    assert arg(args, "--ticket-key") == "/etc/snakepit/ticket/key.pem"
+    assert arg(args, "--ticket-audience") == "ml.demo"
+    assert arg(args, "--token-audience") == "snakepit"
+    accounts = [args[i + 1] for i, a in enumerate(args) if a == "--allow-service-account"]
+    assert accounts == ["apps/caller", "ci/*"]
+    assert arg(args, "--admin") == "ops" and arg(args, "--allow-direct") == "batch"
+    volumes = {v["name"]: v for v in pod_spec(built["Deployment/demo-router"])["volumes"]}
+    assert volumes["ticket-key"]["secret"]["secretName"] == "demo-ticket-key"
+    assert volumes["ticket-key"]["secret"]["items"] == [{"key": "key.pem", "path": "key.pem"}]
+    assert volumes["auth-tokens"]["secret"]["secretName"] == "demo-tokens"
+    assert all(m["readOnly"] for m in router["volumeMounts"] if m["name"] != "tmp")
+
+    workers = built["Deployment/demo-workers"]
+    worker_env = env(workers)
+    assert worker_env["SNAKEPIT_TICKET_PUBLIC_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "demo-ticket-key",
+        "key": "public",
+    }
+    assert worker_env["SNAKEPIT_TICKET_AUDIENCE"]["value"] == "ml.demo"
+    # The private key is never in a worker pod.
+    assert "ticket-key" not in [v["name"] for v in pod_spec(workers)["volumes"]]
+
+
+def test_ticket_secret_holds_a_matching_key_pair() -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from snakepit.operator.builders.auth import build_ticket_secret
+    from snakepit.security.tickets import TicketIssuer, TicketVerifier, load_public_key
+
+    secret = build_ticket_secret(make_pool(AUTH))
+    assert secret["immutable"] is True and secret["metadata"]["name"] == "demo-ticket-key"
+    private = serialization.load_pem_private_key(
+        base64.b64decode(secret["data"]["key.pem"]), password=None
+    )
+    assert isinstance(private, Ed25519PrivateKey)
+    public = load_public_key(base64.b64decode(secret["data"]["public"]).decode())
+    ticket = TicketIssuer(private, audience="ml.demo").issue("alice")
+    assert TicketVerifier(public, audience="ml.demo").verify(ticket).name == "alice"
+
+
+def test_spec_auth_service_accounts_need_namespace_and_name() -> None:
+    from snakepit.operator.spec import SpecError
+
+    with pytest.raises(SpecError, match="namespace and a name"):
+        make_pool({"auth": {"serviceAccounts": [{"name": "caller"}]}})

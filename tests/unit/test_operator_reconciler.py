@@ -415,3 +415,15 @@ async def test_without_the_secret_nothing_is_applied_so_no_pod_rolls() -> None:
     kube.refuse.clear()
     await reconciler.reconcile(("ml", "demo"))
     assert "Deployment/demo-workers" in kube.applied
+
+
+async def test_spec_auth_creates_the_ticket_key_once() -> None:
+    spec = {"auth": {"tokensSecret": "demo-tokens"}}
+    kube, reconciler, _ = setup(spec)
+    for _ in range(3):
+        await reconciler.reconcile(("ml", "demo"))
+    assert kube.created.count("Secret/demo-ticket-key") == 1
+    assert "Secret/demo-ticket-key" not in kube.applied
+    first = await kube.get("v1", "Secret", "ml", "demo-ticket-key")
+    await reconciler.reconcile(("ml", "demo"))
+    assert await kube.get("v1", "Secret", "ml", "demo-ticket-key") == first  # never rotated

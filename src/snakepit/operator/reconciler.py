@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .builders import ChildKey, Names, build_children, build_store_secret, child_key, new_password
+from .builders.auth import build_ticket_secret
 from .builders.common import STORE_SECRET_ANNOTATION
 from .children import Children, PoolKey, fingerprint
 from .config import OperatorConfig
@@ -134,6 +135,11 @@ class Reconciler:
                 secret_uid = await self._ensure_store_secret(pool)
             except ApiError as exc:
                 problems.append(Problem("ApplyFailed", f"Secret: {exc.message}"))
+        if pool.spec.auth.enabled:
+            try:
+                await self._ensure_ticket_secret(pool)
+            except ApiError as exc:
+                problems.append(Problem("ApplyFailed", f"Secret: {exc.message}"))
         desired = build_children(pool, self.config, secret_uid)
         current: dict[ChildKey, JSON] = {}
         applied = 0
@@ -204,6 +210,16 @@ class Reconciler:
         """Drop what we remember about a pool's children (the pool is gone)."""
         for remembered in [k for k in self._applied if k[0] == key]:
             del self._applied[remembered]
+
+    async def _ensure_ticket_secret(self, pool: Pool) -> None:
+        """The pool's ticket signing key: created once, kept as it is (409) ever after, so
+        routers and workers always agree on it. Rotating it is deleting it, then restarting
+        the routers and workers (docs/security.md)."""
+        try:
+            await self.kube.create(build_ticket_secret(pool))
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
 
     async def _ensure_store_secret(self, pool: Pool) -> str:
         """The uid pods carry for the password Secret, without ever reading a Secret.

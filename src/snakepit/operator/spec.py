@@ -154,6 +154,23 @@ TLS_NEEDS_SECRET = (
 
 
 @dataclass(frozen=True)
+class AuthSpec:
+    """``spec.auth``: who may call (docs/security.md). Off unless a way to check callers is
+    given: ``serviceAccounts`` (TokenReview) and/or ``tokensSecret`` (PRINCIPAL:TOKEN lines
+    under the Secret's key ``tokens``)."""
+
+    service_accounts: tuple[str, ...] = ()  # NAMESPACE/NAME, NAME may be *
+    tokens_secret: str | None = None
+    admins: tuple[str, ...] = ()
+    direct_mode: tuple[str, ...] = ()  # principals allowed direct mode; "*": all
+    audience: str = "snakepit"  # what ServiceAccount tokens must be minted for
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.service_accounts or self.tokens_secret)
+
+
+@dataclass(frozen=True)
 class PoolSpec:
     replicas: int = 2
     image: str | None = None
@@ -176,6 +193,7 @@ class PoolSpec:
     tls: TlsSpec = field(default_factory=TlsSpec)
     # spec.hostedTools.poolWidePrincipals: who may register pool-wide caller-hosted tools.
     pool_tool_principals: tuple[str, ...] = ()
+    auth: AuthSpec = field(default_factory=AuthSpec)
 
 
 @dataclass(frozen=True)
@@ -349,6 +367,23 @@ def _parse_tls(raw: Mapping[str, Any]) -> TlsSpec:
     return TlsSpec(enabled=enabled, secret_name=str(secret) if secret else None, explicit=explicit)
 
 
+def _parse_auth(raw: Mapping[str, Any]) -> AuthSpec:
+    accounts = []
+    for entry in _list(raw.get("serviceAccounts")):
+        account = _map(entry)
+        namespace, name = str(account.get("namespace", "")), str(account.get("name", ""))
+        if not namespace or not name:
+            raise SpecError("spec.auth.serviceAccounts: each entry needs a namespace and a name")
+        accounts.append(f"{namespace}/{name}")
+    return AuthSpec(
+        service_accounts=tuple(accounts),
+        tokens_secret=str(raw["tokensSecret"]) if raw.get("tokensSecret") else None,
+        admins=tuple(str(v) for v in _list(raw.get("admins"))),
+        direct_mode=tuple(str(v) for v in _list(raw.get("directMode"))),
+        audience=str(raw.get("audience") or "snakepit"),
+    )
+
+
 def parse_spec(raw: Mapping[str, Any]) -> PoolSpec:
     """Defaulted, typed view of ``spec``; raises SpecError for what the builders cannot use."""
     session = _map(raw.get("session"))
@@ -389,6 +424,7 @@ def parse_spec(raw: Mapping[str, Any]) -> PoolSpec:
             _map(raw.get("hostedTools")).get("poolWidePrincipals"),
             "spec.hostedTools.poolWidePrincipals",
         ),
+        auth=_parse_auth(_map(raw.get("auth"))),
     )
 
 

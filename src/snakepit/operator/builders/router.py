@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..config import OperatorConfig
 from ..spec import JSON, ROUTER_PORT, Pool
+from .auth import router_auth_args, router_auth_volumes
 from .common import (
     ROUTER,
     STORE_SECRET_ANNOTATION,
@@ -86,6 +87,7 @@ def router_args(pool: Pool) -> list[str]:
         *limits,
         *(word for name in spec.pool_tool_principals for word in ("--allow-pool-tools", name)),
         *(router_tls_args() if tls_enabled(pool) else []),
+        *router_auth_args(pool),
     ]
 
 
@@ -95,6 +97,7 @@ def build_router_deployment(
     spec = pool.spec
     names = Names(pool.name)
     wiring = store_wiring(pool)
+    auth_mounts, auth_volumes = router_auth_volumes(pool)
     container: JSON = {
         "name": "router",
         "image": config.router_image,
@@ -119,7 +122,7 @@ def build_router_deployment(
         ],
         **grpc_probes(HEALTH_PORT if tls_enabled(pool) else ROUTER_PORT),
         "securityContext": container_security_context(),
-        "volumeMounts": [TMP_MOUNT, *tls_mounts(pool)],
+        "volumeMounts": [TMP_MOUNT, *tls_mounts(pool), *auth_mounts],
     }
     container["resources"] = resources_for(ROUTER, spec.router.resources)
     pod_spec: JSON = {
@@ -129,7 +132,7 @@ def build_router_deployment(
         "terminationGracePeriodSeconds": ROUTER_DRAIN_SECONDS + EXIT_MARGIN_SECONDS,
         "securityContext": pod_security_context(),
         "containers": [container],
-        "volumes": [tmp_volume(ROUTER), *tls_volumes(pool)],
+        "volumes": [tmp_volume(ROUTER), *tls_volumes(pool), *auth_volumes],
         "topologySpreadConstraints": spread_by_host(pool, ROUTER),
     }
     if config.image_pull_secrets:

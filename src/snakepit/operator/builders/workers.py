@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..config import OperatorConfig
 from ..spec import JSON, WORKER_PORT, Pool
+from .auth import worker_auth_env
 from .common import (
     STORE_SECRET_ANNOTATION,
     TMP_MOUNT,
@@ -92,6 +93,7 @@ def build_worker_deployment(
                 field_env("POD_NAME", "metadata.name"),
                 field_env("POD_NAMESPACE", "metadata.namespace"),
                 *store_password_env(store_wiring(pool)),
+                *worker_auth_env(pool),
             ],
             spec.env,
         ),
