@@ -810,6 +810,43 @@ def test_password_secret_is_created_once_and_only_replaced_when_deleted(op: Oper
         )
 
 
+def test_spec_auth_wires_routers_and_workers_with_one_ticket_key(op: OperatorEnv) -> None:
+    """spec.auth (issue 12): the API server takes its schema, the operator creates the ticket
+    key once, routers get its private half and the tokens Secret, workers only the public one."""
+    spec = {
+        "replicas": 1,
+        "router": {"replicas": 1},
+        "auth": {
+            "serviceAccounts": [{"namespace": op.namespace, "name": "caller"}],
+            "tokensSecret": "auth-tokens",
+            "admins": ["ops"],
+            "directMode": ["*"],
+        },
+    }
+    op.create_pool("gamma", spec)
+    secret = wait_for("gamma ticket key", lambda: op.get("v1", "Secret", "gamma-ticket-key"))
+    assert set(secret["data"]) == {"key.pem", "public"}
+    assert base64.b64decode(secret["data"]["public"]).startswith(b"ed25519:")
+    router = wait_for("gamma router", lambda: op.get("apps/v1", "Deployment", "gamma-router"))
+    pod = router["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert f"{op.namespace}/caller" in args and "--auth-tokens" in args
+    assert {v["name"] for v in pod["volumes"]} >= {"ticket-key", "auth-tokens"}
+    workers = op.get("apps/v1", "Deployment", "gamma-workers")
+    assert workers is not None
+    worker_pod = workers["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in worker_pod["containers"][0]["env"]}
+    assert env["SNAKEPIT_TICKET_PUBLIC_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "public"
+    assert "ticket-key" not in {v["name"] for v in worker_pod["volumes"]}
+    op.patch_pool("gamma", {"spec": {"replicas": 2}})
+    wait_for(
+        "gamma at generation 2",
+        lambda: op.pool("gamma").get("status", {}).get("observedGeneration") == 2,
+    )
+    again = op.get("v1", "Secret", "gamma-ticket-key")
+    assert again is not None and again["metadata"]["uid"] == secret["metadata"]["uid"]
+
+
 def test_switching_to_an_external_store_prunes_the_managed_redis(op: OperatorEnv) -> None:
     op.patch_pool(
         "beta",
