@@ -2,19 +2,25 @@
 
 Real tokens (``kubectl create token``, audience-bound) of real ServiceAccounts; a router process
 with ``--allow-service-account`` asks the apiserver. Allowed ServiceAccount: accepted and named
-by its username; another ServiceAccount: PERMISSION_DENIED naming it; a token for another
-audience: UNAUTHENTICATED. A steady caller costs one review per cache TTL, not one per call.
+by its username. UNAUTHENTICATED, with a message saying what was expected and never the token:
+no token, a token the apiserver does not vouch for (its signature altered), a token for another
+audience, an expired one, one of a deleted ServiceAccount, and one of a ServiceAccount the pool
+does not list (named). The apiserver mints tokens for at least 10 minutes, so the expired token
+is one whose ``exp`` claim is in the past (refused before any review; the apiserver would refuse
+it too: its signature no longer matches). A steady caller costs one review per cache TTL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 
 import pytest
 
 from localkube.providers import KubeCluster
 from snakepit import Client
-from snakepit.errors import PermissionDenied, Unauthenticated
+from snakepit.errors import Unauthenticated
 from snakepit.router.discovery import _api_client
 from snakepit.security.tokenreview import (
     TokenReviewAuthenticator,
@@ -35,6 +41,15 @@ def _token(cluster: KubeCluster, namespace: str, account: str, audience: str = A
     return out.stdout.strip()
 
 
+def _expired(token: str) -> str:
+    """``token`` with its ``exp`` claim moved an hour into the past (its signature then fails)."""
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims["exp"] = claims["iat"] - 3600
+    encoded = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+    return f"{header}.{encoded}.{signature}"
+
+
 def test_service_account_tokens_through_a_router(
     kube_control_plane: KubeCluster,
     kube_namespace: str,
@@ -42,11 +57,14 @@ def test_service_account_tokens_through_a_router(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cluster, ns = kube_control_plane, kube_namespace
-    for account in ("caller", "other"):
+    for account in ("caller", "other", "gone"):
         cluster.kubectl_run("-n", ns, "create", "serviceaccount", account)
     allowed = _token(cluster, ns, "caller")
     other = _token(cluster, ns, "other")
     wrong_audience = _token(cluster, ns, "caller", audience="someone-else")
+    gone = _token(cluster, ns, "gone")
+    cluster.kubectl_run("-n", ns, "delete", "serviceaccount", "gone", "--wait")
+    tampered = allowed[:-4] + ("AAAA" if not allowed.endswith("AAAA") else "BBBB")
 
     env = {"KUBECONFIG": str(cluster.kubeconfig)}
     router, _ = start_pool(
@@ -58,15 +76,20 @@ def test_service_account_tokens_through_a_router(
     with Client(router.address, token=allowed) as client, client.session() as session:
         assert session.execute("whoami")["principal"] == f"system:serviceaccount:{ns}:caller"
         assert allowed not in repr(session.execute("whoami"))
-    with (
-        Client(router.address, token=other) as client,
-        pytest.raises(PermissionDenied, match=f"service account {ns}/other may not"),
-    ):
+    with Client(router.address) as client, pytest.raises(Unauthenticated, match="Bearer"):
         client.execute("add", a=1, b=2)
-    with Client(router.address, token=wrong_audience) as client:
-        with pytest.raises(Unauthenticated, match="not one this pool accepts") as caught:
-            client.execute("add", a=1, b=2)
-        assert wrong_audience not in str(caught.value)
+    refusals = {
+        other: f"service account {ns}/other may not call this pool",
+        wrong_audience: "not one this pool accepts",
+        tampered: "not one this pool accepts",
+        gone: "not one this pool accepts",
+        _expired(allowed): "token has expired",
+    }
+    for token, message in refusals.items():
+        with Client(router.address, token=token) as client:
+            with pytest.raises(Unauthenticated, match=message) as caught:
+                client.execute("add", a=1, b=2)
+            assert token not in str(caught.value)
 
     # The authenticator itself: one review per token until the cache entry ends.
     monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
@@ -80,7 +103,8 @@ def test_service_account_tokens_through_a_router(
             assert principal is not None and principal.source == "serviceaccount"
         assert (await check(other)) is not None  # the whole namespace is allowed here
         assert (await check(wrong_audience)) is None
-        assert (await check("not-a-token")) is None
+        assert (await check(tampered)) is None
+        assert (await check("not-a-token")) is None  # not a JWT: never reviewed
 
     asyncio.run(run())
     assert check.reviews == 4

@@ -1,4 +1,6 @@
-"""The pure parts of identity: session keys, tokens files, tickets, ServiceAccount names."""
+"""The pure parts of identity: session keys, tokens files, tickets, ServiceAccount names, and the
+TokenReview cache (its apiserver replaced by a recorded answer here: the real one is in
+tests/integration/test_tokenreview_kube.py)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from snakepit.security.tickets import (
     public_key_text,
 )
 from snakepit.security.tokenreview import (
+    TokenReviewAuthenticator,
     _expires_at,
     parse_service_accounts,
     service_account_of,
@@ -125,4 +128,77 @@ def test_service_account_names() -> None:
 def test_token_expiry_bounds_the_review_cache() -> None:
     claims = base64.urlsafe_b64encode(json.dumps({"exp": 1234}).encode()).decode().rstrip("=")
     assert _expires_at(f"h.{claims}.s") == 1234.0
-    assert _expires_at("opaque-static-token") == float("inf")
+    assert _expires_at("opaque-static-token") is None
+    assert _expires_at("a.b.c") is None  # three parts, no claims: not a token to review
+
+
+def _jwt(subject: str, exp: float) -> str:
+    claims = json.dumps({"sub": subject, "exp": exp}).encode()
+    return "h." + base64.urlsafe_b64encode(claims).decode().rstrip("=") + ".sig"
+
+
+class _Apiserver:
+    """TokenReview answers as the kube-apiserver gives them, for tokens made by ``_jwt``."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def __call__(self, token: str, audience: str) -> object:
+        from types import SimpleNamespace
+
+        self.asked.append(token)
+        subject = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))["sub"]
+        if subject == "forged":
+            return SimpleNamespace(authenticated=False, user=None, audiences=None)
+        return SimpleNamespace(
+            authenticated=True,
+            user=SimpleNamespace(username=f"system:serviceaccount:{subject}"),
+            audiences=[audience],
+        )
+
+
+async def test_token_reviews_are_cached_within_the_ttl_and_the_tokens_life() -> None:
+    now = [1000.0]
+    apiserver = _Apiserver()
+    check = TokenReviewAuthenticator(
+        "pool",
+        parse_service_accounts(["team/caller"]),
+        apiserver,
+        ttl=60,
+        negative_ttl=10,
+        cache_size=2,
+        clock=lambda: now[0],
+    )
+    long_lived = _jwt("team:caller", exp=5000)
+    short_lived = _jwt("team:caller", exp=1020)  # expires before the TTL would end
+    for _ in range(5):
+        principal = await check(long_lived)
+        assert principal is not None and principal.name == "system:serviceaccount:team:caller"
+    assert apiserver.asked == [long_lived]  # one review, then the cache
+    assert await check(short_lived) is not None
+    now[0] = 1030.0  # past the short token's exp, within the TTL of both entries
+    with pytest.raises(Unauthenticated, match="token has expired"):
+        await check(short_lived)
+    assert await check(long_lived) is not None
+    assert len(apiserver.asked) == 2  # the expired token was refused without a review
+    now[0] = 1061.0  # the TTL ended: asked again
+    assert await check(long_lived) is not None
+    assert len(apiserver.asked) == 3
+
+    # Refusals are cached for the shorter negative TTL; the cache never grows past its size.
+    forged = _jwt("forged", exp=5000)
+    for _ in range(3):
+        assert await check(forged) is None
+    assert apiserver.asked.count(forged) == 1
+    for i in range(5):
+        assert await check(_jwt("team:caller", exp=5000 + i)) is not None
+    assert check.cached == 2
+    # A ServiceAccount the pool does not list is nobody here, named but its token never shown.
+    other = _jwt("team:other", exp=5000)
+    with pytest.raises(Unauthenticated, match="service account team/other may not") as caught:
+        await check(other)
+    assert other not in str(caught.value)
+    # What is not a JWT (a static token of no one) never reaches the apiserver.
+    asked = len(apiserver.asked)
+    assert await check("opaque-static-token") is None
+    assert len(apiserver.asked) == asked

@@ -4,8 +4,12 @@ An in-cluster caller sends its own projected, audience-bound token (no shared se
 out). The router asks the kube-apiserver who it is (``TokenReview`` with the pool's audience, so a
 token minted for anything else is refused) and lets in only the ServiceAccounts the pool lists.
 Answers are cached by a hash of the token for ``ttl`` seconds (refusals ``negative_ttl``), never
-past the expiry the token itself states (its JWT ``exp``, read only to bound the cache), so a
-steady caller costs one review per ``ttl``. The router's ServiceAccount needs ``create`` on
+past the expiry the token itself states (its JWT ``exp``, read only to bound the cache), in at
+most ``cache_size`` entries, so a steady caller costs one review per ``ttl``. What cannot be a
+ServiceAccount token (not a JWT) or says it has expired is refused without asking the apiserver,
+so random bearer tokens cost no review; the apiserver stays the only judge of what is accepted.
+A ServiceAccount the pool does not list is UNAUTHENTICATED too (naming it, never its token): to
+this pool it is nobody. The router's ServiceAccount needs ``create`` on
 ``tokenreviews`` (``authentication.k8s.io``); workers need nothing.
 """
 
@@ -20,13 +24,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..errors import PermissionDenied, Unavailable
+from ..errors import Unauthenticated, Unavailable
 from .identity import Principal
 
 SA_PREFIX = "system:serviceaccount:"
 DEFAULT_TTL = 60.0
 NEGATIVE_TTL = 10.0
-_CACHE_SIZE = 10_000
+CACHE_SIZE = 10_000
 ANY = "*"
 
 
@@ -81,33 +85,48 @@ class TokenReviewAuthenticator:
         *,
         ttl: float = DEFAULT_TTL,
         negative_ttl: float = NEGATIVE_TTL,
+        cache_size: int = CACHE_SIZE,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.audience = audience
         self.allowed = allowed
         self.review = review
         self.ttl = ttl
         self.negative_ttl = negative_ttl
+        self.cache_size = cache_size
+        self.clock = clock  # wall clock: it is compared with the tokens' own ``exp``
         self._cache: OrderedDict[bytes, tuple[float, Principal | None]] = OrderedDict()
         self.reviews = 0  # calls to the apiserver (cache misses)
 
     def _allows(self, account: tuple[str, str]) -> bool:
         return account in self.allowed or (account[0], ANY) in self.allowed
 
+    @property
+    def cached(self) -> int:
+        return len(self._cache)
+
     async def __call__(self, token: str) -> Principal | None:
+        expires = _expires_at(token)
+        if expires is None:
+            return None  # not a JWT: a static token of no one, never sent to the apiserver
+        now = self.clock()
+        if expires <= now:
+            raise Unauthenticated(
+                "the ServiceAccount token has expired: request a new one (projected tokens are "
+                "renewed by the kubelet; read the file again before each call)"
+            )
         key = hashlib.sha256(token.encode()).digest()
-        now = time.monotonic()
         cached = self._cache.get(key)
         if cached is not None and now < cached[0]:
             principal = cached[1]
         else:
             principal, ttl = await self._review(token)
-            left = _expires_at(token) - time.time()
-            ttl = max(0.0, min(ttl, left))
-            self._cache[key] = (now + ttl, principal)
-            if len(self._cache) > _CACHE_SIZE:
+            self._cache[key] = (now + min(ttl, expires - now), principal)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         if principal is not None and not self._allows(_account(principal)):
-            raise PermissionDenied(
+            raise Unauthenticated(
                 f"service account {principal.name[len(SA_PREFIX) :].replace(':', '/')} may not "
                 "call this pool (it is not in spec.auth.serviceAccounts)"
             )
@@ -137,11 +156,15 @@ def _account(principal: Principal) -> tuple[str, str]:
     return account
 
 
-def _expires_at(token: str) -> float:
-    """The ``exp`` a JWT states (unverified: only ever used to forget a cache entry sooner)."""
+def _expires_at(token: str) -> float | None:
+    """The ``exp`` a JWT states, None for what is not a JWT with one (unverified: only ever used
+    to refuse sooner and to forget a cache entry sooner, never to accept)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
     try:
-        payload = token.split(".")[1]
+        payload = parts[1]
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
         return float(claims["exp"])
-    except (IndexError, ValueError, KeyError, TypeError):
-        return float("inf")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
