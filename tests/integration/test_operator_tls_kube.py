@@ -1,16 +1,21 @@
 """spec.tls against a real kube-apiserver and the real operator process (the control-plane tier
 of test_operator_kube.py: no pod runs, so this proves what the API server stores, not TLS
-between pods). The CRD refuses TLS without a Secret, the operator mounts the Secret into every
-pod and wires the TLS flags, and an explicit opt-out shows in status and as a Warning event."""
+between pods). Without a Secret the operator issues the certificate from the namespace's CA,
+renews it, restores it when deleted, and reads no Secret but the CA (its RBAC, rendered from the
+chart, allows nothing else); with one it mounts that Secret into every pod and wires the TLS
+flags; an explicit opt-out shows in status and as a Warning event."""
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from snakepit.operator.reconciler import TLS_DISABLED_MESSAGE
+from snakepit.security.tls import POOL_NAME
 
 from .test_operator_kube import POOLS, OperatorEnv, events_of, op, wait_for
 
@@ -28,20 +33,86 @@ def _container(env: OperatorEnv, kind: str, name: str) -> dict[str, Any]:
     return {**container, "volumes": volumes}
 
 
-def test_tls_without_a_secret_is_refused_by_the_api_server(op: OperatorEnv) -> None:
+def test_a_lifetime_that_is_not_a_duration_is_refused_by_the_api_server(op: OperatorEnv) -> None:
     body = {
         "apiVersion": POOLS[0],
         "kind": POOLS[1],
         "metadata": {"name": "bad-tls"},
-        "spec": {"tls": {"enabled": True}},
+        "spec": {"tls": {"enabled": True, "certificateLifetime": "one week"}},
     }
     proc = op.admin.run(
         "apply", "-n", op.namespace, "--dry-run=server", "-f", "-",
         stdin=json.dumps(body), check=False,
     )  # fmt: skip
     assert proc.returncode != 0
-    assert "spec.tls.secretName" in proc.stderr, proc.stderr
-    assert "needs spec.tls.secretName" in proc.stderr, proc.stderr
+    assert "spec.tls.certificateLifetime" in proc.stderr, proc.stderr
+
+
+def _leaf(env: OperatorEnv, name: str) -> tuple[x509.Certificate, str]:
+    secret = wait_for(f"Secret {name}", lambda: env.get("v1", "Secret", name))
+    assert secret["type"] == "kubernetes.io/tls"
+    data = secret["data"]
+    return x509.load_pem_x509_certificate(base64.b64decode(data["tls.crt"])), data["ca.crt"]
+
+
+def _can_i(env: OperatorEnv, *what: str) -> bool:
+    account = f"system:serviceaccount:{env.namespace}:snakepit"
+    proc = env.admin.run("auth", "can-i", *what, "-n", env.namespace, "--as", account, check=False)
+    return proc.stdout.strip() == "yes"
+
+
+def test_the_operator_issues_renews_and_restores_certificates_from_one_ca(
+    op: OperatorEnv,
+) -> None:
+    spec = {"replicas": 1, "router": {"replicas": 1},
+            "tls": {"enabled": True, "certificateLifetime": "60s"}}  # fmt: skip
+    op.create_pool("issued", spec)
+    leaf, ca_pem = _leaf(op, "issued-tls")
+    ca_secret = op.get("v1", "Secret", "snakepit-ca")
+    assert ca_secret is not None and ca_secret["data"]["ca.crt"] == ca_pem
+    assert not ca_secret["metadata"].get("ownerReferences")  # outlives every pool
+    ca = x509.load_pem_x509_certificate(base64.b64decode(ca_pem))
+    leaf.verify_directly_issued_by(ca)
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {POOL_NAME, f"issued-router.{op.namespace}.svc"} <= set(
+        names.get_values_for_type(x509.DNSName)
+    )
+    for kind, name in (("Deployment", "issued-router"), ("Deployment", "issued-workers"),
+                       ("StatefulSet", "issued-redis")):  # fmt: skip
+        assert _container(op, kind, name)["volumes"]["tls"]["secret"]["secretName"] == "issued-tls"
+    pool = wait_for(
+        "status.certificate",
+        lambda: (p := op.pool("issued")).get("status", {}).get("certificate") and p,
+    )
+    assert pool["status"]["tls"] == "Issued by the operator (Secret issued-tls)"
+    assert pool["status"]["certificate"]["lifetimeSeconds"] == 60
+
+    # Renewed after 2/3 of its life (40 s), in place, by the same CA.
+    renewed = wait_for(
+        "a renewed certificate",
+        lambda: (c := _leaf(op, "issued-tls"))[0].serial_number != leaf.serial_number and c,
+        timeout=120,
+        interval=1,
+    )
+    assert renewed[1] == ca_pem
+    renewed[0].verify_directly_issued_by(ca)
+    assert renewed[0].not_valid_after_utc > leaf.not_valid_after_utc
+
+    # Deleted: back on a later pass (no watch on Secrets: the resync or the renewal timer).
+    op.admin.run("delete", "secret", "issued-tls", "-n", op.namespace)
+    assert _leaf(op, "issued-tls")[1] == ca_pem
+
+    # A second pool of the namespace: its own leaf, the same CA.
+    op.create_pool("issued-two", {"replicas": 0, "tls": {"enabled": True}})
+    two, two_ca = _leaf(op, "issued-two-tls")
+    assert two_ca == ca_pem and two.serial_number != leaf.serial_number
+
+    # The operator may read the CA by its name and no other Secret.
+    assert _can_i(op, "get", "secrets/snakepit-ca")
+    assert not _can_i(op, "get", "secrets/issued-tls")
+    assert not _can_i(op, "list", "secrets")
+    for name in ("issued", "issued-two"):
+        op.admin.run("delete", "spp", name, "-n", op.namespace, "--wait=false")
 
 
 def test_a_pool_with_a_tls_secret_mounts_it_everywhere(op: OperatorEnv) -> None:

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from snakepit.operator.builders.store import REDIS_SCRIPT
 from snakepit.operator.builders.tls import HEALTH_PORT, INTERNAL_PORT, certificate_names
 from snakepit.operator.reconciler import TLS_DISABLED_MESSAGE
-from snakepit.operator.spec import SpecError
 from snakepit.operator.status import tls_status
 from snakepit.security.tls import POOL_NAME
 
@@ -96,10 +93,12 @@ def test_the_certificate_must_name_the_pool_and_its_services() -> None:
     assert {"demo-router.ml.svc", "demo-redis.ml.svc.cluster.local", "127.0.0.1"} <= set(names)
 
 
-def test_tls_without_a_secret_is_refused_and_an_opt_out_is_shown() -> None:
-    with pytest.raises(SpecError, match=r"needs spec\.tls\.secretName"):
-        make_pool({"tls": {"enabled": True}})
+def test_tls_status_names_the_secret_and_shows_an_opt_out() -> None:
+    issued = make_pool({"tls": {"enabled": True}})  # no Secret: the operator issues one
+    assert issued.spec.tls.operator_issued and issued.spec.tls.certificate_lifetime == 7 * 86400
+    assert tls_status(issued) == "Issued by the operator (Secret demo-tls)"
     assert make_pool({"tls": {"secretName": "s"}}).spec.tls.enabled  # a Secret means TLS
+    assert not make_pool({"tls": {"secretName": "s"}}).spec.tls.operator_issued
     assert tls_status(make_pool(TLS)) == "Secret demo-tls"
     assert tls_status(make_pool()) == "Disabled"
     assert (

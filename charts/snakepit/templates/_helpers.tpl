@@ -83,11 +83,20 @@ app.kubernetes.io/name: {{ printf "%s-operator" .Chart.Name | quote }}
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [get, list, watch, create, patch, delete]
-# The managed store's password Secret: created, never read, listed or changed (so even a
-# cluster-wide install cannot read the cluster's Secrets).
+# Secrets the operator makes: the managed store's password, the ticket key, the namespace CA
+# and the pools' certificates. Created, never listed or watched, and read only by one fixed
+# name (next rule), so even a cluster-wide install cannot read the cluster's Secrets. patch:
+# renewing a pool's certificate (<pool>-tls) in place (server-side apply); names per pool
+# cannot be listed in resourceNames, so this is write-only access to Secrets.
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [create]
+  verbs: [create, patch]
+# The namespace's CA for operator-issued certificates (spec.tls without secretName): this one
+# name only (builders/certs.py CA_SECRET).
+- apiGroups: [""]
+  resources: [secrets]
+  resourceNames: [snakepit-ca]
+  verbs: [get]
 # Events on pools (condition transitions, kopf warnings).
 - apiGroups: [""]
   resources: [events]

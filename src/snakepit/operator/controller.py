@@ -102,6 +102,8 @@ class Controller:
                 self.metrics.applied.inc(result.applied)
                 self.metrics.pruned.inc(result.pruned)
                 self.metrics.pool_seen(key, result.conditions)
+        if result is not None and result.requeue_after is not None:
+            self.queue.add_after(key, result.requeue_after)
         if result is not None:
             log.info(
                 "reconciled %s/%s in %.0f ms: %d applied, %d unchanged, %d pruned",

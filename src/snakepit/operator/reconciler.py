@@ -8,13 +8,26 @@ or deleted one is put back), and derives status from what the API server returne
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..security.localca import LocalCA
 from .builders import ChildKey, Names, build_children, build_store_secret, child_key, new_password
 from .builders.auth import build_ticket_secret
+from .builders.certs import (
+    CA_SECRET,
+    build_ca_secret,
+    build_certificate_secret,
+    ca_from_secret,
+    certificate_status,
+    issue_certificate,
+    new_namespace_ca,
+    parse_rfc3339,
+    renewal_due,
+)
 from .builders.common import STORE_SECRET_ANNOTATION
 from .children import Children, PoolKey, fingerprint
 from .config import OperatorConfig
@@ -92,6 +105,12 @@ class PassResult:
     transitions: Sequence[Transition]
     # condition type -> status ("True"/"False"/"Unknown") after the pass, for metrics
     conditions: Mapping[str, str] = field(default_factory=dict)
+    # Seconds until this pool needs a pass whatever the watches say (a certificate renewal).
+    requeue_after: float | None = None
+
+
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
 
 
 class Reconciler:
@@ -102,12 +121,16 @@ class Reconciler:
         children: Children,
         clock: Callable[[], str] = now_rfc3339,
         password: Callable[[], str] = new_password,
+        wall: Callable[[], datetime.datetime] = _utcnow,
     ) -> None:
         self.kube = kube
         self.config = config
         self.children = children
         self.clock = clock
         self.password = password
+        self.wall = wall
+        # namespace -> its CA (builders/certs.py), read again whenever a certificate is renewed
+        self._cas: dict[str, LocalCA] = {}
         # child -> (fingerprint of what we applied, fingerprint of what the server returned)
         self._applied: dict[tuple[PoolKey, ChildKey], tuple[str, str]] = {}
 
@@ -140,6 +163,18 @@ class Reconciler:
                 await self._ensure_ticket_secret(pool)
             except ApiError as exc:
                 problems.append(Problem("ApplyFailed", f"Secret: {exc.message}"))
+        previous: Mapping[str, Any] = body.get("status") or {}
+        # Kept as it was when this pass cannot issue (the next one retries).
+        certificate, requeue_after = previous.get("certificate"), None
+        if pool.spec.tls.operator_issued:
+            try:
+                certificate, requeue_after = await self._ensure_certificate(
+                    pool, previous.get("certificate")
+                )
+            except ApiError as exc:
+                problems.append(Problem("ApplyFailed", f"certificate Secret: {exc.message}"))
+            except ValueError as exc:  # a CA Secret someone else wrote, unusable
+                problems.append(Problem("ApplyFailed", f"Secret {CA_SECRET}: {exc}"))
         desired = build_children(pool, self.config, secret_uid)
         current: dict[ChildKey, JSON] = {}
         applied = 0
@@ -168,8 +203,9 @@ class Reconciler:
             router_service=current.get(("v1", "Service", names.router)),
             problems=problems,
         )
-        previous: Mapping[str, Any] = body.get("status") or {}
         status, transitions = compute_status(pool, observed, previous, self.clock())
+        if certificate is not None and pool.spec.tls.operator_issued:
+            status["certificate"] = certificate
         await self._write_status(body, previous, status, transitions)
         if not problems and (
             previous.get("observedGeneration") != pool.generation or _had_problems(previous)
@@ -179,7 +215,9 @@ class Reconciler:
                 await self._event(body, "Warning", "TLSDisabled", TLS_DISABLED_MESSAGE)
         unchanged = len(desired) - applied if waves else 0
         conditions = {c["type"]: c["status"] for c in status.get("conditions") or ()}
-        return PassResult(applied, unchanged, pruned, problems, transitions, conditions)
+        return PassResult(
+            applied, unchanged, pruned, problems, transitions, conditions, requeue_after
+        )
 
     async def _sync(self, pool: Pool, obj: JSON) -> tuple[JSON | None, Problem | None, bool]:
         """Apply ``obj`` unless the live child is exactly what our last apply left there.
@@ -220,6 +258,55 @@ class Reconciler:
         except ApiError as exc:
             if exc.status != 409:
                 raise
+
+    async def _ensure_certificate(self, pool: Pool, recorded: JSON | None) -> tuple[JSON, float]:
+        """The pool's leaf certificate (builders/certs.py): ``status.certificate`` after this
+        pass and the seconds until it must be renewed.
+
+        The operator may not read the Secret back, so ``recorded`` (the pool's status) says
+        what it issued. Not yet due, a fresh leaf is offered with ``create`` only: 409 means
+        the Secret is there and stays as it is, 201 means someone deleted it and it is back.
+        Due (or never issued), the new leaf replaces the Secret (server-side apply).
+        """
+        now = self.wall()
+        due = renewal_due(pool, recorded, now)
+        ca = await self._namespace_ca(pool.namespace, fresh=due)
+        cert = issue_certificate(pool, ca, now)
+        secret = build_certificate_secret(pool, ca, cert)
+        if not due and recorded is not None:
+            try:
+                await self.kube.create(secret)
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+                left = parse_rfc3339(str(recorded["renewAfter"])) - now
+                return recorded, max(1.0, left.total_seconds())
+        else:
+            await self.kube.apply(secret)
+        return certificate_status(pool, cert), max(1.0, (cert.renew_after - now).total_seconds())
+
+    async def _namespace_ca(self, namespace: str, *, fresh: bool) -> LocalCA:
+        """The namespace's CA: read by its fixed name (the one Secret the operator may ``get``),
+        created when missing; a concurrent creator wins (409) and is read back."""
+        cached = self._cas.get(namespace)
+        if cached is not None and not fresh:
+            return cached
+        secret = await self.kube.get("v1", "Secret", namespace, CA_SECRET)
+        if secret is None:
+            ca = new_namespace_ca(namespace)
+            try:
+                await self.kube.create(build_ca_secret(namespace, ca))
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+                secret = await self.kube.get("v1", "Secret", namespace, CA_SECRET)
+                if secret is None:
+                    raise
+                ca = ca_from_secret(secret)
+        else:
+            ca = ca_from_secret(secret)
+        self._cas[namespace] = ca
+        return ca
 
     async def _ensure_store_secret(self, pool: Pool) -> str:
         """The uid pods carry for the password Secret, without ever reading a Secret.

@@ -132,25 +132,42 @@ class AutoscalingSpec:
     scale_to_zero_after_seconds: int = 300
 
 
+# Operator-issued certificates (spec.tls without secretName): how long a leaf is valid.
+DEFAULT_CERTIFICATE_LIFETIME = 7 * 24 * 3600
+# Shorter would leave less than the kubelet's Secret propagation (about a minute) between a
+# renewal and the old certificate's expiry; tests use a few minutes.
+MIN_CERTIFICATE_LIFETIME = 60
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
 @dataclass(frozen=True)
 class TlsSpec:
-    """``spec.tls``: TLS on every hop with the certificate in ``secret_name`` (a Secret of type
-    kubernetes.io/tls with ``ca.crt``: what cert-manager writes), renewed by whoever writes it.
+    """``spec.tls``: TLS on every hop. With ``secret_name`` the certificate is the user's (a
+    Secret of type kubernetes.io/tls with ``ca.crt``: what cert-manager writes), renewed by
+    whoever writes it; without one the operator issues it from the namespace's CA
+    (builders/certs.py), valid ``certificate_lifetime`` seconds and renewed after 2/3 of it.
 
-    ``enabled`` is off by default until the operator issues certificates itself (issue 12);
-    ``explicit`` records whether the spec said so, since only an explicit opt-out is warned of.
+    ``enabled`` is off by default until TLS becomes the default (issue 12); ``explicit``
+    records whether the spec said so, since only an explicit opt-out is warned of.
     """
 
     enabled: bool = False
     secret_name: str | None = None
     explicit: bool = False
+    certificate_lifetime: int = DEFAULT_CERTIFICATE_LIFETIME
+
+    @property
+    def operator_issued(self) -> bool:
+        return self.enabled and self.secret_name is None
 
 
-TLS_NEEDS_SECRET = (
-    "spec.tls.enabled needs spec.tls.secretName: a Secret of type kubernetes.io/tls with ca.crt "
-    "(cert-manager's shape) whose certificate names the pool (docs/operator.md); certificates "
-    "issued by the operator itself are not built yet"
-)
+def parse_duration(raw: str, field_name: str) -> int:
+    """``90s``, ``10m``, ``24h``, ``7d`` (one number, one unit) as seconds."""
+    text = raw.strip()
+    unit = _DURATION_UNITS.get(text[-1:])
+    if unit is None or not text[:-1].isdigit():
+        raise SpecError(f"{field_name}: {raw!r} is not a duration like 90s, 10m, 24h or 7d")
+    return int(text[:-1]) * unit
 
 
 @dataclass(frozen=True)
@@ -362,9 +379,19 @@ def _parse_tls(raw: Mapping[str, Any]) -> TlsSpec:
     explicit = "enabled" in raw
     secret = raw.get("secretName") or None
     enabled = bool(raw.get("enabled", secret is not None))
-    if enabled and secret is None:
-        raise SpecError(TLS_NEEDS_SECRET)
-    return TlsSpec(enabled=enabled, secret_name=str(secret) if secret else None, explicit=explicit)
+    lifetime = DEFAULT_CERTIFICATE_LIFETIME
+    if raw.get("certificateLifetime"):
+        lifetime = parse_duration(str(raw["certificateLifetime"]), "spec.tls.certificateLifetime")
+        if lifetime < MIN_CERTIFICATE_LIFETIME:
+            raise SpecError(
+                f"spec.tls.certificateLifetime must be at least {MIN_CERTIFICATE_LIFETIME}s"
+            )
+    return TlsSpec(
+        enabled=enabled,
+        secret_name=str(secret) if secret else None,
+        explicit=explicit,
+        certificate_lifetime=lifetime,
+    )
 
 
 def _parse_auth(raw: Mapping[str, Any]) -> AuthSpec:

@@ -20,6 +20,7 @@ from typing import Any
 
 from .builders import Names, selector_string
 from .builders.common import WORKER
+from .builders.tls import issued_secret_name
 from .spec import JSON, Pool
 
 READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
@@ -258,6 +259,8 @@ def merge_conditions(
 def tls_status(pool: Pool) -> str:
     """``status.tls``: how the pool's hops are protected, where ``kubectl get`` shows it."""
     tls = pool.spec.tls
+    if tls.operator_issued:
+        return f"Issued by the operator (Secret {issued_secret_name(pool)})"
     if tls.enabled:
         return f"Secret {tls.secret_name}"
     return "Disabled (spec.tls.enabled: false)" if tls.explicit else "Disabled"

@@ -2,7 +2,8 @@
 their TLS flags, the router's internal port, and probes that do not need TLS.
 
 One certificate (the Secret named by ``spec.tls.secretName``, cert-manager's shape: tls.crt,
-tls.key, ca.crt) serves the whole pool: it names the pool (``POOL_NAME``, what members check
+tls.key, ca.crt; without a name, the one the operator issues into ``<pool>-tls``,
+builders/certs.py) serves the whole pool: it names the pool (``POOL_NAME``, what members check
 each other by), the router Service and the Redis Service (``certificate_names``). Whoever writes
 the Secret renews it; the kubelet updates the mounted files and every process picks them up
 without a restart (security/tls.py).
@@ -22,7 +23,16 @@ HEALTH_PORT = 50054
 
 
 def tls_enabled(pool: Pool) -> bool:
-    return pool.spec.tls.enabled and pool.spec.tls.secret_name is not None
+    return pool.spec.tls.enabled
+
+
+def issued_secret_name(pool: Pool) -> str:
+    """Where the operator puts the certificate it issues (spec.tls without secretName)."""
+    return f"{Names(pool.name).pool}-tls"
+
+
+def tls_secret_name(pool: Pool) -> str:
+    return pool.spec.tls.secret_name or issued_secret_name(pool)
 
 
 def certificate_names(pool: Pool) -> list[str]:
@@ -41,7 +51,7 @@ def tls_volumes(pool: Pool) -> list[JSON]:
     """The Secret as files readable by the container's non-root user (only it mounts them)."""
     if not tls_enabled(pool):
         return []
-    secret = {"secretName": pool.spec.tls.secret_name, "defaultMode": 0o444}
+    secret = {"secretName": tls_secret_name(pool), "defaultMode": 0o444}
     return [{"name": TLS_VOLUME, "secret": secret}]
 
 
