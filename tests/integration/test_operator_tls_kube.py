@@ -48,11 +48,17 @@ def test_a_lifetime_that_is_not_a_duration_is_refused_by_the_api_server(op: Oper
     assert "spec.tls.certificateLifetime" in proc.stderr, proc.stderr
 
 
-def _leaf(env: OperatorEnv, name: str) -> tuple[x509.Certificate, str]:
-    secret = wait_for(f"Secret {name}", lambda: env.get("v1", "Secret", name))
-    assert secret["type"] == "kubernetes.io/tls"
-    data = secret["data"]
-    return x509.load_pem_x509_certificate(base64.b64decode(data["tls.crt"])), data["ca.crt"]
+def _leaf(env: OperatorEnv, pool: str) -> tuple[x509.Certificate, str]:
+    """A pool's leaf in the shared Secret snakepit-certs, and its ca.crt (base64)."""
+
+    def present() -> dict[str, str] | None:
+        secret = env.get("v1", "Secret", "snakepit-certs")
+        data = (secret or {}).get("data") or {}
+        return data if f"{pool}.tls.crt" in data else None
+
+    data = wait_for(f"{pool}'s certificate", present)
+    cert = x509.load_pem_x509_certificate(base64.b64decode(data[f"{pool}.tls.crt"]))
+    return cert, data[f"{pool}.ca.crt"]
 
 
 def _can_i(env: OperatorEnv, *what: str) -> bool:
@@ -61,16 +67,14 @@ def _can_i(env: OperatorEnv, *what: str) -> bool:
     return proc.stdout.strip() == "yes"
 
 
-def test_the_operator_issues_renews_and_restores_certificates_from_one_ca(
-    op: OperatorEnv,
-) -> None:
+def test_the_operator_issues_renews_and_restores_certificates(op: OperatorEnv) -> None:
     spec = {"replicas": 1, "router": {"replicas": 1},
             "tls": {"enabled": True, "certificateLifetime": "60s"}}  # fmt: skip
     op.create_pool("issued", spec)
-    leaf, ca_pem = _leaf(op, "issued-tls")
-    ca_secret = op.get("v1", "Secret", "snakepit-ca")
-    assert ca_secret is not None and ca_secret["data"]["ca.crt"] == ca_pem
-    assert not ca_secret["metadata"].get("ownerReferences")  # outlives every pool
+    leaf, ca_pem = _leaf(op, "issued")
+    cas = op.get("v1", "Secret", "snakepit-ca")
+    assert cas is not None and cas["data"]["issued.crt"] == ca_pem
+    assert not cas["metadata"].get("ownerReferences")  # outlives every pool
     ca = x509.load_pem_x509_certificate(base64.b64decode(ca_pem))
     leaf.verify_directly_issued_by(ca)
     names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -79,18 +83,21 @@ def test_the_operator_issues_renews_and_restores_certificates_from_one_ca(
     )
     for kind, name in (("Deployment", "issued-router"), ("Deployment", "issued-workers"),
                        ("StatefulSet", "issued-redis")):  # fmt: skip
-        assert _container(op, kind, name)["volumes"]["tls"]["secret"]["secretName"] == "issued-tls"
+        volume = _container(op, kind, name)["volumes"]["tls"]["secret"]
+        assert volume["secretName"] == "snakepit-certs"
+        assert {i["key"] for i in volume["items"]} == {
+            "issued.tls.crt", "issued.tls.key", "issued.ca.crt"
+        }  # fmt: skip
     pool = wait_for(
         "status.certificate",
         lambda: (p := op.pool("issued")).get("status", {}).get("certificate") and p,
     )
-    assert pool["status"]["tls"] == "Issued by the operator (Secret issued-tls)"
-    assert pool["status"]["certificate"]["lifetimeSeconds"] == 60
+    assert pool["status"]["tls"] == "Issued by the operator (Secret snakepit-certs)"
 
     # Renewed after 2/3 of its life (40 s), in place, by the same CA.
     renewed = wait_for(
         "a renewed certificate",
-        lambda: (c := _leaf(op, "issued-tls"))[0].serial_number != leaf.serial_number and c,
+        lambda: (c := _leaf(op, "issued"))[0].serial_number != leaf.serial_number and c,
         timeout=120,
         interval=1,
     )
@@ -98,18 +105,25 @@ def test_the_operator_issues_renews_and_restores_certificates_from_one_ca(
     renewed[0].verify_directly_issued_by(ca)
     assert renewed[0].not_valid_after_utc > leaf.not_valid_after_utc
 
-    # Deleted: back on a later pass (no watch on Secrets: the resync or the renewal timer).
-    op.admin.run("delete", "secret", "issued-tls", "-n", op.namespace)
-    assert _leaf(op, "issued-tls")[1] == ca_pem
+    # Its keys removed: back on a later pass (no watch on Secrets: resync or renewal timer).
+    op.admin.run(
+        "patch", "secret", "snakepit-certs", "-n", op.namespace, "--type=json", "-p",
+        json.dumps([{"op": "remove", "path": "/data/issued.tls.crt"}]),
+    )  # fmt: skip
+    assert _leaf(op, "issued")[1] == ca_pem
 
-    # A second pool of the namespace: its own leaf, the same CA.
+    # A second pool of the namespace: its own CA, so its certificate is worth nothing here.
     op.create_pool("issued-two", {"replicas": 0, "tls": {"enabled": True}})
-    two, two_ca = _leaf(op, "issued-two-tls")
-    assert two_ca == ca_pem and two.serial_number != leaf.serial_number
+    two, two_ca = _leaf(op, "issued-two")
+    assert two_ca != ca_pem
+    with pytest.raises(ValueError):
+        two.verify_directly_issued_by(ca)
 
-    # The operator may read the CA by its name and no other Secret.
+    # The operator may read the two fixed-name Secrets and no other.
     assert _can_i(op, "get", "secrets/snakepit-ca")
-    assert not _can_i(op, "get", "secrets/issued-tls")
+    assert _can_i(op, "patch", "secrets/snakepit-certs")
+    assert not _can_i(op, "get", "secrets/issued-redis-auth")
+    assert not _can_i(op, "patch", "secrets/issued-redis-auth")
     assert not _can_i(op, "list", "secrets")
     for name in ("issued", "issued-two"):
         op.admin.run("delete", "spp", name, "-n", op.namespace, "--wait=false")

@@ -36,6 +36,7 @@ class FakeKube:
         self.refuse: set[str] = set()
         self.uids = 0
         self.gets: list[str] = []
+        self.patched: list[str] = []
 
     @staticmethod
     def key(obj: dict[str, Any]) -> Key:
@@ -46,6 +47,7 @@ class FakeKube:
         self.uids += 1
         stored = copy.deepcopy(obj)
         stored["metadata"].setdefault("uid", f"uid-{self.uids}")
+        stored["metadata"].setdefault("resourceVersion", str(self.uids))
         self.objects[self.key(stored)] = stored
         return stored
 
@@ -75,6 +77,22 @@ class FakeKube:
             raise ApiError(409, "AlreadyExists", "exists")
         self.created.append(f"{obj['kind']}/{obj['metadata']['name']}")
         return self.put(obj)
+
+    async def patch(
+        self, api_version: str, kind: str, ns: str, name: str, patch: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A JSON merge patch of ``data``, conditional on a resourceVersion in it."""
+        self.patched.append(f"{kind}/{name}")
+        stored = self.objects.get((api_version, kind, ns, name))
+        if stored is None:
+            raise ApiError(404, "NotFound", "not found")
+        wanted = patch.get("metadata", {}).get("resourceVersion")
+        if wanted is not None and wanted != stored["metadata"].get("resourceVersion"):
+            raise ApiError(409, "Conflict", "the object has been modified")
+        stored.setdefault("data", {}).update(patch.get("data", {}))
+        stored["metadata"]["resourceVersion"] = str(self.uids + 1000)
+        self.uids += 1
+        return copy.deepcopy(stored)
 
     async def delete(self, api_version: str, kind: str, ns: str, name: str, uid: str) -> None:
         self.deleted.append(f"{kind}/{name}")

@@ -96,7 +96,7 @@ def test_the_certificate_must_name_the_pool_and_its_services() -> None:
 def test_tls_status_names_the_secret_and_shows_an_opt_out() -> None:
     issued = make_pool({"tls": {"enabled": True}})  # no Secret: the operator issues one
     assert issued.spec.tls.operator_issued and issued.spec.tls.certificate_lifetime == 7 * 86400
-    assert tls_status(issued) == "Issued by the operator (Secret demo-tls)"
+    assert tls_status(issued) == "Issued by the operator (Secret snakepit-certs)"
     assert make_pool({"tls": {"secretName": "s"}}).spec.tls.enabled  # a Secret means TLS
     assert not make_pool({"tls": {"secretName": "s"}}).spec.tls.operator_issued
     assert tls_status(make_pool(TLS)) == "Secret demo-tls"

@@ -83,20 +83,18 @@ app.kubernetes.io/name: {{ printf "%s-operator" .Chart.Name | quote }}
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [get, list, watch, create, patch, delete]
-# Secrets the operator makes: the managed store's password, the ticket key, the namespace CA
-# and the pools' certificates. Created, never listed or watched, and read only by one fixed
-# name (next rule), so even a cluster-wide install cannot read the cluster's Secrets. patch:
-# renewing a pool's certificate (<pool>-tls) in place (server-side apply); names per pool
-# cannot be listed in resourceNames, so this is write-only access to Secrets.
+# Secrets the operator makes: the managed store's password, the ticket key and the two
+# namespace Secrets of operator-issued certificates. Created, never listed or watched.
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [create, patch]
-# The namespace's CA for operator-issued certificates (spec.tls without secretName): this one
-# name only (builders/certs.py CA_SECRET).
+  verbs: [create]
+# Operator-issued certificates (spec.tls without secretName, builders/certs.py): the pools' CAs
+# and their leaves, in two Secrets with fixed names, read and merge-patched by those names only.
+# Never patch/update on other Secrets: both answer with the whole Secret, a read in disguise.
 - apiGroups: [""]
   resources: [secrets]
-  resourceNames: [snakepit-ca]
-  verbs: [get]
+  resourceNames: [snakepit-ca, snakepit-certs]
+  verbs: [get, patch]
 # Events on pools (condition transitions, kopf warnings).
 - apiGroups: [""]
   resources: [events]

@@ -181,6 +181,14 @@ class Kube:
         url = path(obj["apiVersion"], obj["kind"], meta["namespace"])
         return await self.request("POST", url, obj, query=[("fieldManager", self.field_manager)])
 
+    async def patch(
+        self, api_version: str, kind: str, namespace: str, name: str, patch: JSON
+    ) -> JSON:
+        """JSON merge patch (a ``metadata.resourceVersion`` in it makes it conditional)."""
+        query = [("fieldManager", self.field_manager)]
+        url = path(api_version, kind, namespace, name)
+        return await self.request("PATCH", url, patch, MERGE, query)
+
     async def delete(
         self, api_version: str, kind: str, namespace: str, name: str, uid: str
     ) -> None:

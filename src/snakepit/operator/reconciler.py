@@ -19,16 +19,17 @@ from .builders import ChildKey, Names, build_children, build_store_secret, child
 from .builders.auth import build_ticket_secret
 from .builders.certs import (
     CA_SECRET,
-    build_ca_secret,
-    build_certificate_secret,
-    ca_from_secret,
+    ca_data,
     certificate_status,
+    current_certificate,
     issue_certificate,
-    new_namespace_ca,
-    parse_rfc3339,
-    renewal_due,
+    leaf_data,
+    namespace_secret,
+    new_pool_ca,
+    pool_ca,
 )
 from .builders.common import STORE_SECRET_ANNOTATION
+from .builders.tls import CERTS_SECRET
 from .children import Children, PoolKey, fingerprint
 from .config import OperatorConfig
 from .kube import ApiError, Kube, now_rfc3339
@@ -129,8 +130,6 @@ class Reconciler:
         self.clock = clock
         self.password = password
         self.wall = wall
-        # namespace -> its CA (builders/certs.py), read again whenever a certificate is renewed
-        self._cas: dict[str, LocalCA] = {}
         # child -> (fingerprint of what we applied, fingerprint of what the server returned)
         self._applied: dict[tuple[PoolKey, ChildKey], tuple[str, str]] = {}
 
@@ -168,12 +167,10 @@ class Reconciler:
         certificate, requeue_after = previous.get("certificate"), None
         if pool.spec.tls.operator_issued:
             try:
-                certificate, requeue_after = await self._ensure_certificate(
-                    pool, previous.get("certificate")
-                )
+                certificate, requeue_after = await self._ensure_certificate(pool)
             except ApiError as exc:
-                problems.append(Problem("ApplyFailed", f"certificate Secret: {exc.message}"))
-            except ValueError as exc:  # a CA Secret someone else wrote, unusable
+                problems.append(Problem("ApplyFailed", f"certificate: {exc.message}"))
+            except ValueError as exc:  # a CA someone else wrote into the Secret, unusable
                 problems.append(Problem("ApplyFailed", f"Secret {CA_SECRET}: {exc}"))
         desired = build_children(pool, self.config, secret_uid)
         current: dict[ChildKey, JSON] = {}
@@ -259,54 +256,68 @@ class Reconciler:
             if exc.status != 409:
                 raise
 
-    async def _ensure_certificate(self, pool: Pool, recorded: JSON | None) -> tuple[JSON, float]:
+    async def _ensure_certificate(self, pool: Pool) -> tuple[JSON, float]:
         """The pool's leaf certificate (builders/certs.py): ``status.certificate`` after this
         pass and the seconds until it must be renewed.
 
-        The operator may not read the Secret back, so ``recorded`` (the pool's status) says
-        what it issued. Not yet due, a fresh leaf is offered with ``create`` only: 409 means
-        the Secret is there and stays as it is, 201 means someone deleted it and it is back.
-        Due (or never issued), the new leaf replaces the Secret (server-side apply).
+        Level-based like the rest: read the two fixed-name Secrets (the only Secrets the
+        operator may read), keep a leaf that can stay, else issue one and merge it in under the
+        pool's keys (a merge patch leaves the other pools' keys alone).
         """
         now = self.wall()
-        due = renewal_due(pool, recorded, now)
-        ca = await self._namespace_ca(pool.namespace, fresh=due)
-        cert = issue_certificate(pool, ca, now)
-        secret = build_certificate_secret(pool, ca, cert)
-        if not due and recorded is not None:
-            try:
-                await self.kube.create(secret)
-            except ApiError as exc:
-                if exc.status != 409:
-                    raise
-                left = parse_rfc3339(str(recorded["renewAfter"])) - now
-                return recorded, max(1.0, left.total_seconds())
-        else:
-            await self.kube.apply(secret)
-        return certificate_status(pool, cert), max(1.0, (cert.renew_after - now).total_seconds())
+        ca = await self._pool_ca(pool)
+        certs = await self.kube.get("v1", "Secret", pool.namespace, CERTS_SECRET)
+        cert = current_certificate(pool, ca, certs, now)
+        if cert is None:
+            cert = issue_certificate(pool, ca, now)
+            data = leaf_data(pool, ca, cert)
+            await self._merge_into(pool.namespace, CERTS_SECRET, certs, data)
+        return certificate_status(cert), max(1.0, (cert.renew_after - now).total_seconds())
 
-    async def _namespace_ca(self, namespace: str, *, fresh: bool) -> LocalCA:
-        """The namespace's CA: read by its fixed name (the one Secret the operator may ``get``),
-        created when missing; a concurrent creator wins (409) and is read back."""
-        cached = self._cas.get(namespace)
-        if cached is not None and not fresh:
-            return cached
-        secret = await self.kube.get("v1", "Secret", namespace, CA_SECRET)
-        if secret is None:
-            ca = new_namespace_ca(namespace)
+    async def _pool_ca(self, pool: Pool) -> LocalCA:
+        """The pool's CA from ``CA_SECRET``, made and added under its keys when missing. The
+        addition is conditional on the Secret's resourceVersion: two writers never give one
+        pool two CAs (the loser reads the winner's)."""
+        for _ in range(5):
+            secret = await self.kube.get("v1", "Secret", pool.namespace, CA_SECRET)
+            ca = pool_ca(pool, secret)
+            if ca is not None:
+                return ca
+            ca = new_pool_ca(pool)
             try:
-                await self.kube.create(build_ca_secret(namespace, ca))
+                await self._merge_into(
+                    pool.namespace, CA_SECRET, secret, ca_data(pool, ca), conditional=True
+                )
+                return ca
             except ApiError as exc:
                 if exc.status != 409:
                     raise
-                secret = await self.kube.get("v1", "Secret", namespace, CA_SECRET)
-                if secret is None:
+        raise ApiError(409, "Conflict", f"Secret {CA_SECRET} kept changing; retrying later")
+
+    async def _merge_into(
+        self,
+        namespace: str,
+        name: str,
+        secret: JSON | None,
+        data: dict[str, str],
+        *,
+        conditional: bool = False,
+    ) -> None:
+        """Add ``data`` to a shared Secret (``secret``: as read): created when missing, else
+        merge-patched. ``conditional``: only onto the version read (409 when someone wrote in
+        between, or created it first); otherwise keys of other pools never collide."""
+        if secret is None:
+            try:
+                await self.kube.create(namespace_secret(namespace, name, data))
+                return
+            except ApiError as exc:
+                if exc.status != 409 or conditional:
                     raise
-                ca = ca_from_secret(secret)
-        else:
-            ca = ca_from_secret(secret)
-        self._cas[namespace] = ca
-        return ca
+        patch: JSON = {"data": data}
+        version = (secret or {}).get("metadata", {}).get("resourceVersion")
+        if conditional and version:
+            patch["metadata"] = {"resourceVersion": version}
+        await self.kube.patch("v1", "Secret", namespace, name, patch)
 
     async def _ensure_store_secret(self, pool: Pool) -> str:
         """The uid pods carry for the password Secret, without ever reading a Secret.

@@ -20,7 +20,7 @@ from typing import Any
 
 from .builders import Names, selector_string
 from .builders.common import WORKER
-from .builders.tls import issued_secret_name
+from .builders.tls import CERTS_SECRET
 from .spec import JSON, Pool
 
 READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
@@ -260,7 +260,7 @@ def tls_status(pool: Pool) -> str:
     """``status.tls``: how the pool's hops are protected, where ``kubectl get`` shows it."""
     tls = pool.spec.tls
     if tls.operator_issued:
-        return f"Issued by the operator (Secret {issued_secret_name(pool)})"
+        return f"Issued by the operator (Secret {CERTS_SECRET})"
     if tls.enabled:
         return f"Secret {tls.secret_name}"
     return "Disabled (spec.tls.enabled: false)" if tls.explicit else "Disabled"

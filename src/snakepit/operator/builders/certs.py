@@ -1,51 +1,64 @@
 """Operator-issued certificates (``spec.tls.enabled`` without ``secretName``), as pure functions.
 
-One CA per namespace, in a Secret with a fixed name (``CA_SECRET``), so the operator's RBAC can
-grant ``get`` on that one name (``resourceNames``) and never on the namespace's other Secrets.
-It belongs to no pool (no owner reference: deleting a pool must not change what the others in
-the namespace trust) and is immutable: rotating it is deleting it, after which the next
-issuance makes a new one and every pool's next certificate comes from it.
+Everything lives in two Secrets per namespace with fixed names, so the operator's RBAC names
+them (``resourceNames``) and grants no read of any other Secret. Fixed names matter because a
+``patch`` or ``update`` of a Secret answers with the whole Secret: holding either on every
+Secret is holding ``get`` on every Secret, and renewing a per-pool Secret in place would need
+exactly that.
 
-Each pool gets one leaf certificate in a Secret of type kubernetes.io/tls with ``ca.crt``
-(``issued_secret_name``), exactly the shape a ``spec.tls.secretName`` Secret has, so the pods
-mount it the same way (builders/tls.py). Its names are those of ``certificate_names``: the pool
-name members check each other by (``pool.snakepit.internal``), the router and Redis Service DNS
-names. It is valid ``spec.tls.certificateLifetime`` and renewed once ``RENEW_FRACTION`` of that
-has passed; the kubelet then updates the mounted files and the processes reload them.
+- ``CA_SECRET`` (``snakepit-ca``): one CA per pool (keys ``<pool>.crt``, ``<pool>.key``),
+  created the first time the pool needs a certificate and kept as long as the Secret is. A CA
+  per pool, not one for the namespace, because members check each other by the CA and the name
+  ``pool.snakepit.internal`` and a gRPC server checks a client certificate's chain, not its
+  name: with one CA for the namespace a worker of one pool could call another pool's router.
+  No pod mounts this Secret.
+- ``CERTS_SECRET`` (``snakepit-certs``): each pool's leaf (``<pool>.tls.crt``,
+  ``<pool>.tls.key``, ``<pool>.ca.crt``). A pool's pods mount only their own three keys, as
+  ``tls.crt``, ``tls.key``, ``ca.crt`` (``certificate_items``): the same files a
+  ``spec.tls.secretName`` Secret gives them, so everything else is unchanged.
+
+A leaf names what ``certificate_names`` lists (the pool name members check, the router and
+Redis Service DNS names), is valid ``spec.tls.certificateLifetime`` and is replaced once
+``RENEW_FRACTION`` of that has passed. The kubelet updates mounted Secret files in place
+(``items`` mounts too, unlike ``subPath``) and the processes reload them without a restart.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
-from ...security.localca import Issued, LocalCA
+from ...security.localca import BACKDATE, Issued, LocalCA
 from ...security.tls import CA_FILE, CERT_FILE, KEY_FILE, POOL_NAME
 from ..spec import JSON, Pool
-from .common import MANAGED_BY, ROUTER, metadata
-from .tls import certificate_names, issued_secret_name
+from .common import MANAGED_BY
+from .tls import CERTS_SECRET, certificate_names, leaf_keys
 
 CA_SECRET = "snakepit-ca"
-CA_CERT_KEY = "ca.crt"
-CA_KEY_KEY = "ca.key"
-# The CA outlives many leaves; its own rotation is a deliberate delete (see above).
+# A pool's CA outlives many leaves; rotating it is deleting its two keys from CA_SECRET.
 CA_DAYS = 3650
 # Renew once this share of a leaf's life has passed: a third of it is left for the kubelet to
-# deliver the new files and for the operator to be down a while.
+# deliver the new files (about a minute) and for the operator to be down a while.
 RENEW_FRACTION = 2 / 3
-ISSUED_ANNOTATION = "snakepit.dev/certificate-not-after"
 
 
-def build_ca_secret(namespace: str, ca: LocalCA) -> JSON:
-    """The namespace's CA (created with POST once, never applied or changed)."""
+def ca_keys(pool: Pool) -> tuple[str, str]:
+    return f"{pool.name}.crt", f"{pool.name}.key"
+
+
+def namespace_secret(namespace: str, name: str, data: Mapping[str, str]) -> JSON:
+    """One of the two shared Secrets (no owner: deleting a pool must not delete the others')."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {
-            "name": CA_SECRET,
+            "name": name,
             "namespace": namespace,
             "labels": {
                 "app.kubernetes.io/name": "snakepit",
@@ -53,29 +66,35 @@ def build_ca_secret(namespace: str, ca: LocalCA) -> JSON:
             },
         },
         "type": "Opaque",
-        "immutable": True,
-        "data": {CA_CERT_KEY: _b64(ca.cert_pem), CA_KEY_KEY: _b64(ca.key_pem)},
+        "data": dict(data),
     }
 
 
-def ca_from_secret(secret: JSON) -> LocalCA:
-    data = secret.get("data") or {}
-    if CA_CERT_KEY not in data or CA_KEY_KEY not in data:
-        raise ValueError(f"Secret {CA_SECRET} lacks {CA_CERT_KEY} or {CA_KEY_KEY}")
-    return LocalCA.from_pem(base64.b64decode(data[CA_CERT_KEY]), base64.b64decode(data[CA_KEY_KEY]))
+def new_pool_ca(pool: Pool) -> LocalCA:
+    return LocalCA.generate(f"snakepit pool {pool.namespace}/{pool.name}", days=CA_DAYS)
 
 
-def new_namespace_ca(namespace: str) -> LocalCA:
-    return LocalCA.generate(f"snakepit CA ({namespace})", days=CA_DAYS)
+def ca_data(pool: Pool, ca: LocalCA) -> dict[str, str]:
+    cert_key, key_key = ca_keys(pool)
+    return {cert_key: _b64(ca.cert_pem), key_key: _b64(ca.key_pem)}
+
+
+def pool_ca(pool: Pool, secret: JSON | None) -> LocalCA | None:
+    """The pool's CA from ``CA_SECRET``, None when it has none yet."""
+    data = (secret or {}).get("data") or {}
+    cert_key, key_key = ca_keys(pool)
+    if cert_key not in data or key_key not in data:
+        return None
+    return LocalCA.from_pem(base64.b64decode(data[cert_key]), base64.b64decode(data[key_key]))
 
 
 @dataclass(frozen=True)
 class Certificate:
-    """A leaf the operator issued: the files, and when to replace them."""
+    """A pool's leaf: when it ends and when to replace it (``issued`` only when new)."""
 
-    issued: Issued
     not_after: datetime.datetime
     renew_after: datetime.datetime
+    issued: Issued | None = None
 
 
 def issue_certificate(pool: Pool, ca: LocalCA, now: datetime.datetime) -> Certificate:
@@ -83,60 +102,53 @@ def issue_certificate(pool: Pool, ca: LocalCA, now: datetime.datetime) -> Certif
     lifetime = datetime.timedelta(seconds=pool.spec.tls.certificate_lifetime)
     issued = ca.issue(POOL_NAME, certificate_names(pool), valid_for=lifetime)
     not_after = x509.load_pem_x509_certificate(issued.cert_pem).not_valid_after_utc
-    return Certificate(issued, not_after, now + lifetime * RENEW_FRACTION)
+    return Certificate(not_after, now + lifetime * RENEW_FRACTION, issued)
 
 
-def build_certificate_secret(pool: Pool, ca: LocalCA, cert: Certificate) -> JSON:
-    """The leaf as a kubernetes.io/tls Secret with ``ca.crt``, owned by the pool."""
+def leaf_data(pool: Pool, ca: LocalCA, cert: Certificate) -> dict[str, str]:
+    assert cert.issued is not None
+    files = {CERT_FILE: cert.issued.cert_pem, KEY_FILE: cert.issued.key_pem, CA_FILE: ca.cert_pem}
+    return {key: _b64(files[name]) for key, name in leaf_keys(pool).items()}
+
+
+def current_certificate(
+    pool: Pool, ca: LocalCA, secret: JSON | None, now: datetime.datetime
+) -> Certificate | None:
+    """The pool's leaf in ``CERTS_SECRET`` if it can stay: present, from the pool's CA now,
+    of the lifetime the spec asks, and not yet at its renewal time. None: issue a new one."""
+    data: dict[str, Any] = (secret or {}).get("data") or {}
+    keys = list(leaf_keys(pool))
+    if any(key not in data for key in keys):
+        return None
+    try:
+        leaf = x509.load_pem_x509_certificate(base64.b64decode(data[keys[0]]))
+        leaf.verify_directly_issued_by(ca.cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return None
+    if base64.b64decode(data[keys[2]]) != ca.cert_pem:
+        return None
+    issued_at = leaf.not_valid_before_utc + BACKDATE
+    lifetime = leaf.not_valid_after_utc - issued_at
+    wanted = datetime.timedelta(seconds=pool.spec.tls.certificate_lifetime)
+    if abs(lifetime - wanted) > datetime.timedelta(seconds=5):
+        return None
+    renew_after = issued_at + lifetime * RENEW_FRACTION
+    if now >= renew_after:
+        return None
+    return Certificate(leaf.not_valid_after_utc, renew_after)
+
+
+def certificate_status(cert: Certificate) -> JSON:
+    """``status.certificate``: for people (``kubectl get -o yaml``); passes read the leaf."""
     return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": metadata(
-            pool,
-            issued_secret_name(pool),
-            ROUTER,
-            {ISSUED_ANNOTATION: rfc3339(cert.not_after)},
-        ),
-        "type": "kubernetes.io/tls",
-        "data": {
-            CERT_FILE: _b64(cert.issued.cert_pem),
-            KEY_FILE: _b64(cert.issued.key_pem),
-            CA_FILE: _b64(ca.cert_pem),
-        },
-    }
-
-
-def certificate_status(pool: Pool, cert: Certificate) -> JSON:
-    """``status.certificate``: what the operator issued last, and when it renews it (the
-    operator cannot read the Secret back, so this is how a later pass knows)."""
-    return {
-        "secretName": issued_secret_name(pool),
+        "secretName": CERTS_SECRET,
         "notAfter": rfc3339(cert.not_after),
         "renewAfter": rfc3339(cert.renew_after),
-        "lifetimeSeconds": pool.spec.tls.certificate_lifetime,
     }
-
-
-def renewal_due(pool: Pool, status: JSON | None, now: datetime.datetime) -> bool:
-    """Whether the pool needs a new leaf: none recorded, its renewal time passed, or the spec
-    asks for another lifetime."""
-    if not status or status.get("secretName") != issued_secret_name(pool):
-        return True
-    if status.get("lifetimeSeconds") != pool.spec.tls.certificate_lifetime:
-        return True
-    try:
-        renew_after = parse_rfc3339(str(status["renewAfter"]))
-    except (KeyError, ValueError):
-        return True
-    return now >= renew_after
 
 
 def rfc3339(moment: datetime.datetime) -> str:
     return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_rfc3339(text: str) -> datetime.datetime:
-    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
 
 
 def _b64(data: bytes) -> str:

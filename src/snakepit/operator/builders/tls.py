@@ -2,8 +2,8 @@
 their TLS flags, the router's internal port, and probes that do not need TLS.
 
 One certificate (the Secret named by ``spec.tls.secretName``, cert-manager's shape: tls.crt,
-tls.key, ca.crt; without a name, the one the operator issues into ``<pool>-tls``,
-builders/certs.py) serves the whole pool: it names the pool (``POOL_NAME``, what members check
+tls.key, ca.crt; without a name, the one the operator issues, under the pool's keys of
+``CERTS_SECRET``, builders/certs.py) serves the whole pool: it names the pool (``POOL_NAME``, what members check
 each other by), the router Service and the Redis Service (``certificate_names``). Whoever writes
 the Secret renews it; the kubelet updates the mounted files and every process picks them up
 without a restart (security/tls.py).
@@ -26,13 +26,14 @@ def tls_enabled(pool: Pool) -> bool:
     return pool.spec.tls.enabled
 
 
-def issued_secret_name(pool: Pool) -> str:
-    """Where the operator puts the certificate it issues (spec.tls without secretName)."""
-    return f"{Names(pool.name).pool}-tls"
+# Where the operator keeps the certificates it issues, every pool's of the namespace under its
+# own keys (builders/certs.py says why one Secret with a fixed name).
+CERTS_SECRET = "snakepit-certs"
 
 
-def tls_secret_name(pool: Pool) -> str:
-    return pool.spec.tls.secret_name or issued_secret_name(pool)
+def leaf_keys(pool: Pool) -> dict[str, str]:
+    """Key of the pool's leaf in ``CERTS_SECRET`` -> the file name its pods see."""
+    return {f"{pool.name}.{name}": name for name in (CERT_FILE, KEY_FILE, CA_FILE)}
 
 
 def certificate_names(pool: Pool) -> list[str]:
@@ -51,7 +52,10 @@ def tls_volumes(pool: Pool) -> list[JSON]:
     """The Secret as files readable by the container's non-root user (only it mounts them)."""
     if not tls_enabled(pool):
         return []
-    secret = {"secretName": tls_secret_name(pool), "defaultMode": 0o444}
+    secret: JSON = {"secretName": pool.spec.tls.secret_name, "defaultMode": 0o444}
+    if pool.spec.tls.operator_issued:  # its own three keys only, under the usual file names
+        items = [{"key": key, "path": path} for key, path in leaf_keys(pool).items()]
+        secret = {"secretName": CERTS_SECRET, "items": items, "defaultMode": 0o444}
     return [{"name": TLS_VOLUME, "secret": secret}]
 
 
