@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,7 @@ from localkube.providers import KubeCluster
 from snakepit import Client
 from snakepit.errors import Unauthenticated
 from snakepit.router.discovery import _api_client
+from snakepit.security.tickets import new_private_key, private_key_pem, public_key_pem
 from snakepit.security.tokenreview import (
     TokenReviewAuthenticator,
     kube_review,
@@ -55,6 +57,7 @@ def test_service_account_tokens_through_a_router(
     kube_namespace: str,
     procs: ProcessFactory,
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     cluster, ns = kube_control_plane, kube_namespace
     for account in ("caller", "other", "gone"):
@@ -66,12 +69,20 @@ def test_service_account_tokens_through_a_router(
     cluster.kubectl_run("-n", ns, "delete", "serviceaccount", "gone", "--wait")
     tampered = allowed[:-4] + ("AAAA" if not allowed.endswith("AAAA") else "BBBB")
 
+    # The router vouches for its callers to the workers with pool tickets (as the operator wires
+    # it): workers then see the ServiceAccount as the call's principal.
+    key = new_private_key()
+    (tmp_path / "ticket.key").write_bytes(private_key_pem(key))
+    (tmp_path / "ticket.pub").write_bytes(public_key_pem(key.public_key()))
     env = {"KUBECONFIG": str(cluster.kubeconfig)}
     router, _ = start_pool(
         procs, 1,
         "--allow-service-account", f"{ns}/caller",
         "--token-audience", AUDIENCE,
+        "--ticket-key", str(tmp_path / "ticket.key"), "--ticket-audience", "tr-pool",
         adapter=ADAPTER, env=env, router_env=env, token=allowed,
+        worker_args=("--ticket-public-key", str(tmp_path / "ticket.pub"),
+                     "--ticket-audience", "tr-pool"),
     )  # fmt: skip
     with Client(router.address, token=allowed) as client, client.session() as session:
         assert session.execute("whoami")["principal"] == f"system:serviceaccount:{ns}:caller"
