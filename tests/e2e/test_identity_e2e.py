@@ -118,7 +118,11 @@ def guarded(
                 and pool.get("status", {}).get("readyReplicas") == 2
             )
 
-        wait_until("secured pool ready", ready, timeout=600, interval=1)
+        try:
+            wait_until("secured pool ready", ready, timeout=420, interval=1)
+        except AssertionError:
+            _diagnose(kube_node, ns)
+            raise
         leaf = _leaf(kube_node, ns)
         assert leaf is not None
         ca = tmp_path_factory.mktemp("guarded") / "ca.pem"
@@ -131,6 +135,25 @@ def guarded(
             yield address, ca, name
     finally:
         kube_node.kubectl_run("delete", "clusterrolebinding", binding, check=False)
+
+
+def _diagnose(cluster: KubeCluster, ns: str) -> None:
+    """What a person would look at when the pool does not become ready (the namespace is
+    deleted afterwards)."""
+    for args in (
+        ("get", "snakepitpool", POOL, "-o", "jsonpath={.status}"),
+        ("get", "pods", "-o", "wide"),
+        ("get", "events", "--sort-by=.lastTimestamp"),
+        ("logs", "-l", "app.kubernetes.io/component=router", "--tail=40", "--all-containers"),
+        ("logs", "-l", "app.kubernetes.io/component=worker", "--tail=40", "--all-containers"),
+        ("logs", "-l", "app.kubernetes.io/component=session-store", "--tail=40"),
+    ):
+        out = cluster.kubectl_run("-n", ns, *args, check=False)
+        print(f"\n$ kubectl {' '.join(args)}\n{out.stdout[-6000:]}{out.stderr[-2000:]}")
+    operator = cluster.kubectl_run(
+        "-n", f"{ns}-system", "logs", "deployment/snakepit", "--tail=60", check=False
+    )  # fmt: skip
+    print(f"\noperator log:\n{operator.stdout[-6000:]}{operator.stderr[-2000:]}")
 
 
 CALLER_SCRIPT = """

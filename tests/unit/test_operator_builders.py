@@ -507,6 +507,12 @@ def test_spec_auth_turns_authentication_on_in_routers_and_tickets_in_workers() -
     assert volumes["ticket-key"]["secret"]["items"] == [{"key": "key.pem", "path": "key.pem"}]
     assert volumes["auth-tokens"]["secret"]["secretName"] == "demo-tokens"
     assert all(m["readOnly"] for m in router["volumeMounts"] if m["name"] != "tmp")
+    # Secret files are root's: without an fsGroup the router's non-root user needs "other"
+    # read, or it cannot read its own key and tokens (it then fails at start).
+    router_pod = pod_spec(built["Deployment/demo-router"])
+    assert "fsGroup" not in router_pod["securityContext"]
+    assert volumes["ticket-key"]["secret"]["defaultMode"] & 0o004
+    assert volumes["auth-tokens"]["secret"]["defaultMode"] & 0o004
 
     workers = built["Deployment/demo-workers"]
     worker_env = env(workers)

@@ -76,6 +76,12 @@ def router_auth_args(pool: Pool) -> list[str]:
     return args
 
 
+# Secret files are owned by root; the router runs as a non-root user without an fsGroup, so
+# 0400 would be unreadable to it (the router then fails at start). Only the router's one
+# container mounts these volumes, as with the TLS Secret (builders/tls.py).
+_READABLE = 0o444
+
+
 def router_auth_volumes(pool: Pool) -> tuple[list[JSON], list[JSON]]:
     """(volumeMounts, volumes) of a router pod: the signing key and the tokens file."""
     auth = pool.spec.auth
@@ -88,7 +94,7 @@ def router_auth_volumes(pool: Pool) -> tuple[list[JSON], list[JSON]]:
             "secret": {
                 "secretName": ticket_secret_name(pool),
                 "items": [{"key": PRIVATE_KEY, "path": PRIVATE_KEY}],
-                "defaultMode": 0o400,
+                "defaultMode": _READABLE,
             },
         }
     ]
@@ -100,7 +106,7 @@ def router_auth_volumes(pool: Pool) -> tuple[list[JSON], list[JSON]]:
                 "secret": {
                     "secretName": auth.tokens_secret,
                     "items": [{"key": TOKENS_KEY, "path": TOKENS_KEY}],
-                    "defaultMode": 0o400,
+                    "defaultMode": _READABLE,
                 },
             }
         )
