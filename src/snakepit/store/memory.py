@@ -325,25 +325,34 @@ class MemoryStore(SessionStore):
     ) -> Variable:
         rules.check_name(name)
         for _ in range(_DECL_ATTEMPTS):
-            decl = self._declaration(session_id, name, expected_version)
+            session, decl = self._declaration(session_id, name, expected_version)
             checked = await rules.check_value(decl, value, name, self.limits, type_name)
-            # A large value was checked in a helper process: look again at what it was
-            # checked against (a small one was checked without awaiting, so nothing moved).
-            if self._declaration(session_id, name, expected_version) is not decl:
-                continue
-            session = self._live(session_id)
+            if isinstance(value, rules.Encoded):
+                # Checked in a helper process: look again at what it was checked against
+                # (a small value was checked without awaiting, so nothing moved meanwhile).
+                session, now = self._declaration(session_id, name, expected_version)
+                if now is not decl:
+                    continue
             session.check_growth(self.limits, {name: checked[2]})
             return self._write(session, name, checked[0], checked[1:])
         raise FailedPrecondition(f"variable {name!r} was re-declared concurrently too often")
 
     def _declaration(
         self, session_id: str, name: str, expected_version: int | None
+    ) -> tuple[_Session, rules.Declaration | None]:
+        """The session and the declaration a write of ``name`` is checked against (None: a
+        new variable's)."""
+        session = self._live(session_id)
+        return session, self._declared(session, name, expected_version)
+
+    @staticmethod
+    def _declared(
+        session: _Session, name: str, expected_version: int | None = None
     ) -> rules.Declaration | None:
-        """The declaration a write of ``name`` is checked against (None: a new variable's)."""
-        old = self._live(session_id).variables.get(name)
+        old = session.variables.get(name)
         if old is None:
             if expected_version:
-                raise NotFound(f"variable {name!r} not found in session {session_id!r}")
+                raise NotFound(f"variable {name!r} not found in session {session.session_id!r}")
             return None
         if expected_version is not None and expected_version != old.version:
             raise FailedPrecondition(
@@ -357,14 +366,17 @@ class MemoryStore(SessionStore):
         for name in values:
             rules.check_name(name)
         for _ in range(_DECL_ATTEMPTS):
-            decls = {name: self._declaration(session_id, name, None) for name in values}
+            session = self._live(session_id)
+            decls = {name: self._declared(session, name) for name in values}
             staged = [
                 (name, await rules.check_value(decls[name], value, name, self.limits))
                 for name, value in values.items()
             ]
-            if any(self._declaration(session_id, n, None) is not decls[n] for n in values):
-                continue
-            session = self._live(session_id)
+            if any(isinstance(value, rules.Encoded) for value in values.values()):
+                # Checked in helper processes: look again (see set_variable).
+                session = self._live(session_id)
+                if any(self._declared(session, n) is not decls[n] for n in values):
+                    continue
             session.check_growth(self.limits, {name: checked[2] for name, checked in staged})
             return {
                 name: self._write(session, name, checked[0], checked[1:])
