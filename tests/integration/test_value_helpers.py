@@ -201,15 +201,32 @@ async def test_a_good_large_value_reads_back_as_written(make_store) -> None:  # 
         assert helpers.started >= 1
 
 
-async def test_a_helper_killed_mid_check_fails_that_write_only() -> None:
-    helpers = ValueHelpers(LIMITS, HelperConfig(processes=1, threshold=THRESHOLD))
-    big = pb.SetVariableRequest(session_id="s", name="v", value=to_pb("x" * (4 * THRESHOLD)))
+BIG = pb.SetVariableRequest(session_id="s", name="v", value=to_pb("x" * (4 * THRESHOLD)))
+
+
+@asynccontextmanager
+async def one_helper(
+    config: HelperConfig,
+) -> AsyncIterator[tuple[pb_grpc.BridgeServiceStub, ValueHelpers, int]]:
+    """A store served with ``config``'s helpers, after one large write started a helper:
+    (stub, helpers, that helper's pid)."""
+    helpers = ValueHelpers(LIMITS, config)
     async with served(MemoryStore(limits=LIMITS), helpers) as stub:
         await stub.InitializeSession(pb.InitializeSessionRequest(session_id="s"))
-        await stub.SetVariable(big)  # starts the helper
+        await stub.SetVariable(BIG)
         (pid,) = helpers.pids()
+        yield stub, helpers, pid
+
+
+def gone(pid: int) -> bool:
+    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+async def test_a_helper_killed_mid_check_fails_that_write_only() -> None:
+    config = HelperConfig(processes=1, threshold=THRESHOLD)
+    async with one_helper(config) as (stub, helpers, pid):
         os.kill(pid, signal.SIGSTOP)  # it now holds the next write until killed
-        stuck = asyncio.ensure_future(stub.SetVariable(big))
+        stuck = asyncio.ensure_future(stub.SetVariable(BIG))
         await asyncio.to_thread(wait_for, lambda: helpers._busy)
         # Small writes do not wait for helpers.
         small = pb.SetVariableRequest(session_id="s", name="small", value=to_pb(1))
@@ -220,47 +237,37 @@ async def test_a_helper_killed_mid_check_fails_that_write_only() -> None:
         assert "the process checking the value ended" in (error.details() or "")
         assert "not written" in (error.details() or "")
         # The next write gets a fresh helper; the failed one changed nothing.
-        assert (await stub.SetVariable(big)).variable.version == 2
+        assert (await stub.SetVariable(BIG)).variable.version == 2
         assert helpers.started == 2
 
 
 async def test_a_helper_that_dies_idle_costs_no_write() -> None:
-    helpers = ValueHelpers(LIMITS, HelperConfig(processes=1, threshold=THRESHOLD))
-    big = pb.SetVariableRequest(session_id="s", name="v", value=to_pb("x" * (4 * THRESHOLD)))
-    async with served(MemoryStore(limits=LIMITS), helpers) as stub:
-        await stub.InitializeSession(pb.InitializeSessionRequest(session_id="s"))
-        await stub.SetVariable(big)
-        (pid,) = helpers.pids()
+    async with one_helper(HelperConfig(processes=1, threshold=THRESHOLD)) as (stub, helpers, pid):
         os.kill(pid, signal.SIGKILL)
         for _ in range(1000):  # until this loop has seen it exit
             if not helpers.pids():
                 break
             await asyncio.sleep(0.01)
-        assert (await stub.SetVariable(big)).variable.version == 2
+        assert (await stub.SetVariable(BIG)).variable.version == 2
         assert helpers.started == 2
 
 
 async def test_helpers_are_bounded_in_time_and_queue() -> None:
     config = HelperConfig(processes=1, waiting=0, timeout=1.0, threshold=THRESHOLD)
-    helpers = ValueHelpers(LIMITS, config)
-    big = pb.SetVariableRequest(session_id="s", name="v", value=to_pb("x" * (4 * THRESHOLD)))
-    async with served(MemoryStore(limits=LIMITS), helpers) as stub:
-        await stub.InitializeSession(pb.InitializeSessionRequest(session_id="s"))
-        await stub.SetVariable(big)
-        (pid,) = helpers.pids()
+    async with one_helper(config) as (stub, helpers, pid):
         os.kill(pid, signal.SIGSTOP)
-        stuck = asyncio.ensure_future(stub.SetVariable(big))
+        stuck = asyncio.ensure_future(stub.SetVariable(BIG))
         await asyncio.to_thread(wait_for, lambda: helpers._busy)
         # No room to wait for the one helper: refused at once.
-        error = await rpc_error(stub.SetVariable(big))
+        error = await rpc_error(stub.SetVariable(BIG))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "value helpers of this router are busy" in (error.details() or "")
         # The stuck check ends at the helper timeout; its helper is killed.
         error = await rpc_error(stuck)
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "took longer than 1 s" in (error.details() or "")
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-        assert (await stub.SetVariable(big)).variable.version == 2
+        assert gone(pid)
+        assert (await stub.SetVariable(BIG)).variable.version == 2
 
 
 async def test_helpers_start_on_first_use_and_stop_on_close() -> None:
