@@ -57,11 +57,9 @@ TOKENS = {"attacker": "attacker-token-" + "a" * 24, "victim": "victim-token-" + 
 SPARE_SLOTS = 2
 
 
-class _Bearer(
-    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
-):
-    """Adds the attacker's token to every call of the raw stub."""
+class _Bearer:
+    """Adds a token to every call of a raw stub (grpc.aio files an interceptor under its first
+    kind only, so each kind is its own class below)."""
 
     def __init__(self, token: str) -> None:
         self.metadata = (("authorization", f"Bearer {token}"),)
@@ -69,11 +67,19 @@ class _Bearer(
     def _with_token(self, details: Any) -> Any:
         return details._replace(metadata=(*(details.metadata or ()), *self.metadata))
 
+
+class _BearerUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._with_token(details), request)
 
+
+class _BearerStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._with_token(details), request)
+
+
+def bearer(token: str) -> list[Any]:
+    return [_BearerUnary(token), _BearerStream(token)]
 
 
 def victim(target: str, stop_file: Path, out_file: Path, token: str = "") -> None:
@@ -253,14 +259,14 @@ async def attack_all(
     """A quiet window, then each attack in turn, with readiness and router growth after it."""
     # The attacker's channel sends up to 512 MB: the server, not the client, must refuse.
     token = TOKENS["attacker"] if auth else ""
-    interceptors = [_Bearer(token)] if auth else None
+    interceptors = bearer(token) if auth else None
     options = channel_options(512)
     channel = grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
     stub = pb_grpc.BridgeServiceStub(channel)
     victim_channel = None
     if auth:
         victim_channel = grpc.aio.insecure_channel(
-            target, options=options, interceptors=[_Bearer(TOKENS["victim"])]
+            target, options=options, interceptors=bearer(TOKENS["victim"])
         )
         NEWCOMER.append(pb_grpc.BridgeServiceStub(victim_channel))
     start = time.time()
