@@ -15,6 +15,9 @@ only lengths it bounds, a text it parses with the same parser as a declaration r
 and bytes it stores opaque: even a helper subverted by a hostile value could at worst make the
 router store wrong bytes for that caller's own variable, never run code in the router.
 
+Helpers run ``HELPER_NICENESS`` steps nicer than the router, so on a busy machine (or a pod's
+CPU share) checking a large value waits for the CPU before the router's other callers do.
+
 Bounds: ``processes`` values are checked at once; ``waiting`` more may wait for a helper (then
 RESOURCE_EXHAUSTED); one value's check ends after ``timeout`` seconds (DEADLINE_EXCEEDED; its
 helper is killed). A helper that dies mid-check fails that write with UNAVAILABLE (nothing was
@@ -55,6 +58,10 @@ _LENGTHS = struct.Struct(">II")
 # Room above a stored value's limit for its framing, and the most a declaration text takes.
 _SLACK = 1 << 20
 _STREAM_LIMIT = 1 << 20
+_PIECE = 1 << 20
+# Helpers yield the CPU to the router: a value's check may take longer on a busy machine, the
+# router's answers to everyone else do not.
+HELPER_NICENESS = 5
 _OK, _ERROR = b"o", b"e"
 DEFAULT_HELPERS = 2
 # The helper imports the same snakepit as this process, wherever that came from.
@@ -85,7 +92,11 @@ class _Helper:
         assert stdin is not None and stdout is not None
         stdin.write(_LENGTHS.pack(len(header), len(data)))
         stdin.write(header)
-        stdin.write(data)
+        # In pieces, so the loop copies 1 MiB at a time into the pipe's buffer, not 15 MB.
+        view = memoryview(data)
+        for start in range(0, len(view), _PIECE):
+            stdin.write(view[start : start + _PIECE])
+            await stdin.drain()
         await stdin.drain()
         head = await stdout.readexactly(1 + _LENGTHS.size)
         first, second = _LENGTHS.unpack(head[1:])
@@ -250,6 +261,7 @@ def _answer(header: dict[str, Any], data: bytes, limits: StoreLimits) -> tuple[b
 def main() -> None:
     """Answer requests from the router on stdin until it closes them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the router decides when its helpers end
+    os.nice(HELPER_NICENESS)
     logging.basicConfig(level=logging.WARNING)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     limits: StoreLimits | None = None
