@@ -62,7 +62,9 @@ _PIECE = 1 << 20
 # Helpers yield the CPU to the router: a value's check may take longer on a busy machine, the
 # router's answers to everyone else do not.
 HELPER_NICENESS = 5
-_OK, _ERROR = b"o", b"e"
+_OK, _ERROR, _READY = b"o", b"e", b"r"
+# How long a new helper may take to import what it checks with (not part of a value's time).
+_START_TIMEOUT = 60.0
 DEFAULT_HELPERS = 2
 # The helper imports the same snakepit as this process, wherever that came from.
 _ROOT = str(Path(__file__).resolve().parents[2])
@@ -215,8 +217,21 @@ class ValueHelpers:
             )
         except OSError as exc:
             raise Unavailable(f"{what}: cannot start a process to check the value: {exc}") from exc
+        helper = _Helper(proc)
+        try:
+            assert proc.stdout is not None
+            ready = await asyncio.wait_for(proc.stdout.readexactly(1), _START_TIMEOUT)
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            await helper.kill()
+            raise Unavailable(f"{what}: the process to check the value did not start") from None
+        except BaseException:  # cancelled with its call
+            await helper.kill()
+            raise
+        if ready != _READY:
+            await helper.kill()
+            raise Unavailable(f"{what}: the process to check the value did not start")
         self.started += 1
-        return _Helper(proc)
+        return helper
 
     def pids(self) -> list[int]:
         """The process ids of the helpers running now (idle or busy), as far as this event
@@ -242,7 +257,7 @@ def _read(stream: BinaryIO, size: int) -> bytes | None:
 
 
 def _answer(header: dict[str, Any], data: bytes, limits: StoreLimits) -> tuple[bytes, bytes, bytes]:
-    from . import rules
+    from . import rules  # imported before the helper says it is ready (``main``)
 
     try:
         text, stored = rules.check_encoded(
@@ -263,7 +278,11 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the router decides when its helpers end
     os.nice(HELPER_NICENESS)
     logging.basicConfig(level=logging.WARNING)
+    from . import rules  # noqa: F401 - what checks values, imported once before any value
+
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    stdout.write(_READY)
+    stdout.flush()
     limits: StoreLimits | None = None
     limits_seen: Any = None
     while (lengths := _read(stdin, _LENGTHS.size)) is not None:
