@@ -1,6 +1,7 @@
 """The security review's attacks against a live ``snakepit serve``, and what another caller feels.
 
-    python bench/attacks.py [--src DIR] [--window S] [--only NAME,...]
+    python bench/attacks.py [--src DIR] [--window S] [--only NAME,...] [--auth]
+                            [--serve-arg=--FLAG=VALUE ...]
 
 A victim process calls ``add`` through the router every 20 ms, and reads a session variable,
 the whole time; each attack runs in its own window and the table shows the victim's worst and
@@ -14,6 +15,13 @@ Attacks (docs/security.md): a ReDoS value against a ``(a+)+$`` pattern; one 100 
 writes of 15 MB strings and bytes; 300 watchers of one 1 MB variable; 20,000 sessions from one
 caller; 8 calls holding every worker slot (``sleep``). Every loop has a count and a time
 limit; every process is a child of this one and is stopped by its own handle.
+
+``--auth`` turns authentication on (``--auth-tokens``): the attacker and the victim are two
+principals, and the pool runs with ``--max-calls-per-principal`` of all slots but two, so the
+per-principal limits (sessions, calls in flight) are what the flood and the slot hog meet;
+the "newcomer" after the session flood is then the victim. ``--serve-arg`` passes a flag on to
+``snakepit serve`` (e.g. ``--serve-arg=--max-parsed-value-bytes=16777216`` so the 15 MB string
+is accepted, as it was before the limits). The load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -43,10 +51,42 @@ WORKERS = 2
 CONCURRENCY = 4
 
 
-def victim(target: str, stop_file: Path, out_file: Path) -> None:
+# The principals of an ``--auth`` run and their tokens.
+TOKENS = {"attacker": "attacker-token-" + "a" * 24, "victim": "victim-token-" + "v" * 24}
+# With --auth: one principal may hold every slot but these.
+SPARE_SLOTS = 2
+
+
+class _Bearer:
+    """Adds a token to every call of a raw stub (grpc.aio files an interceptor under its first
+    kind only, so each kind is its own class below)."""
+
+    def __init__(self, token: str) -> None:
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    def _with_token(self, details: Any) -> Any:
+        return details._replace(metadata=(*(details.metadata or ()), *self.metadata))
+
+
+class _BearerUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+
+class _BearerStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+
+def bearer(token: str) -> list[Any]:
+    return [_BearerUnary(token), _BearerStream(token)]
+
+
+def victim(target: str, stop_file: Path, out_file: Path, token: str = "") -> None:
     """The other caller: small calls through the router until told to stop."""
     samples: list[tuple[float, float, bool]] = []
-    with Client(target, timeout=60) as client, client.session(keep=True) as session:
+    client_ = Client(target, timeout=60, token=token or None)
+    with client_ as client, client.session(keep=True) as session:
         session.set("v", 1)
         while not stop_file.exists():
             at, started = time.time(), time.perf_counter()  # a stall counts where it began
@@ -155,7 +195,11 @@ async def sessions(stub: pb_grpc.BridgeServiceStub, client: AsyncClient) -> str:
             outcomes[code] = outcomes.get(code, 0) + 1
 
     await asyncio.gather(*(worker() for _ in range(32)))
-    after = await _status(stub.InitializeSession(pb.InitializeSessionRequest(), timeout=10))
+    newcomer = NEWCOMER[0] if NEWCOMER else stub
+    reply = newcomer.InitializeSession(pb.InitializeSessionRequest(session_id="new"), timeout=10)
+    after = await _status(reply)
+    if after == "OK":
+        await newcomer.CleanupSession(pb.CleanupSessionRequest(session_id="new"))
     for sid in created:  # clean up so later attacks start from an empty store
         await stub.CleanupSession(pb.CleanupSessionRequest(session_id=sid))
     return f"20k creates: {outcomes}; a newcomer then gets {after}"
@@ -169,6 +213,9 @@ async def hog(stub: pb_grpc.BridgeServiceStub, client: AsyncClient) -> str:
     await asyncio.gather(*calls, return_exceptions=True)
     return "8 x sleep(20) with no deadline, cancelled after 8 s"
 
+
+# With --auth: the victim's raw stub, which the session flood's "newcomer" uses.
+NEWCOMER: list[pb_grpc.BridgeServiceStub] = []
 
 ATTACKS: dict[str, Callable[[pb_grpc.BridgeServiceStub, AsyncClient], Awaitable[str]]] = {
     "redos": redos,
@@ -190,8 +237,8 @@ def window_stats(samples: list[list[Any]], start: float, end: float) -> tuple[st
     return f"{inside[-1]:.1f}", f"{p99:.1f}", f"{len(inside)}/{failed}"
 
 
-def ready_workers(target: str) -> str:
-    with Client(target) as probe:
+def ready_workers(target: str, token: str = "") -> str:
+    with Client(target, token=token or None) as probe:
         for _ in range(100):
             try:
                 ready = probe.status()["workers_ready"]
@@ -206,15 +253,26 @@ def ready_workers(target: str) -> str:
 Window = tuple[str, float, float, str, str, float]
 
 
-async def attack_all(target: str, serve_pid: int, names: list[str], quiet: float) -> list[Window]:
+async def attack_all(
+    target: str, serve_pid: int, names: list[str], quiet: float, auth: bool
+) -> list[Window]:
     """A quiet window, then each attack in turn, with readiness and router growth after it."""
     # The attacker's channel sends up to 512 MB: the server, not the client, must refuse.
-    channel = grpc.aio.insecure_channel(target, options=channel_options(512))
+    token = TOKENS["attacker"] if auth else ""
+    interceptors = bearer(token) if auth else None
+    options = channel_options(512)
+    channel = grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
     stub = pb_grpc.BridgeServiceStub(channel)
+    victim_channel = None
+    if auth:
+        victim_channel = grpc.aio.insecure_channel(
+            target, options=options, interceptors=bearer(TOKENS["victim"])
+        )
+        NEWCOMER.append(pb_grpc.BridgeServiceStub(victim_channel))
     start = time.time()
     await asyncio.sleep(quiet)
     windows: list[Window] = [("quiet", start, time.time(), "-", "", 0.0)]
-    async with AsyncClient(target) as client:
+    async with AsyncClient(target, token=token or None) as client:
         for name in names:
             before = rss_mb(serve_pid)
             start = time.time()
@@ -225,10 +283,12 @@ async def attack_all(target: str, serve_pid: int, names: list[str], quiet: float
             grown = rss_mb(serve_pid) - before
             await asyncio.sleep(3)  # what the attack leaves behind counts too
             end = time.time()
-            ready = await asyncio.to_thread(ready_workers, target)
+            ready = await asyncio.to_thread(ready_workers, target, token)
             windows.append((name, start, end, outcome, ready, grown))
             await asyncio.sleep(2)
     await channel.close()
+    if victim_channel is not None:
+        await victim_channel.close()
     return windows
 
 
@@ -238,27 +298,36 @@ def run(args: argparse.Namespace) -> None:
     target = f"127.0.0.1:{port}"
     env = {**os.environ, "SNAKEPIT_LOG_LEVEL": "error", "PYTHONPATH": str(src)}
     argv = ["serve", "--port", str(port), "--workers", str(WORKERS)]
-    argv += ["--worker-concurrency", str(CONCURRENCY)]
+    argv += ["--worker-concurrency", str(CONCURRENCY), *args.serve_arg]
+    tmp = Path(tempfile.mkdtemp(prefix="snakepit-attacks-"))
+    token = ""
+    if args.auth:
+        tokens = tmp / "tokens.txt"
+        tokens.write_text("".join(f"{who}:{tok}\n" for who, tok in TOKENS.items()))
+        argv += ["--auth-tokens", str(tokens)]
+        argv += ["--max-calls-per-principal", str(WORKERS * CONCURRENCY - SPARE_SLOTS)]
+        token = TOKENS["attacker"]
+    load_before = os.getloadavg()
     serve = subprocess.Popen(
         [sys.executable, "-m", "snakepit", *argv],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    tmp = Path(tempfile.mkdtemp(prefix="snakepit-attacks-"))
     stop, out = tmp / "stop", tmp / "victim.json"
     victim_proc: subprocess.Popen[bytes] | None = None
     try:
         deadline = time.monotonic() + 60
-        while ready_workers(target) != f"{WORKERS}/{WORKERS}":
+        while ready_workers(target, token) != f"{WORKERS}/{WORKERS}":
             if time.monotonic() > deadline:
                 raise TimeoutError("pool not ready")
         victim_proc = subprocess.Popen(
             [sys.executable, __file__, "--victim", target, str(stop), str(out)]
+            + ([TOKENS["victim"]] if args.auth else [])
         )
         time.sleep(3)
         names = args.only.split(",") if args.only else list(ATTACKS)
-        windows = asyncio.run(attack_all(target, serve.pid, names, args.window))
+        windows = asyncio.run(attack_all(target, serve.pid, names, args.window, args.auth))
     finally:
         stop.write_text("stop")
         if victim_proc is not None:
@@ -275,19 +344,28 @@ def run(args: argparse.Namespace) -> None:
         rows.append(
             [name, f"{end - start:.1f}", worst, p99, failed, ready, f"{grown:+.0f}", outcome]
         )
-    print(f"source: {src}")
+    print(f"source: {src}; serve {' '.join(argv[1:])}")
+    load_after = os.getloadavg()
+    print("load average (1/5/15 min) before: {:.1f} {:.1f} {:.1f}".format(*load_before))
+    print("load average (1/5/15 min) after:  {:.1f} {:.1f} {:.1f}".format(*load_after))
     headers = ["window", "s", "victim worst ms", "p99 ms", "calls/failed", "ready after"]
     print(table([*headers, "router RSS MB", "attack outcome"], rows))
 
 
 def main() -> None:
-    if len(sys.argv) == 5 and sys.argv[1] == "--victim":
-        victim(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]))
+    if len(sys.argv) in (5, 6) and sys.argv[1] == "--victim":
+        victim(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), *sys.argv[5:])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--src", default="", help="run the pool from this source tree")
     parser.add_argument("--window", type=float, default=10.0, help="seconds of the quiet window")
     parser.add_argument("--only", default="", help=f"comma-separated subset of {list(ATTACKS)}")
+    parser.add_argument(
+        "--auth", action="store_true", help="attacker and victim as two authenticated principals"
+    )
+    parser.add_argument(
+        "--serve-arg", action="append", default=[], help="a flag for snakepit serve (repeatable)"
+    )
     run(parser.parse_args())
 
 

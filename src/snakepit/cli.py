@@ -109,6 +109,15 @@ def _pool_options(parser: argparse.ArgumentParser) -> None:
         parser, "--max-session-ttl", lim.max_ttl, float, help="longest TTL a caller may ask for (s)"
     )
     _add(parser, "--max-watchers", lim.max_watchers, int, help="WatchVariables streams in total")
+    from .store.offload import DEFAULT_HELPERS
+
+    _add(
+        parser,
+        "--value-helpers",
+        DEFAULT_HELPERS,
+        int,
+        help="processes that check large written values off the event loop (0: on the loop)",
+    )
     _add(
         parser,
         "--max-watchers-per-session",
@@ -698,6 +707,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         pool=_pool_config(args),
         max_message_mb=args.max_message_mb,
         limits=_store_limits(args),
+        value_helpers=args.value_helpers,
         max_call_seconds=args.max_call_seconds,
         quiet=not args.verbose,
         metrics_port=args.metrics_port,
@@ -785,6 +795,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         data_path=args.data_path,
         limits=_store_limits(args),
+        value_helpers=args.value_helpers,
         tls=_server_tls(args),
         pool_tls=_pool_tls(args),
         internal_port=args.internal_port,

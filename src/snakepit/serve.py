@@ -39,6 +39,7 @@ from .security.tickets import public_key_text
 from .security.tls import CA_FILE, CERT_FILE, KEY_FILE, POOL_NAME, TlsFiles
 from .store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL
 from .store.limits import StoreLimits
+from .store.offload import DEFAULT_HELPERS
 from .supervisor import RestartPolicy, WorkerSlot, free_port
 from .worker.server import DEFAULT_ADAPTER, DEFAULT_MAX_CALL_SECONDS
 
@@ -121,6 +122,7 @@ class ServeConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
     limits: StoreLimits = field(default_factory=StoreLimits)
+    value_helpers: int = DEFAULT_HELPERS
     max_call_seconds: float = DEFAULT_MAX_CALL_SECONDS
     worker_args: list[str] = field(default_factory=list)
     startup_timeout: float = 60.0
@@ -181,6 +183,7 @@ class LocalPool:
                 metrics_port=config.metrics_port,
                 data_path=config.data_path,
                 limits=config.limits,
+                value_helpers=config.value_helpers,
                 tls=config.tls,
                 pool_tls=None if self.pool_ca is None else self.pool_ca.files,
                 auth=config.auth,

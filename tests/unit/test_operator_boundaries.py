@@ -173,6 +173,7 @@ def test_limits_and_max_call_seconds_reach_the_pods() -> None:
                 "maxValueBytes": 1000,
                 "maxWatchersPerSession": 3,
                 "maxSessionsPerPrincipal": 50,
+                "valueHelpers": 1,
             },
         }
     )
@@ -182,6 +183,7 @@ def test_limits_and_max_call_seconds_reach_the_pods() -> None:
     assert arg(router_args, "--max-value-bytes") == "1000"
     assert arg(router_args, "--max-watchers-per-session") == "3"
     assert arg(router_args, "--max-sessions-per-principal") == "50"
+    assert arg(router_args, "--value-helpers") == "1"
     assert "--max-variables" not in router_args  # unset limits keep the router's default
     assert arg(container(children()["Deployment/demo-workers"])["args"], "--max-call-seconds") == (
         "300"

@@ -132,3 +132,28 @@ def test_scalar_fast_paths_match_the_codec(value: float, type_name: str) -> None
     back = load_bytes(data)
     assert type(back) is type(decode_value(data))
     assert repr(back) == repr(decode_value(data))
+
+
+async def test_an_answer_splices_the_stored_bytes_without_decoding_them() -> None:
+    from snakepit.protocol import from_pb, pb
+    from snakepit.store.base import Variable
+    from snakepit.store.rules import UNDECODED, Encoded, check_value
+
+    store = MemoryStore()
+    await store.create_session("s")
+    value = {"rows": [[1, 2.5, "x"], [None, True, "é"]]}
+    await store.set_variable("s", "v", value, type_name="map")
+    read = await store.get_variable("s", "v")
+    assert read._value is UNDECODED  # not decoded by the store...
+    wire = pb.Variable.FromString(read.wire().to_bytes())
+    assert read._value is UNDECODED  # ...nor by its answer
+    assert (wire.name, wire.type, wire.version) == ("v", "map", 1)
+    assert from_pb(wire.value) == value == read.value
+    # A variable read from the wire (no stored bytes) encodes its value.
+    again = Variable.from_proto(wire)
+    assert pb.Variable.FromString(again.wire().to_bytes()) == read.to_proto()
+    # A value still encoded is checked to the same declaration and bytes as the decoded one.
+    decl = Declaration.new("map")
+    inline = await check_value(decl, value, "v")
+    encoded = await check_value(decl, Encoded(encode_value(value), "SetVariable 'v'"), "v")
+    assert encoded[0] is decl and encoded[1] is UNDECODED and encoded[2] == inline[2]

@@ -112,6 +112,7 @@ class LimitsSpec:
     max_watchers_per_session: int | None = None
     max_sessions_per_principal: int | None = None
     max_calls_per_principal: int | None = None
+    value_helpers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -332,6 +333,7 @@ def _parse_limits(raw: Mapping[str, Any]) -> LimitsSpec:
         max_watchers_per_session=_opt_int(raw, "maxWatchersPerSession"),
         max_sessions_per_principal=_opt_int(raw, "maxSessionsPerPrincipal"),
         max_calls_per_principal=_opt_int(raw, "maxCallsPerPrincipal"),
+        value_helpers=_opt_int(raw, "valueHelpers"),
     )
 
 

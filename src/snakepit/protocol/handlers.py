@@ -39,13 +39,16 @@ async def _parse(
 
 
 def unary(
-    fn: Callable[[Any, Context], Awaitable[Message]],
+    fn: Callable[[Any, Context], Awaitable[Message | bytes]],
     request_type: type[Message],
     max_bytes: int | None = None,
 ) -> grpc.RpcMethodHandler:
+    """A unary handler; ``fn`` may return a message or bytes it serialised itself (a store
+    answer that splices a stored value in without decoding it)."""
+
     async def handler(raw: bytes, context: Context) -> bytes:
         response = await fn(await _parse(raw, request_type, context, max_bytes), context)
-        return response.SerializeToString()
+        return response if isinstance(response, bytes) else response.SerializeToString()
 
     return grpc.unary_unary_rpc_method_handler(handler)
 

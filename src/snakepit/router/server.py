@@ -40,6 +40,7 @@ from ..security.identity import Principal, session_id_of, session_key
 from ..security.tls import ChannelTls, ServerTls, TlsFiles
 from ..store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL, SessionStore
 from ..store.limits import StoreLimits
+from ..store.offload import DEFAULT_HELPERS, HelperConfig, ValueHelpers
 from .discovery import Discovery, StaticDiscovery
 from .hosting import FORWARDED_KEY, HostRegistry
 from .observe import NULL_OBSERVER, CallObserver, NullObserver
@@ -91,6 +92,8 @@ class RouterConfig:
     # Tool calls through HAProxy or the Python router: auto, haproxy, python (router/dataplane.py).
     data_path: str = "python"
     limits: StoreLimits = field(default_factory=StoreLimits)
+    # Helper processes that check large written values off the event loop (0: on the loop).
+    value_helpers: int = DEFAULT_HELPERS
     auth: AuthConfig = field(default_factory=AuthConfig)
     # TLS on the router's port: ``cert``/``key`` it presents and, if ``ca`` is set, the CA whose
     # client certificates it then requires. None: plaintext.
@@ -182,6 +185,8 @@ class RouterServer:
         # Called when calls start being held with no ready worker (e.g. to wake an autoscaler).
         self.starved_listeners: list[Callable[[], None]] = []
         self.pool.on_starved = self._on_starved
+        # Started on the first large write, stopped with the router (store/offload.py).
+        self.value_helpers: ValueHelpers | None = None
 
     def _observe(
         self, method: str, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
@@ -304,6 +309,8 @@ class RouterServer:
             task.cancel()
         await self.hosting.close_peers()
         await self.pool.close()
+        if self.value_helpers is not None:
+            await self.value_helpers.close()
         if self.store is not None:
             await self.store.close()
         if self.metrics_server is not None:
@@ -336,8 +343,12 @@ class RouterServer:
         from ..store.service import StoreService, method_handlers
 
         assert self.store is not None
+        if self.config.value_helpers > 0:
+            self.value_helpers = ValueHelpers(
+                self.store.limits, HelperConfig(processes=self.config.value_helpers)
+            )
         handlers: dict[str, grpc.RpcMethodHandler] = method_handlers(
-            StoreService(self.store, self.gate)
+            StoreService(self.store, self.gate, self.value_helpers)
         )
         handlers.update(
             ExecuteTool=grpc.unary_unary_rpc_method_handler(self._execute),

@@ -28,14 +28,19 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from ..protocol import Constraints, from_pb, pb, to_pb
+from ..protocol import Constraints, encode_value, from_pb, pb
 from ..protocol.constraints import EMPTY
+from ..protocol.wire import WireMessage
+from . import rules
 from .limits import DEFAULT_LIMITS, StoreLimits
+from .rules import UNDECODED
 
 DEFAULT_SESSION_TTL = 3600.0
 DEFAULT_MAX_SESSIONS = 10_000
 
 _EMPTY_MAP: Mapping[str, str] = MappingProxyType({})
+# The field number of ``value`` in the Variable message.
+_VARIABLE_VALUE = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,28 +80,91 @@ class SessionInfo:
         )
 
 
-@dataclass(frozen=True, slots=True)
 class Variable:
-    name: str
-    type: str
-    value: Any
-    version: int
-    created_at: float
-    updated_at: float
-    constraints: Constraints = EMPTY
-    metadata: Mapping[str, str] = field(default_factory=lambda: _EMPTY_MAP)
+    """A variable as a store returns it.
 
-    def to_proto(self) -> pb.Variable:
-        return pb.Variable(
+    ``data`` is its stored form, a serialised ``Value`` (``rules.store_bytes``); ``value`` is
+    decoded from it on first use. A router that only passes a variable on (``wire``) never
+    decodes it, so answering with a 15 MB value costs the event loop a copy, not a parse.
+    A variable given only a ``value`` (one read from the wire) encodes it when asked for bytes.
+    """
+
+    __slots__ = (
+        "_value",
+        "constraints",
+        "created_at",
+        "data",
+        "metadata",
+        "name",
+        "type",
+        "updated_at",
+        "version",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        type: str,
+        value: Any = UNDECODED,
+        version: int = 0,
+        created_at: float = 0.0,
+        updated_at: float = 0.0,
+        constraints: Constraints = EMPTY,
+        metadata: Mapping[str, str] = _EMPTY_MAP,
+        *,
+        data: bytes | None = None,
+    ) -> None:
+        if value is UNDECODED and data is None:
+            raise TypeError("a Variable needs its value or its stored bytes")
+        self.name = name
+        self.type = type
+        self._value = value
+        self.version = version
+        self.created_at = created_at
+        self.updated_at = updated_at
+        self.constraints = constraints
+        self.metadata = metadata
+        self.data = data
+
+    @property
+    def value(self) -> Any:
+        if self._value is UNDECODED:
+            assert self.data is not None
+            self._value = rules.load_bytes(self.data)
+        return self._value
+
+    def __repr__(self) -> str:
+        shown = "<undecoded>" if self._value is UNDECODED else repr(self._value)[:200]
+        return (
+            f"Variable(name={self.name!r}, type={self.type!r}, value={shown}, "
+            f"version={self.version})"
+        )
+
+    def value_bytes(self) -> bytes:
+        """The serialised ``Value``: the stored bytes when there are some (no encoding)."""
+        if self.data is not None:
+            return self.data
+        return encode_value(self._value, self.type)
+
+    def wire(self) -> WireMessage:
+        """The serialised ``Variable`` as chunks: its small fields through protobuf, its value
+        spliced in as it is (field order does not matter to a protobuf reader)."""
+        head = pb.Variable(
             name=self.name,
             type=self.type,
-            value=to_pb(self.value, self.type),
             constraints=self.constraints.to_proto(),
             version=self.version,
             created_at=self.created_at,
             updated_at=self.updated_at,
             metadata=dict(self.metadata),
         )
+        msg = WireMessage()
+        msg.add_raw(head.SerializeToString())
+        msg.add_bytes(_VARIABLE_VALUE, self.value_bytes())
+        return msg
+
+    def to_proto(self) -> pb.Variable:
+        return pb.Variable.FromString(self.wire().to_bytes())
 
     @classmethod
     def from_proto(cls, msg: pb.Variable) -> Variable:

@@ -41,7 +41,8 @@ from .limits import DEFAULT_LIMITS, StoreLimits, WatcherSlots
 # Changes a watcher may have queued before it counts as too slow to be complete.
 DEFAULT_WATCH_BACKLOG = 10_000
 _END = object()
-_UNDECODED = object()
+# How often a write of a large value may find its variable re-declared while it was checked.
+_DECL_ATTEMPTS = 8
 
 
 @dataclass(slots=True)
@@ -52,23 +53,19 @@ class _Var:
     created_at: float
     updated_at: float
 
-    def view(self, name: str, checked: Any = _UNDECODED) -> Variable:
-        """The variable as callers see it; ``checked`` is the value just written, which an
-        immutable type may reuse instead of decoding what was stored (a second parse)."""
-        value = (
-            rules.load_bytes(self.data)
-            if checked is _UNDECODED
-            else rules.written_value(checked, self.data, self.decl.type)
-        )
+    def view(self, name: str, checked: Any = rules.UNDECODED) -> Variable:
+        """The variable as callers see it, decoded only when its value is asked for;
+        ``checked`` is the value just written, which an immutable type may reuse."""
         return Variable(
             name=name,
             type=self.decl.type,
-            value=value,
+            value=checked,
             version=self.version,
             created_at=self.created_at,
             updated_at=self.updated_at,
             constraints=self.decl.constraints,
             metadata=self.decl.metadata,
+            data=self.data,
         )
 
 
@@ -267,6 +264,7 @@ class MemoryStore(SessionStore):
         prepared: tuple[Any, bytes],
     ) -> Variable:
         checked, data = prepared
+        checked = rules.written_value(checked, data, decl.type)
         now: float = self.clock()
         old = session.variables.get(name)
         if old is None:
@@ -303,10 +301,10 @@ class MemoryStore(SessionStore):
     ) -> Variable:
         rules.check_name(name)
         decl = rules.Declaration.new(type_name, constraints, metadata, self.limits)
-        prepared = decl.prepare(value, name, self.limits)
+        _, checked, data = await rules.check_value(decl, value, name, self.limits)
         session = self._live(session_id)
-        session.check_growth(self.limits, {name: prepared[1]})
-        return self._write(session, name, decl, prepared)
+        session.check_growth(self.limits, {name: data})
+        return self._write(session, name, decl, (checked, data))
 
     async def get_variable(self, session_id: str, name: str) -> Variable:
         session = self._live(session_id)
@@ -326,38 +324,65 @@ class MemoryStore(SessionStore):
         type_name: str | None = None,
     ) -> Variable:
         rules.check_name(name)
+        for _ in range(_DECL_ATTEMPTS):
+            session, decl = self._declaration(session_id, name, expected_version)
+            checked = await rules.check_value(decl, value, name, self.limits, type_name)
+            if isinstance(value, rules.Encoded):
+                # Checked in a helper process: look again at what it was checked against
+                # (a small value was checked without awaiting, so nothing moved meanwhile).
+                session, now = self._declaration(session_id, name, expected_version)
+                if now is not decl:
+                    continue
+            session.check_growth(self.limits, {name: checked[2]})
+            return self._write(session, name, checked[0], checked[1:])
+        raise FailedPrecondition(f"variable {name!r} was re-declared concurrently too often")
+
+    def _declaration(
+        self, session_id: str, name: str, expected_version: int | None
+    ) -> tuple[_Session, rules.Declaration | None]:
+        """The session and the declaration a write of ``name`` is checked against (None: a
+        new variable's)."""
         session = self._live(session_id)
+        return session, self._declared(session, name, expected_version)
+
+    @staticmethod
+    def _declared(
+        session: _Session, name: str, expected_version: int | None = None
+    ) -> rules.Declaration | None:
         old = session.variables.get(name)
         if old is None:
             if expected_version:
-                raise NotFound(f"variable {name!r} not found in session {session_id!r}")
-            decl = rules.inferred_declaration(value, type_name, self.limits)
-        else:
-            if expected_version is not None and expected_version != old.version:
-                raise FailedPrecondition(
-                    f"variable {name!r} is at version {old.version}, not {expected_version}"
-                )
-            decl = old.decl
-        prepared = decl.prepare(value, name, self.limits)
-        session.check_growth(self.limits, {name: prepared[1]})
-        return self._write(session, name, decl, prepared)
+                raise NotFound(f"variable {name!r} not found in session {session.session_id!r}")
+            return None
+        if expected_version is not None and expected_version != old.version:
+            raise FailedPrecondition(
+                f"variable {name!r} is at version {old.version}, not {expected_version}"
+            )
+        return old.decl
 
     async def set_variables(
         self, session_id: str, values: Mapping[str, Any]
     ) -> dict[str, Variable]:
-        session = self._live(session_id)
-        staged: list[tuple[str, rules.Declaration, tuple[Any, bytes]]] = []
-        for name, value in values.items():
+        for name in values:
             rules.check_name(name)
-            old = session.variables.get(name)
-            decl = (
-                old.decl
-                if old is not None
-                else rules.inferred_declaration(value, None, self.limits)
-            )
-            staged.append((name, decl, decl.prepare(value, name, self.limits)))
-        session.check_growth(self.limits, {name: prepared[1] for name, _, prepared in staged})
-        return {name: self._write(session, name, decl, prep) for name, decl, prep in staged}
+        for _ in range(_DECL_ATTEMPTS):
+            session = self._live(session_id)
+            decls = {name: self._declared(session, name) for name in values}
+            staged = [
+                (name, await rules.check_value(decls[name], value, name, self.limits))
+                for name, value in values.items()
+            ]
+            if any(isinstance(value, rules.Encoded) for value in values.values()):
+                # Checked in helper processes: look again (see set_variable).
+                session = self._live(session_id)
+                if any(self._declared(session, n) is not decls[n] for n in values):
+                    continue
+            session.check_growth(self.limits, {name: checked[2] for name, checked in staged})
+            return {
+                name: self._write(session, name, checked[0], checked[1:])
+                for name, checked in staged
+            }
+        raise FailedPrecondition("variables were re-declared concurrently too often")
 
     async def delete_variable(self, session_id: str, name: str) -> bool:
         session = self._live(session_id)

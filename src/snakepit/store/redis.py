@@ -261,7 +261,7 @@ class RedisStore(SessionStore):
         rules.check_session_id(session_id)
         rules.check_name(name)
         decl = rules.Declaration.new(type_name, constraints, metadata, self.limits)
-        _, data = decl.prepare(value, name, self.limits)
+        _, checked, data = await rules.check_value(decl, value, name, self.limits)
         text = decl.encode()
         reply = await self.run(
             "register",
@@ -277,7 +277,9 @@ class RedisStore(SessionStore):
         if self._check(reply, session_id) == b"dup":
             return await self.get_variable(session_id, name)
         self._remember(session_id, name, text)
-        return variable(name, reply[1], rules.load_bytes(data), reply[2])
+        return variable(
+            name, reply[1], reply[2], data, rules.written_value(checked, data, decl.type)
+        )
 
     async def get_variable(self, session_id: str, name: str) -> Variable:
         rules.check_session_id(session_id)
@@ -285,7 +287,7 @@ class RedisStore(SessionStore):
         if self._check(reply, session_id) == b"nv":
             raise self._no_variable(session_id, name)
         self._remember(session_id, name, reply[1])
-        return variable(name, reply[1], rules.load_bytes(reply[2]), reply[3])
+        return variable(name, reply[1], reply[3], reply[2])
 
     async def get_variables(self, session_id: str, names: Sequence[str]) -> dict[str, Variable]:
         rules.check_session_id(session_id)
@@ -297,7 +299,7 @@ class RedisStore(SessionStore):
         out: dict[str, Variable] = {}
         for i, name in enumerate(names):
             d, v, s = reply[1 + 3 * i : 4 + 3 * i]
-            out[name] = variable(name, d, rules.load_bytes(v), s)
+            out[name] = variable(name, d, s, v)
         return out
 
     async def set_variable(
@@ -315,13 +317,14 @@ class RedisStore(SessionStore):
         ev = "" if expected_version is None else str(int(expected_version))
         known = self._decls.get((session_id, name))
         for _ in range(_DECL_ATTEMPTS):
-            if known is None:
-                decl = rules.inferred_declaration(value, type_name, self.limits)
-                expected, create = "", decl.encode()
-            else:
-                decl = rules.parse_declaration(known)
-                expected, create = known, ""
-            checked, data = decl.prepare(value, name, self.limits)
+            decl, checked, data = await rules.check_value(
+                None if known is None else rules.parse_declaration(known),
+                value,
+                name,
+                self.limits,
+                type_name,
+            )
+            expected, create = ("", decl.encode()) if known is None else (known, "")
             reply = await self.run(
                 "set",
                 session_id,
@@ -339,7 +342,7 @@ class RedisStore(SessionStore):
             if status == b"ok":
                 self._remember(session_id, name, reply[1])
                 written = rules.written_value(checked, data, decl.type)
-                return variable(name, reply[1], written, reply[2])
+                return variable(name, reply[1], reply[2], data, written)
             if status == b"decl":
                 known = reply[1].decode()
                 self._remember(session_id, name, known)
@@ -370,13 +373,13 @@ class RedisStore(SessionStore):
             stored: list[bytes] = []
             for name, value in items:
                 text = known[name]
-                if text is None:
-                    decl = rules.inferred_declaration(value, None, self.limits)
-                    args += [name, "", decl.encode()]
-                else:
-                    decl = rules.parse_declaration(text)
-                    args += [name, text, ""]
-                _, data = decl.prepare(value, name, self.limits)
+                decl, _, data = await rules.check_value(
+                    None if text is None else rules.parse_declaration(text),
+                    value,
+                    name,
+                    self.limits,
+                )
+                args += [name, "", decl.encode()] if text is None else [name, text, ""]
                 args += [data, self._inline(data)]
                 stored.append(data)
             reply = await self.run("set_many", session_id, *args)
@@ -386,7 +389,7 @@ class RedisStore(SessionStore):
                 for i, (name, _) in enumerate(items):
                     d, s = reply[1 + 2 * i], reply[2 + 2 * i]
                     self._remember(session_id, name, d)
-                    out[name] = variable(name, d, rules.load_bytes(stored[i]), s)
+                    out[name] = variable(name, d, s, stored[i])
                 return out
             if status == b"decl":
                 for j in range(1, len(reply), 2):
@@ -417,7 +420,7 @@ class RedisStore(SessionStore):
             field = flat[i]
             parts.setdefault(field[2:], {})[field[:1]] = flat[i + 1]
         out = [
-            variable(name.decode(), p[b"d"], rules.load_bytes(p[b"v"]), p[b"s"])
+            variable(name.decode(), p[b"d"], p[b"s"], p[b"v"])
             for name, p in parts.items()
             if len(p) == 3
         ]
@@ -461,7 +464,7 @@ class RedisStore(SessionStore):
             status = self._check(reply, session_id)
             if status == b"ok":
                 self._remember(session_id, name, reply[1])
-                return variable(name, reply[1], rules.load_bytes(reply[3]), reply[2])
+                return variable(name, reply[1], reply[2], reply[3])
             if status == b"decl":
                 known = reply[1].decode()
                 self._remember(session_id, name, known)

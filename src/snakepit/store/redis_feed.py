@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import NotFound, ResourceExhausted
-from . import rules
 from .base import ChangeFeed, VariableChange
 from .redis_records import variable
 
@@ -172,7 +171,7 @@ class RedisFeed(ChangeFeed):
             decl, raw, state = current
             version = int(state.split(b":", 1)[0])
             self._delivered[name] = version
-        var = variable(name, decl, rules.load_bytes(raw), state)
+        var = variable(name, decl, state, raw)
         return VariableChange(self._session_id, name, "set", var)
 
     def _uncount(self) -> None:

@@ -29,7 +29,11 @@ def session_info(session_id: str, fields: Sequence[Any]) -> SessionInfo:
     )
 
 
-def variable(name: str, decl_text: bytes, value: Any, state: bytes) -> Variable:
+def variable(
+    name: str, decl_text: bytes, state: bytes, data: bytes, value: Any = rules.UNDECODED
+) -> Variable:
+    """A variable from its declaration, state and stored bytes; ``value`` when the caller
+    already holds it (else it is decoded from ``data`` only when asked for)."""
     decl = rules.parse_declaration(decl_text.decode())
     version, created, updated = state.split(b":")
     return Variable(
@@ -41,4 +45,5 @@ def variable(name: str, decl_text: bytes, value: Any, state: bytes) -> Variable:
         updated_at=int(updated) / 1000,
         constraints=decl.constraints,
         metadata=decl.metadata,
+        data=data,
     )

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -31,6 +31,7 @@ MAX_NAME_LENGTH = 256
 # Lua (and so the Redis backend) adds integers exactly only below this magnitude.
 EXACT_INT_LIMIT = 2**53
 _NO_METADATA: Mapping[str, str] = MappingProxyType({})
+UNDECODED: Any = object()  # a checked value that was never decoded here (see ``Encoded``)
 
 
 def new_session_id() -> str:
@@ -162,9 +163,10 @@ _IMMUTABLE = frozenset({vt.NULL, vt.BOOLEAN, vt.INTEGER, vt.FLOAT, vt.STRING, vt
 
 
 def written_value(coerced: Any, data: bytes, type_name: str) -> Any:
-    """The value a write returns: the checked value when immutable, else a decoded copy (so
-    the caller never holds an alias of what was stored)."""
-    return coerced if type_name in _IMMUTABLE else load_bytes(data)
+    """The value a write returns: the checked value when immutable, else ``UNDECODED`` (the
+    variable decodes its stored bytes when asked, so the caller never holds an alias of what
+    was stored, and a router that only answers with the bytes never decodes them)."""
+    return coerced if type_name in _IMMUTABLE else UNDECODED
 
 
 def inferred_declaration(
@@ -197,3 +199,73 @@ def increment_type(by: Any, name: str, declared: str | None) -> str:
 
 def add(current: Any, by: Any, kind: str) -> int | float:
     return int(current) + int(by) if kind == vt.INTEGER else float(current) + float(by)
+
+
+class Checker(Protocol):
+    """Where an ``Encoded`` value is decoded and checked (``store.offload.ValueHelpers``)."""
+
+    async def check(
+        self, decl_text: str, type_name: str, name: str, what: str, data: bytes
+    ) -> tuple[str, bytes]:
+        """``check_encoded`` of these arguments, run elsewhere."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """A written value still in its wire form (a serialised ``Value``), too large to decode on
+    the event loop: ``check_value`` has ``checker`` decode, check and re-encode it (in a helper
+    process), or does it here when there is none. ``what`` names the value in decode errors,
+    as the inline decoder does (``SetVariable 'x': malformed value: ...``)."""
+
+    data: bytes
+    what: str
+    checker: Checker | None = None
+
+
+def check_encoded(
+    decl_text: str, type_name: str, name: str, what: str, data: bytes, limits: StoreLimits
+) -> tuple[str, bytes]:
+    """Decode ``data``, check it against the declaration ``decl_text`` (empty: the one a new
+    variable gets, typed ``type_name`` or inferred) and return ``(declaration text, stored
+    bytes)``. Bytes in, text and bytes out: what a helper process runs for ``check_value``, with
+    the same steps and messages as a value checked inline."""
+    try:
+        value = decode_value(data)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{what}: {exc.message}") from None
+    if decl_text:
+        decl = parse_declaration(decl_text)
+    else:
+        decl = inferred_declaration(value, type_name or None, limits)
+        decl_text = decl.encode()
+    _, stored = decl.prepare(value, name, limits)
+    return decl_text, stored
+
+
+async def check_value(
+    decl: Declaration | None,
+    value: Any,
+    name: str,
+    limits: StoreLimits = DEFAULT_LIMITS,
+    type_name: str | None = None,
+) -> tuple[Declaration, Any, bytes]:
+    """Check a written ``value`` against ``decl`` (None: a new variable's, typed ``type_name``
+    or inferred): ``(declaration, checked value or UNDECODED, stored bytes)``.
+
+    The one path every backend writes through. A Python value (every small one) is checked
+    here and now, without awaiting, so a memory store's write stays atomic; an ``Encoded`` one
+    awaits its checker, after which the caller must look again at what it checked against.
+    """
+    if isinstance(value, Encoded):
+        text = "" if decl is None else decl.encode()
+        args = (text, type_name or "", name, value.what, value.data)
+        if value.checker is None:
+            text, stored = check_encoded(*args, limits)
+        else:
+            text, stored = await value.checker.check(*args)
+        return (parse_declaration(text) if decl is None else decl), UNDECODED, stored
+    if decl is None:
+        decl = inferred_declaration(value, type_name, limits)
+    coerced, stored = decl.prepare(value, name, limits)
+    return decl, coerced, stored

@@ -14,21 +14,23 @@ from __future__ import annotations
 
 import collections
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
 from ..errors import InvalidArgument, ResourceExhausted
-from ..protocol import SERVICE_NAME, Constraints, from_pb, pb
+from ..protocol import SERVICE_NAME, Constraints, decode_value, pb
 from ..protocol import handlers as handlers_for
 from ..protocol.status import abort_with, hide_internal
+from ..protocol.wire import WireMessage
 from ..security.gate import Gate
 from ..security.identity import Principal, session_id_of, session_key
 from . import rules
-from .base import SessionInfo, SessionStore, VariableChange
+from .base import SessionInfo, SessionStore, Variable, VariableChange
 from .limits import StoreLimits
+from .offload import ValueHelpers
 
 # Initial metadata a WatchVariables call sends once its subscription is in place.
 WATCH_READY_KEY = "snakepit-watch-ready"
@@ -92,19 +94,32 @@ _VALUE_SLACK = 4096
 _COPIED = ("raw", "tensor")
 # Encoded watch updates kept for the other watchers of the same change.
 _SHARED_UPDATES = 64
+# The field number of ``variable`` in the VariableUpdate message.
+_UPDATE_VARIABLE = 4
 
 
-def _value(msg: Any, field: str, what: str, limits: StoreLimits) -> Any:
+def _value(
+    msg: Any, field: str, what: str, limits: StoreLimits, helpers: ValueHelpers | None = None
+) -> Any:
     if not msg.HasField(field):
         raise InvalidArgument(f"{what}: no value given")
-    return _decode(getattr(msg, field), what, limits)
+    return _decode(getattr(msg, field), what, limits, helpers)
 
 
-def _decode(value: pb.Value, what: str, limits: StoreLimits) -> Any:
+def _decode(
+    value: pb.Value, what: str, limits: StoreLimits, helpers: ValueHelpers | None = None
+) -> Any:
     """The value of a request, refused from its size before it is decoded (which would cost
     the event loop time in proportion): bytes and tensors up to ``max_value_bytes``, values
-    parsed element by element (JSON, lists, maps) up to ``max_parsed_value_bytes``."""
-    size = value.ByteSize()
+    parsed element by element (JSON, lists, maps) up to ``max_parsed_value_bytes``.
+
+    A value above the helpers' threshold is not decoded here at all: it goes to the store as
+    ``rules.Encoded``, which the store has the helper processes decode, check and re-encode.
+    The value is serialised once, for its size too (upb's ``ByteSize`` serialises it as well:
+    36 ms of the loop for 15 MB).
+    """
+    data = value.SerializeToString()
+    size = len(data)
     if size > limits.max_value_bytes + _VALUE_SLACK:
         raise ResourceExhausted(
             f"{what}: the value takes {size} bytes, above the limit of "
@@ -119,29 +134,46 @@ def _decode(value: pb.Value, what: str, limits: StoreLimits) -> Any:
             f"{limits.max_parsed_value_bytes} bytes per string, list or map value "
             "(store large data as bytes or a tensor)"
         )
+    if helpers is not None and size > helpers.threshold:
+        return rules.Encoded(data, what, helpers)
     try:
-        return from_pb(value)
+        return decode_value(data)
     except InvalidArgument as exc:
         raise InvalidArgument(f"{what}: {exc.message}") from None
 
 
-def update_of(change: VariableChange, session_id: str | None = None) -> pb.VariableUpdate:
-    """``change`` on the wire, naming the session ``session_id`` (default: its store key)."""
-    msg = pb.VariableUpdate(
+def update_of(change: VariableChange, session_id: str | None = None) -> bytes:
+    """``change`` as a serialised VariableUpdate, naming the session ``session_id`` (default:
+    its store key); the variable's stored bytes are spliced in, never decoded."""
+    head = pb.VariableUpdate(
         session_id=change.session_id if session_id is None else session_id,
         name=change.name,
         kind=change.kind,
     )
+    msg = WireMessage()
+    msg.add_raw(head.SerializeToString())
     if change.variable is not None:
-        msg.variable.CopyFrom(change.variable.to_proto())
-    return msg
+        msg.add_message(_UPDATE_VARIABLE, change.variable.wire())
+    return msg.to_bytes()
+
+
+def _answer(variables: Iterable[Variable]) -> bytes:
+    """A serialised VariableResponse or VariablesResponse (both hold their variables in
+    field 1), built from the stored bytes without decoding them."""
+    msg = WireMessage()
+    for var in variables:
+        msg.add_message(1, var.wire())
+    return msg.to_bytes()
 
 
 class StoreService:
     """BridgeService's session and variable methods over ``store``."""
 
-    def __init__(self, store: SessionStore, gate: Gate | None = None) -> None:
+    def __init__(
+        self, store: SessionStore, gate: Gate | None = None, helpers: ValueHelpers | None = None
+    ) -> None:
         self.store = store
+        self.helpers = helpers
         self.gate = gate or Gate()
         self.limits = store.limits
         # Largest store request parsed at all: a SetVariables may fill a whole session.
@@ -157,7 +189,7 @@ class StoreService:
         cached = self._updates.get(key)
         if cached is not None and cached[0] is change:
             return cached[1]
-        data = update_of(change, session_id).SerializeToString()
+        data = update_of(change, session_id)
         self._updates[key] = (change, data)  # the change is kept, so its id is not reused
         if len(self._updates) > _SHARED_UPDATES:
             self._updates.popitem(last=False)
@@ -218,9 +250,13 @@ class StoreService:
     @_unary
     async def RegisterVariable(
         self, request: pb.RegisterVariableRequest, context: Context, who: Principal
-    ) -> pb.VariableResponse:
+    ) -> bytes:
         what = f"RegisterVariable {request.name!r}"
-        value = _value(request, "value", what, self.limits) if request.type != "null" else None
+        value = (
+            _value(request, "value", what, self.limits, self.helpers)
+            if request.type != "null"
+            else None
+        )
         var = await self.store.register_variable(
             _sid(who, request.session_id),
             rules.check_name(request.name),
@@ -229,20 +265,20 @@ class StoreService:
             constraints=Constraints.from_proto(request.constraints),
             metadata=dict(request.metadata),
         )
-        return pb.VariableResponse(variable=var.to_proto())
+        return _answer((var,))
 
     @_unary
     async def GetVariable(
         self, request: pb.GetVariableRequest, context: Context, who: Principal
-    ) -> pb.VariableResponse:
+    ) -> bytes:
         var = await self.store.get_variable(_sid(who, request.session_id), request.name)
-        return pb.VariableResponse(variable=var.to_proto())
+        return _answer((var,))
 
     @_unary
     async def SetVariable(
         self, request: pb.SetVariableRequest, context: Context, who: Principal
-    ) -> pb.VariableResponse:
-        value = _value(request, "value", f"SetVariable {request.name!r}", self.limits)
+    ) -> bytes:
+        value = _value(request, "value", f"SetVariable {request.name!r}", self.limits, self.helpers)
         var = await self.store.set_variable(
             _sid(who, request.session_id),
             request.name,
@@ -252,12 +288,12 @@ class StoreService:
             ),
             type_name=request.type or None,
         )
-        return pb.VariableResponse(variable=var.to_proto())
+        return _answer((var,))
 
     @_unary
     async def GetVariables(
         self, request: pb.GetVariablesRequest, context: Context, who: Principal
-    ) -> pb.VariablesResponse:
+    ) -> bytes:
         # Each name once: repeated names would make a small request ask for many copies.
         names = list(dict.fromkeys(request.names))
         if len(names) > self.store.limits.max_variables:
@@ -266,25 +302,25 @@ class StoreService:
                 f"{self.store.limits.max_variables} variables"
             )
         found = await self.store.get_variables(_sid(who, request.session_id), names)
-        return pb.VariablesResponse(variables=[var.to_proto() for var in found.values()])
+        return _answer(found.values())
 
     @_unary
     async def SetVariables(
         self, request: pb.SetVariablesRequest, context: Context, who: Principal
-    ) -> pb.VariablesResponse:
+    ) -> bytes:
         sid = _sid(who, request.session_id)
         values = {}
         for name, msg in request.values.items():
-            values[name] = _decode(msg, f"SetVariables {name!r}", self.limits)
+            values[name] = _decode(msg, f"SetVariables {name!r}", self.limits, self.helpers)
         written = await self.store.set_variables(sid, values)
-        return pb.VariablesResponse(variables=[var.to_proto() for var in written.values()])
+        return _answer(written.values())
 
     @_unary
     async def ListVariables(
         self, request: pb.ListVariablesRequest, context: Context, who: Principal
-    ) -> pb.VariablesResponse:
+    ) -> bytes:
         found = await self.store.list_variables(_sid(who, request.session_id))
-        return pb.VariablesResponse(variables=[var.to_proto() for var in found])
+        return _answer(found)
 
     @_unary
     async def DeleteVariable(
@@ -296,14 +332,14 @@ class StoreService:
     @_unary
     async def IncrementVariable(
         self, request: pb.IncrementVariableRequest, context: Context, who: Principal
-    ) -> pb.VariableResponse:
+    ) -> bytes:
         by = (
             _value(request, "by", f"IncrementVariable {request.name!r}", self.limits)
             if request.HasField("by")
             else 1
         )
         var = await self.store.increment(_sid(who, request.session_id), request.name, by)
-        return pb.VariableResponse(variable=var.to_proto())
+        return _answer((var,))
 
     async def WatchVariables(
         self, request: pb.WatchVariablesRequest, context: Context

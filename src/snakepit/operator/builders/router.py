@@ -60,6 +60,7 @@ _LIMIT_FLAGS = {
     "max_watchers_per_session": "--max-watchers-per-session",
     "max_sessions_per_principal": "--max-sessions-per-principal",
     "max_calls_per_principal": "--max-calls-per-principal",
+    "value_helpers": "--value-helpers",
 }
 
 
