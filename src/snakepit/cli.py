@@ -461,6 +461,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(
         worker,
+        "--drain-grace",
+        1.0,
+        float,
+        help="seconds after turning NOT_SERVING during which new calls are still run, while "
+        "routers take the worker out (at most --drain-linger; 0: refuse at once)",
+    )
+    _add(
+        worker,
         "--backlog",
         -1,
         int,
@@ -761,6 +769,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         max_rss_mb=args.max_rss_mb,
         drain_timeout=args.drain_timeout,
         drain_linger=args.drain_linger,
+        drain_grace=args.drain_grace,
         backlog=args.backlog,
         backlog_timeout=args.backlog_timeout,
         session_ttl=args.session_ttl,

@@ -12,9 +12,12 @@ of a refusal. Only a full backlog or an expired wait refuses (RESOURCE_EXHAUSTED
 draining every new call is refused (UNAVAILABLE); both are marked ``not_started`` so a router
 may retry them elsewhere.
 
-SIGTERM, or reaching a recycling limit, drains: NOT_SERVING at once, in-flight calls finish, and
-the server keeps answering (refusing) for ``drain_linger`` seconds after NOT_SERVING before it
-stops, so every router sees the worker leave before its connection closes. Stopping sooner
+SIGTERM, or reaching a recycling limit, drains: NOT_SERVING at once, but new calls are still
+*admitted* for the first ``drain_grace`` seconds (the time routers need to see NOT_SERVING and
+stop sending: HAProxy cannot retry a gRPC refusal, so a call it sent in that moment would fail);
+then new calls are refused, in-flight calls (the late ones too) finish, and the server keeps
+answering (refusing) until ``drain_linger`` seconds after NOT_SERVING before it stops, so every
+router sees the worker leave before its connection closes. Stopping sooner
 cancels calls already on the wire with CANCELLED (grpc/grpc#41785), which nobody may retry
 because nobody knows whether they ran. The supervisor (``snakepit serve`` or Kubernetes) then
 starts a fresh worker.
@@ -91,6 +94,8 @@ class WorkerConfig:
     max_rss_mb: float = 0.0
     drain_timeout: float = 25.0
     drain_linger: float = 2.0
+    # Seconds after NOT_SERVING during which new calls are still run (at most drain_linger).
+    drain_grace: float = 1.0
     session_ttl: float = 3600.0
     max_call_seconds: float = DEFAULT_MAX_CALL_SECONDS
     # Calls that may wait for a slot beyond ``concurrency`` (-1: four times the concurrency).
@@ -150,7 +155,8 @@ class WorkerServer:
         # Up to 10 % more, at random, so workers that share the load don't all recycle at once
         # and leave the pool without a ready worker (gunicorn's max_requests_jitter).
         self._max_requests = config.max_requests + random.randint(0, config.max_requests // 10)
-        self.draining = False
+        self.draining = False  # NOT_SERVING: recycling has begun
+        self.refusing = False  # new calls are turned away (draining, past the grace window)
         self.overran = False  # a sync tool still runs in a thread nobody can stop
         self._drained = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
@@ -243,16 +249,23 @@ class WorkerServer:
             self._remote = self.store
 
     async def drain(self, reason: str) -> None:
-        """Refuse new calls, let in-flight ones finish (up to drain_timeout), linger, then stop."""
+        """Turn NOT_SERVING, admit new calls for the grace window, then refuse them; let
+        in-flight calls finish (up to drain_timeout), linger, then stop."""
         if self.draining:
             return
         self.draining = True
         left_at = time.monotonic()
         log.info("worker draining", extra={"reason": reason, "in_flight": self.in_flight})
-        self._refuse_backlog()
         if self.metrics is not None:
             self.metrics.recycled(reason)
         await self.health.enter_graceful_shutdown()
+        grace = min(self.config.drain_grace, self.config.drain_linger)
+        if grace > 0:
+            # Routers are taking the worker out; a call they send meanwhile runs as if it had
+            # come a moment before the SIGTERM (the drain below waits for it too).
+            await asyncio.sleep(grace)
+        self.refusing = True
+        self._refuse_backlog()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.drain_timeout):
                 while self.in_flight:  # noqa: ASYNC110 - the hot path keeps no Event
@@ -346,7 +359,7 @@ class WorkerServer:
 
     async def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """Take a slot: at once when one is free, else after a wait in the backlog (FIFO)."""
-        if self.draining:
+        if self.refusing:
             raise self._refused_draining()
         if self.in_flight < self.config.concurrency and not self._backlog:
             self.in_flight += 1
