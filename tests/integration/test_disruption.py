@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from snakepit import Client
-from snakepit.errors import ResourceExhausted, SnakepitError
+from snakepit.errors import ResourceExhausted, SnakepitError, Unavailable
 from snakepit.protocol.status import never_started
 from snakepit.router.haproxy.process import haproxy_binary
 from tests.fixtures.processes import (
@@ -31,14 +31,39 @@ from tests.fixtures.processes import (
     wait_ready,
 )
 from tests.fixtures.redis import RedisServer
-from tests.support.load import MixedLoad
+from tests.support.load import MIX, MixedLoad
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
+# Through HAProxy 2.6.12, the 32-session mixed load with its 1 MB tensor calls stalls the client's
+# HTTP/2 connection, with or without a disruption: calls on it wait out the 30 s queue timeout or
+# their 60 s deadline. Not root-caused (docs/architecture.md, "What holds it back").
+TENSOR_STALL = pytest.mark.xfail(
+    reason="HAProxy data path: the mixed load with 1 MB tensor calls stalls its connection",
+    strict=False,
+)
 
-def test_a_worker_stopping_under_load_fails_no_call(procs: ProcessFactory) -> None:
+
+@pytest.fixture(params=["python", "haproxy"])
+def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The router's data path for this test (routers read the env)."""
+    if request.param == "haproxy" and haproxy_binary() is None:
+        pytest.skip("haproxy is not installed")
+    monkeypatch.setenv("SNAKEPIT_DATA_PATH", request.param)
+    return str(request.param)
+
+
+def _tensor_stall(request: pytest.FixtureRequest, data_path: str) -> None:
+    if data_path == "haproxy":
+        request.applymarker(TENSOR_STALL)
+
+
+def test_a_worker_stopping_under_load_fails_no_call(
+    procs: ProcessFactory, data_path: str, request: pytest.FixtureRequest
+) -> None:
     """SIGTERM one of three workers while 32 sessions call: its calls finish, new ones go
     elsewhere, and no call on the wire is CANCELLED when its server stops (grpc/grpc#41785)."""
+    _tensor_stall(request, data_path)
     router, workers = start_pool(procs, 3)
     with MixedLoad(router.address, sessions=32) as load:
         time.sleep(1.0)
@@ -52,21 +77,13 @@ def test_a_worker_stopping_under_load_fails_no_call(procs: ProcessFactory) -> No
         assert client.status()["workers_ready"] == 2
 
 
-@pytest.mark.parametrize("data_path", ["python", "haproxy"])
 def test_two_routers_over_capacity_queue_instead_of_refusing(
-    procs: ProcessFactory,
-    redis_server: RedisServer,
-    redis_prefix: str,
-    data_path: str,
-    monkeypatch: pytest.MonkeyPatch,
+    procs: ProcessFactory, redis_server: RedisServer, redis_prefix: str, data_path: str
 ) -> None:
     """Two router replicas each count only their own calls, so together they send a worker
     twice its slots; the excess waits (worker backlog, router backoff) and nothing is refused.
     On the HAProxy data path too: each HAProxy holds at most its worker-concurrency per worker
     (``maxconn``), and the worker's backlog absorbs what the other replica adds."""
-    if data_path == "haproxy" and haproxy_binary() is None:
-        pytest.skip("haproxy is not installed")
-    monkeypatch.setenv("SNAKEPIT_DATA_PATH", data_path)
     store = f"{redis_server.url}?prefix={redis_prefix}"
     router_a, workers = start_pool(procs, 2, "--store", store, concurrency=2)
     router_b = procs.router(workers, "--worker-concurrency", "2", store=store)
@@ -130,9 +147,13 @@ def test_a_wait_in_the_backlog_is_bounded(procs: ProcessFactory) -> None:
         assert busy.result(timeout=5) == 1.5
 
 
-def test_workers_stopping_between_short_calls_fail_no_call(procs: ProcessFactory) -> None:
+def test_workers_stopping_between_short_calls_fail_no_call(
+    procs: ProcessFactory, data_path: str
+) -> None:
     """The sharp edge of a stop: short calls only, so a worker is often idle at the instant it
-    is told to stop while the next call is already on its way (scale 5 -> 1)."""
+    is told to stop while the next call is already on its way (scale 5 -> 1). On the HAProxy
+    data path, which cannot retry a refusal, the workers' grace window covers the moment before
+    the router has put a stopping worker's server in ``drain``."""
     router, workers = start_pool(procs, 5)
     with MixedLoad(router.address, sessions=8, mix={"add": 1.0}) as load:
         time.sleep(0.5)
@@ -188,7 +209,8 @@ def test_a_direct_mode_stream_turned_away_by_a_draining_worker_goes_elsewhere(
     procs: ProcessFactory,
 ) -> None:
     """Direct mode with last second's routing table: a stream the session's worker refuses
-    (draining) before its first item is tried on another worker, as a unary call is."""
+    (draining, past its grace window) before its first item is tried on another worker, as a
+    unary call is."""
     router, workers = start_pool(procs, 2)
     with Client(router.address, direct=True, timeout=30) as client, ThreadPoolExecutor(1) as pool:
         for i in range(200):
@@ -201,17 +223,50 @@ def test_a_direct_mode_stream_turned_away_by_a_draining_worker_goes_elsewhere(
         time.sleep(0.3)
         workers[0].signal(signal.SIGTERM)
         wait_for(lambda: health_status(workers[0].address) == NOT_SERVING, timeout=5)
+        wait_for(lambda: _refuses(workers[0].address), timeout=5)  # the grace window is over
         assert list(session.stream("count", n=5)) == [0, 1, 2, 3, 4]
         assert session.execute("whoami")["worker_id"] == "worker-1"
         assert held.result(timeout=10) == 3.0
 
 
-def test_a_killed_worker_fails_only_the_calls_running_on_it(procs: ProcessFactory) -> None:
+def _refuses(address: str) -> bool:
+    """Whether a worker turns a new call away (draining, not started)."""
+    with Client(address, timeout=5) as client:
+        try:
+            client.execute("add", a=1, b=2)
+        except Unavailable as exc:
+            assert exc.not_started, exc
+            return True
+    return False
+
+
+def test_a_draining_worker_runs_the_calls_sent_in_its_grace_window(procs: ProcessFactory) -> None:
+    """Routers need a moment to see NOT_SERVING, and HAProxy cannot retry a refusal (a gRPC
+    refusal is HTTP 200): a call sent straight to a worker just after it turned NOT_SERVING is
+    run, and finishes before the worker stops; once the grace window is over, calls are refused
+    as not started, and the worker exits cleanly."""
+    worker = procs.worker("--drain-grace", "3", "--drain-linger", "3")
+    with Client(worker.address, timeout=10) as client, ThreadPoolExecutor(1) as pool:
+        worker.signal(signal.SIGTERM)
+        wait_for(lambda: health_status(worker.address) == NOT_SERVING, timeout=5)
+        # Runs past the grace window and the linger: the drain waits for it.
+        late = pool.submit(client.execute, "sleep", seconds=4.0)
+        assert client.execute("add", a=1, b=2) == 3
+        wait_for(lambda: _refuses(worker.address), timeout=10)
+        assert late.result(timeout=10) == 4.0
+    assert worker.wait(timeout=30) == 0
+
+
+def test_a_killed_worker_fails_only_the_calls_running_on_it(
+    procs: ProcessFactory, data_path: str, request: pytest.FixtureRequest
+) -> None:
     """An unplanned failure (SIGKILL: OOM, a node lost) has a bounded cost: the calls running on
     that worker when it died fail with UNAVAILABLE, none is run again behind the caller's back,
     every call started after it is served by the others, and no acknowledged write is lost."""
     router, workers = start_pool(procs, 3)
-    with MixedLoad(router.address, sessions=32) as load:
+    # No tensor calls on the HAProxy path: they stall the client connection (TENSOR_STALL).
+    mix = None if data_path == "python" else {k: v for k, v in MIX.items() if k != "tensor"}
+    with MixedLoad(router.address, sessions=32, mix=mix) as load:
         time.sleep(1.0)
         with load.window("SIGKILL a worker") as window:
             killed_at = time.monotonic()
