@@ -477,10 +477,9 @@ def test_no_applied_egress_rule_reaches_the_cloud_metadata_address(
             assert not egress_reaches(rule, METADATA), (policy["metadata"]["name"], rule)
 
 
-def test_direct_mode_from_a_pod_inside_the_cluster(
-    kube_node: KubeCluster, ns: str, router: str
-) -> None:
-    # What a user does: let the client pods through the workers' NetworkPolicy.
+def admit_direct_clients(kube_node: KubeCluster, ns: str) -> None:
+    """What a user does: let the client pods through the workers' NetworkPolicy. Each direct-mode
+    test does it itself (idempotent), so none depends on another having run first."""
     peers = {
         "spec": {
             "networkPolicy": {
@@ -492,6 +491,12 @@ def test_direct_mode_from_a_pod_inside_the_cluster(
     }
     kube_node.kubectl_run("-n", ns, "patch", "spp", POOL, "--type=merge", "-p", json.dumps(peers))
     wait_until("policy applied", lambda: pool_ready(kube_node, ns), timeout=120, interval=0.5)
+
+
+def test_direct_mode_from_a_pod_inside_the_cluster(
+    kube_node: KubeCluster, ns: str, router: str
+) -> None:
+    admit_direct_clients(kube_node, ns)
     script = (
         WAIT_ADMITTED
         + f"""
@@ -817,6 +822,7 @@ def test_direct_mode_load_from_a_pod_during_a_scale_fails_no_call(
     """The same mixed load in direct mode (the client routes itself to worker pods) from a pod
     in the cluster, while the pool scales 2 -> 4 -> 2. The pod keeps its window open until the
     test says the disruption is over (a variable in a control session)."""
+    admit_direct_clients(kube_node, ns)
     control = f"direct-load-{uuid.uuid4().hex[:6]}"
     script = (
         (ROOT / "tests/support/load.py").read_text()
