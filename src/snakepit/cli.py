@@ -11,7 +11,9 @@ import asyncio
 import base64
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -645,17 +647,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 return 1
             print(json.dumps(status, indent=2) if args.json else format_status(status))
             return 0
-        try:  # Ctrl-C ends the watch wherever it lands: asking, drawing or waiting
-            while True:
+        # Ctrl-C ends the watch after the frame in progress: it sets a flag instead of raising
+        # KeyboardInterrupt, which could land inside a gRPC call and leave the channel's close
+        # (and so the exit) hanging; a status call is bounded by the client's 10 s timeout.
+        stop = threading.Event()
+        previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+        try:
+            while not stop.is_set():
                 try:
                     watched: dict[str, Any] | None = client.status()
                 except SnakepitError as exc:
                     print(f"error: {exc.code.name}: {exc}", file=sys.stderr)
                     watched = None
-                _redraw(watched, args)
-                time.sleep(args.watch)
-        except KeyboardInterrupt:
-            return 0
+                if not stop.is_set():
+                    _redraw(watched, args)
+                stop.wait(args.watch)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return 0
 
 
 def _redraw(status: dict[str, Any] | None, args: argparse.Namespace) -> None:
