@@ -17,6 +17,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from snakepit.security.tls import POOL_NAME
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,9 +37,18 @@ def spawn(args: Sequence[str], **env: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "snakepit", *args], env=environment)
 
 
-def wait_serving(address: str, timeout: float = 30.0) -> None:
+def wait_serving(
+    address: str, timeout: float = 30.0, credentials: grpc.ChannelCredentials | None = None
+) -> None:
+    """Wait until ``address`` answers health checks (over TLS with ``credentials``)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    options = [("grpc.ssl_target_name_override", POOL_NAME)] if credentials else []
+    channel = (
+        grpc.secure_channel(address, credentials, options)
+        if credentials
+        else grpc.insecure_channel(address)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
@@ -53,9 +64,13 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def spawn_pair(
-    worker_args: Sequence[str] = (), router_args: Sequence[str] = (), **env: str
+    worker_args: Sequence[str] = (),
+    router_args: Sequence[str] = (),
+    credentials: grpc.ChannelCredentials | None = None,
+    **env: str,
 ) -> tuple[list[subprocess.Popen[bytes]], str]:
-    """One worker (id w0) and a router in front of it, both serving: (processes, router)."""
+    """One worker (id w0) and a router in front of it, both serving: (processes, router).
+    ``credentials``: how to reach them when they serve TLS (a pool member's)."""
     worker, router = free_port(), free_port()
     procs = [
         spawn(["worker", "--host", "127.0.0.1", "--port", str(worker), "--worker-id", "w0",
@@ -65,7 +80,7 @@ def spawn_pair(
     ]  # fmt: skip
     try:
         for port in (worker, router):
-            wait_serving(f"127.0.0.1:{port}")
+            wait_serving(f"127.0.0.1:{port}", credentials=credentials)
     except BaseException:  # e.g. another process took the free port first: leave nothing behind
         stop_all(procs)
         raise

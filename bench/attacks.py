@@ -1,7 +1,7 @@
 """The security review's attacks against a live ``snakepit serve``, and what another caller feels.
 
     python bench/attacks.py [--src DIR] [--window S] [--only NAME,...] [--auth]
-                            [--serve-arg=--FLAG=VALUE ...]
+                            [--serve-arg=--FLAG=VALUE ...] [--attacker-nice N]
 
 A victim process calls ``add`` through the router every 20 ms, and reads a session variable,
 the whole time; each attack runs in its own window and the table shows the victim's worst and
@@ -22,6 +22,12 @@ per-principal limits (sessions, calls in flight) are what the flood and the slot
 the "newcomer" after the session flood is then the victim. ``--serve-arg`` passes a flag on to
 ``snakepit serve`` (e.g. ``--serve-arg=--max-parsed-value-bytes=16777216`` so the 15 MB string
 is accepted, as it was before the limits). The load average is printed before and after.
+
+``--attacker-nice N`` lowers the attacking process's CPU priority once the pool and the victim
+have started: in a real attack the attacker's CPU is its own machine's, while here its flood of
+requests (it keeps 32 in flight) takes a core of this one from the pool and the victim. With
+it, what remains of a window's latency is what the pool does, not what the attacker's client
+costs this machine.
 """
 
 from __future__ import annotations
@@ -254,9 +260,11 @@ Window = tuple[str, float, float, str, str, float]
 
 
 async def attack_all(
-    target: str, serve_pid: int, names: list[str], quiet: float, auth: bool
+    target: str, serve_pid: int, names: list[str], quiet: float, auth: bool, nice: int = 0
 ) -> list[Window]:
     """A quiet window, then each attack in turn, with readiness and router growth after it."""
+    if nice:
+        os.nice(nice)  # this process only: the pool and the victim were started before
     # The attacker's channel sends up to 512 MB: the server, not the client, must refuse.
     token = TOKENS["attacker"] if auth else ""
     interceptors = bearer(token) if auth else None
@@ -327,7 +335,9 @@ def run(args: argparse.Namespace) -> None:
         )
         time.sleep(3)
         names = args.only.split(",") if args.only else list(ATTACKS)
-        windows = asyncio.run(attack_all(target, serve.pid, names, args.window, args.auth))
+        windows = asyncio.run(
+            attack_all(target, serve.pid, names, args.window, args.auth, args.attacker_nice)
+        )
     finally:
         stop.write_text("stop")
         if victim_proc is not None:
@@ -344,7 +354,7 @@ def run(args: argparse.Namespace) -> None:
         rows.append(
             [name, f"{end - start:.1f}", worst, p99, failed, ready, f"{grown:+.0f}", outcome]
         )
-    print(f"source: {src}; serve {' '.join(argv[1:])}")
+    print(f"source: {src}; serve {' '.join(argv[1:])}; attacker nice +{args.attacker_nice}")
     load_after = os.getloadavg()
     print("load average (1/5/15 min) before: {:.1f} {:.1f} {:.1f}".format(*load_before))
     print("load average (1/5/15 min) after:  {:.1f} {:.1f} {:.1f}".format(*load_after))
@@ -365,6 +375,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--serve-arg", action="append", default=[], help="a flag for snakepit serve (repeatable)"
+    )
+    parser.add_argument(
+        "--attacker-nice", type=int, default=0, help="run the attacks this much nicer (0-19)"
     )
     run(parser.parse_args())
 

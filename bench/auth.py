@@ -1,12 +1,16 @@
-"""What identity costs: small-call throughput with auth on ÷ off, through the router and direct.
+"""What identity costs: small-call throughput with auth, and TLS + auth, ÷ neither, through the
+router and direct.
 
     python bench/auth.py [--seconds S] [--rounds R] [--in-flight N] [--no-ghz]
+                         [--tokenreview-kubeconfig FILE]
 
 Per configuration one router and one worker (separate processes), all started at once and
 measured in turns (round robin, R rounds) so drift hits them alike. Small ``add`` calls, N in
 flight from one asyncio client, through the router and in direct mode (the client calls the
-worker itself, with the routing table's ticket when auth is on). Printed: calls/s, the ratio to
-auth off on the same path, and the CPU router + worker spent per call (``/proc/PID/stat``).
+worker itself, with the routing table's ticket when auth is on). "TLS + auth" is what a secured
+pool on Kubernetes runs: TLS on the router's port, mutual TLS with a pool CA inside the pool
+and for a direct-mode client, and a bearer token. Printed: calls/s, the ratio to neither on the
+same path, and the CPU router + worker spent per call (``/proc/PID/stat``).
 
 Then the same with ghz (bench/ghz.py), a Go load generator, so the Python client is not what
 limits the rate: ``add`` through the router (auth on: ghz sends the bearer token) and straight
@@ -15,7 +19,11 @@ to the worker (auth on: ghz sends a pool ticket, as a direct-mode client does).
 Then, in this process, the cost of one verification: a ticket verified for the first time (an
 Ed25519 signature check: a worker's cache miss, once per ticket and worker), a cached one, a
 static-token lookup, and signing a ticket (the router does it once per principal every five
-minutes). Goal (issue 12): auth on >= 0.85x auth off on both paths.
+minutes). Goal (issue 12): TLS + auth >= 0.85x neither on both paths.
+
+With ``--tokenreview-kubeconfig``, the cost of one TokenReview cache miss: the round trip of a
+real TokenReview to that cluster's kube-apiserver, for a token it minted (``kubectl create
+token``), as the router's ``TokenReviewer`` sends it (bench/tokenreview_rtt.py).
 """
 
 from __future__ import annotations
@@ -31,13 +39,17 @@ import timeit
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import cpu_seconds, small_calls, spawn_pair, stop_all, table
+from _common import cpu_seconds, free_port, small_calls, spawn_pair, stop_all, table
 from ghz import Ghz
+from tokenreview_rtt import tokenreview_rtt
 
 from snakepit import AsyncClient
 from snakepit.protocol.messages import encode_request
+from snakepit.security.localca import LocalCA, write_file, write_issued
 from snakepit.security.tickets import (
     TICKET_KEY,
     TicketIssuer,
@@ -46,6 +58,7 @@ from snakepit.security.tickets import (
     private_key_pem,
     public_key_pem,
 )
+from snakepit.security.tls import CA_FILE, CERT_FILE, KEY_FILE, POOL_NAME
 from snakepit.security.tokens import StaticTokens
 
 TOKEN = "bench-token-0123456789abcdef"
@@ -56,6 +69,7 @@ class Config:
     name: str
     auth: bool
     direct: bool
+    tls: Path | None = None  # the PKI directory (pki()); None: plaintext
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     router: str = ""
     worker: str = ""
@@ -69,6 +83,24 @@ class Config:
         if self.direct:
             return f"127.0.0.1:{self.worker}", ({TICKET_KEY: self.ticket} if self.auth else {})
         return self.router, ({"authorization": f"Bearer {TOKEN}"} if self.auth else {})
+
+    def ghz_tls(self) -> list[str] | None:
+        """ghz's TLS flags: the pool CA, and in direct mode a client certificate."""
+        if self.tls is None:
+            return None
+        ca = ["--cacert", str(self.tls / "pool" / CA_FILE), "--cname", POOL_NAME]
+        if not self.direct:
+            return ca
+        client = self.tls / "client"
+        return [*ca, "--cert", str(client / CERT_FILE), "--key", str(client / KEY_FILE)]
+
+    def client_tls(self) -> dict[str, str]:
+        """AsyncClient keywords: the pool CA and a client certificate from it (direct mode)."""
+        if self.tls is None:
+            return {}
+        client = self.tls / "client"
+        return {"ca": str(self.tls / "pool" / CA_FILE), "cert": str(client / CERT_FILE),
+                "key": str(client / KEY_FILE)}  # fmt: skip
 
     rates: list[float] = field(default_factory=list)
     cpu_ms: list[float] = field(default_factory=list)
@@ -85,7 +117,17 @@ class Config:
             worker_args = ["--ticket-public-key", str(directory / f"{self.name}.pub")]
             router_args = ["--auth-tokens", str(directory / "tokens"), "--allow-direct", "bench",
                            "--ticket-key", str(directory / f"{self.name}.key")]  # fmt: skip
-        self.procs, self.router = spawn_pair(worker_args, router_args)
+        credentials = None
+        if self.tls is not None:
+            pool, client = self.tls / "pool", self.tls / "client"
+            worker_args += ["--pool-tls-dir", str(pool)]
+            router_args += ["--pool-tls-dir", str(pool), "--tls-cert", str(pool / CERT_FILE),
+                            "--tls-key", str(pool / KEY_FILE),
+                            "--internal-port", str(free_port())]  # fmt: skip
+            credentials = grpc.ssl_channel_credentials(
+                *(p.read_bytes() for p in (pool / CA_FILE, client / KEY_FILE, client / CERT_FILE))
+            )
+        self.procs, self.router = spawn_pair(worker_args, router_args, credentials)
         self.worker = self.procs[0].args[self.procs[0].args.index("--port") + 1]
 
     def close(self) -> None:
@@ -94,7 +136,9 @@ class Config:
 
 async def measure(config: Config, seconds: float, in_flight: int) -> None:
     token = TOKEN if config.auth else ""
-    async with AsyncClient(config.router, token=token, direct=config.direct) as client:
+    async with AsyncClient(
+        config.router, token=token, direct=config.direct, **config.client_tls()
+    ) as client:
         rate, cpu_ms = await small_calls(client, seconds, in_flight, config.procs)
     config.rates.append(rate)
     config.cpu_ms.append(cpu_ms)
@@ -105,7 +149,9 @@ def measure_ghz(ghz: Ghz, config: Config, seconds: float, in_flight: int) -> Non
     if config.direct:  # one worker takes 4 at once plus 16 waiting: more would be refused
         in_flight = min(in_flight, 16)
     before = sum(cpu_seconds(p.pid) for p in config.procs)
-    result = ghz.run(target, seconds=seconds, concurrency=in_flight, metadata=metadata)
+    result = ghz.run(
+        target, seconds=seconds, concurrency=in_flight, metadata=metadata, tls=config.ghz_tls()
+    )
     cpu = sum(cpu_seconds(p.pid) for p in config.procs) - before
     # ghz counts the calls its deadline cuts off at the end as errors: up to one per stream.
     if result.errors > in_flight:
@@ -115,10 +161,11 @@ def measure_ghz(ghz: Ghz, config: Config, seconds: float, in_flight: int) -> Non
 
 
 def rows_of(configs: list[Config], rates: str, cpu: str) -> list[list[str]]:
-    """One row per configuration, each against auth off on the same path (the row before)."""
+    """One row per configuration, each against neither (no auth, no TLS) on the same path."""
     rows = []
-    for i, c in enumerate(configs):
-        mine, base = getattr(c, rates), getattr(configs[i - i % 2], rates)
+    for c in configs:
+        (baseline,) = (b for b in configs if b.direct == c.direct and not b.auth and not b.tls)
+        mine, base = getattr(c, rates), getattr(baseline, rates)
         rows.append(
             [
                 c.name,
@@ -129,6 +176,20 @@ def rows_of(configs: list[Config], rates: str, cpu: str) -> list[list[str]]:
             ]
         )
     return rows
+
+
+def pki(directory: Path) -> Path:
+    """A pool CA, a pool certificate (router and worker) and a client certificate from it."""
+    ca = LocalCA.generate("bench pool CA")
+    root = directory / "tls"
+    for name, issued in (
+        ("pool", ca.issue(POOL_NAME, [POOL_NAME, "localhost", "127.0.0.1"])),
+        ("client", ca.issue("bench client", server=False)),
+    ):
+        (root / name).mkdir(parents=True)
+        write_file(root / name / CA_FILE, ca.cert_pem)
+        write_issued(issued, root / name / CERT_FILE, root / name / KEY_FILE)
+    return root
 
 
 def micro(directory: Path) -> list[list[str]]:
@@ -158,13 +219,19 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--in-flight", type=int, default=32)
     parser.add_argument("--no-ghz", action="store_true", help="skip the ghz rows")
+    parser.add_argument(
+        "--tokenreview-kubeconfig", help="time real TokenReviews against this cluster"
+    )
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="bench-auth-"))
+    tls = pki(directory)
     configs = [
-        Config("router, auth off", auth=False, direct=False),
-        Config("router, auth on", auth=True, direct=False),
-        Config("direct, auth off", auth=False, direct=True),
-        Config("direct, auth on", auth=True, direct=True),
+        Config("router, neither", auth=False, direct=False),
+        Config("router, auth", auth=True, direct=False),
+        Config("router, TLS + auth", auth=True, direct=False, tls=tls),
+        Config("direct, neither", auth=False, direct=True),
+        Config("direct, auth", auth=True, direct=True),
+        Config("direct, TLS + auth", auth=True, direct=True, tls=tls),
     ]
     try:
         for config in configs:
@@ -183,7 +250,7 @@ def main() -> int:
     finally:
         for config in configs:
             config.close()
-    headers = ["config", "calls/s", "÷ auth off", "CPU ms/call (router+worker)", "rounds"]
+    headers = ["config", "calls/s", "÷ neither", "CPU ms/call (router+worker)", "rounds"]
     print(
         f"add, {args.in_flight} in flight, {args.rounds} rounds of {args.seconds:g} s (median); "
         f"load average {os.getloadavg()[0]:.2f}"
@@ -197,6 +264,11 @@ def main() -> int:
         print(table(headers, rows_of(configs, "ghz_rates", "ghz_cpu_ms")))
     print()
     print(table(["step", "µs"], micro(directory)))
+    if args.tokenreview_kubeconfig:
+        print()
+        print(tokenreview_rtt(args.tokenreview_kubeconfig))
+    else:
+        print("\nTokenReview cache miss: not measured (pass --tokenreview-kubeconfig FILE)")
     return 0
 
 

@@ -58,6 +58,28 @@ def _pool_options(parser: argparse.ArgumentParser) -> None:
         help="calls one caller may have running through a router at once; the rest wait "
         "(0: no limit, the default)",
     )
+    from .router.shares import (
+        DEFAULT_STORE_CALL_RATE_PER_PRINCIPAL,
+        DEFAULT_STORE_CALLS_PER_PRINCIPAL,
+    )
+
+    _add(
+        parser,
+        "--max-store-calls-per-principal",
+        DEFAULT_STORE_CALLS_PER_PRINCIPAL,
+        int,
+        help="session/variable calls one authenticated caller may have in flight on a router; "
+        f"the rest wait (0: no limit; default {DEFAULT_STORE_CALLS_PER_PRINCIPAL})",
+    )
+    _add(
+        parser,
+        "--store-call-rate-per-principal",
+        DEFAULT_STORE_CALL_RATE_PER_PRINCIPAL,
+        float,
+        help="session/variable calls a second one authenticated caller may start on a router, "
+        "on average; more wait their turn (0: no limit; "
+        f"default {DEFAULT_STORE_CALL_RATE_PER_PRINCIPAL:g})",
+    )
     _add(
         parser,
         "--affinity",
@@ -90,7 +112,7 @@ def _pool_options(parser: argparse.ArgumentParser) -> None:
         "--max-parsed-value-bytes",
         lim.max_parsed_value_bytes,
         int,
-        help="bytes of one string/list/map value (parsed on the router's loop)",
+        help="bytes of one string/list/map value (parsed: in a value helper above 256 KiB)",
     )
     _add(
         parser,
@@ -725,6 +747,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_message_mb=args.max_message_mb,
         limits=_store_limits(args),
         value_helpers=args.value_helpers,
+        max_store_calls_per_principal=args.max_store_calls_per_principal,
+        store_call_rate_per_principal=args.store_call_rate_per_principal,
         max_call_seconds=args.max_call_seconds,
         quiet=not args.verbose,
         metrics_port=args.metrics_port,
@@ -814,6 +838,8 @@ def _cmd_router(args: argparse.Namespace) -> int:
         data_path=args.data_path,
         limits=_store_limits(args),
         value_helpers=args.value_helpers,
+        max_store_calls_per_principal=args.max_store_calls_per_principal,
+        store_call_rate_per_principal=args.store_call_rate_per_principal,
         tls=_server_tls(args),
         pool_tls=_pool_tls(args),
         internal_port=args.internal_port,

@@ -25,6 +25,13 @@ DEFAULT_MAX_MESSAGE_MB = 64
 
 Options = list[tuple[str, int | str]]
 
+# How often a client of a router (a Client, a worker's store channel) moves to a new connection
+# on its own: under the router's default --max-connection-age (5 s, jittered by up to 10 %) with
+# room for a call that starts just before, so the router's ageing never closes a connection under
+# a call (client/rotation.py says why that matters). A new connection every 2 s costs nothing
+# measurable.
+CLIENT_MAX_CONNECTION_AGE = 2.0
+
 
 def server_options(
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, *, max_connection_age_ms: int | None = None

@@ -33,6 +33,7 @@ from .router.dataplane import make_router
 from .router.discovery import StaticDiscovery
 from .router.pool import PoolConfig
 from .router.server import RouterConfig, RouterServer
+from .router.shares import DEFAULT_STORE_CALL_RATE_PER_PRINCIPAL, DEFAULT_STORE_CALLS_PER_PRINCIPAL
 from .security.gate import AuthConfig
 from .security.localca import LocalCA, write_file, write_issued
 from .security.tickets import public_key_text
@@ -123,6 +124,8 @@ class ServeConfig:
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
     limits: StoreLimits = field(default_factory=StoreLimits)
     value_helpers: int = DEFAULT_HELPERS
+    max_store_calls_per_principal: int = DEFAULT_STORE_CALLS_PER_PRINCIPAL
+    store_call_rate_per_principal: float = DEFAULT_STORE_CALL_RATE_PER_PRINCIPAL
     max_call_seconds: float = DEFAULT_MAX_CALL_SECONDS
     worker_args: list[str] = field(default_factory=list)
     startup_timeout: float = 60.0
@@ -184,6 +187,8 @@ class LocalPool:
                 data_path=config.data_path,
                 limits=config.limits,
                 value_helpers=config.value_helpers,
+                max_store_calls_per_principal=config.max_store_calls_per_principal,
+                store_call_rate_per_principal=config.store_call_rate_per_principal,
                 tls=config.tls,
                 pool_tls=None if self.pool_ca is None else self.pool_ca.files,
                 auth=config.auth,

@@ -12,8 +12,9 @@ and a tokens Secret. Then:
   delivers it, the processes reload it: no call fails, enough succeed, and the routers serve
   the new certificate.
 
-The router's ServiceAccount needs ``create tokenreviews``; the operator does not grant it yet,
-so the test binds ``system:auth-delegator`` to it, as docs/security.md tells users to.
+The router's ServiceAccount needs ``create tokenreviews``: nothing here grants it by hand, the
+operator makes it a subject of the chart's TokenReview ClusterRoleBinding (docs/operator.md,
+"Who may review tokens"), and takes it back when the pool is deleted.
 """
 
 from __future__ import annotations
@@ -103,13 +104,8 @@ def guarded(
         "-n", ns, "create", "secret", "generic", "callers",
         f"--from-literal=tokens=host:{STATIC_TOKEN}\n",
     )  # fmt: skip
-    binding = f"{ns}-{POOL}-tokenreview"
-    kube_node.kubectl_run(
-        "create", "clusterrolebinding", binding, "--clusterrole=system:auth-delegator",
-        f"--serviceaccount={ns}:{POOL}-router",
-    )  # fmt: skip
+    kube_node.apply(pool_e2e.pool_manifest(kube_node, POOL, _spec(ns)), namespace=ns)
     try:
-        kube_node.apply(pool_e2e.pool_manifest(kube_node, POOL, _spec(ns)), namespace=ns)
 
         def ready() -> bool:
             pool = pool_e2e.kube_json(kube_node, "-n", ns, "get", "snakepitpool", POOL)
@@ -132,9 +128,25 @@ def guarded(
             tls = ChannelTls(str(ca), server_name=name)
             with Client(address, tls=tls, token=STATIC_TOKEN, timeout=30) as client:
                 wait_until("router answers", client.ping, timeout=120)
+            wait_until(
+                "the router's TokenReview grant",
+                lambda: f"{ns}/{POOL}-router" in _reviewers(kube_node),
+                timeout=60,
+            )
             yield address, ca, name
     finally:
-        kube_node.kubectl_run("delete", "clusterrolebinding", binding, check=False)
+        kube_node.kubectl_run("-n", ns, "delete", "spp", POOL, "--wait=false", check=False)
+    wait_until(
+        "the router's TokenReview grant taken back",
+        lambda: f"{ns}/{POOL}-router" not in _reviewers(kube_node),
+        timeout=60,
+    )
+
+
+def _reviewers(cluster: KubeCluster) -> set[str]:
+    """Subjects of the chart's TokenReview binding (release ``snakepit``), as NS/NAME."""
+    binding = pool_e2e.kube_json(cluster, "get", "clusterrolebinding", "snakepit-tokenreviewer")
+    return {f"{s['namespace']}/{s['name']}" for s in binding.get("subjects") or ()}
 
 
 def _diagnose(cluster: KubeCluster, ns: str) -> None:

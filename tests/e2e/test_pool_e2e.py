@@ -164,9 +164,27 @@ def ns(kube_node: KubeCluster) -> Iterator[str]:
     kube_node.kubectl_run("delete", "namespace", name, "--wait=false", check=False)
 
 
+def clear_orphaned_chart_objects(cluster: KubeCluster) -> None:
+    """Delete the chart's cluster-scoped objects that no live release owns. One left behind (by
+    a session killed before ``helm uninstall``, or by the operator tests, which ``kubectl
+    apply`` the chart's RBAC) makes every later install fail ("… exists and cannot be imported
+    into the current release"). The cluster lock this session holds means no other release is
+    being installed meanwhile; one whose namespace still exists is left alone."""
+    namespaces = {n["metadata"]["name"] for n in kube_json(cluster, "get", "namespaces")["items"]}
+    for kind in ("clusterrolebinding", "clusterrole"):
+        found = kube_json(cluster, "get", kind, "-l", "app.kubernetes.io/part-of=snakepit")
+        for obj in found["items"]:
+            annotations = obj["metadata"].get("annotations") or {}
+            if annotations.get("meta.helm.sh/release-namespace") not in namespaces:
+                name = obj["metadata"]["name"]
+                report(f"deleting the orphaned {kind} {name} (no live release owns it)")
+                cluster.kubectl_run("delete", kind, name, "--ignore-not-found", check=False)
+
+
 @pytest.fixture(scope="module")
 def release(kube_node: KubeCluster, ns: str) -> Iterator[str]:
     operator_ns = f"{ns}-system"
+    clear_orphaned_chart_objects(kube_node)
     prefix = kube_node.image_prefix
     args = [
         "upgrade", "--install", "snakepit", str(ROOT / "charts/snakepit"),

@@ -20,6 +20,7 @@ from snakepit.operator.handlers import CHILD_RESOURCES
 from tests.integration.test_operator_kube import (
     CHART,
     CRD,
+    TOKENREVIEW_BINDING,
     Kubectl,
     admin_kubeconfig,
     install_crd,
@@ -190,20 +191,22 @@ def test_watch_modes_choose_the_rbac_scope() -> None:
 
     cluster = docs("--set", "watch.allNamespaces=true")
     assert len(operator_cluster_roles(cluster)) == 1
-    assert len(of_kind(cluster, "ClusterRoleBinding")) == 1
+    assert len(of_kind(cluster, "ClusterRoleBinding")) == 3  # the operator's, TokenReview's two
     assert not of_kind(cluster, "Role")
     (operator,) = of_kind(cluster, "Deployment")
     assert "--all-namespaces" in operator["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
 def operator_cluster_roles(rendered: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The operator's own ClusterRole, not those extending the built-in view/edit roles."""
+    """The operator's own ClusterRole, not those extending the built-in view/edit roles nor the
+    TokenReview ones (every mode has those)."""
     return [
         r
         for r in of_kind(rendered, "ClusterRole")
         if not any(
             k.startswith("rbac.authorization.k8s.io/aggregate-to") for k in r["metadata"]["labels"]
         )
+        and not r["metadata"]["name"].startswith(TOKENREVIEW_BINDING)
     ]
 
 
@@ -215,7 +218,11 @@ def test_pools_are_granted_through_the_built_in_view_and_edit_roles() -> None:
     assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
     assert "rbac.authorization.k8s.io/aggregate-to-view" not in edit["metadata"]["labels"]
     assert {"create", "patch", "delete"} <= set(edit["rules"][0]["verbs"])
-    assert not of_kind(docs("--set", "rbac.aggregateToEdit=false"), "ClusterRole")[1:]
+    unaggregated = docs(
+        "--set", "rbac.aggregateToEdit=false", "--set", "rbac.aggregateToView=false"
+    )
+    assert all(r["metadata"]["name"].startswith(TOKENREVIEW_BINDING)
+               for r in of_kind(unaggregated, "ClusterRole"))  # fmt: skip
     assert not of_kind(docs("--set", "rbac.create=false"), "ClusterRole")
 
 
@@ -259,6 +266,44 @@ def test_rbac_grants_exactly_what_the_operator_uses() -> None:
     assert _granted(cluster_role["rules"]) == expected | {
         ("apiextensions.k8s.io", "customresourcedefinitions")
     }
+
+
+def test_token_reviews_are_granted_through_one_binding_the_operator_may_only_fill() -> None:
+    """Routers review tokens through the chart's binding; the operator may change that binding's
+    subjects (get/patch/update by name, bind on its role by name) and nothing else of RBAC."""
+    for values in ([], ["--set", "watch.allNamespaces=true"], ["--set", "watch.namespaces={a,b}"]):
+        rendered = docs(*values)
+        roles = {r["metadata"]["name"]: r for r in of_kind(rendered, "ClusterRole")}
+        bindings = {b["metadata"]["name"]: b for b in of_kind(rendered, "ClusterRoleBinding")}
+        assert roles[TOKENREVIEW_BINDING]["rules"] == [
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+             "verbs": ["create"]}
+        ]  # fmt: skip
+        reviewers = bindings[TOKENREVIEW_BINDING]
+        assert reviewers["roleRef"]["name"] == TOKENREVIEW_BINDING
+        assert not reviewers.get("subjects")  # the operator's to fill
+        binder = f"{TOKENREVIEW_BINDING}-binder"
+        assert roles[binder]["rules"] == [
+            {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterrolebindings"],
+             "resourceNames": [TOKENREVIEW_BINDING], "verbs": ["get", "patch", "update"]},
+            {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"],
+             "resourceNames": [TOKENREVIEW_BINDING], "verbs": ["bind"]},
+        ]  # fmt: skip
+        assert bindings[binder]["subjects"] == [
+            {"kind": "ServiceAccount", "name": "snakepit", "namespace": "ml"}
+        ]
+        (operator,) = of_kind(rendered, "Deployment")
+        env = {
+            e["name"]: e.get("value")
+            for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
+        assert env["SNAKEPIT_TOKENREVIEW_BINDING"] == TOKENREVIEW_BINDING
+    (operator,) = of_kind(docs("--set", "rbac.create=false"), "Deployment")
+    env = {
+        e["name"]: e.get("value")
+        for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["SNAKEPIT_TOKENREVIEW_BINDING"] == ""
 
 
 def test_pools_in_values_and_the_helm_test_hook() -> None:

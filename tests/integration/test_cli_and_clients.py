@@ -10,13 +10,21 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pytest
 
 from snakepit import AsyncClient, Client
 from snakepit.errors import NotFound, ResourceExhausted
-from tests.fixtures.processes import ProcessFactory, free_port, start_pool, test_env, wait_for
+from tests.fixtures.processes import (
+    ProcessFactory,
+    connections_to,
+    free_port,
+    start_pool,
+    test_env,
+    wait_for,
+)
 from tests.support.load import MixedLoad
 
 
@@ -138,6 +146,73 @@ def test_async_client_does_what_the_sync_client_does(pool: str) -> None:
             assert [i async for i in session.stream("count", n=3)] == [0, 1, 2]
 
     asyncio.run(main())
+
+
+def test_async_client_moves_to_new_connections_under_calls_and_streams(pool: str) -> None:
+    """``AsyncClient(max_connection_age=...)`` reconnects on its own (client/rotation.py): 32
+    tasks of short calls, calls that outlive many connection ages, streams and a watch all
+    finish while new calls move on, and closing the client leaves no connection open."""
+    port = int(pool.rsplit(":", 1)[1])
+
+    async def main() -> set[int]:
+        seen: set[int] = set()
+        async with AsyncClient(pool, timeout=30, max_connection_age=0.05) as client:
+            deadline = time.monotonic() + 3
+
+            async def short() -> int:
+                done = 0
+                while time.monotonic() < deadline:
+                    assert await client.execute("add", a=done, b=1) == done + 1
+                    done += 1
+                return done
+
+            async def long() -> float:
+                return float(await client.execute("sleep", seconds=1.0))
+
+            async def stream() -> list[int]:
+                items = []
+                async for i in client.stream("count", n=5):
+                    items.append(i)
+                    await asyncio.sleep(0.2)  # read slowly: the stream spans connection ages
+                return items
+
+            async def watch() -> float:
+                async with await client.session() as session:
+                    await session.set("x", 0.0, type="float")
+                    changes = session.watch(["x"])
+                    latest = asyncio.create_task(_first_change(changes))
+                    await asyncio.sleep(0.5)  # the watch's connection retires meanwhile
+                    await session.set("x", 1.0)
+                    return await asyncio.wait_for(latest, 10)
+
+            async def sample() -> None:
+                while time.monotonic() < deadline:
+                    seen.update(connections_to(port))
+                    await asyncio.sleep(0.02)
+
+            results = await asyncio.gather(
+                *(short() for _ in range(24)),
+                *(long() for _ in range(4)),
+                *(stream() for _ in range(3)),
+                watch(),
+                sample(),
+            )
+            assert all(r > 10 for r in results[:24]), results[:24]
+            assert results[24:28] == [1.0] * 4
+            assert results[28:31] == [[0, 1, 2, 3, 4]] * 3
+            assert results[31] == 1.0
+        return seen
+
+    seen = asyncio.run(main())
+    assert len(seen) >= 10, f"the client reconnected only {len(seen)} times"
+    wait_for(lambda: not connections_to(port), timeout=10)
+
+
+async def _first_change(changes: Any) -> float:
+    """The value a watch reports first (a watch starts with the next change)."""
+    async for change in changes:
+        return float(change.variable.value)
+    raise AssertionError("the watch ended")
 
 
 def test_workers_recycled_by_request_count_under_load_fail_no_call(

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 import grpc
+import numpy as np
 import pytest
 
 from snakepit.protocol import pb
@@ -149,6 +150,30 @@ def test_calls_in_flight_to_a_worker_share_its_connections(
     assert results == [2.0] * 32
     # HAProxy's, plus the Python router's own (health watch, store calls from the worker).
     assert connections <= 4, f"{connections} connections to the worker for 32 calls"
+
+
+def test_large_calls_waiting_for_a_busy_worker_do_not_stall_their_connection(
+    procs: ProcessFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three 2 MB calls and a small one at once on one client connection, to one worker with one
+    slot: the calls that wait must not stop the connection. Through HAProxy's own queue they did
+    (HAProxy 2.6 stops reading a connection at a stream whose buffer is full, and refills that
+    stream's window as it buffers): the first call's body never arrived and every call waited out
+    ``timeout queue`` (docs/architecture.md, "Large request bodies")."""
+    monkeypatch.setenv("SNAKEPIT_DATA_PATH", "haproxy")
+    router, _ = start_pool(procs, 1, "--queue-timeout", "10", concurrency=1)
+    tensor = np.arange(2**20 // 8 * 2, dtype=np.float64)
+    from snakepit import AsyncClient
+
+    async def run() -> list[object]:
+        async with AsyncClient(router.address, timeout=60) as client:
+            calls = [client.execute("tensor_scale", x=tensor, factor=2.0) for _ in range(3)]
+            return await asyncio.gather(*calls, client.execute("add", a=1, b=2))
+
+    *scaled, added = asyncio.run(run())
+    assert added == 3
+    for result in scaled:
+        assert np.array_equal(result, tensor * 2.0)  # type: ignore[arg-type]
 
 
 def test_the_runtime_api_answers_on_an_abstract_socket() -> None:

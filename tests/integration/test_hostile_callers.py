@@ -138,6 +138,20 @@ async def test_oversized_values_are_refused_before_decoding(
     assert "larger than this server's limit" in (error.details() or "")
 
 
+async def test_by_default_a_parsed_value_stops_at_1_mib_and_bytes_do_not() -> None:
+    """The decision of docs/security.md: --max-parsed-value-bytes stays 1 MiB by default (a
+    parsed value costs a helper a dozen times its size in memory), bytes go to 16 MiB."""
+    assert StoreLimits().max_parsed_value_bytes == 1 << 20
+    async with store_stub(MemoryStore()) as stub:
+        await stub.InitializeSession(pb.InitializeSessionRequest(session_id="s"))
+        text = pb.SetVariableRequest(session_id="s", name="t", value=to_pb("x" * (1 << 20)))
+        error = await rpc_error(stub.SetVariable(text))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-parsed-value-bytes" in (error.details() or "")
+        raw = pb.SetVariableRequest(session_id="s", name="b", value=to_pb(b"x" * (2 << 20)))
+        assert (await stub.SetVariable(raw)).variable.version == 1
+
+
 async def test_repeated_names_are_read_once(stub: pb_grpc.BridgeServiceStub) -> None:
     await stub.InitializeSession(pb.InitializeSessionRequest(session_id="s"))
     await stub.SetVariable(pb.SetVariableRequest(session_id="s", name="x", value=to_pb("v")))

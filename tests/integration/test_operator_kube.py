@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "snakepit"
 CRD = ROOT / "crds" / "snakepitpools.yaml"
 POOLS = ("snakepit.dev/v1alpha1", "SnakepitPool")
+TOKENREVIEW_BINDING = "snakepit-tokenreviewer"  # the chart's, for the release name "snakepit"
 
 pytestmark = pytest.mark.kube
 
@@ -226,6 +227,7 @@ class OperatorEnv:
             "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
             "SNAKEPIT_RESYNC_SECONDS": "3",
             "SNAKEPIT_ROUTER_IMAGE": "snakepit/operator:dev",
+            "SNAKEPIT_TOKENREVIEW_BINDING": TOKENREVIEW_BINDING,  # as the chart sets it
             "SNAKEPIT_LOG_LEVEL": "INFO",
         }
         env.pop("KUBERNETES_SERVICE_HOST", None)
@@ -325,6 +327,11 @@ def op(
         yield env
     finally:
         env.stop()
+        # The chart's cluster-scoped RBAC outlives the namespace, and a later `helm install`
+        # refuses objects it does not own: take them away too.
+        admin.run(
+            "delete", "--ignore-not-found", "--wait=false", "-f", "-", stdin=rbac, check=False
+        )
         admin.run("delete", "namespace", namespace, "--wait=false", check=False)
         if env.latencies:
             summary = {

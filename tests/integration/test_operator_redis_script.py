@@ -1,9 +1,12 @@
-"""The managed store's start script, run for real: password required, AOF on, secret not in argv."""
+"""The managed store's start script, run for real: password required, AOF on, secret not in argv,
+and only the store's ACL user (no CONFIG, FLUSHALL, ACL...) - the default user is off."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -98,11 +101,10 @@ async def test_a_full_store_refuses_writes_as_resource_exhausted(tmp_path: Path)
     port = free_port()
     password = "pw-" + os.urandom(8).hex()
     server = start_script(tmp_path, port, REDIS_PASSWORD=password, REDIS_MAXMEMORY="4000000")
-    store = RedisStore(f"redis://127.0.0.1:{port}/0", password=password, retry_timeout=2)
+    store = RedisStore(f"redis://snakepit@127.0.0.1:{port}/0", password=password, retry_timeout=2)
     try:
-        wait_ping(redis.Redis(port=port, password=password, socket_timeout=2))
-        client = redis.Redis(port=port, password=password, socket_timeout=2)
-        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        wait_ping(redis.Redis(port=port, username="snakepit", password=password, socket_timeout=2))
+        assert "maxmemory-policy noeviction\n" in (tmp_path / "redis.conf").read_text()
         await store.create_session("s")
         with pytest.raises(ResourceExhausted, match="out of memory"):
             for i in range(100):
@@ -123,12 +125,17 @@ def test_redis_script_requires_the_password_and_keeps_an_append_only_file(tmp_pa
     password = "pw-" + os.urandom(8).hex()
     server = start_script(tmp_path, port, REDIS_PASSWORD=password)
     try:
-        authed = redis.Redis(port=port, password=password, socket_timeout=2)
+        authed = redis.Redis(port=port, username="snakepit", password=password, socket_timeout=2)
         wait_ping(authed)
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=port, socket_timeout=2).ping()
-        assert authed.config_get("appendonly") == {"appendonly": "yes"}
-        authed.set("k", "v")
+        with pytest.raises(redis.AuthenticationError):  # the default user is off, password or not
+            redis.Redis(port=port, password=password, socket_timeout=2).ping()
+        for command in (("CONFIG", "GET", "*"), ("FLUSHALL",), ("ACL", "LIST"), ("KEYS", "*")):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                authed.execute_command(*command)
+        assert "appendonly yes\n" in (tmp_path / "redis.conf").read_text()
+        authed.set("sp:k", "v")
         time.sleep(1.2)  # appendfsync everysec
         assert any(data.rglob("*.aof")), "no append-only file written"
         cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()
@@ -138,6 +145,48 @@ def test_redis_script_requires_the_password_and_keeps_an_append_only_file(tmp_pa
         config = tmp_path / "redis.conf"
         assert stat.S_IMODE(config.stat().st_mode) == 0o600
     finally:
+        os.killpg(server.pid, 9)
+        server.wait(10)
+
+
+def aof_bytes(data: Path) -> bytes:
+    return b"".join(f.read_bytes() for f in sorted(data.rglob("*.aof")))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+async def test_the_store_s_writes_survive_a_restart_of_the_acl_only_redis(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """The operator's Redis (default user off, the store's ACL user) restarted on its AOF keeps
+    every session and variable. Redis replays the scripts' writes as MULTI/EXEC and re-checks
+    those against the ``default`` user's rules (store/acl.py): with a ``default`` that may run
+    nothing, this found the session gone, as the e2e Redis-pod deletion did."""
+    from snakepit.store.redis import RedisStore
+
+    port = free_port()
+    data = tmp_path / "data"
+    password = "pw-" + os.urandom(8).hex()
+    server = start_script(tmp_path, port, REDIS_PASSWORD=password)
+    store = RedisStore(f"redis://snakepit@127.0.0.1:{port}/0", password=password, retry_timeout=20)
+    written = {f"v{i}": i * 1.5 for i in range(20)}
+    try:
+        wait_ping(redis.Redis(port=port, username="snakepit", password=password, socket_timeout=2))
+        await store.create_session("survivor")
+        for name, value in written.items():
+            await store.set_variable("survivor", name, value)
+        deadline = time.monotonic() + 10
+        while b"v19" not in aof_bytes(data):  # appendfsync everysec: on disk within ~1 s
+            assert time.monotonic() < deadline, "the last write never reached the AOF"
+            await asyncio.sleep(0.05)
+        os.killpg(server.pid, sig)
+        server.wait(10)
+        server = start_script(tmp_path, port, REDIS_PASSWORD=password)
+        got = await store.get_variables("survivor", list(written))
+        assert {name: v.value for name, v in got.items()} == written
+        await store.set_variable("survivor", "after", 1.0)  # and it still takes writes
+        assert (await store.get_variable("survivor", "after")).value == 1.0
+    finally:
+        await store.close()
         os.killpg(server.pid, 9)
         server.wait(10)
 
@@ -179,7 +228,7 @@ def test_with_tls_redis_refuses_plaintext_and_reloads_a_renewed_certificate(
         tmp_path, port, REDIS_PASSWORD=password,
         REDIS_TLS_DIR=str(tls_dir), REDIS_TLS_RELOAD_SECONDS="0.2",
     )  # fmt: skip
-    url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={tls_dir / 'ca.crt'}"
+    url = f"rediss://snakepit@127.0.0.1:{port}/0?ssl_ca_certs={tls_dir / 'ca.crt'}"
     try:
         wait_ping(redis.Redis.from_url(url, password=password, socket_timeout=2))
         with pytest.raises(redis.ConnectionError):

@@ -125,8 +125,19 @@ def test_the_operator_issues_renews_and_restores_certificates(op: OperatorEnv) -
     assert not _can_i(op, "get", "secrets/issued-redis-auth")
     assert not _can_i(op, "patch", "secrets/issued-redis-auth")
     assert not _can_i(op, "list", "secrets")
-    for name in ("issued", "issued-two"):
-        op.admin.run("delete", "spp", name, "-n", op.namespace, "--wait=false")
+
+    # A deleted pool's keys leave both shared Secrets (they have no owner to follow); the
+    # other pool's stay.
+    op.admin.run("delete", "spp", "issued-two", "-n", op.namespace, "--wait=false")
+
+    def pruned() -> bool:
+        keys = {k for name in ("snakepit-ca", "snakepit-certs")
+                for k in ((op.get("v1", "Secret", name) or {}).get("data") or {})}  # fmt: skip
+        return not any(k.startswith("issued-two.") for k in keys) and "issued.crt" in keys
+
+    wait_for("issued-two's keys pruned", pruned, timeout=60, interval=1)
+    assert _leaf(op, "issued")[1] == ca_pem
+    op.admin.run("delete", "spp", "issued", "-n", op.namespace, "--wait=false")
 
 
 def test_a_pool_with_a_tls_secret_mounts_it_everywhere(op: OperatorEnv) -> None:

@@ -347,7 +347,8 @@ def test_large_requests_meeting_connection_ageing_are_resent_not_failed(
 
     def steady() -> int:
         done = 0
-        with Client(router.address) as client:
+        # The router's ageing is under test: the client does not reconnect on its own first.
+        with Client(router.address, max_connection_age=None) as client:
             while time.monotonic() < deadline:
                 try:
                     assert client.execute("tensor_sum", x=tensor) == float(tensor.sum())
@@ -370,7 +371,7 @@ def test_connection_age_moves_clients_without_failing_calls(procs: ProcessFactor
 
     def steady() -> int:
         done = 0
-        with Client(router.address) as client:
+        with Client(router.address, max_connection_age=None) as client:
             while time.monotonic() < deadline:
                 try:
                     assert client.execute("add", a=done, b=1) == done + 1
@@ -379,7 +380,7 @@ def test_connection_age_moves_clients_without_failing_calls(procs: ProcessFactor
                     failures.append(repr(exc))
         return done
 
-    with ThreadPoolExecutor(4) as pool, Client(router.address) as client:
+    with ThreadPoolExecutor(4) as pool, Client(router.address, max_connection_age=None) as client:
         counts = [pool.submit(steady) for _ in range(3)]
         assert client.execute("sleep", seconds=1.5) == 1.5  # outlives several connection ages
         assert all(c.result(timeout=30) > 50 for c in counts)

@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from snakepit.errors import ResourceExhausted
+from snakepit.store.limits import StoreLimits
 from snakepit.store.memory import MemoryStore
 from snakepit.store.redis import RedisStore
 from tests.fixtures.redis import RedisServer
@@ -31,6 +32,25 @@ async def test_a_memory_watcher_that_falls_behind_is_told_so() -> None:
     store = MemoryStore(watch_backlog=20)
     try:
         await _fall_behind(store, 50)
+    finally:
+        await store.close()
+
+
+async def test_a_watcher_is_told_it_fell_behind_by_bytes_before_changes() -> None:
+    """Issue 13: a watcher's backlog is bounded in bytes too (``watch_backlog_bytes``), not only
+    in changes: three unread 400 KB changes overflow a 1 MiB bound long before 10,000 changes
+    would, so a watcher that never reads cannot hold the router's memory."""
+    store = MemoryStore(limits=StoreLimits(watch_backlog_bytes=1 << 20))
+    try:
+        await store.create_session("s")
+        feed = store.watch("s")
+        await feed.ready()
+        for _ in range(3):
+            await store.set_variable("s", "v", "x" * 400_000)
+        with pytest.raises(ResourceExhausted, match="1048576 bytes behind"):
+            for _ in range(4):
+                await asyncio.wait_for(anext(feed), 5)
+        await feed.aclose()
     finally:
         await store.close()
 

@@ -8,6 +8,7 @@ client certificate. A hop that works while its listener refuses both is a TLS ho
 from __future__ import annotations
 
 import asyncio
+import datetime
 import ssl
 import subprocess
 import sys
@@ -349,6 +350,60 @@ def test_certificates_replaced_under_load_fail_no_call(procs: ProcessFactory, pk
             if len(served) == 2:
                 break
     wait_for(lambda: all("TLS files renewed; redialled" in w.logs() for w in workers), timeout=10)
+
+
+def test_a_pool_ca_rotated_step_by_step_under_load_fails_no_call(
+    procs: ProcessFactory, pki: Pki
+) -> None:
+    """The operator's CA rotation (builders/carotation.py), its three published states written
+    into each member's files one directory after another, as the kubelet updates pods one by
+    one: old+new CA trusted, then leaves from the new CA, then the new CA alone. Calls through
+    the router (router -> workers and workers -> router: mutual TLS with the pool CA) keep
+    succeeding all along, and at the end a leaf of the old CA gets no handshake."""
+    from snakepit.operator.builders.carotation import CaRotation, rotation_step
+
+    router, workers, router_dir = start_tls_pool(
+        procs, pki, 2, "--max-connection-age", "1", log_level="info"
+    )
+    dirs = [router_dir, *(pki.root / f"worker-{i}" for i in range(2))]
+    old_leaf_dir = pki.pool_dir("old-member")  # a member that never gets the new CA
+    state = CaRotation(pki.pool)
+    settle = datetime.timedelta(seconds=2)
+    phases = []
+    with MixedLoad(router.address, sessions=16, client_options={"ca": pki.ca}) as load:
+        time.sleep(1.0)
+        with load.window("pool CA rotated") as window:
+            for request in ("rotate", "rotate", "rotate"):
+                now = datetime.datetime.now(datetime.UTC)
+                moved = rotation_step(
+                    state, now + settle, request=request, settle=settle,
+                    new_ca=lambda: LocalCA.generate("pool CA, next"),
+                )  # fmt: skip
+                assert moved is not None
+                for directory in dirs:  # pod by pod
+                    if moved.current is not state.current:
+                        pki.renew(directory, moved.current)
+                    write_file(directory / CA_FILE, moved.trusted())
+                    time.sleep(0.5)
+                state = moved
+                phases.append(state.phase)
+                time.sleep(2.0)  # every process has reloaded (checks: 0.5 s and 1 s)
+    print(window.summary())
+    assert phases == ["published", "switched", "steady"]
+    window.check(min_calls=30)
+    load.check_no_acknowledged_write_lost()
+    new_ca = state.current.cert
+    for directory in dirs:
+        assert x509.load_pem_x509_certificates((directory / CA_FILE).read_bytes()) == [new_ca]
+        leaf = x509.load_pem_x509_certificate((directory / CERT_FILE).read_bytes())
+        leaf.verify_directly_issued_by(new_ca)
+    error = refused(  # a member still on an old-CA leaf gets nothing from a worker
+        workers[0].address,
+        ca=str(router_dir / CA_FILE),
+        cert=str(old_leaf_dir / CERT_FILE),
+        key=str(old_leaf_dir / KEY_FILE),
+    )
+    assert isinstance(error, Unavailable)
 
 
 def lookup_price(item: str) -> float:

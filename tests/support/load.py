@@ -251,6 +251,18 @@ class MixedLoad:
         result.seconds = end - start
         result.calls = started
 
+    def wait_for_successes(self, count: int, since: float, timeout: float = 30.0) -> None:
+        """Wait until ``count`` calls that started at or after ``since`` have succeeded, so a
+        window's minimum of successful calls holds however slow a loaded machine is."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                done = sum(c.started >= since and c.ended is not None and c.error is None
+                           for c in self._calls)  # fmt: skip
+            if done >= count:
+                return
+            time.sleep(0.05)
+
     def check_no_acknowledged_write_lost(self) -> None:
         """Stop the load, then compare each session's counter and variable with the store."""
         self.stop()

@@ -141,7 +141,7 @@ def test_worker_deployment_runs_the_adapter_with_the_pool_wiring() -> None:
     assert arg(args, "--adapter") == "mypkg.models:Model"
     assert arg(args, "--port") == "50052"
     assert arg(args, "--concurrency") == "8"
-    assert arg(args, "--store") == "redis://demo-redis:6379/0"
+    assert arg(args, "--store") == "redis://snakepit@demo-redis:6379/0"
     assert arg(args, "--router") == "demo-router:50051"
     assert arg(args, "--drain-timeout") == "25"
     assert c["ports"][0] == {"name": "grpc", "containerPort": 50052, "protocol": "TCP"}
@@ -296,7 +296,7 @@ def test_router_runs_the_operator_image_and_discovers_the_worker_service() -> No
     assert e["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert e["SNAKEPIT_STORE_URL"] == {
         "name": "SNAKEPIT_STORE_URL",
-        "value": "redis://demo-redis:6379/0",
+        "value": "redis://snakepit@demo-redis:6379/0",
     }
     assert e["SNAKEPIT_STORE_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "demo-redis-auth"
 

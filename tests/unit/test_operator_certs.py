@@ -15,12 +15,15 @@ from snakepit.operator.builders.certs import (
     CA_SECRET,
     RENEW_FRACTION,
     current_certificate,
+    forget_pool_patch,
     issue_certificate,
     leaf_data,
     namespace_secret,
     new_pool_ca,
 )
 from snakepit.operator.builders.tls import CERTS_SECRET, certificate_names
+from snakepit.operator.controller import Controller
+from snakepit.operator.kube import ApiError
 from snakepit.operator.spec import SpecError
 from snakepit.security.tls import POOL_NAME
 
@@ -188,3 +191,71 @@ async def test_a_ca_written_concurrently_wins_and_is_used() -> None:
     await reconciler.reconcile(("ml", "demo"))
     assert kube.raced
     assert kube.objects[CERTS]["data"]["demo.ca.crt"] == kube.objects[CAS]["data"]["demo.crt"]
+
+
+def test_forgetting_a_pool_drops_only_its_keys_conditionally() -> None:
+    ca = namespace_secret("ml", CA_SECRET, {"demo.crt": "a", "demo.key": "b", "demo2.crt": "c"})
+    ca["metadata"]["resourceVersion"] = "7"
+    assert forget_pool_patch(CA_SECRET, ca, "demo") == {
+        "metadata": {"resourceVersion": "7"},
+        "data": {"demo.crt": None, "demo.key": None},
+    }
+    certs = namespace_secret(
+        "ml", CERTS_SECRET, {"demo.tls.crt": "a", "demo.tls.key": "b", "demo.ca.crt": "c"}
+    )
+    patch = forget_pool_patch(CERTS_SECRET, certs, "demo")
+    assert patch is not None and set(patch["data"]) == {
+        "demo.tls.crt",
+        "demo.tls.key",
+        "demo.ca.crt",
+    }
+    assert forget_pool_patch(CA_SECRET, ca, "other") is None  # nothing of it there
+    assert forget_pool_patch(CERTS_SECRET, None, "demo") is None  # no Secret at all
+
+
+async def test_a_deleted_pools_keys_leave_the_shared_secrets_and_the_others_stay() -> None:
+    kube, reconciler, _ = setup(ISSUED)
+    kube.put(pool_body(ISSUED) | {"metadata": {**pool_body()["metadata"], "name": "other"}})
+    controller = Controller(reconciler, reconciler.children)
+    await reconciler.reconcile(("ml", "demo"))
+    await reconciler.reconcile(("ml", "other"))
+    other = {k: v for k, v in kube.objects[CERTS]["data"].items() if k.startswith("other.")}
+    going = kube.objects[POOL]
+    going["metadata"]["deletionTimestamp"] = "2030-01-01T00:00:00Z"
+    await reconciler.reconcile(("ml", "demo"))  # going, pods may still mount it: kept
+    assert "demo.tls.crt" in kube.objects[CERTS]["data"]
+    del kube.objects[POOL]
+    controller.on_pool_event("DELETED", going)
+    assert len(controller.queue) == 1  # a pass to drop its keys
+    await reconciler.reconcile(("ml", "demo"))
+    assert set(kube.objects[CAS]["data"]) == {"other.crt", "other.key"}
+    assert kube.objects[CERTS]["data"] == other
+    kube.patched.clear()
+    await reconciler.reconcile(("ml", "demo"))  # again: nothing left to patch
+    assert kube.patched == []
+
+
+async def test_forgetting_a_pool_never_drops_a_ca_added_after_the_read() -> None:
+    """A new pool of the same name adds its CA between the read and the patch: 409, and the
+    retried pass (the pool exists again) keeps it."""
+
+    class Racing(FakeKube):
+        raced = False
+
+        async def patch(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            if not self.raced and args[3] == CA_SECRET:
+                self.raced = True
+                self.objects[CAS]["metadata"]["resourceVersion"] = "raced"
+            return await super().patch(*args, **kwargs)
+
+    kube = Racing()
+    kube.put(pool_body(ISSUED))
+    _, reconciler, _ = setup(ISSUED)
+    reconciler.kube = kube  # type: ignore[assignment]
+    await reconciler.reconcile(("ml", "demo"))
+    ca = kube.objects[CAS]["data"]["demo.crt"]
+    del kube.objects[POOL]
+    with pytest.raises(ApiError) as refused:
+        await reconciler.reconcile(("ml", "demo"))
+    assert refused.value.status == 409
+    assert kube.objects[CAS]["data"]["demo.crt"] == ca

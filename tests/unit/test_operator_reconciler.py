@@ -89,7 +89,12 @@ class FakeKube:
         wanted = patch.get("metadata", {}).get("resourceVersion")
         if wanted is not None and wanted != stored["metadata"].get("resourceVersion"):
             raise ApiError(409, "Conflict", "the object has been modified")
-        stored.setdefault("data", {}).update(patch.get("data", {}))
+        data = stored.setdefault("data", {})
+        for k, v in patch.get("data", {}).items():  # null removes a key, as in a merge patch
+            if v is None:
+                data.pop(k, None)
+            else:
+                data[k] = v
         stored["metadata"]["resourceVersion"] = str(self.uids + 1000)
         self.uids += 1
         return copy.deepcopy(stored)

@@ -67,7 +67,7 @@ def test_the_managed_redis_speaks_tls_only_and_clients_check_it() -> None:
     )
     for line in ("echo 'port 0'", "echo 'tls-port 6379'", "tls-auth-clients optional"):
         assert line in REDIS_SCRIPT
-    url = "rediss://demo-redis:6379/0?ssl_ca_certs=/etc/snakepit/tls/ca.crt"
+    url = "rediss://snakepit@demo-redis:6379/0?ssl_ca_certs=/etc/snakepit/tls/ca.crt"
     assert arg(container(built["Deployment/demo-workers"])["args"], "--store") == url
     router_env = {e["name"]: e for e in container(built["Deployment/demo-router"])["env"]}
     assert router_env["SNAKEPIT_STORE_URL"]["value"] == url

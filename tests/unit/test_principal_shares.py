@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from snakepit.errors import DeadlineExceeded, ResourceExhausted
-from snakepit.router.shares import PrincipalShares
+from snakepit.router.shares import PrincipalRates, PrincipalShares
 
 
 def shares(limit: int = 2, *, queue_size: int = 10, queue_timeout: float = 5.0) -> PrincipalShares:
@@ -77,3 +77,62 @@ async def test_a_caller_that_leaves_the_line_does_not_keep_a_slot() -> None:
     assert await staying is True
     line.release("hog")
     assert line._shares == {}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rates(rate: float = 10.0, max_wait: float = 1.0) -> tuple[PrincipalRates, Clock]:
+    clock = Clock()
+    return PrincipalRates(rate, max_wait=max_wait, flag="--flag", clock=clock), clock
+
+
+def test_a_seconds_worth_of_calls_pass_at_once_then_each_waits_its_turn() -> None:
+    bucket, clock = rates(10.0)
+    assert [bucket.reserve("flood", None) for _ in range(10)] == [0.0] * 10
+    assert [round(bucket.reserve("flood", None), 3) for _ in range(3)] == [0.1, 0.2, 0.3]
+    # Another principal has its own allowance.
+    assert bucket.reserve("victim", None) == 0.0
+    clock.now += 10  # idle: the allowance refills, to a second's worth at most
+    assert [bucket.reserve("flood", None) for _ in range(10)] == [0.0] * 10
+    assert bucket.reserve("flood", None) > 0
+
+
+def test_a_turn_later_than_the_call_may_wait_is_refused_and_takes_no_turn() -> None:
+    bucket, _ = rates(10.0, max_wait=0.25)
+    for _ in range(10):
+        bucket.reserve("flood", None)
+    assert round(bucket.reserve("flood", 5.0), 3) == 0.1
+    assert round(bucket.reserve("flood", 5.0), 3) == 0.2
+    with pytest.raises(
+        ResourceExhausted, match=r"'flood' is over its 10 store calls a second.*--flag"
+    ):
+        bucket.reserve("flood", 5.0)  # 0.3 s away, the most is 0.25 s
+    with pytest.raises(ResourceExhausted, match=r"longer than the call may wait \(0\.05s\)"):
+        bucket.reserve("flood", 0.05)  # its deadline comes first
+    with pytest.raises(ResourceExhausted):
+        bucket.reserve("flood", 5.0)  # the refusals took no turn: still 0.3 s away
+
+
+async def test_waiting_for_a_turn_sleeps_on_a_timer() -> None:
+    bucket = PrincipalRates(1000.0, max_wait=1.0, flag="--flag")
+    started = asyncio.get_running_loop().time()
+    await asyncio.gather(*(bucket.wait("flood", None) for _ in range(1010)))
+    # The last ten waited for turns 1 ms apart: a timer cannot fire early.
+    assert asyncio.get_running_loop().time() - started >= 0.009
+
+
+def test_the_least_recently_seen_principal_is_forgotten_past_the_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("snakepit.router.shares.RATE_PRINCIPALS", 3)
+    bucket, _ = rates(1.0)
+    for name in ("a", "b", "c", "d"):
+        bucket.reserve(name, None)
+    assert bucket.reserve("d", None) == 1.0  # remembered: its allowance is spent
+    assert bucket.reserve("a", None) == 0.0  # forgotten: a fresh allowance

@@ -7,6 +7,11 @@
 {{- end -}}
 {{- end -}}
 
+{{/* The TokenReview ClusterRole and its binding (cluster-scoped: one per release). */}}
+{{- define "snakepit.tokenReviewer" -}}
+{{- printf "%s-tokenreviewer" (include "snakepit.fullname" .) -}}
+{{- end -}}
+
 {{- define "snakepit.selectorLabels" -}}
 app.kubernetes.io/name: {{ printf "%s-operator" .Chart.Name | quote }}
 app.kubernetes.io/instance: {{ .Release.Name | quote }}

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import grpc
 
 from .. import tracing
-from ..grpc_options import DEFAULT_MAX_MESSAGE_MB
+from ..grpc_options import CLIENT_MAX_CONNECTION_AGE, DEFAULT_MAX_MESSAGE_MB
 from ..protocol.status import error_from_rpc, never_started
 from ..security.tls import ChannelTls, client_tls
 from ..store.base import SessionInfo, Variable, VariableChange
@@ -21,6 +21,7 @@ from .base import ClientBase, SessionBase
 from .direct import DirectRoutes
 from .hosting import AsyncHostedTool, ToolHost
 from .ops import MISSING, Op, ToolInfo
+from .rotation import Lease
 
 T = TypeVar("T")
 
@@ -40,6 +41,7 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
         cert: str | None = None,
         key: str | None = None,
         token: str | None = None,
+        max_connection_age: float | None = CLIENT_MAX_CONNECTION_AGE,
     ) -> None:
         super().__init__(
             target,
@@ -51,8 +53,10 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
             max_message_mb=max_message_mb,
             binary_threshold=binary_threshold,
             token=token,
+            max_connection_age=max_connection_age,
         )
         self._host: ToolHost | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # retired router channels closing
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -63,9 +67,10 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
     async def close(self) -> None:
         if self._host is not None:
             await self._host.close()
-        for channel in self._worker_channels.values():
+        for channel in [*self._worker_channels.values(), *self._router.close_all()]:
             await channel.close()
-        await self._channel.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     # Pool -----------------------------------------------------------------------------------
     async def ping(self) -> dict[str, Any]:
@@ -186,18 +191,40 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
                 finally:
                     routes.release(worker)
                 return op.parse(raw)
+        lease = self._open_lease()
         try:
-            raw = await self._call(self._channel, op, timeout)
+            raw = await self._call(lease.channel, op, timeout)
         except grpc.RpcError as exc:
             return op.recover(await asyncio.to_thread(self._error, exc))
+        finally:
+            self._close_lease(lease)
         return op.parse(raw)
+
+    def _open_lease(self) -> Lease[grpc.aio.Channel]:
+        lease, idle = self._lease()
+        self._close_later(idle)
+        return lease
+
+    def _close_lease(self, lease: Lease[grpc.aio.Channel]) -> None:
+        self._close_later(self._release(lease))
+
+    def _close_later(self, channels: list[grpc.aio.Channel]) -> None:
+        """Close retired, idle channels without making the call that noticed wait for it."""
+        for channel in channels:
+            task = asyncio.get_running_loop().create_task(channel.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def _stream(self, op: Op[T], timeout: float | None = None) -> AsyncIterator[T]:
         tried: list[str] = []
         while True:
             picked = await self._pick_worker(op, tried) if op.is_tool and self.direct else None
-            channel = picked[1] if picked else self._channel
-            routes = picked[2] if picked else None
+            lease: Lease[grpc.aio.Channel] | None = None
+            if picked:
+                channel, routes = picked[1], picked[2]
+            else:
+                lease = self._open_lease()
+                channel, routes = lease.channel, None
             call = self._stub(channel, op.method, True)(
                 op.request, **self._call_args(op, timeout, routes)
             )
@@ -216,6 +243,8 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
                 call.cancel()
                 if picked:
                     picked[2].release(picked[0])
+                if lease is not None:
+                    self._close_lease(lease)
 
     async def _pick_worker(
         self, op: Op[Any], tried: list[str]

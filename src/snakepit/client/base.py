@@ -14,13 +14,14 @@ import grpc
 
 from .. import tracing
 from ..errors import SnakepitError
-from ..grpc_options import DEFAULT_MAX_MESSAGE_MB, channel_options
+from ..grpc_options import CLIENT_MAX_CONNECTION_AGE, DEFAULT_MAX_MESSAGE_MB, channel_options
 from ..protocol import method_path
 from ..protocol.status import error_from_rpc, never_started
 from ..security.tls import ChannelTls, channel_factory, explain_connect_failure
 from .direct import MAX_ATTEMPTS, DirectRoutes
 from .hosting import ToolHost
 from .ops import Op
+from .rotation import Lease, RotatingChannel
 
 ChannelT = TypeVar("ChannelT")
 TOKEN_ENV = "SNAKEPIT_TOKEN"
@@ -51,6 +52,7 @@ class ClientBase(Generic[ChannelT]):
         max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
         binary_threshold: int | None,
         token: str | None = None,
+        max_connection_age: float | None = CLIENT_MAX_CONNECTION_AGE,
     ) -> None:
         self.target = target
         self.direct = direct
@@ -65,7 +67,11 @@ class ClientBase(Generic[ChannelT]):
         self._options = channel_options(max_message_mb)
         self.tls = tls
         self._new_channel: Callable[..., ChannelT] = channel_factory(tls, aio=aio)
-        self._channel: ChannelT = self._new_channel(target, options=self._options)
+        # New calls move to a fresh router connection every ``max_connection_age`` seconds,
+        # before the router ages the old one out under a call (client/rotation.py).
+        self._router: RotatingChannel[ChannelT] = RotatingChannel(
+            lambda: self._new_channel(target, options=self._options), max_connection_age
+        )
         self._worker_channels: dict[str, ChannelT] = {}
         self._stubs: dict[tuple[int, str, bool], Any] = {}
         self._routes: DirectRoutes | None = None
@@ -100,6 +106,23 @@ class ClientBase(Generic[ChannelT]):
             error.args = (explained,)
             error.not_started = error.not_started or not started
         return error
+
+    def _lease(self) -> tuple[Lease[ChannelT], list[ChannelT]]:
+        """The router channel for one call, and retired channels now idle: close them."""
+        lease, idle = self._router.acquire()
+        return lease, self._forget(idle)
+
+    def _release(self, lease: Lease[ChannelT]) -> list[ChannelT]:
+        """End a call on the router channel; what comes back is retired and idle: close it."""
+        return self._forget(self._router.release(lease))
+
+    def _forget(self, channels: list[ChannelT]) -> list[ChannelT]:
+        """Drop the stubs of channels about to close (a new channel may reuse an ``id``)."""
+        for channel in channels:
+            for key in list(self._stubs):  # a copy: other threads may add stubs meanwhile
+                if key[0] == id(channel):
+                    self._stubs.pop(key, None)
+        return channels
 
     def _stub(self, channel: ChannelT, method: str, streaming: bool) -> Any:
         key = (id(channel), method, streaming)

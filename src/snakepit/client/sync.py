@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import grpc
 
 from .. import tracing
-from ..grpc_options import DEFAULT_MAX_MESSAGE_MB
+from ..grpc_options import CLIENT_MAX_CONNECTION_AGE, DEFAULT_MAX_MESSAGE_MB
 from ..protocol.status import error_from_rpc, never_started
 from ..security.tls import ChannelTls, client_tls
 from ..store.base import SessionInfo, Variable, VariableChange
@@ -18,6 +18,7 @@ from .base import ClientBase, SessionBase
 from .direct import DirectRoutes
 from .hosting import HostedTool, HostThread
 from .ops import MISSING, Op, ToolInfo
+from .rotation import Lease
 
 T = TypeVar("T")
 
@@ -43,6 +44,7 @@ class Client(ClientBase[grpc.Channel]):
         cert: str | None = None,
         key: str | None = None,
         token: str | None = None,
+        max_connection_age: float | None = CLIENT_MAX_CONNECTION_AGE,
     ) -> None:
         super().__init__(
             target,
@@ -54,6 +56,7 @@ class Client(ClientBase[grpc.Channel]):
             max_message_mb=max_message_mb,
             binary_threshold=binary_threshold,
             token=token,
+            max_connection_age=max_connection_age,
         )
         self._host: HostThread | None = None
 
@@ -67,9 +70,8 @@ class Client(ClientBase[grpc.Channel]):
     def close(self) -> None:
         if self._host is not None:
             self._host.close()
-        for channel in self._worker_channels.values():
+        for channel in [*self._worker_channels.values(), *self._router.close_all()]:
             channel.close()
-        self._channel.close()
 
     # Pool -----------------------------------------------------------------------------------
     def ping(self) -> dict[str, Any]:
@@ -198,18 +200,35 @@ class Client(ClientBase[grpc.Channel]):
                 finally:
                     routes.release(worker)
                 return op.parse(raw)
+        lease = self._open_lease()
         try:
-            raw = self._call(self._channel, op, timeout)
+            raw = self._call(lease.channel, op, timeout)
         except grpc.RpcError as exc:
             return op.recover(self._error(exc))
+        finally:
+            self._close_lease(lease)
         return op.parse(raw)
+
+    def _open_lease(self) -> Lease[grpc.Channel]:
+        lease, idle = self._lease()
+        for channel in idle:
+            channel.close()
+        return lease
+
+    def _close_lease(self, lease: Lease[grpc.Channel]) -> None:
+        for channel in self._release(lease):
+            channel.close()
 
     def _stream(self, op: Op[T], timeout: float | None = None) -> Iterator[T]:
         tried: list[str] = []
         while True:
             picked = self._pick_worker(op, tried) if op.is_tool and self.direct else None
-            channel = picked[1] if picked else self._channel
-            routes = picked[2] if picked else None
+            lease: Lease[grpc.Channel] | None = None
+            if picked:
+                channel, routes = picked[1], picked[2]
+            else:
+                lease = self._open_lease()
+                channel, routes = lease.channel, None
             call = self._stub(channel, op.method, True)(
                 op.request, **self._call_args(op, timeout, routes)
             )
@@ -228,6 +247,8 @@ class Client(ClientBase[grpc.Channel]):
                 call.cancel()
                 if picked:
                     picked[2].release(picked[0])
+                if lease is not None:
+                    self._close_lease(lease)
 
     def _pick_worker(
         self, op: Op[Any], tried: list[str]

@@ -33,6 +33,9 @@ class OperatorConfig:
     # router's load over gRPC. Empty when unknown (the operator runs outside the cluster).
     namespace: str = ""
     pod_labels: tuple[tuple[str, str], ...] = ()
+    # The chart's ClusterRoleBinding of its TokenReview ClusterRole, whose subjects the operator
+    # keeps equal to the routers that review tokens (builders/tokenreview.py); "": none.
+    tokenreview_binding: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -48,6 +51,7 @@ class OperatorConfig:
             autoscale_period=float(env.get("SNAKEPIT_AUTOSCALE_PERIOD") or 1.0),
             namespace=env.get("POD_NAMESPACE", ""),
             pod_labels=_labels(env.get("SNAKEPIT_OPERATOR_POD_LABELS", "")),
+            tokenreview_binding=env.get("SNAKEPIT_TOKENREVIEW_BINDING", ""),
         )
 
     def operator_peer(self) -> dict[str, object] | None:

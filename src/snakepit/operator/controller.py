@@ -18,6 +18,7 @@ from ..metrics import OperatorMetrics
 from .autoscaler import Autoscalers
 from .children import Children, PoolKey
 from .reconciler import Reconciler
+from .tokenreviewers import TokenReviewers
 from .workqueue import WorkQueue, run_worker
 
 log = logging.getLogger("snakepit.operator")
@@ -52,6 +53,7 @@ class Controller:
         workers: int = 4,
         metrics: OperatorMetrics | None = None,
         autoscalers: Autoscalers | None = None,
+        tokenreviewers: TokenReviewers | None = None,
     ) -> None:
         self.reconciler = reconciler
         self.children = children
@@ -67,17 +69,23 @@ class Controller:
             queue = self.queue
             metrics.bind(lambda: len(queue), lambda: queue.processing)
         self.autoscalers = autoscalers
+        self.tokenreviewers = tokenreviewers
 
     def on_pool_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace")), str(meta.get("name")))
         if self.autoscalers is not None:
             self.autoscalers.observe(event_type, body)
+        if self.tokenreviewers is not None and (
+            event_type == "DELETED" or pool_needs_pass(event_type, body)
+        ):
+            self.tokenreviewers.touch()  # a pool came, went or changed its spec
         if event_type == "DELETED":
             self.known.discard(key)
             self.reconciler.forget(key)
             if self.metrics is not None:
                 self.metrics.pool_gone(key)
+            self.queue.add(key)  # one pass that finds it gone drops its certificate keys
             return
         self.known.add(key)
         if pool_needs_pass(event_type, body):
@@ -126,3 +134,5 @@ class Controller:
             for _ in range(self.workers):
                 group.create_task(run_worker(self.queue, self._pass))
             group.create_task(self._resync())
+            if self.tokenreviewers is not None:
+                group.create_task(self.tokenreviewers.run())

@@ -22,7 +22,8 @@ from urllib.parse import quote
 from .config import FIELD_MANAGER
 from .spec import API_VERSION, JSON, KIND, PLURAL
 
-# (apiVersion, kind) -> plural, for every namespaced kind the operator reads or writes.
+# (apiVersion, kind) -> plural, for every kind the operator reads or writes. Cluster-scoped
+# kinds (the chart's TokenReview ClusterRoleBinding) take the namespace "" in ``path``.
 PLURALS: dict[tuple[str, str], str] = {
     ("apps/v1", "Deployment"): "deployments",
     ("apps/v1", "StatefulSet"): "statefulsets",
@@ -32,6 +33,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("v1", "Event"): "events",
     ("rbac.authorization.k8s.io/v1", "Role"): "roles",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
+    ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): "clusterrolebindings",
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
     ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
     (API_VERSION, KIND): PLURAL,
@@ -69,8 +71,11 @@ def path(
     name: str | None = None,
     subresource: str | None = None,
 ) -> str:
+    """The URL of a kind, of one object of it, or of its subresource; ``namespace`` "" is
+    every namespace for a namespaced kind (a list) and the only form of a cluster-scoped one."""
     base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    url = f"{base}/namespaces/{quote(namespace)}/{PLURALS[(api_version, kind)]}"
+    scope = f"/namespaces/{quote(namespace)}" if namespace else ""
+    url = f"{base}{scope}/{PLURALS[(api_version, kind)]}"
     if name:
         url += f"/{quote(name)}"
     if subresource:
@@ -175,6 +180,18 @@ class Kube:
             if exc.status == 404:
                 return None
             raise
+
+    async def list(self, api_version: str, kind: str, namespace: str = "") -> list[JSON]:
+        """Every object of a kind in ``namespace`` ("": all namespaces), one page at a time."""
+        items: list[JSON] = []
+        query: list[tuple[str, str]] = [("limit", "500")]
+        while True:
+            page = await self.request("GET", path(api_version, kind, namespace), query=query)
+            items += page.get("items") or []
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return items
+            query = [("limit", "500"), ("continue", token)]
 
     async def create(self, obj: JSON) -> JSON:
         meta = obj["metadata"]

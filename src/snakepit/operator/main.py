@@ -22,6 +22,7 @@ from .handlers import build_registry
 from .kube import Kube, load_api_client
 from .reconciler import Reconciler
 from .spec import API_VERSION
+from .tokenreviewers import TokenReviewers
 from .workqueue import WorkQueue
 
 log = logging.getLogger("snakepit.operator")
@@ -68,6 +69,12 @@ async def operate(
             resync_seconds=config.resync_seconds,
             metrics=metrics,
             autoscalers=autoscalers,
+            tokenreviewers=TokenReviewers(
+                kube,
+                config.tokenreview_binding,
+                () if clusterwide else namespaces,
+                resync_seconds=config.resync_seconds,
+            ),
         )
         stop = asyncio.Event()
         workers = asyncio.create_task(controller.run())

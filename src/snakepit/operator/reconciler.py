@@ -14,14 +14,23 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..security.localca import LocalCA
 from .builders import ChildKey, Names, build_children, build_store_secret, child_key, new_password
 from .builders.auth import build_ticket_secret
+from .builders.carotation import (
+    DEFAULT_SETTLE,
+    ROTATE_ANNOTATION,
+    CaRotation,
+    next_step_after,
+    read_rotation,
+    rotation_data,
+    rotation_step,
+)
 from .builders.certs import (
     CA_SECRET,
-    ca_data,
+    ca_keys,
     certificate_status,
     current_certificate,
+    forget_pool_patch,
     issue_certificate,
     leaf_data,
     namespace_secret,
@@ -130,6 +139,8 @@ class Reconciler:
         self.clock = clock
         self.password = password
         self.wall = wall
+        # How long each step of a CA rotation is given to reach every pod (carotation.py).
+        self.ca_settle = DEFAULT_SETTLE
         # child -> (fingerprint of what we applied, fingerprint of what the server returned)
         self._applied: dict[tuple[PoolKey, ChildKey], tuple[str, str]] = {}
 
@@ -138,6 +149,8 @@ class Reconciler:
         body = await self.kube.get(API_VERSION, KIND, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             self.forget(key)
+            if body is None:
+                await self._forget_certificates(namespace, name)
             return None  # gone or going: garbage collection removes the children
         try:
             pool = parse_pool(body)
@@ -167,7 +180,8 @@ class Reconciler:
         certificate, requeue_after = previous.get("certificate"), None
         if pool.spec.tls.operator_issued:
             try:
-                certificate, requeue_after = await self._ensure_certificate(pool)
+                rotate = (body["metadata"].get("annotations") or {}).get(ROTATE_ANNOTATION, "")
+                certificate, requeue_after = await self._ensure_certificate(pool, str(rotate))
             except ApiError as exc:
                 problems.append(Problem("ApplyFailed", f"certificate: {exc.message}"))
             except ValueError as exc:  # a CA someone else wrote into the Secret, unusable
@@ -256,39 +270,80 @@ class Reconciler:
             if exc.status != 409:
                 raise
 
-    async def _ensure_certificate(self, pool: Pool) -> tuple[JSON, float]:
+    async def _ensure_certificate(self, pool: Pool, rotate: str) -> tuple[JSON, float]:
         """The pool's leaf certificate (builders/certs.py): ``status.certificate`` after this
-        pass and the seconds until it must be renewed.
+        pass and the seconds until it must be renewed or its CA rotation moves on.
 
         Level-based like the rest: read the two fixed-name Secrets (the only Secrets the
-        operator may read), keep a leaf that can stay, else issue one and merge it in under the
-        pool's keys (a merge patch leaves the other pools' keys alone).
+        operator may read), move a CA rotation on (carotation.py; ``rotate``: the pool's
+        ``ROTATE_ANNOTATION``), keep a leaf that can stay, else issue one and merge it in under
+        the pool's keys (a merge patch leaves the other pools' keys alone).
         """
         now = self.wall()
-        ca = await self._pool_ca(pool)
+        rotation = await self._pool_ca(pool, rotate, now)
+        ca, trusted = rotation.current, rotation.trusted()
         certs = await self.kube.get("v1", "Secret", pool.namespace, CERTS_SECRET)
-        cert = current_certificate(pool, ca, certs, now)
+        cert = current_certificate(pool, ca, certs, now, trusted)
         if cert is None:
             cert = issue_certificate(pool, ca, now)
-            data = leaf_data(pool, ca, cert)
+            data = leaf_data(pool, ca, cert, trusted)
             await self._merge_into(pool.namespace, CERTS_SECRET, certs, data)
-        return certificate_status(cert), max(1.0, (cert.renew_after - now).total_seconds())
+        status = certificate_status(cert)
+        if rotation.phase != "steady":
+            status["caRotation"] = rotation.phase
+        after = min(
+            max(1.0, (cert.renew_after - now).total_seconds()),
+            next_step_after(rotation, now, self.ca_settle),
+        )
+        return status, after
 
-    async def _pool_ca(self, pool: Pool) -> LocalCA:
-        """The pool's CA from ``CA_SECRET``, made and added under its keys when missing. The
-        addition is conditional on the Secret's resourceVersion: two writers never give one
-        pool two CAs (the loser reads the winner's)."""
+    async def _forget_certificates(self, namespace: str, name: str) -> None:
+        """Drop a deleted pool's CA and leaf from the two shared Secrets, which have no owner
+        for the garbage collector to follow (builders/certs.py). Only once the pool is gone,
+        not while it is going: its pods still mount the leaf until they stop. Pools have no
+        finalizer (handlers.py), so a pool deleted while the operator is down keeps its keys
+        (no pod mounts them; a new pool of the same name would take that CA over)."""
+        for secret_name in (CERTS_SECRET, CA_SECRET):
+            try:
+                secret = await self.kube.get("v1", "Secret", namespace, secret_name)
+            except ApiError as exc:
+                if exc.status == 403:  # an operator without operator-issued TLS here
+                    return
+                raise
+            patch = forget_pool_patch(secret_name, secret, name)
+            if patch is not None:
+                # A 409 (the Secret changed since read) fails the pass: it is retried, reading
+                # the pool again first.
+                await self.kube.patch("v1", "Secret", namespace, secret_name, patch)
+                log.info(
+                    "removed the keys of deleted pool %s/%s from %s", namespace, name, secret_name
+                )
+
+    async def _pool_ca(self, pool: Pool, rotate: str, now: datetime.datetime) -> CaRotation:
+        """The pool's CA and its rotation from ``CA_SECRET``: made and added under its keys
+        when missing, moved one step on when due. Every write is conditional on the Secret's
+        resourceVersion: two writers never give one pool two CAs or skip a step (the loser
+        reads the winner's)."""
+        cert_key, key_key = ca_keys(pool)
         for _ in range(5):
             secret = await self.kube.get("v1", "Secret", pool.namespace, CA_SECRET)
             ca = pool_ca(pool, secret)
-            if ca is not None:
-                return ca
-            ca = new_pool_ca(pool)
+            if ca is None:
+                state = CaRotation(new_pool_ca(pool), request=rotate)
+            else:
+                current = read_rotation(pool.name, ca, (secret or {}).get("data") or {})
+                moved = rotation_step(
+                    current, now, request=rotate, new_ca=lambda: new_pool_ca(pool),
+                    settle=self.ca_settle,
+                )  # fmt: skip
+                if moved is None:
+                    return current
+                state = moved
+                log.info("CA rotation of pool %s/%s: %s", pool.namespace, pool.name, state.phase)
+            data = rotation_data(pool.name, cert_key, key_key, state)
             try:
-                await self._merge_into(
-                    pool.namespace, CA_SECRET, secret, ca_data(pool, ca), conditional=True
-                )
-                return ca
+                await self._merge_into(pool.namespace, CA_SECRET, secret, data, conditional=True)
+                return state
             except ApiError as exc:
                 if exc.status != 409:
                     raise
@@ -299,7 +354,7 @@ class Reconciler:
         namespace: str,
         name: str,
         secret: JSON | None,
-        data: dict[str, str],
+        data: Mapping[str, str | None],
         *,
         conditional: bool = False,
     ) -> None:
@@ -307,13 +362,14 @@ class Reconciler:
         merge-patched. ``conditional``: only onto the version read (409 when someone wrote in
         between, or created it first); otherwise keys of other pools never collide."""
         if secret is None:
+            present = {k: v for k, v in data.items() if v is not None}
             try:
-                await self.kube.create(namespace_secret(namespace, name, data))
+                await self.kube.create(namespace_secret(namespace, name, present))
                 return
             except ApiError as exc:
                 if exc.status != 409 or conditional:
                     raise
-        patch: JSON = {"data": data}
+        patch: JSON = {"data": dict(data)}
         version = (secret or {}).get("metadata", {}).get("resourceVersion")
         if conditional and version:
             patch["metadata"] = {"resourceVersion": version}

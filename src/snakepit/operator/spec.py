@@ -112,6 +112,8 @@ class LimitsSpec:
     max_watchers_per_session: int | None = None
     max_sessions_per_principal: int | None = None
     max_calls_per_principal: int | None = None
+    max_store_calls_per_principal: int | None = None
+    store_call_rate_per_principal: int | None = None
     value_helpers: int | None = None
 
 
@@ -333,6 +335,8 @@ def _parse_limits(raw: Mapping[str, Any]) -> LimitsSpec:
         max_watchers_per_session=_opt_int(raw, "maxWatchersPerSession"),
         max_sessions_per_principal=_opt_int(raw, "maxSessionsPerPrincipal"),
         max_calls_per_principal=_opt_int(raw, "maxCallsPerPrincipal"),
+        max_store_calls_per_principal=_opt_int(raw, "maxStoreCallsPerPrincipal"),
+        store_call_rate_per_principal=_opt_int(raw, "storeCallRatePerPrincipal"),
         value_helpers=_opt_int(raw, "valueHelpers"),
     )
 
@@ -411,6 +415,11 @@ def _parse_auth(raw: Mapping[str, Any]) -> AuthSpec:
         direct_mode=tuple(str(v) for v in _list(raw.get("directMode"))),
         audience=str(raw.get("audience") or "snakepit"),
     )
+
+
+def auth_of(raw_spec: Mapping[str, Any]) -> AuthSpec:
+    """``spec.auth`` alone, for readers that need only it (the TokenReview binding)."""
+    return _parse_auth(_map(raw_spec.get("auth")))
 
 
 def parse_spec(raw: Mapping[str, Any]) -> PoolSpec:

@@ -20,9 +20,11 @@ from .status import abort_with
 Context = Any  # grpc.aio.ServicerContext
 
 
-async def _parse(
+async def parse(
     raw: bytes, request_type: type[Message], context: Context, max_bytes: int | None = None
 ) -> Any:
+    """``raw`` parsed as ``request_type``; a request above ``max_bytes`` or a malformed one
+    ends the call (RESOURCE_EXHAUSTED, INVALID_ARGUMENT)."""
     if max_bytes is not None and len(raw) > max_bytes:
         # Refused before parsing: a request this large costs the loop time to parse at all.
         await abort_with(
@@ -47,7 +49,7 @@ def unary(
     answer that splices a stored value in without decoding it)."""
 
     async def handler(raw: bytes, context: Context) -> bytes:
-        response = await fn(await _parse(raw, request_type, context, max_bytes), context)
+        response = await fn(await parse(raw, request_type, context, max_bytes), context)
         return response if isinstance(response, bytes) else response.SerializeToString()
 
     return grpc.unary_unary_rpc_method_handler(handler)
@@ -62,7 +64,7 @@ def unary_stream(
     (one encoding shared by many streams)."""
 
     async def handler(raw: bytes, context: Context) -> AsyncIterator[bytes]:
-        async for response in fn(await _parse(raw, request_type, context, max_bytes), context):
+        async for response in fn(await parse(raw, request_type, context, max_bytes), context):
             yield response if isinstance(response, bytes) else response.SerializeToString()
 
     return grpc.unary_stream_rpc_method_handler(handler)

@@ -1,7 +1,8 @@
 """Which data path carries tool calls: the Python router (the default) or HAProxy (opt-in).
 
-HAProxy is not the default yet: under a mixed load with multi-MB requests, a worker leaving makes
-HAProxy 2.6 stall a client's whole HTTP/2 connection (docs/architecture.md, "Native data path").
+HAProxy is not the default yet: its 2.6 stall on multi-MB request bodies is worked around (they
+take the Python router), and the default waits for a green e2e run (docs/architecture.md,
+"Native data path").
 ``auto`` takes HAProxy when the ``haproxy`` binary is there and the pool's affinity is ``hint``.
 Strict affinity stays on the Python router: it binds a session to the worker that served it last
 and fails its calls with FAILED_PRECONDITION while that worker is gone, which HAProxy's hashing

@@ -46,7 +46,12 @@ from .hosting import FORWARDED_KEY, HostRegistry
 from .observe import NULL_OBSERVER, CallObserver, NullObserver
 from .pool import PoolConfig, WorkerPool
 from .retry import Attempts, Next
-from .shares import PrincipalShares
+from .shares import (
+    DEFAULT_STORE_CALL_RATE_PER_PRINCIPAL,
+    DEFAULT_STORE_CALLS_PER_PRINCIPAL,
+    PrincipalRates,
+    PrincipalShares,
+)
 from .workers import WorkerHandle
 
 # How often the router looks whether its pool certificate was renewed (then redials workers).
@@ -94,6 +99,10 @@ class RouterConfig:
     limits: StoreLimits = field(default_factory=StoreLimits)
     # Helper processes that check large written values off the event loop (0: on the loop).
     value_helpers: int = DEFAULT_HELPERS
+    # Store RPCs one authenticated principal may have in flight here (0: no bound; shares.py).
+    max_store_calls_per_principal: int = DEFAULT_STORE_CALLS_PER_PRINCIPAL
+    # Store RPCs a second one authenticated principal may start here (0: no bound; shares.py).
+    store_call_rate_per_principal: float = DEFAULT_STORE_CALL_RATE_PER_PRINCIPAL
     auth: AuthConfig = field(default_factory=AuthConfig)
     # TLS on the router's port: ``cert``/``key`` it presents and, if ``ca`` is set, the CA whose
     # client certificates it then requires. None: plaintext.
@@ -347,8 +356,20 @@ class RouterServer:
             self.value_helpers = ValueHelpers(
                 self.store.limits, HelperConfig(processes=self.config.value_helpers)
             )
+        store_shares = PrincipalShares(
+            self.config.max_store_calls_per_principal,
+            queue_size=self.config.pool.queue_size,
+            queue_timeout=self.config.pool.queue_timeout,
+            flag="--max-store-calls-per-principal",
+            what="store calls",
+        )
+        store_rates = PrincipalRates(
+            self.config.store_call_rate_per_principal,
+            max_wait=self.config.pool.queue_timeout,
+            flag="--store-call-rate-per-principal",
+        )
         handlers: dict[str, grpc.RpcMethodHandler] = method_handlers(
-            StoreService(self.store, self.gate, self.value_helpers)
+            StoreService(self.store, self.gate, self.value_helpers, store_shares, store_rates)
         )
         handlers.update(
             ExecuteTool=grpc.unary_unary_rpc_method_handler(self._execute),

@@ -205,38 +205,59 @@ RENEW_GRACE = 3600.0
 
 
 class RenewingChannel:
-    """A ``grpc.aio`` TLS channel that dials again when its TLS files change.
+    """A ``grpc.aio`` channel that dials again when its TLS files change or it is ``max_age`` old.
 
-    Each call looks (at most once per ``RENEW_CHECK``) whether the files changed; then new calls
+    Each call looks (files at most once per ``RENEW_CHECK``) whether it is time; then new calls
     go on a new channel and the old one closes once its calls have finished. Multicallables
     made from this object stay valid across renewals, so the long-lived clients of a process (a
     worker's store and ``ctx.call_tool`` client, a tool host's stream) need no restart.
+
+    ``max_age``: the caller closes its connection before the server ages it out, so the
+    server's close never finds a call on it (client/rotation.py says why that matters). Without
+    ``tls`` the channel is plaintext and only ages.
     """
 
-    def __init__(self, target: str, tls: ChannelTls, options: Sequence[tuple[str, Any]]) -> None:
+    def __init__(
+        self,
+        target: str,
+        tls: ChannelTls | None,
+        options: Sequence[tuple[str, Any]],
+        max_age: float | None = None,
+    ) -> None:
         self._target = target
         self._tls = tls
-        self._options = [*options, *tls.options()]
+        self._options = [*options, *(tls.options() if tls is not None else ())]
+        self._max_age = max_age or None
         self._channel = self._dial()
+        self._born = self._checked = time.monotonic()
         self.generation = 0
-        self._checked = time.monotonic()
         self._closing: set[asyncio.Task[None]] = set()
 
     def _dial(self) -> grpc.aio.Channel:
+        if self._tls is None:
+            return grpc.aio.insecure_channel(self._target, self._options)
         return grpc.aio.secure_channel(self._target, self._tls.credentials(), self._options)
 
     def current(self) -> grpc.aio.Channel:
         now = time.monotonic()
-        if now - self._checked >= RENEW_CHECK:
+        aged = self._max_age is not None and now - self._born >= self._max_age
+        renewed = False
+        if self._tls is not None and (aged or now - self._checked >= RENEW_CHECK):
             self._checked = now
-            if self._tls.changed():
-                old, self._channel = self._channel, self._dial()
-                self.generation += 1
+            renewed = self._tls.changed()
+        if aged or renewed:
+            self._redial(now)
+            if renewed:  # also when the age came first: the new channel has the new files
                 log.info("TLS files renewed; redialled", extra={"target": self._target})
-                task = asyncio.get_running_loop().create_task(old.close(grace=RENEW_GRACE))
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
         return self._channel
+
+    def _redial(self, now: float) -> None:
+        old, self._channel = self._channel, self._dial()
+        self._born = now
+        self.generation += 1
+        task = asyncio.get_running_loop().create_task(old.close(grace=RENEW_GRACE))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> _Renewing:
         return _Renewing(self, "unary_unary", method, args, kwargs)

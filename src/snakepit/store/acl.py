@@ -79,6 +79,15 @@ def acl_rules(password: str, prefix: str = "sp", *, hashed: bool = True) -> list
     return ["reset", "on", secret, *scope_rules(prefix)]
 
 
+# Redis's own ``default`` user where the store's user is the way in: off (nobody logs in as it,
+# with any password) and without one, but with every permission. Not "no permission": Redis
+# 7.0 to 8.2 re-check each MULTI/EXEC they replay from the append-only file at start against
+# ``default``'s rules (redis/redis#14541, fixed upstream by #14545), so a ``default`` that may run
+# nothing drops every transaction - every write of the store's Lua scripts - when Redis restarts.
+# ``tests/integration/test_operator_redis_script.py`` restarts a real redis-server to show it.
+DISABLED_DEFAULT_USER_LINE = "user default off resetpass ~* &* +@all"
+
+
 def acl_file_line(password: str, prefix: str = "sp", user: str = DEFAULT_ACL_USER) -> str:
     """``user <name> <rules>``: a line of a Redis ACL file (``aclfile``) or ``redis.conf``."""
     return " ".join(["user", user, *acl_rules(password, prefix)])

@@ -89,7 +89,7 @@ class StoreLimits:
             raise ResourceExhausted(
                 f"value of {name!r} takes {size} bytes, above the limit of "
                 f"{self.max_parsed_value_bytes} bytes per string, list or map value "
-                "(store large data as bytes or a tensor)"
+                "(--max-parsed-value-bytes; store large data as bytes or a tensor)"
             )
 
     def check_session_growth(self, session_id: str, variables: int, total_bytes: int) -> None:

@@ -224,7 +224,12 @@ class Encoded:
 
 
 def check_encoded(
-    decl_text: str, type_name: str, name: str, what: str, data: bytes, limits: StoreLimits
+    decl_text: str,
+    type_name: str,
+    name: str,
+    what: str,
+    data: bytes | memoryview,
+    limits: StoreLimits,
 ) -> tuple[str, bytes]:
     """Decode ``data``, check it against the declaration ``decl_text`` (empty: the one a new
     variable gets, typed ``type_name`` or inferred) and return ``(declaration text, stored

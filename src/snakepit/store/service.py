@@ -8,6 +8,15 @@ raises the same ``snakepit.errors`` exception the store raised here.
 Every method first asks the ``Gate`` who calls, then works on that principal's store keys
 (``security.identity.session_key``): another principal's session is simply not there (NOT_FOUND),
 and ListSessions shows a caller its own sessions only (all of them to an admin).
+
+Before a unary request is even parsed, its caller takes one of its store-call slots
+(``--max-store-calls-per-principal``, a ``PrincipalShares``), held until the RPC has ended (its
+answer sent): one principal's flood then has at most that many requests doing work on the
+router's event loop, and the rest wait on a future, costing the loop nothing, in that
+principal's own bounded line. It then waits for its turn under the principal's rate
+(``--store-call-rate-per-principal``, a ``PrincipalRates``): a flood's calls are spread out on
+timers instead of answered back to back, so the loop's time stays free for other callers.
+Anonymous callers (auth off: everyone) are not counted.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from ..protocol import SERVICE_NAME, Constraints, decode_value, pb
 from ..protocol import handlers as handlers_for
 from ..protocol.status import abort_with, hide_internal
 from ..protocol.wire import WireMessage
+from ..router.shares import PrincipalRates, PrincipalShares
 from ..security.gate import Gate
 from ..security.identity import Principal, session_id_of, session_key
 from . import rules
@@ -39,7 +49,6 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Handler = Callable[["StoreService", Req, Context, Principal], Awaitable[Resp]]
-Wrapped = Callable[["StoreService", Req, Context], Awaitable[Resp]]
 
 # name -> (request class, response class, server-streaming)
 _METHODS: dict[str, tuple[type[Message], type[Message], bool]] = {
@@ -61,13 +70,12 @@ _METHODS: dict[str, tuple[type[Message], type[Message], bool]] = {
 STORE_METHODS: tuple[str, ...] = tuple(_METHODS)
 
 
-def _unary(fn: Handler[Req, Resp]) -> Wrapped[Req, Resp]:
-    """Authenticate the caller; turn any exception into its status code and ErrorDetail."""
+def _unary(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Turn any exception of a method into its status code and ErrorDetail."""
 
     @functools.wraps(fn)
-    async def handler(self: StoreService, request: Req, context: Context) -> Resp:
+    async def handler(self: StoreService, request: Req, context: Context, who: Principal) -> Resp:
         try:
-            who = await self.gate.authenticate(context.invocation_metadata())
             return await fn(self, request, context, who)
         except Exception as exc:
             await abort_with(context, hide_internal(exc))
@@ -132,7 +140,7 @@ def _decode(
         raise ResourceExhausted(
             f"{what}: the value takes {size} bytes, above the limit of "
             f"{limits.max_parsed_value_bytes} bytes per string, list or map value "
-            "(store large data as bytes or a tensor)"
+            "(--max-parsed-value-bytes; store large data as bytes or a tensor)"
         )
     if helpers is not None and size > helpers.threshold:
         return rules.Encoded(data, what, helpers)
@@ -170,11 +178,20 @@ class StoreService:
     """BridgeService's session and variable methods over ``store``."""
 
     def __init__(
-        self, store: SessionStore, gate: Gate | None = None, helpers: ValueHelpers | None = None
+        self,
+        store: SessionStore,
+        gate: Gate | None = None,
+        helpers: ValueHelpers | None = None,
+        shares: PrincipalShares | None = None,
+        rates: PrincipalRates | None = None,
     ) -> None:
         self.store = store
         self.helpers = helpers
         self.gate = gate or Gate()
+        # Store calls in flight per authenticated principal (None or limit 0: no bound).
+        self.shares = shares if shares is not None and shares.limit > 0 else None
+        # Store calls a second per authenticated principal (None or rate 0: no bound).
+        self.rates = rates if rates is not None and rates.rate > 0 else None
         self.limits = store.limits
         # Largest store request parsed at all: a SetVariables may fill a whole session.
         self.max_request_bytes = store.limits.max_session_bytes + (1 << 20)
@@ -194,6 +211,23 @@ class StoreService:
         if len(self._updates) > _SHARED_UPDATES:
             self._updates.popitem(last=False)
         return data
+
+    async def admit(self, context: Context) -> Principal:
+        """Who calls, once it holds one of its store-call slots (waiting for one in its line
+        if need be); the slot goes back when the RPC ends, answer sent or not. Refusals
+        (unauthenticated, line full, waited too long) end the call with their status."""
+        try:
+            who = await self.gate.authenticate(context.invocation_metadata())
+            shares = self.shares
+            if shares is not None and not who.anonymous:
+                await shares.acquire(who.name, context.time_remaining())
+                context.add_done_callback(lambda _ctx: shares.release(who.name))
+            if self.rates is not None and not who.anonymous:
+                await self.rates.wait(who.name, context.time_remaining())
+            return who
+        except Exception as exc:
+            await abort_with(context, hide_internal(exc))
+            raise  # abort_with has already ended the call by raising; this is for type checkers
 
     # Sessions -------------------------------------------------------------------------------
     @_unary
@@ -361,12 +395,32 @@ class StoreService:
             await feed.aclose()
 
 
+def _admitted(
+    service: StoreService, method: Handler[Any, Any], request_type: type[Message]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A unary store RPC: the caller is admitted (``StoreService.admit``) before its request
+    is parsed, then the request is parsed and the method runs."""
+    max_bytes = service.max_request_bytes
+
+    async def handler(raw: bytes, context: Context) -> bytes:
+        who = await service.admit(context)
+        request = await handlers_for.parse(raw, request_type, context, max_bytes)
+        response = await method(service, request, context, who)
+        return response if isinstance(response, bytes) else response.SerializeToString()
+
+    return grpc.unary_unary_rpc_method_handler(handler)
+
+
 def method_handlers(service: StoreService) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     """The RPC handlers of ``STORE_METHODS``, keyed by method name (not the full path)."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for name, (request, _response, streaming) in _METHODS.items():
-        factory = handlers_for.unary_stream if streaming else handlers_for.unary
-        handlers[name] = factory(getattr(service, name), request, service.max_request_bytes)
+        if streaming:
+            handlers[name] = handlers_for.unary_stream(
+                getattr(service, name), request, service.max_request_bytes
+            )
+        else:
+            handlers[name] = _admitted(service, getattr(StoreService, name), request)
     return handlers
 
 

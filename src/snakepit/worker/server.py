@@ -61,7 +61,7 @@ from ..protocol.messages import ToolRequest, decode_request, encode_chunk, encod
 from ..protocol.status import CORRELATION_ID_KEY, WORKER_ID_KEY, abort_with, status_of
 from ..security.identity import ANONYMOUS, Principal, session_key
 from ..security.tickets import DEFAULT_AUDIENCE, TICKET_KEY, TicketVerifier, load_public_key
-from ..security.tls import ChannelTls, ServerTls, TlsFiles, channel_factory
+from ..security.tls import ChannelTls, RenewingChannel, ServerTls, TlsFiles
 from ..store.base import SessionStore
 from ..store.remote import RemoteStore
 from .adapter import Adapter, load_adapter_class
@@ -141,6 +141,7 @@ class WorkerServer:
         self.health_server: grpc.aio.Server | None = None
         self.store: SessionStore | None = None
         self._remote: RemoteStore | None = None  # the store, when it is the router (untimed)
+        self._store_channel: RenewingChannel | None = None  # its channel to the router
         self.verifier: TicketVerifier | None = None
         if config.ticket_public_key:
             self.verifier = TicketVerifier(
@@ -225,24 +226,25 @@ class WorkerServer:
         url = self.config.store_url
         if not url:
             return
-        from ..grpc_options import channel_options
+        from ..grpc_options import CLIENT_MAX_CONNECTION_AGE, channel_options
         from ..store import open_store
 
         if url == "router":
             if not self.config.router_address:
                 raise ValueError("--store router needs --router HOST:PORT")
-            tls = self._router_tls()
-            if tls is not None:
-                channel = channel_factory(tls, aio=True)(
-                    self.config.router_address, options=channel_options()
-                )
-                self.store = open_store(
-                    "router", default_ttl=self.config.session_ttl, channel=channel
-                )
-            else:
-                self.store = open_store(
-                    f"grpc://{self.config.router_address}", default_ttl=self.config.session_ttl
-                )
+            # Renewed when its TLS files change, and aged by the worker itself before the
+            # router ages it (grpc_options.CLIENT_MAX_CONNECTION_AGE).
+            self._store_channel = RenewingChannel(
+                self.config.router_address,
+                self._router_tls(),
+                channel_options(),
+                max_age=CLIENT_MAX_CONNECTION_AGE,
+            )
+            self.store = open_store(
+                "router",
+                default_ttl=self.config.session_ttl,
+                channel=self._store_channel,
+            )
         else:
             self.store = open_store(url, default_ttl=self.config.session_ttl)
         if isinstance(self.store, RemoteStore):  # its calls will carry each call's ticket
@@ -283,6 +285,8 @@ class WorkerServer:
             self.runner.shutdown()
             if self.store is not None:
                 await self.store.close()
+            if self._store_channel is not None:
+                await self._store_channel.close()
             if self._router_client is not None:
                 await self._router_client.close()
             log.info("worker stopped", extra={"served": self.served, "failed": self.failed})

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,11 +38,12 @@ from cryptography.exceptions import InvalidSignature
 from ...security.localca import BACKDATE, Issued, LocalCA
 from ...security.tls import CA_FILE, CERT_FILE, KEY_FILE, POOL_NAME
 from ..spec import JSON, Pool
+from .carotation import rotation_keys
 from .common import MANAGED_BY
-from .tls import CERTS_SECRET, certificate_names, leaf_keys
+from .tls import CERTS_SECRET, certificate_names, leaf_keys, leaf_keys_named
 
 CA_SECRET = "snakepit-ca"
-# A pool's CA outlives many leaves; rotating it is deleting its two keys from CA_SECRET.
+# A pool's CA outlives many leaves; it is rotated in steps (carotation.py).
 CA_DAYS = 3650
 # Renew once this share of a leaf's life has passed: a third of it is left for the kubelet to
 # deliver the new files (about a minute) and for the operator to be down a while.
@@ -49,7 +51,30 @@ RENEW_FRACTION = 2 / 3
 
 
 def ca_keys(pool: Pool) -> tuple[str, str]:
-    return f"{pool.name}.crt", f"{pool.name}.key"
+    return ca_keys_named(pool.name)
+
+
+def ca_keys_named(pool_name: str) -> tuple[str, str]:
+    return f"{pool_name}.crt", f"{pool_name}.key"
+
+
+def forget_pool_patch(name: str, secret: JSON | None, pool_name: str) -> JSON | None:
+    """The merge patch that drops a deleted pool's keys from the shared Secret ``name`` as
+    read (``secret``), None when it holds none of them.
+
+    Conditional on the version read: a pool of the same name created meanwhile may have added
+    its new CA, which this must not remove (the caller reads the pool again after a 409).
+    """
+    data = (secret or {}).get("data") or {}
+    if name == CA_SECRET:
+        own = (*ca_keys_named(pool_name), *rotation_keys(pool_name).values())
+    else:
+        own = tuple(leaf_keys_named(pool_name))
+    gone = {key: None for key in own if key in data}
+    if not gone:
+        return None
+    version = (secret or {}).get("metadata", {}).get("resourceVersion")
+    return {"metadata": {"resourceVersion": version}, "data": gone}
 
 
 def namespace_secret(namespace: str, name: str, data: Mapping[str, str]) -> JSON:
@@ -71,7 +96,10 @@ def namespace_secret(namespace: str, name: str, data: Mapping[str, str]) -> JSON
 
 
 def new_pool_ca(pool: Pool) -> LocalCA:
-    return LocalCA.generate(f"snakepit pool {pool.namespace}/{pool.name}", days=CA_DAYS)
+    """A new CA for the pool, its name unique: during a rotation two of the pool's CAs are
+    trusted side by side, and chain building looks issuers up by name first."""
+    name = f"snakepit pool {pool.namespace}/{pool.name} {secrets.token_hex(4)}"
+    return LocalCA.generate(name, days=CA_DAYS)
 
 
 def ca_data(pool: Pool, ca: LocalCA) -> dict[str, str]:
@@ -105,17 +133,30 @@ def issue_certificate(pool: Pool, ca: LocalCA, now: datetime.datetime) -> Certif
     return Certificate(not_after, now + lifetime * RENEW_FRACTION, issued)
 
 
-def leaf_data(pool: Pool, ca: LocalCA, cert: Certificate) -> dict[str, str]:
+def leaf_data(
+    pool: Pool, ca: LocalCA, cert: Certificate, trusted: bytes | None = None
+) -> dict[str, str]:
+    """The pool's keys in ``CERTS_SECRET``; ``ca.crt`` is ``trusted`` (the CA bundle during a
+    rotation, carotation.py), by default ``ca`` alone."""
     assert cert.issued is not None
-    files = {CERT_FILE: cert.issued.cert_pem, KEY_FILE: cert.issued.key_pem, CA_FILE: ca.cert_pem}
+    files = {
+        CERT_FILE: cert.issued.cert_pem,
+        KEY_FILE: cert.issued.key_pem,
+        CA_FILE: trusted or ca.cert_pem,
+    }
     return {key: _b64(files[name]) for key, name in leaf_keys(pool).items()}
 
 
 def current_certificate(
-    pool: Pool, ca: LocalCA, secret: JSON | None, now: datetime.datetime
+    pool: Pool,
+    ca: LocalCA,
+    secret: JSON | None,
+    now: datetime.datetime,
+    trusted: bytes | None = None,
 ) -> Certificate | None:
     """The pool's leaf in ``CERTS_SECRET`` if it can stay: present, from the pool's CA now,
-    of the lifetime the spec asks, and not yet at its renewal time. None: issue a new one."""
+    beside the ``ca.crt`` wanted now (``trusted``, default ``ca``), of the lifetime the spec
+    asks, and not yet at its renewal time. None: issue a new one."""
     data: dict[str, Any] = (secret or {}).get("data") or {}
     keys = list(leaf_keys(pool))
     if any(key not in data for key in keys):
@@ -125,7 +166,7 @@ def current_certificate(
         leaf.verify_directly_issued_by(ca.cert)
     except (ValueError, TypeError, InvalidSignature):
         return None
-    if base64.b64decode(data[keys[2]]) != ca.cert_pem:
+    if base64.b64decode(data[keys[2]]) != (trusted or ca.cert_pem):
         return None
     issued_at = leaf.not_valid_before_utc + BACKDATE
     lifetime = leaf.not_valid_after_utc - issued_at

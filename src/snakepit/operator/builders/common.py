@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from ...store.acl import DEFAULT_ACL_USER
 from ..spec import API_VERSION, JSON, KIND, REDIS_PORT, Pool
 
 POOL_LABEL = "snakepit.dev/pool"
@@ -56,10 +57,11 @@ def store_wiring(pool: Pool) -> StoreWiring:
     store = pool.spec.session_store
     if store.managed:
         names = Names(pool.name)
-        url = f"redis://{names.redis}:{REDIS_PORT}/0"
+        # The store's ACL user (store/acl.py); its password comes from the Secret.
+        url = f"redis://{DEFAULT_ACL_USER}@{names.redis}:{REDIS_PORT}/0"
         if pool.spec.tls.enabled:
             # The managed Redis then speaks TLS only (builders/store.py); see builders/tls.py.
-            url = f"rediss://{names.redis}:{REDIS_PORT}/0?ssl_ca_certs={TLS_CA_PATH}"
+            url = f"rediss://{DEFAULT_ACL_USER}@{names.redis}:{REDIS_PORT}/0?ssl_ca_certs={TLS_CA_PATH}"
         return StoreWiring(url, names.store_secret, "password")
     ref = store.password_secret_ref
     return StoreWiring(

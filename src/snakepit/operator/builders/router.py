@@ -60,6 +60,8 @@ _LIMIT_FLAGS = {
     "max_watchers_per_session": "--max-watchers-per-session",
     "max_sessions_per_principal": "--max-sessions-per-principal",
     "max_calls_per_principal": "--max-calls-per-principal",
+    "max_store_calls_per_principal": "--max-store-calls-per-principal",
+    "store_call_rate_per_principal": "--store-call-rate-per-principal",
     "value_helpers": "--value-helpers",
 }
 

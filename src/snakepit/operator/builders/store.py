@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import secrets
 
+from ...store.acl import DEFAULT_ACL_USER, DISABLED_DEFAULT_USER_LINE, scope_rules
 from ..config import OperatorConfig
 from ..spec import JSON, REDIS_PORT, Pool
 from .common import (
@@ -38,6 +39,11 @@ def redis_maxmemory(resources: JSON) -> int:
     return int(limit * MAXMEMORY_SHARE) if limit else DEFAULT_MAXMEMORY
 
 
+# Routers and workers log in as the ACL user ``snakepit`` (store/acl.py: only the store's
+# commands, only its keys); the all-powerful ``default`` user is off, so nobody holding the
+# password can CONFIG, FLUSHALL, DEBUG or ACL (off, yet keeping its permissions: Redis checks
+# the transactions it replays from the AOF against them, see store/acl.py). The probes log in
+# as ``snakepit`` too (PING).
 # The password goes into a config file on the /tmp emptyDir, never into argv (visible in ps).
 # It is checked first: a quote or newline in an adopted Secret would otherwise inject config
 # directives. maxmemory with noeviction makes a full store refuse writes (the router answers
@@ -57,7 +63,9 @@ REDIS_SCRIPT = "\n".join(
         "  *[!0-9]*) echo 'snakepit: REDIS_MAXMEMORY must be a number of bytes' >&2; exit 64;;",
         "esac",
         "{",
-        '  printf \'requirepass "%s"\\n\' "$REDIS_PASSWORD"',
+        f"  echo '{DISABLED_DEFAULT_USER_LINE}'",
+        f"  printf 'user {DEFAULT_ACL_USER} reset on >%s {' '.join(scope_rules())}\\n' "
+        '"$REDIS_PASSWORD"',
         "  printf 'maxmemory %s\\n' \"${REDIS_MAXMEMORY:-0}\"",
         "  echo 'maxmemory-policy noeviction'",
         # With spec.tls, TLS only: the plaintext port is off (REDIS_TLS_DIR is the operator's
@@ -170,7 +178,11 @@ def build_store_statefulset(
         },
         "readinessProbe": {
             "exec": {
-                "command": ["sh", "-c", f"redis-cli {cli_tls}-h 127.0.0.1 ping | grep -q PONG"]
+                "command": [
+                    "sh",
+                    "-c",
+                    f"redis-cli --user {DEFAULT_ACL_USER} {cli_tls}-h 127.0.0.1 ping | grep -q PONG",
+                ]
             },
             "periodSeconds": 5,
             "timeoutSeconds": 3,

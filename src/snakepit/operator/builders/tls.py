@@ -33,7 +33,12 @@ CERTS_SECRET = "snakepit-certs"
 
 def leaf_keys(pool: Pool) -> dict[str, str]:
     """Key of the pool's leaf in ``CERTS_SECRET`` -> the file name its pods see."""
-    return {f"{pool.name}.{name}": name for name in (CERT_FILE, KEY_FILE, CA_FILE)}
+    return leaf_keys_named(pool.name)
+
+
+def leaf_keys_named(pool_name: str) -> dict[str, str]:
+    """``leaf_keys`` by the pool's name alone (a deleted pool has no spec to parse)."""
+    return {f"{pool_name}.{name}": name for name in (CERT_FILE, KEY_FILE, CA_FILE)}
 
 
 def certificate_names(pool: Pool) -> list[str]:

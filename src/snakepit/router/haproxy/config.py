@@ -35,6 +35,12 @@ CONTROL_BACKEND = "control"
 TOOL_METHODS = ("ExecuteTool", "ExecuteStreamingTool")
 BUFSIZE = 65536
 H2_WINDOW = 32768
+# A tool call whose request body reaches this size goes through the Python router (see
+# build_config): below it, a body always fits in the one buffer HAProxy 2.6 gives a stream.
+LARGE_BODY = H2_WINDOW
+# How long HAProxy waits for a tool call's first LARGE_BODY bytes to tell large from small; a
+# small body ends well before (its END_STREAM stops the wait).
+BODY_WAIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,17 @@ def build_config(spec: HaproxySpec) -> str:
         f"if tool {{ nbsrv({WORKERS_BACKEND}) eq 0 }}",
         f"  http-request return status 200 {error_headers(errors['full'])} "
         f"if tool {{ queue({WORKERS_BACKEND}) ge {spec.queue_size} }}",
+        # Large request bodies go through the Python router, whose queue holds a call after
+        # reading it whole. HAProxy 2.6 reads a client connection's frames in order into one
+        # buffer per stream and refills a stream's window as soon as its data is in that buffer,
+        # so a call waiting in HAProxy's queue whose body outgrows the buffer stops the demuxing
+        # of its whole connection: the other calls' bodies and window updates behind it, often
+        # those of the very call holding the slot it waits for (a deadlock until `timeout
+        # queue`). Its upstream issue #352 is open; 3.1 shares rx buffers per connection
+        # (tune.h2.fe.rxbuf), which raises the size, not the limit.
+        f"  http-request wait-for-body time {_milliseconds(BODY_WAIT)}ms "
+        f"at-least {LARGE_BODY} if tool",
+        f"  use_backend {CONTROL_BACKEND} if tool {{ req.body_len ge {LARGE_BODY} }}",
         f"  use_backend {WORKERS_BACKEND} if tool",
         f"  default_backend {CONTROL_BACKEND}",
         "",
