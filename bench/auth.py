@@ -16,6 +16,12 @@ Then the same with ghz (bench/ghz.py), a Go load generator, so the Python client
 limits the rate: ``add`` through the router (auth on: ghz sends the bearer token) and straight
 to the worker (auth on: ghz sends a pool ticket, as a direct-mode client does).
 
+The router rows run on both data paths: the Python router, and HAProxy (``--data-path
+haproxy``: HAProxy terminates TLS and forwards the calls of callers the router has verified,
+with a ticket; its CPU counts as the router's). The summary line puts HAProxy + TLS + auth next
+to the Python router + TLS + auth and to a direct-mode client with TLS + auth (issue 11 meets
+issue 12: the native data path with a secured pool's settings).
+
 Then, in this process, the cost of one verification: a ticket verified for the first time (an
 Ed25519 signature check: a worker's cache miss, once per ticket and worker), a cached one, a
 static-token lookup, and signing a ticket (the router does it once per principal every five
@@ -38,8 +44,10 @@ import tempfile
 import timeit
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -70,7 +78,9 @@ class Config:
     auth: bool
     direct: bool
     tls: Path | None = None  # the PKI directory (pki()); None: plaintext
+    data_path: str = "python"  # the router's (--data-path)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    cpu_procs: list[Any] = field(default_factory=list)  # whose CPU counts: procs and HAProxy
     router: str = ""
     worker: str = ""
     ticket: str = ""
@@ -127,8 +137,16 @@ class Config:
             credentials = grpc.ssl_channel_credentials(
                 *(p.read_bytes() for p in (pool / CA_FILE, client / KEY_FILE, client / CERT_FILE))
             )
+        router_args += ["--data-path", self.data_path]
         self.procs, self.router = spawn_pair(worker_args, router_args, credentials)
         self.worker = self.procs[0].args[self.procs[0].args.index("--port") + 1]
+        self.cpu_procs = [*self.procs]
+        if self.data_path == "haproxy":
+            self.cpu_procs += [
+                child for child in psutil.Process(self.procs[1].pid).children()
+                if child.name() == "haproxy"
+            ]  # fmt: skip
+            assert len(self.cpu_procs) == 3, "no haproxy child under the router"
 
     def close(self) -> None:
         stop_all(self.procs)
@@ -139,7 +157,7 @@ async def measure(config: Config, seconds: float, in_flight: int) -> None:
     async with AsyncClient(
         config.router, token=token, direct=config.direct, **config.client_tls()
     ) as client:
-        rate, cpu_ms = await small_calls(client, seconds, in_flight, config.procs)
+        rate, cpu_ms = await small_calls(client, seconds, in_flight, config.cpu_procs)
     config.rates.append(rate)
     config.cpu_ms.append(cpu_ms)
 
@@ -148,11 +166,11 @@ def measure_ghz(ghz: Ghz, config: Config, seconds: float, in_flight: int) -> Non
     target, metadata = config.ghz_target()
     if config.direct:  # one worker takes 4 at once plus 16 waiting: more would be refused
         in_flight = min(in_flight, 16)
-    before = sum(cpu_seconds(p.pid) for p in config.procs)
+    before = sum(cpu_seconds(p.pid) for p in config.cpu_procs)
     result = ghz.run(
         target, seconds=seconds, concurrency=in_flight, metadata=metadata, tls=config.ghz_tls()
     )
-    cpu = sum(cpu_seconds(p.pid) for p in config.procs) - before
+    cpu = sum(cpu_seconds(p.pid) for p in config.cpu_procs) - before
     # ghz counts the calls its deadline cuts off at the end as errors: up to one per stream.
     if result.errors > in_flight:
         raise RuntimeError(f"{config.name}: {result.errors} calls failed under ghz")
@@ -164,7 +182,10 @@ def rows_of(configs: list[Config], rates: str, cpu: str) -> list[list[str]]:
     """One row per configuration, each against neither (no auth, no TLS) on the same path."""
     rows = []
     for c in configs:
-        (baseline,) = (b for b in configs if b.direct == c.direct and not b.auth and not b.tls)
+        (baseline,) = (
+            b for b in configs
+            if (b.direct, b.data_path) == (c.direct, c.data_path) and not b.auth and not b.tls
+        )  # fmt: skip
         mine, base = getattr(c, rates), getattr(baseline, rates)
         rows.append(
             [
@@ -176,6 +197,23 @@ def rows_of(configs: list[Config], rates: str, cpu: str) -> list[list[str]]:
             ]
         )
     return rows
+
+
+def summary(configs: list[Config], rates: str, cpu: str) -> str:
+    """HAProxy + TLS + auth against the Python router and direct mode with the same settings."""
+    by_name = {c.name: c for c in configs}
+    native = by_name["router (haproxy), TLS + auth"]
+
+    def ratio(other: str, what: str) -> float:
+        mine, theirs = getattr(native, what), getattr(by_name[other], what)
+        return statistics.median(mine) / statistics.median(theirs)
+
+    return (
+        f"HAProxy + TLS + auth: {ratio('router, TLS + auth', rates):.2f}x the calls/s of the "
+        f"Python router + TLS + auth at {ratio('router, TLS + auth', cpu):.2f}x its CPU per call; "
+        f"{ratio('direct, TLS + auth', rates):.2f}x direct mode + TLS + auth "
+        f"(CPU per call {ratio('direct, TLS + auth', cpu):.2f}x, router + worker vs worker)"
+    )
 
 
 def pki(directory: Path) -> Path:
@@ -229,6 +267,10 @@ def main() -> int:
         Config("router, neither", auth=False, direct=False),
         Config("router, auth", auth=True, direct=False),
         Config("router, TLS + auth", auth=True, direct=False, tls=tls),
+        Config("router (haproxy), neither", auth=False, direct=False, data_path="haproxy"),
+        Config(
+            "router (haproxy), TLS + auth", auth=True, direct=False, tls=tls, data_path="haproxy"
+        ),
         Config("direct, neither", auth=False, direct=True),
         Config("direct, auth", auth=True, direct=True),
         Config("direct, TLS + auth", auth=True, direct=True, tls=tls),
@@ -257,11 +299,13 @@ def main() -> int:
     )
     print("Python AsyncClient:")
     print(table(headers, rows_of(configs, "rates", "cpu_ms")))
+    print(summary(configs, "rates", "cpu_ms"))
     if not args.no_ghz:
         print(
             "ghz (direct rows: straight to the worker, with a ticket when auth is on, 16 in flight):"
         )
         print(table(headers, rows_of(configs, "ghz_rates", "ghz_cpu_ms")))
+        print(summary(configs, "ghz_rates", "ghz_cpu_ms"))
     print()
     print(table(["step", "µs"], micro(directory)))
     if args.tokenreview_kubeconfig:

@@ -6,6 +6,8 @@ import asyncio
 import base64
 import shutil
 import subprocess
+from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -15,7 +17,10 @@ from snakepit.protocol import pb
 from snakepit.router.haproxy.config import HaproxySpec, build_config, error_headers
 from snakepit.router.haproxy.process import haproxy_binary
 from snakepit.router.haproxy.runtime import RuntimeApi
+from snakepit.router.haproxy.tlsfiles import HaproxyFiles
 from snakepit.router.ring import HashRing, server_id
+from snakepit.security.localca import LocalCA, write_file, write_issued
+from snakepit.security.tls import CA_FILE, CERT_FILE, KEY_FILE, POOL_NAME, TlsFiles
 from tests.fixtures.processes import ProcessFactory, free_port, start_pool, wait_ready
 
 pytestmark = pytest.mark.skipif(haproxy_binary() is None, reason="haproxy is not installed")
@@ -42,6 +47,48 @@ def test_the_built_config_is_one_haproxy_accepts(
     )
     assert checked.returncode == 0, checked.stderr.decode()
     assert b"[WARNING]" not in checked.stderr, checked.stderr.decode()
+
+
+@pytest.mark.parametrize("client_ca", [False, True])
+def test_the_config_with_tls_and_auth_is_one_haproxy_accepts(
+    tmp_path: Path, client_ca: bool
+) -> None:
+    """HAProxy's TLS copies and auth map, made from a router's files the way the router makes
+    them, and the config that names them."""
+    ca = LocalCA.generate("pool CA")
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    write_file(pool / CA_FILE, ca.cert_pem)
+    write_issued(ca.issue(POOL_NAME, [POOL_NAME]), pool / CERT_FILE, pool / KEY_FILE)
+    public = TlsFiles(str(pool / CERT_FILE), str(pool / KEY_FILE), str(pool / CA_FILE))
+    files = HaproxyFiles(
+        TlsFiles.from_dir(pool), public if client_ca else replace(public, ca=""), auth=True
+    )
+    try:
+        spec = HaproxySpec(
+            host="127.0.0.1",
+            port=free_port(),
+            control_port=free_port(),
+            admin_socket="abns@snakepit-config-check",
+            tls=files.tls_spec(),
+            auth_map=files.map_path,
+        )
+        config = build_config(spec)
+        assert ("verify required" in config.split("bind")[1].split("\n")[0]) is client_ca
+        files.write()
+        assert {p.stat().st_mode & 0o777 for p in files.dir.iterdir()} == {0o600}
+        checked = subprocess.run(
+            [str(haproxy_binary()), "-c", "-f", "/dev/stdin"],
+            input=config.encode(),
+            capture_output=True,
+        )
+        assert checked.returncode == 0, checked.stderr.decode()
+        assert b"[WARNING]" not in checked.stderr, checked.stderr.decode()
+        files.clear()
+        assert list(files.dir.iterdir()) == []
+    finally:
+        files.remove()
+    assert not files.dir.exists()
 
 
 def test_an_haproxy_error_reply_carries_the_snakepit_error_detail() -> None:

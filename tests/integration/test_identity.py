@@ -485,16 +485,31 @@ def test_direct_mode_calls_workers_with_a_ticket(pool: Pool) -> None:
         assert admin.status()["calls_total"] == before  # none went through the router
 
 
-def test_haproxy_data_path_refuses_to_start_with_auth(tmp_path: Path) -> None:
+def test_haproxy_data_path_takes_auth_but_not_calls_per_principal(
+    procs: ProcessFactory, tmp_path: Path
+) -> None:
+    """HAProxy carries the calls of callers the router verified (test_haproxy_secure.py); it
+    cannot count calls per principal, so that still refuses to start on it."""
+    from snakepit.router.haproxy.process import haproxy_binary
+
+    if haproxy_binary() is None:
+        pytest.skip("haproxy is not installed")
     tokens = tmp_path / "tokens"
     tokens.write_text(f"alice:{ALICE}\n")
+    pool = procs.serve("--data-path", "haproxy", "--auth-tokens", str(tokens), workers=1)
+    assert "data path: haproxy" in pool.logs()
+    with Client(pool.address, token=ALICE) as alice:
+        assert alice.execute("add", a=1, b=2) == 3
+    with Client(pool.address, token="") as nobody, pytest.raises(Unauthenticated):
+        nobody.execute("add", a=1, b=2)
     done = subprocess.run(
         [sys.executable, "-m", "snakepit", "serve", "--port", "0", "--workers", "1",
-         "--data-path", "haproxy", "--auth-tokens", str(tokens)],
+         "--data-path", "haproxy", "--auth-tokens", str(tokens),
+         "--max-calls-per-principal", "2"],
         env=child_env(), capture_output=True, timeout=60,
     )  # fmt: skip
     assert done.returncode != 0
-    assert b"cannot verify callers' credentials" in done.stderr, done.stderr
+    assert b"cannot count calls per principal" in done.stderr, done.stderr
 
 
 def test_tls_and_tokens_together_every_hop(procs: ProcessFactory, tmp_path: Path) -> None:

@@ -81,6 +81,21 @@ class Pki:
 
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path)
+
+
+@pytest.fixture(params=["python", "haproxy"])
+def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Tests that take this run on both data paths of the router (routers read the env)."""
+    from snakepit.router.haproxy.process import haproxy_binary
+
+    if request.param == "haproxy" and haproxy_binary() is None:
+        pytest.skip("haproxy is not installed")
+    monkeypatch.setenv("SNAKEPIT_DATA_PATH", request.param)
+    return str(request.param)
+
+
+def make_pki(tmp_path: Path) -> Pki:
     root = tmp_path / "pki"
     root.mkdir()
     pki = Pki(
@@ -128,10 +143,12 @@ def start_tls_pool(
     *router_args: str,
     log_level: str = "warning",
     impostors: tuple[Proc, ...] = (),
+    worker_args: tuple[str, ...] = (),
+    token: str = "",
 ) -> tuple[Proc, list[Proc], Path]:
     """Workers and a router, the pool's hops mutual TLS with the pool CA (one directory each,
     as pods mount a Secret), the router's port TLS with the public server certificate; the
-    router is also told that ``impostors`` are workers."""
+    router is also told that ``impostors`` are workers. ``token``: what the router wants."""
     internal = free_port()
     started = []
     for i in range(workers):
@@ -146,6 +163,7 @@ def start_tls_pool(
                 str(directory),
                 "--tls-client-ca",
                 pki.ca,
+                *worker_args,
                 worker_id=f"worker-{i}",
                 wait=False,
                 env={"SNAKEPIT_LOG_LEVEL": log_level},
@@ -154,7 +172,7 @@ def start_tls_pool(
     router_dir = pki.pool_dir("router")
     entries = [*started, *impostors]
     router = tls_router(procs, pki, entries, *router_args, internal=internal, log_level=log_level)
-    with Client(router.address, ca=pki.ca, timeout=5) as client:
+    with Client(router.address, ca=pki.ca, timeout=5, token=token) as client:
         wait_for(lambda: len(_ready(client)) == workers, timeout=30)
     return router, started, router_dir
 
@@ -183,7 +201,7 @@ def tls_router(
 
 
 def test_serve_with_mutual_tls_runs_every_hop_over_tls(
-    procs: ProcessFactory, tmp_path: Path
+    procs: ProcessFactory, tmp_path: Path, data_path: str
 ) -> None:
     generated = tmp_path / "tls"
     pool = procs.serve(
@@ -282,7 +300,7 @@ async def test_plaintext_and_tls_mismatch_is_one_clear_error(
 
 
 def test_a_rogue_worker_without_a_pool_certificate_gets_no_call(
-    procs: ProcessFactory, pki: Pki
+    procs: ProcessFactory, pki: Pki, data_path: str
 ) -> None:
     # Two impostors at addresses the router was told are workers: one with a certificate that
     # names the pool but comes from another CA, one in plaintext.
@@ -315,7 +333,9 @@ def _ready(client: Client) -> set[str]:
         return set()
 
 
-def test_certificates_replaced_under_load_fail_no_call(procs: ProcessFactory, pki: Pki) -> None:
+def test_certificates_replaced_under_load_fail_no_call(
+    procs: ProcessFactory, pki: Pki, data_path: str
+) -> None:
     # Clients reconnect every second, so the router's renewed certificate is used all along.
     router, workers, router_dir = start_tls_pool(
         procs, pki, 2, "--max-connection-age", "1", log_level="info"
@@ -338,6 +358,8 @@ def test_certificates_replaced_under_load_fail_no_call(procs: ProcessFactory, pk
     assert served_serial(router.address) != before
     assert served_serial(workers[1].address, router_dir) == renewed.serial_number
     assert "redialling workers" in router.logs()  # router -> workers
+    if data_path == "haproxy":  # HAProxy's copies: the public pair, the pool pair (and CA)
+        assert router.logs().count("haproxy TLS file renewed") >= 4
     # workers -> router: each worker redials on its first store call after a renewal, so make
     # sure each serves one (a loaded machine may have given one worker none in the window).
     time.sleep(1.1)
@@ -353,7 +375,7 @@ def test_certificates_replaced_under_load_fail_no_call(procs: ProcessFactory, pk
 
 
 def test_a_pool_ca_rotated_step_by_step_under_load_fails_no_call(
-    procs: ProcessFactory, pki: Pki
+    procs: ProcessFactory, pki: Pki, data_path: str
 ) -> None:
     """The operator's CA rotation (builders/carotation.py), its three published states written
     into each member's files one directory after another, as the kubelet updates pods one by

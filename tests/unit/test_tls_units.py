@@ -13,6 +13,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from snakepit.router.dataplane import choose
+from snakepit.router.haproxy.process import haproxy_binary
 from snakepit.security import tls
 from snakepit.security.localca import LocalCA, generate_dir, write_issued
 from snakepit.security.tls import (
@@ -121,10 +122,16 @@ def test_handshake_failures_become_one_sentence() -> None:
     assert explain_connect_failure("connection refused", "h:1", tls=False) is None
 
 
-def test_the_haproxy_data_path_is_refused_with_tls() -> None:
-    with pytest.raises(ValueError, match="does not carry TLS"):
+def test_the_haproxy_data_path_takes_tls_with_the_pools_own_tls() -> None:
+    """HAProxy reaches the Python router on its internal port (pool mutual TLS), so TLS on the
+    pool port alone is refused for it; with both, or the pool's alone, ``auto`` takes it."""
+    with pytest.raises(ValueError, match="needs the pool's TLS too"):
         choose("haproxy", "hint", tls=True)
     assert choose("auto", "hint", tls=True)[0] == "python"
+    if haproxy_binary() is not None:
+        assert choose("auto", "hint", tls=True, pool_tls=True)[0] == "haproxy"
+        assert choose("haproxy", "hint", pool_tls=True)[0] == "haproxy"
+    assert choose("auto", "strict", tls=True, pool_tls=True)[0] == "python"
 
 
 def test_serve_removes_the_pool_directories_of_killed_serves_only(

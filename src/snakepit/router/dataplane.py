@@ -3,10 +3,13 @@
 HAProxy is not the default yet: its 2.6 stall on multi-MB request bodies is worked around (they
 take the Python router), and the default waits for a green e2e run (docs/architecture.md,
 "Native data path").
-``auto`` takes HAProxy when the ``haproxy`` binary is there and the pool's affinity is ``hint``.
+``auto`` takes HAProxy when the ``haproxy`` binary is there and the pool's affinity is ``hint``,
+with or without TLS and authentication (HAProxy terminates TLS and forwards calls whose caller
+the Python router has already verified; see ``haproxy/authmap.py`` and ``haproxy/tlsfiles.py``).
 Strict affinity stays on the Python router: it binds a session to the worker that served it last
 and fails its calls with FAILED_PRECONDITION while that worker is gone, which HAProxy's hashing
-cannot express (it would move the session to the next worker on the ring).
+cannot express (it would move the session to the next worker on the ring). So do calls counted
+per principal (``--max-calls-per-principal``), which HAProxy cannot count.
 """
 
 from __future__ import annotations
@@ -25,15 +28,17 @@ def choose(
     affinity: str,
     *,
     tls: bool = False,
-    auth: bool = False,
+    pool_tls: bool = False,
     per_principal: bool = False,
 ) -> tuple[str, str]:
     """The data path to use and why, for the start-up message.
 
-    With TLS the Python router it is: HAProxy here forwards plaintext HTTP/2 and cannot prove
-    the pool's identity to workers (mutual TLS with the pool CA), so it is refused, not silently
-    left unencrypted. Nor can it check callers' credentials or hand workers a ticket: with auth
-    on it is refused (``haproxy``) or passed over (``auto``) rather than open a door around it.
+    ``tls``: TLS on the pool port; ``pool_tls``: mutual TLS inside the pool. HAProxy carries
+    both, but TLS on the pool port only together with the pool's own TLS: HAProxy reaches the
+    Python router (every RPC but tool calls) on its internal port, mutual TLS with the pool CA,
+    and a pool port with TLS in front of a plaintext pool is a configuration `snakepit serve`
+    and the operator never make. Authentication needs nothing: the Python router verifies
+    every credential HAProxy has not seen before (``haproxy/authmap.py``).
     """
     from .haproxy.process import haproxy_binary
 
@@ -41,19 +46,13 @@ def choose(
         raise ValueError(f"data path must be one of {', '.join(DATA_PATHS)}, got {requested!r}")
     if requested == PYTHON:
         return PYTHON, "asked for"
-    if tls:
+    if tls and not pool_tls:
         if requested == HAPROXY:
             raise ValueError(
-                "--data-path haproxy does not carry TLS yet; use --data-path python with TLS"
+                "--data-path haproxy with TLS on the pool port needs the pool's TLS too "
+                "(--pool-tls-dir): use both, or --data-path python"
             )
-        return PYTHON, "TLS needs the Python router"
-    if auth:
-        if requested == HAPROXY:
-            raise ValueError(
-                "--data-path haproxy cannot verify callers' credentials: with auth on "
-                "(--auth-tokens) use --data-path python"
-            )
-        return PYTHON, "auth is on, which HAProxy cannot check"
+        return PYTHON, "TLS on the pool port without the pool's TLS needs the Python router"
     binary = haproxy_binary()
     if affinity == STRICT:
         return PYTHON, "strict affinity needs the Python router"
@@ -73,12 +72,11 @@ def choose(
 
 def make_router(config: RouterConfig, **kwargs: Any) -> tuple[RouterServer, str]:
     """A router on the chosen data path, and a line saying which."""
-    tls = config.tls is not None or config.pool_tls is not None
     path, why = choose(
         config.data_path,
         config.pool.affinity,
-        tls=tls,
-        auth=config.auth.enabled,
+        tls=config.tls is not None,
+        pool_tls=config.pool_tls is not None,
         per_principal=bool(config.pool.max_calls_per_principal),
     )
     if path == HAPROXY:

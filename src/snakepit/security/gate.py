@@ -60,6 +60,9 @@ class Gate:
     admins: frozenset[str] = frozenset()
     direct: frozenset[str] = frozenset()
     pool_tools: frozenset[str] = frozenset()  # who may host pool-wide tools ('*': all)
+    # Told of every ``authorization`` header accepted, and as whom (the HAProxy data path keeps
+    # its map of verified callers with it: router/haproxy/authmap.py).
+    on_bearer: Callable[[str, Principal], None] | None = None
 
     def __post_init__(self) -> None:
         self._granted: dict[Principal, Principal] = {}
@@ -99,7 +102,10 @@ class Gate:
         for authenticator in self.authenticators:
             principal = await authenticator(token)
             if principal is not None:
-                return self.grant(principal)
+                granted = self.grant(principal)
+                if self.on_bearer is not None:
+                    self.on_bearer(str(bearer), granted)
+                return granted
         raise Unauthenticated(
             "the bearer token is not one this pool accepts (unknown, revoked or expired)"
         )

@@ -14,6 +14,15 @@ connection to it carried one call and was closed (HAProxy commit 8a31783b6, fixe
 Debian's 2.6.12); declared servers inherit ``max-reuse -1`` and ``http-reuse always`` then puts
 every call to a worker on one or two connections.
 
+With TLS (``HaproxyTls``) HAProxy terminates the callers' TLS on the public port and talks
+mutual TLS with the pool CA to the workers and to the Python router's internal port, checking
+their certificates for the pool name, as the Python router does. With authentication
+(``auth_map``) HAProxy verifies nothing itself: a tool call goes to a worker only when the
+SHA-256 of its ``authorization`` header is in the map the Python router keeps (the header of a
+caller it verified, mapped to a pool ticket for that caller, ``authmap``); HAProxy then replaces
+the credential with that ticket. Every other call, and every call that carries a ticket of its
+own, goes to the Python router, which verifies it as on the Python data path.
+
 Errors HAProxy answers itself are real gRPC answers (``grpc-status`` and the
 ``snakepit-error-bin`` detail, marked ``not_started``), with the status codes and messages the
 Python router uses: RESOURCE_EXHAUSTED for a full queue, DEADLINE_EXCEEDED for a call that waited
@@ -28,6 +37,9 @@ from dataclasses import dataclass
 from ...errors import DeadlineExceeded, ResourceExhausted, SnakepitError, Unavailable
 from ...protocol import SERVICE_NAME
 from ...protocol.status import ERROR_DETAIL_KEY, SESSION_ID_KEY, detail_of
+from ...security.gate import AUTHORIZATION_KEY
+from ...security.tickets import TICKET_KEY
+from ...security.tls import POOL_NAME
 from ..ring import SERVER_SLOTS, weight_for
 
 WORKERS_BACKEND = "workers"
@@ -41,6 +53,16 @@ LARGE_BODY = H2_WINDOW
 # How long HAProxy waits for a tool call's first LARGE_BODY bytes to tell large from small; a
 # small body ends well before (its END_STREAM stops the wait).
 BODY_WAIT = 5.0
+
+
+@dataclass(frozen=True)
+class HaproxyTls:
+    """The TLS files HAProxy reads (written by ``tlsfiles`` from the router's own files)."""
+
+    pool_pem: str  # the router's pool certificate and key: presented to workers and the router
+    pool_ca: str  # the pool CA: workers' and the internal port's certificates must chain to it
+    public_pem: str = ""  # certificate and key of the pool port; "": the pool port is plaintext
+    client_ca: str = ""  # the pool port then requires client certificates this CA signed
 
 
 @dataclass(frozen=True)
@@ -60,6 +82,11 @@ class HaproxySpec:
     maxconn: int = 4096  # connections; each proxied one holds two file descriptors
     hard_stop_after: float = 30.0
     log_requests: bool = False  # one line per call on stderr (debugging)
+    tls: HaproxyTls | None = None  # None: plaintext everywhere
+    # The map file of verified callers (sha256 of the authorization header -> pool ticket);
+    # "": auth is off and every tool call goes to the workers as it is.
+    auth_map: str = ""
+    control_host: str = "127.0.0.1"  # where HAProxy reaches the Python router's control port
 
 
 def slot_name(server_id: int) -> str:
@@ -108,7 +135,7 @@ def build_config(spec: HaproxySpec) -> str:
     errors = _errors(spec)
     tools = " ".join(f"/{SERVICE_NAME}/{method}" for method in TOOL_METHODS)
     queue_ms = _milliseconds(spec.queue_timeout)
-    host = f"[{spec.host}]" if ":" in spec.host else spec.host
+    host = _address(spec.host, None)
     lines = [
         "global",
         f"  maxconn {spec.maxconn}",
@@ -139,12 +166,16 @@ def build_config(spec: HaproxySpec) -> str:
         "  retry-on conn-failure",
         "",
         "frontend snakepit",
-        f"  bind {host}:{spec.port} proto h2",
+        f"  bind {host}:{spec.port} proto h2{_bind_tls(spec.tls)}",
         f"  acl tool path {tools}",
+        *_vouched(spec.auth_map),
+        # ``fast``: a tool call HAProxy sends to the workers itself (with auth: of a caller
+        # the Python router vouched for).
+        "  acl fast var(txn.ticket) -m found" if spec.auth_map else f"  acl fast path {tools}",
         f"  http-request return status 200 {error_headers(errors['none'])} "
-        f"if tool {{ nbsrv({WORKERS_BACKEND}) eq 0 }}",
+        f"if fast {{ nbsrv({WORKERS_BACKEND}) eq 0 }}",
         f"  http-request return status 200 {error_headers(errors['full'])} "
-        f"if tool {{ queue({WORKERS_BACKEND}) ge {spec.queue_size} }}",
+        f"if fast {{ queue({WORKERS_BACKEND}) ge {spec.queue_size} }}",
         # Large request bodies go through the Python router, whose queue holds a call after
         # reading it whole. HAProxy 2.6 reads a client connection's frames in order into one
         # buffer per stream and refills a stream's window as soon as its data is in that buffer,
@@ -154,9 +185,10 @@ def build_config(spec: HaproxySpec) -> str:
         # queue`). Its upstream issue #352 is open; 3.1 shares rx buffers per connection
         # (tune.h2.fe.rxbuf), which raises the size, not the limit.
         f"  http-request wait-for-body time {_milliseconds(BODY_WAIT)}ms "
-        f"at-least {LARGE_BODY} if tool",
-        f"  use_backend {CONTROL_BACKEND} if tool {{ req.body_len ge {LARGE_BODY} }}",
-        f"  use_backend {WORKERS_BACKEND} if tool",
+        f"at-least {LARGE_BODY} if fast",
+        *_vouch(spec.auth_map),
+        f"  use_backend {CONTROL_BACKEND} if fast {{ req.body_len ge {LARGE_BODY} }}",
+        f"  use_backend {WORKERS_BACKEND} if fast",
         f"  default_backend {CONTROL_BACKEND}",
         "",
         f"backend {WORKERS_BACKEND}",
@@ -167,7 +199,8 @@ def build_config(spec: HaproxySpec) -> str:
         # multiplex, and a worker that stops says GOAWAY first (no new stream goes there).
         "  http-reuse always",
         # Every slot starts in maintenance, pointing nowhere (its checks paused until used).
-        f"  default-server proto h2 disabled weight {weight_for(spec.vnodes)} "
+        f"  default-server proto h2{_server_tls(spec.tls)} disabled "
+        f"weight {weight_for(spec.vnodes)} "
         f"maxconn {spec.worker_concurrency} "
         # Passive ejection: the first failed connect marks the worker down, so the retry (and
         # every later call) goes elsewhere; a TCP check every 250 ms brings it back.
@@ -187,10 +220,61 @@ def build_config(spec: HaproxySpec) -> str:
         *(f"  server {slot_name(i)} 0.0.0.0:0 id {i}" for i in range(1, SERVER_SLOTS + 1)),
         "",
         f"backend {CONTROL_BACKEND}",
-        f"  server router 127.0.0.1:{spec.control_port} proto h2",
+        f"  server router {_address(spec.control_host, spec.control_port)} "
+        f"proto h2{_server_tls(spec.tls)}",
         "",
     ]
     return "\n".join(lines)
+
+
+def _address(host: str, port: int | None) -> str:
+    bracketed = f"[{host}]" if ":" in host else host
+    return bracketed if port is None else f"{bracketed}:{port}"
+
+
+def _bind_tls(tls: HaproxyTls | None) -> str:
+    """The pool port's TLS (gRPC clients negotiate HTTP/2 with ALPN)."""
+    if tls is None or not tls.public_pem:
+        return ""
+    verify = f" ca-file {tls.client_ca} verify required" if tls.client_ca else ""
+    return f" ssl crt {tls.public_pem} alpn h2{verify}"
+
+
+def _server_tls(tls: HaproxyTls | None) -> str:
+    """Mutual TLS with the pool CA to a pool member, checked for the pool's name (not for the
+    address dialled: pod IPs change, membership does not). Health checks inherit it, so a
+    server without a pool certificate never passes one."""
+    if tls is None:
+        return ""
+    return (
+        f" ssl verify required ca-file {tls.pool_ca} crt {tls.pool_pem} "
+        f"sni str({POOL_NAME}) verifyhost {POOL_NAME} alpn h2"
+    )
+
+
+def _vouched(auth_map: str) -> list[str]:
+    """With auth on: ``txn.ticket`` is the pool ticket of a caller the Python router verified,
+    looked up by the SHA-256 of the call's one ``authorization`` header. A call with several
+    such headers, or a ticket of its own (a worker's callback, a direct-mode client), finds
+    none: those the Python router checks."""
+    if not auth_map:
+        return []
+    return [
+        f"  http-request set-var(txn.ticket) req.fhdr({AUTHORIZATION_KEY}),sha2(256),hex,"
+        f"map({auth_map}) if tool {{ req.fhdr_cnt({AUTHORIZATION_KEY}) eq 1 }} "
+        f"{{ req.hdr_cnt({TICKET_KEY}) eq 0 }}",
+    ]
+
+
+def _vouch(auth_map: str) -> list[str]:
+    """The credential never goes on: a vouched call carries its ticket instead (also to the
+    Python router, for large bodies, which then verifies the ticket)."""
+    if not auth_map:
+        return []
+    return [
+        f"  http-request del-header {AUTHORIZATION_KEY} if fast",
+        f"  http-request set-header {TICKET_KEY} %[var(txn.ticket)] if fast",
+    ]
 
 
 def _detail(error: SnakepitError) -> str:

@@ -16,6 +16,7 @@ import signal
 from collections.abc import Callable
 
 from .runtime import RuntimeApi
+from .tlsfiles import HaproxyFiles
 
 log = logging.getLogger("snakepit.router")
 
@@ -48,11 +49,13 @@ class HaproxyProcess:
         *,
         on_restart: Callable[[], None],
         binary: str | None = None,
+        files: HaproxyFiles | None = None,
     ) -> None:
         self.config_text = config_text
         self.api = api
         self.binary = binary or haproxy_binary() or "haproxy"
         self.on_restart = on_restart
+        self.files = files  # written just before HAProxy starts, removed once it has them
         self.process: asyncio.subprocess.Process | None = None
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -64,6 +67,15 @@ class HaproxyProcess:
         self._task = asyncio.get_running_loop().create_task(self._supervise())
 
     async def _spawn(self, timeout: float) -> None:
+        if self.files is not None:
+            self.files.write()
+        try:
+            await self._exec(timeout)
+        finally:
+            if self.files is not None:
+                self.files.clear()
+
+    async def _exec(self, timeout: float) -> None:
         # The configuration goes in on stdin: nothing on disk for a killed router to leave.
         self.process = await asyncio.create_subprocess_exec(
             *_die_with_parent(),

@@ -4,6 +4,12 @@ HAProxy owns the public port and forwards tool calls straight to the workers (no
 tool call's path); everything else reaches the Python router on a loopback port. The Python side
 keeps doing what needs Python: discovery, health watches (mapped onto HAProxy servers through
 the runtime API), the session store, status and the routing table.
+
+With TLS, HAProxy terminates the callers' TLS and reaches the workers and the Python router's
+internal port with the router's pool certificate (``tlsfiles`` keeps its copies current); the
+internal port then binds the public host, as on the Python data path, and is what peer routers
+are told. With authentication the Python router verifies every credential HAProxy does not know
+yet and tells HAProxy about it (``authmap``).
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from ...protocol import pb
 from ...supervisor import free_port
 from ..ring import SERVER_SLOTS
 from ..server import RouterConfig, RouterServer, advertised_address
+from .authmap import AuthMap
 from .config import WORKERS_BACKEND, HaproxySpec, build_config
 from .process import HaproxyProcess
 from .runtime import HaproxyError, RuntimeApi
 from .servers import ServerSync
+from .tlsfiles import HaproxyFiles
 
 log = logging.getLogger("snakepit.router")
 
@@ -38,14 +46,32 @@ class HaproxyRouter(RouterServer):
         self.api = RuntimeApi(f"abns@snakepit-haproxy-{os.getpid()}-{secrets.token_hex(4)}")
         self.haproxy: HaproxyProcess | None = None
         self.sync: ServerSync | None = None
+        self.files: HaproxyFiles | None = None
+        self.authmap: AuthMap | None = None
         self.control_port = 0
+
+    def _listeners(self) -> dict[str, Any]:
+        """The internal port (pool TLS) is for workers and peer routers: the public host's."""
+        listeners = super()._listeners()
+        if "internal" in listeners:
+            address = f"{self.public.host}:{self.public.internal_port}"
+            listeners["internal"] = (address, listeners["internal"][1])
+        return listeners
 
     def spec(self, port: int, control_port: int) -> HaproxySpec:
         pool = self.pool.config
+        files = self.files
+        host = self.public.host
         return HaproxySpec(
-            host=self.public.host,
+            host=host,
             port=port,
             control_port=control_port,
+            # With pool TLS the control port is the internal one, bound on the public host.
+            control_host="127.0.0.1"
+            if self.config.pool_tls is None or host in ("", "0.0.0.0", "::")
+            else host,
+            tls=None if files is None else files.tls_spec(),
+            auth_map="" if files is None else files.map_path,
             admin_socket=self.api.address,
             worker_concurrency=pool.worker_concurrency,
             queue_size=pool.queue_size,
@@ -58,28 +84,56 @@ class HaproxyRouter(RouterServer):
     async def start(self) -> int:
         host = self.public.host
         port = self.public.port or free_port("127.0.0.1" if host == "0.0.0.0" else host)
-        # Other replicas reach this one (hosted-tool forwarding) through HAProxy's public port,
-        # whose non-tool RPCs go to the Python router.
-        self.config = dataclasses.replace(
-            self.config, advertise_address=advertised_address(self.public, port)
+        if self.config.pool_tls is None:
+            # Other replicas reach this one (hosted-tool forwarding) through HAProxy's public
+            # port, whose non-tool RPCs go to the Python router. With pool TLS they use the
+            # internal port (mutual TLS with the pool CA), as on the Python data path.
+            self.config = dataclasses.replace(
+                self.config, advertise_address=advertised_address(self.public, port)
+            )
+        files = self.files = HaproxyFiles(
+            self.config.pool_tls, self.config.tls, auth=self.config.auth.enabled
         )
-        self.control_port = await super().start()
-        spec = self.spec(port, self.control_port)
-        sync = self.sync = ServerSync(self.api, spec, self.pool)
-        self.haproxy = HaproxyProcess(build_config(spec), self.api, on_restart=sync.reset)
-        await self.haproxy.start()
+        try:
+            self.control_port = await super().start()
+            control = self.internal_port if self.config.pool_tls is not None else self.control_port
+            spec = self.spec(port, control)
+            sync = self.sync = ServerSync(self.api, spec, self.pool)
+            if spec.auth_map:
+                self.authmap = AuthMap(self.gate, self.api, spec.auth_map)
+                self.gate.on_bearer = self.authmap.vouch
+            self.haproxy = HaproxyProcess(
+                build_config(spec), self.api, on_restart=self._restarted, files=files
+            )
+            await self.haproxy.start()
+        except BaseException:
+            files.remove()
+            raise
         self.pool.on_change = sync.notify
         self._spawn(sync.run())
+        if spec.tls is not None:
+            self._spawn(files.keep_current(self.api))
+        if self.authmap is not None:
+            self._spawn(self.authmap.run())
         sync.notify()
         self.port = spec.port
         log.info("haproxy data path serving", extra={"port": self.port})
         return self.port
+
+    def _restarted(self) -> None:
+        """HAProxy came back with every slot free and an empty auth map."""
+        if self.sync is not None:
+            self.sync.reset()
+        if self.authmap is not None:
+            self.authmap.reset()
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         if self.haproxy is not None:
             await self.haproxy.stop(grace)
         await super().stop(grace=0.5)
+        if self.files is not None:
+            self.files.remove()
 
     async def _pool_status(self, request: pb.GetPoolStatusRequest, context: Any) -> pb.PoolStatus:
         """The Python view (workers, sessions) with HAProxy's call counters in it."""

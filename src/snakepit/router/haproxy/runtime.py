@@ -59,6 +59,12 @@ class RuntimeApi:
             finally:
                 writer.close()
 
+    async def run_payload(self, command: str, payload: str) -> str:
+        """One command with a multi-line payload (``set ssl cert FILE <<``): an empty line ends
+        the payload, so the payload's own empty lines are dropped (PEM has none that matter)."""
+        lines = [line for line in payload.splitlines() if line.strip()]
+        return await self.run(command + " <<\n" + "\n".join(lines) + "\n")
+
     async def ping(self) -> bool:
         try:
             return "Name: HAProxy" in await self.run("show info")
