@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 import redis
 from cryptography import x509
@@ -414,6 +415,12 @@ def test_a_pool_ca_rotated_step_by_step_under_load_fails_no_call(
     assert phases == ["published", "switched", "steady"]
     window.check(min_calls=30)
     load.check_no_acknowledged_write_lost()
+    if data_path == "haproxy":
+        # HAProxy 2.6 cannot take a new CA at run time: each step handed over to a new HAProxy
+        # (docs/architecture.md), and the old ones have finished their calls and gone.
+        assert router.logs().count("haproxy replaced for a new CA") >= 3
+        children = psutil.Process(router.process.pid).children
+        wait_for(lambda: [c.name() for c in children()].count("haproxy") == 1, timeout=40)
     new_ca = state.current.cert
     for directory in dirs:
         assert x509.load_pem_x509_certificates((directory / CA_FILE).read_bytes()) == [new_ca]

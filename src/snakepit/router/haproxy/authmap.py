@@ -78,6 +78,7 @@ class AuthMap:
         self.pushed: dict[str, str] = {}  # what HAProxy's map holds: key -> ticket
         self._dirty = asyncio.Event()
         self._resync = False  # a push failed half way: start again from an empty map
+        self._pushing = asyncio.Lock()  # run() and a new HAProxy's set-up both push
 
     def vouch(self, header: str, principal: Principal) -> None:
         """The gate accepted ``header`` as ``principal`` (called on every such call: cheap)."""
@@ -128,6 +129,10 @@ class AuthMap:
 
     async def push(self) -> None:
         """Make HAProxy's map equal to the entries."""
+        async with self._pushing:
+            await self._push()
+
+    async def _push(self) -> None:
         if self._resync:
             answer = (await self.api.run(f"clear map {self.path}")).strip()
             if answer:

@@ -53,6 +53,8 @@ LARGE_BODY = H2_WINDOW
 # How long HAProxy waits for a tool call's first LARGE_BODY bytes to tell large from small; a
 # small body ends well before (its END_STREAM stops the wait).
 BODY_WAIT = 5.0
+# The key of the divert map (``HaproxySpec.divert_map``) that sends every tool call to Python.
+DIVERT = "divert"
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,11 @@ class HaproxySpec:
     # "": auth is off and every tool call goes to the workers as it is.
     auth_map: str = ""
     control_host: str = "127.0.0.1"  # where HAProxy reaches the Python router's control port
+    # A second runtime API socket (a path) that hands the listening sockets to a new HAProxy
+    # (``haproxy -x``), and the map whose ``divert`` key sends every tool call to the Python
+    # router while a new HAProxy is made ready (``tlsfiles``). "": none.
+    handover_socket: str = ""
+    divert_map: str = ""
 
 
 def slot_name(server_id: int) -> str:
@@ -141,6 +148,11 @@ def build_config(spec: HaproxySpec) -> str:
         f"  maxconn {spec.maxconn}",
         f"  nbthread {spec.threads}",
         f"  stats socket {spec.admin_socket} mode 600 level admin",
+        *(
+            [f"  stats socket {spec.handover_socket} mode 600 level admin expose-fd listeners"]
+            if spec.handover_socket
+            else []
+        ),
         f"  hard-stop-after {_milliseconds(spec.hard_stop_after)}ms",
         "  tune.h2.max-concurrent-streams 1000",
         # A call queued for a busy worker holds its request body in one buffer; a client may
@@ -168,10 +180,9 @@ def build_config(spec: HaproxySpec) -> str:
         "frontend snakepit",
         f"  bind {host}:{spec.port} proto h2{_bind_tls(spec.tls)}",
         f"  acl tool path {tools}",
-        *_vouched(spec.auth_map),
         # ``fast``: a tool call HAProxy sends to the workers itself (with auth: of a caller
         # the Python router vouched for).
-        "  acl fast var(txn.ticket) -m found" if spec.auth_map else f"  acl fast path {tools}",
+        *_fast(spec, tools),
         f"  http-request return status 200 {error_headers(errors['none'])} "
         f"if fast {{ nbsrv({WORKERS_BACKEND}) eq 0 }}",
         f"  http-request return status 200 {error_headers(errors['full'])} "
@@ -252,18 +263,29 @@ def _server_tls(tls: HaproxyTls | None) -> str:
     )
 
 
-def _vouched(auth_map: str) -> list[str]:
-    """With auth on: ``txn.ticket`` is the pool ticket of a caller the Python router verified,
-    looked up by the SHA-256 of the call's one ``authorization`` header. A call with several
-    such headers, or a ticket of its own (a worker's callback, a direct-mode client), finds
-    none: those the Python router checks."""
-    if not auth_map:
-        return []
-    return [
-        f"  http-request set-var(txn.ticket) req.fhdr({AUTHORIZATION_KEY}),sha2(256),hex,"
-        f"map({auth_map}) if tool {{ req.fhdr_cnt({AUTHORIZATION_KEY}) eq 1 }} "
-        f"{{ req.hdr_cnt({TICKET_KEY}) eq 0 }}",
-    ]
+def _fast(spec: HaproxySpec, tools: str) -> list[str]:
+    """The ``fast`` ACL: the tool calls HAProxy forwards to the workers.
+
+    With auth on: those whose ``txn.ticket`` is the pool ticket of a caller the Python router
+    verified, looked up by the SHA-256 of the call's one ``authorization`` header. A call with
+    several such headers, or a ticket of its own (a worker's callback, a direct-mode client),
+    finds none: those the Python router checks. None while the divert map says so."""
+    divert = f"{{ str({DIVERT}),map({spec.divert_map}) -m found }}" if spec.divert_map else ""
+    if spec.auth_map:
+        lines = [
+            f"  http-request set-var(txn.ticket) req.fhdr({AUTHORIZATION_KEY}),sha2(256),hex,"
+            f"map({spec.auth_map}) if tool {{ req.fhdr_cnt({AUTHORIZATION_KEY}) eq 1 }} "
+            f"{{ req.hdr_cnt({TICKET_KEY}) eq 0 }}",
+        ]
+        if divert:
+            lines.append(f"  http-request unset-var(txn.ticket) if {divert}")
+        return [*lines, "  acl fast var(txn.ticket) -m found"]
+    if divert:
+        return [
+            f"  http-request set-var(txn.fast) bool(true) if tool !{divert}",
+            "  acl fast var(txn.fast) -m bool",
+        ]
+    return [f"  acl fast path {tools}"]
 
 
 def _vouch(auth_map: str) -> list[str]:

@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from .runtime import RuntimeApi
 from .tlsfiles import HaproxyFiles
@@ -66,21 +66,43 @@ class HaproxyProcess:
         await self._spawn(timeout)
         self._task = asyncio.get_running_loop().create_task(self._supervise())
 
-    async def _spawn(self, timeout: float) -> None:
+    async def _spawn(self, timeout: float, *, handover: bool = False) -> None:
         if self.files is not None:
-            self.files.write()
+            self.files.write(divert=handover)
         try:
-            await self._exec(timeout)
+            await self._exec(timeout, handover)
         finally:
             if self.files is not None:
                 self.files.clear()
 
-    async def _exec(self, timeout: float) -> None:
+    async def replace(
+        self, config_text: str, ready: Callable[[], Awaitable[None]], timeout: float = 10.0
+    ) -> None:
+        """Hand over to a new HAProxy without dropping a connection or a call (a CA change).
+
+        The new one (``config_text``: a new runtime API address, which ``self.api`` already
+        names) takes the old one's listening sockets (``-x``), so no connection attempt finds
+        no listener; it starts with tool calls diverted to the Python router; ``ready`` points
+        its servers, fills its maps and lifts the diversion; then the old one stops softly
+        (its connections get GOAWAY and their calls finish)."""
+        old = self.process
+        self.config_text = config_text
+        await self._spawn(timeout, handover=True)
+        try:
+            await ready()
+        finally:
+            if old is not None and old.returncode is None:
+                old.send_signal(signal.SIGUSR1)
+        log.info("haproxy replaced", extra={"pid": self.process.pid if self.process else None})
+
+    async def _exec(self, timeout: float, handover: bool = False) -> None:
         # The configuration goes in on stdin: nothing on disk for a killed router to leave.
+        take = ["-x", self.files.handover_socket] if handover and self.files is not None else []
         self.process = await asyncio.create_subprocess_exec(
             *_die_with_parent(),
             self.binary,
             "-db",
+            *take,
             "-f",
             "/dev/stdin",
             stdin=asyncio.subprocess.PIPE,
@@ -105,10 +127,13 @@ class HaproxyProcess:
     async def _supervise(self) -> None:
         backoff = 0.1
         while True:
-            assert self.process is not None
-            code = await self.process.wait()
+            process = self.process
+            assert process is not None
+            code = await process.wait()
             if self._stopping:
                 return
+            if process is not self.process:
+                continue  # replaced by a new one (``replace``): watch that one
             log.error("haproxy exited, restarting", extra={"code": code, "backoff_s": backoff})
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)

@@ -14,6 +14,7 @@ yet and tells HAProxy about it (``authmap``).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -43,12 +44,13 @@ class HaproxyRouter(RouterServer):
         # The Python router listens on loopback only; HAProxy keeps its connection open.
         inner = dataclasses.replace(config, host="127.0.0.1", port=0, max_connection_age=0)
         super().__init__(inner, **kwargs)
-        self.api = RuntimeApi(f"abns@snakepit-haproxy-{os.getpid()}-{secrets.token_hex(4)}")
+        self.api = RuntimeApi(_admin_address())
         self.haproxy: HaproxyProcess | None = None
         self.sync: ServerSync | None = None
         self.files: HaproxyFiles | None = None
         self.authmap: AuthMap | None = None
         self.control_port = 0
+        self.current: HaproxySpec | None = None
 
     def _listeners(self) -> dict[str, Any]:
         """The internal port (pool TLS) is for workers and peer routers: the public host's."""
@@ -72,6 +74,8 @@ class HaproxyRouter(RouterServer):
             else host,
             tls=None if files is None else files.tls_spec(),
             auth_map="" if files is None else files.map_path,
+            handover_socket="" if files is None else files.handover_socket,
+            divert_map="" if files is None else files.divert_path,
             admin_socket=self.api.address,
             worker_concurrency=pool.worker_concurrency,
             queue_size=pool.queue_size,
@@ -97,7 +101,7 @@ class HaproxyRouter(RouterServer):
         try:
             self.control_port = await super().start()
             control = self.internal_port if self.config.pool_tls is not None else self.control_port
-            spec = self.spec(port, control)
+            spec = self.current = self.spec(port, control)
             sync = self.sync = ServerSync(self.api, spec, self.pool)
             if spec.auth_map:
                 self.authmap = AuthMap(self.gate, self.api, spec.auth_map)
@@ -112,13 +116,35 @@ class HaproxyRouter(RouterServer):
         self.pool.on_change = sync.notify
         self._spawn(sync.run())
         if spec.tls is not None:
-            self._spawn(files.keep_current(self.api))
+            self._spawn(files.keep_current(self.api, self._replace_haproxy))
         if self.authmap is not None:
             self._spawn(self.authmap.run())
         sync.notify()
         self.port = spec.port
         log.info("haproxy data path serving", extra={"port": self.port})
         return self.port
+
+    async def _replace_haproxy(self) -> None:
+        """A new HAProxy with the files as they are now (a CA changed: see ``tlsfiles``)."""
+        assert self.haproxy is not None and self.sync is not None and self.files is not None
+        assert self.current is not None
+        self.api.retarget(_admin_address())
+        spec = self.current = dataclasses.replace(self.current, admin_socket=self.api.address)
+        self._restarted()
+        sync, files, authmap = self.sync, self.files, self.authmap
+
+        async def ready() -> None:
+            # Every worker pointed (a slot still held by a departed worker's calls may take
+            # longer: the sync loop finishes that one).
+            for _ in range(100):
+                if await sync.apply():
+                    break
+                await asyncio.sleep(0.05)
+            if authmap is not None:
+                await authmap.push()
+            await files.undivert(self.api)
+
+        await self.haproxy.replace(build_config(spec), ready)
 
     def _restarted(self) -> None:
         """HAProxy came back with every slot free and an empty auth map."""
@@ -160,6 +186,11 @@ class HaproxyRouter(RouterServer):
         status.calls_total = sum(s.served for s in stats.servers.values())
         status.calls_failed = sum(s.failed for s in stats.servers.values())
         return status
+
+
+def _admin_address() -> str:
+    """A fresh runtime API address (a Linux abstract socket: no file to leave)."""
+    return f"abns@snakepit-haproxy-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _maxconn(ceiling: int = 10_000) -> int:

@@ -39,8 +39,12 @@ class RuntimeApi:
     """``address``: a socket path, or ``abns@NAME`` (Linux abstract socket: no file to leave)."""
 
     def __init__(self, address: str, timeout: float = 5.0) -> None:
-        self.address = address
         self.timeout = timeout
+        self.retarget(address)
+
+    def retarget(self, address: str) -> None:
+        """Talk to the HAProxy at ``address`` from now on (a new one replaced the old)."""
+        self.address = address
         if address.startswith("abns@"):
             # HAProxy binds abstract names padded with NULs to the whole sun_path (108 bytes).
             name = "\0" + address.removeprefix("abns@")

@@ -59,6 +59,7 @@ class ServerSync:
         self.servers: dict[str, _Slot] = {}  # by worker id: the slot each worker holds now
         self.releasing: set[int] = set()  # slots in maintenance until their calls are over
         self._dirty = asyncio.Event()
+        self._applying = asyncio.Lock()  # run() and a new HAProxy's set-up both apply
 
     def notify(self) -> None:
         """The pool changed: apply it soon (coalesced)."""
@@ -90,6 +91,10 @@ class ServerSync:
 
     async def apply(self) -> bool:
         """One pass; False while something is left to do later."""
+        async with self._applying:
+            return await self._apply()
+
+    async def _apply(self) -> bool:
         wanted = {w.worker_id: w for w in self.pool.workers.values() if not w.removed}
         # The ids every replica and direct-mode client computes for these workers.
         ids = server_ids(wanted)

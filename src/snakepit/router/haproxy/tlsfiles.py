@@ -7,10 +7,18 @@ disk, and a killed router leaves at most an empty directory. Before a restart th
 again from what HAProxy was last given.
 
 Renewal (``keep_current``): every ``RENEW_CHECK`` seconds the router's files are compared with
-what HAProxy holds; a changed certificate, taken only with the key that matches it (a renewal
-caught between the two writes waits for the second, as ``security/tls.py`` does), or a changed
-CA goes in through the runtime API (``set ssl cert``/``set ssl ca-file``, then ``commit``). New
-handshakes use it at once; connections already open, and the calls on them, go on untouched.
+what HAProxy holds. A changed certificate, taken only with the key that matches it (a renewal
+caught between the two writes waits for the second, as ``security/tls.py`` does), goes in through
+the runtime API (``set ssl cert``, then ``commit``): new handshakes use it at once; connections
+already open, and the calls on them, go on untouched. A changed CA does not: HAProxy 2.6.12
+(Debian 12) crashes on a CA update that follows a certificate update that followed a CA update
+(haproxy/haproxy#3165, fixed upstream in 7482b6ebf, October 2025; reproduced here with three
+commands), and even before crashing it keeps the certificate of a server whose CA was updated
+out of later certificate updates. So a CA change hands over to a new HAProxy process instead
+(``HaproxyProcess.replace``): it takes the listening sockets from the old one (``-x``, the
+``expose-fd listeners`` socket in this directory), starts with tool calls diverted to the Python
+router (the ``divert`` map) until the router has pointed its servers and filled its auth map,
+and then the old one stops softly. CA changes are rare (a rotation is three of them).
 """
 
 from __future__ import annotations
@@ -20,11 +28,12 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...security.tls import TlsFiles, matching_pair
-from .config import HaproxyTls
+from .config import DIVERT, HaproxyTls
 from .runtime import HaproxyError, RuntimeApi
 
 log = logging.getLogger("snakepit.router")
@@ -32,6 +41,7 @@ log = logging.getLogger("snakepit.router")
 RENEW_CHECK = 1.0
 CERT, CA = "cert", "ca-file"  # the runtime API's names for the two kinds of file
 _PREFIX = "snakepit-haproxy-"
+ADMIN_SOCKET = "admin.sock"  # the runtime API socket that hands listeners to a new HAProxy
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,9 @@ class HaproxyFiles:
         self.items = tuple(items)
         self.dir = Path(tempfile.mkdtemp(prefix=_PREFIX))
         self.map_path = self.path("auth.map") if auth else ""
+        # Only with TLS is there a reason to hand over to a new HAProxy (a CA change).
+        self.divert_path = self.path("divert.map") if pool is not None else ""
+        self.handover_socket = self.path(ADMIN_SOCKET) if pool is not None else ""
         self.loaded: dict[str, bytes] = {}  # what HAProxy holds, by item name
         self.renewals = 0
         for item in self.items:
@@ -82,17 +95,26 @@ class HaproxyFiles:
             client_ca=self.path("client-ca.pem") if "client-ca.pem" in names else "",
         )
 
-    def write(self) -> None:
-        """Put the files where haproxy.cfg names them (just before HAProxy starts)."""
+    def write(self, *, divert: bool = False) -> None:
+        """Put the files where haproxy.cfg names them (just before HAProxy starts); ``divert``:
+        the new HAProxy sends every tool call to the Python router until ``undivert``."""
         for name, content in self.loaded.items():
             _write_private(self.dir / name, content)
         if self.map_path:
             _write_private(Path(self.map_path), b"")
+        if self.divert_path:
+            _write_private(Path(self.divert_path), f"{DIVERT} 1\n".encode() if divert else b"")
 
     def clear(self) -> None:
-        """Remove the files (HAProxy has read them): the directory stays, empty."""
-        for entry in self.dir.iterdir():
-            entry.unlink(missing_ok=True)
+        """Remove the files (HAProxy has read them); the handover socket stays."""
+        names = [*self.loaded, self.map_path, self.divert_path]
+        for name in filter(None, names):
+            (self.dir / name).unlink(missing_ok=True)
+
+    async def undivert(self, api: RuntimeApi) -> None:
+        answer = (await api.run(f"clear map {self.divert_path}")).strip()
+        if answer:
+            raise HaproxyError(answer)
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -107,37 +129,54 @@ class HaproxyFiles:
             return None
         return b"\n".join(part.strip() for part in parts) + b"\n"
 
-    async def refresh(self, api: RuntimeApi) -> int:
-        """Push what changed into HAProxy; how many files were renewed."""
-        renewed = 0
+    def changes(self) -> dict[str, bytes]:
+        """The files whose content differs from what HAProxy holds (whole pairs only)."""
+        changed = {}
         for item in self.items:
             content = self._content(item)
-            if content is None or content == self.loaded.get(item.name):
-                continue
-            await _push(api, item.kind, self.path(item.name), content)
-            self.loaded[item.name] = content
-            renewed += 1
-            log.info("haproxy TLS file renewed", extra={"file": item.name})
-        self.renewals += renewed
-        return renewed
+            if content is not None and content != self.loaded.get(item.name):
+                changed[item.name] = content
+        return changed
 
-    async def keep_current(self, api: RuntimeApi) -> None:
+    async def refresh(self, api: RuntimeApi, replace: Callable[[], Awaitable[None]]) -> int:
+        """Bring HAProxy up to date: certificates through the runtime API; with a changed CA,
+        everything at once through ``replace`` (a new HAProxy). How many files were renewed."""
+        changed = self.changes()
+        kinds = {item.name: item.kind for item in self.items}
+        if any(kinds[name] == CA for name in changed):
+            previous = dict(self.loaded)
+            self.loaded.update(changed)
+            try:
+                await replace()
+            except BaseException:
+                self.loaded = previous
+                raise
+            log.info("haproxy replaced for a new CA", extra={"files": sorted(changed)})
+        else:
+            for name, content in changed.items():
+                await _push(api, self.path(name), content)
+                self.loaded[name] = content
+                log.info("haproxy TLS file renewed", extra={"file": name})
+        self.renewals += len(changed)
+        return len(changed)
+
+    async def keep_current(self, api: RuntimeApi, replace: Callable[[], Awaitable[None]]) -> None:
         while True:
             await asyncio.sleep(RENEW_CHECK)
             try:
-                await self.refresh(api)
-            except (OSError, TimeoutError, HaproxyError) as exc:
+                await self.refresh(api, replace)
+            except (OSError, TimeoutError, RuntimeError, HaproxyError) as exc:
                 log.warning("haproxy TLS renewal failed; trying again", extra={"error": str(exc)})
 
 
-async def _push(api: RuntimeApi, kind: str, path: str, content: bytes) -> None:
-    """One file's transaction: ``set``, then ``commit`` (``abort`` if HAProxy refuses it)."""
-    answer = await api.run_payload(f"set ssl {kind} {path}", content.decode())
+async def _push(api: RuntimeApi, path: str, content: bytes) -> None:
+    """One certificate's transaction: ``set``, then ``commit`` (``abort`` if refused)."""
+    answer = await api.run_payload(f"set ssl cert {path}", content.decode())
     if "ransaction" not in answer:  # "Transaction created/updated for ..."
         raise HaproxyError(answer.strip())
-    answer = await api.run(f"commit ssl {kind} {path}")
+    answer = await api.run(f"commit ssl cert {path}")
     if "Success" not in answer:
-        await api.run(f"abort ssl {kind} {path}")
+        await api.run(f"abort ssl cert {path}")
         raise HaproxyError(answer.strip())
 
 
