@@ -22,7 +22,6 @@ from grpc_health.v1 import health_pb2
 from snakepit import Client
 from snakepit.errors import ResourceExhausted, SnakepitError, Unavailable
 from snakepit.protocol.status import never_started
-from snakepit.router.haproxy.process import haproxy_binary
 from tests.fixtures.processes import (
     ProcessFactory,
     connections_to,
@@ -36,15 +35,6 @@ from tests.fixtures.redis import RedisServer
 from tests.support.load import MixedLoad
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-@pytest.fixture(params=["python", "haproxy"])
-def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The router's data path for this test (routers read the env)."""
-    if request.param == "haproxy" and haproxy_binary() is None:
-        pytest.skip("haproxy is not installed")
-    monkeypatch.setenv("SNAKEPIT_DATA_PATH", request.param)
-    return str(request.param)
 
 
 def test_a_worker_stopping_under_load_fails_no_call(procs: ProcessFactory, data_path: str) -> None:

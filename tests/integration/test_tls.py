@@ -85,17 +85,6 @@ def pki(tmp_path: Path) -> Pki:
     return make_pki(tmp_path)
 
 
-@pytest.fixture(params=["python", "haproxy"])
-def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Tests that take this run on both data paths of the router (routers read the env)."""
-    from snakepit.router.haproxy.process import haproxy_binary
-
-    if request.param == "haproxy" and haproxy_binary() is None:
-        pytest.skip("haproxy is not installed")
-    monkeypatch.setenv("SNAKEPIT_DATA_PATH", request.param)
-    return str(request.param)
-
-
 def make_pki(tmp_path: Path) -> Pki:
     root = tmp_path / "pki"
     root.mkdir()
