@@ -512,10 +512,14 @@ def test_haproxy_data_path_takes_auth_but_not_calls_per_principal(
     assert b"cannot count calls per principal" in done.stderr, done.stderr
 
 
-def test_tls_and_tokens_together_every_hop(procs: ProcessFactory, tmp_path: Path) -> None:
+def test_tls_and_tokens_together_every_hop(
+    procs: ProcessFactory, tmp_path: Path, data_path: str
+) -> None:
     """serve with mutual TLS and tokens: the token is checked over TLS, tickets ride the pool's
     mutual-TLS hops (worker -> router for the store and ctx.call_tool), and direct mode needs
-    both a client certificate the workers trust and a ticket."""
+    both a client certificate the workers trust and a ticket. On both data paths (HAProxy:
+    client certificates checked by HAProxy, the token by the router, then a ticket from
+    HAProxy)."""
     generated = tmp_path / "tls"
     tokens = tmp_path / "tokens"
     tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
@@ -523,6 +527,7 @@ def test_tls_and_tokens_together_every_hop(procs: ProcessFactory, tmp_path: Path
         "--tls-generate", str(generated), "--tls-client-ca", str(generated / "ca.pem"),
         "--auth-tokens", str(tokens), "--allow-direct", "alice", "--adapter", ADAPTER,
     )  # fmt: skip
+    assert f"data path: {data_path}" in pool.logs()
     mtls = {
         "ca": str(generated / "ca.pem"),
         "cert": str(generated / "client.pem"),
