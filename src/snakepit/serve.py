@@ -41,7 +41,7 @@ from .security.tls import CA_FILE, CERT_FILE, KEY_FILE, POOL_NAME, TlsFiles
 from .store.base import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL
 from .store.limits import StoreLimits
 from .store.offload import DEFAULT_HELPERS
-from .supervisor import RestartPolicy, WorkerSlot, free_port
+from .supervisor import RestartPolicy, WorkerSlot, free_port, sweep_stale_dirs
 from .worker.server import DEFAULT_ADAPTER, DEFAULT_MAX_CALL_SECONDS
 
 log = logging.getLogger("snakepit.serve")
@@ -91,24 +91,7 @@ class PoolCA:
 
 def sweep_stale_pool_dirs() -> None:
     """Remove this user's pool TLS directories whose serve process is gone."""
-    for path in Path(tempfile.gettempdir()).glob(f"{POOL_TLS_PREFIX}*"):
-        pid = path.name[len(POOL_TLS_PREFIX) :].split("-", 1)[0]
-        try:
-            mine = path.stat().st_uid == os.getuid()
-        except OSError:
-            continue
-        if mine and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    sweep_stale_dirs(POOL_TLS_PREFIX)
 
 
 @dataclass

@@ -3,7 +3,8 @@
 HAProxy wants a certificate and its key in one PEM file and reads its files only at start. So the
 router writes them into a private directory (0700, files 0600) just before HAProxy starts and
 removes them once HAProxy answers (it keeps them in memory): no second copy of a key stays on
-disk, and a killed router leaves at most an empty directory. Before a restart they are written
+disk, and a killed router leaves at most an empty directory (with the handover socket), which
+the next router on the machine removes (its pid is in the name). Before a restart they are written
 again from what HAProxy was last given.
 
 Renewal (``keep_current``): every ``RENEW_CHECK`` seconds the router's files are compared with
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...security.tls import TlsFiles, matching_pair
+from ...supervisor import sweep_stale_dirs
 from .config import DIVERT, HaproxyTls
 from .runtime import HaproxyError, RuntimeApi
 
@@ -67,7 +69,8 @@ class HaproxyFiles:
             if public.ca:
                 items.append(_Item("client-ca.pem", CA, (public.ca,)))
         self.items = tuple(items)
-        self.dir = Path(tempfile.mkdtemp(prefix=_PREFIX))
+        sweep_stale_dirs(_PREFIX)  # of routers that were killed
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-"))
         self.map_path = self.path("auth.map") if auth else ""
         # Only with TLS is there a reason to hand over to a new HAProxy (a CA change).
         self.divert_path = self.path("divert.map") if pool is not None else ""
