@@ -49,13 +49,13 @@ class ToolRunner:
         raising) twice within ``INLINE_WINDOW`` of its calls runs in the thread pool from then on.
 
         Twice, because the time is wall-clock: on a busy machine the process is now and then
-        descheduled for longer than the budget, and about once in 100,000 calls of ``add`` that
-        lands inside the tool (under ghz on a loaded 2-core machine a single overrun demoted it
-        within a minute, and the worker's CPU per call jumped by the thread hand-off). Two such
-        accidents within 1,000 calls of one tool are rare enough to ignore; a slow tool overruns
-        on every call, and a caller cannot make one stall the loop more than once per 1,000 calls.
-        (The thread's CPU time would ignore descheduling, but a tool that blocks on I/O uses
-        none.)
+        descheduled for longer than the budget, and that sometimes lands inside the tool (``add``
+        overran once, 5.2 ms, in a one-minute ghz run at load average 10 on 2 cores; about once
+        in 100,000 calls in a tight loop), which alone would have demoted it and added a thread
+        hand-off to every later call. Two such accidents within 1,000 calls of one tool are rare
+        enough to ignore; a slow tool overruns on every call, and a caller cannot make one stall
+        the loop more than once per 1,000 calls. (The thread's CPU time would ignore
+        descheduling, but a tool that blocks on I/O uses none.)
         """
         started = time.perf_counter()
         try:
