@@ -102,7 +102,7 @@ def run(rounds: int, seconds: float, in_flight: int) -> str:
                 ghz.run(target.address, seconds=1, concurrency=in_flight, tls=target.tls)
             for _ in range(rounds):
                 for target in setup.targets:
-                    sample = measure(ghz, target, seconds, in_flight, target.tls)
+                    sample = measure(ghz, target, seconds, in_flight, target.tls)[0]
                     samples[target.name].append(sample)
         finally:
             ghz.close()

@@ -7,10 +7,13 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from snakepit.errors import InvalidArgument
 from snakepit.protocol import decode_value, encode_value, from_pb, pb, to_pb
-from snakepit.protocol.codec import DEFAULT_BINARY_THRESHOLD
+from snakepit.protocol import value_types as vt
+from snakepit.protocol.codec import DEFAULT_BINARY_THRESHOLD, build_value, scalar_value
 from snakepit.protocol.messages import (
     decode_chunk,
     decode_request,
@@ -244,6 +247,36 @@ def test_hand_written_wire_format_matches_protobuf_both_ways() -> None:
     assert decode_chunk(chunk) == [1, 2]
     # A protobuf-built value decodes with the hand-written reader and back.
     assert same(from_pb(to_pb({"a": np.arange(3)})), {"a": np.arange(3)})
+
+
+@given(
+    st.one_of(
+        st.floats(),
+        st.integers(),
+        st.integers(min_value=-(2**70), max_value=2**70),
+        st.text(),
+        st.booleans(),
+        st.none(),
+    )
+)
+def test_the_scalar_fast_path_writes_what_the_general_encoder_writes(value: object) -> None:
+    """``codec.scalar_value`` (plain scalars, the usual small argument and result) is a shortcut:
+    byte for byte the general builder's ``Value``, and so the same result message."""
+    general = build_value(value, vt.infer_type(value)).to_bytes()  # a type: no shortcut
+    assert scalar_value(value) == general
+    assert same(decode_value(general), value)
+    assert decode_result(encode_result(value, "w", 1.5)).value == value or value != value
+
+
+def test_the_scalar_fast_path_leaves_other_types_to_the_general_encoder() -> None:
+    class Text(str):
+        pass
+
+    cases = [(np.float64(1.5), 1.5), (np.int32(3), 3), (Text("x"), "x"), (b"x", b"x")]
+    cases += [([1], [1]), ({"a": 1}, {"a": 1}), (np.ones(2), np.ones(2))]
+    for value, decoded in cases:
+        assert scalar_value(value) is None
+        assert same(decode_value(encode_value(value)), decoded)
 
 
 def test_unknown_fields_are_skipped_for_forward_compatibility() -> None:

@@ -204,6 +204,31 @@ def test_fuzz_wire_messages_only_ever_raise_invalid_argument(data: bytes) -> Non
             decode(data)
 
 
+def _outcome(decode: object, data: bytes) -> tuple[str, object]:
+    try:
+        return "ok", repr(decode(data))  # type: ignore[operator]
+    except InvalidArgument as exc:
+        return "refused", str(exc)
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=200), mutated(_REQUESTS), mutated(_SAMPLES)))
+def test_fuzz_the_two_field_fast_path_reads_what_the_general_reader_reads(data: bytes) -> None:
+    """``wire.read_pair`` (map entries and values laid out the usual way) against the field by
+    field reader it shortcuts: the same value, or the same refusal, for any input."""
+    from unittest import mock
+
+    from snakepit.protocol import codec, messages
+
+    fast = [_outcome(decode, data) for decode in (decode_request, decode_value)]
+    with (
+        mock.patch.object(codec, "read_pair", lambda *_: None),
+        mock.patch.object(messages, "read_pair", lambda *_: None),
+    ):
+        general = [_outcome(decode, data) for decode in (decode_request, decode_value)]
+    assert fast == general
+
+
 def _nested(inner: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
     return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner)
 

@@ -9,11 +9,11 @@ bytes or arrays travel element by element so each element keeps its form. Nothin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,8 @@ from .wire import (
     WireMessage,
     iter_fields,
     read_packed_int64,
+    read_pair,
+    tag,
     varint,
 )
 
@@ -58,11 +60,50 @@ def encode_value(
     return build_value(value, type_name, threshold).to_bytes()
 
 
+def _value_head(type_name: str) -> bytes:
+    """A JSON-form ``Value``'s bytes up to its payload's length: type, then the payload's tag."""
+    head = WireMessage()
+    head.add_str(_TYPE, type_name)
+    return head.to_bytes() + tag(_JSON, WIRE_LEN)
+
+
+_HEADS = {type_name: _value_head(type_name) for type_name in vt.VALUE_TYPES}
+_NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
+
+
+def scalar_value(value: Any) -> bytes | None:
+    """The ``Value`` message of a plain ``float``, ``int``, ``bool``, ``str`` or ``None`` (exactly
+    those types, not subclasses), byte for byte what ``build_value`` writes; None for anything
+    else. Small results and arguments are nearly all of these, and this is several times
+    cheaper than the general path (type inference, a builder, the JSON encoder's set-up)."""
+    kind = type(value)
+    if kind is float:
+        text = "NaN" if value != value else _NON_FINITE.get(value) or float.__repr__(value)
+        head = _HEADS[vt.FLOAT]
+    elif kind is int:
+        text, head = int.__repr__(value), _HEADS[vt.INTEGER]
+    elif kind is str:
+        text, head = encode_basestring_ascii(value), _HEADS[vt.STRING]
+    elif kind is bool:
+        text, head = ("true" if value else "false"), _HEADS[vt.BOOLEAN]
+    elif value is None:
+        text, head = "null", _HEADS[vt.NULL]
+    else:
+        return None
+    payload = text.encode()
+    return head + varint(len(payload)) + payload
+
+
 def build_value(
     value: Any, type_name: str | None = None, threshold: int | None = None
 ) -> WireMessage:
     """The ``Value`` message of ``value`` as chunks, for embedding in a larger message."""
     if type_name is None:
+        scalar = scalar_value(value)
+        if scalar is not None:
+            msg = WireMessage()
+            msg.add_raw(scalar)
+            return msg
         type_name = vt.infer_type(value)
     else:
         value = vt.coerce(value, type_name)
@@ -139,46 +180,52 @@ def _add_container(msg: WireMessage, value: Any, type_name: str, threshold: int)
 
 # What malformed input makes the parsers below (and json, numpy, str) raise besides
 # InvalidArgument: invalid UTF-8, nesting past the recursion limit, numbers or shapes too large.
-_MALFORMED = (UnicodeDecodeError, RecursionError, OverflowError, ValueError, TypeError)
+MALFORMED = (UnicodeDecodeError, RecursionError, OverflowError, ValueError, TypeError)
 
 
-@contextlib.contextmanager
-def malformed_as_invalid(what: str) -> Iterator[None]:
-    """Turn any parser failure on untrusted bytes into InvalidArgument naming ``what``.
+def as_invalid(what: str, exc: BaseException) -> InvalidArgument:
+    """The InvalidArgument naming ``what`` for a parser failure ``exc`` (one of ``MALFORMED``).
 
-    Every decoder of wire input runs inside this, so a malformed message is the caller's
-    error (INVALID_ARGUMENT with a short message), never INTERNAL with a server traceback.
+    Every decoder of wire input catches ``MALFORMED`` and raises this, so a malformed message is
+    the caller's error (INVALID_ARGUMENT with a short message), never INTERNAL with a server
+    traceback. (A plain ``except`` rather than a context manager: the decoders run for every
+    call, and entering a generator-based context manager costs more than a small call's parse.)
     """
-    try:
-        yield
-    except _MALFORMED as exc:
-        text = str(exc) if not isinstance(exc, RecursionError) else "nested too deeply"
-        if len(text) > 200:
-            text = text[:200] + "..."
-        raise InvalidArgument(f"malformed {what}: {type(exc).__name__}: {text}") from None
+    text = str(exc) if not isinstance(exc, RecursionError) else "nested too deeply"
+    if len(text) > 200:
+        text = text[:200] + "..."
+    return InvalidArgument(f"malformed {what}: {type(exc).__name__}: {text}")
 
 
 def decode_value(data: bytes | memoryview) -> Any:
     """Decode a serialised ``Value``; arrays are read-only views of ``data``."""
     buf = memoryview(data)
-    with malformed_as_invalid("value"):
+    try:
         return read_value(buf, 0, len(buf))
+    except MALFORMED as exc:
+        raise as_invalid("value", exc) from None
 
 
 def read_value(buf: memoryview, start: int, stop: int) -> Any:
     type_name = ""
     kind = 0
     p_start = p_stop = 0
-    for field, wire_type, a, b in iter_fields(buf, start, stop):
-        if wire_type != WIRE_LEN:
-            continue
-        if field == _TYPE:
-            type_name = str(buf[a:b], "utf-8")
-        elif _JSON <= field <= _MAP:
-            kind, p_start, p_stop = field, a, b
+    pair = read_pair(buf, start, stop)
+    if pair is not None and _JSON <= pair[2] <= _MAP:  # type, then the payload: the usual
+        type_name = str(buf[pair[0] : pair[1]], "utf-8")
+        kind, p_start, p_stop = pair[2], pair[3], stop
+    else:
+        for field, wire_type, a, b in iter_fields(buf, start, stop):
+            if wire_type != WIRE_LEN:
+                continue
+            if field == _TYPE:
+                type_name = str(buf[a:b], "utf-8")
+            elif _JSON <= field <= _MAP:
+                kind, p_start, p_stop = field, a, b
     if not type_name:
         raise InvalidArgument("malformed value: no type")
-    vt.check_type_name(type_name)
+    if type_name not in vt.VALUE_TYPES:
+        vt.check_type_name(type_name)  # raises, naming the known types
     if kind == 0:
         raise InvalidArgument(f"malformed value of type {type_name}: no payload")
     if kind == _JSON:
@@ -256,10 +303,26 @@ def array_from_buffer(dtype_name: str, shape: list[int], data: bytes | memoryvie
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
+# json's C scanner, what json.loads runs after its Python-level checks (a third of a small
+# value's decoding time).
+_SCAN_JSON: Any = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _json_loads(text: str) -> Any:
+    """``json.loads(text)``: the C scanner straight away when the text is exactly one JSON value
+    (what every encoder writes); anything else (surrounding whitespace, trailing data, errors)
+    goes through json.loads itself, for its result and its exact error."""
+    try:
+        value, end = _SCAN_JSON(text, 0)
+    except StopIteration:
+        return json.loads(text)
+    return value if end == len(text) else json.loads(text)
+
+
 def _from_json(payload: memoryview, type_name: str) -> Any:
     try:
         # UTF-8 text (what every encoder writes), so json skips its encoding detection.
-        value = json.loads(str(payload, "utf-8"))
+        value = _json_loads(str(payload, "utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidArgument(
             f"malformed value of type {type_name}: bad JSON payload ({exc})"

@@ -13,8 +13,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidArgument
-from .codec import build_value, malformed_as_invalid, read_value
-from .wire import WIRE_FIXED64, WIRE_LEN, WIRE_VARINT, WireMessage, iter_fields, tag, varint
+from .codec import MALFORMED, as_invalid, build_value, read_value, scalar_value
+from .wire import (
+    WIRE_FIXED64,
+    WIRE_LEN,
+    WIRE_VARINT,
+    WireMessage,
+    iter_fields,
+    len_field,
+    read_pair,
+    tag,
+    varint,
+)
 
 
 @dataclass(slots=True)
@@ -89,6 +99,9 @@ def request_tool_name(data: bytes) -> str:
 
 
 def _map_entry(buf: memoryview, start: int, stop: int) -> tuple[str, tuple[int, int] | None]:
+    pair = read_pair(buf, start, stop)
+    if pair is not None and pair[2] == 2:  # key, then value: the usual
+        return str(buf[pair[0] : pair[1]], "utf-8"), (pair[3], stop)
     key = ""
     value_range = None
     for number, wire_type, a, b in iter_fields(buf, start, stop):
@@ -109,12 +122,25 @@ def encode_result(
     type_name: str | None = None,
     threshold: int | None = None,
 ) -> bytes:
+    tail = (_len_prefix(2, worker_id.encode()) if worker_id else b"") + (
+        _DURATION_TAG + _pack_double(duration_ms) if duration_ms else b""
+    )
+    scalar = scalar_value(value) if type_name is None else None
+    if scalar is not None:  # a small call's answer, without the builder
+        return _RESULT_TAG + varint(len(scalar)) + scalar + tail
     msg = WireMessage()
     msg.add_message(1, build_value(value, type_name, threshold))
-    msg.add_str(2, worker_id)
-    if duration_ms:
-        msg.add_raw(tag(3, WIRE_FIXED64) + struct.pack("<d", duration_ms))
+    msg.add_raw(tail)
     return msg.to_bytes()
+
+
+_RESULT_TAG = tag(1, WIRE_LEN)
+_DURATION_TAG = tag(3, WIRE_FIXED64)
+_pack_double = struct.Struct("<d").pack
+
+
+def _len_prefix(field: int, payload: bytes) -> bytes:
+    return len_field(field, len(payload)) + payload
 
 
 def _decode_result(data: bytes) -> ToolResult:
@@ -152,15 +178,21 @@ def _decode_chunk(data: bytes) -> Any:
 
 def decode_request(data: bytes) -> ToolRequest:
     """A tool request from untrusted bytes; anything malformed is InvalidArgument."""
-    with malformed_as_invalid("tool request"):
+    try:
         return _decode_request(data)
+    except MALFORMED as exc:
+        raise as_invalid("tool request", exc) from None
 
 
 def decode_result(data: bytes) -> ToolResult:
-    with malformed_as_invalid("tool result"):
+    try:
         return _decode_result(data)
+    except MALFORMED as exc:
+        raise as_invalid("tool result", exc) from None
 
 
 def decode_chunk(data: bytes) -> Any:
-    with malformed_as_invalid("stream chunk"):
+    try:
         return _decode_chunk(data)
+    except MALFORMED as exc:
+        raise as_invalid("stream chunk", exc) from None

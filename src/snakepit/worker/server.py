@@ -514,47 +514,75 @@ class WorkerServer:
         stream: AsyncIterator[Any] = self._router()._stream(op, timeout)
         return stream
 
+    async def _begin(self, context: grpc.aio.ServicerContext[Any, Any]) -> _Call:
+        """Who calls, admission, the correlation id and the span: a call's bookkeeping before it
+        runs (``_end`` undoes it). A refused call is aborted here and never reaches ``_end``.
+
+        Plain methods around a ``try``, not an async context manager: this runs for every call,
+        and a generator-based context manager costs more than a small call's own Python work.
+        """
+        call = _Call()
+        if self.verifier is not None:
+            try:
+                call.principal, call.ticket = self._caller(context)
+            except Unauthenticated as exc:
+                await abort_with(context, exc, self.worker_id)
+        if self.in_flight < self.config.concurrency and not self._backlog and not self.refusing:
+            self.in_flight += 1  # a free slot: the common case, without a coroutine
+        else:
+            try:
+                await self._admit(context)
+            except Exception as exc:
+                self._refused(exc)
+                await abort_with(context, exc, self.worker_id)
+        call.token = logs.correlation_id.set(_correlation(context))
+        call.started = time.perf_counter()
+        if self.tracer is not None:
+            call.span = self._server_span(context)
+        return call
+
+    def _cancelled(self, call: _Call) -> None:
+        """A call whose caller went away (or whose stream was closed) mid-run."""
+        if call.ctx is not None:
+            call.ctx.cancelled = True
+        self.failed += 1
+        call.code = "CANCELLED"
+
+    async def _failed(
+        self, context: grpc.aio.ServicerContext[Any, Any], call: _Call, exc: Exception
+    ) -> None:
+        """End a call that raised with the status its error maps to (this aborts the call)."""
+        self.failed += 1
+        error = self._as_error(exc, call)
+        call.code = status_of(error).name
+        await self._fail(context, error)
+
+    def _end(self, call: _Call) -> None:
+        """Free the slot, restore the correlation id, record the outcome; maybe recycle."""
+        self._release()
+        logs.correlation_id.reset(call.token)
+        tool_name = call.tool.name if call.tool is not None else ""
+        if self.metrics is not None:
+            self.metrics.call_done(tool_name, call.code, call.started)
+        if call.span is not None:
+            name = f"worker {tool_name or 'call'}"
+            tracing.end_server(call.span, call.code, name, {"snakepit.tool": tool_name})
+        self._after_call()
+
     @contextlib.asynccontextmanager
     async def _serving(self, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[_Call]:
-        """Who calls, admission, in-flight accounting, the correlation id and the outcome."""
-        call = _Call()
-        try:
-            call.principal, call.ticket = self._caller(context)
-        except Unauthenticated as exc:
-            await abort_with(context, exc, self.worker_id)
-        try:
-            await self._admit(context)
-        except Exception as exc:
-            self._refused(exc)
-            await abort_with(context, exc, self.worker_id)
-        token = logs.correlation_id.set(_correlation(context))
-        started = time.perf_counter()
-        code = "OK"
-        span = None if self.tracer is None else self._server_span(context)
+        """``_begin`` ... ``_end`` around a streaming call's body."""
+        call = await self._begin(context)
         try:
             yield call
             self.served += 1
         except (asyncio.CancelledError, GeneratorExit):
-            if call.ctx is not None:
-                call.ctx.cancelled = True
-            self.failed += 1
-            code = "CANCELLED"
+            self._cancelled(call)
             raise
         except Exception as exc:
-            self.failed += 1
-            error = self._as_error(exc, call)
-            code = status_of(error).name
-            await self._fail(context, error)
+            await self._failed(context, call, exc)
         finally:
-            self._release()
-            logs.correlation_id.reset(token)
-            tool_name = call.tool.name if call.tool is not None else ""
-            if self.metrics is not None:
-                self.metrics.call_done(tool_name, code, started)
-            if span is not None:
-                name = f"worker {tool_name or 'call'}"
-                tracing.end_server(span, code, name, {"snakepit.tool": tool_name})
-            self._after_call()
+            self._end(call)
 
     def _server_span(self, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         """The span of one call, made current (its parent came in the call's metadata)."""
@@ -573,25 +601,48 @@ class WorkerServer:
 
     async def _execute(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         started = time.perf_counter()
-        async with self._serving(context) as call:
+        call = await self._begin(context)
+        try:
             tool, kwargs, call.ctx = self._prepare(raw, context, call)
-            with self._tool_span(tool):
-                if tool.inline:  # nothing could interrupt it: no timer to arm
-                    call.tool = tool
-                    value: Any = self.runner.call_inline(tool, kwargs)
-                else:
-                    async with asyncio.timeout(self._time_limit(context, tool, call)):
-                        if tool.streaming:
-                            value = [item async for item in self.runner.stream(tool, kwargs)]
-                        else:
-                            value = await self.runner.call(tool, kwargs)
+            call.tool = tool
+            if tool.inline and self.tracer is None:  # nothing could interrupt it: no timer
+                value: Any = self.runner.call_inline(tool, kwargs)
+            else:
+                with self._tool_span(tool):
+                    value = await self._run(tool, kwargs, context, call)
             try:
-                return encode_result(value, self.worker_id, (time.perf_counter() - started) * 1000)
+                answer = encode_result(
+                    value, self.worker_id, (time.perf_counter() - started) * 1000
+                )
             except Exception as exc:
                 raise Internal(
                     f"tool {tool.name!r} returned a value that cannot be sent: {exc}"
                 ) from exc
-        raise AssertionError("unreachable: a failed call is aborted")
+            self.served += 1
+            return answer
+        except (asyncio.CancelledError, GeneratorExit):
+            self._cancelled(call)
+            raise
+        except Exception as exc:
+            await self._failed(context, call, exc)
+            raise AssertionError("unreachable: a failed call is aborted") from exc
+        finally:
+            self._end(call)
+
+    async def _run(
+        self,
+        tool: ToolDef,
+        kwargs: dict[str, Any],
+        context: grpc.aio.ServicerContext[Any, Any],
+        call: _Call,
+    ) -> Any:
+        """A unary call's tool: inline, or under its time limit (a stream's items as a list)."""
+        if tool.inline:
+            return self.runner.call_inline(tool, kwargs)
+        async with asyncio.timeout(self._time_limit(context, tool, call)):
+            if tool.streaming:
+                return [item async for item in self.runner.stream(tool, kwargs)]
+            return await self.runner.call(tool, kwargs)
 
     async def _execute_stream(
         self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
@@ -657,13 +708,17 @@ def _assigned(turn: asyncio.Future[None]) -> bool:
     return turn.done() and not turn.cancelled() and turn.exception() is None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Call:
     ctx: SessionContext | None = None
     tool: ToolDef | None = None
     capped: float | None = None  # the server's limit, when it is shorter than the deadline
     principal: Principal = ANONYMOUS
     ticket: str = ""  # the call's pool ticket, which its calls back to the router carry
+    code: str = "OK"  # the status it ended with, for the metrics and the span
+    started: float = 0.0  # perf_counter when it was admitted
+    token: Any = None  # restores the correlation id of the context it came from
+    span: Any = None
 
 
 def _correlation(context: grpc.aio.ServicerContext[Any, Any]) -> str:

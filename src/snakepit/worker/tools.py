@@ -73,6 +73,8 @@ class ToolDef:
     # A sync tool that runs on the worker's event loop instead of its thread pool (``@tool(inline=
     # True)``); the runner turns it off for good if a call proves the tool is not quick.
     inline: bool = False
+    calls: int = 0  # inline calls so far
+    overran_at: int = 0  # the inline call that last took longer than the runner's budget
     spec: pb.ToolSpec = field(init=False)
 
     def __post_init__(self) -> None:
@@ -151,9 +153,10 @@ def tool(
     ``inline=True`` (plain sync tools only) runs the tool on the worker's event loop instead of
     handing it to a thread, which is about a third of a small call's cost. Only for tools that
     finish in well under a millisecond whatever their arguments (arithmetic, lookups): while one
-    runs, the worker serves nothing else, and no time limit can interrupt it. A call that takes
-    longer than ``runner.INLINE_BUDGET_SECONDS`` moves the tool to the thread pool for the rest
-    of the worker's life (logged), so a tool wrongly declared quick stalls the loop once.
+    runs, the worker serves nothing else, and no time limit can interrupt it. A second call
+    that takes longer than ``runner.INLINE_BUDGET_SECONDS`` (within 1,000 calls of the first)
+    moves the tool to the thread pool for the rest of the worker's life (logged), so a tool
+    wrongly declared quick stalls the loop twice.
     """
 
     def mark(func: F) -> F:
