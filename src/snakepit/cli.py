@@ -88,7 +88,8 @@ def _pool_options(parser: argparse.ArgumentParser) -> None:
         DEFAULT_MAX_STREAMS_PER_CONNECTION,
         int,
         help="calls one client connection may have open at once on the router; its further "
-        f"calls wait on the client's side (0: no bound; default {DEFAULT_MAX_STREAMS_PER_CONNECTION})",
+        "calls wait on the client's side, a few may be refused UNAVAILABLE (REFUSED_STREAM) "
+        "(0: no bound, the default)",
     )
     _add(
         parser,

@@ -37,9 +37,13 @@ CLIENT_MAX_CONNECTION_AGE = 2.0
 # grpc.aio accepts one new call per event-loop round trip, first come first served across all
 # connections, so a burst of N calls from one connection puts every other caller's next call
 # behind N accepts and N handler starts: 300 WatchVariables opened at once (284 of them
-# refused) held another caller's small call ~90 ms. At 100 the burst ahead of anyone is bounded
-# to ~25-40 ms of the loop (docs/security.md, "300 watchers"). 0: gRPC's default (no bound).
-DEFAULT_MAX_STREAMS_PER_CONNECTION = 100
+# refused) held another caller's small call ~90 ms; 64 streams per connection cut that 3-7x.
+# Off by default: gRPC core servers count a stream as open a little longer than its client
+# does, so a client keeping more calls in flight on one connection than the bound gets some
+# of them refused (RST_STREAM REFUSED_STREAM, UNAVAILABLE "Stream removed"; 2-145 of 300
+# concurrent unary calls at 100): safe to retry, never processed, but an error all the same
+# (docs/security.md, "300 watchers"). 0: gRPC's default (no bound).
+DEFAULT_MAX_STREAMS_PER_CONNECTION = 0
 
 
 def server_options(

@@ -99,7 +99,7 @@ async def start_server(
     bound port: TLS with ``credentials``, else plaintext.
 
     ``max_streams_per_connection`` bounds the calls one connection has open at once (0: no
-    bound; ``grpc_options.DEFAULT_MAX_STREAMS_PER_CONNECTION`` says why a router sets one).
+    bound; ``grpc_options.DEFAULT_MAX_STREAMS_PER_CONNECTION`` says what it buys and costs).
     ``internal`` is a second listener (address, credentials) for the pool's own hops, mutual TLS
     with the pool CA (a router's, for its workers' calls back); its port is the third value
     (0 without one).
