@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -124,6 +125,16 @@ async def small_calls(
     elapsed = time.perf_counter() - started
     cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu_before
     return done / elapsed, cpu / done * 1000
+
+
+def median_rows(
+    flag: str, runs: dict[int, list[dict[str, float]]], keys: Sequence[str]
+) -> list[list[str]]:
+    """One table row per setting of ``flag``: the median over its rounds of each of ``keys``."""
+    return [
+        [f"{flag} {setting}"] + [f"{statistics.median(r[k] for r in results):.1f}" for k in keys]
+        for setting, results in runs.items()
+    ]
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -259,12 +260,23 @@ def ready_workers(target: str, token: str = "") -> str:
 Window = tuple[str, float, float, str, str, float]
 
 
+def lower_priority(nice: int) -> None:
+    """Every thread of this process ``nice`` steps nicer. ``os.nice`` changes the calling
+    thread only (Linux), and gRPC's I/O threads, started by the readiness probe's channel
+    before, kept receiving and sending the attack at full priority; threads started later
+    inherit from these."""
+    for task in Path("/proc/self/task").iterdir():
+        tid = int(task.name)
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+
+
 async def attack_all(
     target: str, serve_pid: int, names: list[str], quiet: float, auth: bool, nice: int = 0
 ) -> list[Window]:
     """A quiet window, then each attack in turn, with readiness and router growth after it."""
     if nice:
-        os.nice(nice)  # this process only: the pool and the victim were started before
+        lower_priority(nice)  # this process only: the pool and the victim were started before
     # The attacker's channel sends up to 512 MB: the server, not the client, must refuse.
     token = TOKENS["attacker"] if auth else ""
     interceptors = bearer(token) if auth else None

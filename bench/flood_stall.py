@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, table
+from _common import ROOT, median_rows, table
 from loop_stall import _ticker
 
 from snakepit.grpc_options import server_options
@@ -124,11 +123,7 @@ def main() -> None:
             result = asyncio.run(one(bound, args.creates, args.concurrency, str(tokens)))
             runs[bound].append(result)
     keys = ["worst", "p99", "held worst", "held p99", "s", "us/call"]
-    rows = [
-        [f"--max-store-calls-per-principal {bound}"]
-        + [f"{statistics.median(r[k] for r in results):.1f}" for k in keys]
-        for bound, results in runs.items()
-    ]
+    rows = median_rows("--max-store-calls-per-principal", runs, keys)
     print(f"{args.creates} creates, {args.concurrency} at a time; medians of {args.rounds} rounds; "
           f"load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}")  # fmt: skip
     headers = ["bound", "tick late worst ms", "p99 ms", "loop CPU ahead worst ms", "p99 ms"]

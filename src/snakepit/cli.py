@@ -80,6 +80,17 @@ def _pool_options(parser: argparse.ArgumentParser) -> None:
         "on average; more wait their turn (0: no limit; "
         f"default {DEFAULT_STORE_CALL_RATE_PER_PRINCIPAL:g})",
     )
+    from .grpc_options import DEFAULT_MAX_STREAMS_PER_CONNECTION
+
+    _add(
+        parser,
+        "--max-streams-per-connection",
+        DEFAULT_MAX_STREAMS_PER_CONNECTION,
+        int,
+        help="calls one client connection may have open at once on the router; its further "
+        "calls wait on the client's side, a few may be refused UNAVAILABLE (REFUSED_STREAM) "
+        "(0: no bound, the default)",
+    )
     _add(
         parser,
         "--affinity",
@@ -191,6 +202,7 @@ def _pool_config(args: argparse.Namespace) -> Any:
         affinity=args.affinity,
         max_message_mb=args.max_message_mb,
         max_calls_per_principal=args.max_calls_per_principal,
+        max_streams_per_connection=args.max_streams_per_connection,
     )
 
 

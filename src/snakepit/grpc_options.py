@@ -32,9 +32,25 @@ Options = list[tuple[str, int | str]]
 # measurable.
 CLIENT_MAX_CONNECTION_AGE = 2.0
 
+# Calls one client connection may have open at once on a router (HTTP/2
+# SETTINGS_MAX_CONCURRENT_STREAMS); a client's further calls wait on its side for a free stream.
+# grpc.aio accepts one new call per event-loop round trip, first come first served across all
+# connections, so a burst of N calls from one connection puts every other caller's next call
+# behind N accepts and N handler starts: 300 WatchVariables opened at once (284 of them
+# refused) held another caller's small call ~90 ms; 64 streams per connection cut that 3-7x.
+# Off by default: gRPC core servers count a stream as open a little longer than its client
+# does, so a client keeping more calls in flight on one connection than the bound gets some
+# of them refused (RST_STREAM REFUSED_STREAM, UNAVAILABLE "Stream removed"; 2-145 of 300
+# concurrent unary calls at 100): safe to retry, never processed, but an error all the same
+# (docs/security.md, "300 watchers"). 0: gRPC's default (no bound).
+DEFAULT_MAX_STREAMS_PER_CONNECTION = 0
+
 
 def server_options(
-    max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, *, max_connection_age_ms: int | None = None
+    max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+    *,
+    max_connection_age_ms: int | None = None,
+    max_streams_per_connection: int = 0,
 ) -> Options:
     limit = max_message_mb * MB
     options: Options = [
@@ -49,6 +65,8 @@ def server_options(
         # GOAWAY each connection after this long (calls in flight finish): clients reconnect,
         # which spreads them over router replicas and lets a stopping router lose them gracefully.
         options.append(("grpc.max_connection_age_ms", max_connection_age_ms))
+    if max_streams_per_connection > 0:
+        options.append(("grpc.max_concurrent_streams", max_streams_per_connection))
     return options
 
 

@@ -26,7 +26,7 @@ from snakepit.protocol.status import ERROR_DETAIL_KEY, error_from_rpc
 from snakepit.serve import redacted
 from snakepit.store import MemoryStore
 from snakepit.store.limits import StoreLimits
-from snakepit.store.service import StoreService
+from snakepit.store.service import WATCH_READY_KEY, StoreService
 from snakepit.supervisor import RestartPolicy, WorkerSlot
 from tests.fixtures.processes import FAULTS, ProcessFactory
 from tests.fixtures.redis import RedisFactory
@@ -279,3 +279,39 @@ async def test_one_change_is_encoded_once_for_all_its_watchers() -> None:
     assert encoded[0] is encoded[1] is encoded[2]  # the same bytes object, not equal copies
     for feed in feeds:
         await feed.aclose()
+
+
+async def test_one_connection_has_at_most_its_streams_open_and_others_are_not_held(
+    procs: ProcessFactory,
+) -> None:
+    """A burst of calls from one connection queued every other caller's next call behind it
+    (grpc.aio accepts one call per loop turn: 300 watch opens held a small call ~90 ms). With
+    --max-streams-per-connection the router tells each client connection how many calls it may
+    have open; the client's next call waits on its own side, and other connections go on."""
+    router = procs.router([], "--max-streams-per-connection", "3")
+    hog = grpc.aio.insecure_channel(router.address, options=channel_options())
+    other = grpc.aio.insecure_channel(router.address, options=channel_options())
+    try:
+        stub, other_stub = pb_grpc.BridgeServiceStub(hog), pb_grpc.BridgeServiceStub(other)
+        await stub.InitializeSession(pb.InitializeSessionRequest(session_id="s"))
+        request = pb.WatchVariablesRequest(session_id="s")
+        watches = [stub.WatchVariables(request) for _ in range(3)]
+        for watch in watches:
+            assert (WATCH_READY_KEY, "1") in tuple(
+                await asyncio.wait_for(watch.initial_metadata(), 10)
+            )
+        fourth = stub.WatchVariables(request)
+        waiting = asyncio.ensure_future(fourth.initial_metadata())
+        await asyncio.sleep(1.0)
+        assert not waiting.done()  # no stream free on this connection: it waits, unrefused
+        # Another connection is not held by the full one.
+        started = time.perf_counter()
+        await other_stub.InitializeSession(pb.InitializeSessionRequest(session_id="o"), timeout=5)
+        assert time.perf_counter() - started < 2.0
+        watches[0].cancel()  # a stream frees up: the waiting call goes through
+        assert (WATCH_READY_KEY, "1") in tuple(await asyncio.wait_for(waiting, 10))
+        for watch in (*watches, fourth):
+            watch.cancel()
+    finally:
+        await hog.close()
+        await other.close()

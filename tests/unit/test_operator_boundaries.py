@@ -174,6 +174,7 @@ def test_limits_and_max_call_seconds_reach_the_pods() -> None:
                 "maxWatchersPerSession": 3,
                 "maxSessionsPerPrincipal": 50,
                 "valueHelpers": 1,
+                "maxStreamsPerConnection": 64,
             },
         }
     )
@@ -184,6 +185,7 @@ def test_limits_and_max_call_seconds_reach_the_pods() -> None:
     assert arg(router_args, "--max-watchers-per-session") == "3"
     assert arg(router_args, "--max-sessions-per-principal") == "50"
     assert arg(router_args, "--value-helpers") == "1"
+    assert arg(router_args, "--max-streams-per-connection") == "64"
     assert "--max-variables" not in router_args  # unset limits keep the router's default
     assert arg(container(children()["Deployment/demo-workers"])["args"], "--max-call-seconds") == (
         "300"

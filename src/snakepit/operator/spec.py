@@ -115,6 +115,7 @@ class LimitsSpec:
     max_store_calls_per_principal: int | None = None
     store_call_rate_per_principal: int | None = None
     value_helpers: int | None = None
+    max_streams_per_connection: int | None = None
 
 
 @dataclass(frozen=True)
@@ -338,6 +339,7 @@ def _parse_limits(raw: Mapping[str, Any]) -> LimitsSpec:
         max_store_calls_per_principal=_opt_int(raw, "maxStoreCallsPerPrincipal"),
         store_call_rate_per_principal=_opt_int(raw, "storeCallRatePerPrincipal"),
         value_helpers=_opt_int(raw, "valueHelpers"),
+        max_streams_per_connection=_opt_int(raw, "maxStreamsPerConnection"),
     )
 
 

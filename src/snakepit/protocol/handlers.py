@@ -91,12 +91,15 @@ async def start_server(
     max_message_mb: int,
     max_connection_age_ms: int | None = None,
     *,
+    max_streams_per_connection: int = 0,
     credentials: grpc.ServerCredentials | None = None,
     internal: tuple[str, grpc.ServerCredentials] | None = None,
 ) -> tuple[grpc.aio.Server, int, int]:
     """A started grpc.aio server with BridgeService ``handler`` and ``grpc.health.v1``, and its
     bound port: TLS with ``credentials``, else plaintext.
 
+    ``max_streams_per_connection`` bounds the calls one connection has open at once (0: no
+    bound; ``grpc_options.DEFAULT_MAX_STREAMS_PER_CONNECTION`` says what it buys and costs).
     ``internal`` is a second listener (address, credentials) for the pool's own hops, mutual TLS
     with the pool CA (a router's, for its workers' calls back); its port is the third value
     (0 without one).
@@ -107,7 +110,11 @@ async def start_server(
     from ..grpc_options import server_options
 
     server = grpc.aio.server(
-        options=server_options(max_message_mb, max_connection_age_ms=max_connection_age_ms)
+        options=server_options(
+            max_message_mb,
+            max_connection_age_ms=max_connection_age_ms,
+            max_streams_per_connection=max_streams_per_connection,
+        )
     )
     server.add_generic_rpc_handlers((handler,))
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

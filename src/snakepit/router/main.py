@@ -16,6 +16,7 @@ import logging
 import signal
 
 from .. import logs, tracing
+from ..heap import freeze_startup_heap
 from .dataplane import make_router
 from .server import RouterConfig, default_router_id
 
@@ -36,6 +37,7 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await router.start()
+    freeze_startup_heap()
     await stop.wait()
     log.info(
         "router leaving", extra={"delay_s": shutdown_delay, "in_flight": router.pool.in_flight}

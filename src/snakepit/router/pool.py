@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted, Unavailable
+from ..grpc_options import DEFAULT_MAX_STREAMS_PER_CONNECTION
 from ..protocol import pb
 from ..security.tls import ChannelTls
 from .ring import DEFAULT_VNODES, HASH_NAME, HashRing, load_bound
@@ -34,6 +35,8 @@ class PoolConfig:
     max_calls_per_principal: int = 0
     vnodes: int = DEFAULT_VNODES
     max_message_mb: int = 256
+    # Calls one client connection may have open at once on this router's port (0: no bound).
+    max_streams_per_connection: int = DEFAULT_MAX_STREAMS_PER_CONNECTION
 
 
 @dataclass(eq=False)

@@ -232,6 +232,7 @@ class RouterServer:
             self.config.port,
             self.config.max_message_mb,
             int(self.config.max_connection_age * 1000) or None,
+            max_streams_per_connection=self.config.pool.max_streams_per_connection,
             **self._listeners(),
         )
         if self.pool.tls is not None:

@@ -63,6 +63,7 @@ _LIMIT_FLAGS = {
     "max_store_calls_per_principal": "--max-store-calls-per-principal",
     "store_call_rate_per_principal": "--store-call-rate-per-principal",
     "value_helpers": "--value-helpers",
+    "max_streams_per_connection": "--max-streams-per-connection",
 }
 
 
