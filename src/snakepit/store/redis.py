@@ -41,7 +41,7 @@ from .base import (
 )
 from .limits import DEFAULT_LIMITS, StoreLimits, WatcherSlots
 from .lua import SCRIPTS, SESSIONS
-from .redis_conn import Retrier, make_client, parse_target
+from .redis_conn import DEFAULT_RETRY_TIMEOUT, Retrier, make_client, parse_target
 from .redis_feed import RedisFeed
 from .redis_records import session_info, variable
 
@@ -62,7 +62,7 @@ class RedisStore(SessionStore):
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         password: str | None = None,
         prefix: str = "sp",
-        retry_timeout: float = 15.0,
+        retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
         socket_timeout: float = 5.0,
         connect_timeout: float = 2.0,
         max_connections: int = 512,

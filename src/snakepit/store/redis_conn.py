@@ -28,6 +28,10 @@ T = TypeVar("T")
 
 PASSWORD_ENV = "SNAKEPIT_STORE_PASSWORD"
 SCHEMES = ("redis", "rediss", "unix")
+# How long an operation waits for Redis to come back (a restart of the managed Redis pod, which
+# on a loaded node took over 15 s). A call with a shorter deadline stops at its deadline: grpc
+# cancels its handler. docs/store.md.
+DEFAULT_RETRY_TIMEOUT = 60.0
 # Query parameters of a store URL that are ours, not redis-py's.
 _OWN_PARAMS = ("prefix",)
 _AUTH_ERRORS = (rex.AuthenticationError, rex.AuthorizationError, rex.NoPermissionError)
