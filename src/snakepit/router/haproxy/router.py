@@ -142,9 +142,25 @@ class HaproxyRouter(RouterServer):
                 await asyncio.sleep(0.05)
             if authmap is not None:
                 await authmap.push()
+            await self._servers_up()
             await files.undivert(self.api)
 
         await self.haproxy.replace(build_config(spec), ready)
+
+    async def _servers_up(self, timeout: float = 3.0) -> None:
+        """Wait (bounded) until every pointed server of the new HAProxy passed its first check.
+
+        A slot leaves maintenance DOWN until its check succeeds (TLS with the pool CA here), and
+        with no server up HAProxy answers "no worker is ready" at once (``nbsrv eq 0``): undiverting
+        before that failed a call of a CA rotation under load."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            stats = await self.api.backend_stats(WORKERS_BACKEND)
+            pointed = [s for s in stats.servers.values() if not s.status.startswith("MAINT")]
+            if pointed and all(s.status.startswith("UP") for s in pointed):
+                return
+            await asyncio.sleep(0.05)
+        log.warning("haproxy handover: not every worker passed its check within %.0fs", timeout)
 
     def _restarted(self) -> None:
         """HAProxy came back with every slot free and an empty auth map."""
