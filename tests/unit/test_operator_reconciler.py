@@ -151,11 +151,20 @@ def setup(spec: dict[str, Any] | None = None) -> tuple[FakeKube, Reconciler, Chi
     return kube, reconciler, children
 
 
+SECURED_POOL_SECRETS = [
+    "Secret/demo-redis-auth",
+    "Secret/demo-ticket-key",
+    "Secret/snakepit-ca",
+    "Secret/snakepit-certs",
+]
+
+
 async def test_first_pass_creates_secret_applies_children_and_writes_status() -> None:
     kube, reconciler, _ = setup()
     result = await reconciler.reconcile(("ml", "demo"))
     assert result is not None
-    assert kube.created == ["Secret/demo-redis-auth"]
+    # The store password, and for the default (secured) pool its ticket key and certificates.
+    assert kube.created == SECURED_POOL_SECRETS
     assert "Deployment/demo-workers" in kube.applied
     assert result.applied == child_count()
     (patch,) = kube.status_patches
@@ -172,9 +181,12 @@ async def test_password_secret_is_never_regenerated_or_rewritten() -> None:
     kube.gets.clear()
     for _ in range(3):
         await reconciler.reconcile(("ml", "demo"))
-    assert kube.created == ["Secret/demo-redis-auth"]
+    assert kube.created == SECURED_POOL_SECRETS
     assert "Secret/demo-redis-auth" not in kube.applied
-    assert not [g for g in kube.gets if g.startswith("Secret/")]  # never read: no RBAC for it
+    # Never read, no RBAC for it; only the certificate Secrets are read, by name (the chart's
+    # resourceNames).
+    read = {g for g in kube.gets if g.startswith("Secret/")}
+    assert read <= {"Secret/snakepit-ca", "Secret/snakepit-certs"}, read
     workers = await kube.get("apps/v1", "Deployment", "ml", "demo-workers")
     assert workers is not None
     annotations = workers["spec"]["template"]["metadata"]["annotations"]
@@ -193,7 +205,7 @@ async def test_an_existing_secret_is_used_as_is() -> None:
         }
     )
     await reconciler.reconcile(("ml", "demo"))
-    assert kube.created == []
+    assert "Secret/demo-redis-auth" not in kube.created
     workers = await kube.get("apps/v1", "Deployment", "ml", "demo-workers")
     assert workers is not None
     annotations = workers["spec"]["template"]["metadata"]["annotations"]

@@ -266,6 +266,23 @@ def tls_status(pool: Pool) -> str:
     return "Disabled (spec.tls.enabled: false)" if tls.explicit else "Disabled"
 
 
+def auth_status(pool: Pool) -> JSON:
+    """``status.auth``: whether callers must prove who they are, and who may (the default
+    callers are the namespace's ServiceAccounts; an opt-out says it was one)."""
+    auth = pool.spec.auth
+    if not auth.enabled:
+        return {"enabled": False, "reason": "spec.auth.enabled: false"}
+    status: JSON = {
+        "enabled": True,
+        "callers": [f"serviceaccount {a}" for a in auth.service_accounts],
+    }
+    if auth.tokens_secret:
+        status["callers"].append(f"tokens in Secret {auth.tokens_secret}")
+    if auth.direct_mode:
+        status["directMode"] = list(auth.direct_mode)
+    return status
+
+
 def compute_status(
     pool: Pool, observed: Observed, previous: Mapping[str, Any], now: str
 ) -> tuple[JSON, list[Transition]]:
@@ -294,6 +311,7 @@ def compute_status(
         "selector": selector_string(pool, WORKER),
         "endpoint": endpoint(pool),
         "tls": tls_status(pool),
+        "auth": auth_status(pool),
         "conditions": conditions,
     }
     external = external_endpoint(observed.router_service)
