@@ -106,12 +106,7 @@ class FakeKube:
     async def patch_status(self, pool: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
         self.status_patches.append(patch)
         stored = self.objects[self.key(pool)]
-        status = stored.setdefault("status", {})
-        for k, v in patch.items():
-            if v is None:
-                status.pop(k, None)
-            else:
-                status[k] = v
+        merge_patch(stored.setdefault("status", {}), patch)
         return stored
 
     async def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
@@ -135,6 +130,18 @@ def pool_body(spec: dict[str, Any] | None = None, generation: int = 1) -> dict[s
 def child_count(spec: dict[str, Any] | None = None) -> int:
     """How many children the builders make for this spec (the reconciler applies each)."""
     return len(build_children(parse_pool(pool_body(spec)), OperatorConfig()))
+
+
+def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    """A JSON merge patch (RFC 7386) as the API server applies it: objects merge key by key,
+    null removes, anything else replaces."""
+    for k, v in patch.items():
+        if v is None:
+            target.pop(k, None)
+        elif isinstance(v, dict) and isinstance(target.get(k), dict):
+            merge_patch(target[k], v)
+        else:
+            target[k] = copy.deepcopy(v)
 
 
 def setup(spec: dict[str, Any] | None = None) -> tuple[FakeKube, Reconciler, Children]:

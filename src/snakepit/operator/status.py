@@ -323,7 +323,15 @@ def compute_status(
 
 
 def status_patch(previous: Mapping[str, Any], new: Mapping[str, Any]) -> JSON:
-    """JSON merge patch body turning ``previous`` into ``new`` ({} when nothing changed)."""
-    patch: JSON = {k: v for k, v in new.items() if previous.get(k) != v}
+    """JSON merge patch body turning ``previous`` into ``new`` ({} when nothing changed). A
+    merge patch merges objects key by key, so a key gone from a nested object (``auth``'s
+    ``callers`` once auth is turned off) is nulled there too, not left behind."""
+    patch: JSON = {}
+    for key, value in new.items():
+        old = previous.get(key)
+        if old == value:
+            continue
+        both = isinstance(old, Mapping) and isinstance(value, Mapping)
+        patch[key] = status_patch(old, value) if both else value
     patch.update({k: None for k in previous if k not in new})
     return patch
