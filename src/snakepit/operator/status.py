@@ -331,7 +331,9 @@ def status_patch(previous: Mapping[str, Any], new: Mapping[str, Any]) -> JSON:
         old = previous.get(key)
         if old == value:
             continue
-        both = isinstance(old, Mapping) and isinstance(value, Mapping)
-        patch[key] = status_patch(old, value) if both else value
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            patch[key] = status_patch(old, value)
+        else:
+            patch[key] = value
     patch.update({k: None for k in previous if k not in new})
     return patch
