@@ -642,7 +642,8 @@ def admit_direct_clients(kube_node: KubeCluster, ns: str) -> None:
         }
     }
     kube_node.kubectl_run("-n", ns, "patch", "spp", POOL, "--type=merge", "-p", json.dumps(peers))
-    wait_until("policy applied", lambda: pool_ready(kube_node, ns), timeout=120, interval=0.5)
+    # The grant is a router flag: the routers roll; a client must not meet one of the old ones.
+    wait_until("grant rolled out", lambda: _rolled_out(kube_node, ns), timeout=300, interval=0.5)
 
 
 def test_direct_mode_from_a_pod_inside_the_cluster(
