@@ -258,6 +258,13 @@ def clear_orphaned_chart_objects(cluster: KubeCluster) -> None:
 def release(kube_node: KubeCluster, ns: str) -> Iterator[str]:
     operator_ns = f"{ns}-system"
     clear_orphaned_chart_objects(kube_node)
+    # Helm installs the chart's CRD only where none exists, and the cluster is shared: a CRD
+    # left by a run of other code would prune the fields this code adds. What an upgrade
+    # does (docs/operator.md): apply this chart's CRD first.
+    kube_node.kubectl_run(
+        "apply", "--server-side", "--force-conflicts",
+        "-f", str(ROOT / "charts/snakepit/crds/snakepitpools.yaml"),
+    )  # fmt: skip
     prefix = kube_node.image_prefix
     args = [
         "upgrade", "--install", "snakepit", str(ROOT / "charts/snakepit"),
