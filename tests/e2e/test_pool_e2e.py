@@ -103,7 +103,7 @@ CALLERS: dict[str, dict[str, Any]] = {}
 
 def connect(router: str, **options: Any) -> Client:
     """A client of the pool at ``router`` with the credentials registered for it."""
-    return connect(router, **CALLERS.get(router, {}), **options)
+    return Client(router, **CALLERS.get(router, {}), **options)
 
 
 def load_on(router: str) -> MixedLoad:
