@@ -32,7 +32,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from localkube.providers import KubeCluster, wait_until
-from snakepit import Client
 from snakepit.operator.kube import ApiError, Kube, path
 from tests.e2e import test_pool_e2e as pool_e2e
 from tests.e2e.report import report
@@ -151,7 +150,12 @@ class PoolProbe:
 
 @pytest.mark.parametrize("round_", ROUNDS)
 def test_pool_follows_a_stepped_load_idles_to_zero_and_wakes(
-    kube_node: KubeCluster, ns: str, release: str, api: Kube, round_: int
+    kube_node: KubeCluster,
+    ns: str,
+    release: str,
+    api: Kube,
+    round_: int,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     if _failed_rounds:
         pytest.skip(f"round {_failed_rounds[0]} failed; not repeated")
@@ -169,9 +173,14 @@ def test_pool_follows_a_stepped_load_idles_to_zero_and_wakes(
             timeout=120,
         )  # fmt: skip
         with kube_node.service_address(ns, f"{pool}-router", ROUTER_PORT) as address:
-            with Client(address, timeout=30) as client:
+            # Secure by default: the load calls with a token and the pool's CA; the operator's
+            # autoscaler reads the routers' /metrics and health port, needing neither.
+            pool_e2e.host_caller(kube_node, ns, pool, address, tmp_path_factory.mktemp(pool))
+            with pool_e2e.connect(address, timeout=30) as client:
                 wait_until("router answers", client.ping, timeout=300)
-            load = RampLoad(address, call_seconds=0.25, timeout=60)
+            load = RampLoad(
+                address, call_seconds=0.25, timeout=60, client_options=pool_e2e.CALLERS[address]
+            )
             probe = PoolProbe(api, ns, pool, release)
             timeline = Timeline(probe, lambda: load.level, 0.5)
             try:
@@ -225,7 +234,7 @@ def _steps(address: str, load: RampLoad, timeline: Timeline, results: dict[str, 
     time.sleep(3)
 
     cold = timeline.mark("one call")
-    with Client(address, timeout=60) as client:
+    with pool_e2e.connect(address, timeout=60) as client:
         started = time.monotonic()
         try:
             answer = client.execute("add", a=1, b=2)

@@ -197,53 +197,9 @@ def _run_as(cluster: KubeCluster, ns: str, account: str) -> dict[str, Any]:
     """A pod of ``account`` with a projected token for the pool's audience and the pool's CA."""
     pod = f"{account}-{uuid.uuid4().hex[:6]}"
     script = CALLER_SCRIPT.format(pool=POOL, ns=ns, port=ROUTER_PORT)
-    manifest = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": pod},
-        "spec": {
-            "serviceAccountName": account,
-            "automountServiceAccountToken": False,
-            "restartPolicy": "Never",
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
-            "containers": [
-                {
-                    "name": "client",
-                    "image": cluster.image("worker"),
-                    "imagePullPolicy": cluster.pull_policy,
-                    "command": ["python", "-c", script],
-                    "volumeMounts": [
-                        {"name": "token", "mountPath": "/var/run/secrets/snakepit"},
-                        {"name": "ca", "mountPath": "/etc/snakepit-ca"},
-                    ],
-                }
-            ],
-            "volumes": [
-                {
-                    "name": "token",
-                    "projected": {
-                        "sources": [
-                            {
-                                "serviceAccountToken": {
-                                    "audience": "snakepit",
-                                    "expirationSeconds": 600,
-                                    "path": "token",
-                                }
-                            }
-                        ]
-                    },
-                },
-                {
-                    "name": "ca",
-                    "secret": {
-                        "secretName": "snakepit-certs",
-                        "items": [{"key": f"{POOL}.ca.crt", "path": "ca.crt"}],
-                    },
-                },
-            ],
-        },
-    }
-    cluster.apply(json.dumps(manifest), namespace=ns)
+    cluster.apply(
+        pool_e2e.client_pod_manifest(cluster, pod, script, POOL, account=account), namespace=ns
+    )
     return dict(json.loads(pool_e2e._client_pod_result(cluster, ns, pod)))
 
 

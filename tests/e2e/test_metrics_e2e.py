@@ -30,7 +30,6 @@ from pathlib import Path
 import pytest
 
 from localkube.providers import KubeCluster, wait_until
-from snakepit import Client
 from snakepit.errors import ToolError
 from tests.e2e import test_pool_e2e as pool_e2e
 from tests.e2e.report import report
@@ -103,7 +102,9 @@ def ready_workers(cluster: KubeCluster, namespace: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def router(kube_node: KubeCluster, ns: str, release: str) -> Iterator[str]:
+def router(
+    kube_node: KubeCluster, ns: str, release: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     if not kube_node.host_reaches_cluster_ips:
         pytest.skip(f"the {kube_node.provider} provider does not route pod IPs to this machine")
     kube_node.apply(pool_e2e.pool_manifest(kube_node, POOL, SPEC), namespace=ns)
@@ -111,7 +112,10 @@ def router(kube_node: KubeCluster, ns: str, release: str) -> Iterator[str]:
         "pool ready", lambda: ready_workers(kube_node, ns) == WORKERS, timeout=600, interval=0.5
     )
     with kube_node.service_address(ns, f"{POOL}-router", ROUTER_PORT) as address:
-        with Client(address, timeout=30) as client:
+        # Secure by default: the calls carry a token and trust the pool's CA; the scrapes do
+        # not need them (/metrics is plaintext HTTP, open to any scraper: observability.md).
+        pool_e2e.host_caller(kube_node, ns, POOL, address, tmp_path_factory.mktemp("metered"))
+        with pool_e2e.connect(address, timeout=30) as client:
             wait_until("router answers", client.ping, timeout=120)
         yield address
 
@@ -163,7 +167,7 @@ def test_prometheus_discovers_the_pool_and_its_numbers_match_the_calls(
     # Redis has no metrics port and is not annotated: discovered, then dropped by the relabelling
     assert not [t for t in targets if "redis" in t["labels"]["pod"]]
 
-    with Client(router, timeout=60) as client:
+    with pool_e2e.connect(router, timeout=60) as client:
         for i in range(ADDS):
             assert client.execute("add", a=i, b=1) == i + 1
         for _ in range(FAILS):

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 
 from localkube.providers import KubeCluster, Provider, wait_until
-from snakepit import Client
 from tests.e2e import test_pool_e2e as pool_e2e
 from tests.e2e.report import report
 from tests.e2e.test_pool_e2e import POOL, ROOT, kube_json, pods, pool_ready
@@ -109,10 +108,12 @@ def store_node(cluster: KubeCluster, ns: str) -> str:
 
 def _drain_under_load(kube_node: KubeCluster, ns: str, router: str, victim: str) -> None:
     """``kubectl drain`` of ``victim`` under a steady load: no call fails, no write is lost."""
-    with Client(router, timeout=60) as client, client.session() as session:
+    with pool_e2e.connect(router, timeout=60) as client, client.session() as session:
         session.set("weights", np.arange(256.0))
         session.set("counter", 0, type="integer")
-        with MixedLoad(router, sessions=16, tensor_mb=0.5) as load:
+        with MixedLoad(
+            router, sessions=16, tensor_mb=0.5, client_options=pool_e2e.CALLERS.get(router)
+        ) as load:
             with load.window(f"kubectl drain {victim}") as window:
                 kube_node.kubectl_run(
                     "drain", victim, "--ignore-daemonsets", "--delete-emptydir-data",
@@ -166,7 +167,7 @@ def test_losing_a_node_moves_its_sessions_with_their_variables(
     if not hasattr(kube_provider, "stop_node"):
         pytest.skip(f"the {kube_provider.name} provider cannot stop a node (kind can)")
     victim = next(n for n in schedulable_nodes(kube_node) if n != store_node(kube_node, ns))
-    with Client(router, timeout=60) as client:
+    with pool_e2e.connect(router, timeout=60) as client:
         # Sessions until some are served by a worker on the victim node.
         on_victim = []
         workers = placement(kube_node, ns, "worker")
@@ -179,7 +180,9 @@ def test_losing_a_node_moves_its_sessions_with_their_variables(
             if len(on_victim) == 3:
                 break
         assert on_victim, f"no session landed on {victim}: {workers}"
-        with MixedLoad(router, sessions=16, tensor_mb=0.5) as load:
+        with MixedLoad(
+            router, sessions=16, tensor_mb=0.5, client_options=pool_e2e.CALLERS.get(router)
+        ) as load:
             with load.window(f"docker stop {victim}") as window:
                 started = time.monotonic()
                 kube_provider.stop_node(victim)

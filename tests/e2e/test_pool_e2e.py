@@ -1,11 +1,15 @@
 """A pool's whole life on a real cluster, as users run it: Helm install, apply, call, break, remove.
 
-The tests run in file order and share one operator release and one pool (``examples/pool.yaml``)
-in a namespace of this module; each disruption runs a mixed load of 32 sessions
-(``tests/support/load.py``) through the router Service while it breaks something, and checks
-that no call failed, that enough calls succeeded for that to mean something, and that no
-acknowledged write was lost. Runs unchanged with SNAKEPIT_E2E_CLUSTER=local|kind|existing (on
-kind the router Service is reached through a port-forward).
+The tests run in file order and share one operator release and one pool (``examples/pool.yaml``,
+secure by default: operator-issued TLS on every hop, callers authenticated as ServiceAccounts of
+the pool's namespace) in a namespace of this module. This machine calls it as the namespace's
+ServiceAccount ``default`` (a token from ``kubectl create token --audience snakepit``, the pool's
+CA from the Secret ``snakepit-certs``); client pods mount a projected token and the CA. Each
+disruption runs a mixed load of 32 sessions (``tests/support/load.py``) through the router
+Service while it breaks something, and checks that no call failed, that enough calls succeeded
+for that to mean something, and that no acknowledged write was lost. Runs unchanged with
+SNAKEPIT_E2E_CLUSTER=local|kind|existing (on kind the router Service is reached through a
+port-forward).
 
 Each planned disruption runs once in CI; ``SNAKEPIT_E2E_FULL=1`` repeats each as many times as
 docs/reliability.md reports (scale 5->1 and 1->5 five times, router pod deletion five times, …).
@@ -13,6 +17,7 @@ docs/reliability.md reports (scale 5->1 and 1->5 five times, router pod deletion
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -29,10 +34,18 @@ import pytest
 from localkube.config import Config
 from localkube.providers import KubeCluster, wait_until
 from snakepit import Client
-from snakepit.errors import InvalidArgument, NotFound, ResourceExhausted, ToolError, Unavailable
+from snakepit.errors import (
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ToolError,
+    Unauthenticated,
+    Unavailable,
+)
 from snakepit.protocol import method_path
 from snakepit.protocol.messages import decode_result, encode_request
 from snakepit.protocol.status import SESSION_ID_KEY
+from snakepit.security.tls import ChannelTls
 from tests.e2e.report import report
 from tests.support.load import MixedLoad, Window
 from tests.unit.test_operator_boundaries import METADATA, egress_reaches
@@ -42,6 +55,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.node, pytest.mark.timeout(1200)]
 ROOT = Path(__file__).resolve().parents[2]
 POOL = "demo"
 ROUTER_PORT = 50051
+AUDIENCE = "snakepit"  # the default spec.auth.audience
+# What a client pod's script starts with: the pool's CA and the pod's ServiceAccount token,
+# mounted by ``client_pod_manifest``.
+POD_CREDENTIALS = """
+from pathlib import Path
+CA = "/etc/snakepit-ca/ca.crt"
+TOKEN = Path("/var/run/secrets/snakepit/token").read_text().strip()
+"""
 # Client pods run this first. A NetworkPolicy engine admits a new pod's address a moment after the
 # pod starts (kube-router adds it to the policy's ipset when it sees the pod): until then the
 # router, and in direct mode the workers, refuse its connections. Real clusters behave the same
@@ -55,7 +76,7 @@ def wait_admitted(target):
     deadline = time.monotonic() + 90
     while True:
         try:
-            with Client(target, timeout=5) as probe:
+            with Client(target, timeout=5, ca=CA, token=TOKEN) as probe:
                 probe.ping()
                 addresses = [w["address"] for w in probe.routing_table()["workers"]]
             for address in addresses:
@@ -76,8 +97,60 @@ def rounds(full: int) -> range:
     return range(full if FULL else 1)
 
 
+# Router address (as this machine dials it) -> the Client keywords that call the pool there.
+CALLERS: dict[str, dict[str, Any]] = {}
+
+
+def connect(router: str, **options: Any) -> Client:
+    """A client of the pool at ``router`` with the credentials registered for it."""
+    return Client(router, **CALLERS.get(router, {}), **options)
+
+
 def load_on(router: str) -> MixedLoad:
-    return MixedLoad(router, sessions=SESSIONS, tensor_mb=1.0)
+    return MixedLoad(router, sessions=SESSIONS, tensor_mb=1.0, client_options=CALLERS.get(router))
+
+
+def pool_ca(cluster: KubeCluster, ns: str, pool: str) -> bytes:
+    """The CA the operator issued the pool's certificate from (what a caller trusts)."""
+
+    def issued() -> bytes:
+        out = cluster.kubectl_run(
+            "-n", ns, "get", "secret", "snakepit-certs", "-o", "json", check=False
+        )  # fmt: skip
+        data = json.loads(out.stdout).get("data", {}) if out.returncode == 0 else {}
+        key = f"{pool}.ca.crt"
+        return base64.b64decode(data[key]) if key in data else b""
+
+    return bytes(wait_until(f"the CA of pool {pool}", issued, timeout=300))
+
+
+def mint_token(cluster: KubeCluster, ns: str, account: str = "default") -> str:
+    """A token of ``account`` for the pool's audience: what a default pool accepts from any
+    ServiceAccount of its namespace (TokenReview), minted as a user outside the cluster would."""
+    wait_until(
+        f"ServiceAccount {account}",
+        lambda: cluster.kubectl_run("-n", ns, "get", "sa", account, check=False).returncode == 0,
+        timeout=60,
+    )
+    out = cluster.kubectl_run(
+        "-n", ns, "create", "token", account, "--audience", AUDIENCE, "--duration", "3h"
+    )  # fmt: skip
+    return out.stdout.strip()
+
+
+def host_caller(cluster: KubeCluster, ns: str, pool: str, address: str, directory: Path) -> None:
+    """Register how this machine calls ``pool`` at ``address``: its CA, checked against the
+    router Service's name (the address is a cluster IP or a port-forward), and a token."""
+    ca = directory / f"{pool}-ca.pem"
+    ca.write_bytes(pool_ca(cluster, ns, pool))
+    CALLERS[address] = {
+        "tls": ChannelTls(str(ca), server_name=f"{pool}-router.{ns}.svc"),
+        "token": mint_token(cluster, ns),
+    }
+
+
+def principal_of(ns: str, account: str = "default") -> str:
+    return f"system:serviceaccount:{ns}:{account}"
 
 
 def steady(load: MixedLoad, seconds: float = 3.0) -> Window:
@@ -185,6 +258,13 @@ def clear_orphaned_chart_objects(cluster: KubeCluster) -> None:
 def release(kube_node: KubeCluster, ns: str) -> Iterator[str]:
     operator_ns = f"{ns}-system"
     clear_orphaned_chart_objects(kube_node)
+    # Helm installs the chart's CRD only where none exists, and the cluster is shared: a CRD
+    # left by a run of other code would prune the fields this code adds. What an upgrade
+    # does (docs/operator.md): apply this chart's CRD first.
+    kube_node.kubectl_run(
+        "apply", "--server-side", "--force-conflicts",
+        "-f", str(ROOT / "charts/snakepit/crds/snakepitpools.yaml"),
+    )  # fmt: skip
     prefix = kube_node.image_prefix
     args = [
         "upgrade", "--install", "snakepit", str(ROOT / "charts/snakepit"),
@@ -213,15 +293,19 @@ def release(kube_node: KubeCluster, ns: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def router(kube_node: KubeCluster, ns: str, release: str) -> Iterator[str]:
-    """The router Service's address from this machine (created by the apply test)."""
+def router(
+    kube_node: KubeCluster, ns: str, release: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The router Service's address from this machine (created by the apply test), with the
+    credentials to call it registered (``connect``, ``load_on``)."""
     wait_until(
         "router service",
         lambda: pool_object(kube_node, ns).get("status", {}).get("endpoint"),
         timeout=300,
     )
     with kube_node.service_address(ns, f"{POOL}-router", ROUTER_PORT) as address:
-        with Client(address, timeout=30) as client:
+        host_caller(kube_node, ns, POOL, address, tmp_path_factory.mktemp("callers"))
+        with connect(address, timeout=30) as client:
             wait_until("router answers", lambda: client.ping(), timeout=120)
         yield address
 
@@ -272,7 +356,7 @@ def test_helm_test_passes(kube_node: KubeCluster, release: str, router: str) -> 
 
 
 def test_every_showcase_tool_through_the_router_service(router: str) -> None:
-    with Client(router, timeout=60) as client:
+    with connect(router, timeout=60) as client:
         assert {t.name for t in client.list_tools()} >= {"echo", "add", "whoami", "sleep", "count", "fail",
                                                           "crash", "counter_increment", "tensor_sum",
                                                           "tensor_scale", "nested_add"}  # fmt: skip
@@ -299,7 +383,7 @@ def test_every_showcase_tool_through_the_router_service(router: str) -> None:
 
 
 def test_session_variables_affinity_and_tools_reading_them(router: str) -> None:
-    with Client(router, timeout=60) as client, client.session() as session:
+    with connect(router, timeout=60) as client, client.session() as session:
         session.set("lr", 0.01, type="float", constraints={"min": 0, "max": 1})
         with pytest.raises(InvalidArgument, match="above the maximum"):
             session.set("lr", 5.0)
@@ -313,6 +397,56 @@ def test_session_variables_affinity_and_tools_reading_them(router: str) -> None:
         assert session.list().keys() == {"lr", "weights", "counter"}
         workers = {session.execute("whoami")["worker_id"] for _ in range(10)}
         assert len(workers) == 1  # one worker for the session's calls while it lives
+
+
+# Secure by default -------------------------------------------------------------------------------
+
+# Run in a worker pod (which the Redis NetworkPolicy admits): one PING to the pool's Redis in
+# plaintext and one over TLS with the pool's CA. Redis answers a RESP line ("-NOAUTH ...": it
+# wants the pool's password) only over TLS; in plaintext it closes the connection.
+REDIS_PROBE = """
+import json, socket, ssl, sys
+host, port = sys.argv[1], 6379
+def ping(tls):
+    sock = socket.create_connection((host, port), timeout=5)
+    if tls:
+        context = ssl.create_default_context(cafile="/etc/snakepit/tls/ca.crt")
+        sock = context.wrap_socket(sock, server_hostname=host)
+    try:
+        sock.sendall(b"PING\\r\\n")
+        return sock.recv(200).decode("latin-1")
+    except OSError as exc:
+        return "error: " + type(exc).__name__
+    finally:
+        sock.close()
+print(json.dumps({"plaintext": ping(False), "tls": ping(True)}))
+"""
+
+
+def test_the_default_pool_is_secured_and_refuses_plaintext_and_anonymous_callers(
+    kube_node: KubeCluster, ns: str, router: str
+) -> None:
+    """examples/pool.yaml says nothing about TLS or auth: status shows both on, a plaintext
+    client gets one clear error, a TLS client without a token UNAUTHENTICATED, and the managed
+    Redis answers only over TLS."""
+    status = pool_object(kube_node, ns)["status"]
+    assert status["tls"] == "Issued by the operator (Secret snakepit-certs)"
+    assert status["auth"] == {"enabled": True, "callers": [f"serviceaccount {ns}/*"]}
+    with Client(router, timeout=10) as plaintext, pytest.raises(Unavailable, match="speaks TLS"):
+        plaintext.ping()
+    with (
+        Client(router, timeout=10, tls=CALLERS[router]["tls"], token="") as anonymous,
+        pytest.raises(Unauthenticated, match="requires a credential"),
+    ):
+        anonymous.execute("add", a=1, b=2)
+    worker = pods(kube_node, ns, "worker")[0]["metadata"]["name"]
+    out = kube_node.kubectl_run(
+        "-n", ns, "exec", worker, "--", "python", "-c", REDIS_PROBE, f"{POOL}-redis.{ns}.svc"
+    )  # fmt: skip
+    answers = json.loads(out.stdout.strip().splitlines()[-1])
+    report(f"Redis PING from a worker pod: {answers}")
+    assert answers["tls"].startswith("-NOAUTH"), answers
+    assert not answers["plaintext"].startswith(("+", "-")), answers
 
 
 # NetworkPolicy enforcement (the local cluster runs kube-router's firewall as its engine) ---------
@@ -440,9 +574,14 @@ def test_router_clients_admit_a_listed_namespace_and_only_it(
         wait_until("policy applied", lambda: pool_ready(kube_node, ns), timeout=120, interval=0.5)
         targets = _pool_targets(kube_node, ns)
         _all_open(kube_node, cli_ns, cli_pod, *targets["router"])
+        # The network admits the namespace; the pool still wants a caller it knows: a token of
+        # a ServiceAccount of the pool's namespace, handed over with the pool's CA.
+        ca = pool_ca(kube_node, ns, POOL).decode()
         call = (
-            "from snakepit import Client\n"
-            f"with Client('{POOL}-router.{ns}.svc:{ROUTER_PORT}', timeout=30) as c:\n"
+            "import pathlib\nfrom snakepit import Client\n"
+            f"pathlib.Path('/tmp/ca.pem').write_text({ca!r})\n"
+            f"with Client('{POOL}-router.{ns}.svc:{ROUTER_PORT}', timeout=30, ca='/tmp/ca.pem',\n"
+            f"            token={CALLERS[router]['token']!r}) as c:\n"
             "    print(c.execute('add', a=20, b=22))\n"
         )
         out = kube_node.kubectl_run("-n", cli_ns, "exec", cli_pod, "--", "python", "-c", call)
@@ -496,7 +635,8 @@ def test_no_applied_egress_rule_reaches_the_cloud_metadata_address(
 
 
 def admit_direct_clients(kube_node: KubeCluster, ns: str) -> None:
-    """What a user does: let the client pods through the workers' NetworkPolicy. Each direct-mode
+    """What a user does: let the client pods through the workers' NetworkPolicy, and allow
+    their principal (the namespace's ServiceAccount ``default``) direct mode. Each direct-mode
     test does it itself (idempotent), so none depends on another having run first."""
     peers = {
         "spec": {
@@ -504,11 +644,13 @@ def admit_direct_clients(kube_node: KubeCluster, ns: str) -> None:
                 "directClients": [
                     {"podSelector": {"matchLabels": {"snakepit.dev/direct-client": POOL}}}
                 ]
-            }
+            },
+            "auth": {"directMode": [principal_of(ns)]},
         }
     }
     kube_node.kubectl_run("-n", ns, "patch", "spp", POOL, "--type=merge", "-p", json.dumps(peers))
-    wait_until("policy applied", lambda: pool_ready(kube_node, ns), timeout=120, interval=0.5)
+    # The grant is a router flag: the routers roll; a client must not meet one of the old ones.
+    wait_until("grant rolled out", lambda: _rolled_out(kube_node, ns), timeout=300, interval=0.5)
 
 
 def test_direct_mode_from_a_pod_inside_the_cluster(
@@ -516,14 +658,16 @@ def test_direct_mode_from_a_pod_inside_the_cluster(
 ) -> None:
     admit_direct_clients(kube_node, ns)
     script = (
-        WAIT_ADMITTED
+        POD_CREDENTIALS
+        + WAIT_ADMITTED
         + f"""
 import json, numpy as np
 from snakepit import Client
 target = "{POOL}-router.{ns}.svc:{ROUTER_PORT}"
 wait_admitted(target)
 out = {{}}
-with Client(target, timeout=30) as routed, Client(target, direct=True, timeout=30) as direct:
+with (Client(target, timeout=30, ca=CA, token=TOKEN) as routed,
+      Client(target, direct=True, timeout=30, ca=CA, token=TOKEN) as direct):
     out["add"] = [routed.execute("add", a=2, b=3), direct.execute("add", a=2, b=3)]
     x = np.arange(10000.0)
     out["scale"] = bool(np.array_equal(direct.execute("tensor_scale", x=x, factor=2), x * 2))
@@ -533,27 +677,73 @@ with Client(target, timeout=30) as routed, Client(target, direct=True, timeout=3
         same.append(s.execute("whoami")["worker_id"] == direct.session(s.id, keep=True).execute("whoami")["worker_id"])
     out["same_worker"] = same
     out["workers"] = len(direct.routing_table()["workers"])
+    before = routed.status()["calls_total"]
+    out["direct_calls"] = [direct.execute("add", a=i, b=1) for i in range(5)]
+    out["skipped_router"] = routed.status()["calls_total"] == before  # (one router replica)
 print("RESULT " + json.dumps(out))
 """
     )
     result = json.loads(_client_pod_result(kube_node, ns, _start_client_pod(kube_node, ns, script)))
-    assert result == {"add": [5.0, 5.0], "scale": True, "same_worker": [True] * 6, "workers": 2}
+    assert result == {
+        "add": [5.0, 5.0],
+        "scale": True,
+        "same_worker": [True] * 6,
+        "workers": 2,
+        "direct_calls": [1.0, 2.0, 3.0, 4.0, 5.0],
+        "skipped_router": True,
+    }
+
+
+def client_pod_manifest(
+    cluster: KubeCluster,
+    name: str,
+    script: str,
+    pool: str,
+    account: str = "default",
+    labels: dict[str, str] | None = None,
+) -> str:
+    """A pod of ``account`` (the worker image) that runs ``script`` once, with a token of that
+    ServiceAccount projected for the pool's audience at /var/run/secrets/snakepit/token and the
+    pool's CA at /etc/snakepit-ca/ca.crt (what ``POD_CREDENTIALS`` reads)."""
+    token = {"audience": AUDIENCE, "expirationSeconds": 3600, "path": "token"}
+    ca = {"key": f"{pool}.ca.crt", "path": "ca.crt"}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": {
+            "serviceAccountName": account,
+            "automountServiceAccountToken": False,
+            "restartPolicy": "Never",
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
+            "containers": [
+                {
+                    "name": "client",
+                    "image": cluster.image("worker"),
+                    "imagePullPolicy": cluster.pull_policy,
+                    "command": ["python", "-c", script],
+                    "volumeMounts": [
+                        {"name": "token", "mountPath": "/var/run/secrets/snakepit"},
+                        {"name": "ca", "mountPath": "/etc/snakepit-ca"},
+                    ],
+                }
+            ],
+            "volumes": [
+                {"name": "token", "projected": {"sources": [{"serviceAccountToken": token}]}},
+                {"name": "ca", "secret": {"secretName": "snakepit-certs", "items": [ca]}},
+            ],
+        },
+    }
+    return json.dumps(pod)
 
 
 def _start_client_pod(cluster: KubeCluster, ns: str, script: str) -> str:
-    """A pod (the worker image, labelled as a direct client) that runs ``script`` once."""
+    """A pod labelled as a direct client of the pool that runs ``script`` once. It runs to
+    completion on its own and its logs are read afterwards: attaching (`kubectl run -i`) loses
+    what the script printed before the attach (kubernetes#27264)."""
     pod = f"client-{uuid.uuid4().hex[:6]}"
-    overrides = {
-        "metadata": {"labels": {"snakepit.dev/direct-client": POOL}},
-        "spec": {"securityContext": {"runAsNonRoot": True, "runAsUser": 10001}},
-    }
-    # The pod runs to completion on its own and its logs are read afterwards: attaching
-    # (`kubectl run -i`) loses what the script printed before the attach (kubernetes#27264).
-    cluster.kubectl_run(
-        "-n", ns, "run", pod, "--restart=Never",
-        f"--image={cluster.image('worker')}", f"--image-pull-policy={cluster.pull_policy}",
-        f"--overrides={json.dumps(overrides)}", "--command", "--", "python", "-c", script,
-    )  # fmt: skip
+    labels = {"snakepit.dev/direct-client": POOL}
+    cluster.apply(client_pod_manifest(cluster, pod, script, POOL, labels=labels), namespace=ns)
     return pod
 
 
@@ -584,7 +774,7 @@ def _finished_phase(cluster: KubeCluster, ns: str, pod: str) -> str:
 
 def test_deleting_a_worker_pod_mid_session(kube_node: KubeCluster, ns: str, router: str) -> None:
     with (
-        Client(router, timeout=60) as client,
+        connect(router, timeout=60) as client,
         client.session() as session,
         load_on(router) as load,
     ):
@@ -623,7 +813,7 @@ def test_a_crashed_worker_fails_only_the_calls_running_on_it(
     with UNAVAILABLE (none is silently run again), every other call succeeds, and the pod
     restarts."""
     restarts = {p["metadata"]["name"]: _restarts(p) for p in pods(kube_node, ns, "worker")}
-    with Client(router, timeout=60) as client, load_on(router) as load:
+    with connect(router, timeout=60) as client, load_on(router) as load:
         before = steady(load)
         with load.window("crash() a worker") as window:
             crashed_at = time.monotonic()
@@ -714,7 +904,7 @@ def test_an_application_outside_the_cluster_hosts_a_tool_with_two_routers(
 ) -> None:
     """This process hosts lookup_price through the router Service; workers' tools call it."""
     _two_routers(kube_node, ns)
-    with Client(router, timeout=60) as app, app.session() as session:
+    with connect(router, timeout=60) as app, app.session() as session:
         app.register_tool("lookup_price", _lookup_price, description="Unit price")
         started = time.monotonic()
         calls = 0
@@ -728,11 +918,15 @@ def test_an_application_outside_the_cluster_hosts_a_tool_with_two_routers(
         assert failure.value.remote_type == "LookupError"
         listed = {t.name: t.caller_hosted for t in session.list_tools()}
         assert listed["lookup_price"] and not listed["quote"]
-    # Pool-wide (auth off: everyone may): sessions of a client that hosts nothing reach it,
-    # whichever replica the worker's call and the host's stream went through.
+    # Pool-wide, for the principal the pool allows (spec.hostedTools.poolWidePrincipals; this
+    # machine calls as the namespace's ServiceAccount default): sessions of a client that hosts
+    # nothing reach it, whichever replica the worker's call and the host's stream went through.
+    grant = {"spec": {"hostedTools": {"poolWidePrincipals": [principal_of(ns)]}}}
+    kube_node.kubectl_run("-n", ns, "patch", "spp", POOL, "--type=merge", "-p", json.dumps(grant))
+    wait_until("grant rolled out", lambda: _rolled_out(kube_node, ns), timeout=300, interval=0.5)
     with (
-        Client(router, timeout=60) as host,
-        Client(router, timeout=60) as caller,
+        connect(router, timeout=60) as host,
+        connect(router, timeout=60) as caller,
         caller.session() as session,
     ):
         host.register_tool("lookup_price", _lookup_price, pool_wide=True)
@@ -748,13 +942,29 @@ def test_an_application_outside_the_cluster_hosts_a_tool_with_two_routers(
     serving = [p for p in pods(kube_node, ns, "router") if _ready(p)]
     assert len(serving) >= 2, [(p["metadata"]["name"], p.get("status")) for p in serving]
     a, b = (f"{p['status']['podIP']}:{ROUTER_PORT}" for p in serving[:2])
-    with Client(a, timeout=60) as app, app.session() as session:
+    caller = CALLERS[router]  # the same CA and name (one certificate for the pool), and token
+    tls: ChannelTls = caller["tls"]
+    with Client(a, timeout=60, **caller) as app, app.session() as session:
         app.register_tool("lookup_price", _lookup_price)
-        with grpc.insecure_channel(b) as channel:
+        with grpc.secure_channel(b, tls.credentials(), options=tls.options()) as channel:
             call = channel.unary_unary(method_path("ExecuteHostedTool"))
             request = encode_request("lookup_price", {"item": "fig"}, session.id)
-            answer = call(request, timeout=30, metadata=((SESSION_ID_KEY, session.id),))
+            metadata = (
+                (SESSION_ID_KEY, session.id),
+                ("authorization", f"Bearer {caller['token']}"),
+            )
+            answer = call(request, timeout=30, metadata=metadata)
         assert decode_result(answer).value == 1.25
+
+
+def _rolled_out(cluster: KubeCluster, ns: str) -> bool:
+    """The pool's current spec runs on every pod, and no old pod is left."""
+    pool = pool_object(cluster, ns)
+    return (
+        pool_ready(cluster, ns)
+        and condition(pool, "Progressing").get("reason") == "RolloutComplete"
+        and len(_all_pods(cluster, ns, "router")) == pool["spec"]["router"]["replicas"]
+    )
 
 
 def _two_routers(kube_node: KubeCluster, ns: str) -> None:
@@ -775,7 +985,7 @@ def test_deleting_the_redis_pod_keeps_every_variable(
     kube_node: KubeCluster, ns: str, router: str
 ) -> None:
     """Calls wait out the managed Redis restart (graceful delete: it writes its AOF first)."""
-    with Client(router, timeout=60) as client:
+    with connect(router, timeout=60) as client:
         session = client.session("redis-survivor", keep=True)
         written = {f"v{i}": i * 1.5 for i in range(50)}
         session.set_many(written)
@@ -844,13 +1054,15 @@ def test_direct_mode_load_from_a_pod_during_a_scale_fails_no_call(
     control = f"direct-load-{uuid.uuid4().hex[:6]}"
     script = (
         (ROOT / "tests/support/load.py").read_text()
+        + POD_CREDENTIALS
         + WAIT_ADMITTED
         + f"""
 import json
 target = "{POOL}-router.{ns}.svc:{ROUTER_PORT}"
 wait_admitted(target)
-with Client(target, timeout=30) as control, MixedLoad(target, sessions=16, direct=True,
-                                                      tensor_mb=0.5) as load:
+with Client(target, timeout=30, ca=CA, token=TOKEN) as control, MixedLoad(
+    target, sessions=16, direct=True, tensor_mb=0.5, client_options={{"ca": CA, "token": TOKEN}}
+) as load:
     flag = control.session("{control}", keep=True)
     flag.set("window", "open")
     with load.window("direct mode from a pod") as window:
@@ -863,7 +1075,7 @@ print("RESULT " + json.dumps({{"summary": window.summary(), "ok": window.succeed
 """
     )
     pod = _start_client_pod(kube_node, ns, script)
-    with Client(router, timeout=30) as client:
+    with connect(router, timeout=30) as client:
         flag = client.session(control, keep=True)
         wait_until("the pod's load runs", lambda: flag.get("window", None) == "open", timeout=300)
         time.sleep(3)
@@ -950,7 +1162,7 @@ spec: {replicas: 1, adapter: "not-a-module-path"}
 def test_bad_calls_get_clear_errors_and_leave_the_pool_healthy(
     kube_node: KubeCluster, ns: str, router: str
 ) -> None:
-    with Client(router, timeout=60) as client:
+    with connect(router, timeout=60) as client:
         with pytest.raises(NotFound, match="unknown tool 'no_such_tool'"):
             client.execute("no_such_tool")
         with pytest.raises(
@@ -961,10 +1173,13 @@ def test_bad_calls_get_clear_errors_and_leave_the_pool_healthy(
             client.execute(
                 "echo", value=np.zeros(300 * 1024 * 1024 // 8, dtype=np.float64), timeout=120
             )
-        with grpc.insecure_channel(router) as channel:
+        caller = CALLERS[router]
+        tls: ChannelTls = caller["tls"]
+        bearer = (("authorization", f"Bearer {caller['token']}"),)
+        with grpc.secure_channel(router, tls.credentials(), options=tls.options()) as channel:
             raw = channel.unary_unary(method_path("SetVariable"))
             with pytest.raises(grpc.RpcError) as garbage:
-                raw(b"\x12\xff\xff\xff\xff\x0f", timeout=10)
+                raw(b"\x12\xff\xff\xff\xff\x0f", timeout=10, metadata=bearer)
             assert garbage.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         host, port = router.rsplit(":", 1)
         import socket

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 from snakepit import AsyncClient
-from tests.fixtures.processes import ProcessFactory, free_port
+from snakepit.security.localca import LocalCA, write_file, write_issued
+from tests.fixtures.processes import ProcessFactory, free_port, wait_for
+
+TOKEN = "app-token-0123456789abcdef"
 
 
 async def test_load_is_summed_and_a_silent_router_makes_it_incomplete(
@@ -55,3 +59,67 @@ async def test_a_held_call_is_heard_at_once(procs: ProcessFactory) -> None:
             held.cancel()
     finally:
         await routers.close()
+
+
+async def test_a_secured_router_is_read_from_its_metrics_and_health_ports(
+    procs: ProcessFactory, tmp_path: Path
+) -> None:
+    """A router with TLS and tokens (a default pool on Kubernetes) answers GetPoolStatus only to
+    callers it knows, and the autoscaler is none: it reads the load from /metrics and hears a
+    held call on the plaintext health port, holding no credential."""
+    from snakepit.autoscale.routers import RouterSet
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"app:{TOKEN}\n")
+    ca = LocalCA.generate("pool CA")
+    write_file(tmp_path / "ca.pem", ca.cert_pem)
+    write_issued(
+        ca.issue("router", ["localhost", "127.0.0.1"]), tmp_path / "cert.pem", tmp_path / "key.pem"
+    )
+    metrics, health = free_port(), free_port()
+    # The router's only worker is not running: calls are held in its queue.
+    port = free_port()
+    router = procs.start(
+        "router",
+        ["router", "--host", "127.0.0.1", "--port", str(port), "--store", "memory",
+         "--workers", f"w0=127.0.0.1:{free_port()}", "--auth-tokens", str(tokens),
+         "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem"),
+         "--metrics-port", str(metrics), "--health-port", str(health)],
+        f"127.0.0.1:{port}",
+        wait=False,
+    )  # fmt: skip
+    await asyncio.to_thread(wait_for, lambda: _answers(health), 30)
+    heard = asyncio.Event()
+    routers = RouterSet(on_starved=heard.set, metrics_port=metrics, health_port=health)
+    plain = RouterSet(on_starved=lambda: None)  # what the operator did before: refused
+    routers.set_routers([router.address])
+    plain.set_routers([router.address])
+    try:
+        assert await routers.read() == (0.0, True)
+        assert await plain.read() == (0.0, False)  # a secured router does not answer it
+        await asyncio.sleep(0.3)  # the health stream is open
+        options = {"ca": str(tmp_path / "ca.pem"), "token": TOKEN}
+        async with AsyncClient(router.address, **options) as client:
+            held = [
+                asyncio.ensure_future(client.execute("add", a=1, b=2, timeout=5)) for _ in range(2)
+            ]
+            await asyncio.wait_for(heard.wait(), 3)
+            assert await routers.read() == (2.0, True)  # queued counts as load
+            for call in held:
+                call.cancel()
+    finally:
+        await routers.close()
+        await plain.close()
+
+
+def _answers(port: int) -> bool:
+    """Whether the plaintext health port answers (the router is up)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+    return True

@@ -338,6 +338,37 @@ def test_pools_in_values_and_the_helm_test_hook() -> None:
     ][0]["env"]
 
 
+def _test_pod_of(*pool_spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The helm test pod for a pool ``demo`` declared with these spec values: (volumes by
+    name, the container's env by name)."""
+    values = [a for kv in pool_spec for a in ("--set", f"pools[0].spec.{kv}")]
+    (test,) = of_kind(docs("--set", "pools[0].name=demo", *values), "Pod")
+    (container,) = test["spec"]["containers"]
+    return (
+        {v["name"]: v for v in test["spec"]["volumes"]},
+        {e["name"]: e.get("value") for e in container["env"]},
+    )
+
+
+def test_the_helm_test_pod_carries_a_token_and_the_pool_ca_unless_the_pool_opts_out() -> None:
+    """Pools are secure by default: the test pod calls with a projected token of a
+    ServiceAccount of the pool's namespace (the default callers) and trusts the pool's CA."""
+    (test,) = of_kind(docs("--set", "test.pool=demo", "--set", "test.namespace=apps"), "Pod")
+    assert test["spec"]["serviceAccountName"] == "default"
+    volumes, env = _test_pod_of()
+    token = volumes["token"]["projected"]["sources"][0]["serviceAccountToken"]
+    assert token["audience"] == "snakepit"
+    assert volumes["ca"]["secret"]["secretName"] == "snakepit-certs"
+    assert volumes["ca"]["secret"]["items"] == [{"key": "demo.ca.crt", "path": "ca.crt"}]
+    assert env["SNAKEPIT_TLS_CA"] == "/etc/snakepit-ca/ca.crt"
+    volumes, _ = _test_pod_of("tls.secretName=demo-tls", "auth.audience=ml-pools")
+    assert volumes["ca"]["secret"]["secretName"] == "demo-tls"
+    token = volumes["token"]["projected"]["sources"][0]["serviceAccountToken"]
+    assert token["audience"] == "ml-pools"
+    volumes, env = _test_pod_of("tls.enabled=false", "auth.enabled=false")
+    assert set(volumes) == {"tmp"} and "SNAKEPIT_TLS_CA" not in env
+
+
 # ---------------------------------------------------------------- against the API server
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from snakepit.security.tickets import (
     private_key_pem,
     public_key_pem,
 )
+from snakepit.security.tls import POOL_NAME
 from tests.fixtures.processes import ProcessFactory, start_pool, wait_for
 from tests.fixtures.processes import test_env as child_env
 
@@ -552,3 +554,59 @@ def test_tls_and_tokens_together_every_hop(
         assert [direct.execute("whoami")["principal"] for _ in range(3)] == ["alice"] * 3
     with Client(pool.address, timeout=20, token=ALICE, **mtls) as alice:
         assert alice.status()["calls_total"] == routed  # the direct calls skipped the router
+
+
+def test_direct_mode_with_a_token_and_the_pool_ca_needs_no_client_certificate(
+    procs: ProcessFactory, tmp_path: Path
+) -> None:
+    """What a pod of a default (secure) Kubernetes pool has: a token and the pool CA, no client
+    certificate. Workers with tickets serve TLS without asking for one: a call with a valid
+    ticket runs (direct mode), one without gets UNAUTHENTICATED saying a ticket is needed, and a
+    plaintext caller gets nothing; routed calls go on as before (docs/security.md, "Direct mode
+    under the defaults")."""
+    generated = tmp_path / "tls"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
+    pool = procs.serve(
+        "--tls-generate", str(generated), "--workers", "2",
+        "--auth-tokens", str(tokens), "--allow-direct", "alice", "--adapter", ADAPTER,
+    )  # fmt: skip
+    ca = str(generated / "ca.pem")
+    with Client(pool.address, timeout=20, token=ALICE, ca=ca) as alice:
+        routed = alice.status()["calls_total"]
+        workers = [w["address"] for w in alice.routing_table()["workers"]]
+    assert len(workers) == 2
+    with Client(pool.address, timeout=20, token=ALICE, ca=ca, direct=True) as direct:
+        with direct.session() as session:
+            assert [session.execute("whoami")["principal"] for _ in range(3)] == ["alice"] * 3
+            assert session.execute("counter_increment") == 1
+        assert list(direct.stream("count", n=3)) == [0, 1, 2]
+    with Client(pool.address, timeout=20, token=ALICE, ca=ca) as alice:
+        assert alice.status()["calls_total"] == routed  # the direct calls skipped the router
+    # A TLS caller with neither a client certificate nor a ticket: refused, saying what to send.
+    credentials = grpc.ssl_channel_credentials(Path(ca).read_bytes())
+    name = (("grpc.ssl_target_name_override", POOL_NAME),)
+    request = encode_request("whoami", {}, "")
+    forged = TicketIssuer(new_private_key(), audience=AUDIENCE).issue("alice")
+    for address in workers:
+        with grpc.secure_channel(address, credentials, options=name) as channel:
+            execute = partial(channel.unary_unary(method_path("ExecuteTool")), request)
+            details = _refused(partial(execute, timeout=10), grpc.StatusCode.UNAUTHENTICATED)
+            assert "pool ticket" in details and "direct" in details, details
+            with_forged = partial(execute, timeout=10, metadata=((TICKET_KEY, forged),))
+            details = _refused(with_forged, grpc.StatusCode.UNAUTHENTICATED)
+            assert "signature does not verify" in details or "audience" in details, details
+            stream = channel.unary_stream(method_path("ExecuteStreamingTool"))
+            counting = partial(stream, encode_request("count", {"n": 2}, ""), timeout=10)
+            _refused(lambda: list(counting()), grpc.StatusCode.UNAUTHENTICATED)  # noqa: B023
+        # A bearer token alone is no ticket, and a plaintext caller gets no call at all.
+        bearer = (("authorization", f"Bearer {ALICE}"),)
+        _refused(
+            partial(_raw, address, "ExecuteTool", request, bearer), grpc.StatusCode.UNAVAILABLE
+        )
+    # bob may not use direct mode: no routing table, so no ticket to reach a worker with.
+    with (
+        Client(pool.address, timeout=20, token=BOB, ca=ca, direct=True) as bob,
+        pytest.raises(PermissionDenied),
+    ):
+        bob.routing_table()

@@ -139,6 +139,12 @@ def test_autoscaler_follows_the_routers_and_wakes_from_zero(
     op.create_pool(
         name,
         {
+            # Plaintext and open: the router below is a process on this host playing a pod, and
+            # a secured one would be read on the fixed health port 50054 and its /metrics
+            # (tests/integration/test_autoscale_routers.py reads one so; the e2e autoscaling
+            # test runs the default, secured spec on a real cluster).
+            "tls": {"enabled": False},
+            "auth": {"enabled": False},
             "workerConcurrency": 2,
             "router": {"replicas": 1},
             "autoscaling": {

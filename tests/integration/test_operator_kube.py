@@ -463,7 +463,33 @@ INVALID = [
     ({"router": {"port": 70000}}, "spec.router.port", "less than or equal to 65535"),
     ({"router": {"serviceType": "ExternalName"}}, "spec.router.serviceType", "Unsupported value"),
     ({"router": {"nodePort": 30001}}, "spec.router.nodePort", "serviceType NodePort"),
-    ({"router": {"serviceType": "LoadBalancer"}}, "spec.router.serviceType", "TLS, authentication"),
+    (
+        {"router": {"serviceType": "LoadBalancer"}},
+        "spec.router.loadBalancerSourceRanges",
+        "list the networks that may connect",
+    ),
+    (
+        {
+            "router": {"serviceType": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8"]},
+            "tls": {"enabled": False},
+        },
+        "spec.tls.enabled",
+        "a LoadBalancer router needs TLS",
+    ),
+    (
+        {
+            "router": {"serviceType": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8"]},
+            "auth": {"enabled": False},
+        },
+        "spec.auth.enabled",
+        "a LoadBalancer router needs authentication",
+    ),
+    (
+        {"router": {"serviceType": "LoadBalancer", "loadBalancerSourceRanges": ["0.0.0.0/0"]}},
+        "spec.router.loadBalancerSourceRanges[0]",
+        "admits every address",
+    ),
+    ({"auth": {"serviceAccounts": []}}, "spec.auth", "nobody could call"),
     ({"session": {"ttlSeconds": 10**9}}, "spec.session.ttlSeconds", "less than or equal to"),
     ({"maxCallSeconds": -1}, "spec.maxCallSeconds", "greater than or equal to 0"),
     ({"sessionStore": {"managed": False}}, "spec.sessionStore.url", "required when managed"),

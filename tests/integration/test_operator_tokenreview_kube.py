@@ -67,8 +67,13 @@ def test_a_router_may_review_tokens_while_its_pool_lists_service_accounts(
         "-n", ns, "create", "token", "caller", "--audience", AUDIENCE, "--duration", "10m"
     ).stdout.strip()  # fmt: skip
     op.create_pool("reviewed", {"replicas": 0, "router": {"replicas": 0}, **accounts})
-    op.create_pool("tokens-only", {"replicas": 0, "auth": {"tokensSecret": "callers"}})
+    # Static tokens only (an empty list replaces the default callers): no review needed.
+    tokens_only = {"serviceAccounts": [], "tokensSecret": "callers"}
+    op.create_pool("tokens-only", {"replicas": 0, "auth": tokens_only})
+    # Nothing said about auth: the namespace's ServiceAccounts are the callers, reviewed.
+    op.create_pool("defaulted", {"replicas": 0, "router": {"replicas": 0}})
     wait_for("the router's subject", lambda: f"{ns}/reviewed-router" in _subjects(op), 30)
+    wait_for("the default pool's subject", lambda: f"{ns}/defaulted-router" in _subjects(op), 30)
     assert f"{ns}/tokens-only-router" not in _subjects(op)  # static tokens need no review
 
     wait_for("the router ServiceAccount", lambda: op.get("v1", "ServiceAccount", "reviewed-router"))
@@ -80,7 +85,7 @@ def test_a_router_may_review_tokens_while_its_pool_lists_service_accounts(
     assert not _can_review(op, "tokens-only-router")
 
     # The pool stops listing ServiceAccounts: the same router, same token, is refused.
-    op.patch_pool("reviewed", {"spec": {"auth": {"serviceAccounts": None, "tokensSecret": "t"}}})
+    op.patch_pool("reviewed", {"spec": {"auth": {"serviceAccounts": [], "tokensSecret": "t"}}})
     wait_for("the subject removed", lambda: f"{ns}/reviewed-router" not in _subjects(op), 30)
     code, error = wait_for(
         "a refused review", lambda: (r := _review(op, router, caller))[0] != 0 and r, 30, 0.5
@@ -91,7 +96,7 @@ def test_a_router_may_review_tokens_while_its_pool_lists_service_accounts(
     op.patch_pool("reviewed", {"spec": accounts})
     wait_for("the subject back", lambda: f"{ns}/reviewed-router" in _subjects(op), 30)
     assert _can_review(op, "reviewed-router")
-    for pool in ("reviewed", "tokens-only"):
+    for pool in ("reviewed", "tokens-only", "defaulted"):
         op.admin.run("-n", ns, "delete", "spp", pool, "--wait=false")
     wait_for("the subject gone", lambda: f"{ns}/reviewed-router" not in _subjects(op), 30)
     assert not _can_review(op, "reviewed-router")

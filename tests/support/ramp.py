@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from snakepit import Client
 from snakepit.errors import SnakepitError
@@ -26,8 +27,14 @@ class _Lane:
 
 
 class RampLoad:
-    def __init__(self, target: str, call_seconds: float = 0.2, timeout: float = 60.0) -> None:
-        self.client = Client(target, timeout=timeout)
+    def __init__(
+        self,
+        target: str,
+        call_seconds: float = 0.2,
+        timeout: float = 60.0,
+        client_options: dict[str, Any] | None = None,  # e.g. tls= and token= of a secured pool
+    ) -> None:
+        self.client = Client(target, timeout=timeout, **(client_options or {}))
         self.call_seconds = call_seconds
         self.level = 0
         self.calls = 0

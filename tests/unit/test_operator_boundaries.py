@@ -15,7 +15,7 @@ from snakepit.operator.builders.store import redis_maxmemory
 from snakepit.operator.config import OperatorConfig
 from snakepit.operator.spec import SpecError
 
-from .test_operator_builders import CONFIG, arg, children, container, env, make_pool
+from .test_operator_builders import CONFIG, PLAIN, arg, children, container, env, make_pool
 
 METADATA = ipaddress.ip_address("169.254.169.254")
 
@@ -42,12 +42,14 @@ def test_the_router_admits_this_namespace_by_default_and_the_listed_callers_othe
     policy = children()["NetworkPolicy/demo-router"]["spec"]
     assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "router"
     pool_pods = {"podSelector": {"matchLabels": {"snakepit.dev/pool": "demo"}}}
-    grpc, metrics = policy["ingress"]
+    grpc, metrics, internal = policy["ingress"]
     assert grpc == {
         "from": [{"podSelector": {}}, pool_pods],
         "ports": [{"protocol": "TCP", "port": 50051}],
     }
     assert metrics == {"ports": [{"protocol": "TCP", "port": 9090}]}  # scrapers, any namespace
+    # TLS (the default): workers' ctx.call_tool on the internal port, pool pods only
+    assert internal == {"from": [pool_pods], "ports": [{"protocol": "TCP", "port": 50053}]}
     callers = [
         {"namespaceSelector": {"matchLabels": {"team": "ml"}}},
         {"ipBlock": {"cidr": "10.1.0.0/16"}},
@@ -101,7 +103,8 @@ def test_no_pod_may_reach_the_cloud_metadata_endpoint() -> None:
 
 def test_workers_reach_dns_router_and_store_only_plus_what_the_spec_allows() -> None:
     allowed = {"to": [{"ipBlock": {"cidr": "10.9.0.0/16"}}], "ports": [{"port": 443}]}
-    workers = children({"networkPolicy": {"allowEgress": [allowed]}})["NetworkPolicy/demo-workers"]
+    spec = {**PLAIN, "networkPolicy": {"allowEgress": [allowed]}}  # TLS adds the internal port
+    workers = children(spec)["NetworkPolicy/demo-workers"]
     rules = workers["spec"]["egress"]
     assert ports(rules[0]) == {53}
     assert rules[1] == {
@@ -137,8 +140,9 @@ def test_an_external_store_is_reached_on_its_own_port() -> None:
     assert any(ports(r) == {6380} for r in rules)
 
 
-def test_a_load_balancer_router_is_refused() -> None:
-    with pytest.raises(SpecError, match="TLS, authentication"):
+def test_a_load_balancer_router_without_source_ranges_is_refused() -> None:
+    # (what else it needs, and one that has it all: test_operator_secure_default.py)
+    with pytest.raises(SpecError, match=r"missing: spec\.router\.loadBalancerSourceRanges"):
         children({"router": {"serviceType": "LoadBalancer"}})
 
 

@@ -21,6 +21,12 @@ CONFIG = OperatorConfig(
 )
 
 
+# A pool that opted out of TLS and auth: the tests of plain wiring below (store URL, env order,
+# probe and Service ports) read it without the secured additions, which test_operator_tls.py and
+# test_operator_secure_default.py check on the default (secured) pool.
+PLAIN: dict[str, Any] = {"tls": {"enabled": False}, "auth": {"enabled": False}}
+
+
 def make_pool(spec: dict[str, Any] | None = None, name: str = "demo") -> Pool:
     return parse_pool(
         {
@@ -130,7 +136,7 @@ def test_builders_are_deterministic() -> None:
 
 
 def test_worker_deployment_runs_the_adapter_with_the_pool_wiring() -> None:
-    workers = children({"adapter": "mypkg.models:Model", "workerConcurrency": 8})[
+    workers = children({**PLAIN, "adapter": "mypkg.models:Model", "workerConcurrency": 8})[
         "Deployment/demo-workers"
     ]
     c = container(workers)
@@ -159,6 +165,7 @@ def test_worker_env_wires_pod_name_and_password_secret() -> None:
 def test_user_env_is_appended_and_replaces_ours_by_name() -> None:
     workers = children(
         {
+            **PLAIN,
             "env": [
                 {"name": "MODEL", "value": "small"},
                 {"name": "POD_NAME", "value": "fixed"},
@@ -202,7 +209,7 @@ def test_rolling_update_never_drops_capacity_and_lets_workers_drain() -> None:
 
 
 def test_grpc_probes_on_workers_and_router() -> None:
-    built = children()
+    built = children(PLAIN)  # with TLS they use the health port: test_operator_tls.py
     for name, port in (("Deployment/demo-workers", 50052), ("Deployment/demo-router", 50051)):
         c = container(built[name])
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -280,7 +287,7 @@ def test_worker_service_is_headless_and_publishes_ready_pods_only() -> None:
 
 
 def test_router_runs_the_operator_image_and_discovers_the_worker_service() -> None:
-    router = children({"workerConcurrency": 2, "session": {"maxSessions": 50}})[
+    router = children({**PLAIN, "workerConcurrency": 2, "session": {"maxSessions": 50}})[
         "Deployment/demo-router"
     ]
     c = container(router)
@@ -304,12 +311,13 @@ def test_router_runs_the_operator_image_and_discovers_the_worker_service() -> No
 def test_router_service_type_port_and_annotations_come_from_the_spec() -> None:
     svc = children(
         {
+            **PLAIN,
             "router": {
                 "serviceType": "NodePort",
                 "port": 9000,
                 "nodePort": 30900,
                 "serviceAnnotations": {"lb": "internal"},
-            }
+            },
         }
     )["Service/demo-router"]
     assert svc["spec"]["type"] == "NodePort"
@@ -317,8 +325,11 @@ def test_router_service_type_port_and_annotations_come_from_the_spec() -> None:
         {"name": "grpc", "port": 9000, "targetPort": "grpc", "protocol": "TCP", "nodePort": 30900}
     ]
     assert svc["metadata"]["annotations"] == {"lb": "internal"}
-    workers = children({"router": {"port": 9000}})["Deployment/demo-workers"]
+    workers = children({**PLAIN, "router": {"port": 9000}})["Deployment/demo-workers"]
     assert arg(container(workers)["args"], "--router") == "demo-router:9000"
+    # With TLS (the default) workers call the router's internal port, whatever the public one.
+    workers = children({"router": {"port": 9000}})["Deployment/demo-workers"]
+    assert arg(container(workers)["args"], "--router") == "demo-router:50053"
 
 
 def test_router_role_grants_endpointslice_reads_only() -> None:
@@ -483,8 +494,8 @@ AUTH = {
 }
 
 
-def test_without_spec_auth_nothing_changes() -> None:
-    built = children()
+def test_with_auth_off_nothing_changes() -> None:
+    built = children(PLAIN)
     router = built["Deployment/demo-router"]
     assert "--ticket-key" not in container(router)["args"]
     assert [v["name"] for v in pod_spec(router)["volumes"]] == ["tmp"]

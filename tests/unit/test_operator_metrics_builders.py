@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.unit.test_operator_builders import arg, children, container
+from tests.unit.test_operator_builders import PLAIN, arg, children, container
 
 
 def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -40,7 +40,7 @@ def test_metrics_port_is_configurable() -> None:
 
 
 def test_metrics_can_be_turned_off() -> None:
-    built = children({"metrics": {"enabled": False}})
+    built = children({**PLAIN, "metrics": {"enabled": False}})
     assert "Service/demo-metrics" not in built
     for name in ("Deployment/demo-router", "Deployment/demo-workers"):
         main = container(built[name])

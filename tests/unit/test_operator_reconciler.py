@@ -106,12 +106,7 @@ class FakeKube:
     async def patch_status(self, pool: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
         self.status_patches.append(patch)
         stored = self.objects[self.key(pool)]
-        status = stored.setdefault("status", {})
-        for k, v in patch.items():
-            if v is None:
-                status.pop(k, None)
-            else:
-                status[k] = v
+        merge_patch(stored.setdefault("status", {}), patch)
         return stored
 
     async def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
@@ -137,6 +132,18 @@ def child_count(spec: dict[str, Any] | None = None) -> int:
     return len(build_children(parse_pool(pool_body(spec)), OperatorConfig()))
 
 
+def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    """A JSON merge patch (RFC 7386) as the API server applies it: objects merge key by key,
+    null removes, anything else replaces."""
+    for k, v in patch.items():
+        if v is None:
+            target.pop(k, None)
+        elif isinstance(v, dict) and isinstance(target.get(k), dict):
+            merge_patch(target[k], v)
+        else:
+            target[k] = copy.deepcopy(v)
+
+
 def setup(spec: dict[str, Any] | None = None) -> tuple[FakeKube, Reconciler, Children]:
     kube = FakeKube()
     kube.put(pool_body(spec))
@@ -151,11 +158,20 @@ def setup(spec: dict[str, Any] | None = None) -> tuple[FakeKube, Reconciler, Chi
     return kube, reconciler, children
 
 
+SECURED_POOL_SECRETS = [
+    "Secret/demo-redis-auth",
+    "Secret/demo-ticket-key",
+    "Secret/snakepit-ca",
+    "Secret/snakepit-certs",
+]
+
+
 async def test_first_pass_creates_secret_applies_children_and_writes_status() -> None:
     kube, reconciler, _ = setup()
     result = await reconciler.reconcile(("ml", "demo"))
     assert result is not None
-    assert kube.created == ["Secret/demo-redis-auth"]
+    # The store password, and for the default (secured) pool its ticket key and certificates.
+    assert kube.created == SECURED_POOL_SECRETS
     assert "Deployment/demo-workers" in kube.applied
     assert result.applied == child_count()
     (patch,) = kube.status_patches
@@ -172,9 +188,12 @@ async def test_password_secret_is_never_regenerated_or_rewritten() -> None:
     kube.gets.clear()
     for _ in range(3):
         await reconciler.reconcile(("ml", "demo"))
-    assert kube.created == ["Secret/demo-redis-auth"]
+    assert kube.created == SECURED_POOL_SECRETS
     assert "Secret/demo-redis-auth" not in kube.applied
-    assert not [g for g in kube.gets if g.startswith("Secret/")]  # never read: no RBAC for it
+    # Never read, no RBAC for it; only the certificate Secrets are read, by name (the chart's
+    # resourceNames).
+    read = {g for g in kube.gets if g.startswith("Secret/")}
+    assert read <= {"Secret/snakepit-ca", "Secret/snakepit-certs"}, read
     workers = await kube.get("apps/v1", "Deployment", "ml", "demo-workers")
     assert workers is not None
     annotations = workers["spec"]["template"]["metadata"]["annotations"]
@@ -193,7 +212,7 @@ async def test_an_existing_secret_is_used_as_is() -> None:
         }
     )
     await reconciler.reconcile(("ml", "demo"))
-    assert kube.created == []
+    assert "Secret/demo-redis-auth" not in kube.created
     workers = await kube.get("apps/v1", "Deployment", "ml", "demo-workers")
     assert workers is not None
     annotations = workers["spec"]["template"]["metadata"]["annotations"]

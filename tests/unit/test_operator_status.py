@@ -237,6 +237,12 @@ def test_load_balancer_address_becomes_external_endpoint() -> None:
 def test_status_patch_changes_only_what_differs_and_removes_what_is_gone() -> None:
     assert status_patch({"a": 1, "b": 2}, {"a": 1, "b": 2}) == {}
     assert status_patch({"a": 1, "old": "x"}, {"a": 2}) == {"a": 2, "old": None}
+    # Nested objects are merged by the API server: what left them is removed explicitly.
+    on = {"auth": {"enabled": True, "callers": ["serviceaccount ml/*"]}}
+    off = {"auth": {"enabled": False, "reason": "spec.auth.enabled: false"}}
+    assert status_patch(on, off) == {
+        "auth": {"enabled": False, "reason": "spec.auth.enabled: false", "callers": None}
+    }
 
 
 def test_statefulset_revision_change_is_still_rolling() -> None:

@@ -27,7 +27,7 @@ def mounted(obj: dict[str, Any]) -> dict[str, str]:
 
 
 def test_without_tls_nothing_changes() -> None:
-    built = children()
+    built = children({"tls": {"enabled": False}})
     for name in ("Deployment/demo-router", "Deployment/demo-workers", "StatefulSet/demo-redis"):
         assert "/etc/snakepit/tls" not in mounted(built[name])
     assert "--pool-tls-dir" not in container(built["Deployment/demo-router"])["args"]
@@ -100,7 +100,7 @@ def test_tls_status_names_the_secret_and_shows_an_opt_out() -> None:
     assert make_pool({"tls": {"secretName": "s"}}).spec.tls.enabled  # a Secret means TLS
     assert not make_pool({"tls": {"secretName": "s"}}).spec.tls.operator_issued
     assert tls_status(make_pool(TLS)) == "Secret demo-tls"
-    assert tls_status(make_pool()) == "Disabled"
+    assert tls_status(make_pool()) == "Issued by the operator (Secret snakepit-certs)"
     assert (
         tls_status(make_pool({"tls": {"enabled": False}})) == "Disabled (spec.tls.enabled: false)"
     )

@@ -30,7 +30,7 @@ def test_only_routers_that_review_service_account_tokens_are_subjects() -> None:
         ("ml", "b", ACCOUNTS),
         ("ml", "a", AuthSpec(service_accounts=("ml/*",), tokens_secret="t")),
         ("ml", "tokens", TOKENS_ONLY),  # static tokens are checked without the API server
-        ("ml", "open", AuthSpec()),
+        ("ml", "open", AuthSpec(enabled=False)),
         ("other", "a", ACCOUNTS),
         ("ml", "b", ACCOUNTS),  # listed twice (two namespaces' lists overlapping): once
     ]
@@ -127,7 +127,9 @@ def test_the_binding_follows_pools_that_come_change_and_go() -> None:
         assert await keeper.sync()
         assert _names(api) == ["a/one-router", "b/two-router"]  # c is not served here
         assert not await keeper.sync()  # unchanged: no write
-        api.pools[0]["spec"] = {"auth": {"tokensSecret": "t"}}  # stops listing accounts
+        # static tokens only: no ServiceAccount to review (without serviceAccounts the default
+        # callers, the namespace's ServiceAccounts, would still need the grant)
+        api.pools[0]["spec"] = {"auth": {"serviceAccounts": [], "tokensSecret": "t"}}
         assert await keeper.sync()
         assert _names(api) == ["b/two-router"]
         del api.pools[1]  # deleted

@@ -67,6 +67,10 @@ class ClientBase(Generic[ChannelT]):
         self._options = channel_options(max_message_mb)
         self.tls = tls
         self._new_channel: Callable[..., ChannelT] = channel_factory(tls, aio=aio)
+        # Direct mode: workers are dialled by pod address and prove the pool's name.
+        self._new_worker_channel: Callable[..., ChannelT] = channel_factory(
+            tls.for_pool_members() if tls is not None and tls.files.ca else tls, aio=aio
+        )
         # New calls move to a fresh router connection every ``max_connection_age`` seconds,
         # before the router ages the old one out under a call (client/rotation.py).
         self._router: RotatingChannel[ChannelT] = RotatingChannel(
@@ -172,7 +176,7 @@ class ClientBase(Generic[ChannelT]):
         address = routes.addresses[worker]
         channel = self._worker_channels.get(address)
         if channel is None:
-            channel = self._worker_channels[address] = self._new_channel(
+            channel = self._worker_channels[address] = self._new_worker_channel(
                 address, options=self._options
             )
         return worker, channel, routes

@@ -29,6 +29,7 @@ from ..autoscale.routers import RouterSet
 from ..metrics import OperatorMetrics
 from ..router.discovery import Discovery, EndpointSliceDiscovery
 from .builders import Names
+from .builders.tls import HEALTH_PORT
 from .children import PoolKey
 from .kube import ApiError, Kube, now_rfc3339
 from .spec import API_VERSION, KIND, Pool, PoolSpec, SpecError, parse_pool
@@ -54,6 +55,17 @@ def policy_for(spec: PoolSpec) -> Policy:
 
 def router_discovery(pool: Pool) -> Discovery:
     return EndpointSliceDiscovery(Names(pool.name).router, pool.namespace)
+
+
+def router_reading(spec: PoolSpec) -> dict[str, int | None]:
+    """How the autoscaler reads a pool's routers (autoscale/routers.py): a secured router (TLS
+    or auth on, the defaults) answers GetPoolStatus only to its callers, so its load comes from
+    its public /metrics, and with TLS its health stream from the plaintext health port."""
+    secured = spec.tls.enabled or spec.auth.enabled
+    return {
+        "metrics_port": spec.metrics.port if secured and spec.metrics.enabled else None,
+        "health_port": HEALTH_PORT if spec.tls.enabled else None,
+    }
 
 
 def scale_status(desired: int, reason: str, now: str) -> dict[str, Any]:
@@ -84,7 +96,15 @@ class PoolAutoscaler:
         }
         self._recorded = pool.desired_replicas
         self.discovery = discovery
-        self.routers = RouterSet(on_starved=self.wake)
+        reading = router_reading(pool.spec)
+        if (pool.spec.tls.enabled or pool.spec.auth.enabled) and reading["metrics_port"] is None:
+            log.warning(
+                "pool %s/%s: secured routers with spec.metrics.enabled false: the autoscaler "
+                "cannot read their load (it grows on a held call, never shrinks)",
+                pool.namespace,
+                pool.name,
+            )
+        self.routers = RouterSet(on_starved=self.wake, **reading)
         self.loop = ScaleLoop(
             policy_for(pool.spec),
             self.routers.read,

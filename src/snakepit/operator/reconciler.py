@@ -78,6 +78,12 @@ TLS_DISABLED_MESSAGE = (
     "plaintext and nothing proves a worker is one (docs/security.md)"
 )
 
+AUTH_DISABLED_MESSAGE = (
+    "spec.auth.enabled is false: anyone who can reach the router (and, in direct mode, a "
+    "worker) calls as 'anonymous', sees every session and may change any of them "
+    "(docs/security.md)"
+)
+
 # What pods carry for a password Secret the operator found rather than created.
 ADOPTED_SECRET = "adopted"
 
@@ -224,6 +230,8 @@ class Reconciler:
             await self._event(body, "Normal", "Reconciled", f"applied generation {pool.generation}")
             if pool.spec.tls.explicit and not pool.spec.tls.enabled:
                 await self._event(body, "Warning", "TLSDisabled", TLS_DISABLED_MESSAGE)
+            if pool.spec.auth.explicit and not pool.spec.auth.enabled:
+                await self._event(body, "Warning", "AuthDisabled", AUTH_DISABLED_MESSAGE)
         unchanged = len(desired) - applied if waves else 0
         conditions = {c["type"]: c["status"] for c in status.get("conditions") or ()}
         return PassResult(

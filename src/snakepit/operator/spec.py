@@ -43,6 +43,8 @@ class RouterSpec:
     node_port: int | None = None
     resources: JSON = field(default_factory=dict)
     service_annotations: dict[str, str] = field(default_factory=dict)
+    # CIDRs a LoadBalancer admits (the Service's spec.loadBalancerSourceRanges).
+    load_balancer_source_ranges: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -151,11 +153,12 @@ class TlsSpec:
     whoever writes it; without one the operator issues it from the namespace's CA
     (builders/certs.py), valid ``certificate_lifetime`` seconds and renewed after 2/3 of it.
 
-    ``enabled`` is off by default until TLS becomes the default (issue 12); ``explicit``
-    records whether the spec said so, since only an explicit opt-out is warned of.
+    On by default (a pool without ``spec.tls`` gets operator-issued certificates); only
+    ``enabled: false`` turns it off. ``explicit`` records whether the spec said so, since only an
+    explicit opt-out is warned of.
     """
 
-    enabled: bool = False
+    enabled: bool = True
     secret_name: str | None = None
     explicit: bool = False
     certificate_lifetime: int = DEFAULT_CERTIFICATE_LIFETIME
@@ -176,19 +179,22 @@ def parse_duration(raw: str, field_name: str) -> int:
 
 @dataclass(frozen=True)
 class AuthSpec:
-    """``spec.auth``: who may call (docs/security.md). Off unless a way to check callers is
-    given: ``serviceAccounts`` (TokenReview) and/or ``tokensSecret`` (PRINCIPAL:TOKEN lines
-    under the Secret's key ``tokens``)."""
+    """``spec.auth``: who may call (docs/security.md). On by default: without
+    ``serviceAccounts`` the callers are the ServiceAccounts of the pool's own namespace
+    (``NAMESPACE/*``, checked with TokenReview), plus the ``tokensSecret`` lines (PRINCIPAL:TOKEN
+    under the Secret's key ``tokens``) if one is named. Only ``enabled: false`` turns it off;
+    ``explicit`` records that the spec said so (the opt-out is shown and warned of).
+    ``AuthSpec()`` is "on, nobody listed": parse_spec fills in the namespace's callers."""
 
     service_accounts: tuple[str, ...] = ()  # NAMESPACE/NAME, NAME may be *
     tokens_secret: str | None = None
     admins: tuple[str, ...] = ()
     direct_mode: tuple[str, ...] = ()  # principals allowed direct mode; "*": all
     audience: str = "snakepit"  # what ServiceAccount tokens must be minted for
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.service_accounts or self.tokens_secret)
+    enabled: bool = True
+    explicit: bool = False  # spec.auth.enabled was written (only an explicit false turns it off)
+    # serviceAccounts was not given: the callers are the pool's namespace (NAMESPACE/*)
+    default_callers: bool = False
 
 
 @dataclass(frozen=True)
@@ -254,19 +260,45 @@ def _str_map(value: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in _map(value).items()}
 
 
-LOAD_BALANCER_REFUSAL = (
-    "spec.router.serviceType LoadBalancer publishes the router outside the cluster, which needs "
-    "TLS, authentication and spec.router.loadBalancerSourceRanges; this version has no TLS or "
-    "authentication, so it refuses LoadBalancer (use ClusterIP or NodePort; docs/security.md)"
-)
+def load_balancer_missing(router: RouterSpec, tls: TlsSpec, auth: AuthSpec) -> list[str]:
+    """What a LoadBalancer router still lacks: it publishes the router outside the cluster, so
+    it needs TLS, authentication and source ranges (empty for other Service types)."""
+    if router.service_type != "LoadBalancer":
+        return []
+    missing = []
+    if not tls.enabled:
+        missing.append("TLS (spec.tls.enabled is false)")
+    if not auth.enabled:
+        missing.append("authentication (spec.auth.enabled is false)")
+    if not router.load_balancer_source_ranges:
+        missing.append("spec.router.loadBalancerSourceRanges (the addresses that may connect)")
+    return missing
+
+
+def load_balancer_refusal(missing: list[str]) -> str:
+    return (
+        "spec.router.serviceType LoadBalancer publishes the router outside the cluster, which "
+        "needs TLS, authentication and spec.router.loadBalancerSourceRanges; missing: "
+        + "; ".join(missing)
+        + " (or use ClusterIP or NodePort; docs/security.md)"
+    )
+
+
+def _source_ranges(raw: Any) -> tuple[str, ...]:
+    ranges = tuple(str(cidr).strip() for cidr in _list(raw))
+    for cidr in ranges:
+        if cidr in _EVERYWHERE:
+            raise SpecError(
+                f"spec.router.loadBalancerSourceRanges: {cidr} admits every address; list the "
+                "networks of your callers"
+            )
+    return ranges
 
 
 def _parse_router(raw: Mapping[str, Any]) -> RouterSpec:
     service_type = str(raw.get("serviceType", "ClusterIP"))
     if service_type not in SERVICE_TYPES:
         raise SpecError(f"spec.router.serviceType must be one of {', '.join(SERVICE_TYPES)}")
-    if service_type == "LoadBalancer":
-        raise SpecError(LOAD_BALANCER_REFUSAL)
     node_port = raw.get("nodePort")
     return RouterSpec(
         replicas=int(raw.get("replicas", 2)),
@@ -275,6 +307,7 @@ def _parse_router(raw: Mapping[str, Any]) -> RouterSpec:
         node_port=int(node_port) if node_port is not None else None,
         resources=_map(raw.get("resources")),
         service_annotations=_str_map(raw.get("serviceAnnotations")),
+        load_balancer_source_ranges=_source_ranges(raw.get("loadBalancerSourceRanges")),
     )
 
 
@@ -386,7 +419,7 @@ def _parse_autoscaling(raw: Any) -> AutoscalingSpec | None:
 def _parse_tls(raw: Mapping[str, Any]) -> TlsSpec:
     explicit = "enabled" in raw
     secret = raw.get("secretName") or None
-    enabled = bool(raw.get("enabled", secret is not None))
+    enabled = bool(raw.get("enabled", True))
     lifetime = DEFAULT_CERTIFICATE_LIFETIME
     if raw.get("certificateLifetime"):
         lifetime = parse_duration(str(raw["certificateLifetime"]), "spec.tls.certificateLifetime")
@@ -402,33 +435,56 @@ def _parse_tls(raw: Mapping[str, Any]) -> TlsSpec:
     )
 
 
-def _parse_auth(raw: Mapping[str, Any]) -> AuthSpec:
-    accounts = []
+def _parse_auth(raw: Mapping[str, Any], namespace: str) -> AuthSpec:
+    """``spec.auth`` with the secure default: on, and without ``serviceAccounts`` every
+    ServiceAccount of ``namespace`` (the pool's) may call; an explicit list (even an empty one,
+    for a pool reached with static tokens only) replaces that."""
+    explicit = "enabled" in raw
+    enabled = bool(raw.get("enabled", True))
+    default_callers = raw.get("serviceAccounts") is None
+    accounts = [f"{namespace}/*"] if default_callers else []
     for entry in _list(raw.get("serviceAccounts")):
         account = _map(entry)
-        namespace, name = str(account.get("namespace", "")), str(account.get("name", ""))
-        if not namespace or not name:
+        ns, name = str(account.get("namespace", "")), str(account.get("name", ""))
+        if not ns or not name:
             raise SpecError("spec.auth.serviceAccounts: each entry needs a namespace and a name")
-        accounts.append(f"{namespace}/{name}")
+        accounts.append(f"{ns}/{name}")
+    tokens_secret = str(raw["tokensSecret"]) if raw.get("tokensSecret") else None
+    if enabled and not accounts and not tokens_secret:
+        raise SpecError(
+            "spec.auth.serviceAccounts is empty and there is no spec.auth.tokensSecret: nobody "
+            "could call this pool (leave serviceAccounts out for the namespace's own "
+            "ServiceAccounts, or say spec.auth.enabled: false to turn authentication off)"
+        )
     return AuthSpec(
-        service_accounts=tuple(accounts),
-        tokens_secret=str(raw["tokensSecret"]) if raw.get("tokensSecret") else None,
+        service_accounts=tuple(accounts) if enabled else (),
+        tokens_secret=tokens_secret if enabled else None,
         admins=tuple(str(v) for v in _list(raw.get("admins"))),
         direct_mode=tuple(str(v) for v in _list(raw.get("directMode"))),
         audience=str(raw.get("audience") or "snakepit"),
+        enabled=enabled,
+        explicit=explicit,
+        default_callers=default_callers and enabled,
     )
 
 
-def auth_of(raw_spec: Mapping[str, Any]) -> AuthSpec:
+def auth_of(raw_spec: Mapping[str, Any], namespace: str) -> AuthSpec:
     """``spec.auth`` alone, for readers that need only it (the TokenReview binding)."""
-    return _parse_auth(_map(raw_spec.get("auth")))
+    return _parse_auth(_map(raw_spec.get("auth")), namespace)
 
 
-def parse_spec(raw: Mapping[str, Any]) -> PoolSpec:
-    """Defaulted, typed view of ``spec``; raises SpecError for what the builders cannot use."""
+def parse_spec(raw: Mapping[str, Any], namespace: str = "default") -> PoolSpec:
+    """Defaulted, typed view of ``spec`` of a pool in ``namespace`` (the default callers are
+    that namespace's ServiceAccounts); raises SpecError for what the builders cannot use."""
     session = _map(raw.get("session"))
     policy = _map(raw.get("networkPolicy"))
     metrics = _map(raw.get("metrics"))
+    router = _parse_router(_map(raw.get("router")))
+    tls = _parse_tls(_map(raw.get("tls")))
+    auth = _parse_auth(_map(raw.get("auth")), namespace)
+    missing = load_balancer_missing(router, tls, auth)
+    if missing:
+        raise SpecError(load_balancer_refusal(missing))
     return PoolSpec(
         replicas=int(raw.get("replicas", 2)),
         image=str(raw["image"]) if raw.get("image") else None,
@@ -440,7 +496,7 @@ def parse_spec(raw: Mapping[str, Any]) -> PoolSpec:
         env=_list(raw.get("env")),
         env_from=_list(raw.get("envFrom")),
         pod_template=_parse_pod_template(_map(raw.get("podTemplate"))),
-        router=_parse_router(_map(raw.get("router"))),
+        router=router,
         session=SessionSpec(
             ttl_seconds=int(session.get("ttlSeconds", 3600)),
             max_sessions=int(session.get("maxSessions", 10_000)),
@@ -459,12 +515,12 @@ def parse_spec(raw: Mapping[str, Any]) -> PoolSpec:
         max_call_seconds=int(raw.get("maxCallSeconds", DEFAULT_MAX_CALL_SECONDS)),
         limits=_parse_limits(_map(raw.get("limits"))),
         autoscaling=_parse_autoscaling(raw.get("autoscaling")),
-        tls=_parse_tls(_map(raw.get("tls"))),
+        tls=tls,
         pool_tool_principals=_principals(
             _map(raw.get("hostedTools")).get("poolWidePrincipals"),
             "spec.hostedTools.poolWidePrincipals",
         ),
-        auth=_parse_auth(_map(raw.get("auth"))),
+        auth=auth,
     )
 
 
@@ -488,7 +544,7 @@ def parse_pool(body: Mapping[str, Any]) -> Pool:
         namespace=str(meta["namespace"]),
         uid=str(meta["uid"]),
         generation=int(meta.get("generation", 1)),
-        spec=parse_spec(_map(body.get("spec"))),
+        spec=parse_spec(_map(body.get("spec")), str(meta["namespace"])),
         desired_replicas=_desired(_map(body.get("status")).get("desiredReplicas")),
     )
 

@@ -266,6 +266,23 @@ def tls_status(pool: Pool) -> str:
     return "Disabled (spec.tls.enabled: false)" if tls.explicit else "Disabled"
 
 
+def auth_status(pool: Pool) -> JSON:
+    """``status.auth``: whether callers must prove who they are, and who may (the default
+    callers are the namespace's ServiceAccounts; an opt-out says it was one)."""
+    auth = pool.spec.auth
+    if not auth.enabled:
+        return {"enabled": False, "reason": "spec.auth.enabled: false"}
+    status: JSON = {
+        "enabled": True,
+        "callers": [f"serviceaccount {a}" for a in auth.service_accounts],
+    }
+    if auth.tokens_secret:
+        status["callers"].append(f"tokens in Secret {auth.tokens_secret}")
+    if auth.direct_mode:
+        status["directMode"] = list(auth.direct_mode)
+    return status
+
+
 def compute_status(
     pool: Pool, observed: Observed, previous: Mapping[str, Any], now: str
 ) -> tuple[JSON, list[Transition]]:
@@ -294,6 +311,7 @@ def compute_status(
         "selector": selector_string(pool, WORKER),
         "endpoint": endpoint(pool),
         "tls": tls_status(pool),
+        "auth": auth_status(pool),
         "conditions": conditions,
     }
     external = external_endpoint(observed.router_service)
@@ -305,7 +323,17 @@ def compute_status(
 
 
 def status_patch(previous: Mapping[str, Any], new: Mapping[str, Any]) -> JSON:
-    """JSON merge patch body turning ``previous`` into ``new`` ({} when nothing changed)."""
-    patch: JSON = {k: v for k, v in new.items() if previous.get(k) != v}
+    """JSON merge patch body turning ``previous`` into ``new`` ({} when nothing changed). A
+    merge patch merges objects key by key, so a key gone from a nested object (``auth``'s
+    ``callers`` once auth is turned off) is nulled there too, not left behind."""
+    patch: JSON = {}
+    for key, value in new.items():
+        old = previous.get(key)
+        if old == value:
+            continue
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            patch[key] = status_patch(old, value)
+        else:
+            patch[key] = value
     patch.update({k: None for k in previous if k not in new})
     return patch

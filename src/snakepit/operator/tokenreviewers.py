@@ -38,7 +38,7 @@ def pool_auths(bodies: Sequence[Mapping[str, Any]]) -> list[PoolAuth]:
         if meta.get("deletionTimestamp"):
             continue
         try:
-            auth = auth_of(body.get("spec") or {})
+            auth = auth_of(body.get("spec") or {}, str(meta.get("namespace")))
         except (ValueError, TypeError):
             continue
         found.append((str(meta.get("namespace")), str(meta.get("name")), auth))

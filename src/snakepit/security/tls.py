@@ -172,6 +172,13 @@ class ChannelTls:
         """How one pool member dials another: pool CA, own certificate, the pool's name."""
         return cls(files.ca, files.cert, files.key, server_name=POOL_NAME)
 
+    def for_pool_members(self) -> ChannelTls:
+        """The same CA and client certificate, checking the pool's name instead of the dialled
+        address: how a direct-mode client dials workers, whose certificates name the pool, not
+        their pod addresses."""
+        files = self.files
+        return ChannelTls(files.ca, files.cert, files.key, server_name=POOL_NAME)
+
     def changed(self) -> bool:
         """Whether the files differ from those of the last ``credentials()`` (a stat each)."""
         try:

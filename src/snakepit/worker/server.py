@@ -109,9 +109,11 @@ class WorkerConfig:
     ticket_public_key: str = ""
     ticket_audience: str = DEFAULT_AUDIENCE
     # The pool's TLS files (its certificate from the pool CA, the pool CA): the worker then
-    # serves mutual TLS only, to clients with a certificate from the pool CA or from one of
-    # ``tls_client_cas`` (direct-mode clients), and calls its router the same way. None:
-    # plaintext (docs/security.md).
+    # serves TLS only and calls its router with that certificate. Without a ticket key it
+    # requires client certificates (mutual TLS) from the pool CA or one of ``tls_client_cas``
+    # (direct-mode clients); with one, a valid ticket is what admits a call, and client
+    # certificates are required only if ``tls_client_cas`` are given. None: plaintext
+    # (docs/security.md).
     pool_tls: TlsFiles | None = None
     tls_client_cas: tuple[str, ...] = ()
     # A plaintext port serving only grpc.health.v1, for probes that cannot speak TLS.
@@ -211,12 +213,19 @@ class WorkerServer:
         return self.port
 
     def _server_credentials(self) -> grpc.ServerCredentials | None:
+        """TLS on the worker port. With tickets (auth on) every tool call must carry a valid
+        pool ticket, which is what proves it (the router's and a direct-mode client's alike),
+        so no client certificate is asked for: a direct-mode client has a token and the pool
+        CA, not a certificate. Without tickets the client certificate is all that proves a
+        caller, so it is required (mutual TLS), as it is when ``tls_client_cas`` ask for it.
+        grpc's Python API cannot ask for a certificate without requiring one (docs/security.md,
+        "Direct mode under the defaults")."""
         files = self.config.pool_tls
         if files is None:
             return None
-        return ServerTls(
-            files.cert, files.key, (files.ca, *self.config.tls_client_cas)
-        ).credentials()
+        required = self.verifier is None or self.config.tls_client_cas  # asked for: kept
+        client_cas = (files.ca, *self.config.tls_client_cas) if required else ()
+        return ServerTls(files.cert, files.key, client_cas).credentials()
 
     def _router_tls(self) -> ChannelTls | None:
         """How this worker dials its router: with its pool certificate, when the pool has TLS."""
@@ -354,8 +363,9 @@ class WorkerServer:
         if not ticket:
             raise Unauthenticated(
                 "this worker takes calls only with a pool ticket (metadata "
-                f"{TICKET_KEY!r}): call through the router, or in direct mode with the ticket "
-                "the routing table carries"
+                f"{TICKET_KEY!r}): call through the router, or in direct mode "
+                "(Client(direct=True) with a token of a principal the pool allows direct mode: "
+                "the routing table carries the ticket)"
             )
         return self.verifier.verify(ticket), ticket
 

@@ -15,7 +15,7 @@ from ..config import OperatorConfig
 from ..spec import JSON, REDIS_PORT, ROUTER_PORT, WORKER_PORT, Pool
 from .common import POOL_LABEL, ROUTER, STORE, WORKER, Names, metadata, selector
 from .metrics import metrics_ingress
-from .tls import INTERNAL_PORT, tls_enabled
+from .tls import HEALTH_PORT, INTERNAL_PORT, tls_enabled
 
 # Cloud metadata endpoints (169.254.169.254, fd00:ec2::254) and the rest of link-local.
 METADATA_CIDRS_V4 = ["169.254.0.0/16"]
@@ -119,9 +119,14 @@ def build_router_network_policy(pool: Pool, config: OperatorConfig) -> JSON:
     """The front door: callers from ``routerClients`` (this namespace's pods when empty), and
     the pool's own pods (workers' ``ctx.call_tool``; routers forwarding hosted-tool calls to
     the replica that holds the host's stream); with ``spec.autoscaling``, also the operator's
-    pods, whose autoscaler reads each router's load. It reaches DNS, workers, the other
-    routers, the store and the API server (it watches EndpointSlices)."""
+    pods, whose autoscaler reads each router's load; with a LoadBalancer, the
+    ``loadBalancerSourceRanges`` too (what the Service admits, the policy must not drop). It
+    reaches DNS, workers, the other routers, the store and the API server (it watches
+    EndpointSlices)."""
     clients = pool.spec.network_policy.router_clients or [{"podSelector": {}}]
+    if pool.spec.router.service_type == "LoadBalancer":
+        ranges = pool.spec.router.load_balancer_source_ranges
+        clients = [*clients, *({"ipBlock": {"cidr": cidr}} for cidr in ranges)]
     operator = config.operator_peer() if pool.spec.autoscaling else None
     ingress = [
         {
@@ -132,6 +137,8 @@ def build_router_network_policy(pool: Pool, config: OperatorConfig) -> JSON:
     ]
     if tls_enabled(pool):
         ingress.append({"from": [_pool_pods(pool)], "ports": _tcp(INTERNAL_PORT)})
+        if operator:  # the autoscaler's health stream of a TLS router (autoscale/routers.py)
+            ingress.append({"from": [operator], "ports": _tcp(HEALTH_PORT)})
     egress = [
         _dns(),
         {

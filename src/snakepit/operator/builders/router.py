@@ -172,13 +172,16 @@ def build_router_service(pool: Pool) -> JSON:
         ports.append(
             {"name": "internal", "port": INTERNAL_PORT, "targetPort": "internal", "protocol": "TCP"}
         )
+    spec: JSON = {"type": router.service_type, "selector": selector(pool, ROUTER), "ports": ports}
+    if router.service_type == "LoadBalancer":  # spec.py refuses one without ranges
+        spec["loadBalancerSourceRanges"] = list(router.load_balancer_source_ranges)
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": metadata(
             pool, Names(pool.name).router, ROUTER, annotations=router.service_annotations
         ),
-        "spec": {"type": router.service_type, "selector": selector(pool, ROUTER), "ports": ports},
+        "spec": spec,
     }
 
 
