@@ -30,8 +30,11 @@ def free_port() -> int:
 
 
 def readiness_probe_passes(port: int, password: str) -> bool:
-    """The StatefulSet's exec readiness probe, pointed at this server's port."""
-    pool = parse_pool({"metadata": {"name": "p", "namespace": "n", "uid": "u"}, "spec": {}})
+    """The StatefulSet's exec readiness probe, pointed at this server's port. The server here is
+    plaintext (the script run without its TLS files), so is the pool: a default pool's probe
+    speaks TLS."""
+    spec = {"tls": {"enabled": False}}
+    pool = parse_pool({"metadata": {"name": "p", "namespace": "n", "uid": "u"}, "spec": spec})
     sts = build_store_statefulset(pool, OperatorConfig())
     probe = sts["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"]
     command = [*probe[:-1], probe[-1].replace("redis-cli ", f"redis-cli -p {port} ")]
