@@ -372,13 +372,19 @@ class WorkerServer:
     def _refused_draining(self) -> Unavailable:
         return Unavailable(f"worker {self.worker_id} is draining", not_started=True)
 
+    def _take_free_slot(self) -> bool:
+        """Take a slot if one is free and nobody waits for one (FIFO) and not draining."""
+        if self.in_flight < self.config.concurrency and not self._backlog and not self.refusing:
+            self.in_flight += 1
+            return True
+        return False
+
     async def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """Take a slot: at once when one is free, else after a wait in the backlog (FIFO)."""
+        if self._take_free_slot():
+            return
         if self.refusing:
             raise self._refused_draining()
-        if self.in_flight < self.config.concurrency and not self._backlog:
-            self.in_flight += 1
-            return
         config = self.config
         if len(self._backlog) >= config.backlog_size:
             raise ResourceExhausted(
@@ -538,9 +544,7 @@ class WorkerServer:
                 call.principal, call.ticket = self._caller(context)
             except Unauthenticated as exc:
                 await abort_with(context, exc, self.worker_id)
-        if self.in_flight < self.config.concurrency and not self._backlog and not self.refusing:
-            self.in_flight += 1  # a free slot: the common case, without a coroutine
-        else:
+        if not self._take_free_slot():  # the common case takes its slot without a coroutine
             try:
                 await self._admit(context)
             except Exception as exc:
