@@ -349,6 +349,11 @@ def test_apply_the_example_pool_becomes_ready(
     assert header.split()[:4] == ["NAME", "WORKERS", "READY", "ENDPOINT"]
     assert row.split()[:3] == [POOL, "2", "2"]
     assert f"{POOL}-router.{ns}" in row
+    # The default data path (spec.router.dataPath auto): HAProxy from the router image carries
+    # tool calls in every router pod; everything below runs through it.
+    for pod in pods(kube_node, ns, "router"):
+        logs = kube_node.kubectl_run("-n", ns, "logs", pod["metadata"]["name"]).stdout
+        assert "data path: haproxy" in logs, logs[-2000:]
 
 
 def test_helm_test_passes(kube_node: KubeCluster, release: str, router: str) -> None:

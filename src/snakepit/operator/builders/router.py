@@ -87,6 +87,8 @@ def router_args(pool: Pool) -> list[str]:
         str(spec.session.ttl_seconds),
         "--max-sessions",
         str(spec.session.max_sessions),
+        "--data-path",
+        spec.router.data_path,
         *metrics_args(pool),
         *limits,
         *(word for name in spec.pool_tool_principals for word in ("--allow-pool-tools", name)),
