@@ -47,8 +47,8 @@ class RouterSpec:
     service_annotations: dict[str, str] = field(default_factory=dict)
     # CIDRs a LoadBalancer admits (the Service's spec.loadBalancerSourceRanges).
     load_balancer_source_ranges: tuple[str, ...] = ()
-    # auto: HAProxy (in the router image) unless the spec needs the Python router (strict
-    # affinity, calls per principal); the router logs which it chose and why.
+    # auto: HAProxy (in the router image) unless the spec needs the Python router (calls per
+    # principal, autoscaling: see router_data_path); the router logs which it chose and why.
     data_path: str = "auto"
 
 
@@ -500,6 +500,12 @@ def parse_spec(raw: Mapping[str, Any], namespace: str = "default") -> PoolSpec:
         raise SpecError(
             "spec.router.dataPath haproxy cannot count calls per principal: remove "
             "spec.limits.maxCallsPerPrincipal, or use dataPath auto or python"
+        )
+    if router.data_path == "haproxy" and raw.get("autoscaling"):
+        raise SpecError(
+            "spec.router.dataPath haproxy cannot serve an autoscaled pool (HAProxy's queue is "
+            "not read by the autoscaler, and it refuses calls while no worker runs): remove "
+            "spec.autoscaling, or use dataPath auto or python"
         )
     return PoolSpec(
         replicas=int(raw.get("replicas", 2)),
