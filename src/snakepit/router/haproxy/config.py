@@ -183,8 +183,11 @@ def build_config(spec: HaproxySpec) -> str:
         # ``fast``: a tool call HAProxy sends to the workers itself (with auth: of a caller
         # the Python router vouched for).
         *_fast(spec, tools),
+        # Not while stopping: a soft-stopped HAProxy (SIGUSR1: a handover to a new one for a CA
+        # change, or the router's own shutdown) counts no usable server in its stopped
+        # backends, though it still forwards the calls that reach it on open connections.
         f"  http-request return status 200 {error_headers(errors['none'])} "
-        f"if fast {{ nbsrv({WORKERS_BACKEND}) eq 0 }}",
+        f"if fast !{{ stopping }} {{ nbsrv({WORKERS_BACKEND}) eq 0 }}",
         f"  http-request return status 200 {error_headers(errors['full'])} "
         f"if fast {{ queue({WORKERS_BACKEND}) ge {spec.queue_size} }}",
         # Large request bodies go through the Python router, whose queue holds a call after
