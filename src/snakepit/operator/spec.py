@@ -47,9 +47,10 @@ class RouterSpec:
     service_annotations: dict[str, str] = field(default_factory=dict)
     # CIDRs a LoadBalancer admits (the Service's spec.loadBalancerSourceRanges).
     load_balancer_source_ranges: tuple[str, ...] = ()
-    # auto: HAProxy (in the router image) unless the spec needs the Python router (calls per
-    # principal, autoscaling: see router_data_path); the router logs which it chose and why.
-    data_path: str = "auto"
+    # python (the default: the router's own metrics need it), auto (HAProxy from the router
+    # image unless the spec needs the Python router: calls per principal, autoscaling; see
+    # router_data_path) or haproxy; the router logs which it chose and why.
+    data_path: str = "python"
 
 
 @dataclass(frozen=True)
@@ -305,7 +306,7 @@ def _parse_router(raw: Mapping[str, Any]) -> RouterSpec:
     if service_type not in SERVICE_TYPES:
         raise SpecError(f"spec.router.serviceType must be one of {', '.join(SERVICE_TYPES)}")
     node_port = raw.get("nodePort")
-    data_path = str(raw.get("dataPath", "auto"))
+    data_path = str(raw.get("dataPath", "python"))
     if data_path not in DATA_PATHS:
         raise SpecError(f"spec.router.dataPath must be one of {', '.join(DATA_PATHS)}")
     return RouterSpec(
