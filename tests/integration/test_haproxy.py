@@ -21,7 +21,7 @@ from snakepit.router.haproxy.tlsfiles import HaproxyFiles
 from snakepit.router.ring import HashRing, server_id
 from snakepit.security.localca import LocalCA, write_file, write_issued
 from snakepit.security.tls import CA_FILE, CERT_FILE, KEY_FILE, POOL_NAME, TlsFiles
-from tests.fixtures.processes import ProcessFactory, free_port, start_pool, wait_ready
+from tests.fixtures.processes import ProcessFactory, free_port, start_pool, wait_for, wait_ready
 
 pytestmark = pytest.mark.skipif(haproxy_binary() is None, reason="haproxy is not installed")
 
@@ -267,3 +267,32 @@ def test_serve_says_which_data_path_it_uses(
     assert said in pool.logs()
     with Client(pool.address) as client:
         assert client.execute("add", a=1, b=2) == 3
+
+
+def test_the_health_and_metrics_ports_listen_where_the_pool_port_does(
+    procs: ProcessFactory,
+) -> None:
+    """With HAProxy on the pool port, the Python router's own gRPC port is loopback only, but its
+    plaintext health port (kubelet probes of a TLS pool) and metrics port (Prometheus) are not
+    behind HAProxy: they listen on the router's host. On loopback they failed every startup
+    probe of a router pod."""
+    import psutil
+
+    health, metrics, port = free_port(), free_port(), free_port()
+    router = procs.start(
+        "router",
+        ["router", "--host", "0.0.0.0", "--port", str(port), "--store", "memory",
+         "--workers", f"w0=127.0.0.1:{free_port()}", "--data-path", "haproxy",
+         "--health-port", str(health), "--metrics-port", str(metrics)],
+        f"127.0.0.1:{port}",
+    )  # fmt: skip
+    assert router.process is not None
+
+    def listening() -> dict[int, str]:
+        found = psutil.Process(router.process.pid).net_connections(kind="tcp")
+        return {c.laddr.port: c.laddr.ip for c in found if c.status == psutil.CONN_LISTEN}
+
+    wait_for(lambda: {health, metrics} <= set(listening()))
+    bound = listening()
+    wildcard = {"0.0.0.0", "::"}  # gRPC binds a wildcard host dual-stack
+    assert bound[health] in wildcard and bound[metrics] in wildcard, bound

@@ -489,6 +489,17 @@ INVALID = [
         "spec.router.loadBalancerSourceRanges[0]",
         "admits every address",
     ),
+    (
+        {"router": {"dataPath": "haproxy"}, "limits": {"maxCallsPerPrincipal": 4}},
+        "spec.router.dataPath",
+        "cannot count calls per principal",
+    ),
+    (
+        {"router": {"dataPath": "haproxy"}, "autoscaling": {"maxReplicas": 4}},
+        "spec.router.dataPath",
+        "cannot serve an autoscaled pool",
+    ),
+    ({"router": {"dataPath": "envoy"}}, "spec.router.dataPath", "Unsupported value"),
     ({"auth": {"serviceAccounts": []}}, "spec.auth", "nobody could call"),
     ({"session": {"ttlSeconds": 10**9}}, "spec.session.ttlSeconds", "less than or equal to"),
     ({"maxCallSeconds": -1}, "spec.maxCallSeconds", "greater than or equal to 0"),

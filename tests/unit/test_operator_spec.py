@@ -63,3 +63,36 @@ def test_operator_config_reads_its_environment() -> None:
     assert defaults.operator_peer() is None
     assert defaults.router_image == "snakepit/operator:dev"
     assert defaults.redis_image == "snakepit/redis:dev"
+
+
+def test_router_pods_carry_the_data_path_the_spec_names() -> None:
+    """python by default; auto is HAProxy from the router image unless the spec needs the
+    Python router; the router command line the builder writes is one its parser accepts."""
+    from snakepit.cli import build_parser
+
+    from .test_operator_builders import arg, children, container
+
+    def args(spec: dict[str, object] | None = None) -> list[str]:
+        return list(container(children(spec)["Deployment/demo-router"])["args"])
+
+    assert parse_spec({}).router.data_path == "python"
+    assert arg(args(), "--data-path") == "python"
+    assert arg(args({"router": {"dataPath": "auto"}}), "--data-path") == "auto"
+    parsed = build_parser().parse_args(args({"router": {"dataPath": "haproxy"}}))
+    assert parsed.data_path == "haproxy"
+    # An autoscaled pool keeps the Python router: the autoscaler reads its queue, and it holds
+    # calls while no worker runs.
+    autoscaled = {"autoscaling": {"maxReplicas": 4}, "router": {"dataPath": "auto"}}
+    assert arg(args(autoscaled), "--data-path") == "python"
+
+
+def test_a_data_path_the_router_cannot_serve_is_refused_at_apply() -> None:
+    with pytest.raises(SpecError, match="dataPath must be one of auto, haproxy, python"):
+        parse_spec({"router": {"dataPath": "envoy"}})
+    with pytest.raises(SpecError, match="cannot count calls per principal"):
+        parse_spec({"router": {"dataPath": "haproxy"}, "limits": {"maxCallsPerPrincipal": 4}})
+    with pytest.raises(SpecError, match="cannot serve an autoscaled pool"):
+        parse_spec({"router": {"dataPath": "haproxy"}, "autoscaling": {"maxReplicas": 4}})
+    # auto falls back to the Python router for it (router/dataplane.py), so it is accepted.
+    auto = parse_spec({"limits": {"maxCallsPerPrincipal": 4}, "router": {"dataPath": "auto"}})
+    assert auto.router.data_path == "auto"

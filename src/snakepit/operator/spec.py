@@ -28,6 +28,8 @@ ROUTER_PORT = 50051
 REDIS_PORT = 6379
 METRICS_PORT = 9090
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+# What carries tool calls in a router pod (`snakepit router --data-path`, router/dataplane.py).
+DATA_PATHS = ("auto", "haproxy", "python")
 DEFAULT_MAX_CALL_SECONDS = 300
 
 
@@ -45,6 +47,10 @@ class RouterSpec:
     service_annotations: dict[str, str] = field(default_factory=dict)
     # CIDRs a LoadBalancer admits (the Service's spec.loadBalancerSourceRanges).
     load_balancer_source_ranges: tuple[str, ...] = ()
+    # python (the default: the router's own metrics need it), auto (HAProxy from the router
+    # image unless the spec needs the Python router: calls per principal, autoscaling; see
+    # router_data_path) or haproxy; the router logs which it chose and why.
+    data_path: str = "python"
 
 
 @dataclass(frozen=True)
@@ -300,6 +306,9 @@ def _parse_router(raw: Mapping[str, Any]) -> RouterSpec:
     if service_type not in SERVICE_TYPES:
         raise SpecError(f"spec.router.serviceType must be one of {', '.join(SERVICE_TYPES)}")
     node_port = raw.get("nodePort")
+    data_path = str(raw.get("dataPath", "python"))
+    if data_path not in DATA_PATHS:
+        raise SpecError(f"spec.router.dataPath must be one of {', '.join(DATA_PATHS)}")
     return RouterSpec(
         replicas=int(raw.get("replicas", 2)),
         service_type=service_type,
@@ -308,6 +317,7 @@ def _parse_router(raw: Mapping[str, Any]) -> RouterSpec:
         resources=_map(raw.get("resources")),
         service_annotations=_str_map(raw.get("serviceAnnotations")),
         load_balancer_source_ranges=_source_ranges(raw.get("loadBalancerSourceRanges")),
+        data_path=data_path,
     )
 
 
@@ -485,6 +495,19 @@ def parse_spec(raw: Mapping[str, Any], namespace: str = "default") -> PoolSpec:
     missing = load_balancer_missing(router, tls, auth)
     if missing:
         raise SpecError(load_balancer_refusal(missing))
+    limits = _parse_limits(_map(raw.get("limits")))
+    if router.data_path == "haproxy" and limits.max_calls_per_principal:
+        # The router would refuse to start (router/dataplane.py): say so at apply time instead.
+        raise SpecError(
+            "spec.router.dataPath haproxy cannot count calls per principal: remove "
+            "spec.limits.maxCallsPerPrincipal, or use dataPath auto or python"
+        )
+    if router.data_path == "haproxy" and raw.get("autoscaling"):
+        raise SpecError(
+            "spec.router.dataPath haproxy cannot serve an autoscaled pool (HAProxy's queue is "
+            "not read by the autoscaler, and it refuses calls while no worker runs): remove "
+            "spec.autoscaling, or use dataPath auto or python"
+        )
     return PoolSpec(
         replicas=int(raw.get("replicas", 2)),
         image=str(raw["image"]) if raw.get("image") else None,
@@ -513,7 +536,7 @@ def parse_spec(raw: Mapping[str, Any], namespace: str = "default") -> PoolSpec:
             port=int(metrics.get("port", METRICS_PORT)),
         ),
         max_call_seconds=int(raw.get("maxCallSeconds", DEFAULT_MAX_CALL_SECONDS)),
-        limits=_parse_limits(_map(raw.get("limits"))),
+        limits=limits,
         autoscaling=_parse_autoscaling(raw.get("autoscaling")),
         tls=tls,
         pool_tool_principals=_principals(

@@ -221,7 +221,7 @@ class RouterServer:
         if self.metrics is not None and self.config.metrics_port is not None:
             self.store = timed_store(self.store, self.metrics)
             self.metrics_server = serve_http(
-                self.metrics.registry, self.config.metrics_port, self.config.host
+                self.metrics.registry, self.config.metrics_port, self._side_host()
             )
             self._spawn(self._count_sessions(self.metrics))
         self._spawn(self.discovery.run(self.pool.set_workers))
@@ -239,13 +239,18 @@ class RouterServer:
             self._spawn(self._renew_worker_channels(self.pool.tls))
         if self.config.health_port is not None:
             self.health_server = await handlers_for.start_health_server(
-                self.health, self.config.host, self.config.health_port
+                self.health, self._side_host(), self.config.health_port
             )
         self._start_hosting()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(CAPACITY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         log.info("router serving", extra={"port": self.port, "store": self.store.backend})
         return self.port
+
+    def _side_host(self) -> str:
+        """Where the metrics and plaintext health ports listen: the router's host (kubelet
+        probes and Prometheus reach them on the pod's address)."""
+        return self.config.host
 
     def _listeners(self) -> dict[str, Any]:
         """``start_server``'s TLS keywords: the public port's and the internal one's."""

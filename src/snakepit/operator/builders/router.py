@@ -67,6 +67,16 @@ _LIMIT_FLAGS = {
 }
 
 
+def router_data_path(pool: Pool) -> str:
+    """``--data-path`` for the router pods. ``auto`` keeps the Python router for an autoscaled
+    pool: the autoscaler reads the load (calls in flight and queued) from the Python router,
+    which holds calls while no worker runs (scale from zero), where HAProxy's queue is invisible
+    to it and HAProxy refuses a call that finds no worker. The router itself falls back for
+    calls per principal (router/dataplane.py)."""
+    path = pool.spec.router.data_path
+    return "python" if path == "auto" and pool.spec.autoscaling is not None else path
+
+
 def router_args(pool: Pool) -> list[str]:
     spec = pool.spec
     limits = [
@@ -87,6 +97,8 @@ def router_args(pool: Pool) -> list[str]:
         str(spec.session.ttl_seconds),
         "--max-sessions",
         str(spec.session.max_sessions),
+        "--data-path",
+        router_data_path(pool),
         *metrics_args(pool),
         *limits,
         *(word for name in spec.pool_tool_principals for word in ("--allow-pool-tools", name)),

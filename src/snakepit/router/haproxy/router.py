@@ -52,6 +52,11 @@ class HaproxyRouter(RouterServer):
         self.control_port = 0
         self.current: HaproxySpec | None = None
 
+    def _side_host(self) -> str:
+        """The metrics and health ports are the Python process's own (HAProxy does not carry
+        them), on the public host like the pool port: only the gRPC port is loopback here."""
+        return self.public.host
+
     def _listeners(self) -> dict[str, Any]:
         """The internal port (pool TLS) is for workers and peer routers: the public host's."""
         listeners = super()._listeners()
