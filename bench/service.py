@@ -109,17 +109,21 @@ def pod_uids(cluster: KubeCluster, ns: str, pool: str, component: str) -> list[s
 
 
 def cpu_seconds(uids: list[str]) -> float:
-    """CPU time of these pods so far, from their cgroups (systemd or cgroupfs driver names)."""
-    total = 0.0
-    for uid in uids:
-        wanted = (f"pod{uid}", f"pod{uid.replace('-', '_')}")
-        found = [d for d in CGROUPS.glob("kubepods*/**/*pod*") if d.name.endswith(wanted)]
-        found += [d for d in CGROUPS.glob("kubepods*/*pod*") if d.name.endswith(wanted)]
-        if not found:
-            raise RuntimeError(f"no cgroup for pod {uid} under {CGROUPS}")
-        stat = (found[0] / "cpu.stat").read_text().split()
-        total += int(stat[stat.index("usage_usec") + 1]) / 1e6
-    return total
+    """CPU time of these pods so far, from their cgroups: v1 ``cpuacct`` (the local cluster's
+    kubelet, cgroupfs driver) or v2 ``cpu.stat`` (systemd or cgroupfs names)."""
+    return sum(_pod_cpu_seconds(uid) for uid in uids)
+
+
+def _pod_cpu_seconds(uid: str) -> float:
+    v1 = CGROUPS / "cpuacct" / "kubepods"
+    for directory in v1.glob(f"**/pod{uid}") if v1.is_dir() else ():
+        return int((directory / "cpuacct.usage").read_text()) / 1e9
+    names = (f"pod{uid}", f"pod{uid.replace('-', '_')}")
+    for directory in CGROUPS.glob("kubepods*/**/*pod*"):
+        if any(name in directory.name for name in names):
+            stat = (directory / "cpu.stat").read_text().split()
+            return int(stat[stat.index("usage_usec") + 1]) / 1e6
+    raise RuntimeError(f"no cgroup for pod {uid} under {CGROUPS}")
 
 
 def credentials(cluster: KubeCluster, ns: str, pool: str, directory: Path) -> tuple[Path, str]:
@@ -186,14 +190,14 @@ def run(cluster: KubeCluster, ns: str, operator_ns: str, args: argparse.Namespac
             raise SystemExit(f"the {path} pool's router does not run the {path} data path")
     ghz = Ghz(encode_request("add", {"a": 1, "b": 2}))
     results: dict[str, list[dict[str, float]]] = {path: [] for path in PATHS}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         targets = {}
         for path in PATHS:
-            ip = kube(cluster, "-n", ns, "get", "svc", f"{path}-router",
-                      "-o", "jsonpath={.spec.clusterIP}").strip()  # fmt: skip
+            # The cluster IP where this machine routes to it, else a port-forward.
+            address = stack.enter_context(cluster.service_address(ns, f"{path}-router", PORT))
             ca, token = credentials(cluster, ns, path, Path(tmp))
             tls = ["--cacert", str(ca), "--cname", f"{path}-router.{ns}.svc"]
-            targets[path] = (f"{ip}:{PORT}", tls, {"authorization": f"Bearer {token}"})
+            targets[path] = (address, tls, {"authorization": f"Bearer {token}"})
         try:
             for path in PATHS:  # warm: connections, TokenReview caches, HAProxy's maps
                 address, tls, metadata = targets[path]
