@@ -60,6 +60,7 @@ class Result:
     errors: int
     p50_ms: float
     p99_ms: float
+    error_kinds: tuple[tuple[str, int], ...] = ()  # ghz's errorDistribution: message, count
 
 
 class Ghz:
@@ -99,13 +100,15 @@ class Ghz:
         latencies = {
             d["percentage"]: d["latency"] / 1e6 for d in report.get("latencyDistribution") or ()
         }
-        errors = sum((report.get("errorDistribution") or {}).values())
+        kinds = report.get("errorDistribution") or {}
+        errors = sum(kinds.values())
         return Result(
             rate=float(report["rps"]),
             count=int(report["count"]),
             errors=int(errors),
             p50_ms=latencies.get(50, 0.0),
             p99_ms=latencies.get(99, 0.0),
+            error_kinds=tuple(sorted(kinds.items(), key=lambda kind: -kind[1])),
         )
 
     def close(self) -> None:

@@ -219,8 +219,10 @@ def run(cluster: KubeCluster, ns: str, operator_ns: str, args: argparse.Namespac
                     )
                     after = cpu_seconds(router), cpu_seconds(workers)
                     calls = result.count
-                    if result.errors:
-                        raise SystemExit(f"{path}: ghz saw {result.errors} errors")
+                    # ghz counts the calls its end of run cuts off as errors: up to one per
+                    # stream in flight ("use of closed network connection").
+                    if result.errors > args.in_flight:
+                        raise SystemExit(f"{path}: {result.errors} errors: {result.error_kinds}")
                     results[path].append(
                         {
                             "calls/s": result.rate,
