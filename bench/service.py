@@ -8,8 +8,8 @@ of its own and applies two pools that differ only in ``spec.router.dataPath``: `
 ``haproxy``, one router replica each, secured as by default (operator-issued TLS, a
 ServiceAccount token checked with TokenReview). ghz (bench/ghz.py) calls ``add`` in one session
 per connection through each router Service's cluster IP, the two pools round by round. Printed:
-calls/s, p50/p99, CPU per call of the router pod and of the worker pods (their cgroups'
-``cpu.stat`` on this machine, where the local cluster's pods run), and HAProxy ÷ Python next to
+calls/s, p50/p99, CPU per call of the router pod and of the worker pods (their cgroups on this
+machine, where the local cluster's pods run), and HAProxy ÷ Python next to
 issue 11's targets. What it created is deleted at the end (``--keep`` leaves it).
 """
 

@@ -17,7 +17,6 @@ TOKEN = "app-token-0123456789abcdef"
 async def test_load_is_summed_and_a_silent_router_makes_it_incomplete(
     procs: ProcessFactory,
 ) -> None:
-
     worker = procs.worker(concurrency=4)
     a = procs.router([worker])
     b = procs.router([worker])
@@ -40,7 +39,6 @@ async def test_load_is_summed_and_a_silent_router_makes_it_incomplete(
 
 
 async def test_a_held_call_is_heard_at_once(procs: ProcessFactory) -> None:
-
     # The router's only worker is not running: the call is held in its queue.
     router = procs.router([f"w0=127.0.0.1:{free_port()}"])
     heard = asyncio.Event()
@@ -65,7 +63,6 @@ async def test_a_secured_router_is_read_from_its_metrics_and_health_ports(
     """A router with TLS and tokens (a default pool on Kubernetes) answers GetPoolStatus only to
     callers it knows, and the autoscaler is none: it reads the load from /metrics and hears a
     held call on the plaintext health port, holding no credential."""
-
     tokens = tmp_path / "tokens"
     tokens.write_text(f"app:{TOKEN}\n")
     ca = LocalCA.generate("pool CA")

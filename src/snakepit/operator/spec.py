@@ -496,13 +496,14 @@ def parse_spec(raw: Mapping[str, Any], namespace: str = "default") -> PoolSpec:
     if missing:
         raise SpecError(load_balancer_refusal(missing))
     limits = _parse_limits(_map(raw.get("limits")))
+    autoscaling = _parse_autoscaling(raw.get("autoscaling"))
     if router.data_path == "haproxy" and limits.max_calls_per_principal:
         # The router would refuse to start (router/dataplane.py): say so at apply time instead.
         raise SpecError(
             "spec.router.dataPath haproxy cannot count calls per principal: remove "
             "spec.limits.maxCallsPerPrincipal, or use dataPath auto or python"
         )
-    if router.data_path == "haproxy" and raw.get("autoscaling"):
+    if router.data_path == "haproxy" and autoscaling is not None:
         raise SpecError(
             "spec.router.dataPath haproxy cannot serve an autoscaled pool (HAProxy's queue is "
             "not read by the autoscaler, and it refuses calls while no worker runs): remove "
@@ -537,7 +538,7 @@ def parse_spec(raw: Mapping[str, Any], namespace: str = "default") -> PoolSpec:
         ),
         max_call_seconds=int(raw.get("maxCallSeconds", DEFAULT_MAX_CALL_SECONDS)),
         limits=limits,
-        autoscaling=_parse_autoscaling(raw.get("autoscaling")),
+        autoscaling=autoscaling,
         tls=tls,
         pool_tool_principals=_principals(
             _map(raw.get("hostedTools")).get("poolWidePrincipals"),
