@@ -58,3 +58,44 @@ def test_an_unsampled_caller_gets_no_spans_only_its_decision_passed_on() -> None
         assert trace.get_current_span() is span
     finally:
         tracing.end_server(started, "OK", "worker add", {})
+
+
+def test_a_caller_inventing_tool_names_cannot_grow_the_metrics_memory() -> None:
+    """Each distinct name a caller sends (up to 512 bytes, with any code) once kept its own
+    cache entry, though its label was already capped to ``other``: 20,000 names past the cap
+    held ~5 MB in the router and in every worker (limits on everything a caller controls)."""
+    import time
+    import tracemalloc
+
+    from prometheus_client import CollectorRegistry
+
+    from snakepit.metrics import RouterMetrics
+    from snakepit.metrics.worker import WorkerMetrics
+
+    for metrics in (
+        RouterMetrics(CollectorRegistry()),
+        WorkerMetrics({"add"}, CollectorRegistry()),
+    ):
+        calls = metrics.tool_calls
+        started = time.perf_counter()
+        for name in ("add", "echo"):  # the names a pool knows are still counted apart
+            calls.record(name, "OK", started)
+        invented = [f"no-such-tool-{i:06d}-" + "x" * 64 for i in range(21_000)]
+        for name in invented[:1_000]:  # past the label cap: what is kept from here is a leak
+            calls.record(name, "NOT_FOUND", started)
+        tracemalloc.start()
+        before = tracemalloc.take_snapshot()
+        for name in invented[1_000:]:
+            calls.record(name, "NOT_FOUND", started)
+        grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
+        tracemalloc.stop()
+        assert grown < 256 * 1024, f"{type(metrics).__name__} kept {grown} bytes for 20,000 names"
+        samples = {
+            (s.labels["tool"], s.labels["code"]): s.value
+            for family in calls.calls.collect()
+            for s in family.samples
+            if s.name.endswith("_total")
+        }
+        assert samples[("add", "OK")] == 1
+        assert sum(v for (_, code), v in samples.items() if code == "NOT_FOUND") == 21_000
+        assert len(samples) <= 202  # 200 distinct tools at most, plus other/unknown

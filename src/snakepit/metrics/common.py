@@ -196,7 +196,9 @@ def zero(counter: Counter, values: Iterable[str]) -> None:
 
 class ToolCalls:
     """``<prefix>_calls_total{tool,code}`` and a latency histogram by tool, as router and worker
-    both count them; label children are cached per (tool, code), so a call costs two lookups."""
+    both count them; label children are cached per (label, code), so a call costs a label
+    lookup and a cache lookup. The cache is keyed by the bounded label, never by the name the
+    caller sent: invented names would otherwise each keep an entry of their own."""
 
     def __init__(
         self,
@@ -216,11 +218,11 @@ class ToolCalls:
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def record(self, tool: str, code: str, started: float) -> None:
-        children = self._children.get((tool, code))
+        label = self._label(tool)
+        children = self._children.get((label, code))
         if children is None:
-            label = self._label(tool)
             children = (self.calls.labels(label, code), self.duration.labels(label))
-            self._children[(tool, code)] = children
+            self._children[(label, code)] = children
         children[0].inc()
         children[1].observe(time.perf_counter() - started)
 
