@@ -14,12 +14,15 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
 from snakepit import Client
 from snakepit.errors import ResourceExhausted, SnakepitError, Unavailable
+from snakepit.protocol import method_path
+from snakepit.protocol.messages import encode_request
 from snakepit.protocol.status import never_started
 from tests.fixtures.processes import (
     ProcessFactory,
@@ -256,6 +259,30 @@ def test_a_killed_worker_fails_only_the_calls_running_on_it(
         assert len(failed) <= 4 + 16  # its slots and its backlog at most
         assert window.succeeded >= 50
         load.check_no_acknowledged_write_lost()
+
+
+def test_a_worker_killed_mid_stream_ends_its_streams_unavailable_for_any_client(
+    procs: ProcessFactory, data_path: str
+) -> None:
+    """Streams whose answers have begun end UNAVAILABLE when their worker dies, seen by a plain
+    gRPC client (not snakepit's), on both data paths. HAProxy 2.6 ended them with an empty
+    END_STREAM DATA frame and no status (UNKNOWN "Data frame with END_STREAM flag received",
+    every time): on its data path streaming calls now go through the Python router."""
+    router, workers = start_pool(procs, 1, adapter="tests.support.adapters:ProbeAdapter")
+    request = encode_request("ticks", {"key": "k", "n": 3000, "interval": 0.01}, "")
+    with grpc.insecure_channel(router.address) as channel:
+        stream = channel.unary_stream(method_path("ExecuteStreamingTool"))
+        calls = [stream(request, timeout=60) for _ in range(4)]
+        for call in calls:
+            next(call)  # under way: the answer has begun
+        workers[0].kill()
+        outcomes = []
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as failed:
+                for _ in call:
+                    pass
+            outcomes.append((failed.value.code(), failed.value.details()))
+    assert all(code == grpc.StatusCode.UNAVAILABLE for code, _ in outcomes), outcomes
 
 
 def test_tensor_calls_crossing_connection_age_goaways_fail_at_most_one_in_a_thousand(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from snakepit.errors import DeadlineExceeded, ResourceExhausted, ToolError, Unavailable
+from snakepit.protocol.status import error_from_rpc, never_started
 from snakepit.router.retry import MAX_FAULTS, Attempts, Next
 
 
@@ -49,3 +50,25 @@ def test_workers_that_cannot_be_reached_are_avoided_a_few_times_at_most() -> Non
     steps = [attempts.after(refused, f"w{i}", None) for i in range(MAX_FAULTS)]
     assert steps == [Next.ELSEWHERE] * (MAX_FAULTS - 1) + [Next.GIVE_UP]
     assert attempts.avoid == [f"w{i}" for i in range(MAX_FAULTS - 1)]
+
+
+class _CutOff(grpc.RpcError):
+    """What grpc core raises for an answer that ended without a status (a real one comes from
+    HAProxy 2.6 cutting a large answer whose worker died: docs/architecture.md)."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNKNOWN
+
+    def details(self) -> str:
+        return "Stream removed (Data frame with END_STREAM flag received)"
+
+    def trailing_metadata(self) -> None:
+        return None
+
+
+def test_an_answer_cut_off_before_its_status_is_unavailable_and_not_sent_again() -> None:
+    error = error_from_rpc(_CutOff())
+    assert isinstance(error, Unavailable)
+    assert "cut off" in str(error) and "END_STREAM" in str(error)
+    assert not never_started(error)
+    assert Attempts(wait_budget=30).after(error, "w0", None) is Next.GIVE_UP

@@ -151,11 +151,23 @@ def error_from_status(
     )
 
 
+# What grpc core says of an answer that ended without a status (no trailers): a proxy that
+# does not speak gRPC cut it off because its server went away midway (HAProxy 2.6 ends it with
+# an empty DATA frame carrying END_STREAM; docs/architecture.md, "Queue and errors").
+_CUT_OFF = "Data frame with END_STREAM flag received"
+
+
 def error_from_rpc(exc: grpc.RpcError) -> SnakepitError:
-    """Turn a grpc (sync or aio) RpcError into the matching ``snakepit.errors`` exception."""
+    """Turn a grpc (sync or aio) RpcError into the matching ``snakepit.errors`` exception.
+
+    An answer cut off before its status is UNAVAILABLE, as when the worker's connection breaks
+    mid-call: the call may have run, so it is not sent again (``never_started`` is false)."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
     trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    if code == grpc.StatusCode.UNKNOWN and details and _CUT_OFF in details:
+        code = grpc.StatusCode.UNAVAILABLE
+        details = f"the answer was cut off before its status, the worker lost mid-call ({details})"
     return error_from_status(code, details, trailing)
 
 

@@ -1,11 +1,11 @@
 """haproxy.cfg for the router's data path, built from a spec by pure functions.
 
-HAProxy listens on the router's public port (HTTP/2 cleartext, gRPC's transport). Tool calls
-(``ExecuteTool``, ``ExecuteStreamingTool``) go to the ``workers`` backend: consistent hashing on
+HAProxy listens on the router's public port (HTTP/2 cleartext, gRPC's transport). Unary tool
+calls (``ExecuteTool``) go to the ``workers`` backend: consistent hashing on
 the ``snakepit-session-id`` header with bounded load (``hash-balance-factor``), at most
 ``worker_concurrency`` calls per worker (``maxconn``), the rest in HAProxy's queue for at most
-``queue_timeout``. Every other RPC (sessions, variables, status, health) goes to the Python
-router on a loopback port. Worker servers are declared up front as ``SERVER_SLOTS`` idle slots
+``queue_timeout``. Every other RPC (streaming tool calls, sessions, variables, status, health)
+goes to the Python router on a loopback port. Worker servers are declared up front as ``SERVER_SLOTS`` idle slots
 ``s1``..``sN`` (id = slot number = the worker's ring id): the Python router points a slot at a
 worker, drains it and takes it back through the runtime API as discovery and health change, so
 scaling never reloads HAProxy. Slots rather than ``add server``: HAProxy 2.6 starts a server
@@ -44,7 +44,16 @@ from ..ring import SERVER_SLOTS, weight_for
 
 WORKERS_BACKEND = "workers"
 CONTROL_BACKEND = "control"
-TOOL_METHODS = ("ExecuteTool", "ExecuteStreamingTool")
+# The tool calls HAProxy forwards to the workers itself. Streaming calls go through the Python
+# router: a worker lost after its answer began must end the call UNAVAILABLE, and HAProxy 2.6
+# cannot say that. It ends a response its server dropped midway with an empty DATA frame that
+# carries END_STREAM (``h2_do_shutw``; no trailers, no RST_STREAM), which gRPC clients report as
+# UNKNOWN "Stream removed (Data frame with END_STREAM flag received)". A streaming call's answer
+# begins at its first item, so a worker killed mid-stream hit this every time. A unary answer
+# is written at the end, headers, message and status together, so its worker's death almost
+# always comes before the headers (HAProxy's 503, UNAVAILABLE); only one larger than the flow
+# control windows can be cut, which snakepit's clients report as UNAVAILABLE (error_from_rpc).
+FAST_METHODS = ("ExecuteTool",)
 BUFSIZE = 65536
 H2_WINDOW = 32768
 # A tool call whose request body reaches this size goes through the Python router (see
@@ -140,7 +149,7 @@ def build_config(spec: HaproxySpec) -> str:
     """The whole haproxy.cfg for ``spec``."""
     weight_for(spec.vnodes)  # validates
     errors = _errors(spec)
-    tools = " ".join(f"/{SERVICE_NAME}/{method}" for method in TOOL_METHODS)
+    tools = " ".join(f"/{SERVICE_NAME}/{method}" for method in FAST_METHODS)
     queue_ms = _milliseconds(spec.queue_timeout)
     host = _address(spec.host, None)
     lines = [
