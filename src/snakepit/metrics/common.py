@@ -218,13 +218,17 @@ class ToolCalls:
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def record(self, tool: str, code: str, started: float) -> None:
+        self.observe(tool, code, time.perf_counter() - started)
+
+    def observe(self, tool: str, code: str, seconds: float) -> None:
+        """A call of ``seconds`` (timed elsewhere: HAProxy's log on its data path)."""
         label = self._label(tool)
         children = self._children.get((label, code))
         if children is None:
             children = (self.calls.labels(label, code), self.duration.labels(label))
             self._children[(label, code)] = children
         children[0].inc()
-        children[1].observe(time.perf_counter() - started)
+        children[1].observe(seconds)
 
 
 def store_metrics(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -36,6 +37,16 @@ REJECTION_REASONS = {
     "Unavailable": "no_worker",
     "FailedPrecondition": "worker_gone",
 }
+
+
+@dataclass(frozen=True)
+class Load:
+    """Calls another part of the data path holds now, beside the Python pool's own (HAProxy's
+    queue and the calls it runs on workers: ``router.haproxy.load``)."""
+
+    in_flight: int = 0
+    queued: int = 0
+    workers: dict[str, int] = field(default_factory=dict)  # worker id -> calls running on it
 
 
 class RouterMetrics:
@@ -84,37 +95,67 @@ class RouterMetrics:
         self.sessions = -1.0  # set by the router's refresher; -1 until the store answered
         self._workers: dict[str, Any] = {}
         self._bytes: dict[str, tuple[Any, Any]] = {}  # method -> (received, sent) children
+        self._rejections: dict[str, Any] = {}  # reason -> counter child
+        self._collector: _PoolCollector | None = None
 
     def bind(self, pool: WorkerPool) -> None:
         """Report ``pool``'s live state (in flight, queue, workers) at every scrape."""
-        self.registry.register(_PoolCollector(pool, lambda: self.sessions))
+        self._collector = _PoolCollector(pool, lambda: self.sessions)
+        self.registry.register(self._collector)
+
+    def add_load(self, source: Callable[[], Load | None]) -> None:
+        """Add what ``source`` says at each scrape to the pool's in-flight and queue gauges
+        (None: nothing to add this time). Called from the scraping thread."""
+        assert self._collector is not None, "bind() first"
+        self._collector.extra = source
 
     # The call path -----------------------------------------------------------------------------
     def call_done(
         self, method: str, raw: bytes, code: str, started: float, sent_bytes: int
     ) -> None:
         self.tool_calls.record(tool_name_of(raw), code, started)
+        counters = self._byte_counters(method)
+        counters[0].inc(len(raw))
+        if sent_bytes:
+            counters[1].inc(sent_bytes)
+
+    def _byte_counters(self, method: str) -> tuple[Any, Any]:
         counters = self._bytes.get(method)
         if counters is None:
             counters = self._bytes[method] = (
                 self.received.labels(method),
                 self.sent.labels(method),
             )
-        counters[0].inc(len(raw))
-        if sent_bytes:
-            counters[1].inc(sent_bytes)
+        return counters
 
     def attempt_done(self, worker_id: str, started: float) -> None:
+        self.attempt_seconds(worker_id, time.perf_counter() - started)
+
+    # Calls timed elsewhere (HAProxy's call log) ------------------------------------------------
+    def call_seen(self, method: str, tool: str, code: str, seconds: float) -> None:
+        self.tool_calls.observe(tool, code, seconds)
+
+    def request_bytes(self, method: str, count: int) -> None:
+        self._byte_counters(method)[0].inc(count)
+
+    def attempt_seconds(self, worker_id: str, seconds: float) -> None:
         child = self._workers.get(worker_id)
         if child is None:
             child = self._workers[worker_id] = self.worker_duration.labels(worker_id)
-        child.observe(time.perf_counter() - started)
+        child.observe(seconds)
+
+    def rejected_for(self, reason: str) -> None:
+        """A rejection known by its reason (a ``REJECTION_REASONS`` value)."""
+        child = self._rejections.get(reason)
+        if child is None:
+            child = self._rejections[reason] = self.rejections.labels(reason)
+        child.inc()
 
     def waited(self, started: float) -> None:
         self.queue_wait.observe(time.perf_counter() - started)
 
     def rejected(self, error: BaseException) -> None:
-        self.rejections.labels(REJECTION_REASONS.get(type(error).__name__, "other")).inc()
+        self.rejected_for(REJECTION_REASONS.get(type(error).__name__, "other"))
 
     def retried(self, code: str) -> None:
         self.retries.labels(code).inc()
@@ -126,20 +167,28 @@ class _PoolCollector(Collector):
     def __init__(self, pool: WorkerPool, sessions: Callable[[], float]) -> None:
         self.pool = pool
         self.sessions = sessions
+        self.extra: Callable[[], Load | None] | None = None
 
     def collect(self) -> Iterator[Any]:
         pool = self.pool
         workers = list(pool.workers.values())
+        extra = (self.extra() if self.extra is not None else None) or Load()
         states: dict[tuple[str, ...], float] = {
             (s,): 0.0 for s in ("starting", "ready", "draining", "unreachable")
         }
         for w in workers:
             states[(w.state,)] = states.get((w.state,), 0.0) + 1
         yield gauge_family(
-            f"{PREFIX}_in_flight", "Calls running on workers now", [], {(): pool.in_flight}
+            f"{PREFIX}_in_flight",
+            "Calls running on workers now",
+            [],
+            {(): pool.in_flight + extra.in_flight},
         )
         yield gauge_family(
-            f"{PREFIX}_queued", "Calls waiting for a free worker now", [], {(): pool.queued}
+            f"{PREFIX}_queued",
+            "Calls waiting for a free worker now",
+            [],
+            {(): pool.queued + extra.queued},
         )
         yield gauge_family(
             f"{PREFIX}_queue_capacity",
@@ -152,7 +201,7 @@ class _PoolCollector(Collector):
         )
         yield gauge_family(
             f"{PREFIX}_worker_in_flight", "Calls running on each worker now", ["worker"],
-            {(w.worker_id,): w.in_flight for w in workers},
+            {(w.worker_id,): w.in_flight + extra.workers.get(w.worker_id, 0) for w in workers},
         )  # fmt: skip
         yield gauge_family(
             f"{PREFIX}_worker_capacity", "Calls each worker may run at once", [],

@@ -64,6 +64,27 @@ LARGE_BODY = H2_WINDOW
 BODY_WAIT = 5.0
 # The key of the divert map (``HaproxySpec.divert_map``) that sends every tool call to Python.
 DIVERT = "divert"
+# The call log (``calllog`` reads it): one line per call, these fields separated by spaces.
+# ``txn.tool`` is the tool name in hex (a caller's tool name may hold spaces or any byte), last
+# so that a line HAProxy truncates (``CALL_LOG_LINE``) loses only part of a name that is too
+# long to label anyway. Time fields are HAProxy's, in milliseconds, -1 for a step never reached.
+CALL_LOG_FIELDS = (
+    "%b",  # backend: workers, control (the Python router counts those itself), or the frontend
+    "%s",  # server (slot) of the last attempt, <NOSRV> when none was chosen
+    "%ts",  # termination state: sQ queue timeout, C? the caller went away, -- a clean end
+    "%Tw",  # time queued
+    "%Ta",  # the call's active time, first request byte to end
+    "%TR",  # time to receive the request (its body included, awaited for ``fast`` calls)
+    "%Tc",  # time to connect to the worker (-1: never sent to one)
+    "%rc",  # connection retries ("+N": redispatched to another worker)
+    "%sq",  # calls ahead of this one in its server's queue (0: it never queued there)
+    "%bq",  # ... in the backend's queue
+    "%[var(txn.grpc)]",  # grpc-status of the response headers; "-" when it came in trailers
+    "%[var(txn.body)]",  # request body length, gRPC framing included
+    "%HPO",  # the path: which RPC
+    "%[var(txn.tool)]",
+)
+CALL_LOG_LINE = 2048
 
 
 @dataclass(frozen=True)
@@ -103,6 +124,9 @@ class HaproxySpec:
     # router while a new HAProxy is made ready (``tlsfiles``). "": none.
     handover_socket: str = ""
     divert_map: str = ""
+    # Where HAProxy sends one line per call for the router's metrics (``call_log_lines``): a
+    # unix datagram address (``abns@NAME``); "": no call log.
+    call_log: str = ""
 
 
 def slot_name(server_id: int) -> str:
@@ -188,17 +212,11 @@ def build_config(spec: HaproxySpec) -> str:
         "",
         "frontend snakepit",
         f"  bind {host}:{spec.port} proto h2{_bind_tls(spec.tls)}",
+        *call_log_target(spec.call_log),
         f"  acl tool path {tools}",
         # ``fast``: a tool call HAProxy sends to the workers itself (with auth: of a caller
         # the Python router vouched for).
         *_fast(spec, tools),
-        # Not while stopping: a soft-stopped HAProxy (SIGUSR1: a handover to a new one for a CA
-        # change, or the router's own shutdown) counts no usable server in its stopped
-        # backends, though it still forwards the calls that reach it on open connections.
-        f"  http-request return status 200 {error_headers(errors['none'])} "
-        f"if fast !{{ stopping }} {{ nbsrv({WORKERS_BACKEND}) eq 0 }}",
-        f"  http-request return status 200 {error_headers(errors['full'])} "
-        f"if fast {{ queue({WORKERS_BACKEND}) ge {spec.queue_size} }}",
         # Large request bodies go through the Python router, whose queue holds a call after
         # reading it whole. HAProxy 2.6 reads a client connection's frames in order into one
         # buffer per stream and refills a stream's window as soon as its data is in that buffer,
@@ -209,6 +227,16 @@ def build_config(spec: HaproxySpec) -> str:
         # (tune.h2.fe.rxbuf), which raises the size, not the limit.
         f"  http-request wait-for-body time {_milliseconds(BODY_WAIT)}ms "
         f"at-least {LARGE_BODY} if fast",
+        # The body is awaited before the refusals below so that a refused call's log line
+        # names its tool too (a gRPC client sends the body right after the headers).
+        *call_log_lines(spec.call_log),
+        # Not while stopping: a soft-stopped HAProxy (SIGUSR1: a handover to a new one for a CA
+        # change, or the router's own shutdown) counts no usable server in its stopped
+        # backends, though it still forwards the calls that reach it on open connections.
+        f"  http-request return status 200 {error_headers(errors['none'])} "
+        f"if fast !{{ stopping }} {{ nbsrv({WORKERS_BACKEND}) eq 0 }}",
+        f"  http-request return status 200 {error_headers(errors['full'])} "
+        f"if fast {{ queue({WORKERS_BACKEND}) ge {spec.queue_size} }}",
         *_vouch(spec.auth_map),
         f"  use_backend {CONTROL_BACKEND} if fast {{ req.body_len ge {LARGE_BODY} }}",
         f"  use_backend {WORKERS_BACKEND} if fast",
@@ -308,6 +336,39 @@ def _vouch(auth_map: str) -> list[str]:
     return [
         f"  http-request del-header {AUTHORIZATION_KEY} if fast",
         f"  http-request set-header {TICKET_KEY} %[var(txn.ticket)] if fast",
+    ]
+
+
+def call_log_target(address: str) -> list[str]:
+    """Frontend lines that send one line per call to ``address`` (a unix datagram socket).
+
+    The frontend's log: in HTTP mode the frontend logs every stream at its end, whichever
+    backend served it. With ``log_requests`` the stderr log takes this format too (HAProxy 2.6
+    has one ``log-format`` per proxy)."""
+    if not address:
+        return []
+    return [
+        f"  log {address} len {CALL_LOG_LINE} format raw local0 info",
+        '  log-format "' + " ".join(CALL_LOG_FIELDS) + '"',
+    ]
+
+
+def call_log_lines(address: str) -> list[str]:
+    """The variables the call log prints, set while the call passes.
+
+    The tool name is field 1 of ``ExecuteToolRequest``, read from the buffered body with
+    ``ungrpc`` (a body under ``LARGE_BODY`` is whole by now; larger ones go to the Python
+    router, which counts them itself). ``grpc-status`` is read from the response headers in
+    ``http-after-response``, which also sees HAProxy's own answers (after the backend's rules
+    set their status): HAProxy 2.6 has no sample fetch for trailers (haproxy/haproxy#112), so
+    the status of an answer that sent a message is not there (``calllog`` says what it
+    concludes)."""
+    if not address:
+        return []
+    return [
+        "  http-request set-var(txn.tool) req.body,ungrpc(1),hex if fast",
+        "  http-request set-var(txn.body) req.body_len if fast",
+        "  http-after-response set-var(txn.grpc) res.hdr(grpc-status)",
     ]
 
 

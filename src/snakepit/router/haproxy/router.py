@@ -27,7 +27,9 @@ from ...supervisor import free_port
 from ..ring import SERVER_SLOTS
 from ..server import RouterConfig, RouterServer, advertised_address
 from .authmap import AuthMap
+from .calllog import CallLog, abstract_address, listen
 from .config import WORKERS_BACKEND, HaproxySpec, build_config
+from .load import HaproxyLoad
 from .process import HaproxyProcess
 from .runtime import HaproxyError, RuntimeApi
 from .servers import ServerSync
@@ -51,6 +53,8 @@ class HaproxyRouter(RouterServer):
         self.authmap: AuthMap | None = None
         self.control_port = 0
         self.current: HaproxySpec | None = None
+        self.call_log: CallLog | None = None  # HAProxy's call log, read with metrics on
+        self.call_log_address = ""
 
     def _side_host(self) -> str:
         """The metrics and health ports are the Python process's own (HAProxy does not carry
@@ -88,7 +92,22 @@ class HaproxyRouter(RouterServer):
             vnodes=pool.vnodes,
             maxconn=_maxconn(),
             log_requests=os.environ.get("SNAKEPIT_HAPROXY_LOG", "") not in ("", "0"),
+            call_log=self.call_log_address,
         )
+
+    def _worker_of(self, server: bytes) -> str | None:
+        return None if self.sync is None else self.sync.worker_of(server)
+
+    async def _observe_haproxy(self) -> None:
+        """With metrics on: the tool calls HAProxy carries count in the router's metrics, from
+        its call log (``calllog``) and, at each scrape, its queue and running calls (``load``).
+        Listening starts before HAProxy does, so its first lines find a reader."""
+        if self.metrics is None:
+            return
+        name = f"snakepit-calllog-{os.getpid()}-{secrets.token_hex(4)}"
+        self.call_log = await listen(name, self.metrics, self._worker_of)
+        self.call_log_address = abstract_address(name)
+        self.metrics.add_load(HaproxyLoad(self.api, self._worker_of))
 
     async def start(self) -> int:
         host = self.public.host
@@ -105,6 +124,7 @@ class HaproxyRouter(RouterServer):
         )
         try:
             self.control_port = await super().start()
+            await self._observe_haproxy()
             control = self.internal_port if self.config.pool_tls is not None else self.control_port
             spec = self.current = self.spec(port, control)
             sync = self.sync = ServerSync(self.api, spec, self.pool)
@@ -179,6 +199,8 @@ class HaproxyRouter(RouterServer):
         if self.haproxy is not None:
             await self.haproxy.stop(grace)
         await super().stop(grace=0.5)
+        if self.call_log is not None:
+            self.call_log.close()
         if self.files is not None:
             self.files.remove()
 

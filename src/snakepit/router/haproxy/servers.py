@@ -57,6 +57,10 @@ class ServerSync:
         self.spec = spec
         self.pool = pool
         self.servers: dict[str, _Slot] = {}  # by worker id: the slot each worker holds now
+        # Server name (bytes, as HAProxy's call log and stats name it) -> the worker it was
+        # last pointed at. Kept after the worker leaves: the calls still running on its slot
+        # are that worker's until the slot is pointed elsewhere (only once they are over).
+        self._workers_by_slot: dict[bytes, str] = {}
         self.releasing: set[int] = set()  # slots in maintenance until their calls are over
         self._dirty = asyncio.Event()
         self._applying = asyncio.Lock()  # run() and a new HAProxy's set-up both apply
@@ -69,7 +73,12 @@ class ServerSync:
         """HAProxy restarted with every slot free: point them again."""
         self.servers.clear()
         self.releasing.clear()
+        self._workers_by_slot.clear()
         self._dirty.set()
+
+    def worker_of(self, server: bytes) -> str | None:
+        """The worker whose calls HAProxy's server ``server`` carries (or last carried)."""
+        return self._workers_by_slot.get(server)
 
     def slot_of(self, worker_id: str) -> str | None:
         """The HAProxy server name a worker's calls go through, if it has one."""
@@ -138,6 +147,7 @@ class ServerSync:
         if "changed" not in answer and "no need to change" not in answer:
             raise HaproxyError(answer.strip())
         slot = self.servers[worker_id] = _Slot(server_id, address, "maint")
+        self._workers_by_slot[slot_name(server_id).encode()] = worker_id
         log.info(
             "haproxy server pointed at a worker",
             extra={"worker": worker_id, "address": address, "server": slot.path},

@@ -1,0 +1,210 @@
+"""HAProxy's log of the tool calls it carries, turned into the router's call metrics.
+
+Tool calls through HAProxy never reach the Python router, so its per-call metrics (calls by
+tool and code, latency, queue wait, rejections, request bytes, time on each worker) are made
+from HAProxy's own account of each call: one line per call (``config.call_log_target``, fields
+``config.CALL_LOG_FIELDS``) sent to a unix datagram socket the router reads on its event loop.
+``parse`` decides what a line says (pure); ``CallLog`` applies it to ``RouterMetrics``.
+
+What a line cannot say, and what is done instead:
+
+- *The status of an answer that carried a message*: gRPC puts it in the trailers and HAProxy 2.6
+  cannot fetch trailers (haproxy/haproxy#112). A worker answers ``ExecuteTool`` with a message
+  only on success (a failure aborts the call before any message: a trailers-only answer, whose
+  ``grpc-status`` is a header HAProxy reads), so a cleanly ended ``ExecuteTool`` with no status
+  header is ``OK``. A stream sends its first chunk before its outcome is known, so a cleanly
+  ended ``ExecuteStreamingTool`` with no status header is ``unknown``.
+- *Response bytes*: HAProxy counts the HTTP/2 headers and trailers with the data (``%B``), not
+  the messages the Python router counts, so ``sent_bytes_total`` is not fed from here.
+- *Time*: HAProxy logs milliseconds; a call under 1 ms is observed as 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import grpc
+
+from ...metrics import RouterMetrics
+from ...protocol import SERVICE_NAME
+from .config import CALL_LOG_FIELDS, CONTROL_BACKEND, TOOL_METHODS
+
+log = logging.getLogger("snakepit.router")
+
+_FIELDS = len(CALL_LOG_FIELDS)
+(_BACKEND, _SERVER, _TERM, _TW, _TA, _TR, _TC, _RC, _SQ, _BQ, _GRPC, _BODY, _PATH, _TOOL) = (
+    CALL_LOG_FIELDS.index(f)
+    for f in (
+        "%b", "%s", "%ts", "%Tw", "%Ta", "%TR", "%Tc", "%rc", "%sq", "%bq",
+        "%[var(txn.grpc)]", "%[var(txn.body)]", "%HPO", "%[var(txn.tool)]",
+    )
+)  # fmt: skip
+_METHODS = {f"/{SERVICE_NAME}/{m}".encode(): m for m in TOOL_METHODS}
+_CODES = {str(code.value[0]).encode(): str(code.name) for code in grpc.StatusCode}
+_NO_SERVER = b"<NOSRV>"
+GRPC_FRAME = 5  # a gRPC message's prefix: compressed flag and length
+MAX_TOOL_HEX = 1024  # names over 512 bytes are not labelled (as ``metrics.common.tool_name_of``)
+UNKNOWN = "unknown"
+RECEIVE_BUFFER = 4 << 20  # asked for; the kernel caps it at net.core.rmem_max (x2)
+
+
+class Call(NamedTuple):
+    """What one line of the call log says about a call HAProxy ended."""
+
+    method: str  # ExecuteTool, ExecuteStreamingTool
+    tool_hex: bytes  # the tool name in hex; b"" when unknown
+    code: str  # gRPC status name, or "unknown"
+    seconds: float  # first request byte to the end
+    waited: float | None  # time queued, for a call that queued and then got a worker
+    slot: bytes  # the server of the attempt on a worker; b"" when none was made
+    attempt: float  # seconds of that attempt
+    rejection: str  # a ``metrics.router.REJECTION_REASONS`` value for a call never sent; ""
+    received: int  # request message bytes
+    retries: int  # connections tried again (each failed to connect: UNAVAILABLE)
+
+
+def parse(line: bytes) -> Call | None:
+    """The call a log line describes; None for a line that is not a tool call HAProxy carried
+    (other RPCs, and tool calls it passed to the Python router, which counts them itself)."""
+    fields = line.rstrip(b"\n").split(b" ")
+    if len(fields) != _FIELDS:
+        return None
+    method = _METHODS.get(fields[_PATH])
+    if method is None or fields[_BACKEND] == _CONTROL:
+        return None
+    state = fields[_TERM]
+    code = _CODES.get(fields[_GRPC]) or _code_without_status(method, state)
+    total, queued, request, connect = (
+        _ms(fields[_TA]), _ms(fields[_TW]), _ms(fields[_TR]), _ms(fields[_TC]),
+    )  # fmt: skip
+    sent = connect >= 0  # a connection to a worker was made (after any queueing)
+    was_queued = fields[_SQ] != b"0" or fields[_BQ] != b"0"
+    tool = fields[_TOOL]
+    body = _ms(fields[_BODY])
+    return Call(
+        method=method,
+        tool_hex=tool if len(tool) <= MAX_TOOL_HEX and tool != b"-" else b"",
+        code=code,
+        seconds=max(total, 0) / 1000,
+        waited=queued / 1000 if was_queued and sent and queued >= 0 else None,
+        slot=fields[_SERVER] if sent else b"",
+        attempt=max(total - max(queued, 0) - max(request, 0), 0) / 1000,
+        rejection="" if sent else _rejection(state, fields[_SERVER], code),
+        received=max(body - GRPC_FRAME, 0),
+        retries=max(_ms(fields[_RC].lstrip(b"+")), 0),
+    )
+
+
+_CONTROL = CONTROL_BACKEND.encode()
+
+
+def _ms(field: bytes) -> int:
+    try:
+        return int(field)
+    except ValueError:
+        return -1
+
+
+def _code_without_status(method: str, state: bytes) -> str:
+    """The status of a call whose response headers had no ``grpc-status`` (see the module)."""
+    if state[:1] == b"C":  # the caller went away (cancelled, or its deadline passed)
+        return "CANCELLED"
+    if state == b"--" and method == "ExecuteTool":
+        return "OK"
+    return UNKNOWN
+
+
+def _rejection(state: bytes, server: bytes, code: str) -> str:
+    """Why a call that never reached a worker did not: the router's rejection reasons."""
+    if state[1:2] == b"Q" and code == "DEADLINE_EXCEEDED":
+        return "queue_timeout"  # HAProxy's 503 after ``timeout queue``, answered as such
+    if server == _NO_SERVER and code == "RESOURCE_EXHAUSTED":
+        return "queue_full"
+    if server == _NO_SERVER and code == "UNAVAILABLE":
+        return "no_worker"
+    return ""
+
+
+class CallLog(asyncio.DatagramProtocol):
+    """Reads the call log on the router's event loop and counts each call into ``metrics``.
+
+    ``worker_of`` names the worker a server slot carries (``servers.ServerSync.worker_of``).
+    """
+
+    def __init__(self, metrics: RouterMetrics, worker_of: Callable[[bytes], str | None]) -> None:
+        self.metrics = metrics
+        self.worker_of = worker_of
+        self._tools: dict[bytes, str] = {}  # hex -> name; bounded like the labels themselves
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        call = parse(data)
+        if call is not None:
+            self.apply(call)
+
+    def apply(self, call: Call) -> None:
+        metrics = self.metrics
+        metrics.call_seen(call.method, self._tool(call.tool_hex), call.code, call.seconds)
+        if call.received:
+            metrics.request_bytes(call.method, call.received)
+        if call.waited is not None:
+            metrics.queue_wait.observe(call.waited)
+        if call.slot:
+            worker = self.worker_of(call.slot)
+            if worker is not None:
+                metrics.attempt_seconds(worker, call.attempt)
+        if call.rejection:
+            metrics.rejected_for(call.rejection)
+        if call.retries:
+            metrics.retries.labels("UNAVAILABLE").inc(call.retries)
+
+    def _tool(self, tool_hex: bytes) -> str:
+        name = self._tools.get(tool_hex)
+        if name is None:
+            try:
+                name = binascii.unhexlify(tool_hex).decode("utf-8", "replace")
+            except (binascii.Error, ValueError):
+                name = ""
+            if len(self._tools) >= 1000:  # random names: keep the cache small, labels are
+                self._tools.clear()  # bounded by ``BoundedLabels`` anyway
+            self._tools[tool_hex] = name
+        return name
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def abstract_address(name: str) -> str:
+    """HAProxy's name of a Linux abstract socket (no file to leave behind)."""
+    return f"abns@{name}"
+
+
+async def listen(
+    name: str, metrics: RouterMetrics, worker_of: Callable[[bytes], str | None]
+) -> CallLog:
+    """Read the call log on abstract socket ``name`` from now on (before HAProxy starts, so
+    no line is refused)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        # HAProxy sends to abstract names padded with NULs to the whole sun_path (108 bytes).
+        sock.bind(("\0" + name).ljust(108, "\0"))
+        # A burst of calls ending while the event loop is busy waits here; what overflows is
+        # dropped by HAProxy (its DroppedLogs counter) and missing from the call metrics.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+    except BaseException:
+        sock.close()
+        raise
+    loop = asyncio.get_running_loop()
+    _, protocol = await loop.create_datagram_endpoint(
+        lambda: CallLog(metrics, worker_of), sock=sock
+    )
+    return protocol
