@@ -1,24 +1,30 @@
-"""Metrics checked through a real Prometheus server scraping a real ``snakepit serve`` pool.
+"""Metrics checked through a real Prometheus server scraping a real ``snakepit serve`` pool, and
+the router's metrics read from its /metrics on both data paths.
 
-The test makes a known set of calls, then asks Prometheus (its HTTP query API, after real
-scrapes) whether the counters, the latency histogram and the queue gauge say what happened.
+The first test makes a known set of calls, then asks Prometheus (its HTTP query API, after real
+scrapes) whether the counters, the latency histogram and the queue gauge say what happened. The
+others make calls through a router on each data path (``data_path``: the Python router, or
+HAProxy with the Python router reading its call log and counters) and read the router's own
+/metrics: both must say the same.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
+import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from snakepit import Client
-from snakepit.errors import ToolError
+from snakepit.errors import DeadlineExceeded, NotFound, ResourceExhausted, ToolError
 from snakepit.metrics import OperatorMetrics, serve_http
 from snakepit.metrics.common import MetricsServer
 from snakepit.metrics.dashboard import dashboard
-from tests.fixtures.processes import ProcessFactory, free_port
+from tests.fixtures.processes import ProcessFactory, free_port, start_pool, wait_for
 from tests.fixtures.prometheus import PrometheusServer
 
 DASHBOARD = (
@@ -33,7 +39,10 @@ HELD = 6  # sleep calls against 2 workers x 1 slot: 4 of them wait in the queue
 HOLD_SECONDS = 2.0
 
 
-def test_prometheus_sees_calls_latency_and_queue(procs: ProcessFactory, prometheus_factory) -> None:  # type: ignore[no-untyped-def]
+def test_prometheus_sees_calls_latency_and_queue(  # type: ignore[no-untyped-def]
+    procs: ProcessFactory, prometheus_factory, data_path: str
+) -> None:
+    """What the cluster's metrics e2e test asks of a pool, on each data path."""
     metrics_port = free_port()
     pool = procs.serve("--metrics-port", str(metrics_port), "--worker-concurrency", "1", workers=2)
     with Client(pool.address) as client:
@@ -90,7 +99,11 @@ def test_prometheus_sees_calls_latency_and_queue(procs: ProcessFactory, promethe
     assert (
         prometheus.value('sum(snakepit_worker_calls_total{tool="fail",code="INTERNAL"})') == FAILS
     )
-    # the queue rose while calls were held, and the calls that waited were timed
+    # the queue rose while calls were held, and the calls that waited were timed (on HAProxy a
+    # call's wait is logged when the call ends: wait for the last held ones to be counted)
+    prometheus.wait_for(
+        f'snakepit_router_calls_total{{{router},tool="sleep",code="OK"}}', lambda v: v == HELD
+    )
     assert (prometheus.value(f"max_over_time(snakepit_router_queued{{{router}}}[5m])") or 0) >= 2
     assert prometheus.value(f"snakepit_router_queue_wait_seconds_count{{{router}}}") == HELD - 2
     assert prometheus.value(f'snakepit_router_workers{{{router},state="ready"}}') == 2
@@ -127,3 +140,120 @@ def check_dashboard(prometheus: PrometheusServer) -> None:
         if not prometheus.query(expr):  # query() raises on a PromQL error
             empty.append(expr)
     assert not empty, f"dashboard queries with no data: {empty}"
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int) -> Samples:
+    """Every sample of the /metrics at ``port``, by name and sorted labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_tool_calls_count_by_tool_and_code_on_either_data_path(
+    procs: ProcessFactory, data_path: str
+) -> None:
+    """An OK call, a tool error, an unknown tool and a stream, through either data path."""
+    port = free_port()
+    router, _ = start_pool(procs, 1, "--metrics-port", str(port), concurrency=2)
+    with Client(router.address) as client:
+        for i in range(ADDS):
+            assert client.execute("add", a=i, b=1) == i + 1
+        for _ in range(FAILS):
+            with pytest.raises(ToolError):
+                client.execute("fail", message="boom")
+        with pytest.raises(NotFound):
+            client.execute("no_such_tool")
+        assert list(client.stream("count", n=3)) == [0, 1, 2]
+
+    calls = "snakepit_router_calls_total"
+    # HAProxy's call log reaches the router a moment after the caller has its answer
+    wait_for(lambda: _counted(port) == ADDS + FAILS + 2)
+    samples = scrape(port)
+    assert value(samples, calls, tool="add", code="OK") == ADDS
+    assert value(samples, calls, tool="fail", code="INTERNAL") == FAILS
+    assert value(samples, calls, tool="no_such_tool", code="NOT_FOUND") == 1
+    # a stream's status is in its trailers, which HAProxy 2.6 cannot read (calllog.py)
+    streamed = "OK" if data_path == "python" else "unknown"
+    assert value(samples, calls, tool="count", code=streamed) == 1
+    duration = "snakepit_router_call_duration_seconds_count"
+    assert value(samples, duration, tool="add") == ADDS
+    assert value(samples, duration, tool="fail") == FAILS
+    attempts = "snakepit_router_worker_call_duration_seconds_count"
+    assert value(samples, attempts, worker="worker-0") == ADDS + FAILS + 2
+    assert value(samples, "snakepit_router_received_bytes_total", method="ExecuteTool") > 0
+    assert value(samples, "snakepit_router_queue_wait_seconds_count") == 0
+    assert value(samples, "snakepit_router_workers", state="ready") == 1
+
+
+def _counted(port: int) -> float:
+    """Tool calls the router's metrics count."""
+    samples = scrape(port)
+    return sum(v for (name, _), v in samples.items() if name == "snakepit_router_calls_total")
+
+
+def test_held_calls_show_as_queued_then_as_a_wait_a_timeout_or_a_refusal(
+    procs: ProcessFactory, data_path: str
+) -> None:
+    """One worker with one slot: a second call waits (the queued gauge, then the wait histogram);
+    calls that wait out the queue timeout, and one that finds the queue full, are rejections."""
+    port = free_port()
+    router, _ = start_pool(
+        procs, 1, "--metrics-port", str(port), "--queue-timeout", "2.5", "--queue-size", "2",
+        concurrency=1,
+    )  # fmt: skip
+    with Client(router.address, timeout=30) as client, ThreadPoolExecutor(4) as threads:
+
+        def sleep(seconds: float) -> Future[float]:
+            return threads.submit(client.execute, "sleep", seconds=seconds)
+
+        def now_queued(queued: int) -> bool:
+            samples = scrape(port)
+            return (
+                value(samples, "snakepit_router_queued") == queued
+                and value(samples, "snakepit_router_in_flight") == 1
+                and value(samples, "snakepit_router_worker_in_flight", worker="worker-0") == 1
+            )
+
+        first, second = sleep(1.5), sleep(1.5)
+        wait_for(lambda: now_queued(1), timeout=1.4)
+        assert [first.result(), second.result()] == [1.5, 1.5]
+        wait_for(lambda: value(scrape(port), "snakepit_router_queue_wait_seconds_count") == 1)
+        samples = scrape(port)
+        assert value(samples, "snakepit_router_queue_wait_seconds_sum") > 0.5
+        assert value(samples, "snakepit_router_queued") == 0
+
+        holder = sleep(4.0)
+        wait_for(lambda: now_queued(0))  # the holder runs before anything queues
+        waiting = [sleep(0.1), sleep(0.1)]
+        wait_for(lambda: now_queued(2), timeout=2.0)
+        with pytest.raises(ResourceExhausted):
+            client.execute("add", a=1, b=2)
+        for call in waiting:
+            with pytest.raises(DeadlineExceeded):
+                call.result()
+        assert holder.result() == 4.0
+
+    rejections = "snakepit_router_queue_rejections_total"
+    wait_for(lambda: value(scrape(port), rejections, reason="queue_timeout") == 2)
+    samples = scrape(port)
+    assert value(samples, rejections, reason="queue_full") == 1
+    calls = "snakepit_router_calls_total"
+    assert value(samples, calls, tool="sleep", code="OK") == 3
+    assert value(samples, calls, tool="sleep", code="DEADLINE_EXCEEDED") == 2
+    assert value(samples, calls, tool="add", code="RESOURCE_EXHAUSTED") == 1
+    assert value(samples, "snakepit_router_queue_wait_seconds_count") == 1
+    # every held call took its seconds end to end
+    assert (
+        value(samples, "snakepit_router_call_duration_seconds_bucket", tool="sleep", le="1.0") == 0
+    )

@@ -1,0 +1,179 @@
+"""HAProxy's call log read into the router's metrics, and its load into the gauges.
+
+The lines are ones HAProxy 2.6.12 sent for real calls (``config.CALL_LOG_FIELDS``), except where
+a test says it built one; tests/integration/test_haproxy.py runs the whole path.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from snakepit.metrics import RouterMetrics
+from snakepit.router.haproxy.calllog import CallLog, parse
+from snakepit.router.haproxy.config import CALL_LOG_FIELDS
+from snakepit.router.haproxy.load import load_of
+from snakepit.router.haproxy.runtime import BackendStats, ServerStats
+
+PATH = b"/snakepit.bridge.v1.BridgeService/"
+OK_ADD = b"workers s1 -- 0 13 0 7 0 0 0 - 48 " + PATH + b"ExecuteTool 616464\n"
+FAILED = b"workers s1 -- 0 4 0 0 0 0 0 13 40 " + PATH + b"ExecuteTool 6661696C\n"
+UNKNOWN_TOOL = b"workers s1 -- 0 2 0 0 0 0 0 5 40 " + PATH + b"ExecuteTool 6E6F73756368746F6F6C\n"
+STREAMED = b"workers s1 -- 0 2 0 0 0 0 0 - 37 " + PATH + b"ExecuteStreamingTool 636F756E74\n"
+QUEUED = b"workers s1 -- 502 1011 0 0 0 1 0 - 37 " + PATH + b"ExecuteTool 736C656570\n"
+QUEUE_TIMEOUT = b"workers s1 sQ 1001 1001 0 -1 0 1 0 4 37 " + PATH + b"ExecuteTool 736C656570\n"
+QUEUE_FULL = b"snakepit <NOSRV> LR -1 0 0 -1 0 0 0 8 37 " + PATH + b"ExecuteTool 736C656570\n"
+NO_WORKER = b"snakepit <NOSRV> LR -1 0 0 -1 0 0 0 14 48 " + PATH + b"ExecuteTool 616464\n"
+
+
+def test_the_format_has_the_fields_the_parser_reads() -> None:
+    assert len(CALL_LOG_FIELDS) == len(OK_ADD.split(b" ")) == 14
+    assert CALL_LOG_FIELDS[-1] == "%[var(txn.tool)]"  # last: a truncated line cuts only the name
+
+
+@pytest.mark.parametrize(
+    ("line", "method", "tool", "code", "rejection"),
+    [
+        (OK_ADD, "ExecuteTool", b"616464", "OK", ""),
+        (FAILED, "ExecuteTool", b"6661696C", "INTERNAL", ""),
+        (UNKNOWN_TOOL, "ExecuteTool", b"6E6F73756368746F6F6C", "NOT_FOUND", ""),
+        # a stream's status is in its trailers, which HAProxy 2.6 cannot read
+        (STREAMED, "ExecuteStreamingTool", b"636F756E74", "unknown", ""),
+        (QUEUE_TIMEOUT, "ExecuteTool", b"736C656570", "DEADLINE_EXCEEDED", "queue_timeout"),
+        (QUEUE_FULL, "ExecuteTool", b"736C656570", "RESOURCE_EXHAUSTED", "queue_full"),
+        (NO_WORKER, "ExecuteTool", b"616464", "UNAVAILABLE", "no_worker"),
+    ],
+)
+def test_a_line_says_the_tool_the_code_and_whether_the_call_was_refused(
+    line: bytes, method: str, tool: bytes, code: str, rejection: str
+) -> None:
+    call = parse(line)
+    assert call is not None
+    assert (call.method, call.tool_hex, call.code, call.rejection) == (
+        method,
+        tool,
+        code,
+        rejection,
+    )
+    assert (call.slot == b"s1") is (not rejection)  # an attempt on a worker, or a refusal
+
+
+def test_times_and_bytes_come_from_haproxys_fields() -> None:
+    call = parse(QUEUED)
+    assert call is not None
+    assert call.seconds == 1.011
+    assert call.waited == 0.502  # queued (1 ahead in the server's queue counts it) and then sent
+    assert call.attempt == pytest.approx(0.509)  # the rest was on the worker
+    assert call.received == 32  # the body less gRPC's 5-byte prefix
+    unqueued = parse(OK_ADD)
+    assert unqueued is not None and unqueued.waited is None and unqueued.seconds == 0.013
+    timed_out = parse(QUEUE_TIMEOUT)
+    assert timed_out is not None and timed_out.waited is None  # rejected, not a queue wait
+
+
+def test_a_caller_that_went_away_is_cancelled_and_a_retry_is_counted() -> None:
+    # built: the caller reset the stream while the worker ran (CD), after one failed connect
+    call = parse(b"workers s2 CD 0 40 0 0 +1 0 0 - 37 " + PATH + b"ExecuteTool 736C656570")
+    assert call is not None and (call.code, call.retries, call.rejection) == ("CANCELLED", 1, "")
+    # built: the worker could not be reached (HAProxy's 503, answered UNAVAILABLE): no rejection
+    call = parse(b"workers s2 SC 0 3 0 -1 2 0 0 14 37 " + PATH + b"ExecuteTool 736C656570")
+    assert call is not None and (call.code, call.rejection, call.slot) == ("UNAVAILABLE", "", b"")
+
+
+def test_lines_the_python_router_counts_itself_or_that_are_no_tool_call_are_skipped() -> None:
+    large = OK_ADD.replace(b"workers s1", b"control router")  # a large body, through Python
+    other = OK_ADD.replace(b"ExecuteTool", b"GetSession")
+    assert parse(large) is None and parse(other) is None
+    assert parse(b"garbage") is None and parse(b"") is None
+    unnamed = parse(OK_ADD.replace(b" 616464", b" -"))  # no field 1 in the body
+    assert unnamed is not None and unnamed.tool_hex == b""
+    too_long = parse(OK_ADD.replace(b"616464", b"61" * 513))
+    assert too_long is not None and too_long.tool_hex == b""
+
+
+def _value(metrics: RouterMetrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_the_reader_counts_each_line_into_the_router_metrics() -> None:
+    metrics = RouterMetrics()
+    reader = CallLog(metrics, {b"s1": "worker-a"}.get)
+    for line in (OK_ADD, OK_ADD, FAILED, STREAMED, QUEUED, QUEUE_TIMEOUT, QUEUE_FULL):
+        reader.datagram_received(line, None)
+    reader.datagram_received(
+        b"control router -- 0 1 0 0 0 0 0 - 48 " + PATH + b"ExecuteTool 61", None
+    )
+    calls = "snakepit_router_calls_total"
+    assert _value(metrics, calls, tool="add", code="OK") == 2
+    assert _value(metrics, calls, tool="fail", code="INTERNAL") == 1
+    assert _value(metrics, calls, tool="count", code="unknown") == 1
+    assert _value(metrics, calls, tool="sleep", code="OK") == 1
+    assert _value(metrics, calls, tool="sleep", code="DEADLINE_EXCEEDED") == 1
+    assert _value(metrics, calls, tool="sleep", code="RESOURCE_EXHAUSTED") == 1
+    assert _value(metrics, "snakepit_router_call_duration_seconds_count", tool="sleep") == 3
+    assert (
+        _value(metrics, "snakepit_router_call_duration_seconds_bucket", tool="sleep", le="1.0") == 1
+    )
+    assert _value(metrics, "snakepit_router_queue_wait_seconds_count") == 1
+    assert _value(metrics, "snakepit_router_queue_rejections_total", reason="queue_timeout") == 1
+    assert _value(metrics, "snakepit_router_queue_rejections_total", reason="queue_full") == 1
+    assert (
+        _value(metrics, "snakepit_router_worker_call_duration_seconds_count", worker="worker-a")
+        == 5
+    )
+    assert _value(metrics, "snakepit_router_received_bytes_total", method="ExecuteTool") == (
+        43 + 43 + 35 + 32 + 32 + 32
+    )
+    assert _value(metrics, "snakepit_router_sent_bytes_total", method="ExecuteTool") == 0
+
+
+def test_a_tool_name_in_hex_is_labelled_as_the_python_router_labels_it() -> None:
+    metrics = RouterMetrics()
+    reader = CallLog(metrics, lambda server: None)
+    name = "é ü\n/x"
+    reader.datagram_received(OK_ADD.replace(b"616464", name.encode().hex().upper().encode()), None)
+    reader.datagram_received(OK_ADD.replace(b"616464", b"ABC"), None)  # odd: truncated
+    assert _value(metrics, "snakepit_router_calls_total", tool=name, code="OK") == 1
+    assert _value(metrics, "snakepit_router_calls_total", tool="unknown", code="OK") == 1
+
+
+def test_handling_a_line_costs_microseconds() -> None:
+    """The per-call Python cost of the HAProxy data path's metrics (the number is in
+    docs/observability.md: run with -s to see it)."""
+    metrics = RouterMetrics()
+    reader = CallLog(metrics, {b"s1": "worker-a"}.get)
+    lines = [OK_ADD, FAILED, QUEUED, STREAMED] * 2500
+    started = time.perf_counter()
+    for line in lines:
+        reader.datagram_received(line, None)
+    each = (time.perf_counter() - started) / len(lines) * 1e6
+    print(f"\ncall log: {each:.1f} µs per line handled")
+    assert each < 200  # generous: a shared, loaded 2-core machine
+
+
+def test_haproxys_load_is_mapped_onto_workers() -> None:
+    def server(name: str, running: int, queued: int) -> ServerStats:
+        return ServerStats(name, running, queued, 0, 0, "UP")
+
+    stats = BackendStats({"s1": server("s1", 2, 1), "s7": server("s7", 1, 0)}, queued=4)
+    workers: dict[bytes, str] = {b"s1": "worker-a"}
+    load = load_of(stats, workers.get)
+    assert (load.in_flight, load.queued, load.workers) == (3, 4, {"worker-a": 2})
+
+
+def test_the_gauges_add_the_extra_load_to_the_pools() -> None:
+    from types import SimpleNamespace
+
+    from snakepit.metrics.router import Load
+
+    config = SimpleNamespace(queue_size=10, worker_concurrency=1)
+    pool = SimpleNamespace(in_flight=1, queued=0, workers={}, config=config)
+    metrics = RouterMetrics()
+    metrics.bind(pool)  # type: ignore[arg-type]
+    metrics.add_load(lambda: Load(in_flight=2, queued=3))
+    assert _value(metrics, "snakepit_router_in_flight") == 3
+    assert _value(metrics, "snakepit_router_queued") == 3
+    metrics.add_load(lambda: None)  # HAProxy did not answer: the pool's own
+    assert _value(metrics, "snakepit_router_in_flight") == 1
