@@ -27,10 +27,15 @@ pytestmark = pytest.mark.skipif(haproxy_binary() is None, reason="haproxy is not
 
 
 @pytest.mark.parametrize(
-    ("host", "queue_size", "queue_timeout"), [("127.0.0.1", 1000, 30.0), ("::", 2, 0.5)]
+    ("host", "queue_size", "queue_timeout", "call_log", "log_requests"),
+    [
+        ("127.0.0.1", 1000, 30.0, "", False),
+        ("::", 2, 0.5, "abns@snakepit-calllog-check", False),
+        ("127.0.0.1", 1000, 30.0, "abns@snakepit-calllog-check", True),
+    ],
 )
 def test_the_built_config_is_one_haproxy_accepts(
-    host: str, queue_size: int, queue_timeout: float
+    host: str, queue_size: int, queue_timeout: float, call_log: str, log_requests: bool
 ) -> None:
     spec = HaproxySpec(
         host=host,
@@ -39,6 +44,8 @@ def test_the_built_config_is_one_haproxy_accepts(
         admin_socket="abns@snakepit-config-check",
         queue_size=queue_size,
         queue_timeout=queue_timeout,
+        call_log=call_log,
+        log_requests=log_requests,
     )
     checked = subprocess.run(
         [str(haproxy_binary()), "-c", "-f", "/dev/stdin"],

@@ -194,6 +194,9 @@ def test_tool_calls_count_by_tool_and_code_on_either_data_path(
     assert value(samples, "snakepit_router_received_bytes_total", method="ExecuteTool") > 0
     assert value(samples, "snakepit_router_queue_wait_seconds_count") == 0
     assert value(samples, "snakepit_router_workers", state="ready") == 1
+    # HAProxy's count of call log lines it could not send: none lost here
+    dropped = ("snakepit_router_call_log_dropped_total", ())
+    assert samples.get(dropped) == (0.0 if data_path == "haproxy" else None)
 
 
 def _counted(port: int) -> float:

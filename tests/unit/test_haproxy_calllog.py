@@ -7,13 +7,15 @@ a test says it built one; tests/integration/test_haproxy.py runs the whole path.
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from snakepit.metrics import RouterMetrics
+from snakepit.metrics.router import Load
 from snakepit.router.haproxy.calllog import CallLog, parse
 from snakepit.router.haproxy.config import CALL_LOG_FIELDS
-from snakepit.router.haproxy.load import load_of
+from snakepit.router.haproxy.load import dropped_logs, load_of
 from snakepit.router.haproxy.runtime import BackendStats, ServerStats
 
 PATH = b"/snakepit.bridge.v1.BridgeService/"
@@ -163,17 +165,28 @@ def test_haproxys_load_is_mapped_onto_workers() -> None:
     assert (load.in_flight, load.queued, load.workers) == (3, 4, {"worker-a": 2})
 
 
-def test_the_gauges_add_the_extra_load_to_the_pools() -> None:
-    from types import SimpleNamespace
-
-    from snakepit.metrics.router import Load
-
+def _bound(in_flight: int) -> RouterMetrics:
+    """Router metrics bound to a stand-in pool with ``in_flight`` calls and no workers."""
     config = SimpleNamespace(queue_size=10, worker_concurrency=1)
-    pool = SimpleNamespace(in_flight=1, queued=0, workers={}, config=config)
+    pool = SimpleNamespace(in_flight=in_flight, queued=0, workers={}, config=config)
     metrics = RouterMetrics()
     metrics.bind(pool)  # type: ignore[arg-type]
+    return metrics
+
+
+def test_the_gauges_add_the_extra_load_to_the_pools() -> None:
+    metrics = _bound(in_flight=1)
     metrics.add_load(lambda: Load(in_flight=2, queued=3))
     assert _value(metrics, "snakepit_router_in_flight") == 3
     assert _value(metrics, "snakepit_router_queued") == 3
     metrics.add_load(lambda: None)  # HAProxy did not answer: the pool's own
     assert _value(metrics, "snakepit_router_in_flight") == 1
+
+
+def test_haproxys_dropped_log_lines_are_a_counter() -> None:
+    assert dropped_logs("Name: HAProxy\nDroppedLogs: 289\nBusyPolling: 0\n") == 289
+    assert dropped_logs("Name: HAProxy\n") is None
+    metrics = _bound(in_flight=0)
+    assert metrics.registry.get_sample_value("snakepit_router_call_log_dropped_total") is None
+    metrics.add_load(lambda: Load(dropped_log_lines=289))
+    assert _value(metrics, "snakepit_router_call_log_dropped_total") == 289

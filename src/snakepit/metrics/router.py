@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from .common import (
@@ -47,6 +48,9 @@ class Load:
     in_flight: int = 0
     queued: int = 0
     workers: dict[str, int] = field(default_factory=dict)  # worker id -> calls running on it
+    # Lines of HAProxy's call log it could not send (the router's socket buffer was full): calls
+    # missing from the call metrics. None: no call log.
+    dropped_log_lines: int | None = None
 
 
 class RouterMetrics:
@@ -207,6 +211,12 @@ class _PoolCollector(Collector):
             f"{PREFIX}_worker_capacity", "Calls each worker may run at once", [],
             {(): pool.config.worker_concurrency},
         )  # fmt: skip
+        if extra.dropped_log_lines is not None:
+            yield CounterMetricFamily(
+                f"{PREFIX}_call_log_dropped",
+                "HAProxy call log lines lost (socket buffer full): calls the call metrics miss",
+                value=extra.dropped_log_lines,
+            )
         yield gauge_family(
             f"{PREFIX}_sessions",
             "Live sessions in the store (-1: unknown)",

@@ -22,8 +22,11 @@ from .runtime import BackendStats, HaproxyError, RuntimeApi, parse_stat, stat_co
 log = logging.getLogger("snakepit.router")
 
 
-def load_of(stats: BackendStats, worker_of: Callable[[bytes], str | None]) -> Load:
-    """Calls queued and running in HAProxy's workers backend, the running ones by worker."""
+def load_of(
+    stats: BackendStats, worker_of: Callable[[bytes], str | None], dropped: int | None = None
+) -> Load:
+    """Calls queued and running in HAProxy's workers backend, the running ones by worker;
+    ``dropped``: HAProxy's count of log lines it could not send."""
     workers: dict[str, int] = {}
     for name, server in stats.servers.items():
         worker = worker_of(name.encode())
@@ -33,7 +36,17 @@ def load_of(stats: BackendStats, worker_of: Callable[[bytes], str | None]) -> Lo
         in_flight=sum(s.in_flight for s in stats.servers.values()),
         queued=stats.queued,
         workers=workers,
+        dropped_log_lines=dropped,
     )
+
+
+def dropped_logs(info: str) -> int | None:
+    """``DroppedLogs`` of ``show info``: log lines HAProxy could not send (a datagram socket
+    whose buffer was full makes it drop the line and count it)."""
+    for line in info.splitlines():
+        if line.startswith("DroppedLogs:"):
+            return int(line.partition(":")[2])
+    return None
 
 
 class HaproxyLoad:
@@ -70,8 +83,10 @@ class HaproxyLoad:
     def _read(self) -> Load | None:
         command = stat_command(WORKERS_BACKEND, in_service=True)
         try:
-            text = self.api.run_blocking(command, timeout=self.timeout)
+            text = self.api.run_blocking(command, "show info", timeout=self.timeout)
         except (OSError, TimeoutError, HaproxyError) as exc:
             log.debug("haproxy load not read", extra={"error": str(exc)})
             return None
-        return load_of(parse_stat(text, WORKERS_BACKEND), self.worker_of)
+        # Each answer ends with an empty line: the CSV, then ``show info``'s "Name: value" lines.
+        stats, _, info = text.partition("\n\n")
+        return load_of(parse_stat(stats, WORKERS_BACKEND), self.worker_of, dropped_logs(info))
