@@ -10,6 +10,7 @@ HAProxy with the Python router reading its call log and counters) and read the r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.request
@@ -20,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from snakepit import Client
+from snakepit.autoscale.routers import metrics_load
 from snakepit.errors import DeadlineExceeded, NotFound, ResourceExhausted, ToolError
 from snakepit.metrics import OperatorMetrics, serve_http
 from snakepit.metrics.common import MetricsServer
@@ -230,6 +232,8 @@ def test_held_calls_show_as_queued_then_as_a_wait_a_timeout_or_a_refusal(
 
         first, second = sleep(1.5), sleep(1.5)
         wait_for(lambda: now_queued(1), timeout=1.4)
+        # what the autoscaler reads from a secured router: in flight + queued from /metrics
+        assert asyncio.run(metrics_load("127.0.0.1", port)) == 2
         assert [first.result(), second.result()] == [1.5, 1.5]
         wait_for(lambda: value(scrape(port), "snakepit_router_queue_wait_seconds_count") == 1)
         samples = scrape(port)

@@ -23,6 +23,9 @@ caller it verified, mapped to a pool ticket for that caller, ``authmap``); HAPro
 the credential with that ticket. Every other call, and every call that carries a ticket of its
 own, goes to the Python router, which verifies it as on the Python data path.
 
+With metrics on (``call_log``), the frontend logs one line per call to a unix datagram socket
+the Python router reads (``calllog``): the router's call metrics for the calls HAProxy carries.
+
 Errors HAProxy answers itself are real gRPC answers (``grpc-status`` and the
 ``snakepit-error-bin`` detail, marked ``not_started``), with the status codes and messages the
 Python router uses: RESOURCE_EXHAUSTED for a full queue, DEADLINE_EXCEEDED for a call that waited
