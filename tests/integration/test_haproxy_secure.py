@@ -28,7 +28,8 @@ from snakepit.security.tickets import (
     private_key_pem,
     public_key_pem,
 )
-from tests.fixtures.processes import ProcessFactory, wait_for
+from tests.fixtures.processes import ProcessFactory, free_port, wait_for
+from tests.fixtures.prometheus import scrape, value
 from tests.integration.test_tls import Pki, make_pki, served_serial, start_tls_pool
 
 pytestmark = pytest.mark.skipif(haproxy_binary() is None, reason="haproxy is not installed")
@@ -42,7 +43,13 @@ class SecuredPool:
     """Two workers and a router on the HAProxy data path: TLS on the pool port, mutual TLS with
     the pool CA inside, static tokens, workers that take only pool tickets."""
 
-    def __init__(self, procs: ProcessFactory, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(
+        self,
+        procs: ProcessFactory,
+        tmp: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        *router_args: str,
+    ) -> None:
         monkeypatch.setenv("SNAKEPIT_DATA_PATH", "haproxy")
         self.pki: Pki = make_pki(tmp)
         key = new_private_key()
@@ -53,6 +60,7 @@ class SecuredPool:
         self.router, self.workers, _ = start_tls_pool(
             procs, self.pki, 2,
             "--auth-tokens", str(self.tokens), "--ticket-key", str(tmp / "ticket.key"),
+            *router_args,
             worker_args=("--ticket-public-key", str(tmp / "ticket.pub"), "--adapter", ADAPTER),
             token=ALICE, log_level="info",
         )  # fmt: skip
@@ -210,3 +218,31 @@ def test_haproxy_takes_renewed_certificates_without_a_restart(pool: SecuredPool)
                 assert session.execute("counter_increment") == 1
         assert pool.through_haproxy() >= done + 10
     assert pool.router.logs().count("haproxy running") == pid  # never restarted
+
+
+def test_each_call_counts_once_in_the_router_metrics_whichever_path_carried_it(
+    procs: ProcessFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TLS, tokens and metrics, as in a router pod: a caller's first calls are served by the
+    Python router (it verifies the token), the later ones by HAProxy (counted from its call
+    log); the router's metrics count every call once, by tool and code."""
+    port = free_port()
+    pool = SecuredPool(procs, tmp_path, monkeypatch, "--metrics-port", str(port))
+    adds = 0
+    with pool.client(BOB) as bob:
+        first = pool.through_haproxy()
+        while pool.through_haproxy() == first:  # until the router has vouched for bob
+            assert bob.execute("add", a=1, b=2) == 3
+            adds += 1
+            assert adds < 100, "no call of this caller ever went through HAProxy"
+        for _ in range(20):
+            assert bob.execute("whoami")["principal"] == "bob"
+        with pytest.raises(NotFound):
+            bob.execute("no_such_tool")
+    assert pool.through_haproxy() - first == 1 + 20 + 1  # the last add, whoami, the unknown tool
+    calls = "snakepit_router_calls_total"
+    wait_for(lambda: value(scrape(port), calls, tool="no_such_tool", code="NOT_FOUND") == 1)
+    samples = scrape(port)
+    assert value(samples, calls, tool="add", code="OK") == adds
+    assert value(samples, calls, tool="whoami", code="OK") == 20
+    assert sum(v for (name, _), v in samples.items() if name == calls) == adds + 21

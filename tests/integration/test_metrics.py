@@ -13,12 +13,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from snakepit import Client
 from snakepit.autoscale.routers import metrics_load
@@ -27,7 +25,7 @@ from snakepit.metrics import OperatorMetrics, serve_http
 from snakepit.metrics.common import MetricsServer
 from snakepit.metrics.dashboard import dashboard
 from tests.fixtures.processes import ProcessFactory, free_port, start_pool, wait_for
-from tests.fixtures.prometheus import PrometheusServer
+from tests.fixtures.prometheus import PrometheusServer, scrape, value
 
 DASHBOARD = (
     Path(__file__).resolve().parents[2] / "charts" / "snakepit" / "dashboards" / "snakepit.json"
@@ -142,24 +140,6 @@ def check_dashboard(prometheus: PrometheusServer) -> None:
         if not prometheus.query(expr):  # query() raises on a PromQL error
             empty.append(expr)
     assert not empty, f"dashboard queries with no data: {empty}"
-
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(port: int) -> Samples:
-    """Every sample of the /metrics at ``port``, by name and sorted labels."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def test_tool_calls_count_by_tool_and_code_on_either_data_path(
