@@ -22,6 +22,7 @@ from snakepit.router.ring import HashRing, server_id
 from snakepit.security.localca import LocalCA, write_file, write_issued
 from snakepit.security.tls import CA_FILE, CERT_FILE, KEY_FILE, POOL_NAME, TlsFiles
 from tests.fixtures.processes import ProcessFactory, free_port, start_pool, wait_for, wait_ready
+from tests.fixtures.prometheus import scrape, value
 
 pytestmark = pytest.mark.skipif(haproxy_binary() is None, reason="haproxy is not installed")
 
@@ -303,3 +304,28 @@ def test_the_health_and_metrics_ports_listen_where_the_pool_port_does(
     bound = listening()
     wildcard = {"0.0.0.0", "::"}  # gRPC binds a wildcard host dual-stack
     assert bound[health] in wildcard and bound[metrics] in wildcard, bound
+
+
+def test_a_compressed_call_is_counted_with_its_tool_unknown(
+    procs: ProcessFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HAProxy reads the tool name from the request body for the router's metrics; a gzip
+    message is no protobuf to read, so it counts as ``unknown`` (not a name read from
+    compressed bytes), and a plain one by its name."""
+    from snakepit import Client
+    from snakepit.protocol import method_path
+    from snakepit.protocol.messages import encode_request
+
+    monkeypatch.setenv("SNAKEPIT_DATA_PATH", "haproxy")
+    port = free_port()
+    router, _ = start_pool(procs, 1, "--metrics-port", str(port))
+    with grpc.insecure_channel(router.address, compression=grpc.Compression.Gzip) as channel:
+        execute = channel.unary_unary(method_path("ExecuteTool"))
+        assert execute(encode_request("echo", {"value": "x" * 300}), timeout=10)
+    with Client(router.address) as client:
+        assert client.execute("add", a=1, b=2) == 3
+    calls = "snakepit_router_calls_total"
+    wait_for(lambda: value(scrape(port), calls, tool="add", code="OK") == 1)
+    samples = scrape(port)
+    assert value(samples, calls, tool="unknown", code="OK") == 1
+    assert sum(v for (name, _), v in samples.items() if name == calls) == 2

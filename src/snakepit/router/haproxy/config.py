@@ -368,8 +368,11 @@ def call_log_lines(address: str) -> list[str]:
     concludes)."""
     if not address:
         return []
+    # A compressed message (its first byte, gRPC's flag, is 1) is no protobuf to read: its
+    # tool is left unknown rather than read from compressed bytes.
+    plain = "{ req.body,bytes(0,1),hex -m str 00 }"
     return [
-        "  http-request set-var(txn.tool) req.body,ungrpc(1),hex if fast",
+        f"  http-request set-var(txn.tool) req.body,ungrpc(1),hex if fast {plain}",
         "  http-request set-var(txn.body) req.body_len if fast",
         "  http-after-response set-var(txn.grpc) res.hdr(grpc-status)",
     ]
