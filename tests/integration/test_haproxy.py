@@ -329,3 +329,43 @@ def test_a_compressed_call_is_counted_with_its_tool_unknown(
     samples = scrape(port)
     assert value(samples, calls, tool="unknown", code="OK") == 1
     assert sum(v for (name, _), v in samples.items() if name == calls) == 2
+
+
+def test_calls_are_still_counted_after_haproxy_is_restarted(
+    procs: ProcessFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The router restarts a HAProxy that died with the same call log, and points its slots
+    again: calls keep counting by tool and by worker (its counters start again, ours go on)."""
+    import signal
+
+    import psutil
+
+    from snakepit import Client
+
+    monkeypatch.setenv("SNAKEPIT_DATA_PATH", "haproxy")
+    port = free_port()
+    router, _ = start_pool(procs, 1, "--metrics-port", str(port))
+    calls = "snakepit_router_calls_total"
+    attempts = "snakepit_router_worker_call_duration_seconds_count"
+    with Client(router.address) as client:
+        for _ in range(5):
+            assert client.execute("add", a=1, b=2) == 3
+        wait_for(lambda: value(scrape(port), calls, tool="add", code="OK") == 5)
+        assert router.process is not None
+        (haproxy,) = [
+            p for p in psutil.Process(router.process.pid).children() if p.name() == "haproxy"
+        ]
+        haproxy.send_signal(signal.SIGKILL)
+        haproxy.wait(timeout=10)
+
+        def served() -> bool:
+            try:
+                return bool(client.execute("add", a=1, b=2) == 3)
+            except Exception:
+                return False
+
+        wait_for(served, timeout=30, interval=0.2)  # a new HAProxy, its slot pointed again
+        for _ in range(5):
+            assert client.execute("whoami")["worker_id"] == "worker-0"
+    wait_for(lambda: value(scrape(port), calls, tool="whoami", code="OK") == 5)
+    assert value(scrape(port), attempts, worker="worker-0") >= 5 + 1 + 5
