@@ -41,11 +41,6 @@ def _quantiles(bucket: str, by: str = "", legend: str = "") -> tuple[tuple[str, 
     )
 
 
-# Codes that are errors. ``unknown`` is not: a stream's status HAProxy could not read (it comes
-# in the trailers; router/haproxy/calllog.py), which the workers' own metrics do have.
-ERRORS = 'code!~"OK|unknown"'
-
-
 def _rate(metric: str, by: str, where: str = "") -> str:
     selector = f"{POOL},{where}" if where else POOL
     return f"sum by ({by}) (rate({metric}{{{selector}}}[{RATE}]))"
@@ -64,7 +59,7 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                 "Error ratio",
                 (
                     _q(
-                        f"sum(rate(snakepit_router_calls_total{{{POOL},{ERRORS}}}[{RATE}])) / "
+                        f'sum(rate(snakepit_router_calls_total{{{POOL},code!="OK"}}[{RATE}])) / '
                         f"sum(rate(snakepit_router_calls_total{{{POOL}}}[{RATE}]))",
                         "errors",
                     ),
@@ -125,7 +120,7 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
             ),
             Panel(
                 "Errors per second by tool",
-                (_q(_rate("snakepit_router_calls_total", "tool", ERRORS), "{{tool}}"),),
+                (_q(_rate("snakepit_router_calls_total", "tool", 'code!="OK"'), "{{tool}}"),),
                 "reqps",
             ),
             Panel(
