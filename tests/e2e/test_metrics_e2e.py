@@ -53,7 +53,11 @@ ns = pool_e2e.ns  # a namespace of this module, and an operator release watching
 release = pool_e2e.release
 
 
-SPEC = {"replicas": WORKERS, "workerConcurrency": CONCURRENCY, "router": {"replicas": ROUTERS, "dataPath": "haproxy"}}
+SPEC = {
+    "replicas": WORKERS,
+    "workerConcurrency": CONCURRENCY,
+    "router": {"replicas": ROUTERS, "dataPath": "haproxy"},
+}
 
 
 def scraper_account(cluster: KubeCluster, namespace: str, directory: Path) -> tuple[Path, Path]:

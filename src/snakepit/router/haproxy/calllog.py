@@ -12,8 +12,10 @@ What a line cannot say, and what is done instead:
   cannot fetch trailers (haproxy/haproxy#112). A worker answers ``ExecuteTool`` with a message
   only on success (a failure aborts the call before any message: a trailers-only answer, whose
   ``grpc-status`` is a header HAProxy reads), so a cleanly ended ``ExecuteTool`` with no status
-  header is ``OK``. A stream sends its first chunk before its outcome is known, so a cleanly
-  ended ``ExecuteStreamingTool`` with no status header is ``unknown``.
+  header is ``OK``; one whose worker went away mid-answer is ``unknown``, which is what a gRPC
+  client saw (UNKNOWN: HAProxy ended the answer without a status). Streaming calls, whose
+  first chunk comes before their outcome is known, go through the Python router
+  (``config.FAST_METHODS``), which counts them itself.
 - *Response bytes*: HAProxy counts the HTTP/2 headers and trailers with the data (``%B``), not
   the messages the Python router counts, so ``sent_bytes_total`` is not fed from here.
 - *Time*: HAProxy logs milliseconds; a call under 1 ms is observed as 0.
@@ -32,7 +34,7 @@ import grpc
 
 from ...metrics import RouterMetrics
 from ...protocol import SERVICE_NAME
-from .config import CALL_LOG_FIELDS, CONTROL_BACKEND, TOOL_METHODS
+from .config import CALL_LOG_FIELDS, CONTROL_BACKEND, FAST_METHODS
 
 log = logging.getLogger("snakepit.router")
 
@@ -44,7 +46,7 @@ _FIELDS = len(CALL_LOG_FIELDS)
         "%[var(txn.grpc)]", "%[var(txn.body)]", "%HPO", "%[var(txn.tool)]",
     )
 )  # fmt: skip
-_METHODS = {f"/{SERVICE_NAME}/{m}".encode(): m for m in TOOL_METHODS}
+_METHODS = {f"/{SERVICE_NAME}/{m}".encode(): m for m in FAST_METHODS}
 _CODES = {str(code.value[0]).encode(): str(code.name) for code in grpc.StatusCode}
 _NO_SERVER = b"<NOSRV>"
 GRPC_FRAME = 5  # a gRPC message's prefix: compressed flag and length
@@ -56,7 +58,7 @@ RECEIVE_BUFFER = 4 << 20  # asked for; the kernel caps it at net.core.rmem_max (
 class Call(NamedTuple):
     """What one line of the call log says about a call HAProxy ended."""
 
-    method: str  # ExecuteTool, ExecuteStreamingTool
+    method: str  # ExecuteTool (config.FAST_METHODS)
     tool_hex: bytes  # the tool name in hex; b"" when unknown
     code: str  # gRPC status name, or "unknown"
     seconds: float  # first request byte to the end
