@@ -307,9 +307,6 @@ def _autoscale_policy(args: argparse.Namespace) -> Any:
     """The policy of ``serve --max-workers``, or None (a fixed --workers pool)."""
     if args.max_workers <= 0:
         return None
-    if args.data_path != "python":
-        # The load is read from the Python router's queue; calls on HAProxy bypass it.
-        raise SystemExit("snakepit serve: --max-workers needs --data-path python (for now)")
     from .autoscale.policy import Policy, default_target
 
     try:

@@ -292,7 +292,7 @@ class LocalPool:
         task.add_done_callback(self._leaving.discard)
 
     async def _read_load(self) -> tuple[float, bool]:
-        return float(self.router.pool.load), True
+        return await self.router.load(), True
 
     async def _resize(self, decision: Decision, _sample: Sample) -> None:
         while len(self.slots) < decision.desired:

@@ -45,8 +45,16 @@ UP, DOWN, IDLE = 0, 20, 30  # the pool's windows (seconds)
 CONCURRENCY = 2
 TARGET = 0.75 * CONCURRENCY  # the default target load per worker: 1.5 calls in flight
 POD_START = 120  # seconds a worker pod may take to start on a busy 2-core machine
-ROUNDS = range(3 if os.environ.get("SNAKEPIT_E2E_FULL") else 1)
-_failed_rounds: list[int] = []  # a round that failed is not repeated: cluster time is shared
+# Each round a fresh pool, once on each data path (spec.router.dataPath): the Python router, and
+# HAProxy, whose queue the autoscaler reads from the routers' /metrics and which hands a call
+# that finds no worker to the Python router (the wake from zero).
+DATA_PATHS = ("python", "haproxy")
+ROUNDS = [
+    f"{path}-{n}"
+    for n in range(3 if os.environ.get("SNAKEPIT_E2E_FULL") else 1)
+    for path in DATA_PATHS
+]
+_failed_rounds: list[str] = []  # a round that failed is not repeated: cluster time is shared
 
 ns = pool_e2e.ns  # a namespace of this module, and an operator release watching it
 release = pool_e2e.release
@@ -154,14 +162,16 @@ def test_pool_follows_a_stepped_load_idles_to_zero_and_wakes(
     ns: str,
     release: str,
     api: Kube,
-    round_: int,
+    round_: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     if _failed_rounds:
         pytest.skip(f"round {_failed_rounds[0]} failed; not repeated")
     _failed_rounds.append(round_)  # until it passes
     pool = f"scaled-{round_}"
-    kube_node.apply(pool_e2e.pool_manifest(kube_node, pool, SPEC), namespace=ns)
+    data_path = round_.split("-")[0]
+    spec = {**SPEC, "router": {**SPEC["router"], "dataPath": data_path}}
+    kube_node.apply(pool_e2e.pool_manifest(kube_node, pool, spec), namespace=ns)
     results: dict[str, float] = {}
     try:
         # the operator's first pass creates the router Service a moment after the pool exists
@@ -178,6 +188,11 @@ def test_pool_follows_a_stepped_load_idles_to_zero_and_wakes(
             pool_e2e.host_caller(kube_node, ns, pool, address, tmp_path_factory.mktemp(pool))
             with pool_e2e.connect(address, timeout=30) as client:
                 wait_until("router answers", client.ping, timeout=300)
+            wait_until(
+                f"both router pods say data path: {data_path}",
+                lambda: _routers_on(kube_node, ns, pool, data_path),
+                timeout=300,
+            )
             load = RampLoad(
                 address, call_seconds=0.25, timeout=60, client_options=pool_e2e.CALLERS[address]
             )
@@ -251,6 +266,17 @@ def _steps(address: str, load: RampLoad, timeline: Timeline, results: dict[str, 
     time.sleep(3)
 
 
+def _routers_on(cluster: KubeCluster, ns: str, pool: str, data_path: str) -> bool:
+    """Whether each of the pool's two router pods logged that it carries calls on
+    ``data_path``."""
+    routers = pool_e2e.pods(cluster, ns, "router", pool)
+    logs = [
+        cluster.kubectl_run("-n", ns, "logs", p["metadata"]["name"], check=False).stdout
+        for p in routers
+    ]
+    return len(routers) == 2 and all(f"data path: {data_path}" in text for text in logs)
+
+
 def _operator_log(cluster: KubeCluster, operator_namespace: str) -> list[str]:
     """The operator's own lines about scaling and reconciling (kopf's are left out)."""
     logs = cluster.kubectl_run(
@@ -264,7 +290,7 @@ def _record(
     timeline: Timeline,
     results: dict[str, float],
     load: RampLoad,
-    round_: int,
+    round_: str,
     applied: list[tuple[float, int]],
     operator_log: list[str],
 ) -> None:
@@ -275,7 +301,7 @@ def _record(
     )
     summary = ", ".join(f"{k} {v:.1f} s" for k, v in results.items())
     line = (
-        f"autoscaling e2e: {summary}; {load.calls} calls, {len(load.failures)} failed "
+        f"autoscaling e2e ({round_}): {summary}; {load.calls} calls, {len(load.failures)} failed "
         f"(windows: up {UP} s, down {DOWN} s, idle {IDLE} s; load average "
         f"{os.getloadavg()[0]:.1f})"
     )

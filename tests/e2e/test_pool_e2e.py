@@ -210,8 +210,8 @@ def pool_ready(cluster: KubeCluster, ns: str, replicas: int | None = None) -> bo
     )
 
 
-def pods(cluster: KubeCluster, ns: str, component: str) -> list[Any]:
-    selector = f"snakepit.dev/pool={POOL},app.kubernetes.io/component={component}"
+def pods(cluster: KubeCluster, ns: str, component: str, pool: str = POOL) -> list[Any]:
+    selector = f"snakepit.dev/pool={pool},app.kubernetes.io/component={component}"
     items = kube_json(cluster, "-n", ns, "get", "pods", "-l", selector)["items"]
     return [p for p in items if not p["metadata"].get("deletionTimestamp")]
 
@@ -339,8 +339,8 @@ def test_apply_the_example_pool_becomes_ready(
     if kube_node.pull_policy == "Never":
         manifest = manifest.replace("spec:\n", "spec:\n  imagePullPolicy: Never\n", 1)
     # This module's pool runs HAProxy as its routers' data path (spec.router.dataPath), so
-    # every disruption below is proven on it; the metrics, autoscaling and identity modules
-    # run the default Python router.
+    # every disruption below is proven on it; the metrics module runs HAProxy too, the
+    # autoscaling module each data path in turn, the identity module the default Python router.
     manifest = manifest.replace("  router:\n", "  router:\n    dataPath: haproxy\n", 1)
     started = time.monotonic()
     kube_node.apply(manifest, namespace=ns)

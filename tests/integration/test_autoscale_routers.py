@@ -1,4 +1,9 @@
-"""Reading router replicas for the autoscaler: real router processes, a dead address, a held call."""
+"""Reading router replicas for the autoscaler: real router processes, a dead address, a held call.
+
+On both data paths: on HAProxy's, GetPoolStatus adds HAProxy's running and queued calls to the
+Python router's, and a call that finds no worker is held by the Python router (where the
+autoscaler hears of it) rather than refused.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +11,26 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
 from snakepit import AsyncClient
 from snakepit.autoscale.routers import RouterSet
 from snakepit.security.localca import LocalCA, write_file, write_issued
 from tests.fixtures.processes import ProcessFactory, free_port, wait_for
 
 TOKEN = "app-token-0123456789abcdef"
+DATA_PATHS = pytest.mark.parametrize("data_path", ["python", "haproxy"])
+INFO = {"SNAKEPIT_LOG_LEVEL": "info"}  # the router logs its data path at start
 
 
+@DATA_PATHS
 async def test_load_is_summed_and_a_silent_router_makes_it_incomplete(
-    procs: ProcessFactory,
+    procs: ProcessFactory, data_path: str
 ) -> None:
     worker = procs.worker(concurrency=4)
-    a = procs.router([worker])
-    b = procs.router([worker])
+    a = procs.router([worker], "--data-path", data_path, env=INFO)
+    b = procs.router([worker], "--data-path", data_path, env=INFO)
+    assert all(f"data path: {data_path}" in r.logs() for r in (a, b))
     routers = RouterSet(on_starved=lambda: None)
     try:
         assert await routers.read() == (0.0, False)  # nothing discovered yet: unknown
@@ -38,9 +49,11 @@ async def test_load_is_summed_and_a_silent_router_makes_it_incomplete(
         await routers.close()
 
 
-async def test_a_held_call_is_heard_at_once(procs: ProcessFactory) -> None:
+@DATA_PATHS
+async def test_a_held_call_is_heard_at_once(procs: ProcessFactory, data_path: str) -> None:
     # The router's only worker is not running: the call is held in its queue.
-    router = procs.router([f"w0=127.0.0.1:{free_port()}"])
+    router = procs.router([f"w0=127.0.0.1:{free_port()}"], "--data-path", data_path, env=INFO)
+    assert f"data path: {data_path}" in router.logs()
     heard = asyncio.Event()
     routers = RouterSet(on_starved=heard.set)
     routers.set_routers([router.address])

@@ -2,15 +2,28 @@
 
 Real processes: the serve process runs the router and the autoscaler, workers are its children;
 the load is real calls (``sleep``) from threads. Timings are printed, and asserted only loosely.
+Each test runs on both data paths: on HAProxy's, the load read includes HAProxy's queue and
+running calls, and a call that finds no worker is handed to the Python router, which holds it
+and wakes the autoscaler.
 """
 
 from __future__ import annotations
 
 import time
 
+import pytest
+
 from snakepit import Client
-from tests.fixtures.processes import ProcessFactory
+from tests.fixtures.processes import Proc, ProcessFactory
 from tests.support.ramp import RampLoad, Timeline
+
+pytestmark = pytest.mark.parametrize("data_path", ["python", "haproxy"])
+
+
+def serve(procs: ProcessFactory, data_path: str, *args: str) -> Proc:
+    pool = procs.serve(*args, "--data-path", data_path)
+    assert f"data path: {data_path}" in pool.logs()
+    return pool
 
 
 def status_probe(client: Client):  # type: ignore[no-untyped-def]
@@ -26,11 +39,11 @@ def status_probe(client: Client):  # type: ignore[no-untyped-def]
     return probe
 
 
-def test_serve_grows_and_shrinks_under_a_load_ramp(procs: ProcessFactory) -> None:
+def test_serve_grows_and_shrinks_under_a_load_ramp(procs: ProcessFactory, data_path: str) -> None:
     # Target 1.5 calls per worker (0.75 x 2): 1 call in flight -> 1 worker, 6 -> 4 (the max).
-    pool = procs.serve(
-        "--min-workers", "1", "--max-workers", "4", "--worker-concurrency", "2",
-        "--scale-down-delay", "3", "--scale-interval", "0.25",
+    pool = serve(
+        procs, data_path, "--min-workers", "1", "--max-workers", "4",
+        "--worker-concurrency", "2", "--scale-down-delay", "3", "--scale-interval", "0.25",
     )  # fmt: skip
     load = RampLoad(pool.address, call_seconds=0.2)
     with Client(pool.address) as client:
@@ -70,9 +83,13 @@ def test_serve_grows_and_shrinks_under_a_load_ramp(procs: ProcessFactory) -> Non
         assert shrunk >= 2.5, "shrank before the scale-down delay"
 
 
-def test_serve_wakes_from_zero_at_once_when_a_call_arrives(procs: ProcessFactory) -> None:
+def test_serve_wakes_from_zero_at_once_when_a_call_arrives(
+    procs: ProcessFactory, data_path: str
+) -> None:
     # The load is read every 60 s only: answering fast proves the router woke the autoscaler.
-    pool = procs.serve("--min-workers", "0", "--max-workers", "2", "--scale-interval", "60")
+    pool = serve(
+        procs, data_path, "--min-workers", "0", "--max-workers", "2", "--scale-interval", "60"
+    )
     with Client(pool.address, timeout=30) as client:
         assert client.status()["workers_total"] == 0
         started = time.monotonic()
@@ -85,10 +102,12 @@ def test_serve_wakes_from_zero_at_once_when_a_call_arrives(procs: ProcessFactory
     assert status["scale_reason"].startswith("wake from zero")
 
 
-def test_serve_goes_to_zero_when_idle_and_answers_the_next_call(procs: ProcessFactory) -> None:
-    pool = procs.serve(
-        "--min-workers", "0", "--max-workers", "2", "--scale-down-delay", "1",
-        "--idle-timeout", "2", "--scale-interval", "0.2",
+def test_serve_goes_to_zero_when_idle_and_answers_the_next_call(
+    procs: ProcessFactory, data_path: str
+) -> None:
+    pool = serve(
+        procs, data_path, "--min-workers", "0", "--max-workers", "2",
+        "--scale-down-delay", "1", "--idle-timeout", "2", "--scale-interval", "0.2",
     )  # fmt: skip
     with Client(pool.address, timeout=30) as client:
         for _ in range(2):

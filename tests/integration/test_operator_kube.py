@@ -494,11 +494,6 @@ INVALID = [
         "spec.router.dataPath",
         "cannot count calls per principal",
     ),
-    (
-        {"router": {"dataPath": "haproxy"}, "autoscaling": {"maxReplicas": 4}},
-        "spec.router.dataPath",
-        "cannot serve an autoscaled pool",
-    ),
     ({"router": {"dataPath": "envoy"}}, "spec.router.dataPath", "Unsupported value"),
     ({"auth": {"serviceAccounts": []}}, "spec.auth", "nobody could call"),
     ({"session": {"ttlSeconds": 10**9}}, "spec.session.ttlSeconds", "less than or equal to"),

@@ -28,7 +28,8 @@ STREAMED = b"control router -- 0 2 0 0 0 0 0 - 37 " + PATH + b"ExecuteStreamingT
 QUEUED = b"workers s1 -- 502 1011 0 0 0 1 0 - 37 " + PATH + b"ExecuteTool 736C656570\n"
 QUEUE_TIMEOUT = b"workers s1 sQ 1001 1001 0 -1 0 1 0 4 37 " + PATH + b"ExecuteTool 736C656570\n"
 QUEUE_FULL = b"snakepit <NOSRV> LR -1 0 0 -1 0 0 0 8 37 " + PATH + b"ExecuteTool 736C656570\n"
-NO_WORKER = b"snakepit <NOSRV> LR -1 0 0 -1 0 0 0 14 48 " + PATH + b"ExecuteTool 616464\n"
+# no worker was ready: HAProxy handed the call to the Python router, which counts it
+NO_WORKER = b"control router -- 0 3 0 0 0 0 0 - 37 " + PATH + b"ExecuteTool 616464\n"
 
 
 def test_the_format_has_the_fields_the_parser_reads() -> None:
@@ -46,7 +47,6 @@ def test_the_format_has_the_fields_the_parser_reads() -> None:
         (CUT, "ExecuteTool", b"626C6F62", "unknown", ""),
         (QUEUE_TIMEOUT, "ExecuteTool", b"736C656570", "DEADLINE_EXCEEDED", "queue_timeout"),
         (QUEUE_FULL, "ExecuteTool", b"736C656570", "RESOURCE_EXHAUSTED", "queue_full"),
-        (NO_WORKER, "ExecuteTool", b"616464", "UNAVAILABLE", "no_worker"),
     ],
 )
 def test_a_line_says_the_tool_the_code_and_whether_the_call_was_refused(
@@ -88,7 +88,7 @@ def test_a_caller_that_went_away_is_cancelled_and_a_retry_is_counted() -> None:
 def test_lines_the_python_router_counts_itself_or_that_are_no_tool_call_are_skipped() -> None:
     large = OK_ADD.replace(b"workers s1", b"control router")  # a large body, through Python
     other = OK_ADD.replace(b"ExecuteTool", b"GetSession")
-    assert parse(large) is None and parse(other) is None
+    assert parse(large) is None and parse(other) is None and parse(NO_WORKER) is None
     assert parse(b"garbage") is None and parse(b"") is None
     unnamed = parse(OK_ADD.replace(b" 616464", b" -"))  # no field 1 in the body
     assert unnamed is not None and unnamed.tool_hex == b""

@@ -80,10 +80,12 @@ def test_router_pods_carry_the_data_path_the_spec_names() -> None:
     assert arg(args({"router": {"dataPath": "auto"}}), "--data-path") == "auto"
     parsed = build_parser().parse_args(args({"router": {"dataPath": "haproxy"}}))
     assert parsed.data_path == "haproxy"
-    # An autoscaled pool keeps the Python router: the autoscaler reads its queue, and it holds
-    # calls while no worker runs.
-    autoscaled = {"autoscaling": {"maxReplicas": 4}, "router": {"dataPath": "auto"}}
-    assert arg(args(autoscaled), "--data-path") == "python"
+    # An autoscaled pool takes the path it names: HAProxy reports its queue to the autoscaler
+    # and hands a call that finds no worker to the Python router, which holds it.
+    for path in ("auto", "haproxy"):
+        autoscaled = {"autoscaling": {"maxReplicas": 4}, "router": {"dataPath": path}}
+        assert parse_spec(autoscaled).autoscaling is not None
+        assert arg(args(autoscaled), "--data-path") == path
 
 
 def test_a_data_path_the_router_cannot_serve_is_refused_at_apply() -> None:
@@ -91,8 +93,6 @@ def test_a_data_path_the_router_cannot_serve_is_refused_at_apply() -> None:
         parse_spec({"router": {"dataPath": "envoy"}})
     with pytest.raises(SpecError, match="cannot count calls per principal"):
         parse_spec({"router": {"dataPath": "haproxy"}, "limits": {"maxCallsPerPrincipal": 4}})
-    with pytest.raises(SpecError, match="cannot serve an autoscaled pool"):
-        parse_spec({"router": {"dataPath": "haproxy"}, "autoscaling": {"maxReplicas": 4}})
     # auto falls back to the Python router for it (router/dataplane.py), so it is accepted.
     auto = parse_spec({"limits": {"maxCallsPerPrincipal": 4}, "router": {"dataPath": "auto"}})
     assert auto.router.data_path == "auto"

@@ -47,9 +47,9 @@ class RouterSpec:
     service_annotations: dict[str, str] = field(default_factory=dict)
     # CIDRs a LoadBalancer admits (the Service's spec.loadBalancerSourceRanges).
     load_balancer_source_ranges: tuple[str, ...] = ()
-    # python (the default: the router's own metrics need it), auto (HAProxy from the router
-    # image unless the spec needs the Python router: calls per principal, autoscaling; see
-    # router_data_path) or haproxy; the router logs which it chose and why.
+    # python (the default), auto (HAProxy from the router image unless the spec needs the
+    # Python router: calls per principal, strict affinity; see router/dataplane.py) or haproxy;
+    # the router logs which it chose and why.
     data_path: str = "python"
 
 
@@ -502,12 +502,6 @@ def parse_spec(raw: Mapping[str, Any], namespace: str = "default") -> PoolSpec:
         raise SpecError(
             "spec.router.dataPath haproxy cannot count calls per principal: remove "
             "spec.limits.maxCallsPerPrincipal, or use dataPath auto or python"
-        )
-    if router.data_path == "haproxy" and autoscaling is not None:
-        raise SpecError(
-            "spec.router.dataPath haproxy cannot serve an autoscaled pool (HAProxy's queue is "
-            "not read by the autoscaler, and it refuses calls while no worker runs): remove "
-            "spec.autoscaling, or use dataPath auto or python"
         )
     return PoolSpec(
         replicas=int(raw.get("replicas", 2)),

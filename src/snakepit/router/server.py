@@ -696,6 +696,10 @@ class RouterServer:
         await self._principal(context)
         return handlers_for.pong(request, self.router_id, "router")
 
+    async def load(self) -> float:
+        """Calls that want a worker now, in flight plus queued: what autoscaling follows."""
+        return float(self.pool.load)
+
     async def _pool_status(
         self, request: pb.GetPoolStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PoolStatus:

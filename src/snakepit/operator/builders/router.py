@@ -68,13 +68,12 @@ _LIMIT_FLAGS = {
 
 
 def router_data_path(pool: Pool) -> str:
-    """``--data-path`` for the router pods. ``auto`` keeps the Python router for an autoscaled
-    pool: the autoscaler reads the load (calls in flight and queued) from the Python router,
-    which holds calls while no worker runs (scale from zero), where HAProxy's queue is invisible
-    to it and HAProxy refuses a call that finds no worker. The router itself falls back for
-    calls per principal (router/dataplane.py)."""
-    path = pool.spec.router.data_path
-    return "python" if path == "auto" and pool.spec.autoscaling is not None else path
+    """``--data-path`` for the router pods, as the spec says: the router itself falls back to
+    Python for what HAProxy cannot do (strict affinity, calls per principal:
+    router/dataplane.py). An autoscaled pool may use either: both report their queue to the
+    autoscaler, and HAProxy hands a call that finds no worker to the Python router, which holds
+    it while the pool wakes from zero."""
+    return pool.spec.router.data_path
 
 
 def router_args(pool: Pool) -> list[str]:

@@ -127,8 +127,8 @@ def _rejection(state: bytes, server: bytes, code: str) -> str:
         return "queue_timeout"  # HAProxy's 503 after ``timeout queue``, answered as such
     if server == _NO_SERVER and code == "RESOURCE_EXHAUSTED":
         return "queue_full"
-    if server == _NO_SERVER and code == "UNAVAILABLE":
-        return "no_worker"
+    # No ``no_worker``: a call that finds no worker ready goes to the Python router, which
+    # counts it there if it waits in vain.
     return ""
 
 

@@ -29,7 +29,8 @@ the Python router reads (``calllog``): the router's call metrics for the calls H
 Errors HAProxy answers itself are real gRPC answers (``grpc-status`` and the
 ``snakepit-error-bin`` detail, marked ``not_started``), with the status codes and messages the
 Python router uses: RESOURCE_EXHAUSTED for a full queue, DEADLINE_EXCEEDED for a call that waited
-out the queue timeout, UNAVAILABLE when no worker is ready or none could be reached.
+out the queue timeout, UNAVAILABLE when no worker could be reached. A tool call that finds no
+worker ready goes to the Python router, which holds it until one is (scale from zero).
 """
 
 from __future__ import annotations
@@ -165,7 +166,6 @@ def _errors(spec: HaproxySpec) -> dict[str, SnakepitError]:
             f"({spec.worker_concurrency} calls each)",
             not_started=True,
         ),
-        "none": Unavailable("no worker is ready", not_started=True),
         "unreachable": Unavailable(
             "failed to connect to a worker (connection refused)", not_started=True
         ),
@@ -233,14 +233,17 @@ def build_config(spec: HaproxySpec) -> str:
         # The body is awaited before the refusals below so that a refused call's log line
         # names its tool too (a gRPC client sends the body right after the headers).
         *call_log_lines(spec.call_log),
-        # Not while stopping: a soft-stopped HAProxy (SIGUSR1: a handover to a new one for a CA
-        # change, or the router's own shutdown) counts no usable server in its stopped
-        # backends, though it still forwards the calls that reach it on open connections.
-        f"  http-request return status 200 {error_headers(errors['none'])} "
-        f"if fast !{{ stopping }} {{ nbsrv({WORKERS_BACKEND}) eq 0 }}",
         f"  http-request return status 200 {error_headers(errors['full'])} "
         f"if fast {{ queue({WORKERS_BACKEND}) ge {spec.queue_size} }}",
         *_vouch(spec.auth_map),
+        # A call that finds no worker ready waits in the Python router's queue, as on the Python
+        # data path: a worker starting (a pool scaled to zero wakes on it, the autoscaler hearing
+        # of the held call from the Python router) or coming back takes it. Not while stopping: a
+        # soft-stopped HAProxy (SIGUSR1: a handover to a new one for a CA change, or the
+        # router's own shutdown) counts no usable server in its stopped backends, though it
+        # still forwards the calls that reach it on open connections.
+        f"  use_backend {CONTROL_BACKEND} if fast !{{ stopping }} "
+        f"{{ nbsrv({WORKERS_BACKEND}) eq 0 }}",
         f"  use_backend {CONTROL_BACKEND} if fast {{ req.body_len ge {LARGE_BODY} }}",
         f"  use_backend {WORKERS_BACKEND} if fast",
         f"  default_backend {CONTROL_BACKEND}",

@@ -176,8 +176,9 @@ class HaproxyRouter(RouterServer):
         """Wait (bounded) until every pointed server of the new HAProxy passed its first check.
 
         A slot leaves maintenance DOWN until its check succeeds (TLS with the pool CA here), and
-        with no server up HAProxy answers "no worker is ready" at once (``nbsrv eq 0``): undiverting
-        before that failed a call of a CA rotation under load."""
+        with no server up HAProxy hands every tool call to the Python router (``nbsrv eq 0``):
+        undiverting before that kept the calls on the slower path a moment longer (it failed a
+        call of a CA rotation under load while HAProxy answered "no worker is ready" itself)."""
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
             stats = await self.api.backend_stats(WORKERS_BACKEND)
@@ -204,8 +205,21 @@ class HaproxyRouter(RouterServer):
         if self.files is not None:
             self.files.remove()
 
+    async def load(self) -> float:
+        """The Python pool's calls (streams, large bodies, calls held while no worker is ready)
+        plus HAProxy's, running and queued; the Python pool's alone while HAProxy does not
+        answer (restarting)."""
+        own = await super().load()
+        try:
+            stats = await self.api.backend_stats(WORKERS_BACKEND)
+        except (OSError, TimeoutError, HaproxyError):
+            return own
+        return own + stats.queued + sum(s.in_flight for s in stats.servers.values())
+
     async def _pool_status(self, request: pb.GetPoolStatusRequest, context: Any) -> pb.PoolStatus:
-        """The Python view (workers, sessions) with HAProxy's call counters in it."""
+        """The Python view (workers, sessions) with HAProxy's counters in it. Calls in flight
+        and queued are both's (both carry calls to the same workers: what autoscaling reads);
+        calls served and failed are HAProxy's, the tool calls it carried."""
         status: pb.PoolStatus = await super()._pool_status(request, context)
         try:
             stats = await self.api.backend_stats(WORKERS_BACKEND)
@@ -219,13 +233,13 @@ class HaproxyRouter(RouterServer):
                 counters.status.startswith("UP") or counters.status == "no check"
             )
             if counters is not None:
-                worker.in_flight = counters.in_flight
+                worker.in_flight += counters.in_flight
                 worker.served = counters.served
                 worker.failed = counters.failed
         status.workers_ready = sum(w.ready for w in status.workers)
         status.in_flight = sum(w.in_flight for w in status.workers)
         status.busy = sum(w.in_flight >= w.capacity for w in status.workers)
-        status.queued = stats.queued
+        status.queued += stats.queued
         status.calls_total = sum(s.served for s in stats.servers.values())
         status.calls_failed = sum(s.failed for s in stats.servers.values())
         return status
