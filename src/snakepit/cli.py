@@ -111,9 +111,10 @@ def _pool_options(parser: argparse.ArgumentParser) -> None:
     _add(
         parser,
         "--data-path",
-        "python",
+        "auto",
         choices=["auto", "haproxy", "python"],
-        help="what carries tool calls: python (default), haproxy, or auto (haproxy when installed)",
+        help="what carries tool calls: auto (default: haproxy when installed and the options "
+        "allow it, else python; the start-up line says which and why), haproxy, or python",
     )
     from .store.limits import DEFAULT_LIMITS as lim
 

@@ -119,7 +119,7 @@ class ServeConfig:
     # The router's Prometheus port (0: any free port); workers then serve theirs on free ports,
     # listed by `snakepit status`. None: no metrics at all.
     metrics_port: int | None = None
-    data_path: str = "python"
+    data_path: str = "auto"  # router/dataplane.py
     # Autoscaling: None keeps ``workers`` processes; a policy starts ``min_replicas`` of them.
     autoscale: Policy | None = None
     scale_period: float = 0.5
@@ -329,7 +329,8 @@ class LocalPool:
     async def stop(self) -> None:
         if self._autoscaling is not None:  # first: it must not start workers from now on
             self._autoscaling.cancel()
-        await self.router.stop(grace=1.0)
+        # The calls in flight get the workers' drain time to finish (Ctrl-C, SIGTERM).
+        await self.router.stop(grace=self.config.drain_timeout)
         await asyncio.gather(
             *(slot.stop(self.config.drain_timeout) for slot in self.slots), *self._leaving
         )

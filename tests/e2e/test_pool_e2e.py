@@ -339,8 +339,9 @@ def test_apply_the_example_pool_becomes_ready(
     if kube_node.pull_policy == "Never":
         manifest = manifest.replace("spec:\n", "spec:\n  imagePullPolicy: Never\n", 1)
     # This module's pool runs HAProxy as its routers' data path (spec.router.dataPath), so
-    # every disruption below is proven on it; the metrics module runs HAProxy too, the
-    # autoscaling module each data path in turn, the identity module the default Python router.
+    # every disruption below is proven on it (it is the default, auto, made explicit); the
+    # metrics module runs HAProxy too, the autoscaling module each data path in turn, the
+    # identity module the default.
     manifest = manifest.replace("  router:\n", "  router:\n    dataPath: haproxy\n", 1)
     started = time.monotonic()
     kube_node.apply(manifest, namespace=ns)

@@ -261,7 +261,8 @@ def test_the_runtime_api_answers_on_an_abstract_socket() -> None:
 @pytest.mark.parametrize(
     ("flags", "said"),
     [
-        ((), "data path: python (asked for)"),
+        (("--data-path", "python"), "data path: python (asked for)"),
+        # the default (the tests' environment pins python: see tests/fixtures/processes.py)
         (("--data-path", "auto"), "data path: haproxy"),
         (("--data-path", "auto", "--affinity", "strict"), "data path: python (strict affinity"),
     ],
@@ -369,3 +370,31 @@ def test_calls_are_still_counted_after_haproxy_is_restarted(
             assert client.execute("whoami")["worker_id"] == "worker-0"
     wait_for(lambda: value(scrape(port), calls, tool="whoami", code="OK") == 5)
     assert value(scrape(port), attempts, worker="worker-0") >= 5 + 1 + 5
+
+
+@pytest.mark.parametrize("data_path", ["python", "haproxy"])
+def test_ctrl_c_in_the_terminal_of_serve_lets_the_calls_in_flight_finish(
+    procs: ProcessFactory, data_path: str
+) -> None:
+    """Ctrl-C sends SIGINT to the terminal's whole process group: serve drains its calls, and
+    HAProxy, in a session of its own, is stopped softly after that rather than hard by the
+    signal itself (which cut every call in flight)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from snakepit import Client
+
+    pool = procs.serve("--data-path", data_path, workers=1)
+    assert f"data path: {data_path}" in pool.logs()
+    answers: list[object] = []
+    with Client(pool.address, timeout=20) as client:
+        assert client.execute("add", a=1, b=2) == 3
+        call = threading.Thread(target=lambda: answers.append(client.execute("sleep", seconds=1.5)))
+        call.start()
+        time.sleep(0.5)  # the call is running on the worker
+        os.killpg(pool.pid, signal.SIGINT)
+        call.join(timeout=20)
+    assert answers and answers[0] is not None, pool.logs()[-2000:]
+    assert pool.wait(timeout=30) == 0

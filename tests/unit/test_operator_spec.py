@@ -65,18 +65,24 @@ def test_operator_config_reads_its_environment() -> None:
     assert defaults.redis_image == "snakepit/redis:dev"
 
 
-def test_router_pods_carry_the_data_path_the_spec_names() -> None:
-    """python by default; auto is HAProxy from the router image unless the spec needs the
-    Python router; the router command line the builder writes is one its parser accepts."""
+def test_router_pods_carry_the_data_path_the_spec_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto by default, as for ``snakepit router`` and ``serve``: HAProxy from the router image
+    unless the spec needs the Python router; the router command line the builder writes is one
+    its parser accepts."""
     from snakepit.cli import build_parser
+
+    monkeypatch.delenv("SNAKEPIT_DATA_PATH", raising=False)
+    assert build_parser().parse_args(["serve"]).data_path == "auto"
+    assert build_parser().parse_args(["router"]).data_path == "auto"
 
     from .test_operator_builders import arg, children, container
 
     def args(spec: dict[str, object] | None = None) -> list[str]:
         return list(container(children(spec)["Deployment/demo-router"])["args"])
 
-    assert parse_spec({}).router.data_path == "python"
-    assert arg(args(), "--data-path") == "python"
+    assert parse_spec({}).router.data_path == "auto"
+    assert arg(args(), "--data-path") == "auto"
+    assert arg(args({"router": {"dataPath": "python"}}), "--data-path") == "python"
     assert arg(args({"router": {"dataPath": "auto"}}), "--data-path") == "auto"
     parsed = build_parser().parse_args(args({"router": {"dataPath": "haproxy"}}))
     assert parsed.data_path == "haproxy"

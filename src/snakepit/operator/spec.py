@@ -47,10 +47,10 @@ class RouterSpec:
     service_annotations: dict[str, str] = field(default_factory=dict)
     # CIDRs a LoadBalancer admits (the Service's spec.loadBalancerSourceRanges).
     load_balancer_source_ranges: tuple[str, ...] = ()
-    # python (the default), auto (HAProxy from the router image unless the spec needs the
-    # Python router: calls per principal, strict affinity; see router/dataplane.py) or haproxy;
+    # auto (the default: HAProxy from the router image unless the spec needs the Python router,
+    # for calls per principal or strict affinity; see router/dataplane.py), haproxy or python;
     # the router logs which it chose and why.
-    data_path: str = "python"
+    data_path: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -306,7 +306,7 @@ def _parse_router(raw: Mapping[str, Any]) -> RouterSpec:
     if service_type not in SERVICE_TYPES:
         raise SpecError(f"spec.router.serviceType must be one of {', '.join(SERVICE_TYPES)}")
     node_port = raw.get("nodePort")
-    data_path = str(raw.get("dataPath", "python"))
+    data_path = str(raw.get("dataPath", "auto"))
     if data_path not in DATA_PATHS:
         raise SpecError(f"spec.router.dataPath must be one of {', '.join(DATA_PATHS)}")
     return RouterSpec(

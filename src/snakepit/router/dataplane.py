@@ -1,9 +1,7 @@
-"""Which data path carries tool calls: the Python router (the default) or HAProxy (opt-in).
+"""Which data path carries tool calls: HAProxy or the Python router.
 
-HAProxy is not the default yet: its 2.6 stall on multi-MB request bodies is worked around (they
-take the Python router), and the default waits for a green e2e run (docs/architecture.md,
-"Native data path").
-``auto`` takes HAProxy when the ``haproxy`` binary is there and the pool's affinity is ``hint``,
+``auto`` (the default of ``snakepit router``, ``snakepit serve`` and ``spec.router.dataPath``)
+takes HAProxy when the ``haproxy`` binary is there and the pool's affinity is ``hint``,
 with or without TLS and authentication (HAProxy terminates TLS and forwards calls whose caller
 the Python router has already verified; see ``haproxy/authmap.py`` and ``haproxy/tlsfiles.py``).
 Strict affinity stays on the Python router: it binds a session to the worker that served it last

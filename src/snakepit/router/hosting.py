@@ -118,7 +118,7 @@ class Host:
 class HostRegistry:
     def __init__(
         self,
-        spawn: Callable[[Awaitable[Any]], None],
+        spawn: Callable[[Awaitable[Any]], object],
         pool_tools: Callable[[], Awaitable[set[str] | None]],
         existing_sessions: Callable[[list[str]], Awaitable[set[str]]],
     ) -> None:

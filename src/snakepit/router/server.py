@@ -95,7 +95,7 @@ class RouterConfig:
     # Prometheus metrics at http://host:metrics_port/metrics; None records and serves none.
     metrics_port: int | None = None
     # Tool calls through HAProxy or the Python router: auto, haproxy, python (router/dataplane.py).
-    data_path: str = "python"
+    data_path: str = "auto"
     limits: StoreLimits = field(default_factory=StoreLimits)
     # Helper processes that check large written values off the event loop (0: on the loop).
     value_helpers: int = DEFAULT_HELPERS
@@ -348,10 +348,11 @@ class RouterServer:
         status = serving.NOT_SERVING if self.pool.starved else serving.SERVING
         await self.health.set(CAPACITY_SERVICE, status)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # Handlers ---------------------------------------------------------------------------------
     def _handlers(self) -> grpc.GenericRpcHandler:

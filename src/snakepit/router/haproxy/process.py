@@ -108,6 +108,10 @@ class HaproxyProcess:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            # Its own session: a Ctrl-C in the terminal of `snakepit serve` reaches the router,
+            # which stops HAProxy softly after its drain, not HAProxy itself (SIGINT is its hard
+            # stop, which cut the calls in flight). The parent-death signal still ends it.
+            start_new_session=True,
         )
         assert self.process.stdin is not None and self.process.stderr is not None
         self.process.stdin.write(self.config_text.encode())

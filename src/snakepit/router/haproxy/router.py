@@ -49,6 +49,8 @@ class HaproxyRouter(RouterServer):
         self.api = RuntimeApi(_admin_address())
         self.haproxy: HaproxyProcess | None = None
         self.sync: ServerSync | None = None
+        # The tasks that keep HAProxy current (servers, TLS files, vouched callers).
+        self._keepers: list[asyncio.Task[Any]] = []
         self.files: HaproxyFiles | None = None
         self.authmap: AuthMap | None = None
         self.control_port = 0
@@ -139,11 +141,11 @@ class HaproxyRouter(RouterServer):
             files.remove()
             raise
         self.pool.on_change = sync.notify
-        self._spawn(sync.run())
+        self._keepers = [self._spawn(sync.run())]
         if spec.tls is not None:
-            self._spawn(files.keep_current(self.api, self._replace_haproxy))
+            self._keepers.append(self._spawn(files.keep_current(self.api, self._replace_haproxy)))
         if self.authmap is not None:
-            self._spawn(self.authmap.run())
+            self._keepers.append(self._spawn(self.authmap.run()))
         sync.notify()
         self.port = spec.port
         log.info("haproxy data path serving", extra={"port": self.port})
@@ -197,6 +199,11 @@ class HaproxyRouter(RouterServer):
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
+        # What keeps HAProxy current stops first: a soft-stopped HAProxy closes its runtime
+        # API while its calls finish, and the servers it has are the ones those calls need.
+        self.pool.on_change = None
+        for task in self._keepers:
+            task.cancel()
         if self.haproxy is not None:
             await self.haproxy.stop(grace)
         await super().stop(grace=0.5)
