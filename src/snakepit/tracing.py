@@ -13,9 +13,11 @@ spans and context propagation through its own global tracer provider.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 TRACEPARENT = "traceparent"
@@ -23,6 +25,11 @@ TRACESTATE = "tracestate"
 _CARRIER_KEYS = (TRACEPARENT, TRACESTATE)
 
 _tracer: Any = None
+# A span id the next span started in this context takes (``preset_span_id``); None: random.
+_preset_span_id: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "snakepit_preset_span_id", default=None
+)
+_ids_presettable = False
 
 
 def configured(env: dict[str, str] | None = None) -> bool:
@@ -42,7 +49,7 @@ def setup(service_name: str) -> bool:
 
     ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES`` override ``service_name`` as usual.
     """
-    global _tracer
+    global _tracer, _ids_presettable
     if not configured():
         return False
     from opentelemetry import trace
@@ -50,15 +57,40 @@ def setup(service_name: str) -> bool:
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    class PresetIds(RandomIdGenerator):
+        def generate_span_id(self) -> int:
+            preset = _preset_span_id.get()
+            return int(super().generate_span_id()) if preset is None else preset
 
     resource = Resource.create({SERVICE_NAME: service_name})
     if os.environ.get("OTEL_SERVICE_NAME"):
         resource = Resource.create({})  # the SDK reads OTEL_SERVICE_NAME itself
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=resource, id_generator=PresetIds())
+    _ids_presettable = True
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     _tracer = trace.get_tracer("snakepit")
     return True
+
+
+def span_ids_presettable() -> bool:
+    """Whether a span can be given an id chosen elsewhere (``preset_span_id``): only with the
+    provider ``setup`` installed. HAProxy, which makes no spans, chooses the id of the router's
+    span for a call it carries and hands it to the worker as the parent; the router records that
+    span from HAProxy's call log once the call has ended (``router/haproxy/calllog.py``)."""
+    return _ids_presettable
+
+
+@contextlib.contextmanager
+def preset_span_id(span_id: int) -> Iterator[None]:
+    """Spans started inside take ``span_id`` (see ``span_ids_presettable``)."""
+    token = _preset_span_id.set(span_id)
+    try:
+        yield
+    finally:
+        _preset_span_id.reset(token)
 
 
 def shutdown() -> None:
@@ -122,7 +154,7 @@ def trace_id() -> str:
     return format(context.trace_id, "032x") if context.is_valid else ""
 
 
-def end(span: Any, code: str) -> None:
+def end(span: Any, code: str, end_time: int | None = None) -> None:
     """End ``span`` with its gRPC status (``rpc.grpc.status_code``) and error status."""
     from opentelemetry.trace import Status, StatusCode
 
@@ -131,7 +163,7 @@ def end(span: Any, code: str) -> None:
     span.set_attribute("rpc.grpc.status_code", code)
     if code != "OK":
         span.set_status(Status(StatusCode.ERROR, code))
-    span.end()
+    span.end(end_time=end_time)
 
 
 def client_span(tracer: Any, method: str, request: bytes) -> Any:

@@ -1,7 +1,8 @@
 """HAProxy's call log read into the router's metrics, and its load into the gauges.
 
-The lines are ones HAProxy 2.6.12 sent for real calls (``config.CALL_LOG_FIELDS``), except where
-a test says it built one; tests/integration/test_haproxy.py runs the whole path.
+The lines are ones HAProxy 2.6.12 sent for real calls (``config.CALL_LOG_FIELDS``; "- -": an
+untraced call's trace fields), except where a test says it built one;
+tests/integration/test_haproxy.py runs the whole path.
 """
 
 from __future__ import annotations
@@ -19,21 +20,25 @@ from snakepit.router.haproxy.load import dropped_logs, load_of
 from snakepit.router.haproxy.runtime import BackendStats, ServerStats
 
 PATH = b"/snakepit.bridge.v1.BridgeService/"
-OK_ADD = b"workers s1 -- 0 13 0 7 0 0 0 - 48 " + PATH + b"ExecuteTool 616464\n"
-FAILED = b"workers s1 -- 0 4 0 0 0 0 0 13 40 " + PATH + b"ExecuteTool 6661696C\n"
-UNKNOWN_TOOL = b"workers s1 -- 0 2 0 0 0 0 0 5 40 " + PATH + b"ExecuteTool 6E6F73756368746F6F6C\n"
+OK_ADD = b"workers s1 -- 0 13 0 7 0 0 0 - 48 " + PATH + b"ExecuteTool - - 616464\n"
+FAILED = b"workers s1 -- 0 4 0 0 0 0 0 13 40 " + PATH + b"ExecuteTool - - 6661696C\n"
+UNKNOWN_TOOL = (
+    b"workers s1 -- 0 2 0 0 0 0 0 5 40 " + PATH + b"ExecuteTool - - 6E6F73756368746F6F6C\n"
+)
 # the worker died while sending the answer (server abort in the data phase)
-CUT = b"workers s1 SD 0 2 0 0 0 0 0 - 37 " + PATH + b"ExecuteTool 626C6F62\n"
-STREAMED = b"control router -- 0 2 0 0 0 0 0 - 37 " + PATH + b"ExecuteStreamingTool 636F756E74\n"
-QUEUED = b"workers s1 -- 502 1011 0 0 0 1 0 - 37 " + PATH + b"ExecuteTool 736C656570\n"
-QUEUE_TIMEOUT = b"workers s1 sQ 1001 1001 0 -1 0 1 0 4 37 " + PATH + b"ExecuteTool 736C656570\n"
-QUEUE_FULL = b"snakepit <NOSRV> LR -1 0 0 -1 0 0 0 8 37 " + PATH + b"ExecuteTool 736C656570\n"
+CUT = b"workers s1 SD 0 2 0 0 0 0 0 - 37 " + PATH + b"ExecuteTool - - 626C6F62\n"
+STREAMED = (
+    b"control router -- 0 2 0 0 0 0 0 - 37 " + PATH + b"ExecuteStreamingTool - - 636F756E74\n"
+)
+QUEUED = b"workers s1 -- 502 1011 0 0 0 1 0 - 37 " + PATH + b"ExecuteTool - - 736C656570\n"
+QUEUE_TIMEOUT = b"workers s1 sQ 1001 1001 0 -1 0 1 0 4 37 " + PATH + b"ExecuteTool - - 736C656570\n"
+QUEUE_FULL = b"snakepit <NOSRV> LR -1 0 0 -1 0 0 0 8 37 " + PATH + b"ExecuteTool - - 736C656570\n"
 # no worker was ready: HAProxy handed the call to the Python router, which counts it
-NO_WORKER = b"control router -- 0 3 0 0 0 0 0 - 37 " + PATH + b"ExecuteTool 616464\n"
+NO_WORKER = b"control router -- 0 3 0 0 0 0 0 - 37 " + PATH + b"ExecuteTool - - 616464\n"
 
 
 def test_the_format_has_the_fields_the_parser_reads() -> None:
-    assert len(CALL_LOG_FIELDS) == len(OK_ADD.split(b" ")) == 14
+    assert len(CALL_LOG_FIELDS) == len(OK_ADD.split(b" ")) == 16
     assert CALL_LOG_FIELDS[-1] == "%[var(txn.tool)]"  # last: a truncated line cuts only the name
 
 
@@ -78,10 +83,10 @@ def test_times_and_bytes_come_from_haproxys_fields() -> None:
 
 def test_a_caller_that_went_away_is_cancelled_and_a_retry_is_counted() -> None:
     # built: the caller reset the stream while the worker ran (CD), after one failed connect
-    call = parse(b"workers s2 CD 0 40 0 0 +1 0 0 - 37 " + PATH + b"ExecuteTool 736C656570")
+    call = parse(b"workers s2 CD 0 40 0 0 +1 0 0 - 37 " + PATH + b"ExecuteTool - - 736C656570")
     assert call is not None and (call.code, call.retries, call.rejection) == ("CANCELLED", 1, "")
     # built: the worker could not be reached (HAProxy's 503, answered UNAVAILABLE): no rejection
-    call = parse(b"workers s2 SC 0 3 0 -1 2 0 0 14 37 " + PATH + b"ExecuteTool 736C656570")
+    call = parse(b"workers s2 SC 0 3 0 -1 2 0 0 14 37 " + PATH + b"ExecuteTool - - 736C656570")
     assert call is not None and (call.code, call.rejection, call.slot) == ("UNAVAILABLE", "", b"")
 
 
@@ -107,7 +112,7 @@ def test_the_reader_counts_each_line_into_the_router_metrics() -> None:
     for line in (OK_ADD, OK_ADD, FAILED, CUT, STREAMED, QUEUED, QUEUE_TIMEOUT, QUEUE_FULL):
         reader.datagram_received(line, None)
     reader.datagram_received(
-        b"control router -- 0 1 0 0 0 0 0 - 48 " + PATH + b"ExecuteTool 61", None
+        b"control router -- 0 1 0 0 0 0 0 - 48 " + PATH + b"ExecuteTool - - 61", None
     )
     calls = "snakepit_router_calls_total"
     assert _value(metrics, calls, tool="add", code="OK") == 2
@@ -193,3 +198,15 @@ def test_haproxys_dropped_log_lines_are_a_counter() -> None:
     assert metrics.registry.get_sample_value("snakepit_router_call_log_dropped_total") is None
     metrics.add_load(lambda: Load(dropped_log_lines=289))
     assert _value(metrics, "snakepit_router_call_log_dropped_total") == 289
+
+
+def test_a_traced_call_carries_its_callers_traceparent_and_the_routers_span_id() -> None:
+    parent = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    traced = OK_ADD.replace(b"ExecuteTool - - ", b"ExecuteTool " + parent + b" 6c23a607c973495d ")
+    call = parse(traced)
+    assert call is not None and call.tool_hex == b"616464"
+    assert (call.parent, call.span_id) == (parent.decode(), 0x6C23A607C973495D)
+    untraced = parse(OK_ADD)
+    assert untraced is not None and (untraced.parent, untraced.span_id) == ("", 0)
+    mangled = parse(traced.replace(b" 6c23a607c973495d ", b" 6c23a607c973495z "))
+    assert mangled is not None and mangled.span_id == 0  # no span rather than a wrong one

@@ -35,15 +35,20 @@ import grpc
 from ...metrics import RouterMetrics
 from ...protocol import SERVICE_NAME
 from .config import CALL_LOG_FIELDS, CONTROL_BACKEND, FAST_METHODS
+from .spans import record
 
 log = logging.getLogger("snakepit.router")
 
 _FIELDS = len(CALL_LOG_FIELDS)
-(_BACKEND, _SERVER, _TERM, _TW, _TA, _TR, _TC, _RC, _SQ, _BQ, _GRPC, _BODY, _PATH, _TOOL) = (
+(
+    _BACKEND, _SERVER, _TERM, _TW, _TA, _TR, _TC, _RC, _SQ, _BQ, _GRPC, _BODY, _PATH, _PARENT,
+    _SPAN, _TOOL,
+) = (
     CALL_LOG_FIELDS.index(f)
     for f in (
         "%b", "%s", "%ts", "%Tw", "%Ta", "%TR", "%Tc", "%rc", "%sq", "%bq",
-        "%[var(txn.grpc)]", "%[var(txn.body)]", "%HPO", "%[var(txn.tool)]",
+        "%[var(txn.grpc)]", "%[var(txn.body)]", "%HPO", "%[var(txn.parent)]",
+        "%[var(txn.span)]", "%[var(txn.tool)]",
     )
 )  # fmt: skip
 _METHODS = {f"/{SERVICE_NAME}/{m}".encode(): m for m in FAST_METHODS}
@@ -68,6 +73,8 @@ class Call(NamedTuple):
     rejection: str  # a ``metrics.router.REJECTION_REASONS`` value for a call never sent; ""
     received: int  # request message bytes
     retries: int  # connections tried again (each failed to connect: UNAVAILABLE)
+    parent: str = ""  # the caller's traceparent (with tracing on); ""
+    span_id: int = 0  # the id HAProxy gave the router's span (``config.trace_lines``); 0: none
 
 
 def parse(line: bytes) -> Call | None:
@@ -99,10 +106,22 @@ def parse(line: bytes) -> Call | None:
         rejection="" if sent else _rejection(state, fields[_SERVER], code),
         received=max(body - GRPC_FRAME, 0),
         retries=max(_ms(fields[_RC].lstrip(b"+")), 0),
+        **_trace_of(fields[_PARENT], fields[_SPAN]),
     )
 
 
 _CONTROL = CONTROL_BACKEND.encode()
+
+
+def _trace_of(parent: bytes, span: bytes) -> dict[str, Any]:
+    """The trace fields of a call HAProxy gave a span id (its traceparent matched the pattern
+    in ``config.trace_lines``); none otherwise."""
+    if len(span) != 16 or parent == b"-":
+        return {}
+    try:
+        return {"parent": parent.decode("ascii"), "span_id": int(span, 16)}
+    except ValueError:
+        return {}
 
 
 def _ms(field: bytes) -> int:
@@ -133,14 +152,21 @@ def _rejection(state: bytes, server: bytes, code: str) -> str:
 
 
 class CallLog(asyncio.DatagramProtocol):
-    """Reads the call log on the router's event loop and counts each call into ``metrics``.
+    """Reads the call log on the router's event loop: counts each call into ``metrics`` and,
+    with a ``tracer``, records the router's span of each traced call (``spans.record``).
 
     ``worker_of`` names the worker a server slot carries (``servers.ServerSync.worker_of``).
     """
 
-    def __init__(self, metrics: RouterMetrics, worker_of: Callable[[bytes], str | None]) -> None:
+    def __init__(
+        self,
+        metrics: RouterMetrics | None,
+        worker_of: Callable[[bytes], str | None],
+        tracer: Any = None,
+    ) -> None:
         self.metrics = metrics
         self.worker_of = worker_of
+        self.tracer = tracer
         self._tools: dict[bytes, str] = {}  # hex -> name; bounded like the labels themselves
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -153,7 +179,13 @@ class CallLog(asyncio.DatagramProtocol):
             self.apply(call)
 
     def apply(self, call: Call) -> None:
-        metrics = self.metrics
+        if self.tracer is not None and call.span_id:
+            worker = self.worker_of(call.slot) if call.slot else None
+            record(self.tracer, call, self._tool(call.tool_hex), worker)
+        if self.metrics is not None:
+            self._count(self.metrics, call)
+
+    def _count(self, metrics: RouterMetrics, call: Call) -> None:
         metrics.call_seen(call.method, self._tool(call.tool_hex), call.code, call.seconds)
         if call.received:
             metrics.request_bytes(call.method, call.received)
@@ -191,7 +223,10 @@ def abstract_address(name: str) -> str:
 
 
 async def listen(
-    name: str, metrics: RouterMetrics, worker_of: Callable[[bytes], str | None]
+    name: str,
+    metrics: RouterMetrics | None,
+    worker_of: Callable[[bytes], str | None],
+    tracer: Any = None,
 ) -> CallLog:
     """Read the call log on abstract socket ``name`` from now on (before HAProxy starts, so
     no line is refused)."""
@@ -207,6 +242,6 @@ async def listen(
         raise
     loop = asyncio.get_running_loop()
     _, protocol = await loop.create_datagram_endpoint(
-        lambda: CallLog(metrics, worker_of), sock=sock
+        lambda: CallLog(metrics, worker_of, tracer), sock=sock
     )
     return protocol

@@ -44,6 +44,7 @@ from ...protocol.status import ERROR_DETAIL_KEY, SESSION_ID_KEY, detail_of
 from ...security.gate import AUTHORIZATION_KEY
 from ...security.tickets import TICKET_KEY
 from ...security.tls import POOL_NAME
+from ...tracing import TRACEPARENT
 from ..ring import SERVER_SLOTS, weight_for
 
 WORKERS_BACKEND = "workers"
@@ -86,6 +87,8 @@ CALL_LOG_FIELDS = (
     "%[var(txn.grpc)]",  # grpc-status of the response headers; "-" when it came in trailers
     "%[var(txn.body)]",  # request body length, gRPC framing included
     "%HPO",  # the path: which RPC
+    "%[var(txn.parent)]",  # the caller's traceparent, with tracing on (``trace_lines``)
+    "%[var(txn.span)]",  # the span id HAProxy gave the router's span of the call, 16 hex
     "%[var(txn.tool)]",
 )
 CALL_LOG_LINE = 2048
@@ -131,6 +134,9 @@ class HaproxySpec:
     # Where HAProxy sends one line per call for the router's metrics (``call_log_lines``): a
     # unix datagram address (``abns@NAME``); "": no call log.
     call_log: str = ""
+    # Tracing on in the router: a traced tool call's worker gets the router's span (made from
+    # the call log) as its parent (``trace_lines``). Needs the call log.
+    trace: bool = False
 
 
 def slot_name(server_id: int) -> str:
@@ -233,6 +239,7 @@ def build_config(spec: HaproxySpec) -> str:
         # The body is awaited before the refusals below so that a refused call's log line
         # names its tool too (a gRPC client sends the body right after the headers).
         *call_log_lines(spec.call_log),
+        *trace_lines(spec.trace and bool(spec.call_log)),
         f"  http-request return status 200 {error_headers(errors['full'])} "
         f"if fast {{ queue({WORKERS_BACKEND}) ge {spec.queue_size} }}",
         *_vouch(spec.auth_map),
@@ -249,6 +256,7 @@ def build_config(spec: HaproxySpec) -> str:
         f"  default_backend {CONTROL_BACKEND}",
         "",
         f"backend {WORKERS_BACKEND}",
+        *trace_parent_lines(spec.trace and bool(spec.call_log)),
         f"  balance hdr({SESSION_ID_KEY})",
         "  hash-type consistent crc32",
         f"  hash-balance-factor {spec.balance_factor}",
@@ -378,6 +386,38 @@ def call_log_lines(address: str) -> list[str]:
         f"  http-request set-var(txn.tool) req.body,ungrpc(1),hex if fast {plain}",
         "  http-request set-var(txn.body) req.body_len if fast",
         "  http-after-response set-var(txn.grpc) res.hdr(grpc-status)",
+    ]
+
+
+# A W3C traceparent of version 00: trace id, parent span id, flags.
+TRACEPARENT_PATTERN = "^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+
+
+def trace_lines(on: bool) -> list[str]:
+    """Frontend lines that give a traced tool call the id of the router's span for it.
+
+    HAProxy makes no spans. It keeps the caller's ``traceparent`` and picks a span id (the first
+    16 hex digits of a random UUID, 60 of them random) for both the call log; the Python router
+    records the span under that id when the call's line arrives (``calllog``), and
+    ``trace_parent_lines`` hands it to the worker as its parent. A call without a valid
+    traceparent gets neither, as on the Python path (no trace is started for it)."""
+    if not on:
+        return []
+    return [
+        f"  acl traced req.hdr({TRACEPARENT}) -m reg {TRACEPARENT_PATTERN}",
+        f"  http-request set-var(txn.parent) req.hdr({TRACEPARENT}) if fast traced",
+        "  http-request set-var(txn.span) uuid,regsub(-,,g),bytes(0,16) if fast traced",
+    ]
+
+
+def trace_parent_lines(on: bool) -> list[str]:
+    """Backend lines: a call HAProxy sends to a worker carries the router's span as parent
+    (only there: a call handed to the Python router gets that router's own span)."""
+    if not on:
+        return []
+    return [
+        f'  http-request set-header {TRACEPARENT} "00-%[var(txn.parent),field(2,-)]-'
+        f'%[var(txn.span)]-%[var(txn.parent),field(4,-)]" if {{ var(txn.span) -m found }}',
     ]
 
 

@@ -22,6 +22,7 @@ import resource
 import secrets
 from typing import Any
 
+from ... import tracing
 from ...protocol import pb
 from ...supervisor import free_port
 from ..ring import SERVER_SLOTS
@@ -95,6 +96,7 @@ class HaproxyRouter(RouterServer):
             maxconn=_maxconn(),
             log_requests=os.environ.get("SNAKEPIT_HAPROXY_LOG", "") not in ("", "0"),
             call_log=self.call_log_address,
+            trace=self.call_log is not None and self.call_log.tracer is not None,
         )
 
     def _worker_of(self, server: bytes) -> str | None:
@@ -103,13 +105,16 @@ class HaproxyRouter(RouterServer):
     async def _observe_haproxy(self) -> None:
         """With metrics on: the tool calls HAProxy carries count in the router's metrics, from
         its call log (``calllog``) and, at each scrape, its queue and running calls (``load``).
-        Listening starts before HAProxy does, so its first lines find a reader."""
-        if self.metrics is None:
+        With tracing on: the router's span of each traced call, from the same log
+        (``spans``). Listening starts before HAProxy does, so its first lines find a reader."""
+        tracer = self.tracer if tracing.span_ids_presettable() else None
+        if self.metrics is None and tracer is None:
             return
         name = f"snakepit-calllog-{os.getpid()}-{secrets.token_hex(4)}"
-        self.call_log = await listen(name, self.metrics, self._worker_of)
+        self.call_log = await listen(name, self.metrics, self._worker_of, tracer)
         self.call_log_address = abstract_address(name)
-        self.metrics.add_load(HaproxyLoad(self.api, self._worker_of))
+        if self.metrics is not None:
+            self.metrics.add_load(HaproxyLoad(self.api, self._worker_of))
 
     async def start(self) -> int:
         host = self.public.host
