@@ -19,10 +19,10 @@ from snakepit import AsyncClient, Client
 from snakepit.errors import NotFound, ResourceExhausted
 from tests.fixtures.processes import (
     ProcessFactory,
+    child_env,
     connections_to,
     free_port,
     start_pool,
-    test_env,
     wait_for,
 )
 from tests.support.load import MixedLoad
@@ -34,7 +34,7 @@ def snakepit(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=60,
-        env=test_env(**env),
+        env=child_env(**env),
     )
 
 

@@ -259,7 +259,7 @@ def test_the_example_application_gets_a_quote_priced_by_its_own_tool(
     example = processes.ROOT / "examples" / "hosted_tools.py"
     run = subprocess.run(
         [sys.executable, str(example), pool.address],
-        env=processes.test_env(),
+        env=processes.child_env(),
         capture_output=True,
         text=True,
         timeout=60,

@@ -39,8 +39,7 @@ from snakepit.security.tickets import (
     public_key_pem,
 )
 from snakepit.security.tls import POOL_NAME
-from tests.fixtures.processes import ProcessFactory, start_pool, wait_for
-from tests.fixtures.processes import test_env as child_env
+from tests.fixtures.processes import ProcessFactory, child_env, start_pool, wait_for
 
 ALICE = "alice-token-0123456789abcdef"
 BOB = "bob-token-0123456789abcdef00"

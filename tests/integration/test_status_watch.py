@@ -17,7 +17,7 @@ def test_status_watch_redraws_until_interrupted(procs: ProcessFactory) -> None:
         [sys.executable, "-m", "snakepit", "status", "--watch", "0.2", "--target", router.address],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=processes.test_env(),
+        env=processes.child_env(),
     )
     # Interrupt once three frames are drawn (on a busy machine the import alone can take
     # seconds, so a fixed sleep interrupted it before the first frame).

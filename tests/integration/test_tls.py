@@ -35,7 +35,7 @@ from tests.fixtures.processes import (
     wait_for,
     wait_serving,
 )
-from tests.fixtures.processes import test_env as env_with
+from tests.fixtures.processes import child_env as env_with
 from tests.fixtures.redis import RedisFactory
 from tests.support.load import MixedLoad
 

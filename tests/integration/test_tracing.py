@@ -76,7 +76,7 @@ def test_one_call_is_one_trace_across_client_router_worker_tool_and_store(
         capture_output=True,
         text=True,
         timeout=60,
-        env=processes.test_env(**otel),
+        env=processes.child_env(**otel),
         cwd=processes.ROOT,
     )
     assert app.returncode == 0, app.stderr

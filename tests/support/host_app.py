@@ -40,12 +40,12 @@ def main(router: str, session_id: str, scope: str = "") -> None:
 @contextlib.contextmanager
 def hosting(router: str, session_id: str, *scope: str) -> Iterator[subprocess.Popen[bytes]]:
     """This module as a process of its own, once it hosts ``stall``; killed on exit."""
-    from tests.fixtures.processes import test_env
+    from tests.fixtures.processes import child_env
 
     host = subprocess.Popen(
         [sys.executable, "-m", "tests.support.host_app", router, session_id, *scope],
         stdout=subprocess.PIPE,
-        env=test_env(),
+        env=child_env(),
     )
     try:
         assert host.stdout is not None and host.stdout.readline().strip() == b"READY"
