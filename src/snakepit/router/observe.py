@@ -21,6 +21,16 @@ from ..protocol import SERVICE_NAME
 Metadata = tuple[tuple[str, Any], ...]
 
 
+def call_span_attributes(method: str, tool: str) -> dict[str, Any]:
+    """The attributes of the router's span of a call, on either data path."""
+    return {
+        "rpc.system": "grpc",
+        "rpc.service": SERVICE_NAME,
+        "rpc.method": method,
+        "snakepit.tool": tool,
+    }
+
+
 class NullObserver:
     """An observer that records nothing (no metrics port, no tracing)."""
 
@@ -87,12 +97,7 @@ class CallObserver(NullObserver):
                 f"router {method}",
                 context=parent,
                 kind=SpanKind.SERVER,
-                attributes={
-                    "rpc.system": "grpc",
-                    "rpc.service": SERVICE_NAME,
-                    "rpc.method": method,
-                    "snakepit.tool": tool_name_of(raw),
-                },
+                attributes=call_span_attributes(method, tool_name_of(raw)),
             )
 
     def _child(self, name: str, **kwargs: Any) -> Any:

@@ -184,6 +184,7 @@ def build_config(spec: HaproxySpec) -> str:
     errors = _errors(spec)
     tools = " ".join(f"/{SERVICE_NAME}/{method}" for method in FAST_METHODS)
     queue_ms = _milliseconds(spec.queue_timeout)
+    traced = spec.trace and bool(spec.call_log)  # the span ids travel in the call log
     host = _address(spec.host, None)
     lines = [
         "global",
@@ -239,7 +240,7 @@ def build_config(spec: HaproxySpec) -> str:
         # The body is awaited before the refusals below so that a refused call's log line
         # names its tool too (a gRPC client sends the body right after the headers).
         *call_log_lines(spec.call_log),
-        *trace_lines(spec.trace and bool(spec.call_log)),
+        *trace_lines(traced),
         f"  http-request return status 200 {error_headers(errors['full'])} "
         f"if fast {{ queue({WORKERS_BACKEND}) ge {spec.queue_size} }}",
         *_vouch(spec.auth_map),
@@ -256,7 +257,7 @@ def build_config(spec: HaproxySpec) -> str:
         f"  default_backend {CONTROL_BACKEND}",
         "",
         f"backend {WORKERS_BACKEND}",
-        *trace_parent_lines(spec.trace and bool(spec.call_log)),
+        *trace_parent_lines(traced),
         f"  balance hdr({SESSION_ID_KEY})",
         "  hash-type consistent crc32",
         f"  hash-balance-factor {spec.balance_factor}",

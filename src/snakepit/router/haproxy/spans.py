@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ... import tracing
-from ...protocol import SERVICE_NAME
+from ..observe import call_span_attributes
 
 if TYPE_CHECKING:
     from .calllog import Call
@@ -34,13 +34,7 @@ def record(tracer: Any, call: Call, tool: str, worker_id: str | None) -> None:
         return
     end = time.time_ns()
     start = end - int(call.seconds * 1e9)
-    attributes: dict[str, Any] = {
-        "rpc.system": "grpc",
-        "rpc.service": SERVICE_NAME,
-        "rpc.method": call.method,
-        "snakepit.tool": tool,
-        "snakepit.data_path": "haproxy",
-    }
+    attributes = {**call_span_attributes(call.method, tool), "snakepit.data_path": "haproxy"}
     if worker_id is not None:
         attributes["snakepit.worker_id"] = worker_id
     with tracing.preset_span_id(call.span_id):
