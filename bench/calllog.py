@@ -1,15 +1,23 @@
 """What HAProxy's call log costs the router: Python CPU per call line, read and counted.
 
-    python bench/calllog.py [--lines N] [--rounds R]
+    python bench/calllog.py [--lines N] [--rounds R] [--rate LINES_PER_SECOND]
 
-With HAProxy on the data path the router reads one datagram per tool call (``calllog``) on its
-event loop. Two numbers, each the median of R rounds:
+With HAProxy on the data path and metrics on, the router reads one line per tool call
+(``calllog``) from a unix stream socket HAProxy's ring forwarder writes to. Three numbers, each
+the median of R rounds:
 
-- *handler*: ``CallLog.datagram_received`` called directly on N lines (parse and metrics);
-- *socket*: the same lines sent by another process to the abstract datagram socket the router
-  listens on (``calllog.listen``), received through asyncio's datagram endpoint; the receiving
-  thread's CPU time (``time.thread_time``) over the lines counted, so the recvfrom, the
-  event loop's dispatch and the handler are all in it, the sender's work is not.
+- *handler*: ``CallLog.line_received`` called directly on N lines (parse and metrics);
+- *flood*: the same lines written as fast as another process can to the abstract socket the
+  router listens on (``calllog.listen``), read on an event loop; the receiving thread's CPU
+  time (``time.thread_time``) over the lines counted, so the reads, the event loop's turns and
+  the handler are all in it, the sender's work is not;
+- *paced*: the same, the lines written one by one at ``--rate`` a second, as calls end under
+  load (the actual rate is printed: a Python sender's sleeps undershoot); the whole process's
+  CPU (``time.process_time``).
+
+What a line costs in a real router under ghz is in bench/datapath.py (the router with metrics
+on): there the process wakes between the worker's and HAProxy's turns with cold caches, which
+neither number here reproduces.
 
 The lines are real HAProxy 2.6.12 lines (as in tests/unit/test_haproxy_calllog.py): OK, tool
 error, queued and stream.
@@ -32,26 +40,32 @@ from snakepit.router.haproxy.calllog import CallLog, listen
 
 PATH = b"/snakepit.bridge.v1.BridgeService/"
 LINES = [
-    b"workers s1 -- 0 13 0 7 0 0 0 - 48 " + PATH + b"ExecuteTool 616464\n",
-    b"workers s1 -- 0 4 0 0 0 0 0 13 40 " + PATH + b"ExecuteTool 6661696C\n",
-    b"workers s1 -- 502 1011 0 0 0 1 0 - 37 " + PATH + b"ExecuteTool 736C656570\n",
-    b"workers s1 -- 0 2 0 0 0 0 0 - 37 " + PATH + b"ExecuteStreamingTool 636F756E74\n",
+    b"workers s1 -- 0 13 0 7 0 0 0 - 48 "
+    + PATH
+    + b"ExecuteTool - - - 1796283848982052 1796283848982952 616464\n",
+    b"workers s1 -- 0 4 0 0 0 0 0 13 40 "
+    + PATH
+    + b"ExecuteTool - - - 1796283848982052 1796283848986127 6661696C\n",
+    b"workers s1 -- 502 1011 0 0 0 1 0 - 37 "
+    + PATH
+    + b"ExecuteTool - - - 1796283848000000 1796283849011350 736C656570\n",
+    b"workers s1 -- 0 2 0 0 0 0 0 - 37 "
+    + PATH
+    + b"ExecuteStreamingTool - - - 1796283848982052 1796283848984051 636F756E74\n",
 ]
 SENDER = """
 import socket, sys, time
-name, count = sys.argv[1], int(sys.argv[2])
-lines = [bytes.fromhex(h) for h in sys.argv[3:]]
-sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-address = ("\\0" + name).ljust(108, "\\0")
-for i in range(count):
-    while True:
-        try:
-            sock.sendto(lines[i % len(lines)], address)
-            break
-        except BlockingIOError:
-            time.sleep(0.0005)
-        except OSError:  # receive buffer full (ENOBUFS/EAGAIN on unix datagram sockets)
-            time.sleep(0.0005)
+name, count, rate = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+lines = [bytes.fromhex(h) for h in sys.argv[4:]]
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(("\\0" + name).ljust(108, "\\0"))
+if rate:
+    for i in range(count):
+        sock.sendall(lines[i % len(lines)])
+        time.sleep(1 / rate)
+else:
+    sock.sendall(b"".join(lines[i % len(lines)] for i in range(count)))
+sock.close()
 """
 
 
@@ -60,49 +74,59 @@ def handler_us(count: int) -> float:
     lines = [LINES[i % len(LINES)] for i in range(count)]
     started = time.perf_counter()
     for line in lines:
-        reader.datagram_received(line, None)
+        reader.line_received(line)
     return (time.perf_counter() - started) / count * 1e6
 
 
-async def socket_us(count: int, round_: int) -> float:
+async def socket_us(count: int, round_: int, rate: float = 0) -> tuple[float, float]:
+    """CPU per line read through the socket, and the lines a second the sender managed."""
     metrics = RouterMetrics()
     name = f"snakepit-bench-calllog-{round_}-{time.monotonic_ns()}"
     reader = await listen(name, metrics, {b"s1": "worker-a"}.get)
     seen = 0
     all_seen = asyncio.Event()
-    handle = reader.datagram_received
+    handle = reader.line_received
 
-    def counted(data: bytes, addr: object) -> None:
+    def counted(line: bytes) -> None:
         nonlocal seen
         seen += 1
-        handle(data, addr)
+        handle(line)
         if seen >= count:
             all_seen.set()
 
-    reader.datagram_received = counted  # type: ignore[method-assign]
+    reader.line_received = counted  # type: ignore[method-assign]
+    clock = time.process_time if rate else time.thread_time
+    cpu, started = clock(), time.monotonic()
     sender = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SENDER, name, str(count), *(line.hex() for line in LINES)
+        sys.executable, "-c", SENDER, name, str(count), str(rate), *(line.hex() for line in LINES)
     )
-    cpu = time.thread_time()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(all_seen.wait(), 120)
-    used = time.thread_time() - cpu
+    used, took = clock() - cpu, time.monotonic() - started
     await sender.wait()
     reader.close()
-    return used / max(seen, 1) * 1e6
+    return used / max(seen, 1) * 1e6, seen / took
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lines", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rate", type=float, default=2000, help="paced lines a second")
     args = parser.parse_args()
-    handler = [handler_us(args.lines) for _ in range(args.rounds)]
-    through = [asyncio.run(socket_us(args.lines, r)) for r in range(args.rounds)]
-    print(f"handler: {statistics.median(handler):.1f} µs per line (rounds: "
-          + ", ".join(f"{v:.1f}" for v in handler) + ")")  # fmt: skip
-    print(f"socket:  {statistics.median(through):.1f} µs per line (rounds: "
-          + ", ".join(f"{v:.1f}" for v in through) + ")")  # fmt: skip
+    paced_lines = min(args.lines, int(args.rate * 3))
+    results: dict[str, list[float]] = {"handler": [], "flood": [], "paced": []}
+    rates = []
+    for r in range(args.rounds):
+        results["handler"].append(handler_us(args.lines))
+        results["flood"].append(asyncio.run(socket_us(args.lines, r))[0])
+        paced, rate = asyncio.run(socket_us(paced_lines, r, args.rate))
+        results["paced"].append(paced)
+        rates.append(rate)
+    for name, values in results.items():
+        print(f"{name + ':':8} {statistics.median(values):.1f} µs per line (rounds: "
+              + ", ".join(f"{v:.1f}" for v in values) + ")"
+              + (f", {statistics.median(rates):.0f} lines/s" if name == "paced" else ""))  # fmt: skip
 
 
 if __name__ == "__main__":

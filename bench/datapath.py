@@ -2,8 +2,9 @@
 
     python bench/datapath.py [--rounds R] [--seconds S] [--in-flight N]
 
-One worker serves both routers; the four targets are measured round by round, interleaved, with
-ghz (a Go load generator, so the client is not the limit). CPU per call comes from
+One worker serves three routers (Python; HAProxy; HAProxy with the router's metrics on, so
+with its call log); the five targets are measured round by round, interleaved, with ghz (a Go
+load generator, so the client is not the limit). CPU per call comes from
 ``/proc/PID/stat`` (utime + stime) of each server process over the run. Targets (issue 11):
 - through the router >= 0.85x straight-to-worker calls/s; router CPU per call <= 0.25x worker's;
 - worker CPU per call <= 1.3x the bare grpc.aio server's; worker calls/s >= 0.75x its;
@@ -64,7 +65,7 @@ class Target:
 
 
 class Setup:
-    """The bare server, one worker, and a router on each data path: children of this process."""
+    """The bare server, one worker, and the routers in front of it: children of this process."""
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -81,11 +82,14 @@ class Setup:
             Target("bare grpc.aio server (floor)", f"127.0.0.1:{bare_port}", {"server": bare.pid}),
             Target("straight to the worker", f"127.0.0.1:{worker_port}", {"worker": worker.pid}),
         ]
-        for data_path in ("python", "haproxy"):
+        # The third router has its metrics on, as router pods do by default: on HAProxy that
+        # adds the call log, read by the Python router process (router/haproxy/calllog.py).
+        for data_path, metrics in (("python", False), ("haproxy", False), ("haproxy", True)):
             port = free_port()
             router = spawn(["router", "--host", "127.0.0.1", "--port", str(port),
                             "--workers", f"w0=127.0.0.1:{worker_port}", "--worker-concurrency",
-                            "64", "--data-path", data_path])  # fmt: skip
+                            "64", "--data-path", data_path,
+                            *(["--metrics-port", "0"] if metrics else [])])  # fmt: skip
             self.procs.append(router)
             address = f"127.0.0.1:{port}"
             wait_serving(address)
@@ -96,7 +100,8 @@ class Setup:
             for child in psutil.Process(router.pid).children():
                 if child.name() == "haproxy":
                     pids["haproxy"] = child.pid
-            self.targets.append(Target(f"through the router ({data_path})", address, pids))
+            name = f"{data_path}, metrics on" if metrics else data_path
+            self.targets.append(Target(f"through the router ({name})", address, pids))
 
     def close(self) -> None:
         for proc in self.procs:
@@ -217,4 +222,4 @@ def report(
 
 
 if __name__ == "__main__":
-    ghz_main(__doc__, run, "one worker behind both routers")
+    ghz_main(__doc__, run, "one worker behind the three routers")

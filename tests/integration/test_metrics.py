@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -178,6 +179,34 @@ def test_tool_calls_count_by_tool_and_code_on_either_data_path(
     # HAProxy's count of call log lines it could not send: none lost here
     dropped = ("snakepit_router_call_log_dropped_total", ())
     assert samples.get(dropped) == (0.0 if data_path == "haproxy" else None)
+
+
+@pytest.mark.parametrize("data_path", ["haproxy"], indirect=True)
+def test_calls_haproxy_carries_while_the_router_is_stalled_are_all_counted(
+    procs: ProcessFactory, data_path: str
+) -> None:
+    """HAProxy keeps serving tool calls while the router's Python process is stopped (its event
+    loop busy, or descheduled); each call's log line waits for it. With lines sent as unix
+    datagrams HAProxy dropped all but the 10 the socket queues (``net.unix.max_dgram_qlen``);
+    the ring forwarded over a stream keeps them (``config.call_log_ring``)."""
+    port = free_port()
+    router, _ = start_pool(procs, 1, "--metrics-port", str(port), concurrency=4)
+    with Client(router.address) as client:
+        assert client.execute("add", a=1, b=1) == 2
+        wait_for(lambda: _counted(port) == 1)
+        router.signal(signal.SIGSTOP)
+        try:
+            for i in range(STALLED_CALLS):
+                assert client.execute("add", a=i, b=1) == i + 1
+        finally:
+            router.signal(signal.SIGCONT)
+    wait_for(lambda: _counted(port) == 1 + STALLED_CALLS)
+    samples = scrape(port)
+    assert value(samples, "snakepit_router_calls_total", tool="add", code="OK") == 1 + STALLED_CALLS
+    assert samples.get(("snakepit_router_call_log_dropped_total", ())) == 0.0
+
+
+STALLED_CALLS = 200
 
 
 def _counted(port: int) -> float:

@@ -14,31 +14,35 @@ import pytest
 
 from snakepit.metrics import RouterMetrics
 from snakepit.metrics.router import Load
-from snakepit.router.haproxy.calllog import CallLog, parse
+from snakepit.router.haproxy.calllog import MAX_PENDING, CallLog, _Lines, parse
 from snakepit.router.haproxy.config import CALL_LOG_FIELDS
 from snakepit.router.haproxy.load import dropped_logs, load_of
 from snakepit.router.haproxy.runtime import BackendStats, ServerStats
 
 PATH = b"/snakepit.bridge.v1.BridgeService/"
-OK_ADD = b"workers s1 -- 0 13 0 7 0 0 0 - 48 " + PATH + b"ExecuteTool - - 616464\n"
-FAILED = b"workers s1 -- 0 4 0 0 0 0 0 13 40 " + PATH + b"ExecuteTool - - 6661696C\n"
+OK_ADD = b"workers s1 -- 0 13 0 7 0 0 0 - 48 " + PATH + b"ExecuteTool - - - - - 616464\n"
+FAILED = b"workers s1 -- 0 4 0 0 0 0 0 13 40 " + PATH + b"ExecuteTool - - - - - 6661696C\n"
 UNKNOWN_TOOL = (
-    b"workers s1 -- 0 2 0 0 0 0 0 5 40 " + PATH + b"ExecuteTool - - 6E6F73756368746F6F6C\n"
+    b"workers s1 -- 0 2 0 0 0 0 0 5 40 " + PATH + b"ExecuteTool - - - - - 6E6F73756368746F6F6C\n"
 )
 # the worker died while sending the answer (server abort in the data phase)
-CUT = b"workers s1 SD 0 2 0 0 0 0 0 - 37 " + PATH + b"ExecuteTool - - 626C6F62\n"
+CUT = b"workers s1 SD 0 2 0 0 0 0 0 - 37 " + PATH + b"ExecuteTool - - - - - 626C6F62\n"
 STREAMED = (
-    b"control router -- 0 2 0 0 0 0 0 - 37 " + PATH + b"ExecuteStreamingTool - - 636F756E74\n"
+    b"control router -- 0 2 0 0 0 0 0 - 37 " + PATH + b"ExecuteStreamingTool - - - - - 636F756E74\n"
 )
-QUEUED = b"workers s1 -- 502 1011 0 0 0 1 0 - 37 " + PATH + b"ExecuteTool - - 736C656570\n"
-QUEUE_TIMEOUT = b"workers s1 sQ 1001 1001 0 -1 0 1 0 4 37 " + PATH + b"ExecuteTool - - 736C656570\n"
-QUEUE_FULL = b"snakepit <NOSRV> LR -1 0 0 -1 0 0 0 8 37 " + PATH + b"ExecuteTool - - 736C656570\n"
+QUEUED = b"workers s1 -- 502 1011 0 0 0 1 0 - 37 " + PATH + b"ExecuteTool - - - - - 736C656570\n"
+QUEUE_TIMEOUT = (
+    b"workers s1 sQ 1001 1001 0 -1 0 1 0 4 37 " + PATH + b"ExecuteTool - - - - - 736C656570\n"
+)
+QUEUE_FULL = (
+    b"snakepit <NOSRV> LR -1 0 0 -1 0 0 0 8 37 " + PATH + b"ExecuteTool - - - - - 736C656570\n"
+)
 # no worker was ready: HAProxy handed the call to the Python router, which counts it
-NO_WORKER = b"control router -- 0 3 0 0 0 0 0 - 37 " + PATH + b"ExecuteTool - - 616464\n"
+NO_WORKER = b"control router -- 0 3 0 0 0 0 0 - 37 " + PATH + b"ExecuteTool - - - - - 616464\n"
 
 
 def test_the_format_has_the_fields_the_parser_reads() -> None:
-    assert len(CALL_LOG_FIELDS) == len(OK_ADD.split(b" ")) == 16
+    assert len(CALL_LOG_FIELDS) == len(OK_ADD.split(b" ")) == 19
     assert CALL_LOG_FIELDS[-1] == "%[var(txn.tool)]"  # last: a truncated line cuts only the name
 
 
@@ -81,12 +85,32 @@ def test_times_and_bytes_come_from_haproxys_fields() -> None:
     assert timed_out is not None and timed_out.waited is None  # rejected, not a queue wait
 
 
+def test_a_calls_duration_is_microseconds_from_the_dates_haproxy_logs() -> None:
+    """HAProxy's timers are milliseconds (a quick call's ``%Ta`` is 0); its start and end dates
+    in microseconds give the duration and place the call's spans. Without them (or with an end
+    before the start) the milliseconds are used and the end is unknown."""
+    dated = QUEUED.replace(b"- - - - - ", b"- - - 1796283848000000 1796283849011350 ")
+    call = parse(dated)
+    assert call is not None
+    assert call.seconds == pytest.approx(1.01135)
+    assert call.ended_us == 1796283849011350
+    assert call.attempt == pytest.approx(1.01135 - 0.502)  # less the queue (and request) time
+    quick = parse(OK_ADD.replace(b"- - - - - ", b"- - - 1796283848000000 1796283848000420 "))
+    assert quick is not None and quick.seconds == pytest.approx(0.00042)
+    backwards = parse(QUEUED.replace(b"- - - - - ", b"- - - 1796283849000000 1796283848000000 "))
+    assert backwards is not None and (backwards.seconds, backwards.ended_us) == (1.011, 0)
+
+
 def test_a_caller_that_went_away_is_cancelled_and_a_retry_is_counted() -> None:
     # built: the caller reset the stream while the worker ran (CD), after one failed connect
-    call = parse(b"workers s2 CD 0 40 0 0 +1 0 0 - 37 " + PATH + b"ExecuteTool - - 736C656570")
+    call = parse(
+        b"workers s2 CD 0 40 0 0 +1 0 0 - 37 " + PATH + b"ExecuteTool - - - - - 736C656570"
+    )
     assert call is not None and (call.code, call.retries, call.rejection) == ("CANCELLED", 1, "")
     # built: the worker could not be reached (HAProxy's 503, answered UNAVAILABLE): no rejection
-    call = parse(b"workers s2 SC 0 3 0 -1 2 0 0 14 37 " + PATH + b"ExecuteTool - - 736C656570")
+    call = parse(
+        b"workers s2 SC 0 3 0 -1 2 0 0 14 37 " + PATH + b"ExecuteTool - - - - - 736C656570"
+    )
     assert call is not None and (call.code, call.rejection, call.slot) == ("UNAVAILABLE", "", b"")
 
 
@@ -110,9 +134,9 @@ def test_the_reader_counts_each_line_into_the_router_metrics() -> None:
     metrics = RouterMetrics()
     reader = CallLog(metrics, {b"s1": "worker-a"}.get)
     for line in (OK_ADD, OK_ADD, FAILED, CUT, STREAMED, QUEUED, QUEUE_TIMEOUT, QUEUE_FULL):
-        reader.datagram_received(line, None)
-    reader.datagram_received(
-        b"control router -- 0 1 0 0 0 0 0 - 48 " + PATH + b"ExecuteTool - - 61", None
+        reader.line_received(line)
+    reader.line_received(
+        b"control router -- 0 1 0 0 0 0 0 - 48 " + PATH + b"ExecuteTool - - - - - 61"
     )
     calls = "snakepit_router_calls_total"
     assert _value(metrics, calls, tool="add", code="OK") == 2
@@ -143,10 +167,31 @@ def test_a_tool_name_in_hex_is_labelled_as_the_python_router_labels_it() -> None
     metrics = RouterMetrics()
     reader = CallLog(metrics, lambda server: None)
     name = "é ü\n/x"
-    reader.datagram_received(OK_ADD.replace(b"616464", name.encode().hex().upper().encode()), None)
-    reader.datagram_received(OK_ADD.replace(b"616464", b"ABC"), None)  # odd: truncated
+    reader.line_received(OK_ADD.replace(b"616464", name.encode().hex().upper().encode()))
+    reader.line_received(OK_ADD.replace(b"616464", b"ABC"))  # odd: truncated
     assert _value(metrics, "snakepit_router_calls_total", tool=name, code="OK") == 1
     assert _value(metrics, "snakepit_router_calls_total", tool="unknown", code="OK") == 1
+
+
+def test_lines_are_read_whole_however_the_stream_cuts_them() -> None:
+    """HAProxy's ring forwarder writes newline-terminated lines; a read may hold many lines,
+    or end inside one, whose rest comes with the next read. A run of bytes with no newline
+    longer than any line HAProxy writes is dropped instead of kept without end."""
+    metrics = RouterMetrics()
+    reader = CallLog(metrics, {b"s1": "worker-a"}.get)
+    stream = _Lines(reader)
+    whole = OK_ADD * 3 + FAILED
+    stream.data_received(whole[:10])
+    stream.data_received(whole[10:100])
+    stream.data_received(whole[100:] + OK_ADD[:-20])
+    assert _value(metrics, "snakepit_router_calls_total", tool="add", code="OK") == 3
+    assert _value(metrics, "snakepit_router_calls_total", tool="fail", code="INTERNAL") == 1
+    stream.data_received(OK_ADD[-20:])
+    assert _value(metrics, "snakepit_router_calls_total", tool="add", code="OK") == 4
+    stream.data_received(b"x" * (MAX_PENDING + 1))
+    assert stream.pending == b""
+    stream.data_received(b"tail of the junk\n" + OK_ADD)
+    assert _value(metrics, "snakepit_router_calls_total", tool="add", code="OK") == 5
 
 
 def test_handling_a_line_costs_microseconds() -> None:
@@ -157,7 +202,7 @@ def test_handling_a_line_costs_microseconds() -> None:
     lines = [OK_ADD, FAILED, QUEUED, STREAMED] * 2500
     started = time.perf_counter()
     for line in lines:
-        reader.datagram_received(line, None)
+        reader.line_received(line)
     each = (time.perf_counter() - started) / len(lines) * 1e6
     print(f"\ncall log: {each:.1f} µs per line handled")
     assert each < 200  # generous: a shared, loaded 2-core machine
@@ -202,10 +247,13 @@ def test_haproxys_dropped_log_lines_are_a_counter() -> None:
 
 def test_a_traced_call_carries_its_callers_traceparent_and_the_routers_span_id() -> None:
     parent = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-    traced = OK_ADD.replace(b"ExecuteTool - - ", b"ExecuteTool " + parent + b" 6c23a607c973495d ")
+    traced = OK_ADD.replace(
+        b"ExecuteTool - - - ", b"ExecuteTool " + parent + b" 6c23a607c973495d 8f1e2d3c4b5a6978 "
+    )
     call = parse(traced)
     assert call is not None and call.tool_hex == b"616464"
     assert (call.parent, call.span_id) == (parent.decode(), 0x6C23A607C973495D)
+    assert call.attempt_span_id == 0x8F1E2D3C4B5A6978  # the worker's parent
     untraced = parse(OK_ADD)
     assert untraced is not None and (untraced.parent, untraced.span_id) == ("", 0)
     mangled = parse(traced.replace(b" 6c23a607c973495d ", b" 6c23a607c973495z "))

@@ -23,8 +23,9 @@ caller it verified, mapped to a pool ticket for that caller, ``authmap``); HAPro
 the credential with that ticket. Every other call, and every call that carries a ticket of its
 own, goes to the Python router, which verifies it as on the Python data path.
 
-With metrics on (``call_log``), the frontend logs one line per call to a unix datagram socket
-the Python router reads (``calllog``): the router's call metrics for the calls HAProxy carries.
+With metrics on (``call_log``), the frontend logs one line per call into a ring that HAProxy
+forwards over a unix stream socket to the Python router (``calllog``): the router's call
+metrics for the calls HAProxy carries.
 
 Errors HAProxy answers itself are real gRPC answers (``grpc-status`` and the
 ``snakepit-error-bin`` detail, marked ``not_started``), with the status codes and messages the
@@ -89,9 +90,16 @@ CALL_LOG_FIELDS = (
     "%HPO",  # the path: which RPC
     "%[var(txn.parent)]",  # the caller's traceparent, with tracing on (``trace_lines``)
     "%[var(txn.span)]",  # the span id HAProxy gave the router's span of the call, 16 hex
+    "%[var(txn.attempt)]",  # ... and the span of its attempt on a worker, the worker's parent
+    "%[var(txn.t0)]",  # when HAProxy had the request's headers, microseconds since the epoch
+    "%[date(0,us)]",  # when the call ended, the same (%Ta and the rest are milliseconds)
     "%[var(txn.tool)]",
 )
 CALL_LOG_LINE = 2048
+CALL_LOG_RING = "calllog"
+# The ring's bytes: lines wait here while the router's event loop is busy (~130 bytes a line:
+# about 16,000 calls); what does not fit is dropped and counted (``load.dropped_logs``).
+CALL_LOG_RING_SIZE = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -131,8 +139,8 @@ class HaproxySpec:
     # router while a new HAProxy is made ready (``tlsfiles``). "": none.
     handover_socket: str = ""
     divert_map: str = ""
-    # Where HAProxy sends one line per call for the router's metrics (``call_log_lines``): a
-    # unix datagram address (``abns@NAME``); "": no call log.
+    # Where HAProxy sends one line per call for the router's metrics (``call_log_lines``): the
+    # unix stream address the Python router listens on (``abns@NAME``); "": no call log.
     call_log: str = ""
     # Tracing on in the router: a traced tool call's worker gets the router's span (made from
     # the call log) as its parent (``trace_lines``). Needs the call log.
@@ -206,6 +214,7 @@ def build_config(spec: HaproxySpec) -> str:
         f"  tune.h2.initial-window-size {H2_WINDOW}",
         *(["  log stderr format raw local0 info"] if spec.log_requests else []),
         "",
+        *call_log_ring(spec.call_log),
         "defaults",
         "  mode http",
         *(["  log global", "  option httplog"] if spec.log_requests else []),
@@ -354,8 +363,35 @@ def _vouch(auth_map: str) -> list[str]:
     ]
 
 
+def call_log_ring(address: str) -> list[str]:
+    """The ring that carries the call log to the Python router at ``address`` (a unix stream
+    socket; HAProxy connects, and connects again if the connection is lost).
+
+    A ring forwarded over a stream, not log lines sent as datagrams: a unix datagram socket
+    queues at most ``net.unix.max_dgram_qlen`` datagrams (10 by default, per network namespace,
+    and not a sysctl a pod may set), so under load HAProxy found the queue full and dropped
+    most lines (70 % at 2,500 calls/s in bench/calllog.py's setup), and each line it did send
+    woke the router's event loop alone. The ring's forwarder writes every line waiting in one
+    go, newline-terminated (``log-proto legacy``), so a busy router reads many per wake-up.
+    HAProxy stops forwarding when it is told to stop (``sink_forward_io_handler``): the lines
+    of calls that end while a soft-stopped HAProxy drains are not counted."""
+    if not address:
+        return []
+    return [
+        f"ring {CALL_LOG_RING}",
+        "  format raw",
+        f"  maxlen {CALL_LOG_LINE}",
+        f"  size {CALL_LOG_RING_SIZE}",
+        "  timeout connect 1s",
+        "  timeout server 24h",
+        f"  server router {address}",
+        "",
+    ]
+
+
 def call_log_target(address: str) -> list[str]:
-    """Frontend lines that send one line per call to ``address`` (a unix datagram socket).
+    """Frontend lines that log one line per call into the call log's ring (``call_log_ring``),
+    placed before every other ``http-request`` rule.
 
     The frontend's log: in HTTP mode the frontend logs every stream at its end, whichever
     backend served it. With ``log_requests`` the stderr log takes this format too (HAProxy 2.6
@@ -363,8 +399,10 @@ def call_log_target(address: str) -> list[str]:
     if not address:
         return []
     return [
-        f"  log {address} len {CALL_LOG_LINE} format raw local0 info",
+        f"  log ring@{CALL_LOG_RING} len {CALL_LOG_LINE} format raw local0 info",
         '  log-format "' + " ".join(CALL_LOG_FIELDS) + '"',
+        # First of the frontend's rules: the call's start, in microseconds (``txn.t0``).
+        "  http-request set-var(txn.t0) date(0,us)",
     ]
 
 
@@ -395,30 +433,34 @@ TRACEPARENT_PATTERN = "^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 
 
 def trace_lines(on: bool) -> list[str]:
-    """Frontend lines that give a traced tool call the id of the router's span for it.
+    """Frontend lines that give a traced tool call the ids of the router's spans for it.
 
-    HAProxy makes no spans. It keeps the caller's ``traceparent`` and picks a span id (the first
-    16 hex digits of a random UUID, 60 of them random) for both the call log; the Python router
-    records the span under that id when the call's line arrives (``calllog``), and
-    ``trace_parent_lines`` hands it to the worker as its parent. A call without a valid
-    traceparent gets neither, as on the Python path (no trace is started for it)."""
+    HAProxy makes no spans. It keeps the caller's ``traceparent`` and picks two span ids (each
+    the first 16 hex digits of a random UUID, 60 of them random), the router's span of the call
+    and that of its attempt on a worker, for the call log; the Python router records the spans
+    under those ids when the call's line arrives (``calllog``, ``spans``), and
+    ``trace_parent_lines`` hands the attempt's to the worker as its parent. A call without a
+    valid traceparent gets neither, as on the Python path (no trace is started for it)."""
     if not on:
         return []
     return [
         f"  acl traced req.hdr({TRACEPARENT}) -m reg {TRACEPARENT_PATTERN}",
         f"  http-request set-var(txn.parent) req.hdr({TRACEPARENT}) if fast traced",
         "  http-request set-var(txn.span) uuid,regsub(-,,g),bytes(0,16) if fast traced",
+        "  http-request set-var(txn.attempt) uuid,regsub(-,,g),bytes(0,16) if fast traced",
     ]
 
 
 def trace_parent_lines(on: bool) -> list[str]:
-    """Backend lines: a call HAProxy sends to a worker carries the router's span as parent
-    (only there: a call handed to the Python router gets that router's own span)."""
+    """Backend lines: a call HAProxy sends to a worker carries the router's attempt span as
+    parent (only there: a call handed to the Python router gets that router's own spans). A
+    call HAProxy redispatches after a failed connect carries the same id to the next worker:
+    one attempt span, naming the last worker."""
     if not on:
         return []
     return [
         f'  http-request set-header {TRACEPARENT} "00-%[var(txn.parent),field(2,-)]-'
-        f'%[var(txn.span)]-%[var(txn.parent),field(4,-)]" if {{ var(txn.span) -m found }}',
+        f'%[var(txn.attempt)]-%[var(txn.parent),field(4,-)]" if {{ var(txn.attempt) -m found }}',
     ]
 
 
