@@ -1,6 +1,6 @@
 """Callback latency: a Python tool calling a tool hosted by the caller vs a plain tool call.
 
-    python bench/hosted.py [--rounds 10] [--per-round 200]
+    python bench/hosted.py [--rounds 10] [--per-round 200] [--data-path auto|python|haproxy]
 
 One ``snakepit serve --workers 1`` pool, children of this process; this process hosts
 ``lookup_price`` (``client.register_tool``). Interleaved round by round, in one session, one call
@@ -42,9 +42,9 @@ def sample(call: Callable[[], Any], count: int) -> list[float]:
     return out
 
 
-def main(rounds: int, per_round: int) -> None:
+def main(rounds: int, per_round: int, data_path: str = "auto") -> None:
     port = free_port()
-    pool = spawn(["serve", "--workers", "1", "--port", str(port)])
+    pool = spawn(["serve", "--workers", "1", "--port", str(port), "--data-path", data_path])
     address = f"127.0.0.1:{port}"
     try:
         wait_serving(address)
@@ -85,5 +85,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--per-round", type=int, default=200)
+    parser.add_argument(
+        "--data-path", default="auto", help="the router's: auto (HAProxy if installed), python"
+    )
     args = parser.parse_args()
-    main(args.rounds, args.per_round)
+    main(args.rounds, args.per_round, args.data_path)

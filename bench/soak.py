@@ -13,7 +13,10 @@ Each minute is one window: calls, failures by kind, p50/p99, and the RSS of the 
 serve process), the workers and Redis. At the end every acknowledged write is checked. Writes
 ``--out`` (JSON); ``bench/plot_soak.py`` draws it.
 
-    python bench/soak.py --minutes 30 --out docs/soak.json
+    python bench/soak.py --minutes 30 --out docs/soak.json [--data-path python]
+
+The router's data path is ``serve``'s default (``auto``: HAProxy where it is installed) unless
+``--data-path`` names one; the figures in docs/reliability.md were taken on the Python router.
 """
 
 from __future__ import annotations
@@ -67,13 +70,17 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30)
     parser.add_argument("--every", type=float, default=60)
     parser.add_argument("--out", default="soak.json")
+    parser.add_argument(
+        "--data-path", default="auto", help="the router's: auto (HAProxy if installed), python"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         store = RedisServer(Path(tmp))
         store.start()
         port = free_port()
         serve = spawn(["serve", "--port", str(port), "--workers", "4",
-                       "--store", f"redis://127.0.0.1:{store.port}/0"])  # fmt: skip
+                       "--store", f"redis://127.0.0.1:{store.port}/0",
+                       "--data-path", args.data_path])  # fmt: skip
         target = f"127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while len(workers_of(serve)) < 4 and time.monotonic() < deadline:
