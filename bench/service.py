@@ -8,9 +8,9 @@ of its own and applies two pools that differ only in ``spec.router.dataPath``: `
 ``haproxy``, one router replica each, secured as by default (operator-issued TLS, a
 ServiceAccount token checked with TokenReview). ghz (bench/ghz.py) calls ``add`` in one session
 per connection through each router Service's cluster IP, the two pools round by round. Printed:
-calls/s, p50/p99, CPU per call of the router pod and of the worker pods (their cgroups on this
-machine, where the local cluster's pods run), and HAProxy ÷ Python next to
-issue 11's targets. What it created is deleted at the end (``--keep`` leaves it).
+calls/s, p50/p99, CPU per call of the router pod (and of the HAProxy process in it) and of the
+worker pods (their cgroups on this machine, where the local cluster's pods run), and HAProxy ÷
+Python next to issue 11's targets. What it created is deleted at the end (``--keep`` leaves it).
 """
 
 from __future__ import annotations
@@ -115,15 +115,37 @@ def cpu_seconds(uids: list[str]) -> float:
 
 
 def _pod_cpu_seconds(uid: str) -> float:
+    directory = _pod_cgroup(uid)
+    if (directory / "cpuacct.usage").exists():
+        return int((directory / "cpuacct.usage").read_text()) / 1e9
+    stat = (directory / "cpu.stat").read_text().split()
+    return int(stat[stat.index("usage_usec") + 1]) / 1e6
+
+
+def _pod_cgroup(uid: str) -> Path:
     v1 = CGROUPS / "cpuacct" / "kubepods"
     for directory in v1.glob(f"**/pod{uid}") if v1.is_dir() else ():
-        return int((directory / "cpuacct.usage").read_text()) / 1e9
+        return directory
     names = (f"pod{uid}", f"pod{uid.replace('-', '_')}")
     for directory in CGROUPS.glob("kubepods*/**/*pod*"):
         if any(name in directory.name for name in names):
-            stat = (directory / "cpu.stat").read_text().split()
-            return int(stat[stat.index("usage_usec") + 1]) / 1e6
+            return directory
     raise RuntimeError(f"no cgroup for pod {uid} under {CGROUPS}")
+
+
+def process_cpu_seconds(uids: list[str], command: str) -> float:
+    """CPU time so far of the processes named ``command`` in these pods (``/proc/PID/stat``):
+    the router pod's HAProxy, apart from its Python router."""
+    total = 0.0
+    for uid in uids:
+        for procs in _pod_cgroup(uid).glob("**/cgroup.procs"):
+            for pid in procs.read_text().split():
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{pid}/comm").read_text().strip() != command:
+                        continue
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def credentials(cluster: KubeCluster, ns: str, pool: str, directory: Path) -> tuple[Path, str]:
@@ -209,7 +231,11 @@ def run(cluster: KubeCluster, ns: str, operator_ns: str, args: argparse.Namespac
                     address, tls, metadata = targets[path]
                     router = pod_uids(cluster, ns, path, "router")
                     workers = pod_uids(cluster, ns, path, "worker")
-                    before = cpu_seconds(router), cpu_seconds(workers)
+                    before = (
+                        cpu_seconds(router),
+                        cpu_seconds(workers),
+                        process_cpu_seconds(router, "haproxy"),
+                    )
                     result = ghz.run(
                         address,
                         seconds=args.seconds,
@@ -217,7 +243,11 @@ def run(cluster: KubeCluster, ns: str, operator_ns: str, args: argparse.Namespac
                         tls=tls,
                         metadata=metadata,
                     )
-                    after = cpu_seconds(router), cpu_seconds(workers)
+                    after = (
+                        cpu_seconds(router),
+                        cpu_seconds(workers),
+                        process_cpu_seconds(router, "haproxy"),
+                    )
                     calls = result.count
                     # ghz counts the calls its end of run cuts off as errors: up to one per
                     # stream in flight ("use of closed network connection").
@@ -230,6 +260,7 @@ def run(cluster: KubeCluster, ns: str, operator_ns: str, args: argparse.Namespac
                             "p99": result.p99_ms,
                             "router": (after[0] - before[0]) / calls * 1e6,
                             "worker": (after[1] - before[1]) / calls * 1e6,
+                            "haproxy": (after[2] - before[2]) / calls * 1e6,
                         }
                     )
         finally:
@@ -243,7 +274,8 @@ def print_results(results: dict[str, list[dict[str, float]]], args: argparse.Nam
 
     rows = [
         [path, f"{med(path, 'calls/s'):.0f}", f"{med(path, 'p50'):.2f}", f"{med(path, 'p99'):.2f}",
-         f"{med(path, 'router'):.0f}", f"{med(path, 'worker'):.0f}",
+         f"{med(path, 'router'):.0f}", f"{med(path, 'haproxy'):.0f}",
+         f"{med(path, 'worker'):.0f}",
          " ".join(f"{r['calls/s']:.0f}" for r in results[path])]
         for path in PATHS
     ]  # fmt: skip
@@ -252,7 +284,8 @@ def print_results(results: dict[str, list[dict[str, float]]], args: argparse.Nam
         f"medians of {args.rounds} interleaved rounds of {args.seconds:g} s"
     )
     print(table(["data path", "calls/s", "p50 ms", "p99 ms", "router µs CPU/call",
-                 "workers µs CPU/call", "each round calls/s"], rows))  # fmt: skip
+                 "of which HAProxy", "workers µs CPU/call", "each round calls/s"],
+                rows))  # fmt: skip
     ratio = med("haproxy", "calls/s") / med("python", "calls/s")
     cpu = med("haproxy", "router") / med("haproxy", "worker")
     print(f"haproxy ÷ python calls/s: {ratio:.2f}x")
