@@ -20,7 +20,7 @@ import pytest
 from snakepit import Client
 from snakepit.errors import DeadlineExceeded, InvalidArgument, NotFound, ToolError
 from snakepit.grpc_options import channel_options
-from snakepit.protocol import method_path, pb, pb_grpc, to_pb
+from snakepit.protocol import from_pb, method_path, pb, pb_grpc, to_pb
 from snakepit.protocol.messages import encode_request
 from snakepit.protocol.status import ERROR_DETAIL_KEY, error_from_rpc
 from snakepit.serve import redacted
@@ -315,3 +315,43 @@ async def test_one_connection_has_at_most_its_streams_open_and_others_are_not_he
     finally:
         await hog.close()
         await other.close()
+
+
+def test_watchers_that_read_nothing_do_not_hold_their_callers_other_calls(
+    procs: ProcessFactory, data_path: str
+) -> None:
+    """A caller opens watchers of a 1 MB variable and never reads them, then writes it three
+    times on the same connection. Through HAProxy 2.6 those writes hung: the unread updates
+    filled their streams' buffers and HAProxy stopped reading the whole connection to the
+    Python router (it demultiplexes in order), the writes' answers behind them. Each streaming
+    call now has a connection of its own (``haproxy/config.py``, the ``streams`` backend)."""
+    pool = procs.serve("--workers", "1")
+    assert f"data path: {data_path}" in pool.logs()
+
+    async def attack() -> float:
+        async with grpc.aio.insecure_channel(pool.address, options=channel_options(64)) as chan:
+            stub = pb_grpc.BridgeServiceStub(chan)
+            await stub.InitializeSession(pb.InitializeSessionRequest(session_id="watched"))
+            one_mb = to_pb("x" * 1_000_000)
+            write = pb.SetVariableRequest(session_id="watched", name="v", value=one_mb)
+            await stub.SetVariable(write, timeout=10)
+            streams = [
+                stub.WatchVariables(pb.WatchVariablesRequest(session_id="watched"))
+                for _ in range(8)
+            ]
+            await asyncio.gather(*(s.initial_metadata() for s in streams))
+            started = time.monotonic()
+            for _ in range(3):
+                await stub.SetVariable(write, timeout=10)  # DEADLINE_EXCEEDED when held
+            took = time.monotonic() - started
+            got = await stub.GetVariable(
+                pb.GetVariableRequest(session_id="watched", name="v"), timeout=10
+            )
+            assert from_pb(got.variable.value) == "x" * 1_000_000
+            for stream in streams:
+                stream.cancel()
+            return took
+
+    assert asyncio.run(attack()) < 5.0
+    with Client(pool.address) as client:  # and the pool serves everyone as before
+        assert client.execute("add", a=1, b=2) == 3

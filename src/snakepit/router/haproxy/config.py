@@ -40,7 +40,7 @@ import base64
 from dataclasses import dataclass
 
 from ...errors import DeadlineExceeded, ResourceExhausted, SnakepitError, Unavailable
-from ...protocol import SERVICE_NAME
+from ...protocol import SERVICE_NAME, pb
 from ...protocol.status import ERROR_DETAIL_KEY, SESSION_ID_KEY, detail_of
 from ...security.gate import AUTHORIZATION_KEY
 from ...security.tickets import TICKET_KEY
@@ -50,6 +50,8 @@ from ..ring import SERVER_SLOTS, weight_for
 
 WORKERS_BACKEND = "workers"
 CONTROL_BACKEND = "control"
+# Streaming RPCs reach the Python router each on a connection of its own (``build_config``).
+STREAMS_BACKEND = "streams"
 # The tool calls HAProxy forwards to the workers itself. Streaming calls go through the Python
 # router: a worker lost after its answer began must end the call UNAVAILABLE, and HAProxy 2.6
 # cannot say that. It ends a response its server dropped midway with an empty DATA frame that
@@ -263,6 +265,7 @@ def build_config(spec: HaproxySpec) -> str:
         f"{{ nbsrv({WORKERS_BACKEND}) eq 0 }}",
         f"  use_backend {CONTROL_BACKEND} if fast {{ req.body_len ge {LARGE_BODY} }}",
         f"  use_backend {WORKERS_BACKEND} if fast",
+        f"  use_backend {STREAMS_BACKEND} if {{ path {_streaming_paths()} }}",
         f"  default_backend {CONTROL_BACKEND}",
         "",
         f"backend {WORKERS_BACKEND}",
@@ -298,8 +301,28 @@ def build_config(spec: HaproxySpec) -> str:
         f"  server router {_address(spec.control_host, spec.control_port)} "
         f"proto h2{_server_tls(spec.tls)}",
         "",
+        # HAProxy 2.6 demultiplexes a server connection in order into one 64 KB buffer per
+        # stream (see LARGE_BODY): a stream whose caller does not read its answer (a watcher
+        # behind on 1 MB updates) fills its buffer and stops every other stream on that
+        # connection, the same caller's store writes among them, until it reads. So each
+        # streaming call gets a connection to the Python router of its own (``max-reuse 0``),
+        # and a slow reader holds only its own stream, as on the Python data path.
+        f"backend {STREAMS_BACKEND}",
+        f"  server router {_address(spec.control_host, spec.control_port)} "
+        f"proto h2{_server_tls(spec.tls)} max-reuse 0",
+        "",
     ]
     return "\n".join(lines)
+
+
+def _streaming_paths() -> str:
+    """The paths of BridgeService's streaming RPCs (either direction), from the protocol."""
+    service = pb.DESCRIPTOR.services_by_name["BridgeService"]
+    return " ".join(
+        f"/{SERVICE_NAME}/{m.name}"
+        for m in service.methods
+        if m.server_streaming or m.client_streaming
+    )
 
 
 def _address(host: str, port: int | None) -> str:
