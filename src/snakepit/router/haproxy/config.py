@@ -393,9 +393,10 @@ def call_log_ring(address: str) -> list[str]:
     A ring forwarded over a stream, not log lines sent as datagrams: a unix datagram socket
     queues at most ``net.unix.max_dgram_qlen`` datagrams (10 by default, per network namespace,
     and not a sysctl a pod may set), so under load HAProxy found the queue full and dropped
-    most lines (70 % at 2,500 calls/s in bench/calllog.py's setup), and each line it did send
-    woke the router's event loop alone. The ring's forwarder writes every line waiting in one
-    go, newline-terminated (``log-proto legacy``), so a busy router reads many per wake-up.
+    lines (one run under ghz at ~2,500 calls/s lost 24,630 of ~32,000, docs/observability.md
+    "Losses"), and each line it did send woke the router's event loop alone. The ring's
+    forwarder writes every line waiting in one go, newline-terminated (``log-proto legacy``),
+    so a busy router reads many per wake-up.
     HAProxy stops forwarding when it is told to stop (``sink_forward_io_handler``): the lines
     of calls that end while a soft-stopped HAProxy drains are not counted."""
     if not address:
