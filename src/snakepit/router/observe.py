@@ -21,6 +21,10 @@ from ..protocol import SERVICE_NAME
 Metadata = tuple[tuple[str, Any], ...]
 
 
+# The router's span of one attempt on a worker, child of its call's span (either data path).
+ATTEMPT_SPAN = "router attempt"
+
+
 def call_span_attributes(method: str, tool: str) -> dict[str, Any]:
     """The attributes of the router's span of a call, on either data path."""
     return {
@@ -115,7 +119,7 @@ class CallObserver(NullObserver):
         from opentelemetry.trace import SpanKind
 
         self._attempt = self._child(
-            "router attempt", kind=SpanKind.CLIENT, attributes={"snakepit.worker_id": worker_id}
+            ATTEMPT_SPAN, kind=SpanKind.CLIENT, attributes={"snakepit.worker_id": worker_id}
         )
         return tracing.replace_context(forwarded, self._attempt)
 

@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ... import tracing
-from ..observe import call_span_attributes
+from ..observe import ATTEMPT_SPAN, call_span_attributes
 
 if TYPE_CHECKING:
     from .calllog import Call
@@ -53,7 +53,7 @@ def record(tracer: Any, call: Call, tool: str, worker_id: str | None) -> None:
         if call.slot and call.attempt_span_id:
             with tracing.preset_span_id(call.attempt_span_id):
                 attempt = tracer.start_span(
-                    "router attempt",
+                    ATTEMPT_SPAN,
                     context=inside,
                     kind=SpanKind.CLIENT,
                     start_time=end - int(call.attempt * 1e9),
