@@ -871,8 +871,9 @@ def test_spec_auth_wires_routers_and_workers_with_one_ticket_key(op: OperatorEnv
     args = pod["containers"][0]["args"]
     assert f"{op.namespace}/caller" in args and "--auth-tokens" in args
     assert {v["name"] for v in pod["volumes"]} >= {"ticket-key", "auth-tokens"}
-    workers = op.get("apps/v1", "Deployment", "gamma-workers")
-    assert workers is not None
+    # The operator applies a pool's children concurrently: the router's Deployment existing
+    # says nothing about the workers' one yet.
+    workers = wait_for("gamma workers", lambda: op.get("apps/v1", "Deployment", "gamma-workers"))
     worker_pod = workers["spec"]["template"]["spec"]
     env = {e["name"]: e for e in worker_pod["containers"][0]["env"]}
     assert env["SNAKEPIT_TICKET_PUBLIC_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "public"
