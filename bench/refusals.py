@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -65,10 +66,7 @@ async def burst(address: str, calls: int) -> dict[str, int]:
             except grpc.aio.AioRpcError as exc:
                 return str(exc.code().name)
 
-        codes: dict[str, int] = {}
-        for code in await asyncio.gather(*(one() for _ in range(calls))):
-            codes[code] = codes.get(code, 0) + 1
-        return codes
+        return dict(Counter(await asyncio.gather(*(one() for _ in range(calls)))))
 
 
 def measure(mode: str, calls: int) -> tuple[float, dict[str, int]]:
