@@ -47,6 +47,7 @@ def test_the_built_config_is_one_haproxy_accepts(
         queue_timeout=queue_timeout,
         call_log=call_log,
         log_requests=log_requests,
+        watchers_per_session=16,
     )
     checked = subprocess.run(
         [str(haproxy_binary()), "-c", "-f", "/dev/stdin"],
@@ -80,6 +81,7 @@ def test_the_config_with_tls_and_auth_is_one_haproxy_accepts(
             admin_socket="abns@snakepit-config-check",
             tls=files.tls_spec(),
             auth_map=files.map_path,
+            watchers_per_session=16,
         )
         config = build_config(spec)
         assert ("verify required" in config.split("bind")[1].split("\n")[0]) is client_ca

@@ -9,6 +9,7 @@ Whether a call went through HAProxy is read from the pool status: on this data p
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 from snakepit import Client
 from snakepit.client.sync import Session
 from snakepit.errors import NotFound, Unauthenticated
-from snakepit.protocol import method_path
+from snakepit.protocol import method_path, pb, pb_grpc
 from snakepit.protocol.messages import encode_request
 from snakepit.router.haproxy.process import haproxy_binary
 from snakepit.security.tickets import (
@@ -28,6 +29,7 @@ from snakepit.security.tickets import (
     private_key_pem,
     public_key_pem,
 )
+from snakepit.store.service import WATCH_READY_KEY
 from tests.fixtures.processes import ProcessFactory, free_port, wait_for
 from tests.fixtures.prometheus import scrape, value
 from tests.integration.test_tls import Pki, make_pki, served_serial, start_tls_pool
@@ -246,3 +248,45 @@ def test_each_call_counts_once_in_the_router_metrics_whichever_path_carried_it(
     assert value(samples, calls, tool="add", code="OK") == adds
     assert value(samples, calls, tool="whoami", code="OK") == 20
     assert sum(v for (name, _), v in samples.items() if name == calls) == adds + 21
+
+
+def test_haproxy_counts_watchers_per_caller_and_session(
+    procs: ProcessFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With authentication a session id belongs to its caller (the store scopes it by
+    principal), so HAProxy's watcher gate counts per credential and session id: alice's third
+    watcher of her session "w" is refused by HAProxy before Python, bob's watcher of his own
+    "w" is not counted with hers, and a caller without a credential learns nothing of anyone's
+    count (the Python router refuses it UNAUTHENTICATED)."""
+    pool = SecuredPool(procs, tmp_path, monkeypatch, "--max-watchers-per-session", "2")
+    credentials = grpc.ssl_channel_credentials(Path(pool.pki.ca).read_bytes())
+
+    def bearer(token: str) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {token}"),) if token else ()
+
+    async def scenario() -> None:
+        async with grpc.aio.secure_channel(pool.address, credentials) as channel:
+            stub = pb_grpc.BridgeServiceStub(channel)
+            on_w = pb.WatchVariablesRequest(session_id="w")
+            for token in (ALICE, BOB):
+                await stub.InitializeSession(
+                    pb.InitializeSessionRequest(session_id="w"), metadata=bearer(token)
+                )
+
+            async def watch(token: str) -> grpc.aio.UnaryStreamCall:  # type: ignore[type-arg]
+                call = stub.WatchVariables(on_w, metadata=bearer(token))
+                await asyncio.wait_for(call.initial_metadata(), 20)
+                return call
+
+            alices = [await watch(ALICE) for _ in range(2)]
+            third = await watch(ALICE)
+            assert await third.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert (await third.details()).startswith("this session already has 2 watchers")
+            bobs = await watch(BOB)
+            nobody = await watch("")
+            assert await nobody.code() == grpc.StatusCode.UNAUTHENTICATED
+            for call in (*alices, bobs):
+                assert (WATCH_READY_KEY, "1") in tuple(await call.initial_metadata() or ())
+                call.cancel()
+
+    asyncio.run(scenario())

@@ -125,10 +125,13 @@ class WatcherSlots:
         held = self._by_session.get(session_id, 0)
         if held >= self.limits.max_watchers_per_session:
             raise ResourceExhausted(
-                f"session {session_id!r} already has {held} watchers, its limit"
+                f"session {session_id!r} already has {held} watchers, its limit "
+                "(--max-watchers-per-session)"
             )
         if self.total >= self.limits.max_watchers:
-            raise ResourceExhausted(f"this store already serves {self.total} watchers, its limit")
+            raise ResourceExhausted(
+                f"this store already serves {self.total} watchers, its limit (--max-watchers)"
+            )
         self._by_session[session_id] = held + 1
         self.total += 1
 

@@ -147,6 +147,9 @@ class HaproxySpec:
     # Tracing on in the router: a traced tool call's worker gets the router's span (made from
     # the call log) as its parent (``trace_lines``). Needs the call log.
     trace: bool = False
+    # The store's --max-watchers-per-session: HAProxy refuses a session's watchers beyond it
+    # before they reach Python (``watch_gate_lines``). 0: no gate.
+    watchers_per_session: int = 0
 
 
 def slot_name(server_id: int) -> str:
@@ -261,6 +264,7 @@ def build_config(spec: HaproxySpec) -> str:
         # soft-stopped HAProxy (SIGUSR1: a handover to a new one for a CA change, or the
         # router's own shutdown) counts no usable server in its stopped backends, though it
         # still forwards the calls that reach it on open connections.
+        *watch_gate_lines(spec),
         f"  use_backend {CONTROL_BACKEND} if fast !{{ stopping }} "
         f"{{ nbsrv({WORKERS_BACKEND}) eq 0 }}",
         f"  use_backend {CONTROL_BACKEND} if fast {{ req.body_len ge {LARGE_BODY} }}",
@@ -311,6 +315,7 @@ def build_config(spec: HaproxySpec) -> str:
         f"  server router {_address(spec.control_host, spec.control_port)} "
         f"proto h2{_server_tls(spec.tls)} max-reuse 0",
         "",
+        *watch_table_lines(spec.watchers_per_session),
     ]
     return "\n".join(lines)
 
@@ -449,6 +454,60 @@ def call_log_lines(address: str) -> list[str]:
         f"  http-request set-var(txn.tool) req.body,ungrpc(1),hex if fast {plain}",
         "  http-request set-var(txn.body) req.body_len if fast",
         "  http-after-response set-var(txn.grpc) res.hdr(grpc-status)",
+    ]
+
+
+WATCHERS_TABLE = "watchers"
+# How many sessions' watcher counts HAProxy keeps (an entry goes 60 s after its last watcher).
+WATCHERS_TABLE_SIZE = 65536
+WATCH_PATH = f"/{SERVICE_NAME}/WatchVariables"
+
+
+def watch_gate_lines(spec: HaproxySpec) -> list[str]:
+    """Frontend lines that refuse a session's watchers beyond ``watchers_per_session`` in
+    HAProxy, before they reach Python.
+
+    The Python router refuses them too (``WatcherSlots``, which stays the rule), but refusing a
+    call in grpc.aio costs ~150-450 us of the one event loop (``bench/refusals.py``): 300
+    watchers opened at once on one session held everybody's next call 130-260 ms behind 284
+    refusals. HAProxy reads the session id from the request (field 1 of
+    ``WatchVariablesRequest``, ``ungrpc`` on the body, whole by then: a watch request is a few
+    bytes and ends the stream) and counts the open streams that name it in a stick table (an
+    entry's ``trackers``: streams tracking it, dropped when each ends). With authentication a
+    session belongs to its caller (the store scopes ids by principal), so the count is per
+    credential and session id, and a caller sees no count but its own; without, one count per
+    session id, as the store keeps it. A call HAProxy cannot read (compressed, or a body that
+    did not come) is not counted and goes on to Python."""
+    limit = spec.watchers_per_session
+    if limit <= 0:
+        return []
+    plain = "{ req.body,bytes(0,1),hex -m str 00 }"
+    who = f"%[req.fhdr({AUTHORIZATION_KEY}),sha2(256),hex]/" if spec.auth_map else ""
+    refusal = ResourceExhausted(
+        f"this session already has {limit} watchers, its limit (--max-watchers-per-session)"
+    )
+    return [
+        f"  acl watch path {WATCH_PATH}",
+        f"  http-request wait-for-body time {_milliseconds(BODY_WAIT)}ms at-least 1024 if watch",
+        f"  http-request set-var(txn.watched) req.body,ungrpc(1),hex if watch {plain}",
+        f'  http-request set-var-fmt(txn.watch_key) "{who}%[var(txn.watched)]" '
+        "if watch { var(txn.watched) -m found }",
+        f"  http-request track-sc1 var(txn.watch_key),sha2(256) table {WATCHERS_TABLE} "
+        "if watch { var(txn.watch_key) -m found }",
+        "  http-request return status 200 "
+        f"{error_headers(refusal)} "
+        f"if watch {{ var(txn.watch_key) -m found }} {{ sc1_trackers({WATCHERS_TABLE}) gt {limit} }}",
+    ]
+
+
+def watch_table_lines(limit: int) -> list[str]:
+    """The stick table ``watch_gate_lines`` counts open watchers in."""
+    if limit <= 0:
+        return []
+    return [
+        f"backend {WATCHERS_TABLE}",
+        f"  stick-table type binary len 32 size {WATCHERS_TABLE_SIZE} expire 60s",
+        "",
     ]
 
 

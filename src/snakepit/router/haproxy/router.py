@@ -97,6 +97,7 @@ class HaproxyRouter(RouterServer):
             log_requests=os.environ.get("SNAKEPIT_HAPROXY_LOG", "") not in ("", "0"),
             call_log=self.call_log_address,
             trace=self.call_log is not None and self.call_log.tracer is not None,
+            watchers_per_session=self.config.limits.max_watchers_per_session,
         )
 
     def _worker_of(self, server: bytes) -> str | None:
