@@ -120,6 +120,14 @@ def test_handshake_failures_become_one_sentence() -> None:
     assert explained is not None and "not signed by a CA this client trusts" in explained
     assert explain_connect_failure("connection refused", "h:1", tls=True) is None
     assert explain_connect_failure("connection refused", "h:1", tls=False) is None
+    # A close during the handshake is about certificates; one after it may not be (over TLS
+    # 1.3 a refused client certificate looks like that too, and so does a lost connection).
+    refused = "failed to connect to all addresses; last error: UNAVAILABLE: h:1: Socket closed"
+    explained = explain_connect_failure(refused, "h:1", tls=True)
+    assert explained is not None and "h:1 closed the TLS handshake" in explained
+    explained = explain_connect_failure("Socket closed", "h:1", tls=True)
+    assert explained is not None and "h:1 closed the connection (Socket closed)" in explained
+    assert "client certificate" in explained and "lost under them" in explained
 
 
 def test_the_haproxy_data_path_takes_tls_with_the_pools_own_tls() -> None:

@@ -351,6 +351,11 @@ _UNTRUSTED = "CERTIFICATE_VERIFY_FAILED"
 # sends its "certificate required" alert after the handshake, which grpc reports as a record it
 # cannot decrypt: "Unwrap failed").
 _CLOSED = ("Socket closed", "Connection reset", "Broken pipe", "handshake failure", "Unwrap failed")
+# Words that place such a close in the handshake. Without them grpc saw the connection close
+# after it was made: over TLS 1.3 that is also how a refused client certificate looks (the
+# server checks it after the client's side of the handshake is done), but so does a connection
+# lost while a call ran, and a sentence about certificates alone would hide the latter.
+_IN_HANDSHAKE = ("handshake", "Unwrap failed", "failed to connect")
 PROBE_TIMEOUT = 2.0
 
 
@@ -392,9 +397,15 @@ def explain_connect_failure(details: str, target: str, *, tls: bool) -> str | No
             "(ca=/--ca/$SNAKEPIT_TLS_CA names the CA file of the pool)"
         )
     if tls and any(sign in details for sign in _CLOSED):
+        if any(sign in details for sign in _IN_HANDSHAKE):
+            return (
+                f"{target} closed the TLS handshake: it requires a client certificate this "
+                "client did not present or it does not trust (cert=/key=, --cert/--key)"
+            )
         return (
-            f"{target} closed the TLS handshake: it requires a client certificate this client "
-            "did not present or it does not trust (cert=/key=, --cert/--key)"
+            f"{target} closed the connection ({details.strip()}): when every call fails so, it "
+            "requires a client certificate this client did not present or it does not trust "
+            "(cert=/key=, --cert/--key); when only some do, the connection was lost under them"
         )
     if not tls and any(sign in details for sign in _CLOSED) and speaks_tls(target):
         return (

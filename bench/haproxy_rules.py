@@ -1,0 +1,150 @@
+"""What the router's HAProxy rules cost per call: snakepit's haproxy.cfg against variants.
+
+    python bench/haproxy_rules.py [--rounds R] [--seconds S] [--in-flight N]
+
+One worker; in front of it one HAProxy per variant of the config ``build_config`` makes (its
+first slot pointed at the worker, as the Python router would through the runtime API), plus a
+minimal config (the one issue 11 measured: ``balance hdr``, ``hash-type consistent``, HTTP/2
+both sides) and the worker straight. ghz calls ``add`` through each in turn, round by round.
+HAProxy's CPU per call is read from ``/proc/PID/stat``; the issue's target is HAProxy's CPU per
+call <= 0.25x the worker's. No Python router runs here, so what differs between the rows is
+HAProxy's rules alone.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import free_port, spawn, table, wait_serving
+from datapath import cpu_seconds
+from ghz import Ghz
+from ghz import main as ghz_main
+
+from snakepit.protocol.messages import encode_request
+from snakepit.router.haproxy.config import HaproxySpec, build_config
+from snakepit.router.haproxy.process import haproxy_binary
+
+
+def snakepit_config(port: int, worker_port: int, name: str) -> str:
+    """The router's haproxy.cfg with slot 1 on the worker and the idle slots left out."""
+    spec = HaproxySpec(
+        host="127.0.0.1",
+        port=port,
+        control_port=free_port(),
+        admin_socket=f"abns@bench-rules-{name}",
+        worker_concurrency=64,
+        watchers_per_session=16,
+    )
+    lines = []
+    for line in build_config(spec).split("\n"):
+        slot = re.match(r"  server s(\d+) 0\.0\.0\.0:0 ", line)
+        if slot is None:
+            lines.append(line.replace(" disabled ", " "))
+        elif slot.group(1) == "1":
+            lines.append(f"  server s1 127.0.0.1:{worker_port} id 1")
+    return "\n".join(lines)
+
+
+def minimal_config(port: int, worker_port: int, name: str) -> str:
+    return "\n".join([
+        "global", "  maxconn 4096", f"  stats socket abns@bench-rules-{name} mode 600 level admin",
+        "defaults", "  mode http", "  timeout connect 2s", "  timeout client 24h",
+        "  timeout server 24h",
+        "frontend snakepit", f"  bind 127.0.0.1:{port} proto h2", "  default_backend workers",
+        "backend workers", "  balance hdr(snakepit-session-id)", "  hash-type consistent",
+        "  http-reuse always", f"  server s1 127.0.0.1:{worker_port} proto h2 maxconn 64", "",
+    ])  # fmt: skip
+
+
+def _without(pattern: str) -> Callable[[str], str]:
+    return lambda config: "\n".join(
+        line for line in config.split("\n") if not re.search(pattern, line)
+    )
+
+
+# Variants of snakepit's config: each takes out (or adds) one thing.
+VARIANTS: dict[str, Callable[[str], str]] = {
+    "snakepit's": lambda config: config,
+    "no wait-for-body": _without(r"wait-for-body"),
+    "no hash-balance-factor": _without(r"hash-balance-factor"),
+    "no health checks": lambda config: re.sub(r"check inter .*mark-down", "", config),
+    "default buffers and window": _without(r"tune\.bufsize|initial-window-size"),
+    "larger poll batches": lambda config: config.replace(
+        "global\n", "global\n  tune.maxpollevents 1024\n  tune.runqueue-depth 400\n", 1
+    ),
+}
+
+
+def run(rounds: int, seconds: float, in_flight: int) -> str:
+    binary = haproxy_binary()
+    if binary is None:
+        raise SystemExit("haproxy is not installed (scripts/setup installs it)")
+    worker_port = free_port()
+    worker = spawn(["worker", "--host", "127.0.0.1", "--port", str(worker_port),
+                    "--worker-id", "w0", "--concurrency", "64"])  # fmt: skip
+    procs: list[subprocess.Popen[bytes]] = [worker]
+    targets: dict[str, tuple[str, int | None]] = {}
+    ghz = Ghz(encode_request("add", {"a": 1, "b": 2}))
+    samples: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    with tempfile.TemporaryDirectory() as directory:
+        try:
+            wait_serving(f"127.0.0.1:{worker_port}")
+            builders = {name: snakepit_config for name in VARIANTS} | {"minimal": minimal_config}
+            for index, (name, build) in enumerate(builders.items()):
+                port = free_port()
+                config = build(port, worker_port, str(index))
+                if name in VARIANTS:
+                    config = VARIANTS[name](config)
+                path = Path(directory) / f"{index}.cfg"
+                path.write_text(config)
+                haproxy = subprocess.Popen(
+                    [binary, "-f", str(path), "-db"], stderr=subprocess.DEVNULL
+                )
+                procs.append(haproxy)
+                targets[name] = (f"127.0.0.1:{port}", haproxy.pid)
+            targets["straight to the worker"] = (f"127.0.0.1:{worker_port}", None)
+            time.sleep(1.0)
+            for address, _ in targets.values():  # warm up every path once
+                ghz.run(address, seconds=1, concurrency=in_flight)
+            for _ in range(rounds):
+                for name, (address, pid) in targets.items():
+                    before = (cpu_seconds(pid) if pid else 0.0, cpu_seconds(worker.pid))
+                    result = ghz.run(address, seconds=seconds, concurrency=in_flight)
+                    after = (cpu_seconds(pid) if pid else 0.0, cpu_seconds(worker.pid))
+                    calls = max(1, result.count)
+                    samples[name].append((
+                        result.rate,
+                        1e4 * (after[0] - before[0]) / calls,
+                        1e4 * (after[1] - before[1]) / calls,
+                    ))  # fmt: skip
+        finally:
+            ghz.close()
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+    straight = statistics.median(s[0] for s in samples["straight to the worker"])
+    rows = []
+    for name, rows_of in samples.items():
+        rate = statistics.median(s[0] for s in rows_of)
+        haproxy_cpu = statistics.median(s[1] for s in rows_of)
+        worker_cpu = statistics.median(s[2] for s in rows_of)
+        rows.append([
+            name, f"{rate:.0f}/s", f"{rate / straight:.2f}x", f"{haproxy_cpu:.2f}",
+            f"{worker_cpu:.2f}", f"{haproxy_cpu / worker_cpu:.2f}x" if haproxy_cpu else "",
+        ])  # fmt: skip
+    return table(["HAProxy config", "calls/s", "vs straight", "haproxy CPU s/10k",
+                  "worker CPU s/10k", "haproxy / worker (target <= 0.25)"], rows)  # fmt: skip
+
+
+if __name__ == "__main__":
+    ghz_main(__doc__ or "", run, "one worker, one HAProxy per config variant")
