@@ -25,6 +25,7 @@ from snakepit.router.haproxy.process import haproxy_binary
 from snakepit.security.tickets import (
     TICKET_KEY,
     TicketIssuer,
+    load_private_key,
     new_private_key,
     private_key_pem,
     public_key_pem,
@@ -285,7 +286,20 @@ def test_haproxy_counts_watchers_per_caller_and_session(
             bobs = await watch(BOB)
             nobody = await watch("")
             assert await nobody.code() == grpc.StatusCode.UNAUTHENTICATED
-            for call in (*alices, bobs):
+            # Callers that carry a pool ticket and no token (direct-mode clients, workers'
+            # calls back) are told apart by their tickets, not counted as one.
+            issuer = TicketIssuer(load_private_key(str(tmp_path / "ticket.key")))
+            tickets = {p: ((TICKET_KEY, issuer.issue(p)),) for p in ("carol", "dave")}
+            for ticket in tickets.values():
+                await stub.InitializeSession(
+                    pb.InitializeSessionRequest(session_id="w"), metadata=ticket
+                )
+            by_ticket = []
+            for principal in ("carol", "carol", "dave"):  # the old key counted these as one
+                call = stub.WatchVariables(on_w, metadata=tickets[principal])
+                await asyncio.wait_for(call.initial_metadata(), 20)
+                by_ticket.append(call)
+            for call in (*alices, bobs, *by_ticket):
                 assert (WATCH_READY_KEY, "1") in tuple(await call.initial_metadata() or ())
                 call.cancel()
 

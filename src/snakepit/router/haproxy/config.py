@@ -475,14 +475,23 @@ def watch_gate_lines(spec: HaproxySpec) -> list[str]:
     bytes and ends the stream) and counts the open streams that name it in a stick table (an
     entry's ``trackers``: streams tracking it, dropped when each ends). With authentication a
     session belongs to its caller (the store scopes ids by principal), so the count is per
-    credential and session id, and a caller sees no count but its own; without, one count per
+    credentials (token and ticket) and session id, and a caller sees no count but its own
+    (one principal's several credentials get a count each: looser, never stricter, than
+    the store); without, one count per
     session id, as the store keeps it. A call HAProxy cannot read (compressed, or a body that
     did not come) is not counted and goes on to Python."""
     limit = spec.watchers_per_session
     if limit <= 0:
         return []
     plain = "{ req.body,bytes(0,1),hex -m str 00 }"
-    who = f"%[req.fhdr({AUTHORIZATION_KEY}),sha2(256),hex]/" if spec.auth_map else ""
+    # Either credential names the caller: a token, or a pool ticket of its own (direct-mode
+    # clients, workers' calls back). Both go into the key, so callers who send no token are
+    # not all counted as one.
+    who = (
+        f"%[req.fhdr({AUTHORIZATION_KEY}),sha2(256),hex]/%[req.fhdr({TICKET_KEY}),sha2(256),hex]/"
+        if spec.auth_map
+        else ""
+    )
     refusal = ResourceExhausted(
         f"this session already has {limit} watchers, its limit (--max-watchers-per-session)"
     )
