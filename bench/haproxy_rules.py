@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import free_port, spawn, table, wait_serving
-from datapath import cpu_seconds
+from datapath import Sample, Target, measure
 from ghz import Ghz
 from ghz import main as ghz_main
 
@@ -72,6 +72,8 @@ def _without(pattern: str) -> Callable[[str], str]:
     )
 
 
+STRAIGHT = "straight to the worker"
+
 # Variants of snakepit's config: each takes out (or adds) one thing.
 VARIANTS: dict[str, Callable[[str], str]] = {
     "snakepit's": lambda config: config,
@@ -93,9 +95,9 @@ def run(rounds: int, seconds: float, in_flight: int) -> str:
     worker = spawn(["worker", "--host", "127.0.0.1", "--port", str(worker_port),
                     "--worker-id", "w0", "--concurrency", "64"])  # fmt: skip
     procs: list[subprocess.Popen[bytes]] = [worker]
-    targets: dict[str, tuple[str, int | None]] = {}
+    targets: list[Target] = []
     ghz = Ghz(encode_request("add", {"a": 1, "b": 2}))
-    samples: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    samples: dict[str, list[Sample]] = defaultdict(list)
     with tempfile.TemporaryDirectory() as directory:
         try:
             wait_serving(f"127.0.0.1:{worker_port}")
@@ -111,35 +113,29 @@ def run(rounds: int, seconds: float, in_flight: int) -> str:
                     [binary, "-f", str(path), "-db"], stderr=subprocess.DEVNULL
                 )
                 procs.append(haproxy)
-                targets[name] = (f"127.0.0.1:{port}", haproxy.pid)
-            targets["straight to the worker"] = (f"127.0.0.1:{worker_port}", None)
+                pids = {"haproxy": haproxy.pid, "worker": worker.pid}
+                targets.append(Target(name, f"127.0.0.1:{port}", pids))
+            straight = Target(STRAIGHT, f"127.0.0.1:{worker_port}", {"worker": worker.pid})
+            targets.append(straight)
             time.sleep(1.0)
-            for address, _ in targets.values():  # warm up every path once
-                ghz.run(address, seconds=1, concurrency=in_flight)
+            for target in targets:  # warm up every path once
+                ghz.run(target.address, seconds=1, concurrency=in_flight)
             for _ in range(rounds):
-                for name, (address, pid) in targets.items():
-                    before = (cpu_seconds(pid) if pid else 0.0, cpu_seconds(worker.pid))
-                    result = ghz.run(address, seconds=seconds, concurrency=in_flight)
-                    after = (cpu_seconds(pid) if pid else 0.0, cpu_seconds(worker.pid))
-                    calls = max(1, result.count)
-                    samples[name].append((
-                        result.rate,
-                        1e4 * (after[0] - before[0]) / calls,
-                        1e4 * (after[1] - before[1]) / calls,
-                    ))  # fmt: skip
+                for target in targets:
+                    samples[target.name].append(measure(ghz, target, seconds, in_flight)[0])
         finally:
             ghz.close()
             for proc in procs:
                 proc.kill()
                 proc.wait()
-    straight = statistics.median(s[0] for s in samples["straight to the worker"])
+    straight_rate = statistics.median(s.rate for s in samples[STRAIGHT])
     rows = []
-    for name, rows_of in samples.items():
-        rate = statistics.median(s[0] for s in rows_of)
-        haproxy_cpu = statistics.median(s[1] for s in rows_of)
-        worker_cpu = statistics.median(s[2] for s in rows_of)
+    for name, of_target in samples.items():
+        rate = statistics.median(s.rate for s in of_target)
+        haproxy_cpu = statistics.median(s.cpu_per_10k.get("haproxy", 0.0) for s in of_target)
+        worker_cpu = statistics.median(s.cpu_per_10k["worker"] for s in of_target)
         rows.append([
-            name, f"{rate:.0f}/s", f"{rate / straight:.2f}x", f"{haproxy_cpu:.2f}",
+            name, f"{rate:.0f}/s", f"{rate / straight_rate:.2f}x", f"{haproxy_cpu:.2f}",
             f"{worker_cpu:.2f}", f"{haproxy_cpu / worker_cpu:.2f}x" if haproxy_cpu else "",
         ])  # fmt: skip
     return table(["HAProxy config", "calls/s", "vs straight", "haproxy CPU s/10k",

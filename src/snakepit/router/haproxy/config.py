@@ -435,6 +435,12 @@ def call_log_target(address: str) -> list[str]:
     ]
 
 
+# An anonymous ACL true when the request body's gRPC message is not compressed (its first byte,
+# gRPC's flag, is 0): a compressed one is no protobuf to read with ``ungrpc``, and a field read
+# from it would be garbage, so rules that read one leave such a call alone.
+UNCOMPRESSED_BODY = "{ req.body,bytes(0,1),hex -m str 00 }"
+
+
 def call_log_lines(address: str) -> list[str]:
     """The variables the call log prints, set while the call passes.
 
@@ -447,11 +453,8 @@ def call_log_lines(address: str) -> list[str]:
     concludes)."""
     if not address:
         return []
-    # A compressed message (its first byte, gRPC's flag, is 1) is no protobuf to read: its
-    # tool is left unknown rather than read from compressed bytes.
-    plain = "{ req.body,bytes(0,1),hex -m str 00 }"
     return [
-        f"  http-request set-var(txn.tool) req.body,ungrpc(1),hex if fast {plain}",
+        f"  http-request set-var(txn.tool) req.body,ungrpc(1),hex if fast {UNCOMPRESSED_BODY}",
         "  http-request set-var(txn.body) req.body_len if fast",
         "  http-after-response set-var(txn.grpc) res.hdr(grpc-status)",
     ]
@@ -475,15 +478,13 @@ def watch_gate_lines(spec: HaproxySpec) -> list[str]:
     bytes and ends the stream) and counts the open streams that name it in a stick table (an
     entry's ``trackers``: streams tracking it, dropped when each ends). With authentication a
     session belongs to its caller (the store scopes ids by principal), so the count is per
-    credentials (token and ticket) and session id, and a caller sees no count but its own
-    (one principal's several credentials get a count each: looser, never stricter, than
-    the store); without, one count per
-    session id, as the store keeps it. A call HAProxy cannot read (compressed, or a body that
-    did not come) is not counted and goes on to Python."""
+    credentials (token and ticket) and session id, and a caller sees no count but its own (one
+    principal's several credentials get a count each: looser, never stricter, than the
+    store); without, one count per session id, as the store keeps it. A call HAProxy cannot
+    read (compressed, or a body that did not come) is not counted and goes on to Python."""
     limit = spec.watchers_per_session
     if limit <= 0:
         return []
-    plain = "{ req.body,bytes(0,1),hex -m str 00 }"
     # Either credential names the caller: a token, or a pool ticket of its own (direct-mode
     # clients, workers' calls back). Both go into the key, so callers who send no token are
     # not all counted as one.
@@ -498,7 +499,7 @@ def watch_gate_lines(spec: HaproxySpec) -> list[str]:
     return [
         f"  acl watch path {WATCH_PATH}",
         f"  http-request wait-for-body time {_milliseconds(BODY_WAIT)}ms at-least 1024 if watch",
-        f"  http-request set-var(txn.watched) req.body,ungrpc(1),hex if watch {plain}",
+        f"  http-request set-var(txn.watched) req.body,ungrpc(1),hex if watch {UNCOMPRESSED_BODY}",
         f'  http-request set-var-fmt(txn.watch_key) "{who}%[var(txn.watched)]" '
         "if watch { var(txn.watched) -m found }",
         f"  http-request track-sc1 var(txn.watch_key),sha2(256) table {WATCHERS_TABLE} "
