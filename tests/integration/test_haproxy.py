@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from snakepit.protocol import pb
-from snakepit.router.haproxy.config import HaproxySpec, build_config, error_headers
+from snakepit.router.haproxy.config import HaproxySpec, build_config
 from snakepit.router.haproxy.process import haproxy_binary
+from snakepit.router.haproxy.replies import error_headers
 from snakepit.router.haproxy.runtime import RuntimeApi
 from snakepit.router.haproxy.tlsfiles import HaproxyFiles
 from snakepit.router.ring import HashRing, server_id
@@ -48,6 +49,7 @@ def test_the_built_config_is_one_haproxy_accepts(
         call_log=call_log,
         log_requests=log_requests,
         watchers_per_session=16,
+        calls_per_principal=4,
     )
     checked = subprocess.run(
         [str(haproxy_binary()), "-c", "-f", "/dev/stdin"],
@@ -82,6 +84,7 @@ def test_the_config_with_tls_and_auth_is_one_haproxy_accepts(
             tls=files.tls_spec(),
             auth_map=files.map_path,
             watchers_per_session=16,
+            calls_per_principal=4,
         )
         config = build_config(spec)
         assert ("verify required" in config.split("bind")[1].split("\n")[0]) is client_ca

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -24,6 +25,7 @@ from snakepit.client import hosted_call
 from snakepit.client.sync import Session
 from snakepit.errors import (
     AlreadyExists,
+    DeadlineExceeded,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -31,6 +33,7 @@ from snakepit.errors import (
 )
 from snakepit.protocol import method_path, pb
 from snakepit.protocol.messages import encode_request
+from snakepit.router.haproxy.config import LARGE_BODY
 from snakepit.security.tickets import (
     TICKET_KEY,
     TicketIssuer,
@@ -486,31 +489,88 @@ def test_direct_mode_calls_workers_with_a_ticket(pool: Pool) -> None:
         assert admin.status()["calls_total"] == before  # none went through the router
 
 
-def test_haproxy_data_path_takes_auth_but_not_calls_per_principal(
-    procs: ProcessFactory, tmp_path: Path
+def test_a_principals_calls_over_its_share_wait_on_either_data_path(
+    procs: ProcessFactory, tmp_path: Path, data_path: str
 ) -> None:
-    """HAProxy carries the calls of callers the router verified (test_haproxy_secure.py); it
-    cannot count calls per principal, so that still refuses to start on it."""
-    from snakepit.router.haproxy.process import haproxy_binary
-
-    if haproxy_binary() is None:
-        pytest.skip("haproxy is not installed")
+    """--max-calls-per-principal on both data paths (HAProxy counts a principal's calls in stick
+    tables and holds the excess in a Lua action, router/haproxy/principal_shares.py): a hog's
+    calls beyond its share wait in its own line and then run; one beyond the line is refused at
+    once; one that waits out the queue timeout is refused; another principal's calls pass
+    meanwhile, and the hog never runs more than its share."""
+    # The line's calls wait 4.5 s, past HAProxy's default Lua timeout (4 s, which cut them).
+    share, line, queue_timeout, hold = 2, 2, 6.0, 4.5
     tokens = tmp_path / "tokens"
-    tokens.write_text(f"alice:{ALICE}\n")
-    pool = procs.serve("--data-path", "haproxy", "--auth-tokens", str(tokens), workers=1)
-    assert "data path: haproxy" in pool.logs()
-    with Client(pool.address, token=ALICE) as alice:
-        assert alice.execute("add", a=1, b=2) == 3
-    with Client(pool.address, token="") as nobody, pytest.raises(Unauthenticated):
-        nobody.execute("add", a=1, b=2)
-    done = subprocess.run(
-        [sys.executable, "-m", "snakepit", "serve", "--port", "0", "--workers", "1",
-         "--data-path", "haproxy", "--auth-tokens", str(tokens),
-         "--max-calls-per-principal", "2"],
-        env=child_env(), capture_output=True, timeout=60,
+    tokens.write_text(f"quota:{QUOTA}\nbob:{BOB}\nroot:{ROOT}\n")
+    pool = procs.serve(
+        "--auth-tokens", str(tokens), "--admin", "root", "--adapter", ADAPTER,
+        "--max-calls-per-principal", str(share), "--queue-size", str(line),
+        "--queue-timeout", str(queue_timeout),
     )  # fmt: skip
-    assert done.returncode != 0
-    assert b"cannot count calls per principal" in done.stderr, done.stderr
+    assert f"data path: {data_path}" in pool.logs()
+    with (
+        Client(pool.address, token=QUOTA, timeout=30) as hog,
+        Client(pool.address, token=BOB) as bob,
+        Client(pool.address, token=ROOT) as root,
+        ThreadPoolExecutor(share + line) as threads,
+    ):
+
+        def in_flight() -> int:
+            return int(root.status().get("in_flight", 0))
+
+        def carried() -> bool:  # on HAProxy: once the router has vouched for the hog
+            before = root.status()["calls_total"]
+            return bool(hog.execute("add", a=1, b=2) == 3 and root.status()["calls_total"] > before)
+
+        wait_for(carried, timeout=10, interval=0.1)
+        held = [threads.submit(hog.execute, "sleep", seconds=hold) for _ in range(share + line)]
+        wait_for(lambda: in_flight() >= share, timeout=10)
+        time.sleep(0.3)  # the other calls reach the hog's line
+        with pytest.raises(
+            ResourceExhausted, match=rf"max-calls-per-principal {share}, --queue-size {line}"
+        ) as refused:
+            hog.execute("add", a=1, b=2)
+        # HAProxy's own answer (it does not know the principal's name), not the Python router's
+        assert str(refused.value).startswith("this principal") == (data_path == "haproxy")
+        for n in range(5):  # each would wait for a hog's call to end if the hog held all slots
+            assert bob.execute("add", a=n, b=1) == n + 1
+        assert in_flight() <= share
+        assert not all(f.done() for f in held)
+        assert [f.result(timeout=30) for f in held] == [hold] * (share + line)
+
+        # The line's wait is bounded by the queue timeout.
+        long = [
+            threads.submit(hog.execute, "sleep", seconds=queue_timeout + 1) for _ in range(share)
+        ]
+        wait_for(lambda: in_flight() >= share, timeout=10)
+        with pytest.raises(DeadlineExceeded, match="max-calls-per-principal") as waited:
+            hog.execute("add", a=1, b=2)
+        assert "this principal's" in str(waited.value) or data_path == "python"
+        assert bob.execute("add", a=1, b=1) == 2
+        assert [f.result(timeout=30) for f in long] == [queue_timeout + 1] * share
+        assert hog.execute("add", a=2, b=2) == 4  # the hog's share is whole again
+
+        # A call padded past HAProxy's LARGE_BODY goes through the Python router: HAProxy's
+        # calls and the Python router's count in one share (router/haproxy/share_sync.py),
+        # whichever half holds it.
+        pad = "x" * (LARGE_BODY + 1024)
+        for holders, latecomer in (
+            (
+                lambda: hog.execute("sleep", seconds=2.0),
+                lambda: hog.execute("hold", seconds=0.1, padding=pad),
+            ),
+            (
+                lambda: hog.execute("hold", seconds=2.0, padding=pad),
+                lambda: hog.execute("hold", seconds=0.1),
+            ),
+        ):
+            holding = [threads.submit(holders) for _ in range(share)]
+            wait_for(lambda: in_flight() >= share, timeout=10)
+            late = threads.submit(latecomer)
+            time.sleep(0.8)
+            assert not late.done(), "a call ran beyond its principal's share"
+            assert in_flight() <= share
+            assert late.result(timeout=30) == 0.1
+            assert [f.result(timeout=30) for f in holding] == [2.0] * share
 
 
 def test_tls_and_tokens_together_every_hop(

@@ -489,11 +489,6 @@ INVALID = [
         "spec.router.loadBalancerSourceRanges[0]",
         "admits every address",
     ),
-    (
-        {"router": {"dataPath": "haproxy"}, "limits": {"maxCallsPerPrincipal": 4}},
-        "spec.router.dataPath",
-        "cannot count calls per principal",
-    ),
     ({"router": {"dataPath": "envoy"}}, "spec.router.dataPath", "Unsupported value"),
     ({"auth": {"serviceAccounts": []}}, "spec.auth", "nobody could call"),
     ({"session": {"ttlSeconds": 10**9}}, "spec.session.ttlSeconds", "less than or equal to"),

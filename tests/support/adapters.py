@@ -88,3 +88,10 @@ class IdentityProbeAdapter(ShowcaseAdapter):
             "context": repr(seen),
             "environ": repr(dict(os.environ)),
         }
+
+    @tool
+    async def hold(self, seconds: float, padding: str = "") -> float:
+        """``sleep`` with an argument to pad: a call padded past HAProxy's ``LARGE_BODY`` goes
+        through the Python router (test_identity.py's share across both halves)."""
+        await asyncio.sleep(seconds)
+        return seconds

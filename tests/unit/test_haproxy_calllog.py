@@ -37,6 +37,12 @@ QUEUE_TIMEOUT = (
 QUEUE_FULL = (
     b"snakepit <NOSRV> LR -1 0 0 -1 0 0 0 8 37 " + PATH + b"ExecuteTool - - - - - 736C656570\n"
 )
+# waited out its principal's line (--max-calls-per-principal) and was answered by HAProxy
+SHARE_TIMEOUT = (
+    b"snakepit <NOSRV> LR -1 4001 4001 -1 0 0 0 4 37 "
+    + PATH
+    + b"ExecuteTool - - - - - 736C656570\n"
+)
 # no worker was ready: HAProxy handed the call to the Python router, which counts it
 NO_WORKER = b"control router -- 0 3 0 0 0 0 0 - 37 " + PATH + b"ExecuteTool - - - - - 616464\n"
 
@@ -56,6 +62,7 @@ def test_the_format_has_the_fields_the_parser_reads() -> None:
         (CUT, "ExecuteTool", b"626C6F62", "unknown", ""),
         (QUEUE_TIMEOUT, "ExecuteTool", b"736C656570", "DEADLINE_EXCEEDED", "queue_timeout"),
         (QUEUE_FULL, "ExecuteTool", b"736C656570", "RESOURCE_EXHAUSTED", "queue_full"),
+        (SHARE_TIMEOUT, "ExecuteTool", b"736C656570", "DEADLINE_EXCEEDED", "queue_timeout"),
     ],
 )
 def test_a_line_says_the_tool_the_code_and_whether_the_call_was_refused(

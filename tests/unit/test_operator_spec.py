@@ -97,8 +97,8 @@ def test_router_pods_carry_the_data_path_the_spec_names(monkeypatch: pytest.Monk
 def test_a_data_path_the_router_cannot_serve_is_refused_at_apply() -> None:
     with pytest.raises(SpecError, match="dataPath must be one of auto, haproxy, python"):
         parse_spec({"router": {"dataPath": "envoy"}})
-    with pytest.raises(SpecError, match="cannot count calls per principal"):
-        parse_spec({"router": {"dataPath": "haproxy"}, "limits": {"maxCallsPerPrincipal": 4}})
-    # auto falls back to the Python router for it (router/dataplane.py), so it is accepted.
-    auto = parse_spec({"limits": {"maxCallsPerPrincipal": 4}, "router": {"dataPath": "auto"}})
-    assert auto.router.data_path == "auto"
+    # Both data paths count calls per principal (router/haproxy/principal_shares.py).
+    for path in ("auto", "haproxy", "python"):
+        shared = parse_spec({"limits": {"maxCallsPerPrincipal": 4}, "router": {"dataPath": path}})
+        assert shared.router.data_path == path
+        assert shared.limits.max_calls_per_principal == 4

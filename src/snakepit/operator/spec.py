@@ -48,7 +48,7 @@ class RouterSpec:
     # CIDRs a LoadBalancer admits (the Service's spec.loadBalancerSourceRanges).
     load_balancer_source_ranges: tuple[str, ...] = ()
     # auto (the default: HAProxy from the router image unless the spec needs the Python router,
-    # for calls per principal or strict affinity; see router/dataplane.py), haproxy or python;
+    # for strict affinity; see router/dataplane.py), haproxy or python;
     # the router logs which it chose and why.
     data_path: str = "auto"
 
@@ -497,12 +497,6 @@ def parse_spec(raw: Mapping[str, Any], namespace: str = "default") -> PoolSpec:
         raise SpecError(load_balancer_refusal(missing))
     limits = _parse_limits(_map(raw.get("limits")))
     autoscaling = _parse_autoscaling(raw.get("autoscaling"))
-    if router.data_path == "haproxy" and limits.max_calls_per_principal:
-        # The router would refuse to start (router/dataplane.py): say so at apply time instead.
-        raise SpecError(
-            "spec.router.dataPath haproxy cannot count calls per principal: remove "
-            "spec.limits.maxCallsPerPrincipal, or use dataPath auto or python"
-        )
     return PoolSpec(
         replicas=int(raw.get("replicas", 2)),
         image=str(raw["image"]) if raw.get("image") else None,

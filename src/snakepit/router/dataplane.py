@@ -6,8 +6,8 @@ with or without TLS and authentication (HAProxy terminates TLS and forwards call
 the Python router has already verified; see ``haproxy/authmap.py`` and ``haproxy/tlsfiles.py``).
 Strict affinity stays on the Python router: it binds a session to the worker that served it last
 and fails its calls with FAILED_PRECONDITION while that worker is gone, which HAProxy's hashing
-cannot express (it would move the session to the next worker on the ring). So do calls counted
-per principal (``--max-calls-per-principal``), which HAProxy cannot count.
+cannot express (it would move the session to the next worker on the ring). Calls counted per
+principal (``--max-calls-per-principal``) are counted by HAProxy too (``haproxy/principal_shares``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ def choose(
     *,
     tls: bool = False,
     pool_tls: bool = False,
-    per_principal: bool = False,
 ) -> tuple[str, str]:
     """The data path to use and why, for the start-up message.
 
@@ -54,13 +53,6 @@ def choose(
     binary = haproxy_binary()
     if affinity == STRICT:
         return PYTHON, "strict affinity needs the Python router"
-    if per_principal:
-        if requested == HAPROXY:
-            raise ValueError(
-                "--data-path haproxy cannot count calls per principal: with "
-                "--max-calls-per-principal use --data-path python"
-            )
-        return PYTHON, "calls per principal are counted by the Python router"
     if binary is None:
         if requested == HAPROXY:
             raise ValueError("--data-path haproxy, but no haproxy binary was found")
@@ -75,7 +67,6 @@ def make_router(config: RouterConfig, **kwargs: Any) -> tuple[RouterServer, str]
         config.pool.affinity,
         tls=config.tls is not None,
         pool_tls=config.pool_tls is not None,
-        per_principal=bool(config.pool.max_calls_per_principal),
     )
     if path == HAPROXY:
         from .haproxy.router import HaproxyRouter

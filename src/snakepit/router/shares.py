@@ -8,7 +8,9 @@ rest wait in that principal's own FIFO line (bounded by the pool's queue size an
 like the pool queue behind it), so the other principals' calls go straight to free slots.
 
 The count is per router replica (each router only sees its own calls): with R replicas a
-principal may hold up to R x N slots. With auth off every caller is the one ``anonymous``
+principal may hold up to R x N slots. On the HAProxy data path HAProxy keeps the same share
+for the calls it carries, in one count with this router's (``haproxy/principal_shares``,
+``haproxy/share_sync``). With auth off every caller is the one ``anonymous``
 principal, so the limit caps the pool's calls as a whole; it is off (0) by default for that
 reason, and the security guide says when to set it.
 
@@ -84,30 +86,38 @@ class PrincipalShares:
         if not share.running:
             del self._shares[principal]
 
+    def line_full(self, principal: str, running: int, waiting: int) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"principal {principal!r} has {running} {self.what} running and "
+            f"{waiting} waiting on this router, its most "
+            f"({self.flag} {self.limit}, --queue-size {self.queue_size})"
+        )
+
+    def waited_out(self, principal: str, wait: float) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"waited {wait:.3g}s for one of principal {principal!r}'s "
+            f"{self.limit} slots for {self.what} on this router ({self.flag})"
+        )
+
+    def longest_wait(self, time_remaining: float | None) -> float:
+        """How long a call may wait in its principal's line: the queue timeout or its deadline."""
+        if time_remaining is None:
+            return self.queue_timeout
+        return min(time_remaining, self.queue_timeout)
+
     async def _wait(self, principal: str, share: _Share, time_remaining: float | None) -> None:
         if len(share.waiting) >= self.queue_size:
-            raise ResourceExhausted(
-                f"principal {principal!r} has {share.running} {self.what} running and "
-                f"{len(share.waiting)} waiting on this router, its most "
-                f"({self.flag} {self.limit}, --queue-size {self.queue_size})"
-            )
+            raise self.line_full(principal, share.running, len(share.waiting))
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         share.waiting.append(waiter)
-        wait = (
-            self.queue_timeout
-            if time_remaining is None
-            else min(time_remaining, self.queue_timeout)
-        )
+        wait = self.longest_wait(time_remaining)
         try:
             async with asyncio.timeout(wait):
                 await waiter
         except TimeoutError:
             if waiter.done() and not waiter.cancelled():
                 return  # handed a slot in the same instant the wait ran out
-            raise DeadlineExceeded(
-                f"waited {wait:.3g}s for one of principal {principal!r}'s "
-                f"{self.limit} slots for {self.what} on this router ({self.flag})"
-            ) from None
+            raise self.waited_out(principal, wait) from None
         except BaseException:
             if waiter.done() and not waiter.cancelled():
                 self.release(principal)  # the caller left just as its slot came

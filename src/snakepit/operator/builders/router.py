@@ -69,10 +69,9 @@ _LIMIT_FLAGS = {
 
 def router_data_path(pool: Pool) -> str:
     """``--data-path`` for the router pods, as the spec says: the router itself falls back to
-    Python for what HAProxy cannot do (strict affinity, calls per principal:
-    router/dataplane.py). An autoscaled pool may use either: both report their queue to the
-    autoscaler, and HAProxy hands a call that finds no worker to the Python router, which holds
-    it while the pool wakes from zero."""
+    Python for what HAProxy cannot do (strict affinity: router/dataplane.py). An autoscaled
+    pool may use either: both report their queue to the autoscaler, and HAProxy hands a call
+    that finds no worker to the Python router, which holds it while the pool wakes from zero."""
     return pool.spec.router.data_path
 
 

@@ -163,7 +163,9 @@ def _rejection(state: bytes, server: bytes, code: str) -> str:
     if state[1:2] == b"Q" and code == "DEADLINE_EXCEEDED":
         return "queue_timeout"  # HAProxy's 503 after ``timeout queue``, answered as such
     if server == _NO_SERVER and code == "RESOURCE_EXHAUSTED":
-        return "queue_full"
+        return "queue_full"  # the backend's queue or its principal's line was full
+    if server == _NO_SERVER and code == "DEADLINE_EXCEEDED":
+        return "queue_timeout"  # waited out its principal's line (``principal_shares``)
     # No ``no_worker``: a call that finds no worker ready goes to the Python router, which
     # counts it there if it waits in vain.
     return ""

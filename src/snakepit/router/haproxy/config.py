@@ -23,6 +23,10 @@ caller it verified, mapped to a pool ticket for that caller, ``authmap``); HAPro
 the credential with that ticket. Every other call, and every call that carries a ticket of its
 own, goes to the Python router, which verifies it as on the Python data path.
 
+With ``--max-calls-per-principal`` (``calls_per_principal``) HAProxy keeps each principal's
+share of the tool calls it sends to workers, in one count with the Python router's
+(``principal_shares``, ``share_sync``).
+
 With metrics on (``call_log``), the frontend logs one line per call into a ring that HAProxy
 forwards over a unix stream socket to the Python router (``calllog``): the router's call
 metrics for the calls HAProxy carries.
@@ -36,17 +40,18 @@ worker ready goes to the Python router, which holds it until one is (scale from 
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 
 from ...errors import DeadlineExceeded, ResourceExhausted, SnakepitError, Unavailable
 from ...protocol import SERVICE_NAME, pb
-from ...protocol.status import ERROR_DETAIL_KEY, SESSION_ID_KEY, detail_of
+from ...protocol.status import ERROR_DETAIL_KEY, SESSION_ID_KEY
 from ...security.gate import AUTHORIZATION_KEY
 from ...security.tickets import TICKET_KEY
 from ...security.tls import POOL_NAME
 from ...tracing import TRACEPARENT
 from ..ring import SERVER_SLOTS, weight_for
+from . import principal_shares
+from .replies import detail, error_headers, quote
 
 WORKERS_BACKEND = "workers"
 CONTROL_BACKEND = "control"
@@ -150,6 +155,9 @@ class HaproxySpec:
     # The store's --max-watchers-per-session: HAProxy refuses a session's watchers beyond it
     # before they reach Python (``watch_gate_lines``). 0: no gate.
     watchers_per_session: int = 0
+    # --max-calls-per-principal: each principal's tool calls beyond it wait in its own line in
+    # HAProxy (``principal_shares``). 0: no share.
+    calls_per_principal: int = 0
 
 
 def slot_name(server_id: int) -> str:
@@ -159,19 +167,6 @@ def slot_name(server_id: int) -> str:
 
 def _milliseconds(seconds: float) -> int:
     return max(1, round(seconds * 1000))
-
-
-def _quote(text: str) -> str:
-    """A double-quoted HAProxy argument (log-format: '%' is doubled)."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
-
-
-def error_headers(error: SnakepitError) -> str:
-    """``hdr`` arguments that make an HAProxy reply a gRPC error: status, message, detail."""
-    return (
-        f"hdr grpc-status {error.code.value[0]} "
-        f"hdr grpc-message {_quote(error.message)} hdr {ERROR_DETAIL_KEY} {_detail(error)}"
-    )
 
 
 def _errors(spec: HaproxySpec) -> dict[str, SnakepitError]:
@@ -199,6 +194,8 @@ def build_config(spec: HaproxySpec) -> str:
     queue_ms = _milliseconds(spec.queue_timeout)
     traced = spec.trace and bool(spec.call_log)  # the span ids travel in the call log
     host = _address(spec.host, None)
+    # The tool calls the use_backend rules below send to the workers, but for the worker count.
+    to_workers = f"fast !{{ req.body_len ge {LARGE_BODY} }}"
     lines = [
         "global",
         f"  maxconn {spec.maxconn}",
@@ -210,6 +207,7 @@ def build_config(spec: HaproxySpec) -> str:
             else []
         ),
         f"  hard-stop-after {_milliseconds(spec.hard_stop_after)}ms",
+        *principal_shares.global_lines(spec.calls_per_principal),
         "  tune.h2.max-concurrent-streams 1000",
         # A call queued for a busy worker holds its request body in one buffer; a client may
         # send no more than its stream window, so the window must fit in that buffer or the
@@ -258,6 +256,14 @@ def build_config(spec: HaproxySpec) -> str:
         f"  http-request return status 200 {error_headers(errors['full'])} "
         f"if fast {{ queue({WORKERS_BACKEND}) ge {spec.queue_size} }}",
         *_vouch(spec.auth_map),
+        *principal_shares.share_lines(
+            spec.calls_per_principal,
+            to_workers=f"{to_workers} !{{ stopping }} !{{ nbsrv({WORKERS_BACKEND}) eq 0 }} "
+            f"|| {to_workers} {{ stopping }}",
+            queue_size=spec.queue_size,
+            queue_timeout_ms=queue_ms,
+            auth=bool(spec.auth_map),
+        ),
         # A call that finds no worker ready waits in the Python router's queue, as on the Python
         # data path: a worker starting (a pool scaled to zero wakes on it, the autoscaler hearing
         # of the held call from the Python router) or coming back takes it. Not while stopping: a
@@ -294,10 +300,10 @@ def build_config(spec: HaproxySpec) -> str:
         '  http-after-response set-var-fmt(txn.queued_ms) "%Tw" if { status 503 }',
         f"  http-after-response set-header grpc-status {errors['unreachable'].code.value[0]} "
         f"if {{ status 503 }} {{ var(txn.queued_ms) -m int lt {queue_ms} }}",
-        f"  http-after-response set-header grpc-message {_quote(errors['unreachable'].message)} "
+        f"  http-after-response set-header grpc-message {quote(errors['unreachable'].message)} "
         f"if {{ status 503 }} {{ var(txn.queued_ms) -m int lt {queue_ms} }}",
         f"  http-after-response set-header {ERROR_DETAIL_KEY} "
-        f"{_detail(errors['unreachable'])} "
+        f"{detail(errors['unreachable'])} "
         f"if {{ status 503 }} {{ var(txn.queued_ms) -m int lt {queue_ms} }}",
         *(f"  server {slot_name(i)} 0.0.0.0:0 id {i}" for i in range(1, SERVER_SLOTS + 1)),
         "",
@@ -316,6 +322,7 @@ def build_config(spec: HaproxySpec) -> str:
         f"proto h2{_server_tls(spec.tls)} max-reuse 0",
         "",
         *watch_table_lines(spec.watchers_per_session),
+        *principal_shares.share_table_lines(spec.calls_per_principal),
     ]
     return "\n".join(lines)
 
@@ -555,10 +562,6 @@ def trace_parent_lines(on: bool) -> list[str]:
         f'  http-request set-header {TRACEPARENT} "00-%[var(txn.parent),field(2,-)]-'
         f'%[var(txn.attempt)]-%[var(txn.parent),field(4,-)]" if {{ var(txn.attempt) -m found }}',
     ]
-
-
-def _detail(error: SnakepitError) -> str:
-    return base64.b64encode(detail_of(error).SerializeToString()).decode()
 
 
 def point_slot_command(server_id: int, host: str, port: int) -> str:

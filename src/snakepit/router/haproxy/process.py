@@ -15,6 +15,7 @@ import shutil
 import signal
 from collections.abc import Awaitable, Callable
 
+from .principal_shares import LUA_ACTION
 from .runtime import RuntimeApi
 from .tlsfiles import HaproxyFiles
 
@@ -165,10 +166,23 @@ class HaproxyProcess:
             self._task.cancel()
 
 
+def log_level(line: str) -> int:
+    """The router's log level for a line HAProxy wrote: alerts are errors, but one.
+
+    HAProxy 2.6 reports a Lua action whose stream went away while it slept as "aborting Lua
+    processing on expired timeout", an ALERT: a caller that gives up a call waiting for its
+    principal's share (``principal_shares``) writes one, as often as it likes. Its waits do
+    not time out so (a call waited 20 s in the action and went on)."""
+    if "[ALERT]" not in line:
+        return logging.INFO
+    if f"Lua function '{LUA_ACTION}': aborting" in line:
+        return logging.DEBUG
+    return logging.ERROR
+
+
 async def _relay(stream: asyncio.StreamReader) -> None:
     """HAProxy's own messages (server state changes, alerts) into the router's log."""
     async for raw in stream:
         line = raw.decode(errors="replace").rstrip()
         if line:
-            level = logging.ERROR if "[ALERT]" in line else logging.INFO
-            log.log(level, "haproxy: " + line)
+            log.log(log_level(line), "haproxy: " + line)

@@ -34,6 +34,7 @@ from .load import HaproxyLoad
 from .process import HaproxyProcess
 from .runtime import HaproxyError, RuntimeApi
 from .servers import ServerSync
+from .share_sync import HaproxyShares
 from .tlsfiles import HaproxyFiles
 
 log = logging.getLogger("snakepit.router")
@@ -48,6 +49,14 @@ class HaproxyRouter(RouterServer):
         inner = dataclasses.replace(config, host="127.0.0.1", port=0, max_connection_age=0)
         super().__init__(inner, **kwargs)
         self.api = RuntimeApi(_admin_address())
+        if self.shares.limit:
+            # One count per principal with HAProxy's half of the data path (``share_sync``).
+            self.shares = HaproxyShares(
+                self.shares.limit,
+                queue_size=self.shares.queue_size,
+                queue_timeout=self.shares.queue_timeout,
+                api=self.api,
+            )
         self.haproxy: HaproxyProcess | None = None
         self.sync: ServerSync | None = None
         # The tasks that keep HAProxy current (servers, TLS files, vouched callers).
@@ -98,6 +107,7 @@ class HaproxyRouter(RouterServer):
             call_log=self.call_log_address,
             trace=self.call_log is not None and self.call_log.tracer is not None,
             watchers_per_session=self.config.limits.max_watchers_per_session,
+            calls_per_principal=pool.max_calls_per_principal,
         )
 
     def _worker_of(self, server: bytes) -> str | None:
@@ -140,7 +150,7 @@ class HaproxyRouter(RouterServer):
                 self.authmap = AuthMap(self.gate, self.api, spec.auth_map)
                 self.gate.on_bearer = self.authmap.vouch
             self.haproxy = HaproxyProcess(
-                build_config(spec), self.api, on_restart=self._restarted, files=files
+                build_config(spec), self.api, on_restart=self._haproxy_restarted, files=files
             )
             await self.haproxy.start()
         except BaseException:
@@ -152,6 +162,8 @@ class HaproxyRouter(RouterServer):
             self._keepers.append(self._spawn(files.keep_current(self.api, self._replace_haproxy)))
         if self.authmap is not None:
             self._keepers.append(self._spawn(self.authmap.run()))
+        if isinstance(self.shares, HaproxyShares):
+            self._keepers.append(self._spawn(self.shares.run()))
         sync.notify()
         self.port = spec.port
         log.info("haproxy data path serving", extra={"port": self.port})
@@ -175,6 +187,8 @@ class HaproxyRouter(RouterServer):
                 await asyncio.sleep(0.05)
             if authmap is not None:
                 await authmap.push()
+            if isinstance(self.shares, HaproxyShares):
+                await self.shares.write_all()
             await self._servers_up()
             await files.undivert(self.api)
 
@@ -202,6 +216,12 @@ class HaproxyRouter(RouterServer):
             self.sync.reset()
         if self.authmap is not None:
             self.authmap.reset()
+
+    def _haproxy_restarted(self) -> None:
+        """HAProxy exited and a new one is running: it has nothing of the old one's state."""
+        self._restarted()
+        if isinstance(self.shares, HaproxyShares):
+            self.shares.rewrite()
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
