@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import cpu_seconds, free_port, spawn, stop_all, table
+from _common import cpu_seconds, free_port, spawn, stop_all, table, wait_serving
 
 from snakepit import AsyncClient
 
@@ -101,6 +101,7 @@ def main() -> None:
          "--queue-timeout", str(args.seconds + 30), "--max-call-seconds", "120"],
     )  # fmt: skip
     try:
+        wait_serving(target, timeout=60)
         deadline = time.monotonic() + 60
         while True:
             try:
