@@ -114,6 +114,14 @@ _BY_CODE: dict[grpc.StatusCode, type[SnakepitError]] = {
 }
 
 
+_BY_NAME = {cls.__name__: cls for cls in _BY_CODE.values()}
+
+
+def error_class_named(name: str) -> type[SnakepitError] | None:
+    """The snakepit error class called ``name`` (an ErrorDetail's ``type``), if there is one."""
+    return _BY_NAME.get(name)
+
+
 def error_class_for(code: grpc.StatusCode, *, from_tool: bool = False) -> type[SnakepitError]:
     """The exception class a caller sees for ``code``."""
     if from_tool and code == grpc.StatusCode.INTERNAL:

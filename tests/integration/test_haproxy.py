@@ -50,6 +50,7 @@ def test_the_built_config_is_one_haproxy_accepts(
         log_requests=log_requests,
         watchers_per_session=16,
         calls_per_principal=4,
+        max_message_bytes=64 << 20,
     )
     checked = subprocess.run(
         [str(haproxy_binary()), "-c", "-f", "/dev/stdin"],
@@ -85,6 +86,7 @@ def test_the_config_with_tls_and_auth_is_one_haproxy_accepts(
             auth_map=files.map_path,
             watchers_per_session=16,
             calls_per_principal=4,
+            max_message_bytes=64 << 20,
         )
         config = build_config(spec)
         assert ("verify required" in config.split("bind")[1].split("\n")[0]) is client_ca

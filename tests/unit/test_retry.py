@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import grpc
 
-from snakepit.errors import DeadlineExceeded, ResourceExhausted, ToolError, Unavailable
-from snakepit.protocol.status import error_from_rpc, never_started
+from snakepit.errors import Cancelled, DeadlineExceeded, ResourceExhausted, ToolError, Unavailable
+from snakepit.protocol import pb
+from snakepit.protocol.status import ERROR_DETAIL_KEY, error_from_rpc, never_started
 from snakepit.router.retry import MAX_FAULTS, Attempts, Next
 
 
@@ -72,3 +73,33 @@ def test_an_answer_cut_off_before_its_status_is_unavailable_and_not_sent_again()
     assert "cut off" in str(error) and "END_STREAM" in str(error)
     assert not never_started(error)
     assert Attempts(wait_budget=30).after(error, "w0", None) is Next.GIVE_UP
+
+
+class _ResetAfterAnswer(grpc.RpcError):
+    """What grpc core raises when HAProxy 2.6 answers a request it refuses before the body has
+    ended and then resets the stream (router/haproxy/message_size.py; the integration test is
+    test_router.py's bad-input test): CANCELLED, with the answer's detail in the metadata."""
+
+    def __init__(self, detail: pb.ErrorDetail | None) -> None:
+        self.detail = detail
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def details(self) -> str:
+        return "Stream removed (RST_STREAM (Received RST_STREAM with error code 8))"
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        if self.detail is None:
+            return ()
+        return ((ERROR_DETAIL_KEY, self.detail.SerializeToString()),)
+
+
+def test_a_reset_after_snakepits_answer_is_that_answer() -> None:
+    refused = pb.ErrorDetail(type="ResourceExhausted", message="larger than the limit")
+    error = error_from_rpc(_ResetAfterAnswer(refused))
+    assert isinstance(error, ResourceExhausted) and str(error) == "larger than the limit"
+    # A reset with no answer of snakepit's, or with a tool's own exception, stays CANCELLED.
+    assert isinstance(error_from_rpc(_ResetAfterAnswer(None)), Cancelled)
+    tools = pb.ErrorDetail(type="ResourceExhausted", message="mine", traceback="Traceback ...")
+    assert isinstance(error_from_rpc(_ResetAfterAnswer(tools)), Cancelled)

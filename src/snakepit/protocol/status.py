@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from ..bridge.v1 import bridge_pb2 as pb
-from ..errors import Internal, SnakepitError, error_class_for
+from ..errors import Internal, SnakepitError, error_class_for, error_class_named
 
 SESSION_ID_KEY = "snakepit-session-id"
 CORRELATION_ID_KEY = "snakepit-correlation-id"
@@ -157,18 +157,45 @@ def error_from_status(
 _CUT_OFF = "Data frame with END_STREAM flag received"
 
 
+# What grpc core says of a stream the other end reset.
+_RESET = "RST_STREAM"
+
+
 def error_from_rpc(exc: grpc.RpcError) -> SnakepitError:
     """Turn a grpc (sync or aio) RpcError into the matching ``snakepit.errors`` exception.
 
     An answer cut off before its status is UNAVAILABLE, as when the worker's connection breaks
-    mid-call: the call may have run, so it is not sent again (``never_started`` is false)."""
+    mid-call: the call may have run, so it is not sent again (``never_started`` is false).
+
+    A reset stream that had already brought snakepit's answer is that answer: HAProxy 2.6
+    refuses a request before its body has ended (an oversized message,
+    ``router/haproxy/message_size``), then resets the stream, since the caller is still
+    sending, and grpc reports the reset (CANCELLED) though the answer's headers, the error
+    detail among them, had arrived."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
     trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
     if code == grpc.StatusCode.UNKNOWN and details and _CUT_OFF in details:
         code = grpc.StatusCode.UNAVAILABLE
         details = f"the answer was cut off before its status, the worker lost mid-call ({details})"
+    if code == grpc.StatusCode.CANCELLED and details and _RESET in details:
+        code = _answered_code(trailing) or code
     return error_from_status(code, details, trailing)
+
+
+def _answered_code(trailing: Any) -> grpc.StatusCode | None:
+    """The status of the snakepit error whose detail ``trailing`` carries (not a tool's own
+    exception, which has a traceback); None when it carries none."""
+    raw = find_metadata(trailing, ERROR_DETAIL_KEY)
+    if not isinstance(raw, bytes):
+        return None
+    detail = pb.ErrorDetail()
+    try:
+        detail.ParseFromString(raw)
+    except Exception:
+        return None
+    cls = None if detail.traceback else error_class_named(detail.type)
+    return None if cls is None else cls.code
 
 
 async def abort_with(

@@ -51,6 +51,7 @@ from ...security.tls import POOL_NAME
 from ...tracing import TRACEPARENT
 from ..ring import SERVER_SLOTS, weight_for
 from . import principal_shares
+from .message_size import oversize_lines
 from .replies import detail, error_headers, quote
 
 WORKERS_BACKEND = "workers"
@@ -158,6 +159,9 @@ class HaproxySpec:
     # --max-calls-per-principal: each principal's tool calls beyond it wait in its own line in
     # HAProxy (``principal_shares``). 0: no share.
     calls_per_principal: int = 0
+    # The router's --max-message-mb in bytes: HAProxy refuses a longer request message itself
+    # (``message_size``). 0: no check.
+    max_message_bytes: int = 0
 
 
 def slot_name(server_id: int) -> str:
@@ -253,6 +257,7 @@ def build_config(spec: HaproxySpec) -> str:
         # names its tool too (a gRPC client sends the body right after the headers).
         *call_log_lines(spec.call_log),
         *trace_lines(traced),
+        *oversize_lines(spec.max_message_bytes, _milliseconds(BODY_WAIT)),
         f"  http-request return status 200 {error_headers(errors['full'])} "
         f"if fast {{ queue({WORKERS_BACKEND}) ge {spec.queue_size} }}",
         *_vouch(spec.auth_map),

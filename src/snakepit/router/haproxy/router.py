@@ -108,6 +108,7 @@ class HaproxyRouter(RouterServer):
             trace=self.call_log is not None and self.call_log.tracer is not None,
             watchers_per_session=self.config.limits.max_watchers_per_session,
             calls_per_principal=pool.max_calls_per_principal,
+            max_message_bytes=self.config.max_message_mb << 20,
         )
 
     def _worker_of(self, server: bytes) -> str | None:
