@@ -218,6 +218,31 @@ def test_crash_mid_call_fails_only_that_call_fast_and_the_pool_heals(procs: Proc
         assert restarted["worker_id"] == "worker-0" and restarted["pid"] != old_pid
 
 
+def test_a_stream_lost_with_its_worker_names_the_worker_on_either_data_path(
+    procs: ProcessFactory, data_path: str
+) -> None:
+    """A worker that dies under a running stream: the caller gets UNAVAILABLE naming that
+    worker as lost, not grpc's "Connection reset by peer", which the client read as its own
+    connection to the router failing and explained with certificates (CI, stop 28)."""
+    pool_proc = procs.serve("--adapter", FAULTS, workers=2)
+    with Client(pool_proc.address, timeout=60) as client:
+        doomed = client.session(session_on(client, "worker-0"), keep=True)
+        # Far more than the windows between worker, router and here hold: the worker is still
+        # sending when it dies.
+        stream = doomed.stream("count", n=10_000_000)
+        assert next(stream) == 0
+        with pytest.raises(Unavailable):
+            doomed.execute("crash")
+        with pytest.raises(Unavailable) as lost:
+            for _ in stream:
+                pass
+        message = str(lost.value)
+        assert "worker worker-0 was lost during the call" in message, message
+        assert "it may have run, so it was not sent again" in message
+        assert "certificate" not in message
+        assert lost.value.worker_id == "worker-0"
+
+
 def test_direct_mode_gives_the_same_answers_as_routed_mode(procs: ProcessFactory) -> None:
     router, workers = start_pool(procs, 3)
     array = np.random.default_rng(0).random((64, 64))

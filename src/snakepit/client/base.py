@@ -16,7 +16,7 @@ from .. import tracing
 from ..errors import SnakepitError
 from ..grpc_options import CLIENT_MAX_CONNECTION_AGE, DEFAULT_MAX_MESSAGE_MB, channel_options
 from ..protocol import method_path
-from ..protocol.status import error_from_rpc, never_started
+from ..protocol.status import ERROR_DETAIL_KEY, error_from_rpc, find_metadata, never_started
 from ..security.tls import ChannelTls, channel_factory, explain_connect_failure
 from .direct import MAX_ATTEMPTS, DirectRoutes
 from .hosting import ToolHost
@@ -99,7 +99,7 @@ class ClientBase(Generic[ChannelT]):
         """The call's error; a connection that failed over TLS (or plaintext against TLS) gets
         one sentence saying which end wants what, in place of grpc's handshake text."""
         error = error_from_rpc(exc)
-        if error.code != grpc.StatusCode.UNAVAILABLE:
+        if error.code != grpc.StatusCode.UNAVAILABLE or _answered(exc):
             return error
         started = not never_started(error)
         explained = explain_connect_failure(
@@ -192,3 +192,10 @@ class SessionBase(Generic[ClientT]):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.id!r})"
+
+
+def _answered(exc: grpc.RpcError) -> bool:
+    """Whether a server (router, worker, HAProxy) sent this status with snakepit's detail: then
+    it is that server's word, not grpc's about this client's own connection."""
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    return find_metadata(trailing, ERROR_DETAIL_KEY) is not None

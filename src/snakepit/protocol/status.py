@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from ..bridge.v1 import bridge_pb2 as pb
-from ..errors import Internal, SnakepitError, error_class_for, error_class_named
+from ..errors import Internal, SnakepitError, Unavailable, error_class_for, error_class_named
 
 SESSION_ID_KEY = "snakepit-session-id"
 CORRELATION_ID_KEY = "snakepit-correlation-id"
@@ -225,4 +225,16 @@ def never_started(error: SnakepitError) -> bool:
         return True
     return error.code == grpc.StatusCode.UNAVAILABLE and any(
         marker in error.message.lower() for marker in _CONNECT_FAILURES
+    )
+
+
+def worker_failure(worker_id: str, details: str, *, started: bool) -> SnakepitError:
+    """UNAVAILABLE in snakepit's words for a call whose connection to a worker failed, which the
+    worker itself could not say: not reached (never ran, safe to send elsewhere) or lost during
+    the call (it may have run, so no one sends it again)."""
+    who = f"worker {worker_id}" if worker_id else "the worker"
+    if not started:
+        return Unavailable(f"{who} could not be reached ({details})", not_started=True)
+    return Unavailable(
+        f"{who} was lost during the call ({details}): it may have run, so it was not sent again"
     )

@@ -34,7 +34,15 @@ from ..metrics import RouterMetrics
 from ..metrics.common import MetricsServer, serve_http, timed_store
 from ..protocol import SERVICE_NAME, pb
 from ..protocol import handlers as handlers_for
-from ..protocol.status import SESSION_ID_KEY, abort_with, error_from_rpc, find_metadata
+from ..protocol.status import (
+    ERROR_DETAIL_KEY,
+    SESSION_ID_KEY,
+    abort_with,
+    error_from_rpc,
+    find_metadata,
+    never_started,
+    worker_failure,
+)
 from ..security.gate import CREDENTIAL_KEYS, AuthConfig, Gate, build_gate
 from ..security.identity import Principal, session_id_of, session_key
 from ..security.tls import ChannelTls, ServerTls, TlsFiles
@@ -438,7 +446,7 @@ class RouterServer:
                 except grpc.aio.AioRpcError as exc:
                     step = self._next_step(exc, handle, attempts, context, observer)
                     if step is Next.GIVE_UP:
-                        await self._forward_error(context, exc)
+                        await self._forward_error(context, exc, handle)
                 finally:
                     self.pool.release(handle, ok=ok)
                     observer.attempt_done(handle.worker_id, ok)
@@ -493,7 +501,7 @@ class RouterServer:
                         else self._next_step(exc, handle, attempts, context, observer)
                     )
                     if step is Next.GIVE_UP:
-                        await self._forward_error(context, exc)
+                        await self._forward_error(context, exc, handle)
                 finally:
                     call.cancel()
                     self.pool.release(handle, ok=ok)
@@ -566,10 +574,27 @@ class RouterServer:
         return step
 
     async def _forward_error(
-        self, context: grpc.aio.ServicerContext[Any, Any], exc: grpc.aio.AioRpcError
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        exc: grpc.aio.AioRpcError,
+        handle: WorkerHandle | None = None,
     ) -> None:
-        """Pass a worker's failure on as it came: status, message and ErrorDetail."""
+        """Pass a worker's failure on as it came: status, message and ErrorDetail.
+
+        An UNAVAILABLE the worker did not send (no ErrorDetail: gRPC's own words for a
+        connection to the worker that failed or broke mid-call) is said in snakepit's words,
+        with the worker's id (``worker_failure``). Passed on bare, grpc's "Stream removed
+        (Connection reset by peer)" read to the caller as its own connection to the router
+        failing, and the client suggested a client certificate."""
         trailing = exc.trailing_metadata()
+        if (
+            exc.code() == grpc.StatusCode.UNAVAILABLE
+            and find_metadata(trailing, ERROR_DETAIL_KEY) is None
+        ):
+            worker = handle.worker_id if handle is not None else ""
+            started = not never_started(error_from_rpc(exc))
+            failure = worker_failure(worker, exc.details() or "", started=started)
+            await abort_with(context, failure, worker)
         if trailing:
             context.set_trailing_metadata(forwardable(trailing))
         await context.abort(exc.code(), exc.details() or "")
@@ -660,7 +685,7 @@ class RouterServer:
                 raw, timeout=context.time_remaining(), metadata=self.gate.ticket_metadata(who)
             )
         except grpc.aio.AioRpcError as exc:
-            await self._forward_error(context, exc)
+            await self._forward_error(context, exc, handle)
             raise
         hosted = await self.hosting.hosted_specs(
             key, context.time_remaining(), session_id, self.gate.ticket_metadata(who)
