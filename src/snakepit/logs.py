@@ -45,10 +45,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
+_ENDED_MID_WRITE = "ExecuteBatchError raised in core by servicer method"
+
+
+class CallEndedMidWrite(logging.Filter):
+    """grpc.aio logs at ERROR, with a traceback, a server's write that gRPC core refused
+    because the call had already ended: the caller cancelled, went away or ran out of time
+    while its answer was being written (a watcher closed mid-update, a client killed during a
+    stream). Whether the line appears at all is a race between the failed write and gRPC
+    noticing the caller's close (grpc/grpc#32551 turned it from an unretrieved task exception
+    into this log line). Nothing failed on the server, so an operator should not see an error:
+    it becomes one INFO line naming the method, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != GRPC_CORE_LOGGER or not record.getMessage().startswith(_ENDED_MID_WRITE):
+            return True
+        method = record.getMessage().removeprefix(_ENDED_MID_WRITE).strip(" []")
+        record.msg = "a call ended while its answer was being written (the caller went away): %s"
+        record.args = (method,)
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info, record.exc_text = None, None
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+
+
 def setup(component: str, component_id: str, level: str | None = None) -> None:
     """Send every log record to stderr as JSON; ``SNAKEPIT_LOG_LEVEL`` sets the level."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(component, component_id))
+    handler.addFilter(CallEndedMidWrite())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel((level or os.environ.get("SNAKEPIT_LOG_LEVEL", "INFO")).upper())
