@@ -30,6 +30,7 @@ from datapath import Sample, Target, measure
 from ghz import Ghz
 from ghz import main as ghz_main
 
+from snakepit.grpc_options import DEFAULT_MAX_MESSAGE_MB
 from snakepit.protocol.messages import encode_request
 from snakepit.router.haproxy.config import HaproxySpec, build_config
 from snakepit.router.haproxy.process import haproxy_binary
@@ -44,6 +45,7 @@ def snakepit_config(port: int, worker_port: int, name: str) -> str:
         admin_socket=f"abns@bench-rules-{name}",
         worker_concurrency=64,
         watchers_per_session=16,
+        max_message_bytes=DEFAULT_MAX_MESSAGE_MB << 20,  # as the router sets it
     )
     lines = []
     for line in build_config(spec).split("\n"):
@@ -78,6 +80,7 @@ STRAIGHT = "straight to the worker"
 VARIANTS: dict[str, Callable[[str], str]] = {
     "snakepit's": lambda config: config,
     "no wait-for-body": _without(r"wait-for-body"),
+    "no message-size rule": _without(r"at-least 5 if|bytes\(1,4\)"),
     "no hash-balance-factor": _without(r"hash-balance-factor"),
     "no health checks": lambda config: re.sub(r"check inter .*mark-down", "", config),
     "default buffers and window": _without(r"tune\.bufsize|initial-window-size"),

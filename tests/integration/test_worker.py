@@ -182,6 +182,26 @@ def test_sigterm_drains_in_flight_calls_then_exits(procs: ProcessFactory) -> Non
     assert worker.wait(timeout=10) == 0
 
 
+def test_a_call_waiting_in_the_backlog_when_the_grace_ends_still_runs(
+    procs: ProcessFactory,
+) -> None:
+    """A call admitted within the grace window but waiting for a slot runs once the slot is
+    free; refused, it failed on HAProxy, which cannot send a gRPC refusal elsewhere (an image
+    roll in CI, stop 29)."""
+    worker = procs.worker(adapter=PROBE, concurrency=1)
+    with Client(worker.address) as client, ThreadPoolExecutor(2) as pool:
+        holding = pool.submit(client.execute, "block", seconds=2.0)
+        time.sleep(0.3)
+        waiting = pool.submit(client.execute, "block", seconds=0.2)  # in the backlog
+        time.sleep(0.2)
+        worker.signal(signal.SIGTERM)  # the grace (1 s) ends while both are still there
+        assert holding.result(timeout=10) == 2.0
+        assert waiting.result(timeout=10) == 0.2
+        with pytest.raises(Unavailable, match="draining"):  # a call after the grace: refused
+            client.execute("pid")
+    assert worker.wait(timeout=10) == 0
+
+
 def test_worker_recycles_after_max_requests(procs: ProcessFactory) -> None:
     worker = procs.worker("--max-requests", "3")
     with Client(worker.address) as client:

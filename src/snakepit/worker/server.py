@@ -15,9 +15,9 @@ may retry them elsewhere.
 SIGTERM, or reaching a recycling limit, drains: NOT_SERVING at once, but new calls are still
 *admitted* for the first ``drain_grace`` seconds (the time routers need to see NOT_SERVING and
 stop sending: HAProxy cannot retry a gRPC refusal, so a call it sent in that moment would fail);
-then new calls are refused, in-flight calls (the late ones too) finish, and the server keeps
-answering (refusing) until ``drain_linger`` seconds after NOT_SERVING before it stops, so every
-router sees the worker leave before its connection closes. Stopping sooner
+then new calls are refused, in-flight calls (the late ones too, and those waiting in the backlog)
+finish, and the server keeps answering (refusing) until ``drain_linger`` seconds after
+NOT_SERVING before it stops, so every router sees the worker leave before its connection closes. Stopping sooner
 cancels calls already on the wire with CANCELLED (grpc/grpc#41785), which nobody may retry
 because nobody knows whether they ran. The supervisor (``snakepit serve`` or Kubernetes) then
 starts a fresh worker.
@@ -276,8 +276,11 @@ class WorkerServer:
             # Routers are taking the worker out; a call they send meanwhile runs as if it had
             # come a moment before the SIGTERM (the drain below waits for it too).
             await asyncio.sleep(grace)
+        # Calls that arrived within the grace window and wait in the backlog were admitted:
+        # they run as the in-flight ones finish (within drain_timeout). Refusing them here
+        # failed a call HAProxy had sent just before it set the worker to drain (a gRPC
+        # refusal it cannot send elsewhere), once in a CI run of an image roll (stop 29).
         self.refusing = True
-        self._refuse_backlog()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.drain_timeout):
                 while self.in_flight:  # noqa: ASYNC110 - the hot path keeps no Event
@@ -426,12 +429,6 @@ class WorkerServer:
                 turn.set_result(None)
                 return
         self.in_flight -= 1
-
-    def _refuse_backlog(self) -> None:
-        while self._backlog:
-            turn = self._backlog.popleft()
-            if not turn.done():
-                turn.set_exception(self._refused_draining())
 
     def _refused(self, error: Exception) -> None:
         """Count a call turned away before it ran: draining, or no slot (backlog full or timed out)."""
