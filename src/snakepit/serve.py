@@ -29,7 +29,7 @@ from .autoscale.loop import Round, ScaleLoop
 from .autoscale.policy import Decision, Policy, Sample
 from .errors import SnakepitError
 from .grpc_options import DEFAULT_MAX_MESSAGE_MB
-from .heap import freeze_startup_heap
+from .heap import freeze_startup_heap, keep_large_buffers
 from .router.dataplane import make_router
 from .router.discovery import StaticDiscovery
 from .router.pool import PoolConfig
@@ -395,6 +395,7 @@ async def run(config: ServeConfig) -> int:
         await pool.stop()
         return 1
     freeze_startup_heap()
+    keep_large_buffers(config.max_message_mb)
     target = f"{'localhost' if config.host in ('127.0.0.1', '0.0.0.0') else config.host}:{pool.router.port}"
     hint = "" if pool.router.port == 50051 else f" --target {target}"
     if config.tls is not None:

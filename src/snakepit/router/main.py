@@ -16,7 +16,7 @@ import logging
 import signal
 
 from .. import logs, tracing
-from ..heap import freeze_startup_heap
+from ..heap import freeze_startup_heap, keep_large_buffers
 from .dataplane import make_router
 from .server import RouterConfig, default_router_id
 
@@ -38,6 +38,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     await router.start()
     freeze_startup_heap()
+    keep_large_buffers(config.max_message_mb)
     await stop.wait()
     log.info(
         "router leaving", extra={"delay_s": shutdown_delay, "in_flight": router.pool.in_flight}

@@ -53,7 +53,7 @@ from ..errors import (
     Unavailable,
 )
 from ..grpc_options import DEFAULT_MAX_MESSAGE_MB
-from ..heap import freeze_startup_heap
+from ..heap import freeze_startup_heap, keep_large_buffers
 from ..metrics import WorkerMetrics
 from ..metrics.common import MetricsServer, serve_http, timed_store
 from ..protocol import SERVICE_NAME, pb
@@ -763,6 +763,7 @@ async def serve(config: WorkerConfig) -> int:
         log.exception("worker failed to start")
         return 1
     freeze_startup_heap()
+    keep_large_buffers(config.max_message_mb)
     await worker.wait_closed()
     tracing.shutdown()
     if worker.overran:
