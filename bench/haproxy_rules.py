@@ -32,7 +32,7 @@ from ghz import main as ghz_main
 
 from snakepit.grpc_options import DEFAULT_MAX_MESSAGE_MB
 from snakepit.protocol.messages import encode_request
-from snakepit.router.haproxy.config import HaproxySpec, build_config
+from snakepit.router.haproxy.config import HaproxySpec, build_config, call_log_answer_lines
 from snakepit.router.haproxy.process import haproxy_binary
 
 
@@ -84,6 +84,10 @@ VARIANTS: dict[str, Callable[[str], str]] = {
     "no hash-balance-factor": _without(r"hash-balance-factor"),
     "no health checks": lambda config: re.sub(r"check inter .*mark-down", "", config),
     "default buffers and window": _without(r"tune\.bufsize|initial-window-size"),
+    # The call log's read of each answer's length (on with metrics, which this config is not).
+    "with the answer's length read": lambda config: config.replace(
+        "backend workers\n", "\n".join(["backend workers", *call_log_answer_lines("on"), ""]), 1
+    ),
     "larger poll batches": lambda config: config.replace(
         "global\n", "global\n  tune.maxpollevents 1024\n  tune.runqueue-depth 400\n", 1
     ),

@@ -181,6 +181,28 @@ def test_tool_calls_count_by_tool_and_code_on_either_data_path(
     assert samples.get(dropped) == (0.0 if data_path == "haproxy" else None)
 
 
+def test_answer_bytes_are_counted_on_either_data_path(
+    procs: ProcessFactory, data_path: str
+) -> None:
+    """``sent_bytes_total`` is the answers' message bytes on both paths: the Python router
+    counts the messages it forwards, HAProxy logs each answer's length from its gRPC prefix. An
+    answer without a message (a tool's error) adds nothing."""
+    port = free_port()
+    router, _ = start_pool(procs, 1, "--metrics-port", str(port), concurrency=2)
+    payload = bytes(range(256)) * 80  # 20,480 bytes: under HAProxy's large-body bound
+    with Client(router.address) as client:
+        assert client.execute("echo", value=payload) == payload
+        wait_for(lambda: _counted(port) == 1)
+        sent = value(scrape(port), "snakepit_router_sent_bytes_total", method="ExecuteTool")
+        # the bytes, the value's header, the worker's id and the call's duration
+        assert len(payload) < sent < len(payload) + 100
+        with pytest.raises(ToolError):
+            client.execute("fail", message="boom")
+        wait_for(lambda: _counted(port) == 2)
+    after = value(scrape(port), "snakepit_router_sent_bytes_total", method="ExecuteTool")
+    assert after == sent
+
+
 @pytest.mark.parametrize("data_path", ["haproxy"], indirect=True)
 def test_calls_haproxy_carries_while_the_router_is_stalled_are_all_counted(
     procs: ProcessFactory, data_path: str

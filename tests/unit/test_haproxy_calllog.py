@@ -1,8 +1,9 @@
 """HAProxy's call log read into the router's metrics, and its load into the gauges.
 
 The lines are ones HAProxy 2.6.12 sent for real calls (``config.CALL_LOG_FIELDS``; "- -": an
-untraced call's trace fields), except where a test says it built one;
-tests/integration/test_haproxy.py runs the whole path.
+untraced call's trace fields), except where a test says it built one; the answer's length (the
+13th field, added later) is what a call of that tool answers ("-": none). The integration tests
+(tests/integration/test_haproxy.py, test_metrics.py) run the whole path.
 """
 
 from __future__ import annotations
@@ -20,35 +21,41 @@ from snakepit.router.haproxy.load import dropped_logs, load_of
 from snakepit.router.haproxy.runtime import BackendStats, ServerStats
 
 PATH = b"/snakepit.bridge.v1.BridgeService/"
-OK_ADD = b"workers s1 -- 0 13 0 7 0 0 0 - 48 " + PATH + b"ExecuteTool - - - - - 616464\n"
-FAILED = b"workers s1 -- 0 4 0 0 0 0 0 13 40 " + PATH + b"ExecuteTool - - - - - 6661696C\n"
+OK_ADD = b"workers s1 -- 0 13 0 7 0 0 0 - 48 0000001B " + PATH + b"ExecuteTool - - - - - 616464\n"
+FAILED = b"workers s1 -- 0 4 0 0 0 0 0 13 40 - " + PATH + b"ExecuteTool - - - - - 6661696C\n"
 UNKNOWN_TOOL = (
-    b"workers s1 -- 0 2 0 0 0 0 0 5 40 " + PATH + b"ExecuteTool - - - - - 6E6F73756368746F6F6C\n"
+    b"workers s1 -- 0 2 0 0 0 0 0 5 40 - " + PATH + b"ExecuteTool - - - - - 6E6F73756368746F6F6C\n"
 )
 # the worker died while sending the answer (server abort in the data phase)
-CUT = b"workers s1 SD 0 2 0 0 0 0 0 - 37 " + PATH + b"ExecuteTool - - - - - 626C6F62\n"
+CUT = b"workers s1 SD 0 2 0 0 0 0 0 - 37 0640001C " + PATH + b"ExecuteTool - - - - - 626C6F62\n"
 STREAMED = (
-    b"control router -- 0 2 0 0 0 0 0 - 37 " + PATH + b"ExecuteStreamingTool - - - - - 636F756E74\n"
+    b"control router -- 0 2 0 0 0 0 0 - 37 - "
+    + PATH
+    + b"ExecuteStreamingTool - - - - - 636F756E74\n"
 )
-QUEUED = b"workers s1 -- 502 1011 0 0 0 1 0 - 37 " + PATH + b"ExecuteTool - - - - - 736C656570\n"
+QUEUED = (
+    b"workers s1 -- 502 1011 0 0 0 1 0 - 37 0000001B "
+    + PATH
+    + b"ExecuteTool - - - - - 736C656570\n"
+)
 QUEUE_TIMEOUT = (
-    b"workers s1 sQ 1001 1001 0 -1 0 1 0 4 37 " + PATH + b"ExecuteTool - - - - - 736C656570\n"
+    b"workers s1 sQ 1001 1001 0 -1 0 1 0 4 37 - " + PATH + b"ExecuteTool - - - - - 736C656570\n"
 )
 QUEUE_FULL = (
-    b"snakepit <NOSRV> LR -1 0 0 -1 0 0 0 8 37 " + PATH + b"ExecuteTool - - - - - 736C656570\n"
+    b"snakepit <NOSRV> LR -1 0 0 -1 0 0 0 8 37 - " + PATH + b"ExecuteTool - - - - - 736C656570\n"
 )
 # waited out its principal's line (--max-calls-per-principal) and was answered by HAProxy
 SHARE_TIMEOUT = (
-    b"snakepit <NOSRV> LR -1 4001 4001 -1 0 0 0 4 37 "
+    b"snakepit <NOSRV> LR -1 4001 4001 -1 0 0 0 4 37 - "
     + PATH
     + b"ExecuteTool - - - - - 736C656570\n"
 )
 # no worker was ready: HAProxy handed the call to the Python router, which counts it
-NO_WORKER = b"control router -- 0 3 0 0 0 0 0 - 37 " + PATH + b"ExecuteTool - - - - - 616464\n"
+NO_WORKER = b"control router -- 0 3 0 0 0 0 0 - 37 - " + PATH + b"ExecuteTool - - - - - 616464\n"
 
 
 def test_the_format_has_the_fields_the_parser_reads() -> None:
-    assert len(CALL_LOG_FIELDS) == len(OK_ADD.split(b" ")) == 19
+    assert len(CALL_LOG_FIELDS) == len(OK_ADD.split(b" ")) == 20
     assert CALL_LOG_FIELDS[-1] == "%[var(txn.tool)]"  # last: a truncated line cuts only the name
 
 
@@ -111,12 +118,12 @@ def test_a_calls_duration_is_microseconds_from_the_dates_haproxy_logs() -> None:
 def test_a_caller_that_went_away_is_cancelled_and_a_retry_is_counted() -> None:
     # built: the caller reset the stream while the worker ran (CD), after one failed connect
     call = parse(
-        b"workers s2 CD 0 40 0 0 +1 0 0 - 37 " + PATH + b"ExecuteTool - - - - - 736C656570"
+        b"workers s2 CD 0 40 0 0 +1 0 0 - 37 - " + PATH + b"ExecuteTool - - - - - 736C656570"
     )
     assert call is not None and (call.code, call.retries, call.rejection) == ("CANCELLED", 1, "")
     # built: the worker could not be reached (HAProxy's 503, answered UNAVAILABLE): no rejection
     call = parse(
-        b"workers s2 SC 0 3 0 -1 2 0 0 14 37 " + PATH + b"ExecuteTool - - - - - 736C656570"
+        b"workers s2 SC 0 3 0 -1 2 0 0 14 37 - " + PATH + b"ExecuteTool - - - - - 736C656570"
     )
     assert call is not None and (call.code, call.rejection, call.slot) == ("UNAVAILABLE", "", b"")
 
@@ -143,7 +150,7 @@ def test_the_reader_counts_each_line_into_the_router_metrics() -> None:
     for line in (OK_ADD, OK_ADD, FAILED, CUT, STREAMED, QUEUED, QUEUE_TIMEOUT, QUEUE_FULL):
         reader.line_received(line)
     reader.line_received(
-        b"control router -- 0 1 0 0 0 0 0 - 48 " + PATH + b"ExecuteTool - - - - - 61"
+        b"control router -- 0 1 0 0 0 0 0 - 48 - " + PATH + b"ExecuteTool - - - - - 61"
     )
     calls = "snakepit_router_calls_total"
     assert _value(metrics, calls, tool="add", code="OK") == 2
@@ -167,7 +174,9 @@ def test_the_reader_counts_each_line_into_the_router_metrics() -> None:
     assert _value(metrics, "snakepit_router_received_bytes_total", method="ExecuteTool") == (
         43 + 43 + 35 + 32 + 32 + 32 + 32
     )
-    assert _value(metrics, "snakepit_router_sent_bytes_total", method="ExecuteTool") == 0
+    # the answers' message lengths HAProxy read from their gRPC prefixes (hex); none for the
+    # errors or the answer cut off (CUT), and the Python router counts its own (control)
+    assert _value(metrics, "snakepit_router_sent_bytes_total", method="ExecuteTool") == 3 * 0x1B
 
 
 def test_a_tool_name_in_hex_is_labelled_as_the_python_router_labels_it() -> None:

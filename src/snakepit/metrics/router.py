@@ -142,6 +142,9 @@ class RouterMetrics:
     def request_bytes(self, method: str, count: int) -> None:
         self._byte_counters(method)[0].inc(count)
 
+    def response_bytes(self, method: str, count: int) -> None:
+        self._byte_counters(method)[1].inc(count)
+
     def attempt_seconds(self, worker_id: str, seconds: float) -> None:
         child = self._workers.get(worker_id)
         if child is None:

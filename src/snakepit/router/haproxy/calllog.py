@@ -18,7 +18,8 @@ What a line cannot say, and what is done instead:
   first chunk comes before their outcome is known, go through the Python router
   (``config.FAST_METHODS``), which counts them itself.
 - *Response bytes*: HAProxy counts the HTTP/2 headers and trailers with the data (``%B``), not
-  the messages the Python router counts, so ``sent_bytes_total`` is not fed from here.
+  the messages the Python router counts; the line carries the answer's message length instead,
+  read from its gRPC prefix (``config.call_log_answer_lines``).
 - *Time*: HAProxy's timers (``%Ta``, ``%Tw``...) are milliseconds; a call's own duration is
   taken in microseconds from the dates HAProxy logs for its start and end (``txn.t0``,
   ``date(0,us)``), which also place its spans in time (the line arrives up to
@@ -39,19 +40,20 @@ import grpc
 from ...metrics import RouterMetrics
 from ...protocol import SERVICE_NAME
 from .config import CALL_LOG_FIELDS, CALL_LOG_LINE, CONTROL_BACKEND, FAST_METHODS
+from .message_size import PREFIX as GRPC_PREFIX
 from .spans import record
 
 log = logging.getLogger("snakepit.router")
 
 _FIELDS = len(CALL_LOG_FIELDS)
 (
-    _BACKEND, _SERVER, _TERM, _TW, _TA, _TR, _TC, _RC, _SQ, _BQ, _GRPC, _BODY, _PATH, _PARENT,
-    _SPAN, _ATTEMPT, _STARTED, _ENDED, _TOOL,
+    _BACKEND, _SERVER, _TERM, _TW, _TA, _TR, _TC, _RC, _SQ, _BQ, _GRPC, _BODY, _SENT, _PATH,
+    _PARENT, _SPAN, _ATTEMPT, _STARTED, _ENDED, _TOOL,
 ) = (
     CALL_LOG_FIELDS.index(f)
     for f in (
         "%b", "%s", "%ts", "%Tw", "%Ta", "%TR", "%Tc", "%rc", "%sq", "%bq",
-        "%[var(txn.grpc)]", "%[var(txn.body)]", "%HPO", "%[var(txn.parent)]",
+        "%[var(txn.grpc)]", "%[var(txn.body)]", "%[var(txn.sent)]", "%HPO", "%[var(txn.parent)]",
         "%[var(txn.span)]", "%[var(txn.attempt)]", "%[var(txn.t0)]", "%[date(0,us)]",
         "%[var(txn.tool)]",
     )
@@ -59,7 +61,6 @@ _FIELDS = len(CALL_LOG_FIELDS)
 _METHODS = {f"/{SERVICE_NAME}/{m}".encode(): m for m in FAST_METHODS}
 _CODES = {str(code.value[0]).encode(): str(code.name) for code in grpc.StatusCode}
 _NO_SERVER = b"<NOSRV>"
-GRPC_FRAME = 5  # a gRPC message's prefix: compressed flag and length
 MAX_TOOL_HEX = 1024  # names over 512 bytes are not labelled (as ``metrics.common.tool_name_of``)
 UNKNOWN = "unknown"
 # A line longer than this without its newline is no call log line (HAProxy truncates its lines
@@ -80,6 +81,7 @@ class Call(NamedTuple):
     attempt: float  # seconds of that attempt
     rejection: str  # a ``metrics.router.REJECTION_REASONS`` value for a call never sent; ""
     received: int  # request message bytes
+    sent: int  # the answer's message bytes (0: it had none, or it was cut off)
     retries: int  # connections tried again (each failed to connect: UNAVAILABLE)
     parent: str = ""  # the caller's traceparent (with tracing on); ""
     span_id: int = 0  # the id HAProxy gave the router's span (``config.trace_lines``); 0: none
@@ -117,7 +119,8 @@ def parse(line: bytes) -> Call | None:
         slot=fields[_SERVER] if sent else b"",
         attempt=max(seconds - (max(queued, 0) + max(request, 0)) / 1000, 0),
         rejection="" if sent else _rejection(state, fields[_SERVER], code),
-        received=max(body - GRPC_FRAME, 0),
+        received=max(body - GRPC_PREFIX, 0),
+        sent=_hex(fields[_SENT]) if code == "OK" else 0,  # a cut answer was not all sent
         retries=max(_ms(fields[_RC].lstrip(b"+")), 0),
         ended_us=ended if exact else 0,
         **_trace_of(fields[_PARENT], fields[_SPAN], fields[_ATTEMPT]),
@@ -140,6 +143,14 @@ def _trace_of(parent: bytes, span: bytes, attempt: bytes) -> dict[str, Any]:
         }
     except ValueError:
         return {}
+
+
+def _hex(field: bytes) -> int:
+    """A length HAProxy logged in hex (``config.call_log_answer_lines``); 0 for "-"."""
+    try:
+        return int(field, 16)
+    except ValueError:
+        return 0
 
 
 def _ms(field: bytes) -> int:
@@ -206,6 +217,8 @@ class CallLog:
         metrics.call_seen(call.method, self._tool(call.tool_hex), call.code, call.seconds)
         if call.received:
             metrics.request_bytes(call.method, call.received)
+        if call.sent:
+            metrics.response_bytes(call.method, call.sent)
         if call.waited is not None:
             metrics.queue_wait.observe(call.waited)
         if call.slot:

@@ -51,6 +51,7 @@ from ...security.tls import POOL_NAME
 from ...tracing import TRACEPARENT
 from ..ring import SERVER_SLOTS, weight_for
 from . import principal_shares
+from .message_size import PREFIX as GRPC_PREFIX
 from .message_size import oversize_lines
 from .replies import detail, error_headers, quote
 
@@ -95,6 +96,7 @@ CALL_LOG_FIELDS = (
     "%bq",  # ... in the backend's queue
     "%[var(txn.grpc)]",  # grpc-status of the response headers; "-" when it came in trailers
     "%[var(txn.body)]",  # request body length, gRPC framing included
+    "%[var(txn.sent)]",  # the answer's message length in hex, from its gRPC prefix; "-": none
     "%HPO",  # the path: which RPC
     "%[var(txn.parent)]",  # the caller's traceparent, with tracing on (``trace_lines``)
     "%[var(txn.span)]",  # the span id HAProxy gave the router's span of the call, 16 hex
@@ -285,6 +287,7 @@ def build_config(spec: HaproxySpec) -> str:
         "",
         f"backend {WORKERS_BACKEND}",
         *trace_parent_lines(traced),
+        *call_log_answer_lines(spec.call_log),
         f"  balance hdr({SESSION_ID_KEY})",
         "  hash-type consistent crc32",
         f"  hash-balance-factor {spec.balance_factor}",
@@ -469,6 +472,26 @@ def call_log_lines(address: str) -> list[str]:
         f"  http-request set-var(txn.tool) req.body,ungrpc(1),hex if fast {UNCOMPRESSED_BODY}",
         "  http-request set-var(txn.body) req.body_len if fast",
         "  http-after-response set-var(txn.grpc) res.hdr(grpc-status)",
+    ]
+
+
+def call_log_answer_lines(address: str) -> list[str]:
+    """Backend lines that read a worker's answer for the call log: the length of its message.
+
+    ``sent_bytes_total`` counts the answer's message bytes, as the Python router counts them
+    and as ``received_bytes_total`` counts the request's. HAProxy's own byte count (``%B``)
+    takes the headers and trailers in with the data, but a unary answer's message starts with
+    gRPC's 5-byte prefix, whose last 4 bytes are the message's length: HAProxy waits for those
+    5 bytes (they come in the answer's first DATA frame, with its headers) and logs them in
+    hex. An answer without a message (an error, trailers only) has none to wait for, and logs
+    "-". The wait has no time limit of its own that could end a call (``time 24h``, as
+    ``timeout server``): the call's own deadline and ``--max-call-seconds`` end it first."""
+    if not address:
+        return []
+    return [
+        f"  http-response wait-for-body time 24h at-least {GRPC_PREFIX}",
+        f"  http-response set-var(txn.sent) res.body,bytes(1,4),hex "
+        f"if {{ res.body_len ge {GRPC_PREFIX} }}",
     ]
 
 
