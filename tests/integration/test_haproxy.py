@@ -13,7 +13,8 @@ import grpc
 import numpy as np
 import pytest
 
-from snakepit.protocol import pb
+from snakepit.protocol import SERVICE_NAME, pb
+from snakepit.protocol.messages import encode_request
 from snakepit.router.haproxy.config import HaproxySpec, build_config
 from snakepit.router.haproxy.process import haproxy_binary
 from snakepit.router.haproxy.replies import error_headers
@@ -119,6 +120,56 @@ def test_an_haproxy_error_reply_carries_the_snakepit_error_detail() -> None:
         "queue full",
         True,
     )
+
+
+@pytest.mark.parametrize(
+    ("pointed", "message"),
+    [
+        (True, "failed to connect to a worker (connection refused)"),
+        (False, "no worker was up to take the call"),
+    ],
+)
+def test_a_call_haproxy_could_not_place_is_unavailable_and_not_started(
+    tmp_path: Path, pointed: bool, message: str
+) -> None:
+    """HAProxy's 503 for a call it never got to a worker, as a gRPC answer the caller may send
+    again: a worker it could not connect to (slot 1 on a closed port, health checks off so the
+    slot stays up), or no worker up when it picked one (every slot in maintenance). The second
+    happens to the router only when the last worker goes down between the frontend's test that
+    hands such calls to the Python router and the pick, so that test is taken out here."""
+    from snakepit.protocol.status import error_from_rpc
+
+    port, closed = free_port(), free_port()
+    spec = HaproxySpec(
+        host="127.0.0.1", port=port, control_port=closed, admin_socket=f"abns@test-503-{port}"
+    )
+    lines = []
+    for line in build_config(spec).split("\n"):
+        if "nbsrv(workers) eq 0" in line:
+            continue
+        if pointed and line.startswith("  default-server "):
+            line = line.replace(" disabled", "").split(" check ")[0]
+        if pointed and line.startswith("  server s1 "):
+            line = f"  server s1 127.0.0.1:{closed} id 1"
+        lines.append(line)
+    config = tmp_path / "haproxy.cfg"
+    config.write_text("\n".join(lines))
+    haproxy = subprocess.Popen(
+        [str(haproxy_binary()), "-db", "-f", str(config)], stderr=subprocess.DEVNULL
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=10)
+            execute = channel.unary_unary(f"/{SERVICE_NAME}/ExecuteTool")
+            with pytest.raises(grpc.RpcError) as refused:
+                execute(encode_request("add", {"a": 1, "b": 2}), timeout=10)
+    finally:
+        haproxy.kill()
+        haproxy.wait()
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    error = error_from_rpc(refused.value)
+    assert message in error.message
+    assert error.not_started
 
 
 def test_haproxy_sends_each_session_where_the_python_ring_says(

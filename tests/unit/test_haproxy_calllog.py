@@ -50,6 +50,8 @@ SHARE_TIMEOUT = (
     + PATH
     + b"ExecuteTool - - - - - 736C656570\n"
 )
+# built: no worker was up when HAProxy picked one (it went down after the frontend's test)
+UNPLACED = b"workers <NOSRV> SC -1 0 0 -1 0 0 0 14 37 - " + PATH + b"ExecuteTool - - - - - 616464\n"
 # no worker was ready: HAProxy handed the call to the Python router, which counts it
 NO_WORKER = b"control router -- 0 3 0 0 0 0 0 - 37 - " + PATH + b"ExecuteTool - - - - - 616464\n"
 
@@ -70,6 +72,7 @@ def test_the_format_has_the_fields_the_parser_reads() -> None:
         (QUEUE_TIMEOUT, "ExecuteTool", b"736C656570", "DEADLINE_EXCEEDED", "queue_timeout"),
         (QUEUE_FULL, "ExecuteTool", b"736C656570", "RESOURCE_EXHAUSTED", "queue_full"),
         (SHARE_TIMEOUT, "ExecuteTool", b"736C656570", "DEADLINE_EXCEEDED", "queue_timeout"),
+        (UNPLACED, "ExecuteTool", b"616464", "UNAVAILABLE", "no_worker"),
     ],
 )
 def test_a_line_says_the_tool_the_code_and_whether_the_call_was_refused(

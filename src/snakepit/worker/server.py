@@ -17,9 +17,9 @@ SIGTERM, or reaching a recycling limit, drains: NOT_SERVING at once, but new cal
 stop sending: HAProxy cannot retry a gRPC refusal, so a call it sent in that moment would fail);
 then new calls are refused, in-flight calls (the late ones too, and those waiting in the backlog)
 finish, and the server keeps answering (refusing) until ``drain_linger`` seconds after
-NOT_SERVING before it stops, so every router sees the worker leave before its connection closes. Stopping sooner
-cancels calls already on the wire with CANCELLED (grpc/grpc#41785), which nobody may retry
-because nobody knows whether they ran. The supervisor (``snakepit serve`` or Kubernetes) then
+NOT_SERVING before it stops, so every router sees the worker leave before its connection
+closes. Stopping sooner cancels calls already on the wire with CANCELLED (grpc/grpc#41785),
+which nobody may retry because nobody knows whether they ran. The supervisor (``snakepit serve`` or Kubernetes) then
 starts a fresh worker.
 """
 
@@ -431,7 +431,8 @@ class WorkerServer:
         self.in_flight -= 1
 
     def _refused(self, error: Exception) -> None:
-        """Count a call turned away before it ran: draining, or no slot (backlog full or timed out)."""
+        """Count a call turned away before it ran: draining, or no slot (backlog full or timed
+        out)."""
         if self.metrics is not None:
             reason = "draining" if isinstance(error, Unavailable) else "at_limit"
             self.metrics.refused.labels(reason).inc()

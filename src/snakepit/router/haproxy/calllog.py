@@ -177,8 +177,11 @@ def _rejection(state: bytes, server: bytes, code: str) -> str:
         return "queue_full"  # the backend's queue or its principal's line was full
     if server == _NO_SERVER and code == "DEADLINE_EXCEEDED":
         return "queue_timeout"  # waited out its principal's line (``principal_shares``)
-    # No ``no_worker``: a call that finds no worker ready goes to the Python router, which
-    # counts it there if it waits in vain.
+    if server == _NO_SERVER and code == "UNAVAILABLE":
+        # HAProxy found no worker up as it picked one (``config._answer_503``). A call that
+        # finds none ready before that goes to the Python router, which counts it there if
+        # it waits in vain.
+        return "no_worker"
     return ""
 
 

@@ -189,7 +189,26 @@ def _errors(spec: HaproxySpec) -> dict[str, SnakepitError]:
         "unreachable": Unavailable(
             "failed to connect to a worker (connection refused)", not_started=True
         ),
+        "unplaced": Unavailable(
+            "no worker was up to take the call (each one was down or leaving as it arrived)",
+            not_started=True,
+        ),
     }
+
+
+# An anonymous ACL true when HAProxy picked a server for the call (in ``http-after-response``).
+PICKED = "{ srv_id -m found }"
+
+
+def _answer_503(error: SnakepitError, condition: str) -> list[str]:
+    """``http-after-response`` lines that turn HAProxy's 503 into ``error`` when ``condition``
+    holds: its status, message and detail (the ``http-error`` answer has the queue timeout's)."""
+    when = f"if {{ status 503 }} {condition}"
+    return [
+        f"  http-after-response set-header grpc-status {error.code.value[0]} {when}",
+        f"  http-after-response set-header grpc-message {quote(error.message)} {when}",
+        f"  http-after-response set-header {ERROR_DETAIL_KEY} {detail(error)} {when}",
+    ]
 
 
 def build_config(spec: HaproxySpec) -> str:
@@ -302,17 +321,18 @@ def build_config(spec: HaproxySpec) -> str:
         # every later call) goes elsewhere; a TCP check every 250 ms brings it back.
         "check inter 2s fastinter 250ms downinter 250ms rise 1 fall 2 "
         "observe layer4 error-limit 1 on-error mark-down",
-        # 503 is what HAProxy answers both for a queue timeout and for workers it could not
-        # reach; the time the call spent queued tells them apart.
+        # 503 is what HAProxy answers for a queue timeout, for workers it could not connect
+        # to, and for a call it found no worker up for (one went down between the frontend's
+        # ``nbsrv`` test and the pick); the time the call spent queued and whether a server
+        # was picked (``srv_id``) tell them apart.
         f"  http-error status 503 {error_headers(errors['waited'])}",
         '  http-after-response set-var-fmt(txn.queued_ms) "%Tw" if { status 503 }',
-        f"  http-after-response set-header grpc-status {errors['unreachable'].code.value[0]} "
-        f"if {{ status 503 }} {{ var(txn.queued_ms) -m int lt {queue_ms} }}",
-        f"  http-after-response set-header grpc-message {quote(errors['unreachable'].message)} "
-        f"if {{ status 503 }} {{ var(txn.queued_ms) -m int lt {queue_ms} }}",
-        f"  http-after-response set-header {ERROR_DETAIL_KEY} "
-        f"{detail(errors['unreachable'])} "
-        f"if {{ status 503 }} {{ var(txn.queued_ms) -m int lt {queue_ms} }}",
+        *_answer_503(
+            errors["unreachable"], f"{{ var(txn.queued_ms) -m int lt {queue_ms} }} {PICKED}"
+        ),
+        *_answer_503(
+            errors["unplaced"], f"{{ var(txn.queued_ms) -m int lt {queue_ms} }} !{PICKED}"
+        ),
         *(f"  server {slot_name(i)} 0.0.0.0:0 id {i}" for i in range(1, SERVER_SLOTS + 1)),
         "",
         f"backend {CONTROL_BACKEND}",
