@@ -19,8 +19,8 @@ then new calls are refused, in-flight calls (the late ones too, and those waitin
 finish, and the server keeps answering (refusing) until ``drain_linger`` seconds after
 NOT_SERVING before it stops, so every router sees the worker leave before its connection
 closes. Stopping sooner cancels calls already on the wire with CANCELLED (grpc/grpc#41785),
-which nobody may retry because nobody knows whether they ran. The supervisor (``snakepit serve`` or Kubernetes) then
-starts a fresh worker.
+which nobody may retry because nobody knows whether they ran. The supervisor (``snakepit
+serve`` or Kubernetes) then starts a fresh worker.
 """
 
 from __future__ import annotations
