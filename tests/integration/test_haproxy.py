@@ -435,7 +435,7 @@ def test_ctrl_c_in_the_terminal_of_serve_lets_the_calls_in_flight_finish(
     procs: ProcessFactory, data_path: str
 ) -> None:
     """Ctrl-C sends SIGINT to the terminal's whole process group: serve drains its calls, and
-    HAProxy, in a session of its own, is stopped softly after that rather than hard by the
+    HAProxy, in a process group of its own, is stopped softly after that rather than hard by the
     signal itself (which cut every call in flight)."""
     import os
     import signal

@@ -109,10 +109,14 @@ class HaproxyProcess:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
-            # Its own session: a Ctrl-C in the terminal of `snakepit serve` reaches the router,
-            # which stops HAProxy softly after its drain, not HAProxy itself (SIGINT is its hard
-            # stop, which cut the calls in flight). The parent-death signal still ends it.
-            start_new_session=True,
+            # Its own process group: a Ctrl-C in the terminal of `snakepit serve` reaches the
+            # router, which stops HAProxy softly after its drain, not HAProxy itself (SIGINT is
+            # its hard stop, which cut the calls in flight). The parent-death signal still ends
+            # it. Not a session of its own (setsid): with the kernel's autogroups (on by
+            # default) that made it a scheduling group of its own beside the workers on a
+            # shared machine, woken at once for each packet, and it cost ~10 % more CPU per call
+            # (docs/performance.md, eighth pass).
+            process_group=0,
         )
         assert self.process.stdin is not None and self.process.stderr is not None
         self.process.stdin.write(self.config_text.encode())
