@@ -47,7 +47,7 @@ def keep_large_buffers(max_message_mb: int) -> bool:
     fresh ones; returns whether the C library took the settings.
 
     What it costs: after a large call the process keeps up to twice the largest message of
-    freed heap (128 MB with the default ``--max-message-mb 64``; blocks above 1 GB are still
+    freed heap (130 MB with the default ``--max-message-mb 64``; blocks above 1 GB are still
     mapped per call), which ``--max-rss-mb`` then counts. Without glibc (musl has no
     ``mallopt``) nothing changes and large messages are mapped per call, as before. Called by
     the ``router``, ``worker`` and ``serve`` commands only, never in a library user's process.
