@@ -62,12 +62,13 @@ def test_the_built_config_is_one_haproxy_accepts(
     assert b"[WARNING]" not in checked.stderr, checked.stderr.decode()
 
 
-@pytest.mark.parametrize("client_ca", [False, True])
+@pytest.mark.parametrize(("client_ca", "strict"), [(False, False), (True, False), (True, True)])
 def test_the_config_with_tls_and_auth_is_one_haproxy_accepts(
-    tmp_path: Path, client_ca: bool
+    tmp_path: Path, client_ca: bool, strict: bool
 ) -> None:
     """HAProxy's TLS copies and auth map, made from a router's files the way the router makes
-    them, and the config that names them."""
+    them, and the config that names them. With strict affinity (``tools_via_router``) HAProxy
+    vouches for no caller and sends no tool call to a worker: the Python router does both."""
     ca = LocalCA.generate("pool CA")
     pool = tmp_path / "pool"
     pool.mkdir()
@@ -88,9 +89,12 @@ def test_the_config_with_tls_and_auth_is_one_haproxy_accepts(
             watchers_per_session=16,
             calls_per_principal=4,
             max_message_bytes=64 << 20,
+            tools_via_router=strict,
         )
         config = build_config(spec)
         assert ("verify required" in config.split("bind")[1].split("\n")[0]) is client_ca
+        assert ("acl fast always_false" in config) is strict
+        assert ("set-var(txn.ticket)" in config) is not strict
         files.write()
         assert {p.stat().st_mode & 0o777 for p in files.dir.iterdir()} == {0o600}
         checked = subprocess.run(
@@ -322,7 +326,8 @@ def test_the_runtime_api_answers_on_an_abstract_socket() -> None:
         (("--data-path", "python"), "data path: python (asked for)"),
         # the default (the tests' environment pins python: see tests/fixtures/processes.py)
         (("--data-path", "auto"), "data path: haproxy"),
-        (("--data-path", "auto", "--affinity", "strict"), "data path: python (strict affinity"),
+        # strict affinity: HAProxy in front, the Python router carries the tool calls
+        (("--data-path", "auto", "--affinity", "strict"), "strict affinity: tool calls through"),
     ],
 )
 def test_serve_says_which_data_path_it_uses(
@@ -333,6 +338,56 @@ def test_serve_says_which_data_path_it_uses(
     pool = procs.serve(*flags, workers=1)
     assert said in pool.logs()
     with Client(pool.address) as client:
+        assert client.execute("add", a=1, b=2) == 3
+
+
+def test_the_health_port_is_serving_only_once_haproxy_takes_calls(
+    procs: ProcessFactory, tmp_path: Path
+) -> None:
+    """The kubelet probes a TLS router pod on its plaintext health port (the overall service),
+    which the Python router serves; HAProxy binds the pool port a moment later. SERVING before
+    then made the pod Ready while its port refused connections: a router pod deleted under
+    load on kind failed 262 calls with "Connection refused" through the router Service. Here
+    HAProxy starts 2 s late (a wrapper sleeps before it), and the health port must not say
+    SERVING before the pool port takes a call."""
+    import socket
+    import time
+
+    from grpc_health.v1.health_pb2 import HealthCheckResponse
+
+    from snakepit import Client
+    from tests.fixtures.processes import health_status
+
+    serving, not_serving = HealthCheckResponse.SERVING, HealthCheckResponse.NOT_SERVING
+    slow = tmp_path / "slow-haproxy"
+    slow.write_text(f'#!/bin/sh\nsleep 2\nexec {haproxy_binary()} "$@"\n')
+    slow.chmod(0o755)
+    worker = procs.worker(worker_id="w0")
+    health, port = free_port(), free_port()
+    router = procs.start(
+        "router",
+        ["router", "--host", "127.0.0.1", "--port", str(port), "--store", "memory",
+         "--workers", f"w0={worker.address}", "--data-path", "haproxy",
+         "--health-port", str(health)],
+        f"127.0.0.1:{port}",
+        env={"SNAKEPIT_HAPROXY": str(slow)},
+        wait=False,
+    )  # fmt: skip
+
+    def port_open() -> bool:
+        with socket.socket() as probe:
+            probe.settimeout(0.2)
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    seen_not_serving = False
+    deadline = time.monotonic() + 30
+    while (status := health_status(f"127.0.0.1:{health}", timeout=0.3)) != serving:
+        assert time.monotonic() < deadline, router.logs()[-2000:]
+        seen_not_serving |= status == not_serving
+        time.sleep(0.02)
+    assert port_open(), "the health port said SERVING before HAProxy listened"
+    assert seen_not_serving, "the health port never answered NOT_SERVING while HAProxy started"
+    with Client(f"127.0.0.1:{port}") as client:
         assert client.execute("add", a=1, b=2) == 3
 
 

@@ -317,16 +317,18 @@ async def test_one_connection_has_at_most_its_streams_open_and_others_are_not_he
         await other.close()
 
 
+@pytest.mark.parametrize("affinity", ["hint", "strict"])
 def test_a_sessions_watchers_over_its_limit_are_refused_and_others_go_on(
-    procs: ProcessFactory, data_path: str
+    procs: ProcessFactory, data_path: str, affinity: str
 ) -> None:
     """300 watchers opened at once on one session held everybody's next call 130-260 ms behind
     284 refusals, each ~150-450 us of the Python router's event loop (docs/security.md). Those
     past --max-watchers-per-session are RESOURCE_EXHAUSTED naming the flag; on the HAProxy data
     path HAProxy refuses them itself (its message says "this session", the Python router's
-    names it), so they never reach Python. Another session is not counted with it, a watcher
-    that ends gives its place back, and the admitted ones still get every change."""
-    pool = procs.serve("--workers", "1", "--max-watchers-per-session", "3")
+    names it), so they never reach Python. So it does for a strict-affinity pool, whose tool
+    calls the Python router carries behind HAProxy. Another session is not counted with it, a
+    watcher that ends gives its place back, and the admitted ones still get every change."""
+    pool = procs.serve("--workers", "1", "--max-watchers-per-session", "3", "--affinity", affinity)
     assert f"data path: {data_path}" in pool.logs()
     limit = "3 watchers, its limit (--max-watchers-per-session)"
 

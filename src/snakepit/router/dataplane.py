@@ -4,10 +4,14 @@
 takes HAProxy when the ``haproxy`` binary is there and the pool's affinity is ``hint``,
 with or without TLS and authentication (HAProxy terminates TLS and forwards calls whose caller
 the Python router has already verified; see ``haproxy/authmap.py`` and ``haproxy/tlsfiles.py``).
-Strict affinity stays on the Python router: it binds a session to the worker that served it last
-and fails its calls with FAILED_PRECONDITION while that worker is gone, which HAProxy's hashing
-cannot express (it would move the session to the next worker on the ring). Calls counted per
-principal (``--max-calls-per-principal``) are counted by HAProxy too (``haproxy/principal_shares``).
+With strict affinity the Python router carries the tool calls behind HAProxy: it binds a session
+to the worker that served it last and fails its calls with FAILED_PRECONDITION while that worker
+is gone, which HAProxy's hashing cannot express (it would move the session to the next worker on
+the ring). HAProxy still stands in front (``HaproxySpec.tools_via_router``), so a strict pool
+keeps HAProxy's own refusals: a message over the size limit, a session's watchers over its limit
+(the Python router alone accepts one new call per event-loop round trip, so a burst of them
+holds everyone's next call). Calls counted per principal (``--max-calls-per-principal``) are
+counted by HAProxy too (``haproxy/principal_shares``).
 """
 
 from __future__ import annotations
@@ -51,12 +55,12 @@ def choose(
             )
         return PYTHON, "TLS on the pool port without the pool's TLS needs the Python router"
     binary = haproxy_binary()
-    if affinity == STRICT:
-        return PYTHON, "strict affinity needs the Python router"
     if binary is None:
         if requested == HAPROXY:
             raise ValueError("--data-path haproxy, but no haproxy binary was found")
         return PYTHON, "haproxy is not installed"
+    if affinity == STRICT:
+        return HAPROXY, f"{binary}; strict affinity: tool calls through the Python router"
     return HAPROXY, binary
 
 

@@ -215,6 +215,8 @@ class RouterServer:
 
     # Lifecycle --------------------------------------------------------------------------------
     async def start(self) -> int:
+        # grpc's health servicer starts with the overall service SERVING (see ``_announce``).
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.store is None:
             from ..store import open_store
 
@@ -250,10 +252,20 @@ class RouterServer:
                 self.health, self._side_host(), self.config.health_port
             )
         self._start_hosting()
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(CAPACITY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        log.info("router serving", extra={"port": self.port, "store": self.store.backend})
+        await self._announce()
         return self.port
+
+    async def _announce(self) -> None:
+        """Tell probes and clients that calls may come: every health service SERVING.
+
+        Until then the overall service (``""``, what the kubelet's gRPC probes ask) is
+        NOT_SERVING, so a router pod is not Ready, and in no Service's endpoints, before its
+        pool port takes calls."""
+        serving = health_pb2.HealthCheckResponse.SERVING
+        for service in (SERVICE_NAME, CAPACITY_SERVICE, ""):
+            await self.health.set(service, serving)
+        store = None if self.store is None else self.store.backend
+        log.info("router serving", extra={"port": self.port, "store": store})
 
     def _side_host(self) -> str:
         """Where the metrics and plaintext health ports listen: the router's host (kubelet

@@ -164,6 +164,10 @@ class HaproxySpec:
     # The router's --max-message-mb in bytes: HAProxy refuses a longer request message itself
     # (``message_size``). 0: no check.
     max_message_bytes: int = 0
+    # Strict affinity: HAProxy sends no tool call to the workers itself; every one goes to the
+    # Python router, which binds a session to its worker (``dataplane``). HAProxy still stands
+    # in front for its refusals (message size, watchers per session).
+    tools_via_router: bool = False
 
 
 def slot_name(server_id: int) -> str:
@@ -396,7 +400,11 @@ def _fast(spec: HaproxySpec, tools: str) -> list[str]:
     With auth on: those whose ``txn.ticket`` is the pool ticket of a caller the Python router
     verified, looked up by the SHA-256 of the call's one ``authorization`` header. A call with
     several such headers, or a ticket of its own (a worker's callback, a direct-mode client),
-    finds none: those the Python router checks. None while the divert map says so."""
+    finds none: those the Python router checks. None while the divert map says so, and none
+    with ``tools_via_router`` (strict affinity): the Python router then verifies every caller,
+    as on its own data path."""
+    if spec.tools_via_router:
+        return ["  acl fast always_false"]
     divert = f"{{ str({DIVERT}),map({spec.divert_map}) -m found }}" if spec.divert_map else ""
     if spec.auth_map:
         lines = [

@@ -25,6 +25,7 @@ from typing import Any
 from ... import tracing
 from ...protocol import pb
 from ...supervisor import free_port
+from ..pool import STRICT
 from ..ring import SERVER_SLOTS
 from ..server import RouterConfig, RouterServer, advertised_address
 from .authmap import AuthMap
@@ -109,6 +110,7 @@ class HaproxyRouter(RouterServer):
             watchers_per_session=self.config.limits.max_watchers_per_session,
             calls_per_principal=pool.max_calls_per_principal,
             max_message_bytes=self.config.max_message_mb << 20,
+            tools_via_router=pool.affinity == STRICT,
         )
 
     def _worker_of(self, server: bytes) -> str | None:
@@ -168,7 +170,14 @@ class HaproxyRouter(RouterServer):
         sync.notify()
         self.port = spec.port
         log.info("haproxy data path serving", extra={"port": self.port})
+        await super()._announce()
         return self.port
+
+    async def _announce(self) -> None:
+        """Not when the Python router has started: the pool port is HAProxy's, which listens
+        a moment later (``start`` announces then). A router pod Ready before that took
+        connections it refused (a router pod deleted under load on kind: 262 calls failed
+        with "Connection refused", stop 31)."""
 
     async def _replace_haproxy(self) -> None:
         """A new HAProxy with the files as they are now (a CA changed: see ``tlsfiles``)."""
