@@ -1,7 +1,7 @@
 """Which data path carries tool calls: HAProxy or the Python router.
 
 ``auto`` (the default of ``snakepit router``, ``snakepit serve`` and ``spec.router.dataPath``)
-takes HAProxy when the ``haproxy`` binary is there and the pool's affinity is ``hint``,
+takes HAProxy when the ``haproxy`` binary is there, for either affinity,
 with or without TLS and authentication (HAProxy terminates TLS and forwards calls whose caller
 the Python router has already verified; see ``haproxy/authmap.py`` and ``haproxy/tlsfiles.py``).
 With strict affinity the Python router carries the tool calls behind HAProxy: it binds a session
