@@ -114,7 +114,7 @@ class HaproxyProcess:
             # its hard stop, which cut the calls in flight). The parent-death signal still ends
             # it. Not a session of its own (setsid): with the kernel's autogroups (on by
             # default) that made it a scheduling group of its own beside the workers on a
-            # shared machine, woken at once for each packet, and it cost 10-25 % more CPU per
+            # shared machine, woken at once for each packet, and it cost 4-24 % more CPU per
             # call (docs/performance.md, eighth pass).
             process_group=0,
         )
