@@ -23,7 +23,14 @@ from snakepit.router.haproxy.tlsfiles import HaproxyFiles
 from snakepit.router.ring import HashRing, server_id
 from snakepit.security.localca import LocalCA, write_file, write_issued
 from snakepit.security.tls import CA_FILE, CERT_FILE, KEY_FILE, POOL_NAME, TlsFiles
-from tests.fixtures.processes import ProcessFactory, free_port, start_pool, wait_for, wait_ready
+from tests.fixtures.processes import (
+    Proc,
+    ProcessFactory,
+    free_port,
+    start_pool,
+    wait_for,
+    wait_ready,
+)
 from tests.fixtures.prometheus import scrape, value
 
 pytestmark = pytest.mark.skipif(haproxy_binary() is None, reason="haproxy is not installed")
@@ -341,6 +348,36 @@ def test_serve_says_which_data_path_it_uses(
         assert client.execute("add", a=1, b=2) == 3
 
 
+def _router_behind_wrapped_haproxy(
+    procs: ProcessFactory, tmp_path: Path, before: str, *, wait: bool = True
+) -> tuple[Proc, int]:
+    """A router (memory store, one worker, a health port) whose HAProxy is started by a shell
+    wrapper that runs ``before`` first: (router, its health port)."""
+    wrapper = tmp_path / "wrapped-haproxy"
+    wrapper.write_text(f'#!/bin/sh\n{before}\nexec {haproxy_binary()} "$@"\n')
+    wrapper.chmod(0o755)
+    worker = procs.worker(worker_id="w0")
+    health, port = free_port(), free_port()
+    router = procs.start(
+        "router",
+        ["router", "--host", "127.0.0.1", "--port", str(port), "--store", "memory",
+         "--workers", f"w0={worker.address}", "--data-path", "haproxy",
+         "--health-port", str(health)],
+        f"127.0.0.1:{port}",
+        env={"SNAKEPIT_HAPROXY": str(wrapper)},
+        wait=wait,
+    )  # fmt: skip
+    return router, health
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        probe.settimeout(0.2)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
 def test_the_health_port_is_serving_only_once_haproxy_takes_calls(
     procs: ProcessFactory, tmp_path: Path
 ) -> None:
@@ -350,7 +387,6 @@ def test_the_health_port_is_serving_only_once_haproxy_takes_calls(
     load on kind failed 262 calls with "Connection refused" through the router Service. Here
     HAProxy starts 2 s late (a wrapper sleeps before it), and the health port must not say
     SERVING before the pool port takes a call."""
-    import socket
     import time
 
     from grpc_health.v1.health_pb2 import HealthCheckResponse
@@ -359,25 +395,11 @@ def test_the_health_port_is_serving_only_once_haproxy_takes_calls(
     from tests.fixtures.processes import health_status
 
     serving, not_serving = HealthCheckResponse.SERVING, HealthCheckResponse.NOT_SERVING
-    slow = tmp_path / "slow-haproxy"
-    slow.write_text(f'#!/bin/sh\nsleep 2\nexec {haproxy_binary()} "$@"\n')
-    slow.chmod(0o755)
-    worker = procs.worker(worker_id="w0")
-    health, port = free_port(), free_port()
-    router = procs.start(
-        "router",
-        ["router", "--host", "127.0.0.1", "--port", str(port), "--store", "memory",
-         "--workers", f"w0={worker.address}", "--data-path", "haproxy",
-         "--health-port", str(health)],
-        f"127.0.0.1:{port}",
-        env={"SNAKEPIT_HAPROXY": str(slow)},
-        wait=False,
-    )  # fmt: skip
+    router, health = _router_behind_wrapped_haproxy(procs, tmp_path, "sleep 2", wait=False)
+    port = int(router.address.rsplit(":", 1)[1])
 
     def port_open() -> bool:
-        with socket.socket() as probe:
-            probe.settimeout(0.2)
-            return probe.connect_ex(("127.0.0.1", port)) == 0
+        return _port_open(port)
 
     seen_not_serving = False
     deadline = time.monotonic() + 30
@@ -511,3 +533,45 @@ def test_ctrl_c_in_the_terminal_of_serve_lets_the_calls_in_flight_finish(
         call.join(timeout=20)
     assert answers and answers[0] is not None, pool.logs()[-2000:]
     assert pool.wait(timeout=30) == 0
+
+
+def test_the_health_port_is_not_serving_while_haproxy_is_down(
+    procs: ProcessFactory, tmp_path: Path
+) -> None:
+    """HAProxy dies and the router starts another: until it listens, the pool port refuses
+    connections, so the health port (what the kubelet probes) says NOT_SERVING, and SERVING
+    again once the new one takes calls. Before, it stayed SERVING: a router whose HAProxy
+    crash-looped stayed Ready. The new HAProxy starts 2 s late here (a wrapper sleeps before
+    every start but the first), so the window is long enough to see."""
+    import signal
+
+    import psutil
+    from grpc_health.v1.health_pb2 import HealthCheckResponse
+
+    from snakepit import Client
+    from tests.fixtures.processes import health_status
+
+    serving, not_serving = HealthCheckResponse.SERVING, HealthCheckResponse.NOT_SERVING
+    started = tmp_path / "started-once"
+    router, health = _router_behind_wrapped_haproxy(
+        procs, tmp_path, f"if [ -e {started} ]; then sleep 2; fi; touch {started}"
+    )
+    port = int(router.address.rsplit(":", 1)[1])
+
+    def status() -> int:
+        return health_status(f"127.0.0.1:{health}", timeout=0.3)
+
+    def port_open() -> bool:
+        return _port_open(port)
+
+    wait_for(lambda: status() == serving, timeout=30)
+    assert router.process is not None
+    (haproxy,) = [p for p in psutil.Process(router.process.pid).children() if p.name() == "haproxy"]
+    haproxy.send_signal(signal.SIGKILL)
+    haproxy.wait(timeout=10)
+    wait_for(lambda: status() == not_serving, timeout=5, interval=0.02)
+    assert not port_open(), "the pool port took connections with no HAProxy behind it"
+    wait_for(lambda: status() == serving, timeout=30, interval=0.02)
+    assert port_open(), "the health port said SERVING before the new HAProxy listened"
+    with Client(f"127.0.0.1:{port}") as client:
+        assert client.execute("add", a=1, b=2) == 3

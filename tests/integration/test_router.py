@@ -24,7 +24,8 @@ from snakepit.errors import (
     ToolError,
     Unavailable,
 )
-from snakepit.protocol import method_path
+from snakepit.protocol import method_path, pb
+from snakepit.protocol.messages import encode_request
 from tests.fixtures.processes import (
     FAULTS,
     ProcessFactory,
@@ -32,6 +33,7 @@ from tests.fixtures.processes import (
     wait_for,
     wait_ready,
 )
+from tests.support import rawgrpc
 from tests.support.closerace import check_only_close_resets
 
 PROBE = "tests.support.adapters:ProbeAdapter"
@@ -160,6 +162,68 @@ def test_a_full_queue_refuses_and_a_long_wait_times_out(procs: ProcessFactory) -
                 future.result(timeout=5)
         assert running.result(timeout=5) == 1.5
         assert client.status()["queued"] == 0
+
+
+def test_the_routers_own_refusals_are_whole_grpc_answers_on_the_wire(
+    procs: ProcessFactory, data_path: str
+) -> None:
+    """Each refusal the router makes itself reaches a caller as gRPC's "Trailers-Only" answer
+    (HTTP status 200, ``content-type: application/grpc``, status and message), which every gRPC
+    library reads. On HAProxy these are HAProxy's own answers, which had no content type, and
+    the queue timeout's kept HTTP status 503: grpc-go clients got UNKNOWN "malformed header:
+    missing HTTP content-type" for each, and UNAVAILABLE for the timeout (ghz, stop 32)."""
+    router, _ = start_pool(procs, 1, "--queue-size", "1", "--queue-timeout", "0.5",
+                           "--max-message-mb", "4", "--max-watchers-per-session", "1",
+                           concurrency=1)  # fmt: skip
+    address, tool = router.address, method_path("ExecuteTool")
+    add = encode_request("add", {"a": 1, "b": 1})
+    answers: dict[str, rawgrpc.Answer] = {}
+    with Client(address) as client, ThreadPoolExecutor(3) as pool:
+        # A store write says it is 5 MiB and sends only its prefix: refused from the prefix.
+        answers["too large"] = rawgrpc.call(
+            address, method_path("SetVariable"), b"", declared_length=5 << 20, end=False
+        )
+        running = pool.submit(client.execute, "sleep", seconds=2)
+        wait_for(lambda: client.status()["in_flight"] == 1)
+        queued = pool.submit(rawgrpc.call, address, tool, add)
+        wait_for(lambda: client.status()["queued"] == 1)
+        answers["queue full"] = rawgrpc.call(address, tool, add)
+        answers["queue timeout"] = queued.result(timeout=10)
+        assert running.result(timeout=10) == 2
+
+        session = client.session("watched", keep=True)
+        session.set("v", 0)
+        watcher = session.watch(["v"])
+        first = pool.submit(next, watcher)
+        for value in range(1, 200):  # until the watcher is surely open: it saw a change
+            if first.done():
+                break
+            session.set("v", value)
+            time.sleep(0.05)
+        assert first.result(timeout=5).name == "v"
+        request = pb.WatchVariablesRequest(session_id="watched", names=["v"])
+        answers["second watcher"] = rawgrpc.call(
+            address, method_path("WatchVariables"), request.SerializeToString()
+        )
+        watcher.close()  # type: ignore[attr-defined]
+        if data_path == "haproxy":  # HAProxy awaits a tool call's first 32 KiB for 5 s
+            answers["stalled"] = rawgrpc.call(
+                address, tool, b"x" * 100, declared_length=1000, end=False
+            )
+        assert client.execute("add", a=2, b=2) == 4
+
+    expected = {
+        "too large": ("8", "larger than"),
+        "queue full": ("8", "queue is full"),
+        "queue timeout": ("4", "no worker became free"),
+        "second watcher": ("8", "1 watchers, its limit (--max-watchers-per-session)"),
+        "stalled": ("14", "did not arrive within 5s"),
+    }
+    for case, answer in answers.items():
+        code, words = expected[case]
+        assert answer.headers.get(":status") == "200", (case, answer)
+        assert answer.headers.get("content-type", "").startswith("application/grpc"), (case, answer)
+        assert answer.status == code and words in answer.message, (case, answer)
 
 
 def test_deadline_and_cancellation_reach_the_tool(procs: ProcessFactory, tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ from ..ring import SERVER_SLOTS, weight_for
 from . import principal_shares
 from .message_size import PREFIX as GRPC_PREFIX
 from .message_size import oversize_lines
-from .replies import detail, error_headers, quote
+from .replies import detail, error_headers, quote, whole_answer_lines
 
 WORKERS_BACKEND = "workers"
 CONTROL_BACKEND = "control"
@@ -193,6 +193,11 @@ def _errors(spec: HaproxySpec) -> dict[str, SnakepitError]:
         "unreachable": Unavailable(
             "failed to connect to a worker (connection refused)", not_started=True
         ),
+        "stalled": Unavailable(
+            f"the call's message did not arrive within {BODY_WAIT:g}s of its headers; "
+            "it was not sent to a worker",
+            not_started=True,
+        ),
         "unplaced": Unavailable(
             "no worker was up to take the call (each one was down or leaving as it arrived)",
             not_started=True,
@@ -264,6 +269,10 @@ def build_config(spec: HaproxySpec) -> str:
         "frontend snakepit",
         f"  bind {host}:{spec.port} proto h2{_bind_tls(spec.tls)}",
         *call_log_target(spec.call_log),
+        *whole_answer_lines(),
+        # A tool call whose first LARGE_BODY bytes do not come within BODY_WAIT (a caller
+        # that stalls mid-message): HAProxy's 408 page would be UNKNOWN to a gRPC client.
+        f"  http-error status 408 {error_headers(errors['stalled'])}",
         f"  acl tool path {tools}",
         # ``fast``: a tool call HAProxy sends to the workers itself (with auth: of a caller
         # the Python router vouched for).

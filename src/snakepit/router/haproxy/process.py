@@ -49,6 +49,7 @@ class HaproxyProcess:
         api: RuntimeApi,
         *,
         on_restart: Callable[[], None],
+        on_exit: Callable[[], None] = lambda: None,
         binary: str | None = None,
         files: HaproxyFiles | None = None,
     ) -> None:
@@ -56,6 +57,7 @@ class HaproxyProcess:
         self.api = api
         self.binary = binary or haproxy_binary() or "haproxy"
         self.on_restart = on_restart
+        self.on_exit = on_exit  # it died on its own; ``on_restart`` follows once one is back
         self.files = files  # written just before HAProxy starts, removed once it has them
         self.process: asyncio.subprocess.Process | None = None
         self._stopping = False
@@ -144,6 +146,7 @@ class HaproxyProcess:
             if process is not self.process:
                 continue  # replaced by a new one (``replace``): watch that one
             log.error("haproxy exited, restarting", extra={"code": code, "backoff_s": backoff})
+            self.on_exit()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
             try:
@@ -153,6 +156,10 @@ class HaproxyProcess:
                 continue
             backoff = 0.1
             self.on_restart()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
 
     async def stop(self, grace: float) -> None:
         """Soft stop: no new connections, calls in flight finish (up to ``grace`` seconds)."""

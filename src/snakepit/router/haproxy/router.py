@@ -22,8 +22,10 @@ import resource
 import secrets
 from typing import Any
 
+from grpc_health.v1 import health_pb2
+
 from ... import tracing
-from ...protocol import pb
+from ...protocol import SERVICE_NAME, pb
 from ...supervisor import free_port
 from ..pool import STRICT
 from ..ring import SERVER_SLOTS
@@ -153,7 +155,11 @@ class HaproxyRouter(RouterServer):
                 self.authmap = AuthMap(self.gate, self.api, spec.auth_map)
                 self.gate.on_bearer = self.authmap.vouch
             self.haproxy = HaproxyProcess(
-                build_config(spec), self.api, on_restart=self._haproxy_restarted, files=files
+                build_config(spec),
+                self.api,
+                on_restart=self._haproxy_restarted,
+                on_exit=self._haproxy_exited,
+                files=files,
             )
             await self.haproxy.start()
         except BaseException:
@@ -232,6 +238,21 @@ class HaproxyRouter(RouterServer):
         self._restarted()
         if isinstance(self.shares, HaproxyShares):
             self.shares.rewrite()
+        self._spawn(self._publish_data_path())
+
+    def _haproxy_exited(self) -> None:
+        """HAProxy died: the pool port refuses connections until a new one listens, so the
+        router says NOT_SERVING meanwhile. Its probes ask the Python router, which is still
+        up: a router whose HAProxy crash-looped stayed Ready before (stop 31's note)."""
+        self._spawn(self._publish_data_path())
+
+    async def _publish_data_path(self) -> None:
+        """The pool port's health as HAProxy is when this runs (so a quick exit and restart
+        cannot land out of order): SERVING while one runs, NOT_SERVING otherwise."""
+        serving = health_pb2.HealthCheckResponse
+        up = self.haproxy is not None and self.haproxy.running
+        for service in (SERVICE_NAME, ""):
+            await self.health.set(service, serving.SERVING if up else serving.NOT_SERVING)
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
