@@ -50,6 +50,12 @@ SHARE_TIMEOUT = (
     + PATH
     + b"ExecuteTool - - - - - 736C656570\n"
 )
+# a message over --max-message-mb, answered by the Lua applet once its body was read
+OVERSIZE = (
+    b"snakepit <lua.snakepit_answer_after_body> LR 0 91 91 0 0 0 0 8 8388647 - "
+    + PATH
+    + b"ExecuteTool - - - - - 6563686F\n"
+)
 # built: no worker was up when HAProxy picked one (it went down after the frontend's test)
 UNPLACED = b"workers <NOSRV> SC -1 0 0 -1 0 0 0 14 37 - " + PATH + b"ExecuteTool - - - - - 616464\n"
 # no worker was ready: HAProxy handed the call to the Python router, which counts it
@@ -87,6 +93,14 @@ def test_a_line_says_the_tool_the_code_and_whether_the_call_was_refused(
         rejection,
     )
     assert (call.slot == b"s1") is (not rejection)  # an attempt on a worker, or a refusal
+
+
+def test_a_message_refused_for_its_size_is_counted_but_no_attempt_nor_queue_rejection() -> None:
+    """The Python router's gRPC server refuses it before any handler (no rejection counted
+    there either); before the applet, HAProxy's refusal was counted as ``queue_full``."""
+    call = parse(OVERSIZE)
+    assert call is not None
+    assert (call.code, call.rejection, call.slot, call.sent) == ("RESOURCE_EXHAUSTED", "", b"", 0)
 
 
 def test_times_and_bytes_come_from_haproxys_fields() -> None:

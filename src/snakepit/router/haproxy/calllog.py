@@ -106,7 +106,10 @@ def parse(line: bytes) -> Call | None:
     started, ended = _ms(fields[_STARTED]), _ms(fields[_ENDED])
     exact = started > 0 and ended >= started  # microseconds; else %Ta's milliseconds
     seconds = (ended - started) / 1e6 if exact else max(total, 0) / 1000
-    sent = connect >= 0  # a connection to a worker was made (after any queueing)
+    # A connection to a worker was made (after any queueing). An applet that answered the call
+    # itself (``<lua.…>``: ``message_size``'s refusal after the body) logs a connect time of 0.
+    applet = fields[_SERVER].startswith(b"<") and fields[_SERVER] != _NO_SERVER
+    sent = connect >= 0 and not applet
     was_queued = fields[_SQ] != b"0" or fields[_BQ] != b"0"
     tool = fields[_TOOL]
     body = _ms(fields[_BODY])
@@ -118,7 +121,7 @@ def parse(line: bytes) -> Call | None:
         waited=queued / 1000 if was_queued and sent and queued >= 0 else None,
         slot=fields[_SERVER] if sent else b"",
         attempt=max(seconds - (max(queued, 0) + max(request, 0)) / 1000, 0),
-        rejection="" if sent else _rejection(state, fields[_SERVER], code),
+        rejection="" if sent or applet else _rejection(state, fields[_SERVER], code),
         received=max(body - GRPC_PREFIX, 0),
         sent=_hex(fields[_SENT]) if code == "OK" else 0,  # a cut answer was not all sent
         retries=max(_ms(fields[_RC].lstrip(b"+")), 0),

@@ -50,7 +50,7 @@ from ...security.tickets import TICKET_KEY
 from ...security.tls import POOL_NAME
 from ...tracing import TRACEPARENT
 from ..ring import SERVER_SLOTS, weight_for
-from . import principal_shares
+from . import message_size, principal_shares
 from .message_size import PREFIX as GRPC_PREFIX
 from .message_size import oversize_lines
 from .replies import detail, error_headers, quote, whole_answer_lines
@@ -242,6 +242,7 @@ def build_config(spec: HaproxySpec) -> str:
         ),
         f"  hard-stop-after {_milliseconds(spec.hard_stop_after)}ms",
         *principal_shares.global_lines(spec.calls_per_principal),
+        *message_size.global_lines(spec.max_message_bytes),
         "  tune.h2.max-concurrent-streams 1000",
         # A call queued for a busy worker holds its request body in one buffer; a client may
         # send no more than its stream window, so the window must fit in that buffer or the
