@@ -575,6 +575,60 @@ def test_a_principals_calls_over_its_share_wait_on_either_data_path(
             assert [f.result(timeout=30) for f in holding] == [2.0] * share
 
 
+def _haproxy_tables(pool_pid: int) -> str:
+    """``show table`` from the HAProxy of the pool whose ``snakepit serve`` is ``pool_pid``,
+    through its runtime API (an abstract socket named after the router's process)."""
+    import asyncio
+    import re
+
+    import psutil
+
+    from snakepit.router.haproxy.runtime import RuntimeApi
+
+    pids = {pool_pid, *(c.pid for c in psutil.Process(pool_pid).children(recursive=True))}
+    sockets = re.findall(r"@(snakepit-haproxy-(\d+)-[0-9a-f]+)", Path("/proc/net/unix").read_text())
+    (admin,) = {name for name, pid in sockets if int(pid) in pids}
+    tables = asyncio.run(RuntimeApi(f"abns@{admin}").run("show table"))
+    assert "table: watchers" in tables, tables  # the pool's HAProxy indeed
+    return tables
+
+
+def test_a_strict_pool_behind_haproxy_keeps_each_principals_share_in_the_python_router(
+    procs: ProcessFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With strict affinity HAProxy carries no tool call (``tools_via_router``), so the Python
+    router's own count is the whole share: HAProxy keeps no share table, and the router makes
+    no runtime-API round trip per call to read HAProxy's count, which was always 0 there
+    (stop 31's note). The share still holds: one call runs, one waits, one is refused with
+    the Python router's words."""
+    monkeypatch.setenv("SNAKEPIT_DATA_PATH", "haproxy")
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"quota:{QUOTA}\nbob:{BOB}\nroot:{ROOT}\n")
+    pool = procs.serve(
+        "--auth-tokens", str(tokens), "--admin", "root", "--adapter", ADAPTER,
+        "--affinity", "strict", "--max-calls-per-principal", "1", "--queue-size", "1",
+        "--queue-timeout", "10",
+    )  # fmt: skip
+    assert "data path: haproxy" in pool.logs()
+    assert "table: shares" not in _haproxy_tables(pool.pid)
+    with (
+        Client(pool.address, token=QUOTA, timeout=30) as hog,
+        Client(pool.address, token=BOB) as bob,
+        Client(pool.address, token=ROOT) as root,
+        ThreadPoolExecutor(3) as threads,
+    ):
+        calls = [threads.submit(hog.execute, "sleep", seconds=2.0) for _ in range(3)]
+        wait_for(lambda: any(f.done() for f in calls), timeout=10)
+        (refused,) = [f for f in calls if f.done()]
+        message = str(refused.exception())
+        assert isinstance(refused.exception(), ResourceExhausted), message
+        assert "(--max-calls-per-principal 1, --queue-size 1)" in message
+        assert not message.startswith("this principal")  # not HAProxy's refusal
+        assert bob.execute("add", a=1, b=1) == 2
+        assert int(root.status().get("in_flight", 0)) <= 1
+        assert [f.result(timeout=30) for f in calls if f is not refused] == [2.0, 2.0]
+
+
 def test_tls_and_tokens_together_every_hop(
     procs: ProcessFactory, tmp_path: Path, data_path: str
 ) -> None:

@@ -52,8 +52,10 @@ class HaproxyRouter(RouterServer):
         inner = dataclasses.replace(config, host="127.0.0.1", port=0, max_connection_age=0)
         super().__init__(inner, **kwargs)
         self.api = RuntimeApi(_admin_address())
-        if self.shares.limit:
+        if self.shares.limit and config.pool.affinity != STRICT:
             # One count per principal with HAProxy's half of the data path (``share_sync``).
+            # With strict affinity every tool call goes through the Python router (HAProxy
+            # carries none, ``tools_via_router``), whose own count is the whole share.
             self.shares = HaproxyShares(
                 self.shares.limit,
                 queue_size=self.shares.queue_size,
@@ -110,7 +112,7 @@ class HaproxyRouter(RouterServer):
             call_log=self.call_log_address,
             trace=self.call_log is not None and self.call_log.tracer is not None,
             watchers_per_session=self.config.limits.max_watchers_per_session,
-            calls_per_principal=pool.max_calls_per_principal,
+            calls_per_principal=0 if pool.affinity == STRICT else pool.max_calls_per_principal,
             max_message_bytes=self.config.max_message_mb << 20,
             tools_via_router=pool.affinity == STRICT,
         )
