@@ -18,9 +18,12 @@ docs/reliability.md reports (scale 5->1 and 1->5 five times, router pod deletion
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
+import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -870,6 +873,30 @@ def _ready_count(cluster: KubeCluster, ns: str, component: str) -> int:
     return len([p for p in pods(cluster, ns, component) if _ready(p)])
 
 
+@contextlib.contextmanager
+def logs_kept(cluster: KubeCluster, ns: str, pod: str) -> Iterator[None]:
+    """Follow ``pod``'s logs while the block runs, and add them to an assertion it raises: a
+    deleted pod's logs are gone by the time the ``router`` fixture reads logs at a failure
+    (stop 31: a kind failure of the test below could not be read to its end)."""
+    with tempfile.TemporaryFile("w+") as kept:
+        follower = subprocess.Popen(
+            [cluster.kubectl, f"--kubeconfig={cluster.kubeconfig}", "-n", ns, "logs", "-f",
+             "--all-containers", "--timestamps", pod],
+            stdout=kept,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            yield
+        except AssertionError as failure:
+            follower.terminate()
+            follower.wait(timeout=10)
+            kept.seek(0)
+            raise AssertionError(f"{failure}\n--- logs of {pod}:\n{kept.read()[-6000:]}") from None
+        finally:
+            follower.kill()
+            follower.wait(timeout=10)
+
+
 def test_deleting_a_router_pod_with_two_replicas(
     kube_node: KubeCluster, ns: str, router: str
 ) -> None:
@@ -878,13 +905,16 @@ def test_deleting_a_router_pod_with_two_replicas(
         before = steady(load)
         for i in rounds(5):
             victim = pods(kube_node, ns, "router")[0]["metadata"]["name"]
-            with load.window(f"delete a router pod (2 replicas) #{i + 1}") as window:
-                kube_node.kubectl_run("-n", ns, "delete", "pod", victim)
-                wait_until(
-                    "two routers", lambda: _ready_count(kube_node, ns, "router") == 2, timeout=300
-                )
-                time.sleep(2)
-            checked(window, before)
+            with logs_kept(kube_node, ns, victim):
+                with load.window(f"delete a router pod (2 replicas) #{i + 1}") as window:
+                    kube_node.kubectl_run("-n", ns, "delete", "pod", victim)
+                    wait_until(
+                        "two routers",
+                        lambda: _ready_count(kube_node, ns, "router") == 2,
+                        timeout=300,
+                    )
+                    time.sleep(2)
+                checked(window, before)
         load.check_no_acknowledged_write_lost()
 
 
