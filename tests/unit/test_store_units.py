@@ -70,6 +70,9 @@ def test_parse_target_password_precedence_and_prefix(monkeypatch: pytest.MonkeyP
     assert t.password == "envpw" and "urlpw" not in t.url and "user@" in t.url
     assert parse_target("redis://h", password="argpw").password == "argpw"
     assert parse_target("unix:///run/redis.sock").where == "unix:///run/redis.sock"
+    # the URL handed to redis-py keeps its "//" (8.2 refuses "unix:/run/redis.sock")
+    unix = parse_target("unix:///run/redis.sock?db=2&prefix=p")
+    assert unix.url == "unix:///run/redis.sock?db=2" and unix.prefix == "p"
     with pytest.raises(InvalidArgument, match="not a Redis URL"):
         parse_target("http://h")
 

@@ -74,7 +74,11 @@ def parse_target(url: str, *, password: str | None = None, prefix: str = "sp") -
         user = parts.username or ""
         host = parts.netloc.rsplit("@", 1)[1]
         parts = parts._replace(netloc=f"{user}@{host}" if user else host)
-    return RedisTarget(urlunsplit(parts), where, own.get("prefix", prefix), chosen)
+    url = urlunsplit(parts)
+    if parts.scheme == "unix" and not url.startswith("unix://"):
+        # urlunsplit drops the empty authority ("unix:/path"), which redis-py 8.2 refuses.
+        url = "unix://" + url.removeprefix("unix:")
+    return RedisTarget(url, where, own.get("prefix", prefix), chosen)
 
 
 def make_client(
