@@ -159,6 +159,7 @@ class HaproxyProcess:
 
     @property
     def running(self) -> bool:
+        """An HAProxy of ours is up (False from its exit until the next one has started)."""
         return self.process is not None and self.process.returncode is None
 
     async def stop(self, grace: float) -> None:
