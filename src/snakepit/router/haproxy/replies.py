@@ -44,7 +44,7 @@ def whole_answer_lines() -> list[str]:
     grpc-go takes an answer without the content type for "malformed header: missing HTTP
     content-type" (UNKNOWN) and any status but 200 for the HTTP status's code (503:
     UNAVAILABLE), whatever its ``grpc-status`` says. These run after the backend's rules
-    (``config._answer_503`` sets the 503's status first)."""
+    (``config._answer_503`` gives the 503 its ``grpc-status`` first)."""
     return [
         f"  http-after-response set-status 200 if {OWN_GRPC_ANSWER}",
         f"  http-after-response set-header content-type application/grpc if {OWN_GRPC_ANSWER}",
