@@ -106,8 +106,8 @@ class Ghz:
         }
         kinds = report.get("errorDistribution") or {}
         errors = sum(kinds.values())
-        # Every call's latency, so that a benchmark can pool its rounds: one round's p99 is
-        # the 1% tail of a few thousand calls, which a single stall of the machine moves.
+        # Every call's latency: a benchmark can then read a round's percentiles itself and
+        # pool its rounds (``datapath.py`` prints both readings).
         each = tuple(
             d["latency"] / 1e6 for d in report.get("details") or () if d.get("status") == "OK"
         )
