@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,7 @@ class Setup:
 
     def __init__(self, layout: str) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.own_cpus = os.sched_getaffinity(0)  # given back on close (bench/pool.py goes on)
         answer = encode_result(3.0, "bare", 0.0)
         bare_port, worker_port = free_port(), free_port()
         bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(bare_port), answer.hex()])
@@ -136,6 +138,7 @@ class Setup:
         for proc in self.procs:
             proc.kill()
             proc.wait()
+        os.sched_setaffinity(0, self.own_cpus)
 
 
 def split_cpus() -> tuple[set[int], set[int]]:
@@ -202,7 +205,7 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else 0.0
 
 
-def percentile(latencies: list[float], share: float) -> float:
+def percentile(latencies: Iterable[float], share: float) -> float:
     """The latency ``share`` of the calls stayed within (nearest rank)."""
     ordered = sorted(latencies)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else 0.0
@@ -267,7 +270,7 @@ def report(
             for routed, direct in zip(samples[t.name], samples[straight], strict=True)
         ]
         each_round = [
-            percentile(list(routed), 0.99) - percentile(list(direct), 0.99)
+            percentile(routed, 0.99) - percentile(direct, 0.99)
             for routed, direct in zip(latency[t.name], latency[straight], strict=True)
         ]
         p99 = percentile(pooled(latency[t.name]), 0.99)
