@@ -42,7 +42,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import free_port, spawn, table, wait_serving
+from _common import cpu_seconds, free_port, spawn, table, wait_serving
 from ghz import Ghz, Result
 from ghz import main as ghz_main
 
@@ -66,12 +66,6 @@ async def main():
     await server.wait_for_termination()
 asyncio.run(main())
 """
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
