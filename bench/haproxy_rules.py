@@ -6,14 +6,20 @@ One worker; in front of it one HAProxy per variant of the config ``build_config`
 first slot pointed at the worker, as the Python router would through the runtime API), plus a
 minimal config (the one issue 11 measured: ``balance hdr``, ``hash-type consistent``, HTTP/2
 both sides) and the worker straight. ghz calls ``add`` through each in turn, round by round.
-HAProxy's CPU per call is read from ``/proc/PID/stat``; the issue's target is HAProxy's CPU per
-call <= 0.25x the worker's. No Python router runs here, so what differs between the rows is
-HAProxy's rules alone.
+The proxy's CPU per call is read from ``/proc/PID/stat``; the issue's target is the router's
+CPU per call <= 0.25x the worker's. No Python router runs here, so what differs between the
+HAProxy rows is HAProxy's rules alone.
+
+When ``nginx`` is installed (``apt-get install nginx-light``; scripts/setup does not install
+it, nothing but this bench uses it), one more row measures nginx's gRPC proxy set up like the
+minimal config: the other well-kept native proxy Debian ships, side by side with HAProxy
+(issue 11 asks for that comparison; docs/architecture.md records the choice).
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -68,6 +74,27 @@ def minimal_config(port: int, worker_port: int, name: str) -> str:
     ])  # fmt: skip
 
 
+def nginx_config(port: int, worker_port: int, directory: Path) -> str:
+    """nginx as close to ``minimal_config`` as it goes: consistent hashing on the session
+    header, HTTP/2 both sides, kept connections to the worker. One process that serves
+    (``master_process off``), so its pid is the one whose CPU is read. nginx has no queue and
+    no bounded load; it forwards each call on a connection of its own to the worker (no
+    multiplexing upstream), so ``keepalive`` keeps up to 64 of them."""
+    return "\n".join([
+        "worker_processes 1;", "daemon off;", "master_process off;",
+        f"pid {directory}/nginx.pid;", f"error_log {directory}/nginx-error.log warn;",
+        "events { worker_connections 4096; }",
+        "http {", "  access_log off;", "  http2_max_requests 100000000;",
+        *(f"  {kind}_temp_path {directory}/nginx-{kind};"
+          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")),
+        "  upstream workers {", "    hash $http_snakepit_session_id consistent;",
+        f"    server 127.0.0.1:{worker_port} max_conns=64;",
+        "    keepalive 64;", "    keepalive_requests 100000000;", "  }",
+        f"  server {{ listen 127.0.0.1:{port} http2; location / {{ grpc_pass grpc://workers; }} }}",
+        "}", "",
+    ])  # fmt: skip
+
+
 def _without(pattern: str) -> Callable[[str], str]:
     return lambda config: "\n".join(
         line for line in config.split("\n") if not re.search(pattern, line)
@@ -75,6 +102,7 @@ def _without(pattern: str) -> Callable[[str], str]:
 
 
 STRAIGHT = "straight to the worker"
+NGINX = "nginx, set up as minimal"
 
 # Variants of snakepit's config: each takes out (or adds) one thing.
 VARIANTS: dict[str, Callable[[str], str]] = {
@@ -120,8 +148,17 @@ def run(rounds: int, seconds: float, in_flight: int) -> str:
                     [binary, "-f", str(path), "-db"], stderr=subprocess.DEVNULL
                 )
                 procs.append(haproxy)
-                pids = {"haproxy": haproxy.pid, "worker": worker.pid}
+                pids = {"proxy": haproxy.pid, "worker": worker.pid}
                 targets.append(Target(name, f"127.0.0.1:{port}", pids))
+            nginx = shutil.which("nginx")
+            if nginx is not None:
+                port = free_port()
+                path = Path(directory) / "nginx.conf"
+                path.write_text(nginx_config(port, worker_port, Path(directory)))
+                proxy = subprocess.Popen([nginx, "-c", str(path)], stderr=subprocess.DEVNULL)
+                procs.append(proxy)
+                pids = {"proxy": proxy.pid, "worker": worker.pid}
+                targets.append(Target(NGINX, f"127.0.0.1:{port}", pids))
             straight = Target(STRAIGHT, f"127.0.0.1:{worker_port}", {"worker": worker.pid})
             targets.append(straight)
             time.sleep(1.0)
@@ -139,15 +176,16 @@ def run(rounds: int, seconds: float, in_flight: int) -> str:
     rows = []
     for name, of_target in samples.items():
         rate = statistics.median(s.rate for s in of_target)
-        haproxy_cpu = statistics.median(s.cpu_per_10k.get("haproxy", 0.0) for s in of_target)
+        proxy_cpu = statistics.median(s.cpu_per_10k.get("proxy", 0.0) for s in of_target)
         worker_cpu = statistics.median(s.cpu_per_10k["worker"] for s in of_target)
         rows.append([
-            name, f"{rate:.0f}/s", f"{rate / straight_rate:.2f}x", f"{haproxy_cpu:.2f}",
-            f"{worker_cpu:.2f}", f"{haproxy_cpu / worker_cpu:.2f}x" if haproxy_cpu else "",
+            name, f"{rate:.0f}/s", f"{rate / straight_rate:.2f}x", f"{proxy_cpu:.2f}",
+            f"{worker_cpu:.2f}", f"{proxy_cpu / worker_cpu:.2f}x" if proxy_cpu else "",
         ])  # fmt: skip
-    return table(["HAProxy config", "calls/s", "vs straight", "haproxy CPU s/10k",
-                  "worker CPU s/10k", "haproxy / worker (target <= 0.25)"], rows)  # fmt: skip
+    missing = "" if shutil.which("nginx") else "\n(no nginx row: nginx is not installed)"
+    return table(["proxy: HAProxy config, or nginx", "calls/s", "vs straight", "proxy CPU s/10k",
+                  "worker CPU s/10k", "proxy / worker (target <= 0.25)"], rows) + missing  # fmt: skip
 
 
 if __name__ == "__main__":
-    ghz_main(__doc__ or "", run, "one worker, one HAProxy per config variant")
+    ghz_main(__doc__ or "", run, "one worker, one HAProxy per config variant, and nginx")

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import pytest
 
 from snakepit.operator.kube import ApiError, Kube, path
+from tests.fixtures.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "snakepit"
@@ -160,14 +161,6 @@ def install_crd(kubectl: Kubectl) -> None:
     kubectl.run(
         "wait", "--for=condition=Established", "crd/snakepitpools.snakepit.dev", "--timeout=60s"
     )
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ---------------------------------------------------------------- the operator under test

@@ -19,14 +19,9 @@ import redis
 from snakepit.operator.builders.store import REDIS_SCRIPT, build_store_statefulset
 from snakepit.operator.config import OperatorConfig
 from snakepit.operator.spec import parse_pool
+from tests.fixtures.processes import free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def readiness_probe_passes(port: int, password: str) -> bool:
