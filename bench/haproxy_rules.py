@@ -10,7 +10,7 @@ The proxy's CPU per call is read from ``/proc/PID/stat``; the issue's target is 
 CPU per call <= 0.25x the worker's. No Python router runs here, so what differs between the
 HAProxy rows is HAProxy's rules alone.
 
-When ``nginx`` is installed (``apt-get install nginx-light``; scripts/setup does not install
+When ``nginx`` is installed (``apt-get install nginx-core``; scripts/setup does not install
 it, nothing but this bench uses it), one more row measures nginx's gRPC proxy set up like the
 minimal config: the other well-kept native proxy Debian ships, side by side with HAProxy
 (issue 11 asks for that comparison; docs/architecture.md records the choice).
