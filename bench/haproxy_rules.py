@@ -182,7 +182,7 @@ def run(rounds: int, seconds: float, in_flight: int) -> str:
             name, f"{rate:.0f}/s", f"{rate / straight_rate:.2f}x", f"{proxy_cpu:.2f}",
             f"{worker_cpu:.2f}", f"{proxy_cpu / worker_cpu:.2f}x" if proxy_cpu else "",
         ])  # fmt: skip
-    missing = "" if shutil.which("nginx") else "\n(no nginx row: nginx is not installed)"
+    missing = "" if NGINX in samples else "\n(no nginx row: nginx is not installed)"
     return table(["proxy: HAProxy config, or nginx", "calls/s", "vs straight", "proxy CPU s/10k",
                   "worker CPU s/10k", "proxy / worker (target <= 0.25)"], rows) + missing  # fmt: skip
 
